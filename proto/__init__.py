@@ -1,0 +1,1 @@
+"""baton.proto: gRPC protocol sources (proto/baton/<area>/v1/) and their generated stubs."""

@@ -1,0 +1,37 @@
+"""The `baton` namespace maps the top-level folders, and the CLI imports nothing heavy."""
+
+import subprocess
+import sys
+
+
+def test_namespace_maps_folders():
+    import baton.kernels
+    import baton.operator
+    import baton.proto
+    import baton.workers
+
+    for module, folder in [(baton.operator, "operator"), (baton.workers, "workers"),
+                           (baton.kernels, "kernels"), (baton.proto, "proto")]:
+        assert module.__file__.replace("\\", "/").endswith(f"{folder}/__init__.py")
+
+
+def test_stdlib_operator_not_shadowed():
+    import operator
+
+    assert hasattr(operator, "itemgetter")
+
+
+def test_cli_help_is_cheap():
+    code = ("import sys, baton.workers.cli as c; c.main(['--help']); "
+            "heavy = [m for m in ('torch', 'kopf', 'grpc') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "baton up" not in out.stderr
+    assert "up" in out.stdout and "worker" in out.stdout
+
+
+def test_cli_unknown_command_is_clear():
+    from baton.workers.cli import main
+
+    assert main(["frobnicate"]) == 2
