@@ -1,0 +1,98 @@
+"""Engine configuration and the statistics the engine reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineConfig:
+    """How an Engine sizes its caches and batches. Validated by `validate(model)`."""
+
+    page_size: int = 16
+    """Tokens per KV cache page."""
+    num_pages: int | None = None
+    """KV pages; None: sized from cache_memory_bytes."""
+    num_slots: int | None = None
+    """Mamba state slots (one per live sequence); None: max_num_seqs."""
+    cache_memory_bytes: int | None = None
+    """Memory budget for both caches when num_pages is None (slots are taken out first)."""
+    max_num_seqs: int = 64
+    """Most sequences in the running batch."""
+    max_batch_tokens: int = 2048
+    """Tokens one step feeds to the model (decode tokens first, then prefill chunks)."""
+    max_model_len: int | None = None
+    """Longest sequence (prompt + output); None: the model's max_position_embeddings."""
+    speculative_tokens: int = 0
+    """MTP draft tokens per decode step; 0 turns speculative decoding off."""
+    eos_token_ids: list[int] | None = None
+    """Tokens that finish a request; None: the tokenizer's, else the model config's."""
+    ssm_dtype: object | None = None
+    """SSM state dtype; None: float32 (mamba_ssm_cache_dtype)."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+
+        def check_int(name: str, value: object, low: int, allow_none: bool = False) -> None:
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"EngineConfig.{name}={value!r} is invalid: must be an integer "
+                                 f">= {low}{' or None' if allow_none else ''}")
+
+        check_int("page_size", self.page_size, 1)
+        check_int("num_pages", self.num_pages, 1, allow_none=True)
+        check_int("num_slots", self.num_slots, 1, allow_none=True)
+        check_int("cache_memory_bytes", self.cache_memory_bytes, 1, allow_none=True)
+        check_int("max_num_seqs", self.max_num_seqs, 1)
+        check_int("max_batch_tokens", self.max_batch_tokens, 1)
+        check_int("max_model_len", self.max_model_len, 2, allow_none=True)
+        check_int("speculative_tokens", self.speculative_tokens, 0)
+        if self.num_pages is None and self.cache_memory_bytes is None:
+            raise ValueError("EngineConfig: give num_pages or cache_memory_bytes")
+        if self.max_batch_tokens < 1 + self.speculative_tokens:
+            raise ValueError(
+                f"EngineConfig.max_batch_tokens={self.max_batch_tokens} is invalid: must be at "
+                f"least 1 + speculative_tokens ({1 + self.speculative_tokens})"
+            )
+
+
+@dataclass
+class StepTimings:
+    """Seconds spent in the parts of one engine step."""
+
+    schedule: float = 0.0
+    forward: float = 0.0
+    """Model forward passes (main, MTP drafts and verification)."""
+    sample: float = 0.0
+    update: float = 0.0
+    total: float = 0.0
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's load and counters (the metrics exporter reads this)."""
+
+    waiting: int = 0
+    running: int = 0
+    reserved: int = 0
+    """Handoff reservations holding cache but not yet committed."""
+    kv_cache_usage: float = 0.0
+    """Share of KV pages in use, 0..1."""
+    ssm_slot_usage: float = 0.0
+    """Share of Mamba state slots in use, 0..1."""
+    num_pages: int = 0
+    free_pages: int = 0
+    num_slots: int = 0
+    free_slots: int = 0
+    prompt_tokens_total: int = 0
+    """Prompt tokens run through the model (recomputed ones included)."""
+    generation_tokens_total: int = 0
+    spec_draft_tokens_total: int = 0
+    spec_accepted_tokens_total: int = 0
+    requests_finished_total: dict[str, int] = field(default_factory=dict)
+    """Finished requests by finish reason."""
+    preemptions_total: int = 0
+    steps_total: int = 0
+    last_step: StepTimings = field(default_factory=StepTimings)
+    step_seconds_total: StepTimings = field(default_factory=StepTimings)

@@ -1,0 +1,79 @@
+"""What moves between engines when one prefills a request and another decodes it.
+
+A request's life across two engines (DESIGN.md, Seams: Engine <-> transfer):
+
+1. The decode engine D reserves room: `res = engine.reserve(request, n_tokens)` takes a state
+   slot and the KV pages for n_tokens prompt tokens, or raises CacheFull.
+2. The prefill engine P runs `engine.prefill(request, sink)`. As each layer finishes the prompt
+   it calls `sink.on_layer(LayerState)`: attention KV per chunk ([2, n, KVH, D], token-major),
+   each Mamba layer's conv and SSM state once the last chunk passed it, the MTP layers' KV
+   (layers L + j, positions 0..n-2: MTP entry i pairs hidden state i with token i+1), and the
+   hidden state of the last prompt position (kind hidden, layer L, [H]) which the decode
+   engine's MTP drafter needs. P samples the first token and frees its own cache.
+3. The transfer layer hands each LayerState to `res.write(state)` on D.
+4. `res.commit(first_token, sampling)` checks that every piece arrived and moves the request
+   into D's running batch, which continues as if D had prefilled it; or `res.release()` frees
+   everything (idempotent; after commit it aborts the request).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+import torch
+
+
+class StateKind(str, Enum):
+    """Which piece of per-request state a LayerState carries."""
+
+    KV = "kv"
+    CONV = "conv"
+    SSM = "ssm"
+    MTP_KV = "mtp_kv"
+    HIDDEN = "hidden"
+
+
+@dataclass(frozen=True)
+class LayerState:
+    """One layer's state for a token range of one request."""
+
+    layer: int
+    """Main layers 0..L-1; MTP layers L + j; hidden states use L."""
+    kind: StateKind
+    token_start: int
+    """First token position covered (0 for conv/ssm, which summarize [0, token_end))."""
+    token_end: int
+    """One past the last token position covered."""
+    tensor: torch.Tensor
+    """kv / mtp_kv [2, n, KVH, D]; conv [conv_dim, d_conv - 1]; ssm [H, P, N]; hidden [H]."""
+
+
+class PrefillSink(Protocol):
+    """Receives each layer's state as soon as the prefill engine has it."""
+
+    def on_layer(self, state: LayerState) -> None: ...
+
+
+class CacheFull(RuntimeError):
+    """The engine has no room (pages or state slot) for the request right now."""
+
+
+@dataclass
+class PrefillResult:
+    """What a prefill produced besides the state it handed to the sink."""
+
+    request_id: str
+    first_token: int
+    logprob: float | None
+    """Logprob of first_token when the request asked for logprobs."""
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    finish_reason: str | None = None
+    """"stop" / "length" when the first token already ends the request (decoding may skip)."""
+    prefill_seconds: float = 0.0
+
+
+class StateTransferError(ValueError):
+    """A LayerState that does not fit the reservation (wrong range, layer, kind or shape)."""

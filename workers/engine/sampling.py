@@ -1,0 +1,234 @@
+"""Sampling parameters and a sampler whose randomness is a pure function of (seed, position).
+
+Seeded sampling must give the same token wherever it is sampled: on a prefill worker or a
+decode worker, in a batch of 1 or 64, with speculation on or off (DESIGN.md, Seams). So there is
+no generator state at all: the noise for the token at position p of a request with seed s is
+hashed from (s, p, token id). A token is drawn with the Gumbel-max trick,
+
+    token = argmax_v (logits[v] / temperature + g(s, p, v)),   g = -log(-log(u(s, p, v)))
+
+which samples exactly from softmax(logits / temperature) restricted to the top-k / top-p set.
+
+Shapes: [n, V]  n rows (one per token to sample), V vocabulary.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+# Two odd 32-bit constants of the "lowbias32" integer hash (Wellons' hash prospector).
+_MUL_A = 0x7FEB352D
+_MUL_B = 0x846CA68B
+_GOLDEN = 0x9E3779B9
+
+
+@dataclass
+class SamplingParams:
+    """How one request's tokens are chosen and when it stops."""
+
+    max_tokens: int = 16
+    """Most tokens to generate (the first token included)."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy (argmax)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 (or -1) keeps all."""
+    seed: int | None = None
+    """Seed of the counter-based noise; None draws a fresh one when the request is added."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end generation; the text is cut before the stop string."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end generation (besides the tokenizer's eos unless ignore_eos)."""
+    logprobs: bool | int = False
+    """True: logprob of each chosen token; an int n: also the n most likely alternatives."""
+    ignore_eos: bool = False
+    """Keep generating past the eos token."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that is out of range."""
+
+        def bad(name: str, value: object, allowed: str) -> ValueError:
+            return ValueError(f"SamplingParams.{name}={value!r} is invalid: {allowed}")
+
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
+            raise bad("max_tokens", self.max_tokens, "must be an integer >= 1")
+        if self.max_tokens < 1:
+            raise bad("max_tokens", self.max_tokens, "must be an integer >= 1")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            raise bad("temperature", self.temperature, "must be a number >= 0 (0 = greedy)")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise bad("top_p", self.top_p, "must be in (0, 1]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+            raise bad("top_k", self.top_k, "must be an integer >= 0 (0 or -1 = no limit)")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0
+        ):
+            raise bad("seed", self.seed, "must be None or an integer >= 0")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop", self.stop, "must be a list of non-empty strings")
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", self.stop_token_ids, "must be a list of token ids >= 0")
+        if not isinstance(self.logprobs, (bool, int)) or (
+            not isinstance(self.logprobs, bool) and not 0 <= self.logprobs <= 20
+        ):
+            raise bad("logprobs", self.logprobs, "must be a bool or an integer in [0, 20]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def num_top_logprobs(self) -> int:
+        """How many alternatives to report beside the chosen token's logprob."""
+        if isinstance(self.logprobs, bool):
+            return 0
+        return int(self.logprobs)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not False
+
+
+def fresh_seed() -> int:
+    """A seed for a request that did not ask for one (kept for the whole request)."""
+    return secrets.randbits(63)
+
+
+# ---- counter-based noise -------------------------------------------------------------------
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    # (x * c) mod 2**32 for x in [0, 2**32) held in int64, split in 16-bit halves so that no
+    # intermediate product leaves the non-negative int64 range (no signed overflow anywhere).
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _MASK32
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, _MUL_A)
+    x = x ^ (x >> 15)
+    x = _mul32(x, _MUL_B)
+    return x ^ (x >> 16)
+
+
+def _fmix32_int(x: int) -> int:
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * _MUL_A) & _MASK32
+    x ^= x >> 15
+    x = (x * _MUL_B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def row_key(seed: int, position: int, stream: int = 0) -> int:
+    """A 32-bit key for one (seed, position, stream); the noise of a row derives from it only."""
+    h = _fmix32_int(seed ^ _GOLDEN)
+    h = _fmix32_int(h ^ (seed >> 32))
+    h = _fmix32_int(h ^ (seed >> 64))
+    h = _fmix32_int(h ^ position)
+    h = _fmix32_int(h ^ (position >> 32))
+    return _fmix32_int(h ^ (stream * _GOLDEN))
+
+
+def uniform_noise(keys: Sequence[int], vocab: int, device: torch.device | str) -> torch.Tensor:
+    """Uniforms in (0, 1), [n, V] float32: row i, column v is a pure function of (keys[i], v)."""
+    k = torch.tensor([int(key) for key in keys], dtype=torch.int64, device=device).unsqueeze(1)
+    v = torch.arange(vocab, dtype=torch.int64, device=device).unsqueeze(0)
+    bits = _fmix32(_fmix32(k ^ v) ^ _GOLDEN)
+    # 24 high bits: exactly representable in float32; +0.5 keeps u away from 0 and 1.
+    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def gumbel_noise(keys: Sequence[int], vocab: int, device: torch.device | str) -> torch.Tensor:
+    u = uniform_noise(keys, vocab, device)
+    return -torch.log(-torch.log(u))
+
+
+# ---- sampling ------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleRow:
+    """One token to sample: whose parameters, and where the token will sit in its sequence."""
+
+    params: SamplingParams
+    seed: int
+    position: int
+
+
+def filter_logits(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+    """logits / temperature with everything outside top-k and top-p set to -inf; [n, V] fp32.
+
+    Only rows with temperature > 0 may be passed.
+    """
+    n, vocab = logits.shape
+    device = logits.device
+    temps = torch.tensor([r.params.temperature for r in rows], dtype=torch.float32, device=device)
+    x = logits.float() / temps.unsqueeze(1)
+    top_k = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in rows]
+    top_p = [float(r.params.top_p) for r in rows]
+    if all(k == vocab for k in top_k) and all(p >= 1.0 for p in top_p):
+        return x
+    sorted_x, order = torch.sort(x, dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=device).unsqueeze(0)
+    drop = ranks >= torch.tensor(top_k, device=device).unsqueeze(1)
+    sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(sorted_x, dim=-1)
+    # Mass strictly before each token: a token is kept while that mass is below top_p, so the
+    # most likely token always stays.
+    before = torch.cumsum(probs, dim=-1) - probs
+    drop = drop | (before >= torch.tensor(top_p, device=device).unsqueeze(1))
+    sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+    return torch.full_like(x, float("-inf")).scatter(1, order, sorted_x)
+
+
+def sample_tokens(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+    """Choose one token per row of logits [n, V]; returns int64 [n].
+
+    Greedy rows take the argmax; the others take argmax(filtered logits + Gumbel noise keyed on
+    (seed, position)), so a row's token depends on its logits and key only.
+    """
+    n, vocab = logits.shape
+    out = torch.argmax(logits, dim=-1)
+    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if sampled:
+        idx = torch.tensor(sampled, dtype=torch.long, device=logits.device)
+        sub_rows = [rows[i] for i in sampled]
+        x = filter_logits(logits.index_select(0, idx), sub_rows)
+        keys = [row_key(r.seed, r.position) for r in sub_rows]
+        x = x + gumbel_noise(keys, vocab, logits.device)
+        out = out.index_copy(0, idx, torch.argmax(x, dim=-1))
+    return out
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprob of a chosen token under the model's (untempered) distribution, and the top n."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, top_n: Sequence[int]
+) -> list[TokenLogprobs]:
+    """Logprobs for rows of logits [n, V] and chosen tokens [n]; top_n[i] alternatives each."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, tokens.view(-1, 1)).squeeze(1).tolist()
+    k = max(top_n) if len(top_n) else 0
+    if k > 0:
+        values, ids = torch.topk(logp, k, dim=-1)
+        values, ids = values.tolist(), ids.tolist()
+    out = []
+    for i, lp in enumerate(chosen):
+        top = list(zip(ids[i][: top_n[i]], values[i][: top_n[i]])) if k > 0 else []
+        out.append(TokenLogprobs(lp, top))
+    return out
