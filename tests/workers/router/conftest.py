@@ -1,0 +1,147 @@
+"""A fake backend and tokenizer behind the router's real interfaces, and a live router.
+
+The fake produces a scripted token stream per prompt, so the HTTP layer (validation, error
+shapes, SSE framing, stop strings, logprobs, queueing, disconnects) is tested in
+milliseconds without workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+
+from baton.workers.metrics import BatonMetrics, MetricLabels
+from baton.workers.router.backend import (
+    BackendStatus,
+    GenerationRequest,
+    NoCapacity,
+    NoReadyWorker,
+    TokenOutput,
+    WorkerFailure,
+)
+from baton.workers.router.server import Router, RouterSettings, start_site
+
+EOS = 256
+
+
+class ByteTokenizer:
+    """Token id = UTF-8 byte; 256 = eos. Multi-byte characters span several tokens."""
+
+    vocab_size = 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def render_chat(self, messages: list[dict], template_kwargs: dict) -> list[int]:
+        text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+        if template_kwargs.get("enable_thinking") is False:
+            text += "<nothink>"
+        return self.encode(text)
+
+
+def script(prompt_ids: Sequence[int]) -> list[int]:
+    """The fake model's output: the prompt (or the last user message) reversed, then eos."""
+    text = bytes(prompt_ids).decode("utf-8", errors="replace")
+    if "<assistant>" in text:  # a rendered chat: answer the last user message
+        text = text.rsplit("<user>", 1)[-1].split("<assistant>", 1)[0]
+    return list(text[::-1].encode("utf-8")) + [EOS]
+
+
+def fake_logprob(position: int) -> float:
+    return -0.25 * (position + 1)
+
+
+class FakeBackend:
+    def __init__(self) -> None:
+        self.capacity = 1_000
+        self.active = 0
+        self.ready = True
+        self.token_delay = 0.0
+        self.fail_after: int | None = None  # raise WorkerFailure after this many tokens
+        self.gate: asyncio.Event | None = None  # when set, tokens after the first wait for it
+        self.requests: list[GenerationRequest] = []
+        self.closed_early: list[str] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def check_ready(self) -> None:
+        if not self.ready:
+            raise NoReadyWorker("decode")
+
+    def status(self) -> BackendStatus:
+        return BackendStatus(ready=self.ready, workers={"decode": [], "prefill": []})
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenOutput]:
+        if self.active >= self.capacity:
+            raise NoCapacity()
+        self.active += 1
+        self.requests.append(request)
+        finished = False
+        try:
+            tokens = script(request.prompt_ids)
+            if request.sampling.ignore_eos:
+                tokens = (tokens * request.sampling.max_tokens)
+            for i, tok in enumerate(tokens):
+                if self.fail_after is not None and i >= self.fail_after:
+                    raise WorkerFailure("decode worker died and the retry failed too")
+                if i > 0 and self.gate is not None:
+                    await self.gate.wait()
+                if self.token_delay:
+                    await asyncio.sleep(self.token_delay)
+                last = i + 1 >= request.sampling.max_tokens
+                reason = "stop" if tok == EOS and not request.sampling.ignore_eos else (
+                    "length" if last else None)
+                k = request.sampling.logprobs
+                yield TokenOutput(
+                    token_id=tok,
+                    logprob=fake_logprob(i) if k is not None else None,
+                    top_logprobs=tuple((t, fake_logprob(i) - j) for j, t in
+                                       enumerate([tok, 65, 66, 67][: k or 0])),
+                    finish_reason=reason,
+                )
+                if reason is not None:
+                    finished = True
+                    return
+        finally:
+            self.active -= 1
+            if not finished:
+                self.closed_early.append(request.request_id)
+
+
+@pytest.fixture
+def fake_backend() -> FakeBackend:
+    return FakeBackend()
+
+
+@pytest.fixture
+async def start_router(fake_backend):
+    """Starts routers over fake_backend with the given settings; returns each one's URL."""
+    runners = []
+
+    async def start(settings: RouterSettings) -> str:
+        metrics = BatonMetrics(MetricLabels(namespace="test", model="tiny", role="router"))
+        router = Router(fake_backend, ByteTokenizer(), settings, metrics)
+        runner, port = await start_site(router.app(), "127.0.0.1", 0)
+        runners.append(runner)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def router_url(start_router, request):
+    settings = getattr(request, "param", None) or RouterSettings(
+        served_model_name="tiny", max_model_len=128, request_timeout_s=5.0,
+        max_queued_requests=1)
+    return await start_router(settings)

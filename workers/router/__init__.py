@@ -1,0 +1,17 @@
+"""baton's router: the OpenAI-compatible HTTP API in front of prefill and decode workers.
+
+    baton router --config FILE --prefill SERVICE --decode SERVICE --port 8000
+
+server.py holds the HTTP API, backend.py the seam to whatever produces tokens,
+disaggregated.py the production backend (router -> decode Generate + prefill Prefill over
+gRPC, with one retry), discovery.py and balancer.py the worker pools and worker choice.
+"""
+
+from __future__ import annotations
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Imported here so that `import baton.workers.router` stays cheap for the CLI dispatcher.
+    from baton.workers.router.main import main as run
+
+    return run(argv)

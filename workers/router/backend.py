@@ -1,0 +1,89 @@
+"""The seam between the HTTP front end and whatever produces tokens.
+
+The front end (server.py) turns an OpenAI request into a `GenerationRequest` of token ids
+and sampling options, and asks a `Backend` for a stream of `TokenOutput`. The production
+backend (disaggregated.py) drives a prefill and a decode worker over gRPC; tests plug in a
+fake behind the same interface so validation, error shapes and queueing run without workers.
+
+A backend signals conditions the front end turns into HTTP answers:
+  NoCapacity     every decode worker refused (full): the request waits in the router's queue
+  NoReadyWorker  a role has no ready worker at all: 503
+  WorkerFailure  the request failed on its workers, retry included: 502 / an SSE error event
+Closing the async iterator (client gone, stop string matched) cancels the work on both workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Token-level sampling options; the workers apply them."""
+
+    max_tokens: int  # tokens to generate at most (the first token included)
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # seeded sampling is keyed on (seed, position) in the workers
+    logprobs: int | None = None  # None = no logprobs; k >= 0: chosen token plus k alternatives
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str  # the client's x-request-id, or one the router made
+    prompt_ids: tuple[int, ...]
+    sampling: Sampling
+    deadline: float  # time.time() by which the request must have finished
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first
+    finish_reason: str | None = None  # "stop" (eos / stop token) or "length" on the last token
+
+
+@dataclass
+class BackendStatus:
+    """What /health reports about the workers behind the router."""
+
+    ready: bool
+    workers: dict[str, list[dict]] = field(default_factory=dict)  # role -> worker summaries
+
+
+class NoCapacity(Exception):
+    """Every candidate decode worker refused the request for lack of room (retry later)."""
+
+
+class NoReadyWorker(Exception):
+    """A role has no ready (serving, not draining) worker."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__(f"no ready {role} worker")
+        self.role = role
+
+
+class WorkerFailure(Exception):
+    """The request failed on its workers and the one retry failed too."""
+
+
+class Backend(Protocol):
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenOutput]:
+        """Stream the request's tokens; the last one carries a finish_reason."""
+        ...
+
+    def check_ready(self) -> None:
+        """Raise NoReadyWorker when a role has no ready worker (cheap; no I/O)."""
+        ...
+
+    def status(self) -> BackendStatus: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...

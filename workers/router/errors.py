@@ -1,0 +1,95 @@
+"""OpenAI-shaped API errors.
+
+Every failure the router reports to a client is an `ApiError`: an HTTP status plus the body
+OpenAI's API sends, `{"error": {"message", "type", "param", "code"}}`, so official clients
+raise their usual exception classes (BadRequestError, NotFoundError, RateLimitError, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ApiError(Exception):
+    """A client-visible error with its HTTP status and OpenAI error fields."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def model_not_found(name: str) -> ApiError:
+    return ApiError(
+        404,
+        f"The model {name!r} does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def invalid_api_key() -> ApiError:
+    return ApiError(
+        401,
+        "Incorrect API key provided. Pass a valid key as 'Authorization: Bearer <key>'.",
+        code="invalid_api_key",
+    )
+
+
+def queue_full(retry_after_s: int) -> ApiError:
+    return ApiError(
+        429,
+        "The router's request queue is full; retry later.",
+        type="rate_limit_exceeded",
+        code="queue_full",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def no_ready_worker(role: str) -> ApiError:
+    return ApiError(
+        503,
+        f"No {role} worker is ready to take requests.",
+        type="service_unavailable",
+        code="no_ready_worker",
+    )
+
+
+def deadline_exceeded(timeout_s: float) -> ApiError:
+    return ApiError(
+        504,
+        f"The request did not finish within its deadline of {timeout_s:g} s.",
+        type="timeout",
+        code="deadline_exceeded",
+    )
+
+
+def backend_failure(message: str) -> ApiError:
+    return ApiError(502, message, type="server_error", code="worker_failure")
