@@ -1,0 +1,331 @@
+"""The autoscaler as a kopf daemon per Model (importing this module registers it).
+
+Every spec.autoscaling.intervalSeconds, for each Model with autoscaling enabled:
+1. read the replicas each pool's Deployment has, and the pods Pending (unscheduled) for
+   longer than pendingTimeoutSeconds, from the Kubernetes API;
+2. read an Observation from Prometheus (baton.operator.autoscaler.metrics); when that fails
+   the policy holds the last decision and the reason says why;
+3. run the policy (baton.operator.autoscaler.policy.decide);
+4. mark the pods to remove with controller.kubernetes.io/pod-deletion-cost (Pending pods
+   first, then unready ones, then the least loaded, then the youngest) so the ReplicaSet
+   removes those; they drain on SIGTERM;
+5. write status.autoscaler, the only thing this daemon writes on the Model (the reconcile
+   sets the Deployments' replicas from status.autoscaler.desired: DESIGN.md, Seams);
+6. post an Event when replicas change or metrics go missing, and export
+   baton_autoscaler_desired_replicas and baton_autoscaler_decisions_total.
+
+status.autoscaler: {lastScaleTime, lastDecisionTime, reason, held, desired, demand, limited,
+memory}; `memory` is the policy's state between runs (epoch seconds), kept in status so a
+restarted operator continues where it left off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import kopf
+from prometheus_client import Counter, Gauge
+
+from baton.operator.autoscaler.metrics import read_observation, read_pod_load
+from baton.operator.autoscaler.policy import ROLES, Decision, PolicyState, decide
+from baton.operator.autoscaler.profile import ReplicaProfile, load_profile
+from baton.operator.autoscaler.prometheus import PrometheusClient, PrometheusError
+from baton.operator.spec import GROUP, PLURAL, VERSION, Model, SpecError
+
+__all__ = ["autoscale", "run_once", "KubernetesCluster", "state_from_status",
+           "status_from_decision", "pods_to_drain", "pending_pods", "DELETION_COST",
+           "MIN_RATE_WINDOW_SECONDS", "DESIRED_REPLICAS", "DECISIONS"]
+
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+DRAIN_COST = "-1000"
+"""Deletion cost of a pod chosen for removal (others default to 0; lower goes first)."""
+MIN_RATE_WINDOW_SECONDS = 60
+"""Shortest rate() window: at least two scrapes at the usual 30 s scrape interval."""
+PROFILE_ENV = "BATON_AUTOSCALER_PROFILE"
+"""A replica profile JSON file (profile.py); unset: DEFAULT_PROFILE."""
+
+DESIRED_REPLICAS = Gauge("baton_autoscaler_desired_replicas",
+                         "Replicas the autoscaler wants per pool.",
+                         ("namespace", "model", "role", "pool"))
+DECISIONS = Counter("baton_autoscaler_decisions",
+                    "Autoscaler decisions, by outcome (scaled, unchanged, held).",
+                    ("namespace", "model", "outcome"))
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _epoch(value: Any) -> float | None:
+    if not value:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    return datetime.strptime(str(value), "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=timezone.utc).timestamp()
+
+
+def state_from_status(status: Any) -> PolicyState:
+    """The policy state kept in status.autoscaler (empty when there is none or it is
+    unreadable: the policy then starts afresh, which is safe)."""
+    auto = (status or {}).get("autoscaler") or {}
+    memory = auto.get("memory") or {}
+    try:
+        desired = auto.get("desired") or None
+        if desired is not None:
+            desired = {r: {p: int(n) for p, n in (desired.get(r) or {}).items()} for r in ROLES}
+        return PolicyState(
+            desired=desired,
+            last_scale_time=_epoch(auto.get("lastScaleTime")),
+            last_boost={r: float(t) for r, t in (memory.get("lastBoost") or {}).items()
+                        if t is not None},
+            recent_demand=tuple((float(t), float(p), float(d))
+                                for t, p, d in memory.get("recentDemand") or []),
+            full_pools={str(k): (float(t), int(n)) for k, t, n in memory.get("fullPools") or []},
+        )
+    except (TypeError, ValueError, AttributeError):
+        return PolicyState()
+
+
+def status_from_decision(decision: Decision, now: float) -> dict:
+    """The status.autoscaler object for a decision (lists replace wholesale under a merge
+    patch, so nothing stale survives)."""
+    state = decision.state
+    return {
+        "lastScaleTime": _iso(state.last_scale_time) if state.last_scale_time else None,
+        "lastDecisionTime": _iso(now),
+        "reason": decision.reason,
+        "held": decision.held,
+        "desired": decision.desired,
+        "demand": {r: round(v, 3) for r, v in decision.demand.items()} or None,
+        "limited": list(decision.limited),
+        "memory": {
+            "lastBoost": {r: state.last_boost.get(r) for r in ROLES},
+            "recentDemand": [[round(t, 3), round(p, 3), round(d, 3)]
+                             for t, p, d in state.recent_demand],
+            "fullPools": [[k, round(t, 3), n] for k, (t, n) in sorted(state.full_pools.items())],
+        },
+    }
+
+
+def _is_unscheduled(pod: dict) -> bool:
+    status = pod.get("status") or {}
+    if status.get("phase") != "Pending":
+        return False
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled":
+            return cond.get("status") != "True"
+    return True
+
+
+def _is_ready(pod: dict) -> bool:
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Ready":
+            return cond.get("status") == "True"
+    return False
+
+
+def _pool_pods(pods: list[dict], model: str, role: str, pool: str) -> list[dict]:
+    out = []
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        if (labels.get("baton.dev/model") == model and labels.get("baton.dev/role") == role
+                and labels.get("baton.dev/pool") == pool and not meta.get("deletionTimestamp")):
+            out.append(pod)
+    return out
+
+
+def pending_pods(pods: list[dict], model: Model, now: float) -> dict[str, dict[str, int]]:
+    """Pods per (role, pool) unscheduled for longer than pendingTimeoutSeconds."""
+    timeout = model.spec.autoscaling.pending_timeout_seconds
+    out: dict[str, dict[str, int]] = {}
+    for role in ROLES:
+        out[role] = {}
+        for pool in model.spec.role(role).pools:
+            count = 0
+            for pod in _pool_pods(pods, model.name, role, pool.name):
+                created = _epoch((pod.get("metadata") or {}).get("creationTimestamp"))
+                if _is_unscheduled(pod) and created is not None and now - created >= timeout:
+                    count += 1
+            out[role][pool.name] = count
+    return out
+
+
+def pods_to_drain(pods: list[dict], n: int, load: dict[str, float]) -> list[str]:
+    """Names of the n pods to remove first: unscheduled, then unready, then the least
+    loaded (pods without a load series count as idle), then the youngest."""
+    def key(pod: dict) -> tuple:
+        meta = pod.get("metadata") or {}
+        created = _epoch(meta.get("creationTimestamp")) or 0.0
+        return (not _is_unscheduled(pod), _is_ready(pod), load.get(meta.get("name"), 0.0),
+                -created, meta.get("name", ""))
+    return [p["metadata"]["name"] for p in sorted(pods, key=key)[:max(0, n)]]
+
+
+@dataclass
+class KubernetesCluster:
+    """The few API calls the daemon makes, through the kubernetes client (in threads)."""
+
+    api_client: Any = None
+
+    def _client(self) -> Any:
+        if self.api_client is None:
+            import kubernetes
+
+            try:
+                kubernetes.config.load_incluster_config()
+            except kubernetes.config.ConfigException:
+                kubernetes.config.load_kube_config()
+            self.api_client = kubernetes.client.ApiClient()
+        return self.api_client
+
+    async def deployment_replicas(self, namespace: str, name: str) -> int | None:
+        import kubernetes
+
+        apps = kubernetes.client.AppsV1Api(self._client())
+        try:
+            obj = await asyncio.to_thread(apps.read_namespaced_deployment, name, namespace,
+                                          _preload_content=False)
+        except kubernetes.client.ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        replicas = (json.loads(obj.data).get("spec") or {}).get("replicas")
+        return None if replicas is None else int(replicas)
+
+    async def model_pods(self, namespace: str, model: str) -> list[dict]:
+        import kubernetes
+
+        core = kubernetes.client.CoreV1Api(self._client())
+        response = await asyncio.to_thread(core.list_namespaced_pod, namespace,
+                                           label_selector=f"baton.dev/model={model}",
+                                           _preload_content=False)
+        return json.loads(response.data).get("items") or []
+
+    async def annotate_pod(self, namespace: str, name: str, annotations: dict) -> None:
+        import kubernetes
+
+        core = kubernetes.client.CoreV1Api(self._client())
+        await asyncio.to_thread(core.patch_namespaced_pod, name, namespace,
+                                {"metadata": {"annotations": annotations}})
+
+    async def patch_model_status(self, namespace: str, name: str, status: dict) -> None:
+        import kubernetes
+
+        custom = kubernetes.client.CustomObjectsApi(self._client())
+        await asyncio.to_thread(custom.patch_namespaced_custom_object_status, GROUP, VERSION,
+                                namespace, PLURAL, name, {"status": status})
+
+
+async def run_once(model: Model, body: Any, cluster: KubernetesCluster,
+                   prom: PrometheusClient | None, profile: ReplicaProfile, now: float,
+                   logger: logging.Logger | logging.LoggerAdapter) -> Decision:
+    """One autoscaling round for one Model; returns the decision it applied."""
+    auto = model.spec.autoscaling
+    state = state_from_status(body.get("status"))
+    current: dict[str, dict[str, int]] = {}
+    for role in ROLES:
+        current[role] = {}
+        for pool in model.spec.role(role).pools:
+            replicas = await cluster.deployment_replicas(
+                model.namespace, f"{model.name}-{role}-{pool.name}")
+            if replicas is None:  # not created yet: what the reconcile is about to apply
+                replicas = (state.desired or {}).get(role, {}).get(pool.name, pool.min_replicas)
+            current[role][pool.name] = replicas
+    pods = await cluster.model_pods(model.namespace, model.name)
+    pending = pending_pods(pods, model, now)
+
+    observation, missing = None, ""
+    if prom is None:
+        missing = "spec.autoscaling.prometheusUrl is not set"
+    else:
+        try:
+            observation = await read_observation(
+                prom, model.namespace, model.name,
+                ttft_target=auto.targets.time_to_first_token_seconds,
+                itl_target=auto.targets.inter_token_latency_seconds,
+                window_seconds=max(MIN_RATE_WINDOW_SECONDS, 2 * auto.interval_seconds))
+        except PrometheusError as e:
+            missing = str(e)
+    decision = decide(model.spec, observation, current, pending, state, now, profile, missing)
+
+    for role, pools in decision.drain.items():
+        for pool, n in pools.items():
+            members = _pool_pods(pods, model.name, role, pool)
+            load: dict[str, float] = {}
+            if prom is not None:
+                try:
+                    load = await read_pod_load(prom, model.namespace, model.name, role, pool)
+                except PrometheusError as e:
+                    logger.info(f"Per-pod load of {role}/{pool} was unavailable ({e}); "
+                                f"draining by readiness and age.")
+            for name in pods_to_drain(members, n, load):
+                await cluster.annotate_pod(model.namespace, name, {DELETION_COST: DRAIN_COST})
+                logger.info(f"Marked pod {name} ({role}/{pool}) for removal.")
+
+    await cluster.patch_model_status(model.namespace, model.name,
+                                     {"autoscaler": status_from_decision(decision, now)})
+
+    for role in ROLES:
+        for pool, n in decision.desired[role].items():
+            DESIRED_REPLICAS.labels(model.namespace, model.name, role, pool).set(n)
+    outcome = "held" if decision.held else "scaled" if decision.changed else "unchanged"
+    DECISIONS.labels(model.namespace, model.name, outcome).inc()
+    was_held = bool(((body.get("status") or {}).get("autoscaler") or {}).get("held"))
+    if decision.changed and not decision.held:
+        kopf.info(body, reason="Scaled", message=decision.reason[:1000])
+        logger.info(f"Scaled {model.namespace}/{model.name}: {decision.reason}")
+    elif decision.held and not was_held:
+        kopf.warn(body, reason="MetricsUnavailable", message=decision.reason[:1000])
+        logger.warning(f"Held {model.namespace}/{model.name}: {decision.reason}")
+    return decision
+
+
+def _enabled(spec: Any, **_: Any) -> bool:
+    return bool(((spec or {}).get("autoscaling") or {}).get("enabled"))
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, id="autoscaler", when=_enabled,
+             cancellation_timeout=10.0)
+async def autoscale(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logger,
+                    **_: Any) -> None:
+    """Runs the policy for one Model every intervalSeconds until the Model is deleted or
+    autoscaling is turned off."""
+    profile = load_profile(os.environ.get(PROFILE_ENV) or None)
+    cluster = KubernetesCluster()
+    prom: PrometheusClient | None = None
+    prom_url: str | None = None
+    try:
+        while not stopped:
+            interval = 30.0
+            try:
+                model = Model.from_resource(dict(body))
+                auto = model.spec.autoscaling
+                interval = float(auto.interval_seconds)
+                if auto.prometheus_url != prom_url:
+                    if prom is not None:
+                        await prom.close()
+                    prom_url = auto.prometheus_url
+                    prom = None if prom_url is None else PrometheusClient(
+                        prom_url, timeout=max(1.0, min(10.0, interval / 2)))
+                await run_once(model, body, cluster, prom, profile, time.time(), logger)
+            except SpecError as e:
+                # The reconcile reports the invalid spec as a condition; nothing to size.
+                logger.debug(f"Skipped autoscaling: invalid spec ({e}).")
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # one failed round must not stop the Model's autoscaling
+                logger.exception(f"Autoscaling round failed: {type(e).__name__}: {e}")
+            await stopped.wait(max(1.0, interval) if math.isfinite(interval) else 30.0)
+    finally:
+        if prom is not None:
+            await prom.close()
