@@ -1,0 +1,121 @@
+"""QuantLinear: checkpoint tensor names, loading, reference math, backends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from baton.kernels import QuantLinear, WeightFormat, nvfp4, set_backend
+
+E4M3 = torch.float8_e4m3fn
+
+EXPECTED = {
+    "bf16": {"weight": (torch.bfloat16, (24, 32))},
+    "fp8": {"weight": (E4M3, (24, 32)), "weight_scale": (torch.float32, ()),
+            "input_scale": (torch.float32, ())},
+    "nvfp4": {"weight": (torch.uint8, (24, 16)), "weight_scale": (E4M3, (24, 2)),
+              "weight_scale_2": (torch.float32, ()), "input_scale": (torch.float32, ())},
+    "w4a16_nvfp4": {"weight": (torch.uint8, (24, 16)), "weight_scale": (E4M3, (24, 2)),
+                    "weight_scale_2": (torch.float32, ())},
+}
+
+
+@pytest.mark.parametrize("fmt", list(EXPECTED))
+def test_state_dict_carries_checkpoint_names(fmt):
+    layer = QuantLinear(32, 24, fmt)
+    got = {k: (v.dtype, tuple(v.shape)) for k, v in layer.state_dict().items()}
+    assert got == EXPECTED[fmt]
+    with_bias = QuantLinear(32, 24, fmt, bias=True).state_dict()
+    assert with_bias["bias"].shape == (24,) and with_bias["bias"].dtype == torch.bfloat16
+
+
+def test_fp8_per_channel_names():
+    got = {k: (v.dtype, tuple(v.shape))
+           for k, v in QuantLinear(32, 24, "fp8", fp8_per_channel=True).state_dict().items()}
+    assert got == {"weight": (E4M3, (24, 32)), "weight_scale": (torch.float32, (24,))}
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "w4a16_nvfp4", "fp8"])
+def test_checkpoint_state_dict_loads_and_computes_x_times_dequantized_w(fmt):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 32, generator=gen)
+    bias = torch.randn(24, generator=gen)
+    # A checkpoint as a producer writes it, built without QuantLinear.
+    if fmt == "fp8":
+        scale = w.abs().max() / 448
+        ckpt = {"weight": (w / scale).to(E4M3), "weight_scale": scale,
+                "input_scale": torch.tensor(0.01)}
+        dense = ckpt["weight"].float() * scale
+    else:
+        packed, block_scale, gs = nvfp4.quantize_ref(w)
+        ckpt = {"weight": packed, "weight_scale": block_scale, "weight_scale_2": gs}
+        if fmt == "nvfp4":
+            ckpt["input_scale"] = torch.tensor(0.02)
+        dense = nvfp4.dequantize_ref(packed, block_scale, gs, torch.float32)
+    ckpt["bias"] = bias.bfloat16()
+    layer = QuantLinear(32, 24, fmt, bias=True)
+    layer.load_state_dict(ckpt, strict=True)
+    x = torch.randn(2, 3, 32, generator=gen).bfloat16()
+    y = layer(x)
+    assert y.shape == (2, 3, 24) and y.dtype == torch.bfloat16
+    expected = (x.double() @ dense.double().T + bias.bfloat16().double()).bfloat16()
+    torch.testing.assert_close(y, expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bf16_format_matches_dense_linear(dtype):
+    gen = torch.Generator().manual_seed(1)
+    w, b = torch.randn(20, 40, generator=gen), torch.randn(20, generator=gen)
+    layer = QuantLinear.from_float(w, "bf16", dtype, bias=b)
+    x = torch.randn(5, 40, generator=gen).to(dtype)
+    ref = nn.functional.linear(x.double(), w.to(dtype).double(), b.to(dtype).double())
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(layer(x).double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("fmt,rel", [("fp8", 0.06), ("nvfp4", 0.2), ("w4a16_nvfp4", 0.2)])
+def test_from_float_approximates_the_float_layer(fmt, rel):
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(64, 128, generator=gen)
+    layer = QuantLinear.from_float(w, fmt, torch.float32)
+    x = torch.randn(16, 128, generator=gen)
+    err = (layer(x) - x @ w.T).norm() / (x @ w.T).norm()
+    assert err < rel
+
+
+def test_from_float_per_channel_fp8_and_input_amax():
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(8, 16, generator=gen) * torch.logspace(-3, 3, 8)[:, None]
+    per_channel = QuantLinear.from_float(w, "fp8", torch.float32, fp8_per_channel=True)
+    torch.testing.assert_close(per_channel.weight_scale, w.abs().amax(1) / 448)
+    x = torch.randn(4, 16, generator=gen)
+    # e4m3 keeps 3 mantissa bits: each weight is off by at most 2**-4 of itself.
+    bound = x.abs() @ w.abs().T * 2 ** -4 + 1e-6
+    assert torch.all((per_channel(x) - x @ w.T).abs() <= bound)
+    layer = QuantLinear.from_float(w, "nvfp4", input_amax=26.88)
+    assert layer.input_scale.item() == pytest.approx(0.01)
+
+
+def test_set_backend_walks_the_tree_and_auto_keeps_cpu_on_torch():
+    model = nn.Sequential(QuantLinear(32, 16, "nvfp4"), nn.ReLU(),
+                          nn.Sequential(QuantLinear(16, 16, "bf16")))
+    set_backend(model, "triton")
+    assert [m.backend for m in model.modules() if isinstance(m, QuantLinear)] == ["triton"] * 2
+    set_backend(model, "auto")
+    assert [m.backend for m in model.modules() if isinstance(m, QuantLinear)] == ["torch"] * 2
+    with pytest.raises(ValueError, match="kernels='cuda'"):
+        set_backend(model, "cuda")
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="fmt='int4'"):
+        QuantLinear(32, 16, "int4")
+    with pytest.raises(ValueError, match="in_features=24"):
+        QuantLinear(24, 16, WeightFormat.NVFP4)
+    with pytest.raises(ValueError, match="fp8_per_channel"):
+        QuantLinear(32, 16, "bf16", fp8_per_channel=True)
+    with pytest.raises(ValueError, match="dtype=torch.int8"):
+        QuantLinear(32, 16, "bf16", dtype=torch.int8)
+    with pytest.raises(ValueError, match="in_features=32"):
+        QuantLinear(32, 16)(torch.zeros(2, 31, dtype=torch.bfloat16))
