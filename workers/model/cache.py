@@ -1,0 +1,191 @@
+"""ModelCache: the paged KV cache of the attention layers and the Mamba state slots.
+
+Layer indices: main layers 0..L-1, MTP sublayers L + j. Per attention layer (MTP ones
+included) K and V pages `[num_pages, page_size, KV, D]` in the model dtype; per Mamba layer a
+conv state `[num_slots, W, k - 1]` (model dtype) and an SSM state `[num_slots, h, p, n]`
+(ssm_dtype, fp32 by default). With spec_tokens = K > 0 each Mamba layer also keeps, per slot,
+the conv window `[W, k - 1 + K + 1]` and the SSM state after each of the 1 + K tokens of a
+speculative verification, until `accept` makes one of them the slot's state.
+
+KV travels token-major in read_state/write_state (`[2, n_tokens, KV, D]`), so two caches with
+different page sizes or page ids exchange a sequence's state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+STATE_KINDS = ("kv", "conv", "ssm", "mtp_kv")
+
+
+class ModelCache:
+    """The caches one engine keeps for all its sequences (allocate with model.allocate_cache)."""
+
+    def __init__(self, layer_kinds: list[str], num_main_layers: int, *, num_pages: int,
+                 page_size: int, num_slots: int, spec_tokens: int, kv_heads: int, head_dim: int,
+                 conv_dim: int, conv_kernel: int, ssm_shape: tuple[int, int, int],
+                 dtype: torch.dtype, ssm_dtype: torch.dtype, device: torch.device | str):
+        for name, value, low in (("num_pages", num_pages, 1), ("page_size", page_size, 1),
+                                 ("num_slots", num_slots, 1), ("spec_tokens", spec_tokens, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+        self.layer_kinds = list(layer_kinds)
+        self.num_main_layers = num_main_layers
+        self.num_pages, self.page_size, self.num_slots = num_pages, page_size, num_slots
+        self.spec_tokens = spec_tokens
+        self.conv_kernel = conv_kernel
+        self.dtype, self.ssm_dtype = dtype, ssm_dtype
+        self.device = torch.device(device)
+        self._k: dict[int, torch.Tensor] = {}
+        self._v: dict[int, torch.Tensor] = {}
+        self._conv: dict[int, torch.Tensor] = {}
+        self._ssm: dict[int, torch.Tensor] = {}
+        self._conv_spec: dict[int, torch.Tensor] = {}
+        self._ssm_spec: dict[int, torch.Tensor] = {}
+        page_shape = (num_pages, page_size, kv_heads, head_dim)
+        for layer, kind in enumerate(layer_kinds):
+            if kind == "attention":
+                self._k[layer] = torch.zeros(page_shape, dtype=dtype, device=self.device)
+                self._v[layer] = torch.zeros(page_shape, dtype=dtype, device=self.device)
+            elif kind == "mamba":
+                self._conv[layer] = torch.zeros(num_slots, conv_dim, conv_kernel - 1,
+                                                dtype=dtype, device=self.device)
+                self._ssm[layer] = torch.zeros(num_slots, *ssm_shape, dtype=ssm_dtype,
+                                               device=self.device)
+                if spec_tokens:
+                    self._conv_spec[layer] = torch.zeros(
+                        num_slots, conv_dim, conv_kernel - 1 + spec_tokens + 1, dtype=dtype,
+                        device=self.device)
+                    self._ssm_spec[layer] = torch.zeros(
+                        num_slots, spec_tokens + 1, *ssm_shape, dtype=ssm_dtype,
+                        device=self.device)
+        # Tokens of the last speculative verification per slot (0: nothing to accept).
+        self._pending = [0] * num_slots
+
+    # ------------------------------------------------------------------ sizes
+    def bytes_per_page(self) -> int:
+        """Bytes one KV page takes over all attention layers (MTP included)."""
+        return sum((k[0].numel() + v[0].numel()) * k.element_size()
+                   for k, v in zip(self._k.values(), self._v.values()))
+
+    def bytes_per_slot(self) -> int:
+        """Bytes one Mamba state slot takes over all Mamba layers (spec buffers included)."""
+        tensors = [*self._conv.values(), *self._ssm.values(), *self._conv_spec.values(),
+                   *self._ssm_spec.values()]
+        return sum(t[0].numel() * t.element_size() for t in tensors)
+
+    # ------------------------------------------------------------------ layer access
+    def kv_pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer not in self._k:
+            raise ValueError(f"layer: {layer} is not an attention layer")
+        return self._k[layer], self._v[layer]
+
+    def mamba_state(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer not in self._conv:
+            raise ValueError(f"layer: {layer} is not a Mamba layer")
+        return self._conv[layer], self._ssm[layer]
+
+    def spec_state(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.spec_tokens:
+            raise ValueError("spec_verify needs a cache allocated with spec_tokens > 0")
+        return self._conv_spec[layer], self._ssm_spec[layer]
+
+    # ------------------------------------------------------------------ speculation
+    def mark_pending(self, slots: list[int], num_tokens: list[int]) -> None:
+        for slot, n in zip(slots, num_tokens):
+            self._pending[slot] = n
+
+    def accept(self, slots: torch.Tensor, num_accepted: torch.Tensor) -> None:
+        """After a spec_verify forward: the state after token num_accepted[i] (1..1+K) of
+        sequence i becomes slot slots[i]'s state; the other snapshots are forgotten."""
+        slot_list = [int(s) for s in slots.tolist()]
+        counts = [int(n) for n in num_accepted.tolist()]
+        if len(slot_list) != len(counts):
+            raise ValueError(
+                f"num_accepted: {len(counts)} entries for {len(slot_list)} slots")
+        for slot, n in zip(slot_list, counts):
+            if not 0 <= slot < self.num_slots:
+                raise ValueError(f"slots: {slot} outside [0, {self.num_slots})")
+            if not 1 <= n <= self._pending[slot]:
+                raise ValueError(
+                    f"num_accepted: {n} for slot {slot}, whose last verification had "
+                    f"{self._pending[slot]} tokens (allowed 1..{self._pending[slot]})")
+        if not slot_list:
+            return
+        index = torch.tensor(slot_list, device=self.device)
+        accepted = torch.tensor(counts, device=self.device)
+        taps = self.conv_kernel - 1
+        # The conv window after token n is columns n .. n + k - 2 of [old state, new inputs].
+        columns = accepted[:, None] + torch.arange(taps, device=self.device)  # [S, k-1]
+        for layer in self._conv:
+            window = self._conv_spec[layer][index]  # [S, W, k-1+K+1]
+            gather = columns[:, None, :].expand(-1, window.shape[1], -1)
+            self._conv[layer][index] = torch.gather(window, 2, gather)
+            self._ssm[layer][index] = self._ssm_spec[layer][index, accepted - 1]
+        for slot in slot_list:
+            self._pending[slot] = 0
+
+    # ------------------------------------------------------------------ state transfer
+    def _check_layer(self, layer: int, kind: str) -> None:
+        if kind not in STATE_KINDS:
+            raise ValueError(f"kind: {kind!r} is not one of {STATE_KINDS}")
+        in_mtp = layer >= self.num_main_layers
+        if kind == "mtp_kv" and not in_mtp or kind == "kv" and in_mtp:
+            raise ValueError(
+                f"kind: {kind!r} does not match layer {layer} (main layers 0.."
+                f"{self.num_main_layers - 1} use 'kv', MTP layers L + j use 'mtp_kv')")
+        if kind in ("kv", "mtp_kv") and layer not in self._k:
+            raise ValueError(f"layer: {layer} is not an attention layer")
+        if kind in ("conv", "ssm") and layer not in self._conv:
+            raise ValueError(f"layer: {layer} is not a Mamba layer")
+
+    def _token_pages(self, block_table_row: torch.Tensor, token_start: int, token_end: int):
+        if not 0 <= token_start <= token_end:
+            raise ValueError(f"token range: need 0 <= start <= end, got {token_start}..{token_end}")
+        positions = torch.arange(token_start, token_end, device=self.device)
+        table = block_table_row.to(self.device).long()
+        page_index = positions // self.page_size
+        if token_end > 0 and (int(page_index.max()) >= table.numel()
+                              or bool((table[page_index] < 0).any())):
+            raise ValueError(
+                f"block_table_row: has no page for tokens {token_start}..{token_end}")
+        return table[page_index], positions % self.page_size
+
+    def read_state(self, layer: int, kind: str, block_table_row: torch.Tensor | None,
+                   slot: int | None, token_start: int = 0, token_end: int = 0) -> torch.Tensor:
+        """A copy of one layer's state of one sequence: kv/mtp_kv [2, n, KV, D] for tokens
+        token_start..token_end-1, conv [W, k-1], ssm [h, p, n]."""
+        self._check_layer(layer, kind)
+        if kind in ("kv", "mtp_kv"):
+            pages, offsets = self._token_pages(block_table_row, token_start, token_end)
+            return torch.stack([self._k[layer][pages, offsets], self._v[layer][pages, offsets]])
+        states = self._conv if kind == "conv" else self._ssm
+        return states[layer][self._slot(slot)].clone()
+
+    def write_state(self, layer: int, kind: str, block_table_row: torch.Tensor | None,
+                    slot: int | None, token_start: int, tensor: torch.Tensor) -> None:
+        """The inverse of read_state: KV of tokens token_start.. into the row's pages, or the
+        slot's conv / SSM state."""
+        self._check_layer(layer, kind)
+        if kind in ("kv", "mtp_kv"):
+            k_pages = self._k[layer]
+            if tensor.dim() != 4 or tensor.shape[0] != 2 or tensor.shape[2:] != k_pages.shape[2:]:
+                raise ValueError(
+                    f"tensor: kv state must be [2, n, {k_pages.shape[2]}, {k_pages.shape[3]}], "
+                    f"got {tuple(tensor.shape)}")
+            pages, offsets = self._token_pages(block_table_row, token_start,
+                                               token_start + tensor.shape[1])
+            k_pages[pages, offsets] = tensor[0].to(k_pages.device, k_pages.dtype)
+            self._v[layer][pages, offsets] = tensor[1].to(k_pages.device, k_pages.dtype)
+            return
+        states = (self._conv if kind == "conv" else self._ssm)[layer]
+        if tuple(tensor.shape) != tuple(states.shape[1:]):
+            raise ValueError(
+                f"tensor: {kind} state must be {tuple(states.shape[1:])}, got "
+                f"{tuple(tensor.shape)}")
+        states[self._slot(slot)] = tensor.to(states.device, states.dtype)
+
+    def _slot(self, slot: int | None) -> int:
+        if slot is None or not 0 <= int(slot) < self.num_slots:
+            raise ValueError(f"slot: {slot!r} outside [0, {self.num_slots})")
+        return int(slot)

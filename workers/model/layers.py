@@ -1,0 +1,213 @@
+"""Norms, dense MLP, MoE and grouped-query attention of Nemotron-H.
+
+Shapes: `[B, T, H]`  B sequences, T tokens, H hidden; in the cache-aware path `[T, H]` holds
+the tokens of all sequences of a step, concatenated. E experts, K top-k, L latent width,
+Q query heads, KV key/value heads, D head dim.
+
+Every projection is a baton.kernels QuantLinear and every expert stack a QuantExperts, so a
+checkpoint's quantization is applied by building these modules with its formats; the math
+here never branches on it. The router stays an fp32 matmul on a plain weight (the choice of
+experts must not depend on the activation dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baton.kernels import QuantExperts, QuantLinear, WeightFormat, route
+
+from .config import NemotronHConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with the variance and the weight product in fp32."""
+
+    def __init__(self, hidden: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * h).to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """Mamba2's gated norm: x * silu(gate) in fp32, RMS within each of n_groups groups."""
+
+    def __init__(self, hidden: int, group_size: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden, dtype=dtype))
+        self.group_size = group_size
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        h = x.float() * F.silu(gate.float())
+        grouped = h.view(*h.shape[:-1], -1, self.group_size)
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight.float() * grouped.view(h.shape)
+
+
+class FormatPlan:
+    """Which WeightFormat each module of the model is built with (from the quant config)."""
+
+    def format_for(self, module_name: str) -> tuple[WeightFormat, bool]:
+        """(format, fp8_per_channel) of the module at `module_name` (checkpoint spelling)."""
+        return WeightFormat.BF16, False
+
+
+def quant_linear(in_features: int, out_features: int, name: str, formats: FormatPlan,
+                 dtype: torch.dtype, bias: bool = False) -> QuantLinear:
+    fmt, per_channel = formats.format_for(name)
+    return QuantLinear(in_features, out_features, fmt, dtype, bias=bias,
+                       fp8_per_channel=per_channel)
+
+
+class MLP(nn.Module):
+    """down(relu(up(x))^2): the dense '-' layers and the shared expert."""
+
+    def __init__(self, hidden: int, intermediate: int, name: str, formats: FormatPlan,
+                 dtype: torch.dtype, bias: bool):
+        super().__init__()
+        self.up_proj = quant_linear(hidden, intermediate, f"{name}.up_proj", formats, dtype, bias)
+        self.down_proj = quant_linear(intermediate, hidden, f"{name}.down_proj", formats, dtype,
+                                      bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(torch.relu(self.up_proj(x)).square())
+
+    def forward_cached(self, x, plan, cache, layer):
+        return self.forward(x)
+
+
+class Router(nn.Module):
+    """Router logits in fp32, then the kernels' route() (sigmoid, correction bias, top-k)."""
+
+    def __init__(self, config: NemotronHConfig, dtype: torch.dtype):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.zeros(config.n_routed_experts, config.hidden_size,
+                                               dtype=dtype))
+        # Kept in fp32 whatever the model dtype: the bias decides ties between close scores.
+        self.register_buffer("e_score_correction_bias",
+                             torch.zeros(config.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        return route(logits, self.e_score_correction_bias.float(), c.num_experts_per_tok,
+                     n_group=c.n_group, topk_group=c.topk_group,
+                     norm_topk_prob=c.norm_topk_prob,
+                     routed_scaling_factor=float(c.routed_scaling_factor))
+
+
+class MoE(nn.Module):
+    """Routed experts (in the latent width for LatentMoE) plus the shared expert."""
+
+    def __init__(self, config: NemotronHConfig, name: str, formats: FormatPlan,
+                 dtype: torch.dtype):
+        super().__init__()
+        c = config
+        self.gate = Router(c, dtype)
+        expert_width = c.moe_latent_size or c.hidden_size
+        if c.moe_latent_size is not None:
+            self.fc1_latent_proj = quant_linear(c.hidden_size, c.moe_latent_size,
+                                                f"{name}.fc1_latent_proj", formats, dtype,
+                                                c.mlp_bias)
+            self.fc2_latent_proj = quant_linear(c.moe_latent_size, c.hidden_size,
+                                                f"{name}.fc2_latent_proj", formats, dtype,
+                                                c.mlp_bias)
+        else:
+            self.fc1_latent_proj = None
+            self.fc2_latent_proj = None
+        fmt, per_channel = formats.format_for(f"{name}.experts")
+        self.experts = QuantExperts(c.n_routed_experts, expert_width, c.moe_intermediate_size,
+                                    fmt, dtype, fp8_per_channel=per_channel)
+        self.shared_experts = (
+            MLP(c.hidden_size, c.moe_shared_expert_intermediate_size, f"{name}.shared_experts",
+                formats, dtype, c.mlp_bias)
+            if c.n_shared_experts else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [T, H]
+        topk_weights, topk_ids = self.gate(flat)  # [T, K]
+        routed = flat if self.fc1_latent_proj is None else self.fc1_latent_proj(flat)  # [T, L]
+        routed = self.experts(routed, topk_ids, topk_weights)
+        if self.fc2_latent_proj is not None:
+            routed = self.fc2_latent_proj(routed)  # [T, H]
+        if self.shared_experts is not None:
+            routed = routed + self.shared_experts(flat)
+        return routed.reshape(shape)
+
+    def forward_cached(self, x, plan, cache, layer):
+        return self.forward(x)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention without positional encoding (the Mamba layers carry order)."""
+
+    def __init__(self, config: NemotronHConfig, name: str, formats: FormatPlan,
+                 dtype: torch.dtype):
+        super().__init__()
+        c = config
+        self.num_heads = c.num_attention_heads
+        self.num_kv_heads = c.num_key_value_heads
+        self.head_dim = c.head_dim
+        self.scale = c.head_dim ** -0.5
+        q_width, kv_width = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        bias = c.attention_bias
+        self.q_proj = quant_linear(c.hidden_size, q_width, f"{name}.q_proj", formats, dtype, bias)
+        self.k_proj = quant_linear(c.hidden_size, kv_width, f"{name}.k_proj", formats, dtype, bias)
+        self.v_proj = quant_linear(c.hidden_size, kv_width, f"{name}.v_proj", formats, dtype, bias)
+        self.o_proj = quant_linear(q_width, c.hidden_size, f"{name}.o_proj", formats, dtype, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def forward_cached(self, x: torch.Tensor, plan, cache, layer: int) -> torch.Tensor:
+        """x [T, H]: writes the new tokens' K/V into the layer's pages, attends over each
+        sequence's cached + new tokens."""
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        k_pages, v_pages = cache.kv_pages(layer)  # [num_pages, page_size, KV, D]
+        k_pages[plan.kv_page_ids, plan.kv_page_offsets] = k.to(k_pages.dtype)
+        v_pages[plan.kv_page_ids, plan.kv_page_offsets] = v.to(v_pages.dtype)
+
+        out = torch.empty_like(q)  # [T, Q, D]
+        gqa = self.num_heads != self.num_kv_heads
+        if plan.decode_seqs:
+            # Single-token sequences attend in one padded call.
+            keys = k_pages[plan.decode_page_table].flatten(1, 2)  # [S, pages * page_size, KV, D]
+            values = v_pages[plan.decode_page_table].flatten(1, 2)
+            q_rows = q[plan.decode_token_index].unsqueeze(2)  # [S, Q, 1, D]
+            mask = plan.decode_key_mask[:, None, None, :]  # [S, 1, 1, keys]
+            attended = F.scaled_dot_product_attention(
+                q_rows, keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
+                attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+            out[plan.decode_token_index] = attended.squeeze(2)
+        for s in plan.chunk_seqs:
+            start, n = plan.seq_starts[s], plan.seq_lens[s]
+            context = plan.cached_lens[s] + n
+            pages = plan.block_tables[s, : plan.pages_needed[s]].long()
+            keys = k_pages[pages].flatten(0, 1)[:context].transpose(0, 1)  # [KV, ctx, D]
+            values = v_pages[pages].flatten(0, 1)[:context].transpose(0, 1)
+            q_rows = q[start:start + n].transpose(0, 1)  # [Q, n, D]
+            mask = plan.causal_mask(s, device=x.device)  # [n, ctx]
+            attended = F.scaled_dot_product_attention(
+                q_rows.unsqueeze(0), keys.unsqueeze(0).to(q.dtype), values.unsqueeze(0).to(q.dtype),
+                attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+            out[start:start + n] = attended[0].transpose(0, 1)
+        return self.o_proj(out.reshape(t, -1))
