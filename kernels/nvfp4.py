@@ -29,6 +29,18 @@ flip a tie (the Triton kernel uses tl.div_rn).
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+from baton.kernels.triton_common import (
+    INTERPRET,
+    check_triton_device,
+    e2m1_to_f32,
+    e4m3_to_f32,
+    f32_to_e2m1,
+    f32_to_e4m3_positive,
+    to_dtype_rn,
+)
 
 BLOCK_SIZE = 16  # elements per e4m3 block scale, along K
 FP4_MAX = 6.0
@@ -41,6 +53,70 @@ E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # exactly on a threshold rounds up when `up_on_tie`.
 _THRESHOLDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False),
                (3.5, True), (5.0, False))
+
+
+# The kernels see any [..., N, K] tensor as rows of 16-element blocks: K % 16 == 0, so a
+# block never straddles two rows, and block r of the flattened tensor belongs to matrix
+# r // blocks_per_matrix (whose global scale it uses).
+
+
+@triton.jit
+def _quantize_kernel(
+    # pointers
+    w_ptr, packed_ptr, scale_ptr, global_scale_ptr,
+    # sizes
+    num_blocks, blocks_per_matrix,
+    # meta-parameters
+    BLOCK_R: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask = rows < num_blocks
+    pairs = tl.arange(0, 8)
+    base = rows[:, None] * 16 + pairs[None, :] * 2
+    even = tl.load(w_ptr + base, mask=mask[:, None], other=0.0).to(tl.float32)
+    odd = tl.load(w_ptr + base + 1, mask=mask[:, None], other=0.0).to(tl.float32)
+    gs = tl.load(global_scale_ptr + rows // blocks_per_matrix, mask=mask, other=1.0)
+
+    block_amax = tl.maximum(tl.max(tl.abs(even), axis=1), tl.max(tl.abs(odd), axis=1))
+    scale = tl.div_rn(block_amax, 6.0 * gs)
+    scale = tl.minimum(tl.where(scale == 0.0, 1.0, scale), 448.0)
+    scale_code, scale_val = f32_to_e4m3_positive(scale)
+    denom = (scale_val * gs)[:, None]
+    safe = tl.where(denom == 0.0, 1.0, denom)
+    code_even = tl.where(denom == 0.0, 0, f32_to_e2m1(tl.div_rn(even, safe)))
+    code_odd = tl.where(denom == 0.0, 0, f32_to_e2m1(tl.div_rn(odd, safe)))
+
+    tl.store(packed_ptr + rows[:, None] * 8 + pairs[None, :],
+             (code_even | (code_odd << 4)).to(tl.uint8), mask=mask[:, None])
+    tl.store(scale_ptr + rows, scale_code.to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _dequantize_kernel(
+    # pointers
+    packed_ptr, scale_ptr, global_scale_ptr, out_ptr,
+    # sizes
+    num_blocks, blocks_per_matrix,
+    # meta-parameters
+    BLOCK_R: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask = rows < num_blocks
+    pairs = tl.arange(0, 8)
+    byte = tl.load(packed_ptr + rows[:, None] * 8 + pairs[None, :], mask=mask[:, None],
+                   other=0).to(tl.int32)
+    scale = e4m3_to_f32(tl.load(scale_ptr + rows, mask=mask, other=0).to(tl.int32))
+    gs = tl.load(global_scale_ptr + rows // blocks_per_matrix, mask=mask, other=1.0)
+    step = (scale * gs)[:, None]
+    base = rows[:, None] * 16 + pairs[None, :] * 2
+    out_ty: tl.constexpr = out_ptr.dtype.element_ty
+    lo = to_dtype_rn(e2m1_to_f32(byte & 15) * step, out_ty, INTERPRETED)
+    hi = to_dtype_rn(e2m1_to_f32(byte >> 4) * step, out_ty, INTERPRETED)
+    tl.store(out_ptr + base, lo, mask=mask[:, None])
+    tl.store(out_ptr + base + 1, hi, mask=mask[:, None])
+
+
+QUANT_BLOCK_R = 64  # 16-element blocks per program
 
 
 def _check_weight(w: torch.Tensor, field: str = "w") -> None:
@@ -143,6 +219,53 @@ def dequantize_ref(packed: torch.Tensor, block_scale: torch.Tensor, global_scale
     return (values * scale.unsqueeze(-1)).reshape(*lead, n, k).to(dtype)
 
 
+def quantize_triton(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton NVFP4 quantizer; the same bits as quantize_ref."""
+    _check_weight(w)
+    check_triton_device(w)
+    if not torch.isfinite(w).all():
+        raise ValueError(
+            f"w {tuple(w.shape)} holds NaN or infinite values; NVFP4 cannot store them"
+        )
+    *lead, n, k = w.shape
+    w = w.contiguous()
+    # The global scale is one reduction per matrix: the same torch code as the reference.
+    gs = global_scale_ref(w).contiguous()
+    packed = torch.empty(*lead, n, k // 2, dtype=torch.uint8, device=w.device)
+    scale = torch.empty(*lead, n, k // BLOCK_SIZE, dtype=torch.uint8, device=w.device)
+    num_blocks = w.numel() // BLOCK_SIZE
+    if num_blocks:
+        grid = (triton.cdiv(num_blocks, QUANT_BLOCK_R),)
+        _quantize_kernel[grid](w, packed, scale, gs, num_blocks, n * k // BLOCK_SIZE,
+                               BLOCK_R=QUANT_BLOCK_R)
+    return packed, scale.view(torch.float8_e4m3fn), gs
+
+
+def dequantize_triton(packed: torch.Tensor, block_scale: torch.Tensor,
+                      global_scale: torch.Tensor,
+                      dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The Triton NVFP4 dequantizer; the same bits as dequantize_ref."""
+    n, k = check_packed(packed, block_scale, global_scale)
+    check_triton_device(packed, block_scale, global_scale)
+    lead = packed.shape[:-2]
+    out = torch.empty(*lead, n, k, dtype=dtype, device=packed.device)
+    num_blocks = out.numel() // BLOCK_SIZE
+    if num_blocks:
+        grid = (triton.cdiv(num_blocks, QUANT_BLOCK_R),)
+        _dequantize_kernel[grid](packed.contiguous(),
+                                 block_scale.contiguous().view(torch.uint8),
+                                 global_scale.contiguous(), out, num_blocks,
+                                 n * k // BLOCK_SIZE, BLOCK_R=QUANT_BLOCK_R,
+                                 INTERPRETED=INTERPRET)
+    return out
+
+
+def _use_triton(backend: str, t: torch.Tensor) -> bool:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend={backend!r} is not allowed; allowed: auto, torch, triton")
+    return backend == "triton" or (backend == "auto" and t.is_cuda)
+
+
 def quantize(w: torch.Tensor, backend: str = "auto"):
     """NVFP4-quantizes `w` [..., N, K] (float, K % 16 == 0).
 
@@ -150,10 +273,14 @@ def quantize(w: torch.Tensor, backend: str = "auto"):
     global_scale float32 [...]). backend: "torch" (reference), "triton", or "auto" (Triton
     on CUDA tensors). Both give the same bits.
     """
+    if _use_triton(backend, w):
+        return quantize_triton(w)
     return quantize_ref(w)
 
 
 def dequantize(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
                dtype: torch.dtype = torch.bfloat16, backend: str = "auto") -> torch.Tensor:
     """NVFP4 triple -> [..., N, K] in `dtype` (w = e2m1 * (block_scale * global_scale))."""
+    if _use_triton(backend, packed):
+        return dequantize_triton(packed, block_scale, global_scale, dtype)
     return dequantize_ref(packed, block_scale, global_scale, dtype)

@@ -85,13 +85,18 @@ def test_known_values_and_nibble_order():
 
 
 def test_tie_values_through_quantize():
-    # A block whose scale is exactly representable: q lands exactly on the ties.
+    # amax 2688 * 2**-10 makes the global scale 2**-10 and the block scale 448 exactly, so
+    # q = w / (448 * 2**-10) lands exactly on the ties (0.25, ..., 5 times the scale).
     gen = torch.Generator().manual_seed(2)
+    step = 448 * 2.0 ** -10
     base = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])
-    for unit in (1.0, 0.125, 2.0 ** -3 * 3):
-        block = torch.cat([base, -base])[torch.randperm(16, generator=gen)] * unit
-        w = torch.cat([block, torch.full((16,), 6.0 * unit)])[None]
-        assert_same_bits(nvfp4.quantize_ref(w), quantize_bruteforce(w))
+    perm = torch.randperm(16, generator=gen)
+    w = (torch.cat([base, -base])[perm] * step)[None]
+    packed, scale, gs = nvfp4.quantize_ref(w)
+    assert gs.item() == 2.0 ** -10 and scale.float().item() == 448.0
+    even = torch.tensor([0, 2, 2, 4, 4, 6, 6, 7])
+    assert torch.equal(nvfp4.unpack_codes(packed)[0], torch.cat([even, even | 8])[perm].byte())
+    assert_same_bits((packed, scale, gs), quantize_bruteforce(w))
 
 
 def test_zero_blocks_all_zero_tensor_and_underflow():

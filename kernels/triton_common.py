@@ -1,0 +1,87 @@
+"""Pieces the Triton kernels share: the interpreter flag, device checks, and exact decoders /
+encoders for the E2M1 and E4M3 codes (built from integer bits, so they give the same values
+on every GPU generation and in the CPU interpreter)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once, like Triton itself does when @triton.jit runs.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_triton_device(*tensors: torch.Tensor) -> None:
+    """Triton runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    for t in tensors:
+        if t.is_cuda:
+            continue
+        if not INTERPRET:
+            raise ValueError(
+                f"a {t.device} tensor reached a Triton kernel: they need CUDA tensors, or "
+                "TRITON_INTERPRET=1 set before baton.kernels is imported"
+            )
+
+
+@triton.jit
+def e2m1_to_f32(code):
+    """E2M1 code (int32, 0..15) -> fp32; code 8 is -0.0."""
+    mag_idx = code & 7
+    exp = mag_idx >> 1
+    mant = mag_idx & 1
+    normal = (((exp + 126) << 23) | (mant << 22)).to(tl.float32, bitcast=True)
+    mag = tl.where(exp > 0, normal, mant.to(tl.float32) * 0.5)
+    return tl.where((code & 8) != 0, -mag, mag)
+
+
+@triton.jit
+def e4m3_to_f32(bits):
+    """float8_e4m3fn bits (int32, 0..0x7E) -> fp32."""
+    exp = (bits >> 3) & 15
+    mant = bits & 7
+    normal = (((exp + 120) << 23) | (mant << 20)).to(tl.float32, bitcast=True)
+    subnormal = mant.to(tl.float32) * 0.001953125  # 2**-9
+    mag = tl.where(exp == 0, subnormal, normal)
+    return tl.where((bits & 0x80) != 0, -mag, mag)
+
+
+@triton.jit
+def f32_to_e4m3_positive(s):
+    """Non-negative fp32 s <= 448 -> (e4m3 bits int32, the e4m3 value as fp32), rounded to
+    nearest with ties to even, as torch's cast does."""
+    bits = s.to(tl.int32, bitcast=True)
+    # Normal range (s >= 2**-6): round the fp32 mantissa to 3 bits, ties to even.
+    rounded = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # ~0xFFFFF
+    normal_val = rounded.to(tl.float32, bitcast=True)
+    normal_code = ((((rounded >> 23) & 255) - 120) << 3) | ((rounded >> 20) & 7)
+    # Subnormal range: multiples of 2**-9; adding 2**14 leaves an ulp of 2**-9, so the fp32
+    # addition itself rounds to nearest even.
+    sub_val = (s + 16384.0) - 16384.0
+    sub_code = (sub_val * 512.0).to(tl.int32)
+    is_normal = s >= 0.015625  # 2**-6
+    return tl.where(is_normal, normal_code, sub_code), tl.where(is_normal, normal_val, sub_val)
+
+
+@triton.jit
+def f32_to_e2m1(q):
+    """fp32 q -> nearest E2M1 code (int32): ties to even, saturating at +-6, sign kept."""
+    a = tl.abs(q)
+    code = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
+            + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
+            + (a > 5.0).to(tl.int32))
+    return code | tl.where(q < 0, 8, 0)
+
+
+@triton.jit
+def to_dtype_rn(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    """fp32 x -> `dtype` rounded to nearest even. The interpreter truncates fp32 -> bf16, so
+    there the rounding is done on the bits (GPUs round to nearest even natively)."""
+    if INTERPRETED and dtype == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return rounded.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
