@@ -13,7 +13,7 @@ Type mapping (annotation -> JSON):
                               Kubernetes API conventions keep floats out of specs
     dict[str, str]            an object of strings (node selectors, labels)
     tuple[X, ...]             an array of X
-    X | None                  optional, null allowed
+    X | None                  optional (null reads as absent)
     a dataclass               a nested object (unknown keys are rejected)
 """
 
@@ -51,11 +51,13 @@ def spec_field(json: str, doc: str, *, default: Any = MISSING, default_factory: 
                enum: tuple[str, ...] | None = None, minimum: float | None = None,
                maximum: float | None = None, exclusive_minimum: bool = False,
                pattern: str | None = None, max_length: int | None = None,
-               min_items: int | None = None, decimal: bool = False) -> Any:
+               min_items: int | None = None, max_items: int | None = None,
+               decimal: bool = False) -> Any:
     """A dataclass field described for both the parser and the schema."""
     metadata = {"json": json, "doc": doc, "enum": enum, "minimum": minimum, "maximum": maximum,
                 "exclusive_minimum": exclusive_minimum, "pattern": pattern,
-                "max_length": max_length, "min_items": min_items, "decimal": decimal}
+                "max_length": max_length, "min_items": min_items, "max_items": max_items,
+                "decimal": decimal}
     return dataclasses.field(default=default, default_factory=default_factory,
                              metadata=metadata)
 
@@ -127,6 +129,9 @@ def _convert(tp: Any, value: Any, path: str, md: dict) -> Any:
             raise SpecError(path, f"must be a list, got {_describe(value)}")
         if md.get("min_items") is not None and len(value) < md["min_items"]:
             raise SpecError(path, f"must have at least {md['min_items']} item(s), "
+                                  f"got {len(value)}")
+        if md.get("max_items") is not None and len(value) > md["max_items"]:
+            raise SpecError(path, f"must have at most {md['max_items']} item(s), "
                                   f"got {len(value)}")
         return tuple(_convert(item_tp, v, f"{path}[{i}]", {}) for i, v in enumerate(value))
     if origin is dict:
@@ -225,12 +230,10 @@ def openapi_schema(cls: type) -> dict:
         md = f.metadata
         prop = _type_schema(hints[f.name], md)
         prop["description"] = md["doc"]
+        # Scalar defaults only: the parser fills nested objects' defaults field by field, and
+        # the API server does the same once the object is present.
         if f.default is not MISSING and f.default is not None:
             prop["default"] = _dump_value(f.default, md)
-        elif f.default_factory is not MISSING:
-            default = f.default_factory()
-            if default not in ((), {}, None):
-                prop["default"] = _dump_value(default, md)
         if f.default is MISSING and f.default_factory is MISSING:
             required.append(md["json"])
         properties[md["json"]] = prop
@@ -245,11 +248,10 @@ def openapi_schema(cls: type) -> dict:
 
 
 def _type_schema(tp: Any, md: dict) -> dict:
-    inner, optional = _unwrap_optional(tp)
-    schema = _plain_type_schema(inner, md)
-    if optional:
-        schema["nullable"] = True
-    return schema
+    # Optional fields are simply omitted; the API server prunes nulls of non-nullable fields,
+    # and the parser reads a null as absent, so both agree.
+    inner, _ = _unwrap_optional(tp)
+    return _plain_type_schema(inner, md)
 
 
 def _plain_type_schema(tp: Any, md: dict) -> dict:
@@ -261,6 +263,8 @@ def _plain_type_schema(tp: Any, md: dict) -> dict:
         schema = {"type": "array", "items": _type_schema(item_tp, {})}
         if md.get("min_items") is not None:
             schema["minItems"] = md["min_items"]
+        if md.get("max_items") is not None:
+            schema["maxItems"] = md["max_items"]
         return schema
     if origin is dict:
         return {"type": "object", "additionalProperties": {"type": "string"}}

@@ -26,8 +26,8 @@ from baton.operator.fields import CelRule, SpecError, dump, parse, spec_field
 __all__ = [
     "ROLES", "SpecError", "Model", "ModelSpec", "SourceSpec", "EngineSpec", "RouterSpec",
     "PoolSpec", "ResourceRequests", "Toleration", "PrefillSpec", "DecodeSpec",
-    "AutoscalingSpec", "TargetsSpec", "ModelStatus", "WorkerConfig", "EngineConfig",
-    "PrefillConfig", "DecodeConfig", "RouterConfig", "PoolConfig", "PoolsConfig",
+    "AutoscalingSpec", "TargetsSpec", "NetworkPolicySpec", "ModelStatus", "WorkerConfig",
+    "EngineConfig", "PrefillConfig", "DecodeConfig", "RouterConfig", "PoolConfig", "PoolsConfig",
     "worker_config", "default_fp4_path", "load_model_file",
 ]
 
@@ -45,6 +45,8 @@ FP4_PATHS = ("native", "w4a16")
 # Pool names become part of object names (<model>-<role>-<pool>): DNS-1123 label characters.
 POOL_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 POOL_NAME_MAX = 24
+# Bounded so that the API server can cost the pool-name uniqueness rule (CEL).
+MAX_POOLS = 16
 # Kubernetes resource quantities ("500m", "8", "64Gi").
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 SOURCE_SCHEMES = ("pvc://", "file://", "hf://")
@@ -200,7 +202,8 @@ class PoolSpec:
     node_selector: dict[str, str] = spec_field(
         "nodeSelector", "Extra node selector labels.", default_factory=dict)
     tolerations: tuple[Toleration, ...] = spec_field(
-        "tolerations", "Tolerations of the pool's pods.", default_factory=tuple)
+        "tolerations", "Tolerations of the pool's pods.", default_factory=tuple,
+        max_items=32)
     min_replicas: int = spec_field("minReplicas", "Fewest replicas.", default=1, minimum=0,
                                    maximum=1000)
     max_replicas: int = spec_field("maxReplicas", "Most replicas.", default=1, minimum=0,
@@ -235,6 +238,7 @@ class PoolSpec:
 
 
 _POOL_RULES = (
+    CelRule("size(self.pools) >= 1", "each role needs at least one pool"),
     CelRule("self.pools.all(p, self.pools.exists_one(q, q.name == p.name))",
             "pool names must be unique within a role"),
     CelRule("self.gpusPerReplica % self.expertParallel == 0",
@@ -258,7 +262,7 @@ def _check_role(role: Any, path: str) -> None:
 @dataclass(frozen=True)
 class PrefillSpec:
     pools: tuple[PoolSpec, ...] = spec_field("pools", "GPU pools of prefill workers.",
-                                             min_items=1)
+                                             min_items=1, max_items=MAX_POOLS)
     gpus_per_replica: int = spec_field("gpusPerReplica", "GPUs per replica (one pod).",
                                        default=1, minimum=1, maximum=16)
     expert_parallel: int = spec_field("expertParallel", "Expert-parallel ranks across the "
@@ -275,7 +279,7 @@ class PrefillSpec:
 @dataclass(frozen=True)
 class DecodeSpec:
     pools: tuple[PoolSpec, ...] = spec_field("pools", "GPU pools of decode workers.",
-                                             min_items=1)
+                                             min_items=1, max_items=MAX_POOLS)
     gpus_per_replica: int = spec_field("gpusPerReplica", "GPUs per replica (one pod).",
                                        default=1, minimum=1, maximum=16)
     expert_parallel: int = spec_field("expertParallel", "Expert-parallel ranks across the "
@@ -332,6 +336,13 @@ class AutoscalingSpec:
 
 
 @dataclass(frozen=True)
+class NetworkPolicySpec:
+    enabled: bool = spec_field(
+        "enabled", "Create a NetworkPolicy so that only the model's router and its peer "
+        "workers reach the workers' gRPC port (metrics stay reachable).", default=False)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     source: SourceSpec = spec_field("source", "Where the checkpoint is.")
     prefill: PrefillSpec = spec_field("prefill", "Prefill workers.")
@@ -350,6 +361,8 @@ class ModelSpec:
                                     default_factory=RouterSpec)
     autoscaling: AutoscalingSpec = spec_field("autoscaling", "Metric-driven pool sizing.",
                                               default_factory=AutoscalingSpec)
+    network_policy: NetworkPolicySpec = spec_field("networkPolicy", "Worker isolation.",
+                                                   default_factory=NetworkPolicySpec)
 
     def role(self, name: str) -> PrefillSpec | DecodeSpec:
         if name not in ROLES:
@@ -445,7 +458,7 @@ def _check_model_name(name: str, spec: Any) -> None:
     if not _DNS1035.match(name):
         raise SpecError("metadata.name", f"must be a DNS-1035 label (lowercase letters, "
                                          f"digits, '-', starting with a letter), got {name!r}")
-    longest = max([len("router"), len("decode")] + [
+    longest = max([len("workers")] + [
         len(role) + 1 + len(str(p.get("name", "")))
         for role in ROLES
         for p in ((spec or {}).get(role) or {}).get("pools") or [] if isinstance(p, dict)])
