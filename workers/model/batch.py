@@ -101,11 +101,10 @@ class BatchPlan:
         self.kv_page_offsets = (positions % page_size).to(device)
 
         # Single-token sequences (decode) share one batched path; the rest go chunk by chunk.
-        decode = [] if self.spec_verify else [s for s in range(num_seqs) if seq_lens[s] == 1]
-        decode_set = set(decode)
+        # (Under spec_verify the Mamba layers take their own path; attention does not care.)
+        decode = [s for s in range(num_seqs) if seq_lens[s] == 1]
         self.decode_seqs = decode
-        self.chunk_seqs = [] if self.spec_verify else [
-            s for s in range(num_seqs) if s not in decode_set]
+        self.chunk_seqs = [s for s in range(num_seqs) if seq_lens[s] != 1]
         if decode:
             index = torch.tensor(decode)
             width = max(self.pages_needed[s] for s in decode)
