@@ -43,7 +43,8 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class TokenOutput:
-    token_id: int
+    # None only on a finish-only output: the worker ended the stream after its last token.
+    token_id: int | None
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first
     finish_reason: str | None = None  # "stop" (eos / stop token) or "length" on the last token

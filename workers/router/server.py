@@ -162,15 +162,18 @@ class _Generation:
         last = now
         out: TokenOutput | None = first
         while True:
-            self.completion_tokens += 1
-            delta = self.text.push(out.token_id)
+            if out.token_id is not None:
+                self.completion_tokens += 1
+                delta = self.text.push(out.token_id)
+            else:
+                delta = ""
             if not self.text.stopped and out.finish_reason is not None:
                 delta += self.text.finish()
             if self.text.stopped:
                 self.finish_reason = "stop"
             elif out.finish_reason is not None:
                 self.finish_reason = out.finish_reason
-            yield delta, self.token_entry(out)
+            yield delta, self.token_entry(out) if out.token_id is not None else None
             if self.finish_reason is not None:
                 return
             remaining = self.gen.deadline - time.time()

@@ -1,0 +1,377 @@
+"""The disaggregated backend's request flow against in-process fake gRPC workers.
+
+The fakes speak the real protos (DecodeService, PrefillService, WorkerService, grpc.health.v1)
+but replace the model with a deterministic next-token rule, so retries, worker choice,
+queueing, draining and cancellation are tested in well under a second each. Real worker
+processes with the real model are the e2e tests' job (tests/e2e).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import grpc
+import openai
+import pytest
+
+from baton.proto.baton.decode.v1 import decode_pb2, decode_pb2_grpc
+from baton.proto.baton.prefill.v1 import prefill_pb2, prefill_pb2_grpc
+from baton.proto.baton.worker.v1 import worker_pb2, worker_pb2_grpc
+from baton.proto.grpc.health.v1 import health_pb2, health_pb2_grpc
+from baton.workers.metrics import BatonMetrics, MetricLabels
+from baton.workers.router.balancer import Balancer
+from baton.workers.router.disaggregated import DisaggregatedBackend
+from baton.workers.router.discovery import (
+    DnsResolver,
+    StaticResolver,
+    WorkerPool,
+    resolver_for,
+)
+from baton.workers.router.server import Router, RouterSettings, start_site
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def next_token(ids: Sequence[int]) -> int:
+    """The fake model: a letter that depends on the whole sequence so far."""
+    return 97 + (sum(i * (k + 1) for k, i in enumerate(ids)) % 26)
+
+
+def reference(prompt: Sequence[int], n: int) -> list[int]:
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(next_token(ids))
+    return ids[len(prompt):]
+
+
+class Tokenizer:
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(ids).decode(errors="replace")
+
+    def render_chat(self, messages, kwargs) -> list[int]:
+        return self.encode("".join(m["content"] for m in messages))
+
+
+class World:
+    """Reservations shared by the fake workers: (decode address, request id) -> first token."""
+
+    def __init__(self) -> None:
+        self.reservations: dict[tuple[str, str], asyncio.Future] = {}
+
+
+class FakeWorker(health_pb2_grpc.HealthServicer, worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, world: World, role: str) -> None:
+        self.world = world
+        self.role = role
+        self.address = ""
+        self.serving = True
+        self.draining = False
+        self.requests: list = []
+        self.metadata: list[dict] = []
+        self.fail_with: grpc.StatusCode | None = None  # fail every call this way
+        self.server: grpc.aio.Server | None = None
+
+    async def Check(self, request, context):
+        return health_pb2.HealthCheckResponse(status=SERVING if self.serving else NOT_SERVING)
+
+    async def Load(self, request, context):
+        return worker_pb2.LoadResponse(role=worker_pb2.ROLE_DECODE if self.role == "decode"
+                                       else worker_pb2.ROLE_PREFILL, draining=self.draining,
+                                       **self.load())
+
+    def load(self) -> dict:
+        return {}
+
+    async def start(self, servicer_adder) -> None:
+        self.server = grpc.aio.server()
+        servicer_adder(self, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self, self.server)
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(self, self.server)
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        self.address = f"127.0.0.1:{port}"
+        await self.server.start()
+
+
+class FakeDecode(FakeWorker, decode_pb2_grpc.DecodeServiceServicer):
+    def __init__(self, world: World, capacity: int = 8) -> None:
+        super().__init__(world, "decode")
+        self.capacity = capacity
+        self.used = 0
+        self.die_after: int | None = None  # tokens streamed before the worker "dies"
+        self.token_delay = 0.0
+        self.streamed = 0
+
+    def load(self) -> dict:
+        return {"running": self.used, "free_slots": self.capacity - self.used}
+
+    async def Generate(self, request, context):
+        if self.used >= self.capacity:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no free slot")
+        self.used += 1
+        self.requests.append(request)
+        self.metadata.append(dict(context.invocation_metadata()))
+        key = (self.address, request.request_id)
+        first = self.world.reservations[key] = asyncio.get_running_loop().create_future()
+        try:
+            await context.send_initial_metadata(())
+            token = await asyncio.wait_for(first, 5)
+            ids = list(request.prompt_token_ids)
+            for n in range(request.sampling.max_tokens):
+                if self.die_after is not None and self.streamed >= self.die_after:
+                    self.serving = False
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "worker died")
+                if n:
+                    token = next_token(ids)
+                    await asyncio.sleep(self.token_delay)
+                ids.append(token)
+                self.streamed += 1
+                last = n + 1 == request.sampling.max_tokens
+                yield decode_pb2.GenerateResponse(
+                    tokens=[worker_pb2.GeneratedToken(token_id=token, logprob=-0.5)],
+                    finish_reason=decode_pb2.FINISH_REASON_LENGTH if last else 0)
+        finally:
+            self.used -= 1
+            self.world.reservations.pop(key, None)
+
+
+class FakePrefill(FakeWorker, prefill_pb2_grpc.PrefillServiceServicer):
+    def __init__(self, world: World) -> None:
+        super().__init__(world, "prefill")
+        self.cancelled = 0
+        self.delay = 0.0
+
+    async def Prefill(self, request, context):
+        self.requests.append(request)
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if self.fail_with is not None:
+            await context.abort(self.fail_with, "injected failure")
+        future = self.world.reservations.get((request.decode_target, request.request_id))
+        if future is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no reservation")
+        token = next_token(request.prompt_token_ids)
+        future.set_result(token)
+        return prefill_pb2.PrefillResponse(first_token=worker_pb2.GeneratedToken(
+            token_id=token), num_prompt_tokens=len(request.prompt_token_ids))
+
+
+@pytest.fixture
+async def cluster():
+    world = World()
+    decodes = [FakeDecode(world), FakeDecode(world)]
+    prefills = [FakePrefill(world), FakePrefill(world)]
+    for d in decodes:
+        await d.start(decode_pb2_grpc.add_DecodeServiceServicer_to_server)
+    for p in prefills:
+        await p.start(prefill_pb2_grpc.add_PrefillServiceServicer_to_server)
+    routers = []
+
+    async def router(routing: str = "least-loaded", max_queued: int = 4, n_decode: int = 2,
+                     n_prefill: int = 2):
+        backend = DisaggregatedBackend(
+            WorkerPool("prefill", StaticResolver(tuple(p.address for p in prefills[:n_prefill])),
+                       interval_s=0.05),
+            WorkerPool("decode", StaticResolver(tuple(d.address for d in decodes[:n_decode])),
+                       interval_s=0.05),
+            Balancer(routing), transfer_timeout_s=5.0)
+        settings = RouterSettings(served_model_name="tiny", max_model_len=512,
+                                  request_timeout_s=10.0, max_queued_requests=max_queued)
+        metrics = BatonMetrics(MetricLabels(namespace="t", model="tiny", role="router"))
+        r = Router(backend, Tokenizer(), settings, metrics)
+        runner, port = await start_site(r.app(), "127.0.0.1", 0)
+        routers.append(runner)
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                                    max_retries=0)
+        return client, backend
+
+    yield decodes, prefills, router
+    for runner in routers:
+        await runner.cleanup()
+    for w in decodes + prefills:
+        await w.server.stop(0)
+
+
+async def stream_ids(client, prompt: str, max_tokens: int, **kw) -> str:
+    stream = await client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens,
+                                             stream=True, **kw)
+    return "".join([c.choices[0].text async for c in stream])
+
+
+def ref_text(prompt: str, n: int) -> str:
+    return bytes(reference(list(prompt.encode()), n)).decode()
+
+
+async def test_tokens_flow_prefill_to_decode(cluster):
+    decodes, prefills, router = cluster
+    client, backend = await router()
+    out = await client.completions.create(model="tiny", prompt="hello", max_tokens=6,
+                                          extra_headers={"x-request-id": "r-1"})
+    assert out.choices[0].text == ref_text("hello", 6)
+    assert out.choices[0].finish_reason == "length"
+    served = [d for d in decodes if d.requests]
+    assert len(served) == 1 and served[0].metadata[0]["x-request-id"] == "r-1"
+    prefill_req = next(p for p in prefills if p.requests).requests[0]
+    assert prefill_req.decode_target == served[0].address
+    assert prefill_req.request_id == "r-1" and prefill_req.sampling.max_tokens == 6
+    assert list(prefill_req.prompt_token_ids) == list(b"hello")
+    assert backend.retries == 0
+
+
+async def test_concurrent_requests_spread_over_decode_workers(cluster):
+    decodes, prefills, router = cluster
+    client, _ = await router()
+    for d in decodes:
+        d.token_delay = 0.02
+    prompts = [f"prompt {i} " * (i + 1) for i in range(8)]
+    texts = await asyncio.gather(*(stream_ids(client, p, 8) for p in prompts))
+    assert texts == [ref_text(p, 8) for p in prompts]
+    assert all(len(d.requests) >= 2 for d in decodes)  # least-loaded spreads the load
+    assert all(d.used == 0 for d in decodes)
+
+
+async def test_decode_death_mid_stream_continues_on_the_other_worker(cluster):
+    decodes, prefills, router = cluster
+    client, backend = await router()
+    decodes[0].die_after = 3
+    decodes[1].capacity = 0  # the first attempt must land on decodes[0]; the retry waits
+    task = asyncio.create_task(stream_ids(client, "abcdef", 10, seed=5))
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if backend.retries:
+            break
+    decodes[1].capacity = 8
+    text = await task
+    assert text == ref_text("abcdef", 10)  # no duplicated token, no gap
+    assert backend.retries == 1
+    retry = decodes[1].requests[0]
+    emitted = list(text[:3].encode())
+    assert list(retry.prompt_token_ids) == list(b"abcdef") + emitted
+    assert retry.sampling.max_tokens == 7 and retry.sampling.seed == 5
+    assert retry.request_id.endswith(".retry1")
+    assert all(d.used == 0 for d in decodes)
+
+
+async def test_second_failure_is_an_sse_error(cluster):
+    decodes, prefills, router = cluster
+    client, backend = await router()
+    for d in decodes:
+        d.die_after = 2
+    stream = await client.completions.create(model="tiny", prompt="xyz", max_tokens=10,
+                                             stream=True)
+    texts = []
+    with pytest.raises(openai.APIError, match="worker died"):
+        async for c in stream:
+            texts.append(c.choices[0].text)
+    assert "".join(texts) == ref_text("xyz", 4)  # 2 tokens from each worker, then the error
+    assert backend.retries == 1
+
+
+async def test_prefill_failure_releases_decode_and_retries(cluster):
+    decodes, prefills, router = cluster
+    client, backend = await router()
+    prefills[0].fail_with = grpc.StatusCode.DATA_LOSS
+    prefills[1].fail_with = None
+    prefills[1].delay = 0.05  # least-loaded ties break by address; make both get tried
+    outs = await asyncio.gather(*(client.completions.create(
+        model="tiny", prompt=f"q{i}", max_tokens=3) for i in range(4)))
+    assert [o.choices[0].text for o in outs] == [ref_text(f"q{i}", 3) for i in range(4)]
+    assert prefills[0].requests, "the failing prefill worker was never tried"
+    assert backend.retries == len(prefills[0].requests)
+    assert all(d.used == 0 for d in decodes)
+
+
+async def test_invalid_argument_is_not_retried(cluster):
+    decodes, prefills, router = cluster
+    client, backend = await router()
+    for p in prefills:
+        p.fail_with = grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(openai.APIStatusError) as info:
+        await client.completions.create(model="tiny", prompt="abc", max_tokens=3)
+    assert info.value.status_code == 502 and "INVALID_ARGUMENT" in info.value.message
+    assert backend.retries == 0
+
+
+async def test_full_decode_workers_queue_then_429(cluster):
+    decodes, prefills, router = cluster
+    client, _ = await router(max_queued=1, n_decode=1)
+    decodes[0].capacity = 1
+    decodes[0].token_delay = 0.05
+    first = asyncio.create_task(client.completions.create(model="tiny", prompt="a",
+                                                          max_tokens=6))
+    await asyncio.sleep(0.05)
+    queued = asyncio.create_task(client.completions.create(model="tiny", prompt="b",
+                                                           max_tokens=2))
+    await asyncio.sleep(0.05)
+    with pytest.raises(openai.RateLimitError) as info:
+        await client.completions.create(model="tiny", prompt="c", max_tokens=2)
+    assert info.value.response.headers["retry-after"] == "1"
+    assert (await first).choices[0].text == ref_text("a", 6)
+    assert (await queued).choices[0].text == ref_text("b", 2)
+
+
+async def test_draining_and_unhealthy_workers_get_no_new_work(cluster):
+    decodes, prefills, router = cluster
+    client, backend = await router()
+    decodes[0].draining = True
+    prefills[1].serving = False
+    await backend.decode.wait_refreshed()
+    await backend.prefill.wait_refreshed()
+    for i in range(4):
+        await client.completions.create(model="tiny", prompt=f"p{i}", max_tokens=2)
+    assert not decodes[0].requests and len(decodes[1].requests) == 4
+    assert not prefills[1].requests and len(prefills[0].requests) == 4
+    decodes[1].serving = False
+    await backend.decode.wait_refreshed()
+    with pytest.raises(openai.InternalServerError) as info:
+        await client.completions.create(model="tiny", prompt="x", max_tokens=2)
+    assert info.value.status_code == 503 and "decode" in info.value.message
+
+
+async def test_client_disconnect_cancels_both_workers(cluster):
+    decodes, prefills, router = cluster
+    client, backend = await router(n_decode=1, n_prefill=1)
+    prefills[0].delay = 5.0  # the client leaves while the prompt is still being prefilled
+    task = asyncio.create_task(client.completions.create(model="tiny", prompt="bye",
+                                                         max_tokens=4))
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if prefills[0].requests:
+            break
+    assert decodes[0].used == 1
+    task.cancel()
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if decodes[0].used == 0 and prefills[0].cancelled == 1:
+            break
+    assert decodes[0].used == 0 and prefills[0].cancelled == 1
+
+
+async def test_round_robin_alternates(cluster):
+    decodes, prefills, router = cluster
+    client, _ = await router(routing="round-robin")
+    for i in range(4):
+        await client.completions.create(model="tiny", prompt=f"r{i}", max_tokens=1)
+    assert [len(d.requests) for d in decodes] == [2, 2]
+    assert [len(p.requests) for p in prefills] == [2, 2]
+
+
+async def test_resolvers():
+    assert resolver_for("10.0.0.1:5,10.0.0.2:6") == StaticResolver(("10.0.0.1:5", "10.0.0.2:6"))
+    assert resolver_for("10.0.0.1:5") == StaticResolver(("10.0.0.1:5",))
+    assert resolver_for("baton-decode.llm.svc:50051") == DnsResolver("baton-decode.llm.svc",
+                                                                      50051)
+    assert await DnsResolver("localhost", 7).resolve() == ["127.0.0.1:7"]
+    assert await DnsResolver("no-such-host.invalid", 7).resolve() == []
+    for bad in ("", "host", "host:0", "host:99999", ":80"):
+        with pytest.raises(ValueError, match="host:port|no address"):
+            resolver_for(bad)

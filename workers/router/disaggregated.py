@@ -1,0 +1,304 @@
+"""The production backend: one request through a decode worker and a prefill worker.
+
+One attempt, as the router drives it (DESIGN.md, The request path):
+  1. Pick a decode worker D (balancer.py) and call D.Generate. D reserves cache room for the
+     request and answers with its response headers (gRPC initial metadata); a full D refuses
+     with RESOURCE_EXHAUSTED and the next D is tried. When every D refused, the request goes
+     back to the router's queue (NoCapacity).
+  2. Pick a prefill worker P and call P.Prefill with D's address as the transfer target. P
+     runs the prompt and streams each layer's state straight to D.
+  3. Read D's token stream (the first token included) while watching P's call: if P fails,
+     D's call is cancelled, which releases D's reservation.
+A failed attempt (a worker died, a bad chunk, a refused handshake, a stalled transfer) is
+retried once on other workers where there are others. If tokens were already streamed, the
+retry prefills prompt + emitted tokens and asks for the remaining budget, so the client sees
+neither a duplicated token nor a gap; seeded sampling is keyed on (seed, position), so a
+seeded request continues exactly as it would have. A second failure is a WorkerFailure.
+Closing the generator (client gone, stop string matched) cancels both workers' calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from baton.proto.baton.decode.v1 import decode_pb2
+from baton.proto.baton.prefill.v1 import prefill_pb2
+from baton.proto.baton.worker.v1 import worker_pb2
+from baton.workers.router.backend import (
+    BackendStatus,
+    GenerationRequest,
+    NoCapacity,
+    NoReadyWorker,
+    Sampling,
+    TokenOutput,
+    WorkerFailure,
+)
+from baton.workers.router.balancer import Balancer
+from baton.workers.router.discovery import Worker, WorkerPool
+
+log = logging.getLogger("baton.router.requests")
+
+MAX_ATTEMPTS = 2  # the first try and one retry
+CAPACITY_POLL_S = 0.1  # a retry that finds every decode worker full polls this often
+_UNREACHABLE = object()  # a decode worker that did not answer a reservation
+_FINISH = {
+    decode_pb2.FINISH_REASON_STOP: "stop",
+    decode_pb2.FINISH_REASON_LENGTH: "length",
+}
+# Codes that say the request itself is wrong: another worker would refuse it as well.
+_NOT_RETRIED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE,
+                grpc.StatusCode.UNIMPLEMENTED}
+
+
+class AttemptFailed(Exception):
+    """One attempt failed on its workers; the request may be retried elsewhere."""
+
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def sampling_proto(sampling: Sampling, max_tokens: int) -> worker_pb2.SamplingParams:
+    params = worker_pb2.SamplingParams(
+        max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+        top_k=sampling.top_k, stop_token_ids=list(sampling.stop_token_ids),
+        logprobs=sampling.logprobs is not None, top_logprobs=sampling.logprobs or 0,
+        ignore_eos=sampling.ignore_eos)
+    if sampling.seed is not None:
+        params.seed = sampling.seed % 2**64  # OpenAI seeds may be negative; the wire is uint64
+    return params
+
+
+def _timestamp(t: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    return ts
+
+
+def _describe(exc: grpc.aio.AioRpcError) -> str:
+    return f"{exc.code().name}: {exc.details() or ''}".rstrip(": ")
+
+
+class DisaggregatedBackend:
+    """Backend over a prefill pool and a decode pool (see the module docstring)."""
+
+    def __init__(self, prefill: WorkerPool, decode: WorkerPool, balancer: Balancer,
+                 transfer_timeout_s: float = 30.0, reserve_timeout_s: float = 10.0) -> None:
+        self.prefill = prefill
+        self.decode = decode
+        self.balancer = balancer
+        self.transfer_timeout_s = transfer_timeout_s
+        self.reserve_timeout_s = reserve_timeout_s
+        self.retries = 0  # attempts that failed and were retried (tests, logs)
+
+    async def start(self) -> None:
+        await asyncio.gather(self.prefill.start(), self.decode.start())
+
+    async def close(self) -> None:
+        await asyncio.gather(self.prefill.close(), self.decode.close())
+
+    def check_ready(self) -> None:
+        for pool in (self.prefill, self.decode):
+            if not pool.ready_workers():
+                raise NoReadyWorker(pool.role)
+
+    def status(self) -> BackendStatus:
+        workers = {pool.role: [w.summary() for w in pool.workers.values()]
+                   for pool in (self.prefill, self.decode)}
+        ready = all(pool.ready_workers() for pool in (self.prefill, self.decode))
+        return BackendStatus(ready=ready, workers=workers)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenOutput]:
+        emitted: list[int] = []
+        avoid: set[str] = set()
+        attempt = 0
+        while True:
+            try:
+                async for out in self._attempt(request, emitted, attempt, avoid):
+                    if out.token_id is not None:
+                        emitted.append(out.token_id)
+                    yield out
+                return
+            except NoCapacity:
+                if not emitted:
+                    raise  # the request waits in the router's queue
+                # Mid-stream there is no queue to go back to: wait here for room.
+                if time.time() + CAPACITY_POLL_S >= request.deadline:
+                    raise asyncio.TimeoutError from None
+                await asyncio.sleep(CAPACITY_POLL_S)
+            except AttemptFailed as exc:
+                attempt += 1
+                if not exc.retryable or attempt == MAX_ATTEMPTS:
+                    raise WorkerFailure(f"request {request.request_id} failed: {exc}") from None
+                self.retries += 1
+                log.warning("request %s: attempt %d failed after %d tokens (%s); retrying on "
+                            "other workers", request.request_id, attempt, len(emitted), exc)
+
+    async def _reserve(self, req: decode_pb2.GenerateRequest, deadline: float,
+                       metadata: tuple, avoid: set[str]) -> tuple[Worker, grpc.aio.Call]:
+        candidates = self.balancer.order(self.decode.ready_workers(), avoid)
+        if not candidates:
+            raise NoReadyWorker("decode")
+        refused = 0
+        for worker in candidates:
+            worker.inflight += 1  # counted from now, so a burst spreads over the workers
+            try:
+                call = await self._reserve_on(worker, req, deadline, metadata, avoid)
+            except BaseException:
+                worker.inflight -= 1
+                raise
+            if call is None:
+                worker.inflight -= 1
+                refused += 1
+                continue
+            if call is _UNREACHABLE:
+                worker.inflight -= 1
+                continue
+            return worker, call
+        if refused:
+            # Every reachable decode worker is full (the unreachable ones are marked).
+            raise NoCapacity()
+        raise AttemptFailed("no decode worker could be reached")
+
+    async def _reserve_on(self, worker: Worker, req: decode_pb2.GenerateRequest,
+                          deadline: float, metadata: tuple, avoid: set[str]):
+        """D's Generate call once its reservation holds; None: D is full; _UNREACHABLE."""
+        call = worker.stub.Generate(req, timeout=max(0.001, deadline - time.time()),
+                                    metadata=metadata)
+        try:
+            # D answers with its headers once the reservation holds (or fails at once).
+            await asyncio.wait_for(call.initial_metadata(), self.reserve_timeout_s)
+        except asyncio.TimeoutError:
+            call.cancel()
+            worker.mark_failed()
+            avoid.add(worker.address)
+            log.warning("decode worker %s did not answer a reservation within %g s",
+                        worker.address, self.reserve_timeout_s)
+            return _UNREACHABLE
+        except grpc.aio.AioRpcError:
+            pass  # the code is read below
+        except BaseException:
+            call.cancel()
+            raise
+        if not call.done():
+            return call
+        code = await call.code()
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return None
+        if code == grpc.StatusCode.UNAVAILABLE:
+            worker.mark_failed()
+            avoid.add(worker.address)
+            return _UNREACHABLE
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and time.time() >= deadline:
+            raise asyncio.TimeoutError
+        details = await call.details()
+        raise AttemptFailed(f"decode worker {worker.address} refused the request: "
+                            f"{code.name}: {details}", code not in _NOT_RETRIED)
+
+    async def _prefill(self, worker: Worker, req: prefill_pb2.PrefillRequest,
+                       metadata: tuple) -> prefill_pb2.PrefillResponse:
+        worker.inflight += 1
+        try:
+            # A little past the transfer deadline, so P reports its own DEADLINE_EXCEEDED.
+            return await worker.stub.Prefill(req, timeout=self.transfer_timeout_s + 2.0,
+                                             metadata=metadata)
+        finally:
+            worker.inflight -= 1
+
+    async def _attempt(self, request: GenerationRequest, emitted: list[int], attempt: int,
+                       avoid: set[str]) -> AsyncIterator[TokenOutput]:
+        prompt = [*request.prompt_ids, *emitted]
+        budget = request.sampling.max_tokens - len(emitted)
+        sampling = sampling_proto(request.sampling, budget)
+        request_id = request.request_id if attempt == 0 else (
+            f"{request.request_id}.retry{attempt}")
+        metadata = (("x-request-id", request.request_id),)
+        decode, call = await self._reserve(
+            decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
+                                       sampling=sampling,
+                                       deadline=_timestamp(request.deadline)),
+            request.deadline, metadata, avoid)
+        prefill_task: asyncio.Task | None = None
+        read: asyncio.Future | None = None
+        try:
+            ranked = self.balancer.order(self.prefill.ready_workers(), avoid)
+            if not ranked:
+                raise NoReadyWorker("prefill")
+            prefill = ranked[0]
+            avoid.update((decode.address, prefill.address))  # a retry goes elsewhere
+            prefill_task = asyncio.create_task(self._prefill(prefill, prefill_pb2.PrefillRequest(
+                request_id=request_id, prompt_token_ids=prompt, sampling=sampling,
+                decode_target=decode.address,
+                deadline=_timestamp(time.time() + self.transfer_timeout_s)), metadata))
+            prefill_task.add_done_callback(_retrieve)
+            want_logprobs = request.sampling.logprobs is not None
+            got = 0
+            while True:
+                read = asyncio.ensure_future(call.read())
+                if not prefill_task.done():
+                    await asyncio.wait({read, prefill_task}, return_when=asyncio.FIRST_COMPLETED)
+                if prefill_task.done() and prefill_task.exception() is not None:
+                    raise self._prefill_failure(prefill, prefill_task.exception())
+                try:
+                    message = await read
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code()
+                    if code == grpc.StatusCode.DEADLINE_EXCEEDED and (
+                            time.time() >= request.deadline):
+                        raise asyncio.TimeoutError from None
+                    if code == grpc.StatusCode.UNAVAILABLE:
+                        decode.mark_failed()
+                    raise AttemptFailed(f"decode worker {decode.address} failed after {got} "
+                                        f"tokens: {_describe(exc)}",
+                                        code not in _NOT_RETRIED) from None
+                read = None
+                if message is grpc.aio.EOF:
+                    raise AttemptFailed(f"decode worker {decode.address} ended the stream "
+                                        f"without a finish reason after {got} tokens")
+                reason = message.finish_reason
+                if reason == decode_pb2.FINISH_REASON_ABORT:
+                    raise AttemptFailed(f"decode worker {decode.address} aborted the request")
+                finish = _FINISH.get(reason)
+                tokens = list(message.tokens)
+                for i, token in enumerate(tokens):
+                    got += 1
+                    yield TokenOutput(
+                        token_id=token.token_id,
+                        logprob=token.logprob if want_logprobs else None,
+                        top_logprobs=tuple((t.token_id, t.logprob) for t in token.top_logprobs),
+                        finish_reason=finish if i + 1 == len(tokens) else None)
+                if finish is not None:
+                    if not tokens:  # the finish came in a message of its own
+                        yield TokenOutput(token_id=None, finish_reason=finish)
+                    return
+        finally:
+            decode.inflight -= 1
+            if read is not None and not read.done():
+                read.cancel()
+            # Cancelling D's call releases its reservation; cancelling P's stops its transfer.
+            call.cancel()
+            if prefill_task is not None and not prefill_task.done():
+                prefill_task.cancel()
+
+
+    @staticmethod
+    def _prefill_failure(worker: Worker, exc: BaseException) -> AttemptFailed:
+        if isinstance(exc, grpc.aio.AioRpcError):
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and exc.details() and (
+                    "connect" in exc.details().lower()):
+                worker.mark_failed()  # P itself is unreachable, not only its target
+            return AttemptFailed(f"prefill worker {worker.address} failed: {_describe(exc)}",
+                                 exc.code() not in _NOT_RETRIED)
+        return AttemptFailed(f"prefill worker {worker.address} failed: {exc!r}")
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Marks a finished prefill task's exception as seen (it is reported via the attempt)."""
+    if not task.cancelled():
+        task.exception()
