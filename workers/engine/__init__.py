@@ -1,26 +1,39 @@
-"""baton.workers.engine: continuous batching, sampling, speculative decoding, state handoff."""
+"""baton.workers.engine: continuous batching, sampling, speculative decoding, state handoff.
+
+engine = Engine(model, EngineConfig(num_pages=..., max_batch_tokens=...), tokenizer)
+engine.add_request(Request("r1", prompt_ids, SamplingParams(max_tokens=32)))
+while engine.has_work():
+    for event in engine.step(): ...            # TokenEvent per request and step
+loop = EngineLoop(engine); stream = loop.submit(request)   # thread-safe wrapper
+"""
 
 from baton.workers.engine.config import EngineConfig, EngineStats, StepTimings
+from baton.workers.engine.engine import Engine
 from baton.workers.engine.handoff import (
     CacheFull,
     LayerState,
     PrefillResult,
     PrefillSink,
     StateKind,
+    StateTransferError,
 )
 from baton.workers.engine.request import Request, TokenEvent
+from baton.workers.engine.reservation import Reservation
 from baton.workers.engine.sampling import SamplingParams
 
 __all__ = [
     "CacheFull",
+    "Engine",
     "EngineConfig",
     "EngineStats",
     "LayerState",
     "PrefillResult",
     "PrefillSink",
     "Request",
+    "Reservation",
     "SamplingParams",
     "StateKind",
+    "StateTransferError",
     "StepTimings",
     "TokenEvent",
 ]

@@ -37,8 +37,10 @@ class EngineConfig:
             if value is None and allow_none:
                 return
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"EngineConfig.{name}={value!r} is invalid: must be an integer "
-                                 f">= {low}{' or None' if allow_none else ''}")
+                raise ValueError(
+                    f"EngineConfig.{name}={value!r} is invalid: must be an integer "
+                    f">= {low}{' or None' if allow_none else ''}"
+                )
 
         check_int("page_size", self.page_size, 1)
         check_int("num_pages", self.num_pages, 1, allow_none=True)

@@ -79,6 +79,8 @@ class Sequence:
     """A PrefillSink: this is a prefill-only request whose state goes to another engine."""
     on_prefilled: object | None = None
     """Called with the PrefillResult when a prefill-only request has its first token."""
+    spec_tokens: int = 0
+    """Drafts this step (speculative decoding)."""
     detokenizer: IncrementalDetokenizer | None = None
     stop_matcher: StopMatcher | None = None
     admitted_at: float = 0.0

@@ -41,8 +41,17 @@ def test_validate_names_the_field(field, value):
 
 def test_validate_accepts_defaults_and_common_settings():
     SamplingParams().validate()
-    SamplingParams(max_tokens=5, temperature=0, top_p=0.9, top_k=40, seed=7, stop=["\n"],
-                   stop_token_ids=[2], logprobs=3, ignore_eos=True).validate()
+    SamplingParams(
+        max_tokens=5,
+        temperature=0,
+        top_p=0.9,
+        top_k=40,
+        seed=7,
+        stop=["\n"],
+        stop_token_ids=[2],
+        logprobs=3,
+        ignore_eos=True,
+    ).validate()
 
 
 def test_noise_is_a_pure_function_of_key_and_token():

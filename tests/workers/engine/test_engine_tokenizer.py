@@ -37,8 +37,11 @@ def checkpoint(tmp_path_factory):
     )
     backend.train_from_iterator(TEXT, trainer)
     backend.save(str(root / "tokenizer.json"))
-    (root / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": {"content": "</s>"}, "chat_template": TEMPLATE}))
+    (root / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "chat_template": TEMPLATE}
+        )
+    )
     (root / "config.json").write_text(json.dumps({"eos_token_id": 3}))
     return root
 
@@ -82,7 +85,7 @@ def test_incremental_detokenizer_never_splits_a_character(checkpoint, text):
         detok = IncrementalDetokenizer(tok, prompt)
         deltas = [detok.add(i) for i in ids]
         deltas.append(detok.flush())
-        assert "".join(deltas) == tok.decode(prompt + ids)[len(tok.decode(prompt)):]
+        assert "".join(deltas) == tok.decode(prompt + ids)[len(tok.decode(prompt)) :]
         assert all("\ufffd" not in d for d in deltas)
         if any(ord(c) > 127 for c in text):
             # Some character spans several tokens: an empty delta was needed somewhere.

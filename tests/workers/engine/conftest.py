@@ -1,0 +1,122 @@
+"""Tiny random fp32 Nemotron-H models for the engine tests, and a full-recompute reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from baton.kernels import set_backend
+from baton.workers.model import NemotronHConfig, NemotronHModel
+
+# Several Mamba and attention layers, MoE (LatentMoE + shared expert), a dense MLP, and one MTP
+# depth of attention + MoE.
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    hybrid_override_pattern="M*EM*-M",
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    intermediate_size=48,
+    mamba_num_heads=4,
+    mamba_head_dim=8,
+    ssm_state_size=8,
+    n_groups=2,
+    conv_kernel=4,
+    chunk_size=8,
+    n_routed_experts=6,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    moe_shared_expert_intermediate_size=24,
+    moe_latent_size=16,
+    routed_scaling_factor=1.5,
+    max_position_embeddings=160,
+    num_nextn_predict_layers=1,
+    mtp_hybrid_override_pattern="*E",
+    eos_token_id=2,
+)
+
+
+def perturb_(model: torch.nn.Module, seed: int) -> None:
+    """Random values for every parameter and buffer (scaled so activations stay O(1))."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if not tensor.is_floating_point():
+                continue
+            noise = torch.randn(tensor.shape, generator=gen)
+            if name.endswith("A_log"):
+                tensor.copy_(torch.log(torch.rand(tensor.shape, generator=gen) * 8 + 0.5))
+            elif name.endswith("dt_bias"):
+                tensor.copy_(torch.rand(tensor.shape, generator=gen) * 2 - 1)
+            elif name.endswith("e_score_correction_bias"):
+                tensor.copy_(noise * 0.2)
+            elif tensor.dim() == 1:
+                tensor.copy_(1 + 0.2 * noise)
+            else:
+                # A larger scale than 1/sqrt(fan_in) keeps logits spread out, so greedy ties
+                # (margins below 1e-3) are rare.
+                tensor.copy_(noise * 2.0 / tensor.shape[-1] ** 0.5)
+
+
+def build_model(seed: int = 0, **overrides) -> NemotronHModel:
+    config = NemotronHConfig.from_dict({**TINY, **overrides})
+    model = NemotronHModel(config, dtype=torch.float32)
+    perturb_(model, seed)
+    model.tie_weights()
+    set_backend(model, "torch")
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> NemotronHModel:
+    return build_model(seed=0)
+
+
+class Recorder:
+    """Collects (request, position) -> logits from Engine.runner.logits_observer."""
+
+    def __init__(self) -> None:
+        self.logits: dict[tuple[str, int], torch.Tensor] = {}
+
+    def __call__(self, request_ids, positions, logits) -> None:
+        for rid, pos, row in zip(request_ids, positions, logits):
+            assert (rid, pos) not in self.logits, f"{rid} sampled position {pos} twice"
+            self.logits[(rid, pos)] = row.detach().clone()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def check_against_recompute(
+    model, recorder: Recorder, request_id: str, tokens: list[int], num_prompt: int
+) -> int:
+    """Teacher-forced check of one finished request against a full forward of its tokens.
+
+    Every generated token's logits must be within 1e-4 relative error of the reference, and
+    the token must be the reference's argmax wherever its top-1/top-2 margin exceeds 1e-3.
+    Returns how many tokens had a clear margin.
+    """
+    ref = model(torch.tensor([tokens]))[0]
+    clear = 0
+    for pos in range(num_prompt, len(tokens)):
+        got = recorder.logits[(request_id, pos)]
+        expect = ref[pos - 1]
+        err = rel_err(got, expect)
+        assert err <= 1e-4, f"{request_id} position {pos}: logits rel err {err:.2e}"
+        top2 = torch.topk(expect, 2).values
+        if float(top2[0] - top2[1]) > 1e-3:
+            clear += 1
+            assert tokens[pos] == int(expect.argmax()), f"{request_id} position {pos}"
+    return clear
+
+
+@pytest.fixture(scope="session")
+def helpers():
+    """The helpers above, for test modules (conftest is not importable under importlib)."""
+    import types
+
+    return types.SimpleNamespace(
+        Recorder=Recorder, check=check_against_recompute, build_model=build_model, rel_err=rel_err
+    )

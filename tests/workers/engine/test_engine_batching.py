@@ -1,0 +1,230 @@
+"""Continuous batching against full recompute, admission control, aborts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from baton.workers.engine import Engine, EngineConfig, Request, SamplingParams
+
+
+def prompt(seed: int, n: int, vocab: int = 97) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+
+def run(engine: Engine, arrivals: dict[int, list[Request]], max_steps: int = 500):
+    """Step the engine, adding requests at their arrival step; tokens and events per request."""
+    out: dict[str, list[int]] = {}
+    events: dict[str, list] = {}
+    step = 0
+    while (engine.has_work() or any(s >= step for s in arrivals)) and step < max_steps:
+        for req in arrivals.get(step, []):
+            engine.add_request(req)
+            out[req.request_id] = list(req.prompt_ids)
+        for ev in engine.step():
+            events.setdefault(ev.request_id, []).append(ev)
+            if ev.token_id is not None:
+                out[ev.request_id].append(ev.token_id)
+        step += 1
+    assert not engine.has_work(), "engine did not finish"
+    return out, events
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("speculative_tokens", [0])
+def test_batched_decoding_matches_full_recompute(tiny_model, helpers, speculative_tokens):
+    engine = Engine(
+        tiny_model,
+        EngineConfig(
+            page_size=4,
+            num_pages=96,
+            max_num_seqs=8,
+            max_batch_tokens=16,
+            speculative_tokens=speculative_tokens,
+        ),
+    )
+    recorder = helpers.Recorder()
+    engine.runner.logits_observer = recorder
+    lengths = {"a": 5, "b": 37, "c": 1, "d": 22, "e": 11}
+    arrivals = {
+        0: [Request("a", prompt(1, 5), greedy(9)), Request("b", prompt(2, 37), greedy(7))],
+        2: [Request("c", prompt(3, 1), greedy(12))],
+        5: [Request("d", prompt(4, 22), greedy(8)), Request("e", prompt(5, 11), greedy(1))],
+    }
+    out, events = run(engine, arrivals)
+    clear = 0
+    for rid, tokens in out.items():
+        n = lengths[rid]
+        max_tokens = next(
+            r.sampling.max_tokens for rs in arrivals.values() for r in rs if r.request_id == rid
+        )
+        assert len(tokens) == n + max_tokens
+        assert events[rid][-1].finish_reason == "length"
+        assert [e.num_generated for e in events[rid]] == list(range(1, max_tokens + 1))
+        clear += helpers.check(tiny_model, recorder, rid, tokens, n)
+    assert clear >= 30
+    stats = engine.stats()
+    assert stats.kv_cache_usage == 0 and stats.ssm_slot_usage == 0
+    assert stats.running == 0 and stats.waiting == 0
+    assert stats.generation_tokens_total == 37
+    if speculative_tokens:
+        assert stats.spec_draft_tokens_total > 0
+        assert stats.spec_accepted_tokens_total <= stats.spec_draft_tokens_total
+
+
+def test_full_cache_queues_and_abort_frees_everything(tiny_model):
+    # Room for about two prompts at a time: the rest must queue, not fail.
+    engine = Engine(
+        tiny_model,
+        EngineConfig(
+            page_size=4,
+            num_pages=42,
+            num_slots=2,
+            max_num_seqs=4,
+            max_batch_tokens=64,
+            max_model_len=150,
+        ),
+    )
+    reqs = [Request(f"r{i}", prompt(10 + i, 30), greedy(4)) for i in range(5)]
+    for r in reqs:
+        engine.add_request(r)
+    engine.step()
+    stats = engine.stats()
+    assert stats.running == 2 and stats.waiting == 3
+    assert stats.ssm_slot_usage == 1.0 and 0 < stats.kv_cache_usage <= 1.0
+    assert engine.abort("r0") and engine.abort("r3")
+    assert not engine.abort("nope")
+    finished = {}
+    while engine.has_work():
+        for ev in engine.step():
+            if ev.finished:
+                finished[ev.request_id] = ev.finish_reason
+    assert finished == {
+        "r0": "abort",
+        "r3": "abort",
+        "r1": "length",
+        "r2": "length",
+        "r4": "length",
+    }
+    stats = engine.stats()
+    assert stats.kv_cache_usage == 0 and stats.ssm_slot_usage == 0
+    assert stats.requests_finished_total == {"abort": 2, "length": 3}
+
+
+def test_preemption_recomputes_and_continues_identically(tiny_model, helpers):
+    # Few pages: decodes run out of pages and the newest sequence is preempted, then recomputed.
+    engine = Engine(
+        tiny_model,
+        EngineConfig(
+            page_size=4, num_pages=36, max_num_seqs=4, max_batch_tokens=32, max_model_len=100
+        ),
+    )
+    recorder = helpers.Recorder()
+    engine.runner.logits_observer = lambda ids, pos, logits: [
+        recorder.logits.__setitem__((i, p), row.clone()) for i, p, row in zip(ids, pos, logits)
+    ]
+    arrivals = {0: [Request(f"p{i}", prompt(20 + i, 20), greedy(40)) for i in range(3)]}
+    out, events = run(engine, arrivals)
+    assert engine.stats().preemptions_total > 0
+    for rid, tokens in out.items():
+        assert len(tokens) == 60
+        assert [e.num_generated for e in events[rid]] == list(range(1, 41))
+        helpers.check(tiny_model, recorder, rid, tokens, 20)
+
+
+def test_bad_requests_get_clear_errors(tiny_model):
+    engine = Engine(tiny_model, EngineConfig(page_size=4, num_pages=64, max_model_len=50))
+    with pytest.raises(ValueError, match="max_model_len=50"):
+        engine.add_request(Request("long", prompt(0, 50), greedy(1)))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request(Request("empty", [], greedy(1)))
+    with pytest.raises(ValueError, match=r"\[0, 97\)"):
+        engine.add_request(Request("vocab", [5, 97], greedy(1)))
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.add_request(Request("neg", [5], SamplingParams(max_tokens=-1)))
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.add_request(Request("stop", [5], SamplingParams(stop=["x"])))
+    engine.add_request(Request("ok", [5], greedy(1)))
+    with pytest.raises(ValueError, match="already"):
+        engine.add_request(Request("ok", [6], greedy(1)))
+    with pytest.raises(ValueError, match="speculative_tokens"):
+        Engine(helpers_model_without_mtp(), EngineConfig(num_pages=64, speculative_tokens=2))
+    with pytest.raises(ValueError, match="num_pages"):
+        Engine(tiny_model, EngineConfig(page_size=4, num_pages=8, max_model_len=50))
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        EngineConfig(num_pages=8, max_batch_tokens=0).validate()
+    with pytest.raises(ValueError, match="num_pages or cache_memory_bytes"):
+        EngineConfig().validate()
+
+
+def helpers_model_without_mtp():
+    from baton.workers.model import NemotronHConfig, NemotronHModel
+
+    from_dict = NemotronHConfig.from_dict
+    config = from_dict(
+        {
+            "vocab_size": 97,
+            "hidden_size": 16,
+            "hybrid_override_pattern": "M*",
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 8,
+            "mamba_num_heads": 2,
+            "mamba_head_dim": 8,
+            "ssm_state_size": 4,
+            "n_groups": 1,
+            "max_position_embeddings": 64,
+        }
+    )
+    return NemotronHModel(config, dtype=torch.float32)
+
+
+def test_memory_budget_sizes_the_caches(tiny_model):
+    probe = tiny_model.allocate_cache(1, 4, 1)
+    budget = 8 * probe.bytes_per_slot() + 100 * probe.bytes_per_page()
+    engine = Engine(
+        tiny_model,
+        EngineConfig(page_size=4, cache_memory_bytes=budget, max_num_seqs=8, max_model_len=100),
+    )
+    stats = engine.stats()
+    assert stats.num_slots == 8 and stats.num_pages == 100
+    with pytest.raises(ValueError, match="cache_memory_bytes"):
+        Engine(tiny_model, EngineConfig(page_size=4, cache_memory_bytes=10, max_num_seqs=8))
+
+
+def test_eos_and_stop_token_ids_finish_with_stop(tiny_model):
+    engine = Engine(tiny_model, EngineConfig(page_size=4, num_pages=64, max_model_len=100))
+    # Find what greedy decoding produces, then make its third token a stop token.
+    out, _ = run(engine, {0: [Request("probe", prompt(7, 6), greedy(5))]})
+    tokens = out["probe"][6:]
+    stop_at = tokens[2]
+    first = tokens.index(stop_at)
+    _, events = run(
+        engine,
+        {
+            0: [
+                Request(
+                    "s",
+                    prompt(7, 6),
+                    SamplingParams(max_tokens=5, temperature=0, stop_token_ids=[stop_at]),
+                )
+            ]
+        },
+    )
+    assert [e.token_id for e in events["s"]] == tokens[: first + 1]
+    assert events["s"][-1].finish_reason == "stop"
+    # The model's eos ends a request unless ignore_eos.
+    eos_engine = Engine(
+        tiny_model,
+        EngineConfig(page_size=4, num_pages=64, max_model_len=100, eos_token_ids=[stop_at]),
+    )
+    _, events = run(
+        eos_engine, {0: [Request("e", prompt(7, 6), SamplingParams(max_tokens=5, temperature=0))]}
+    )
+    assert events["e"][-1].finish_reason == "stop" and len(events["e"]) == first + 1
+    _, events = run(eos_engine, {0: [Request("i", prompt(7, 6), greedy(5))]})
+    assert len(events["i"]) == 5

@@ -1,0 +1,183 @@
+"""Reservation: room in a decode engine for a request whose prompt state arrives from elsewhere.
+
+The reservation owns a state slot and the KV pages of the prompt (plus the first token and the
+drafts of a speculative step). `write` copies each LayerState into them and records which token
+ranges of which layers arrived; `commit` refuses to start decoding from incomplete state, so a
+lost or mismatched chunk can never be decoded from. `write` may run on a transfer thread while
+the engine steps: it only touches this reservation's own pages and slot.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import torch
+
+from baton.workers.engine.handoff import LayerState, StateKind, StateTransferError
+from baton.workers.engine.runner import SampledToken
+from baton.workers.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from baton.workers.engine.engine import Engine
+    from baton.workers.engine.request import Sequence
+
+
+def _covers(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
+    reach = start
+    for a, b in sorted(ranges):
+        if a > reach:
+            break
+        reach = max(reach, b)
+    return reach >= end
+
+
+class Reservation:
+    """Cache room for one request; see handoff.py for the life of a handed-off request."""
+
+    def __init__(self, engine: Engine, seq: Sequence, n_tokens: int) -> None:
+        self._engine = engine
+        self._seq = seq
+        self.request_id = seq.request_id
+        self.n_tokens = n_tokens
+        self._lock = threading.Lock()
+        self._state = "open"  # open -> committed | released
+        self._received: dict[tuple[int, StateKind], list[tuple[int, int]]] = {}
+        self._hidden: torch.Tensor | None = None
+        self._block_row = torch.tensor(seq.pages, dtype=torch.int32)
+        kinds = engine.model.layer_kinds
+        num_main = engine.model.num_layers
+        self._required: list[tuple[int, StateKind, int, int]] = []
+        for layer, kind in enumerate(kinds[:num_main]):
+            if kind == "attention":
+                self._required.append((layer, StateKind.KV, 0, n_tokens))
+            elif kind == "mamba":
+                self._required.append((layer, StateKind.CONV, 0, n_tokens))
+                self._required.append((layer, StateKind.SSM, 0, n_tokens))
+        self._needs_mtp = engine.k > 0
+        if self._needs_mtp:
+            for j, kind in enumerate(kinds[num_main:]):
+                if kind == "attention":
+                    self._required.append((num_main + j, StateKind.MTP_KV, 0, n_tokens - 1))
+            self._required.append((num_main, StateKind.HIDDEN, n_tokens - 1, n_tokens))
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def write(self, state: LayerState) -> None:
+        """Copy one piece of state into the reserved pages / slot."""
+        kind = StateKind(state.kind)
+        n = self.n_tokens
+        with self._lock:
+            if self._state != "open":
+                raise StateTransferError(
+                    f"reservation of {self.request_id!r} is {self._state}: no more writes"
+                )
+        if kind in (StateKind.KV, StateKind.MTP_KV):
+            limit = n if kind == StateKind.KV else n - 1
+            if not 0 <= state.token_start < state.token_end <= limit:
+                raise StateTransferError(
+                    f"{kind.value} of layer {state.layer}: token range {state.token_start}.."
+                    f"{state.token_end} is outside 0..{limit}"
+                )
+            if state.tensor.dim() != 4 or state.tensor.shape[1] != (
+                state.token_end - state.token_start
+            ):
+                raise StateTransferError(
+                    f"{kind.value} of layer {state.layer}: tensor {tuple(state.tensor.shape)} "
+                    f"does not hold tokens {state.token_start}..{state.token_end}"
+                )
+        if kind == StateKind.HIDDEN:
+            hidden = self._engine.model.config.hidden_size
+            if (state.token_start, state.token_end) != (n - 1, n) or tuple(state.tensor.shape) != (
+                hidden,
+            ):
+                raise StateTransferError(
+                    f"hidden: expected position {n - 1} and shape ({hidden},), got "
+                    f"{state.token_start}..{state.token_end} {tuple(state.tensor.shape)}"
+                )
+            self._hidden = state.tensor.to(self._engine.model.device, self._engine.model.dtype)
+        else:
+            try:
+                self._engine.cache.write_state(
+                    state.layer,
+                    kind.value,
+                    self._block_row,
+                    self._seq.slot,
+                    state.token_start,
+                    state.tensor,
+                )
+            except ValueError as exc:
+                raise StateTransferError(f"{kind.value} of layer {state.layer}: {exc}") from exc
+        with self._lock:
+            key = (state.layer, kind)
+            self._received.setdefault(key, []).append((state.token_start, state.token_end))
+
+    def missing(self) -> list[str]:
+        """What commit still waits for, e.g. ["kv layer 3 tokens 0..17"]."""
+        with self._lock:
+            out = []
+            for layer, kind, start, end in self._required:
+                if end <= start:
+                    continue
+                if not _covers(self._received.get((layer, kind), []), start, end):
+                    out.append(f"{kind.value} layer {layer} tokens {start}..{end}")
+            return out
+
+    def commit(
+        self,
+        first_token: int,
+        sampling: SamplingParams | None = None,
+        logprob: float | None = None,
+        top_logprobs: list[tuple[int, float]] | None = None,
+    ) -> str:
+        """Start decoding after the prompt and first_token; returns the request id.
+
+        The first token comes out of the engine's next step() as a TokenEvent (with the
+        logprobs given here), followed by the rest of the request's tokens.
+        """
+        engine = self._engine
+        if not (isinstance(first_token, int) and 0 <= first_token < engine.vocab_size):
+            raise ValueError(
+                f"first_token={first_token!r} is invalid: a token id in [0, {engine.vocab_size})"
+            )
+        if sampling is not None:
+            sampling.validate()
+        missing = self.missing()
+        if missing:
+            raise StateTransferError(
+                f"reservation of {self.request_id!r} is incomplete: missing "
+                + ", ".join(missing[:5])
+                + (" ..." if len(missing) > 5 else "")
+            )
+        with self._lock:
+            if self._state != "open":
+                raise StateTransferError(f"reservation of {self.request_id!r} is {self._state}")
+            self._state = "committed"
+        seq = self._seq
+        engine._end_reservation(self)
+        if sampling is not None:
+            fresh = engine._new_sequence(
+                type(seq.request)(
+                    seq.request_id, seq.request.prompt_ids, sampling, seq.request.arrival_time
+                )
+            )
+            seq.request, seq.max_len, seq.eos_ids = fresh.request, fresh.max_len, fresh.eos_ids
+            seq.detokenizer, seq.stop_matcher = fresh.detokenizer, fresh.stop_matcher
+            seq.seed = fresh.seed
+        if self._needs_mtp:
+            seq.mtp_cached = self.n_tokens - 1
+            seq.pending_hidden = self._hidden.unsqueeze(0)
+        engine._commit_reserved(seq, SampledToken(first_token, logprob, list(top_logprobs or [])))
+        return self.request_id
+
+    def release(self) -> None:
+        """Free everything; idempotent. After commit it aborts the running request."""
+        with self._lock:
+            state, self._state = self._state, "released"
+        if state == "open":
+            self._engine._end_reservation(self)
+            self._engine._release_reserved(self._seq)
+        elif state == "committed":
+            self._engine.abort(self.request_id)

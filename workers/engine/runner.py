@@ -1,0 +1,335 @@
+"""The model runner: turns a StepPlan into forward passes and sampled tokens.
+
+Two kinds of forward run in a step:
+- the ordinary one: prompt chunks and plain decode tokens of many sequences together; the last
+  row of every chunk that reaches the end of its sequence is sampled;
+- speculative decoding: the MTP depth drafts K tokens per sequence (chained: each draft's MTP
+  output feeds the next), then one spec_verify forward scores [last token, drafts] and keeps
+  the longest prefix of drafts that equals what the target would sample; the token after that
+  prefix comes from the same forward, so every step yields 1..K+1 tokens.
+
+MTP bookkeeping (per sequence): MTP entry i pairs the main model's hidden state at position i
+with token i + 1. `mtp_cached` entries are in the MTP KV cache; `pending_hidden` holds the
+hidden states of positions mtp_cached..cached_len-1, waiting for their next token. Drafting
+first runs the pending entries (the true ones, overwriting any earlier draft entries), then
+chains the drafts; verification leaves the accepted positions' hidden states pending again.
+
+Seeded sampling: the token at position p is argmax(filtered logits + noise(seed, p)). A draft
+for position p uses the same noise, and is accepted iff the target's own token at p equals it.
+So every emitted token is exactly the token non-speculative decoding would emit, and it is
+distributed exactly as the target model says (the drafts only decide how many come per step).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from baton.workers.engine.handoff import LayerState, StateKind
+from baton.workers.engine.request import Sequence
+from baton.workers.engine.sampling import SampleRow, sample_tokens, token_logprobs
+from baton.workers.engine.scheduler import Chunk
+
+
+@dataclass
+class SampledToken:
+    """One token chosen for a sequence, with its logprobs when asked for."""
+
+    token: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class StepOutput:
+    """What the runner returns to the engine's update phase."""
+
+    tokens: dict[int, list[SampledToken]] = field(default_factory=dict)
+    """id(seq) -> tokens it gained this step, in order."""
+    sink_errors: dict[int, BaseException] = field(default_factory=dict)
+    """id(seq) -> the exception its PrefillSink raised (that prefill failed)."""
+    prompt_tokens: int = 0
+    """Tokens of prompt (or recomputed output) run through the model this step."""
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    forward_seconds: float = 0.0
+    sample_seconds: float = 0.0
+
+
+class ModelRunner:
+    """Builds ForwardBatch objects for the model and samples from its logits."""
+
+    def __init__(self, model, cache, speculative_tokens: int) -> None:
+        from baton.workers.model.batch import ForwardBatch
+
+        self._batch_cls = ForwardBatch
+        self.model = model
+        self.cache = cache
+        self.k = speculative_tokens
+        self.device = model.device
+        self.num_layers = model.num_layers
+        kinds = model.layer_kinds
+        self.main_kinds = kinds[: self.num_layers]
+        self.mtp_attention_layers = [
+            self.num_layers + j
+            for j, kind in enumerate(kinds[self.num_layers :])
+            if kind == "attention"
+        ]
+        self.has_mtp = model.num_mtp_layers > 0
+        self.logits_observer: Callable[[list[str], list[int], torch.Tensor], None] | None = None
+        """Debugging hook: (request ids, positions, logits [n, V]) of every emitted token."""
+
+    # ---- batches -------------------------------------------------------------------------
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(1, max(len(s.pages) for s in seqs))
+        table = torch.full((len(seqs), width), -1, dtype=torch.int32)
+        for i, s in enumerate(seqs):
+            if s.pages:
+                table[i, : len(s.pages)] = torch.tensor(s.pages, dtype=torch.int32)
+        return table.to(self.device)
+
+    def _batch(self, seqs, ids, starts, lens, spec_verify=False):
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)])
+        return self._batch_cls(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
+            positions=positions.to(self.device),
+            seq_lens=list(lens),
+            cached_lens=list(starts),
+            block_tables=self._block_tables(seqs),
+            state_slots=torch.tensor([s.slot for s in seqs], dtype=torch.int64, device=self.device),
+            spec_verify=spec_verify,
+        )
+
+    def needs_mtp(self, seq: Sequence) -> bool:
+        # A prefill for another engine always sends the MTP state: the decoder may speculate.
+        return self.has_mtp and (self.k > 0 or seq.sink is not None)
+
+    # ---- sampling ------------------------------------------------------------------------
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], positions: list[int]):
+        rows = [SampleRow(s.sampling, s.seed, p) for s, p in zip(seqs, positions)]
+        tokens = sample_tokens(logits, rows)
+        return tokens
+
+    def _with_logprobs(self, logits, seqs, tokens) -> list[SampledToken]:
+        ids = tokens.tolist()
+        out = [SampledToken(t) for t in ids]
+        want = [i for i, s in enumerate(seqs) if s.sampling.wants_logprobs]
+        if want:
+            idx = torch.tensor(want, device=logits.device)
+            lps = token_logprobs(
+                logits.index_select(0, idx),
+                tokens.index_select(0, idx),
+                [seqs[i].sampling.num_top_logprobs for i in want],
+            )
+            for i, lp in zip(want, lps):
+                out[i].logprob, out[i].top_logprobs = lp.logprob, lp.top
+        return out
+
+    # ---- the ordinary forward ------------------------------------------------------------
+
+    def run_chunks(self, chunks: list[Chunk], out: StepOutput) -> None:
+        if not chunks:
+            return
+        seqs = [c.seq for c in chunks]
+        ids = [t for c in chunks for t in c.seq.tokens[c.start : c.start + c.length]]
+        batch = self._batch(seqs, ids, [c.start for c in chunks], [c.length for c in chunks])
+        streaming = [i for i, c in enumerate(chunks) if c.seq.sink is not None]
+        callback = None
+        if streaming:
+            callback = self._layer_streamer(chunks, streaming, batch.block_tables, out)
+        t0 = time.perf_counter()
+        hidden = self.model.forward_batch(batch, self.cache, on_layer_done=callback)
+        ends = torch.tensor([c.length for c in chunks]).cumsum(0) - 1
+        sampling = [i for i, c in enumerate(chunks) if c.samples]
+        logits = None
+        if sampling:
+            rows = ends[sampling].to(self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, rows))
+        out.forward_seconds += time.perf_counter() - t0
+        # Decode tokens (one token after a cached prefix that ends the sequence) are output.
+        out.prompt_tokens += sum(
+            c.length
+            for c in chunks
+            if not (c.length == 1 and c.start > 0 and c.samples and c.start >= c.seq.num_prompt)
+        )
+
+        starts = [int(e) - c.length + 1 for e, c in zip(ends, chunks)]
+        mtp_chunks = [i for i, c in enumerate(chunks) if self.needs_mtp(c.seq)]
+        for i in mtp_chunks:
+            seq, rows = chunks[i].seq, hidden[starts[i] : starts[i] + chunks[i].length]
+            seq.pending_hidden = (
+                rows.clone()
+                if seq.pending_hidden is None
+                else torch.cat([seq.pending_hidden, rows])
+            )
+        for c in chunks:
+            c.seq.cached_len = c.start + c.length
+        if mtp_chunks:
+            t0 = time.perf_counter()
+            self._run_mtp_entries([chunks[i].seq for i in mtp_chunks], out)
+            out.forward_seconds += time.perf_counter() - t0
+
+        if sampling:
+            t0 = time.perf_counter()
+            seqs_s = [chunks[i].seq for i in sampling]
+            positions = [len(s.tokens) for s in seqs_s]
+            tokens = self._sample(logits, seqs_s, positions)
+            if self.logits_observer is not None:
+                self.logits_observer([s.request_id for s in seqs_s], positions, logits)
+            for s, tok in zip(seqs_s, self._with_logprobs(logits, seqs_s, tokens)):
+                out.tokens.setdefault(id(s), []).append(tok)
+            out.sample_seconds += time.perf_counter() - t0
+        for i in streaming:
+            c = chunks[i]
+            if c.samples and id(c.seq) not in out.sink_errors and self.has_mtp:
+                self._send(
+                    c.seq,
+                    out,
+                    LayerState(
+                        self.num_layers,
+                        StateKind.HIDDEN,
+                        c.start + c.length - 1,
+                        c.start + c.length,
+                        hidden[starts[i] + c.length - 1].clone(),
+                    ),
+                )
+
+    def _send(self, seq: Sequence, out: StepOutput, state: LayerState) -> None:
+        if id(seq) in out.sink_errors:
+            return
+        try:
+            seq.sink.on_layer(state)
+        except Exception as exc:  # one failed transfer must not stop the whole batch
+            out.sink_errors[id(seq)] = exc
+
+    def _layer_streamer(self, chunks, streaming, tables, out) -> Callable[[int], None]:
+        def on_layer_done(layer: int) -> None:
+            kind = self.main_kinds[layer]
+            for i in streaming:
+                c = chunks[i]
+                seq, end = c.seq, c.start + c.length
+                if kind == "attention":
+                    kv = self.cache.read_state(layer, "kv", tables[i], seq.slot, c.start, end)
+                    self._send(seq, out, LayerState(layer, StateKind.KV, c.start, end, kv))
+                elif kind == "mamba" and end == len(seq.tokens):
+                    for name, sk in (("conv", StateKind.CONV), ("ssm", StateKind.SSM)):
+                        state = self.cache.read_state(layer, name, tables[i], seq.slot, 0, end)
+                        self._send(seq, out, LayerState(layer, sk, 0, end, state))
+
+        return on_layer_done
+
+    # ---- MTP -----------------------------------------------------------------------------
+
+    def _run_mtp_entries(self, seqs: list[Sequence], out: StepOutput) -> None:
+        """Write the MTP KV of every pending entry whose next token is known."""
+        todo = []
+        for s in seqs:
+            n = min(s.cached_len, len(s.tokens) - 1) - s.mtp_cached
+            if n > 0:
+                todo.append((s, n))
+        if not todo:
+            return
+        seqs_t = [s for s, _ in todo]
+        starts = [s.mtp_cached for s in seqs_t]
+        lens = [n for _, n in todo]
+        next_ids = [t for s, n in todo for t in s.tokens[s.mtp_cached + 1 : s.mtp_cached + 1 + n]]
+        batch = self._batch(seqs_t, next_ids, starts, lens)
+        prev = torch.cat([s.pending_hidden[:n] for s, n in todo])
+        self.model.mtp_forward(prev, batch.input_ids, batch, self.cache)
+        for i, (s, n) in enumerate(todo):
+            if s.sink is not None:
+                for layer in self.mtp_attention_layers:
+                    kv = self.cache.read_state(
+                        layer,
+                        "mtp_kv",
+                        batch.block_tables[i],
+                        s.slot,
+                        s.mtp_cached,
+                        s.mtp_cached + n,
+                    )
+                    self._send(
+                        s,
+                        out,
+                        LayerState(layer, StateKind.MTP_KV, s.mtp_cached, s.mtp_cached + n, kv),
+                    )
+            s.pending_hidden = s.pending_hidden[n:]
+            s.mtp_cached += n
+
+    # ---- speculative decoding ------------------------------------------------------------
+
+    def run_speculative(self, seqs: list[Sequence], out: StepOutput) -> None:
+        if not seqs:
+            return
+        t0 = time.perf_counter()
+        k = [s.spec_tokens for s in seqs]
+        n_tokens = [len(s.tokens) for s in seqs]
+        # 1. The pending true entries; the last output row drafts position N.
+        lens = [s.pending_hidden.shape[0] for s in seqs]
+        starts = [s.mtp_cached for s in seqs]
+        next_ids = [t for s, m in zip(seqs, lens) for t in s.tokens[s.mtp_cached + 1 :][:m]]
+        batch = self._batch(seqs, next_ids, starts, lens)
+        prev = torch.cat([s.pending_hidden for s in seqs])
+        g = self.model.mtp_forward(prev, batch.input_ids, batch, self.cache)
+        g = g[torch.tensor(lens).cumsum(0).to(self.device) - 1]
+        for s, m in zip(seqs, lens):
+            s.mtp_cached += m
+            s.pending_hidden = None
+        drafts: list[list[int]] = [[] for _ in seqs]
+        active = list(range(len(seqs)))
+        for depth in range(max(k)):
+            active = [i for i in active if depth < k[i]]
+            if depth > 0:
+                # Chain: the previous draft's MTP output and token make the next entry. These
+                # entries sit past mtp_cached and are overwritten once the true ones exist.
+                act = [seqs[i] for i in active]
+                pos = [n_tokens[i] - 2 + depth for i in active]
+                batch = self._batch(act, [drafts[i][-1] for i in active], pos, [1] * len(act))
+                g = self.model.mtp_forward(g, batch.input_ids, batch, self.cache)
+            logits = self.model.compute_logits(g)
+            act = [seqs[i] for i in active]
+            toks = self._sample(logits, act, [n_tokens[i] + depth for i in active]).tolist()
+            for i, t in zip(active, toks):
+                drafts[i].append(t)
+            keep = [j for j, i in enumerate(active) if depth + 1 < k[i]]
+            g = g[keep]
+            active = [active[j] for j in keep]
+        # 2. Verify [last token, drafts] in one forward that keeps per-token Mamba states.
+        ids = [t for s, d in zip(seqs, drafts) for t in [s.tokens[-1], *d]]
+        lens = [1 + len(d) for d in drafts]
+        batch = self._batch(seqs, ids, [s.cached_len for s in seqs], lens, spec_verify=True)
+        hidden = self.model.forward_batch(batch, self.cache)
+        logits = self.model.compute_logits(hidden)
+        out.forward_seconds += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        row_seqs = [s for s, n in zip(seqs, lens) for _ in range(n)]
+        row_pos = [n_tokens[i] + j for i, n in enumerate(lens) for j in range(n)]
+        target = self._sample(logits, row_seqs, row_pos)
+        sampled = self._with_logprobs(logits, row_seqs, target)
+        target = target.tolist()
+        accepted = []
+        row = 0
+        for i, s in enumerate(seqs):
+            j = 0
+            while j < len(drafts[i]) and drafts[i][j] == target[row + j]:
+                j += 1
+            accepted.append(1 + j)
+            if self.logits_observer is not None:
+                self.logits_observer(
+                    [s.request_id] * (j + 1), row_pos[row : row + j + 1], logits[row : row + j + 1]
+                )
+            out.tokens.setdefault(id(s), []).extend(sampled[row : row + j + 1])
+            s.pending_hidden = hidden[row : row + j + 1].clone()
+            s.cached_len += 1 + j
+            out.draft_tokens += len(drafts[i])
+            out.accepted_tokens += j
+            row += lens[i]
+        self.cache.accept(
+            torch.tensor([s.slot for s in seqs], dtype=torch.int64, device=self.device),
+            torch.tensor(accepted, dtype=torch.int64, device=self.device),
+        )
+        out.sample_seconds += time.perf_counter() - t0

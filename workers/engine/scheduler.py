@@ -1,0 +1,200 @@
+"""The scheduler: which sequences run this step, with how many tokens, on which cache rows.
+
+Policy (one step):
+1. Running sequences ready to decode go first (1 token each, or 1 + K drafts when speculative
+   decoding is on). A sequence that needs a new KV page and finds none preempts the newest
+   running sequence (its cache is freed; it goes back to the head of the queue and is
+   recomputed later: prompt + generated tokens), possibly itself.
+2. Running sequences still prefilling get chunks from what is left of max_batch_tokens.
+3. Waiting sequences are admitted in arrival order while there is a free state slot, pages for
+   their whole prompt plus a page of headroom per running sequence, and token budget. The head
+   of the queue is never overtaken, so a long prompt cannot starve.
+KV pages for a prompt are taken at admission; decode pages are taken one at a time.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from baton.workers.engine.allocator import PageAllocator, SlotPool
+from baton.workers.engine.request import Phase, Sequence
+
+
+@dataclass
+class Chunk:
+    """Tokens of one sequence fed to the model in this step's ordinary (non-verify) forward."""
+
+    seq: Sequence
+    start: int
+    """Position of the first token fed (== tokens already cached)."""
+    length: int
+    """Tokens fed: tokens[start : start + length]."""
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the end of the sequence, so its last row yields the next token."""
+        return self.start + self.length == len(self.seq.tokens)
+
+
+@dataclass
+class StepPlan:
+    """What the scheduler hands the model runner for one step (plain data)."""
+
+    chunks: list[Chunk] = field(default_factory=list)
+    """Prefill chunks and plain decode tokens, run together in one forward."""
+    speculative: list[Sequence] = field(default_factory=list)
+    """Sequences decoding with MTP drafts (draft K, verify 1 + K in one forward)."""
+    preempted: list[Sequence] = field(default_factory=list)
+    """Sequences whose cache was freed this step; they wait to be recomputed."""
+    admitted: list[Sequence] = field(default_factory=list)
+    """Sequences that left the queue this step."""
+
+    @property
+    def empty(self) -> bool:
+        return not self.chunks and not self.speculative
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.length for c in self.chunks) + sum(1 + s.spec_tokens for s in self.speculative)
+
+
+class Scheduler:
+    """Owns the waiting queue, the running list and both cache allocators."""
+
+    def __init__(
+        self,
+        pages: PageAllocator,
+        slots: SlotPool,
+        max_num_seqs: int,
+        max_batch_tokens: int,
+        speculative_tokens: int,
+    ) -> None:
+        self.pages = pages
+        self.slots = slots
+        self.max_num_seqs = max_num_seqs
+        self.max_batch_tokens = max_batch_tokens
+        self.k = speculative_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_reserved = 0
+        """Handoff reservations: they hold a slot and pages and count against max_num_seqs."""
+        self.preemptions_total = 0
+
+    # ---- membership ----------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        seq.phase = Phase.WAITING
+        self.waiting.append(seq)
+
+    def start_running(self, seq: Sequence) -> None:
+        """A sequence whose cache is already filled (a committed handoff) joins the batch."""
+        seq.phase = Phase.RUNNING
+        self.running.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of the engine and free its cache (finish or abort)."""
+        if seq.phase == Phase.WAITING:
+            self.waiting.remove(seq)
+        elif seq.phase == Phase.RUNNING:
+            self.running.remove(seq)
+        self.free_cache(seq)
+        seq.phase = Phase.FINISHED
+
+    def free_cache(self, seq: Sequence) -> None:
+        if seq.pages:
+            self.pages.free(seq.pages)
+            seq.pages = []
+        if seq.slot >= 0:
+            self.slots.free([seq.slot])
+            seq.slot = -1
+        seq.cached_len = 0
+        seq.mtp_cached = 0
+        seq.pending_hidden = None
+
+    def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
+        self.running.remove(seq)
+        self.free_cache(seq)
+        seq.phase = Phase.WAITING
+        self.waiting.appendleft(seq)
+        plan.preempted.append(seq)
+        plan.chunks = [c for c in plan.chunks if c.seq is not seq]
+        plan.speculative = [s for s in plan.speculative if s is not seq]
+        self.preemptions_total += 1
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def decode_ready(self, seq: Sequence) -> bool:
+        return seq.uncached == 1 and seq.cached_len > 0
+
+    def draft_length(self, seq: Sequence) -> int:
+        """MTP drafts for seq this step (0: decode without speculation)."""
+        if self.k == 0 or seq.sink is not None or not self.decode_ready(seq):
+            return 0
+        if seq.pending_hidden is None or seq.pending_hidden.shape[0] == 0:
+            return 0
+        # Drafts past the request's last token would be thrown away.
+        return max(0, min(self.k, seq.max_len - len(seq.tokens)))
+
+    def _grow(self, seq: Sequence, num_tokens: int, plan: StepPlan) -> bool:
+        """Make seq's pages hold num_tokens, preempting newer sequences; False: seq preempted."""
+        need = self.pages.pages_for(num_tokens) - len(seq.pages)
+        while need > self.pages.num_free:
+            victims = [s for s in self.running if s.sink is None]
+            victim = victims[-1] if victims else seq
+            self._preempt(victim, plan)
+            if victim is seq:
+                return False
+        if need > 0:
+            seq.pages.extend(self.pages.allocate(need))
+        return True
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        budget = self.max_batch_tokens
+        for seq in list(self.running):
+            if seq.phase != Phase.RUNNING or not self.decode_ready(seq):
+                continue
+            k = self.draft_length(seq)
+            if 1 + k > budget:
+                continue
+            # Verification writes k draft positions past the last token.
+            if not self._grow(seq, len(seq.tokens) + k, plan):
+                continue
+            budget -= 1 + k
+            seq.spec_tokens = k
+            if k:
+                plan.speculative.append(seq)
+            else:
+                plan.chunks.append(Chunk(seq, seq.cached_len, 1))
+        for seq in self.running:
+            if budget == 0:
+                break
+            if self.decode_ready(seq) or seq.uncached == 0:
+                continue
+            n = min(seq.uncached, budget)
+            plan.chunks.append(Chunk(seq, seq.cached_len, n))
+            budget -= n
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            if len(self.running) + self.num_reserved >= self.max_num_seqs:
+                break
+            pages = self.pages.pages_for(len(seq.tokens) + 1)
+            headroom = len(self.running)
+            if self.slots.num_free == 0 or pages + headroom > self.pages.num_free:
+                # Alone it always fits (EngineConfig checks num_pages), so it can only wait
+                # for running sequences to finish.
+                if self.running or self.num_reserved:
+                    break
+                if pages > self.pages.num_free:
+                    break
+            self.waiting.popleft()
+            seq.slot = self.slots.allocate_one()
+            seq.pages = self.pages.allocate(pages)
+            seq.phase = Phase.RUNNING
+            self.running.append(seq)
+            plan.admitted.append(seq)
+            n = min(seq.uncached, budget)
+            plan.chunks.append(Chunk(seq, 0, n))
+            budget -= n
+        return plan
