@@ -84,12 +84,14 @@ class ChunkHeader(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., state_index: _Optional[int] = ..., layer: _Optional[int] = ..., kind: _Optional[_Union[StateKind, str]] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., state_nbytes: _Optional[int] = ..., offset: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class StateChunk(_message.Message):
-    __slots__ = ("header", "data")
+    __slots__ = ("header", "padding", "data")
     HEADER_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     header: ChunkHeader
+    padding: bytes
     data: bytes
-    def __init__(self, header: _Optional[_Union[ChunkHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[ChunkHeader, _Mapping]] = ..., padding: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class TransferComplete(_message.Message):
     __slots__ = ("first_token", "num_states", "total_bytes")

@@ -1,0 +1,328 @@
+"""State transfer over a real gRPC channel on 127.0.0.1 with synthetic layer states."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+import torch
+
+from baton.proto.baton.decode.v1 import decode_pb2
+from baton.workers.engine import LayerState, StateKind
+from baton.workers.metrics import BatonMetrics, MetricLabels
+from baton.workers.transfer import (
+    CHANNEL_OPTIONS,
+    FailureReason,
+    FirstToken,
+    GrpcTransport,
+    StateReceiver,
+    TransferError,
+    TransferState,
+    TransferStateHandler,
+    wire,
+)
+
+FINGERPRINT = "f" * 64
+
+
+class RecordingTarget:
+    """A reservation stand-in that records what it gets and whether it was released."""
+
+    def __init__(self, block_writes: threading.Event | None = None):
+        self.states: list[LayerState] = []
+        self.first_token: FirstToken | None = None
+        self.error: TransferError | None = None
+        self.released = threading.Event()
+        self.completed = threading.Event()
+        self._block = block_writes
+
+    def write(self, state: LayerState) -> None:
+        if self._block is not None:
+            self._block.wait(10)
+        # The received tensor views the message bytes; keep a private copy like a cache does.
+        self.states.append(LayerState(state.layer, state.kind, state.token_start,
+                                      state.token_end, state.tensor.clone()))
+
+    def complete(self, first_token: FirstToken) -> None:
+        self.first_token = first_token
+        self.completed.set()
+
+    def fail(self, error: TransferError) -> None:
+        self.error = error
+        self.released.set()
+
+
+@pytest.fixture
+def decode_side():
+    receiver = StateReceiver(FINGERPRINT)
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=CHANNEL_OPTIONS)
+    handler = grpc.method_handlers_generic_handler(
+        "baton.decode.v1.DecodeService",
+        {"TransferState": TransferStateHandler(receiver).method_handler()})
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield receiver, f"127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+def _metrics() -> BatonMetrics:
+    return BatonMetrics(MetricLabels("ns", "m", "prefill", "p"))
+
+
+def _states(seed: int = 0) -> list[LayerState]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        LayerState(0, StateKind.CONV, 0, 37, torch.randn(24, 3, generator=g)),
+        LayerState(0, StateKind.SSM, 0, 37, torch.randn(4, 8, 16, generator=g)),
+        # 37 tokens of bf16 KV spanning several 64 KiB chunks, not a multiple of the chunk.
+        LayerState(1, StateKind.KV, 0, 37,
+                   torch.randn(2, 37, 4, 300, generator=g).to(torch.bfloat16)),
+        # A non-contiguous source tensor: the sender must send its logical layout.
+        LayerState(2, StateKind.MTP_KV, 0, 36, torch.randn(2, 4, 36, 8, generator=g)
+                   .transpose(1, 2)),
+        LayerState(3, StateKind.HIDDEN, 36, 37, torch.randn(48, generator=g)),
+    ]
+
+
+def _deadline(seconds: float = 10.0) -> float:
+    return time.time() + seconds
+
+
+def _wait_for(condition, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.005)
+
+
+def _read_counter(metrics: BatonMetrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(
+        name, {"namespace": "ns", "model": "m", "role": "prefill", "pool": "p", **labels})
+    return 0.0 if value is None else value
+
+
+def test_round_trip_is_exact_and_metered(decode_side):
+    receiver, address = decode_side
+    target = RecordingTarget()
+    incoming = receiver.expect("r1", 37, target, _deadline())
+    metrics = _metrics()
+    transport = GrpcTransport(FINGERPRINT, metrics=metrics, chunk_bytes=64 << 10)
+    sender = transport.open(address, "r1", 37, _deadline())
+    sent = _states()
+    for state in sent:
+        sender.on_layer(state)
+    result = sender.finish(FirstToken(42, -0.5, ((42, -0.5), (7, -1.25))))
+    transport.close()
+
+    assert incoming.wait(5) and incoming.state is TransferState.COMPLETE
+    assert sender.state is TransferState.COMPLETE
+    assert target.first_token == FirstToken(42, -0.5, ((42, -0.5), (7, -1.25)))
+    assert not target.released.is_set() and receiver.in_flight() == 0
+    assert len(target.states) == len(sent)
+    for got, want in zip(target.states, sent):
+        assert (got.layer, got.kind, got.token_start, got.token_end) == \
+            (want.layer, want.kind, want.token_start, want.token_end)
+        assert got.tensor.dtype == want.tensor.dtype
+        assert torch.equal(got.tensor, want.tensor.contiguous())
+    nbytes = {k.value: sum(s.tensor.numel() * s.tensor.element_size() for s in sent
+                           if s.kind is k) for k in StateKind}
+    assert result.total_bytes == sum(nbytes.values()) == incoming.bytes_received
+    assert result.num_states == len(sent)
+    assert result.bytes_by_kind == {k: v for k, v in nbytes.items() if v}
+    for kind, n in nbytes.items():
+        assert _read_counter(metrics, "baton_state_transfer_bytes_total", kind=kind) == n
+    assert _read_counter(metrics, "baton_state_transfer_seconds_count") == 1
+    assert _read_counter(metrics, "baton_state_transfer_failures_total") == 0
+
+
+def test_states_stream_before_the_prefill_ends(decode_side):
+    receiver, address = decode_side
+    target = RecordingTarget()
+    incoming = receiver.expect("r2", 37, target, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "r2", 37, _deadline())
+    states = _states()
+    sender.on_layer(states[0])
+    # Layer 0's state must be whole on the receiver before the sender has seen layer 1.
+    _wait_for(lambda: incoming.arrivals)
+    assert [a.state_index for a in incoming.arrivals] == [0]
+    for state in states[1:]:
+        sender.on_layer(state)
+    sender.finish(FirstToken(1))
+    assert incoming.arrivals[0].at < sender.handed[1][2]
+    assert [a.layer for a in incoming.arrivals] == [s.layer for s in states]
+
+
+class CorruptingTransport(GrpcTransport):
+    """Flips one payload byte of the chosen chunk after its checksum was computed."""
+
+    def __init__(self, *args, corrupt_chunk: tuple[int, int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.corrupt_chunk = corrupt_chunk
+
+    def tamper(self, chunk, message):
+        if (chunk.state.state_index, chunk.offset) == self.corrupt_chunk:
+            corrupted = bytearray(message)
+            corrupted[-1] ^= 0x40
+            return bytes(corrupted)
+        return message
+
+
+def test_corrupted_chunk_is_data_loss_and_released(decode_side):
+    receiver, address = decode_side
+    target = RecordingTarget()
+    incoming = receiver.expect("r3", 37, target, _deadline())
+    metrics = _metrics()
+    transport = CorruptingTransport(FINGERPRINT, metrics=metrics, chunk_bytes=64 << 10,
+                                    corrupt_chunk=(2, 64 << 10))
+    sender = transport.open(address, "r3", 37, _deadline())
+    for state in _states():
+        sender.on_layer(state)
+    with pytest.raises(TransferError) as err:
+        sender.finish(FirstToken(1))
+    assert err.value.reason is FailureReason.DATA_LOSS
+    assert "checksum" in err.value.message
+    assert target.released.wait(5)
+    assert target.error.reason is FailureReason.DATA_LOSS
+    assert target.first_token is None and incoming.state is TransferState.FAILED
+    # Only the states before the corrupted one were written.
+    assert [s.layer for s in target.states] == [0, 0]
+    assert receiver.in_flight() == 0
+    assert _read_counter(metrics, "baton_state_transfer_failures_total") == 1
+
+
+def test_stall_past_deadline_fails_and_releases(decode_side):
+    receiver, address = decode_side
+    target = RecordingTarget()
+    incoming = receiver.expect("r4", 37, target, _deadline(0.8))
+    sender = GrpcTransport(FINGERPRINT).open(address, "r4", 37, _deadline(0.8))
+    sender.on_layer(_states()[0])
+    # The prefill stalls here: no more layers, no finish.
+    assert incoming.wait(5)
+    assert incoming.state is TransferState.FAILED
+    assert target.released.is_set()
+    assert target.error.reason is FailureReason.DEADLINE_EXCEEDED
+    with pytest.raises(TransferError) as err:
+        sender.finish(FirstToken(1))
+    assert err.value.reason in (FailureReason.DEADLINE_EXCEEDED, FailureReason.CANCELLED)
+    assert sender.state is TransferState.FAILED
+
+
+def test_fingerprint_mismatch_is_refused(decode_side):
+    receiver, address = decode_side
+    target = RecordingTarget()
+    receiver.expect("r5", 37, target, _deadline())
+    sender = GrpcTransport("0" * 64).open(address, "r5", 37, _deadline())
+    sender.on_layer(_states()[0])
+    with pytest.raises(TransferError) as err:
+        sender.finish(FirstToken(1))
+    assert err.value.reason is FailureReason.REFUSED
+    assert "fingerprint" in err.value.message
+    assert target.released.wait(5) and target.states == []
+
+
+def test_prompt_length_mismatch_is_refused(decode_side):
+    receiver, address = decode_side
+    target = RecordingTarget()
+    receiver.expect("r5b", 37, target, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "r5b", 36, _deadline())
+    with pytest.raises(TransferError) as err:
+        sender.finish(FirstToken(1))
+    assert err.value.reason is FailureReason.REFUSED
+    assert target.released.wait(5)
+
+
+def test_unknown_request_is_not_found(decode_side):
+    _, address = decode_side
+    sender = GrpcTransport(FINGERPRINT).open(address, "nobody", 37, _deadline())
+    with pytest.raises(TransferError) as err:
+        sender.finish(FirstToken(1))
+    assert err.value.reason is FailureReason.NOT_FOUND
+
+
+def test_sender_abort_releases_the_receiver(decode_side):
+    receiver, address = decode_side
+    target = RecordingTarget()
+    incoming = receiver.expect("r6", 37, target, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "r6", 37, _deadline())
+    sender.on_layer(_states()[0])
+    _wait_for(lambda: incoming.arrivals)  # mid-transfer: the receiver holds a layer
+    sender.abort("prefill failed")
+    assert incoming.wait(5) and incoming.state is TransferState.FAILED
+    assert target.released.is_set()
+
+
+def test_receiver_cancel_releases_and_ends_the_call(decode_side):
+    receiver, address = decode_side
+    target = RecordingTarget()
+    receiver.expect("r7", 37, target, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "r7", 37, _deadline())
+    sender.on_layer(_states()[0])
+    assert receiver.cancel("r7", "client disconnected")
+    assert target.error.reason is FailureReason.CANCELLED
+    with pytest.raises(TransferError):
+        sender.finish(FirstToken(1))
+    assert not receiver.cancel("r7", "again")
+
+
+def test_backpressure_blocks_the_engine_thread(decode_side):
+    receiver, address = decode_side
+    unblock = threading.Event()
+    target = RecordingTarget(block_writes=unblock)
+    receiver.expect("r8", 64, target, _deadline())
+    transport = GrpcTransport(FINGERPRINT, chunk_bytes=1 << 20, max_queued_bytes=1 << 20)
+    sender = transport.open(address, "r8", 64, _deadline())
+    big = [LayerState(i, StateKind.KV, 0, 64, torch.full((2, 64, 16, 256), float(i)))
+           for i in range(48)]  # 1 MiB each
+    handed = threading.Event()
+
+    def engine():
+        for state in big:
+            sender.on_layer(state)
+        handed.set()
+
+    thread = threading.Thread(target=engine)
+    thread.start()
+    # The receiver holds its first write. gRPC's flow-control windows take some states, the
+    # sender's queue one more; then on_layer must block instead of buffering all of them.
+    seen, stable_since = -1, time.monotonic()
+    while time.monotonic() - stable_since < 0.5 and not handed.is_set():
+        if len(sender.handed) != seen:
+            seen, stable_since = len(sender.handed), time.monotonic()
+        time.sleep(0.02)
+    assert not handed.is_set()
+    assert len(sender.handed) < len(big)
+    unblock.set()
+    assert handed.wait(10)
+    thread.join()
+    sender.finish(FirstToken(3))
+    assert [s.layer for s in target.states] == list(range(len(big)))
+    assert all(torch.equal(s.tensor, b.tensor) for s, b in zip(target.states, big))
+
+
+def test_wire_chunk_is_plain_protobuf_and_aligned():
+    from baton.workers.transfer.base import ChunkDescription, StateDescription
+
+    data = torch.arange(1000, dtype=torch.float32)
+    for request_id in ("r", "r" * 150):
+        desc = StateDescription(request_id, 3, 5, StateKind.SSM, 0, 9, (10, 100),
+                                torch.float32, 4000)
+        chunk = ChunkDescription(desc, 0, 4000, 1234)
+        message = wire.encode_chunk(chunk, wire.tensor_bytes(data))
+        parsed = decode_pb2.TransferStateRequest.FromString(message)
+        assert parsed.chunk.header == wire.header_message(chunk)
+        assert parsed.chunk.data == data.numpy().tobytes()
+        assert message.index(parsed.chunk.data) % wire.ALIGNMENT == 0
+        decoded = wire.decode_message(message)
+        assert decoded.description == chunk
+        assert bytes(decoded.data) == parsed.chunk.data
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="chunk_bytes=16"):
+        GrpcTransport(FINGERPRINT, chunk_bytes=16)
+    with pytest.raises(ValueError, match="decode_target='nowhere'"):
+        GrpcTransport(FINGERPRINT).open("nowhere", "r", 1, _deadline())

@@ -1,0 +1,470 @@
+"""The transport-independent half of state transfer: states, typed descriptions, interfaces.
+
+A transport (gRPC today, see grpc_sender / grpc_receiver) moves `LayerState`s from a prefill
+worker to a decode worker. The prefill side sees a `StateSender` (a PrefillSink plus finish and
+abort); the decode side registers a `ReceiveTarget` per request with a `StateReceiver`, whose
+`IncomingTransfer` checks, reassembles and delivers what a transport hands it. Checks that do
+not depend on the wire (handshake, ordering, sizes, checksums, deadline) live here, so another
+transport gets them for free.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+import torch
+
+from baton.workers.engine import LayerState, StateKind
+from baton.workers.metrics import BatonMetrics
+
+# Bumped whenever the meaning of anything on the wire changes; peers must agree exactly.
+PROTOCOL_VERSION = 1
+
+# Chunk payloads are bounded so one message never holds a whole long-prompt KV layer, and so a
+# corrupted chunk costs one small retry unit. Large enough that per-message costs amortize.
+MIN_CHUNK_BYTES = 64 << 10
+MAX_CHUNK_BYTES = 4 << 20
+
+DTYPES: dict[torch.dtype, str] = {
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float8_e4m3fn: "float8_e4m3fn",
+    torch.uint8: "uint8",
+    torch.int8: "int8",
+    torch.int32: "int32",
+    torch.int64: "int64",
+}
+
+
+class TransferState(str, Enum):
+    """Where one request's transfer is, on either side."""
+
+    PENDING = "pending"
+    """Opened (sender) or reserved (receiver); no handshake accepted yet."""
+    STREAMING = "streaming"
+    """Handshake accepted; layer states are flowing."""
+    COMPLETE = "complete"
+    """Every state and the first token arrived and were acknowledged."""
+    FAILED = "failed"
+    """Ended by an error; the receiver released the request's reservation."""
+
+
+class FailureReason(str, Enum):
+    """Why a transfer failed; each maps to one gRPC status code."""
+
+    DATA_LOSS = "data_loss"
+    """A checksum, size or ordering check failed: the bytes are not what was sent."""
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    REFUSED = "refused"
+    """The handshake did not match (protocol version, weights/config fingerprint, prompt)."""
+    NOT_FOUND = "not_found"
+    """No reservation waits for this request on the receiver."""
+    INVALID = "invalid"
+    """A message or state that cannot belong to this request (the reservation rejected it)."""
+    UNAVAILABLE = "unavailable"
+    """The peer went away or could not be reached."""
+    CANCELLED = "cancelled"
+    """One side gave up (client disconnect, abort, drain)."""
+
+
+class TransferError(RuntimeError):
+    """A failed transfer, with the reason the other side and the router act on."""
+
+    def __init__(self, reason: FailureReason, message: str):
+        super().__init__(f"{reason.value}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class StateDescription:
+    """What one layer state is, as sent ahead of its bytes."""
+
+    request_id: str
+    state_index: int
+    """0, 1, ... in sending order within the request's transfer."""
+    layer: int
+    kind: StateKind
+    token_start: int
+    token_end: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+    """Bytes of the C-contiguous tensor."""
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise TransferError(FailureReason.INVALID, f"dtype={self.dtype} is not one of "
+                                f"{', '.join(DTYPES.values())}")
+        numel = 1
+        for d in self.shape:
+            numel *= d
+        expected = numel * self.dtype.itemsize
+        if expected != self.nbytes:
+            raise TransferError(FailureReason.DATA_LOSS,
+                                f"state {self.state_index} (layer {self.layer} {self.kind.value}) "
+                                f"shape {self.shape} {DTYPES[self.dtype]} needs {expected} "
+                                f"bytes, header says {self.nbytes}")
+        if not 0 <= self.token_start <= self.token_end:
+            raise TransferError(FailureReason.INVALID,
+                                f"token range [{self.token_start}, {self.token_end}) is empty "
+                                "or negative")
+
+
+@dataclass(frozen=True)
+class ChunkDescription:
+    """Where one chunk's bytes belong and how to check them."""
+
+    state: StateDescription
+    offset: int
+    length: int
+    crc32: int
+    """zlib.crc32 of the chunk's bytes."""
+
+
+@dataclass(frozen=True)
+class FirstToken:
+    """The token the prefill worker sampled, delivered with the state."""
+
+    token_id: int
+    logprob: float = 0.0
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    """What the sender reports once the receiver acknowledged everything."""
+
+    request_id: str
+    num_states: int
+    total_bytes: int
+    bytes_by_kind: dict[str, int]
+    seconds: float
+    """From open to acknowledgement."""
+    tail_seconds: float
+    """From finish() (the prefill's last layer) to acknowledgement: what streaming left over."""
+
+
+class StateSender(Protocol):
+    """One request's outgoing transfer (prefill side). A PrefillSink for the engine."""
+
+    request_id: str
+    state: TransferState
+
+    def on_layer(self, state: LayerState) -> None:
+        """Queues one layer state; blocks while too many bytes wait (backpressure)."""
+
+    def finish(self, first_token: FirstToken) -> TransferResult:
+        """Sends the first token, waits for the receiver's acknowledgement; TransferError."""
+
+    def abort(self, reason: str) -> None:
+        """Gives up; the receiver releases the reservation. Idempotent."""
+
+
+class StateTransport(Protocol):
+    """Opens outgoing transfers to decode workers."""
+
+    def open(self, target: str, request_id: str, num_prompt_tokens: int,
+             deadline: float) -> StateSender:
+        """deadline: absolute time.time() by which the transfer must be acknowledged."""
+
+    def close(self) -> None: ...
+
+
+class ReceiveTarget(Protocol):
+    """What the decode worker provides for one request it reserved room for."""
+
+    def write(self, state: LayerState) -> None:
+        """Copies one complete layer state into the reservation (may raise ValueError)."""
+
+    def complete(self, first_token: FirstToken) -> None:
+        """Everything arrived: commit the reservation and start decoding."""
+
+    def fail(self, error: TransferError) -> None:
+        """The transfer failed: release the reservation and end the request."""
+
+
+@dataclass
+class _Assembly:
+    """A layer state whose chunks are arriving."""
+
+    description: StateDescription
+    received: int = 0
+    buffer: torch.Tensor | None = None
+    """uint8 [nbytes]; allocated when the state spans several chunks."""
+    single: torch.Tensor | None = None
+    """The one chunk's bytes viewed in place, when the state fits in one chunk."""
+
+
+@dataclass
+class ArrivalRecord:
+    """When a layer state finished arriving (time.time(), comparable across processes)."""
+
+    state_index: int
+    layer: int
+    kind: str
+    nbytes: int
+    at: float
+
+
+class IncomingTransfer:
+    """One request's incoming transfer: checks each message and feeds the ReceiveTarget.
+
+    Transports call accept_handshake, accept_chunk (any number), then accept_complete; any
+    check that fails raises TransferError after failing the transfer (which releases the
+    reservation through the target exactly once).
+    """
+
+    def __init__(self, receiver: StateReceiver, request_id: str, num_prompt_tokens: int,
+                 target: ReceiveTarget, deadline: float):
+        self.request_id = request_id
+        self.num_prompt_tokens = num_prompt_tokens
+        self.deadline = deadline
+        self.state = TransferState.PENDING
+        self.error: TransferError | None = None
+        self.arrivals: list[ArrivalRecord] = []
+        self.bytes_received = 0
+        self.states_received = 0
+        self.started_at = time.monotonic()
+        self._receiver = receiver
+        self._target = target
+        self._lock = threading.RLock()
+        self._done = threading.Event()
+        self._assembly: _Assembly | None = None
+        self._on_fail: list[Callable[[], None]] = []
+        delay = max(0.0, deadline - time.time())
+        self._timer = threading.Timer(delay, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    # -- transport-facing ------------------------------------------------------------------
+
+    def add_fail_callback(self, callback: Callable[[], None]) -> None:
+        """Runs callback if the transfer fails (a transport ends its stream with it)."""
+        with self._lock:
+            if self.state is TransferState.FAILED:
+                callback()
+            else:
+                self._on_fail.append(callback)
+
+    def accept_handshake(self, protocol_version: int, fingerprint: str,
+                         num_prompt_tokens: int) -> None:
+        with self._lock:
+            self._expect_state(TransferState.PENDING, "handshake")
+            if protocol_version != PROTOCOL_VERSION:
+                self._raise(FailureReason.REFUSED, f"protocol version {protocol_version}, this "
+                            f"worker speaks {PROTOCOL_VERSION}")
+            if fingerprint != self._receiver.fingerprint:
+                self._raise(FailureReason.REFUSED, f"peer fingerprint {fingerprint[:16]}... "
+                            f"differs from this worker's {self._receiver.fingerprint[:16]}... "
+                            "(different weights, model config or state dtypes)")
+            if num_prompt_tokens != self.num_prompt_tokens:
+                self._raise(FailureReason.REFUSED, f"peer prefilled {num_prompt_tokens} tokens, "
+                            f"the reservation holds {self.num_prompt_tokens}")
+            self.state = TransferState.STREAMING
+
+    def accept_chunk(self, chunk: ChunkDescription, data: memoryview) -> None:
+        """Checks one chunk and, when it completes a layer state, writes that state."""
+        with self._lock:
+            self._expect_state(TransferState.STREAMING, "chunk")
+            desc = chunk.state
+            if desc.request_id != self.request_id:
+                self._raise(FailureReason.INVALID, f"chunk of request {desc.request_id!r} on "
+                            f"the transfer of {self.request_id!r}")
+            if len(data) != chunk.length:
+                self._raise(FailureReason.DATA_LOSS, f"chunk at {chunk.offset} of state "
+                            f"{desc.state_index}: {len(data)} bytes, header says {chunk.length}")
+            if zlib.crc32(data) != chunk.crc32:
+                self._raise(FailureReason.DATA_LOSS, f"checksum mismatch in state "
+                            f"{desc.state_index} (layer {desc.layer} {desc.kind.value}) at "
+                            f"byte {chunk.offset}")
+            assembly = self._assembly
+            if assembly is None:
+                if desc.state_index != self.states_received or chunk.offset != 0:
+                    self._raise(FailureReason.DATA_LOSS, f"expected state "
+                                f"{self.states_received} from byte 0, got state "
+                                f"{desc.state_index} at byte {chunk.offset}")
+                try:
+                    desc.validate()
+                except TransferError as e:
+                    self._raise(e.reason, e.message)
+                assembly = self._assembly = _Assembly(desc)
+            elif desc != assembly.description or chunk.offset != assembly.received:
+                self._raise(FailureReason.DATA_LOSS, f"expected state "
+                            f"{assembly.description.state_index} at byte {assembly.received}, "
+                            f"got state {desc.state_index} at byte {chunk.offset}")
+            if chunk.offset + chunk.length > desc.nbytes:
+                self._raise(FailureReason.DATA_LOSS, f"chunk at {chunk.offset} of "
+                            f"{chunk.length} bytes overruns state {desc.state_index} "
+                            f"({desc.nbytes} bytes)")
+            if chunk.length == desc.nbytes:
+                assembly.single = bytes_as_tensor(data)
+            else:
+                if assembly.buffer is None:
+                    assembly.buffer = torch.empty(desc.nbytes, dtype=torch.uint8)
+                view = assembly.buffer[chunk.offset:chunk.offset + chunk.length]
+                view.copy_(bytes_as_tensor(data))
+            assembly.received += chunk.length
+            self.bytes_received += chunk.length
+            if assembly.received == desc.nbytes:
+                self._deliver(assembly)
+
+    def accept_complete(self, first_token: FirstToken, num_states: int,
+                        total_bytes: int) -> None:
+        with self._lock:
+            self._expect_state(TransferState.STREAMING, "completion")
+            if self._assembly is not None:
+                d = self._assembly.description
+                self._raise(FailureReason.DATA_LOSS, f"completion while state {d.state_index} "
+                            f"has {self._assembly.received} of {d.nbytes} bytes")
+            if (num_states, total_bytes) != (self.states_received, self.bytes_received):
+                self._raise(FailureReason.DATA_LOSS, f"sender sent {num_states} states / "
+                            f"{total_bytes} bytes, {self.states_received} / "
+                            f"{self.bytes_received} arrived")
+            try:
+                self._target.complete(first_token)
+            except ValueError as e:
+                self._raise(FailureReason.INVALID, f"the reservation refused the state: {e}")
+            self.state = TransferState.COMPLETE
+            self._finish()
+
+    def fail(self, error: TransferError) -> bool:
+        """Fails the transfer unless it already ended; releases the reservation once.
+
+        Returns whether this call failed it."""
+        with self._lock:
+            if self.state in (TransferState.COMPLETE, TransferState.FAILED):
+                return False
+            self.state = TransferState.FAILED
+            self.error = error
+            callbacks, self._on_fail = self._on_fail, []
+            self._assembly = None
+            self._finish()
+        self._receiver.count_failure()
+        try:
+            self._target.fail(error)
+        finally:
+            for callback in callbacks:
+                callback()
+        return True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Blocks until the transfer completed or failed; returns whether it ended."""
+        return self._done.wait(timeout)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _deliver(self, assembly: _Assembly) -> None:
+        d = assembly.description
+        raw = assembly.single if assembly.single is not None else assembly.buffer
+        tensor = raw.view(d.dtype).reshape(d.shape)
+        state = LayerState(layer=d.layer, kind=d.kind, token_start=d.token_start,
+                           token_end=d.token_end, tensor=tensor)
+        try:
+            self._target.write(state)
+        except ValueError as e:
+            self._raise(FailureReason.INVALID, f"the reservation refused state "
+                        f"{d.state_index} (layer {d.layer} {d.kind.value}): {e}")
+        self._assembly = None
+        self.states_received += 1
+        self.arrivals.append(ArrivalRecord(d.state_index, d.layer, d.kind.value, d.nbytes,
+                                           time.time()))
+
+    def _expect_state(self, expected: TransferState, what: str) -> None:
+        if self.state is TransferState.FAILED:
+            raise self.error
+        if self.state is not expected:
+            self._raise(FailureReason.INVALID, f"{what} arrived while the transfer is "
+                        f"{self.state.value}")
+
+    def _raise(self, reason: FailureReason, message: str):
+        error = TransferError(reason, f"request {self.request_id}: {message}")
+        self.fail(error)
+        raise error
+
+    def _expire(self) -> None:
+        self.fail(TransferError(FailureReason.DEADLINE_EXCEEDED,
+                                f"request {self.request_id}: state incomplete at the deadline "
+                                f"({self.states_received} states arrived)"))
+
+    def _finish(self) -> None:
+        self._timer.cancel()
+        self._receiver.forget(self.request_id, self)
+        self._done.set()
+
+
+def bytes_as_tensor(data: memoryview) -> torch.Tensor:
+    """A uint8 tensor over data without copying (read-only: only ever copied from)."""
+    if len(data) == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    import warnings
+
+    with warnings.catch_warnings():
+        # The buffer is immutable bytes; the tensor is only read (copied into the cache).
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(data, dtype=torch.uint8)
+
+
+@dataclass
+class StateReceiver:
+    """The decode side's registry of transfers it waits for, by request id."""
+
+    fingerprint: str
+    metrics: BatonMetrics | None = None
+    _incoming: dict[str, IncomingTransfer] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def expect(self, request_id: str, num_prompt_tokens: int, target: ReceiveTarget,
+               deadline: float) -> IncomingTransfer:
+        """Registers a reservation that waits for its state until deadline (time.time())."""
+        with self._lock:
+            if request_id in self._incoming:
+                raise ValueError(f"request_id={request_id!r} already waits for a transfer")
+            incoming = IncomingTransfer(self, request_id, num_prompt_tokens, target, deadline)
+            self._incoming[request_id] = incoming
+            return incoming
+
+    def incoming(self, request_id: str) -> IncomingTransfer:
+        """The waiting transfer of request_id; TransferError(NOT_FOUND) if none waits."""
+        with self._lock:
+            incoming = self._incoming.get(request_id)
+        if incoming is None:
+            raise TransferError(FailureReason.NOT_FOUND,
+                                f"no reservation waits for request {request_id!r}")
+        return incoming
+
+    def cancel(self, request_id: str, message: str) -> bool:
+        """Fails the waiting transfer of request_id (if any); returns whether one was failed."""
+        with self._lock:
+            incoming = self._incoming.get(request_id)
+        if incoming is None:
+            return False
+        return incoming.fail(TransferError(FailureReason.CANCELLED,
+                                           f"request {request_id}: {message}"))
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._incoming)
+
+    def forget(self, request_id: str, incoming: IncomingTransfer) -> None:
+        with self._lock:
+            if self._incoming.get(request_id) is incoming:
+                del self._incoming[request_id]
+
+    def count_failure(self) -> None:
+        if self.metrics is not None:
+            self.metrics.state_transfer_failures.inc()
+
+
+def check_chunk_bytes(chunk_bytes: int) -> int:
+    if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ValueError(f"chunk_bytes={chunk_bytes} is not in {MIN_CHUNK_BYTES}.."
+                         f"{MAX_CHUNK_BYTES}")
+    return chunk_bytes
