@@ -17,6 +17,7 @@ from baton.workers.engine.handoff import (
     StateKind,
     StateTransferError,
 )
+from baton.workers.engine.loop import EngineDraining, EngineLoop, LoopReservation, RequestStream
 from baton.workers.engine.request import Request, TokenEvent
 from baton.workers.engine.reservation import Reservation
 from baton.workers.engine.sampling import SamplingParams
@@ -25,11 +26,15 @@ __all__ = [
     "CacheFull",
     "Engine",
     "EngineConfig",
+    "EngineDraining",
+    "EngineLoop",
     "EngineStats",
     "LayerState",
+    "LoopReservation",
     "PrefillResult",
     "PrefillSink",
     "Request",
+    "RequestStream",
     "Reservation",
     "SamplingParams",
     "StateKind",

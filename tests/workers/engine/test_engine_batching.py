@@ -35,7 +35,7 @@ def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
 
 
-@pytest.mark.parametrize("speculative_tokens", [0])
+@pytest.mark.parametrize("speculative_tokens", [0, 1, 3])
 def test_batched_decoding_matches_full_recompute(tiny_model, helpers, speculative_tokens):
     engine = Engine(
         tiny_model,

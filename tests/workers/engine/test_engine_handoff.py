@@ -1,0 +1,200 @@
+"""State handed from a prefill engine to a decode engine through the sink."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from baton.workers.engine import (
+    CacheFull,
+    Engine,
+    EngineConfig,
+    LayerState,
+    Request,
+    SamplingParams,
+    StateKind,
+    StateTransferError,
+)
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 97, (n,), generator=g).tolist()
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.states: list[LayerState] = []
+
+    def on_layer(self, state: LayerState) -> None:
+        self.states.append(state)
+
+
+class ForwardingSink:
+    """Writes each state into a reservation as it arrives (what the transfer layer does)."""
+
+    def __init__(self, reservation) -> None:
+        self.reservation = reservation
+        self.kinds: list[tuple[int, StateKind]] = []
+
+    def on_layer(self, state: LayerState) -> None:
+        self.kinds.append((state.layer, state.kind))
+        self.reservation.write(state)
+
+
+def drain(engine: Engine) -> dict[str, list]:
+    events: dict[str, list] = {}
+    while engine.has_work():
+        for ev in engine.step():
+            events.setdefault(ev.request_id, []).append(ev)
+    return events
+
+
+def engine_for(model, k: int = 0, **kw) -> Engine:
+    return Engine(
+        model,
+        EngineConfig(
+            **{
+                "page_size": 4,
+                "num_pages": 96,
+                "max_num_seqs": 8,
+                "max_batch_tokens": 12,
+                "speculative_tokens": k,
+                **kw,
+            }
+        ),
+    )
+
+
+def single_engine_tokens(model, request: Request, k: int = 0, others=()) -> list[int]:
+    engine = engine_for(model, k)
+    for r in (request, *others):
+        engine.add_request(r)
+    return [e.token_id for e in drain(engine)[request.request_id]]
+
+
+def handoff(model, request: Request, k: int, recorder=None, busy=()):
+    """Prefill on P, stream into a reservation on D (which has other work), decode on D."""
+    p, d = engine_for(model), engine_for(model, k)
+    for r in busy:
+        d.add_request(r)
+    if recorder is not None:
+        p.runner.logits_observer = recorder
+        d.runner.logits_observer = recorder
+    res = d.reserve(request, len(request.prompt_ids))
+    d.step()  # D keeps decoding its own requests while the state arrives
+    sink = ForwardingSink(res)
+    result = p.prefill(request, sink)
+    assert p.stats().kv_cache_usage == 0 and p.stats().ssm_slot_usage == 0
+    res.commit(result.first_token, request.sampling, result.logprob, result.top_logprobs)
+    events = drain(d)
+    assert d.stats().kv_cache_usage == 0 and d.stats().ssm_slot_usage == 0
+    return result, sink, events
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_handoff_continues_like_one_engine(tiny_model, helpers, k):
+    n = 23
+    sampling = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=2)
+    request = Request("h", prompt(1, n), sampling)
+    recorder = helpers.Recorder()
+    busy = [
+        Request("busy", prompt(2, 9), SamplingParams(max_tokens=14, temperature=0, ignore_eos=True))
+    ]
+    result, sink, events = handoff(tiny_model, request, k, recorder, busy)
+    tokens = [e.token_id for e in events["h"]]
+    assert tokens[0] == result.first_token and len(tokens) == 10
+    assert events["h"][0].logprob == result.logprob and len(result.top_logprobs) == 2
+    assert events["h"][-1].finish_reason == "length"
+    helpers.check(tiny_model, recorder, "h", request.prompt_ids + tokens, n)
+    assert tokens == single_engine_tokens(tiny_model, Request("s", request.prompt_ids, sampling))
+
+    # What the sink saw: KV per chunk of each attention layer, conv + ssm of each Mamba layer
+    # once, the MTP layer's KV for positions 0..n-2, then the last hidden state.
+    kinds = tiny_model.layer_kinds
+    L = tiny_model.num_layers
+    attn = [i for i in range(L) if kinds[i] == "attention"]
+    mamba = [i for i in range(L) if kinds[i] == "mamba"]
+    seen = sink.kinds
+    chunks = -(-n // 12)
+    assert sum(1 for _, kd in seen if kd == StateKind.KV) == chunks * len(attn)
+    assert sorted(layer for layer, kd in seen if kd == StateKind.CONV) == mamba
+    assert sorted(layer for layer, kd in seen if kd == StateKind.SSM) == mamba
+    assert {layer for layer, kd in seen if kd == StateKind.MTP_KV} == {L}
+    assert seen[-1] == (L, StateKind.HIDDEN)
+
+
+def test_seeded_sampling_is_the_same_across_batches_and_handoff(tiny_model):
+    sampling = SamplingParams(
+        max_tokens=12, temperature=0.9, top_p=0.95, top_k=30, seed=1234, ignore_eos=True
+    )
+    ids = prompt(3, 17)
+    alone = single_engine_tokens(tiny_model, Request("x", ids, sampling))
+    others = [
+        Request(
+            f"o{i}",
+            prompt(10 + i, 5 + 7 * i),
+            SamplingParams(max_tokens=8, temperature=1.0, seed=i),
+        )
+        for i in range(4)
+    ]
+    crowded = single_engine_tokens(tiny_model, Request("x", ids, sampling), others=others)
+    assert alone == crowded
+    _, _, events = handoff(tiny_model, Request("x", ids, sampling), 0, busy=others[:2])
+    assert [e.token_id for e in events["x"]] == alone
+    other_seed = SamplingParams(**{**sampling.__dict__, "seed": 99})
+    assert single_engine_tokens(tiny_model, Request("x", ids, other_seed)) != alone
+
+
+def test_reserve_refuses_when_full_and_release_frees(tiny_model):
+    d = engine_for(tiny_model, num_slots=2, max_model_len=60, num_pages=40)
+    a = d.reserve(Request("a", prompt(1, 50)), 50)
+    b = d.reserve(Request("b", prompt(2, 10)), 10)
+    with pytest.raises(CacheFull):
+        d.reserve(Request("c", prompt(3, 10)), 10)
+    assert d.stats().reserved == 2 and d.stats().ssm_slot_usage == 1.0
+    with pytest.raises(ValueError, match="n_tokens"):
+        d.reserve(Request("c", prompt(3, 10)), 9)
+    a.release()
+    a.release()  # idempotent
+    with pytest.raises(StateTransferError, match="released"):
+        a.write(LayerState(1, StateKind.KV, 0, 1, torch.zeros(2, 1, 2, 8)))
+    # Incomplete state is never decoded from.
+    with pytest.raises(StateTransferError, match="missing"):
+        b.commit(5)
+    with pytest.raises(StateTransferError, match="outside"):
+        b.write(LayerState(1, StateKind.KV, 5, 11, torch.zeros(2, 6, 2, 8)))
+    with pytest.raises(StateTransferError, match="layer 0"):
+        b.write(LayerState(0, StateKind.KV, 0, 2, torch.zeros(2, 2, 2, 8)))
+    b.release()
+    stats = d.stats()
+    assert stats.reserved == 0 and stats.kv_cache_usage == 0 and stats.ssm_slot_usage == 0
+
+
+def test_commit_after_release_and_abort_after_commit(tiny_model):
+    p, d = engine_for(tiny_model), engine_for(tiny_model)
+    request = Request(
+        "r", prompt(4, 8), SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    )
+    res = d.reserve(request, 8)
+    result = p.prefill(request, ForwardingSink(res))
+    res.commit(result.first_token)
+    d.step()
+    res.release()  # after commit: aborts the running request
+    events = drain(d)
+    assert events["r"][-1].finish_reason == "abort"
+    assert d.stats().kv_cache_usage == 0 and d.stats().ssm_slot_usage == 0
+
+
+def test_failing_sink_fails_only_its_prefill(tiny_model):
+    class Broken:
+        def on_layer(self, state):
+            raise ConnectionError("peer went away")
+
+    p = engine_for(tiny_model)
+    p.add_request(Request("bystander", prompt(5, 10), SamplingParams(max_tokens=3, temperature=0)))
+    with pytest.raises(ConnectionError, match="peer"):
+        p.prefill(Request("broken", prompt(6, 20)), Broken())
+    events = drain(p)
+    assert events["bystander"][-1].finished
+    assert p.stats().kv_cache_usage == 0 and p.stats().ssm_slot_usage == 0
