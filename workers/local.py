@@ -136,7 +136,8 @@ class Child:
             return ""
 
 
-def _grpc_serving(port: int) -> bool:
+def grpc_serving(port: int) -> bool:
+    """True when the worker on 127.0.0.1:port answers grpc.health.v1 SERVING."""
     import grpc
 
     from baton.proto.grpc.health.v1 import health_pb2, health_pb2_grpc
@@ -150,7 +151,8 @@ def _grpc_serving(port: int) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
+    """True when GET url answers 200."""
     try:
         with urllib.request.urlopen(url, timeout=1.0) as reply:
             return reply.status == 200
@@ -251,8 +253,8 @@ class LocalDeployment:
             for child in self.children:
                 if child.name not in pending:
                     continue
-                ready = (_http_ok(self.base_url + "/health") if child.name == "router"
-                         else _grpc_serving(child.grpc_port))
+                ready = (http_ok(self.base_url + "/health") if child.name == "router"
+                         else grpc_serving(child.grpc_port))
                 if ready:
                     child.ready_after_s = time.monotonic() - child.started_at
                     pending.discard(child.name)

@@ -44,6 +44,7 @@ class ParsedRequest:
     logprobs: int | None = None  # None: off; k: chosen token plus k alternatives
     stream: bool = False
     include_usage: bool = False
+    tokens_as_ids: bool = False  # logprobs name tokens "token_id:<id>" (exact, for tooling)
 
 
 def _is_int(v: Any) -> bool:
@@ -143,7 +144,7 @@ def _check_known(body: dict, known: frozenset[str]) -> None:
 _COMMON = frozenset({
     "model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options",
     "stop", "stop_token_ids", "ignore_eos", "seed", "logprobs", "user", "presence_penalty",
-    "frequency_penalty", "logit_bias",
+    "frequency_penalty", "logit_bias", "return_tokens_as_token_ids",
 })
 _COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
 _CHAT_FIELDS = _COMMON | {
@@ -205,6 +206,7 @@ def _common(body: dict, endpoint: str) -> ParsedRequest:
         ignore_eos=_bool(body, "ignore_eos"),
         stream=stream,
         include_usage=include_usage,
+        tokens_as_ids=_bool(body, "return_tokens_as_token_ids"),
     )
 
 

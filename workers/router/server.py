@@ -145,11 +145,16 @@ class _Generation:
     def token_entry(self, out: TokenOutput) -> dict[str, Any] | None:
         if self.parsed.logprobs is None:
             return None
-        decode = self.router.tokenizer.decode
+        if self.parsed.tokens_as_ids:
+            def name(t: int) -> str:
+                return f"token_id:{t}"
+        else:
+            def name(t: int) -> str:
+                return self.router.tokenizer.decode([t])
         return {
-            "token": decode([out.token_id]),
+            "token": name(out.token_id),
             "logprob": out.logprob,
-            "top": [(decode([t]), lp) for t, lp in out.top_logprobs[: self.parsed.logprobs]],
+            "top": [(name(t), lp) for t, lp in out.top_logprobs[: self.parsed.logprobs]],
         }
 
     async def events(

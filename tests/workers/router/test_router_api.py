@@ -128,6 +128,12 @@ async def test_completion_logprobs(router_url):
     assert lp.token_logprobs == [-0.25, -0.5, -0.75]
     assert lp.top_logprobs[0] == {"b": -0.25, "A": -1.25}
     assert lp.text_offset == [0, 1, 2]
+    out = await client(router_url).completions.create(
+        model="tiny", prompt="ab", logprobs=1, max_tokens=10,
+        extra_body={"return_tokens_as_token_ids": True})
+    lp = out.choices[0].logprobs
+    assert lp.tokens == ["token_id:98", "token_id:97", "token_id:256"]
+    assert lp.top_logprobs[1] == {"token_id:97": -0.5}
     stream = await client(router_url).completions.create(model="tiny", prompt="ab",
                                                          logprobs=0, stream=True)
     got = [c.choices[0].logprobs.token_logprobs[0] async for c in stream
