@@ -30,15 +30,17 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]  # ids 0
 # quantizes activations with it; the reference path does not use it).
 INPUT_AMAX = 16.0
 
+# Written without whitespace control so that it renders the same with and without
+# trim_blocks / lstrip_blocks (transformers renders with both on).
 CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
+    "{% for message in messages %}"
     "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
     "<|im_start|>assistant\n"
-    "{%- if enable_thinking is defined and not enable_thinking -%}<think></think>"
-    "{%- else -%}<think>\n{%- endif -%}"
-    "{%- endif -%}"
+    "{% if enable_thinking is defined and not enable_thinking %}<think></think>"
+    "{% else %}<think>\n{% endif %}"
+    "{% endif %}"
 )
 
 # Training text of the tokenizer: plain English about the things this project serves.
