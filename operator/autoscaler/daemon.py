@@ -87,8 +87,9 @@ def state_from_status(status: Any) -> PolicyState:
             last_scale_time=_epoch(auto.get("lastScaleTime")),
             last_boost={r: float(t) for r, t in (memory.get("lastBoost") or {}).items()
                         if t is not None},
-            recent_demand=tuple((float(t), float(p), float(d))
-                                for t, p, d in memory.get("recentDemand") or []),
+            recent_demand=tuple(tuple(float(v) for v in entry)
+                                for entry in memory.get("recentDemand") or []
+                                if len(entry) == 5),
             full_pools={str(k): (float(t), int(n)) for k, t, n in memory.get("fullPools") or []},
         )
     except (TypeError, ValueError, AttributeError):
@@ -109,8 +110,7 @@ def status_from_decision(decision: Decision, now: float) -> dict:
         "limited": list(decision.limited),
         "memory": {
             "lastBoost": {r: state.last_boost.get(r) for r in ROLES},
-            "recentDemand": [[round(t, 3), round(p, 3), round(d, 3)]
-                             for t, p, d in state.recent_demand],
+            "recentDemand": [[round(v, 3) for v in entry] for entry in state.recent_demand],
             "fullPools": [[k, round(t, 3), n] for k, (t, n) in sorted(state.full_pools.items())],
         },
     }

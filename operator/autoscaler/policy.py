@@ -2,21 +2,29 @@
 
     decision = decide(spec, observation, current, pending, state, now, profile)
 
-Each role's demand is measured in its own unit: prefill in prompt tokens per second, decode
-in concurrent sequences. One replica of a pool supplies a capacity in that unit from the
-reference profile scaled by the pool's relativeSpeed and held below the latency target:
-- prefill: profile tokens/s * relativeSpeed * a utilization cap. A request's TTFT is its wait
-  plus its own prefill time s; with queueing waits roughly exponential, the 95th percentile
-  wait is ~3x the mean wait, so utilization is held at 1 - 3 s / TTFT target (at most 0.8).
-  Requests already queued add the rate that clears them within one TTFT target.
-- decode: the largest batch whose step time stays within the ITL target (after a margin for
-  admission and transfer gaps) at the pool's speed, capped by maxConcurrency and the profile's
-  max batch, times a headroom for load that arrives while new replicas start. Demand is the
-  larger of the sequences running plus waiting and generated tokens/s times the mean gap
-  (Little's law; smoother than the gauges).
-A role whose attainment is below the target gets at least its current capacity times a boost
-(the capacity model was wrong for this load) once per BOOST_COOLDOWN_SECONDS, long enough
-for replicas started by the last boost to count in the metrics.
+Each role's demand is measured in tokens per second: prefill in prompt tokens, decode in
+generated tokens (unlike concurrent sequences, a token rate does not grow when a fleet is
+consolidated and each sequence runs slower). One replica of a pool supplies a capacity from
+the reference profile scaled by the pool's relativeSpeed and held below the latency target:
+- prefill: profile tokens/s * relativeSpeed * a utilization cap rho. A request's TTFT is its
+  wait plus its own prefill time s (mean prompt / the replica's tokens/s). In an M/M/c queue
+  of c replicas the wait's tail is exponential with rate c (1 - rho) / s, so its 95th
+  percentile stays within TTFT target - s while 1 - rho >= ln(20) s / (c (target - s));
+  c is the role's current replica count (at least 1), and rho is at most
+  PREFILL_MAX_UTILIZATION. Requests already queued add the rate that clears them within
+  one TTFT target.
+- decode: the largest batch B whose step time stays within the ITL target (after a margin for
+  admission gaps) at the pool's speed, capped by maxConcurrency and the profile's max batch
+  (ReplicaProfile.decode_batch_limit); the replica then emits B * speed / step(B) tokens/s,
+  of which DECODE_HEADROOM is planned for. Demand is the larger of the generated tokens/s
+  and the concurrent sequences (running plus waiting) / ITL target: the tokens/s that gives
+  every sequence present its target gap (the token rate saturates when a fleet is full; the
+  sequence count does not).
+Scale-up anticipates the load at the time new replicas are ready: a rising demand is
+extrapolated STARTUP_LEAD_SECONDS + intervalSeconds ahead from its slope over the last
+TREND_SECONDS. A role whose attainment is below the target gets at least its current
+capacity times a boost (the capacity model was wrong for this load), at most once per
+BOOST_COOLDOWN_SECONDS, long enough for the replicas of the last boost to show in metrics.
 
 Placement: every pool starts at minReplicas; the rest of the demand goes to pools in order
 of cost per capacity (costPerHour / relativeSpeed), each up to maxReplicas, or up to the
@@ -24,7 +32,7 @@ replicas it could schedule when its pods stayed Pending (the pool counts as full
 stabilization window has passed since Pending pods were last seen). Each role keeps at least
 one replica: a role without workers answers 503 and its demand would never show in metrics.
 
-Scale-up is immediate. Scale-down follows the largest demand seen within the
+Scale-up is immediate. Scale-down follows the largest planned demand within the
 scaleDownStabilizationSeconds window (the HPA's rule), so no replica is removed inside the
 window after the demand that needed it. Missing metrics hold the last decision.
 """
@@ -46,20 +54,26 @@ __all__ = ["ROLES", "Observation", "PolicyState", "Decision", "decide", "pool_or
 
 ROLES = ("prefill", "decode")
 
-PREFILL_MAX_UTILIZATION = 0.8
+PREFILL_MAX_UTILIZATION = 0.85
 """Prefill utilization never planned above this, whatever the prompt length."""
 PREFILL_MIN_UTILIZATION = 0.2
 """Floor of the TTFT-derived utilization cap (prompts nearly as long as the target)."""
 PREFILL_TAIL_FACTOR = 3.0
-"""95th-percentile wait / mean wait for exponential waits (ln 20 ~ 3)."""
-DECODE_HEADROOM = 0.85
-"""Share of a decode replica's ITL-bounded batch that is planned for."""
+"""ln 20: the 95th percentile of an exponential wait in units of its mean."""
+DECODE_HEADROOM = 0.95
+"""Share of a decode replica's tokens/s at its ITL-bounded batch that is planned for."""
 ITL_STEP_MARGIN = 0.9
 """Share of the ITL target a decode step may take (admission and transfer gaps take the rest)."""
 BOOST_COOLDOWN_SECONDS = 180.0
 """Between attainment boosts of one role: replica start-up (>= 90 s) plus a 60 s rate window."""
-BOOST_MIN, BOOST_MAX = 1.25, 2.0
+BOOST_MIN, BOOST_MAX = 1.15, 1.5
 """Bounds of the capacity factor an attainment breach asks for."""
+STARTUP_LEAD_SECONDS = 90.0
+"""How far beyond the next decision a rising demand is extrapolated: a replica's start-up."""
+TREND_SECONDS = 180.0
+"""The span of recent demand the slope is fitted over."""
+TREND_MAX_GROWTH = 0.5
+"""The trend adds at most this share of the current token rate."""
 _EPS = 1e-9
 
 
@@ -106,8 +120,9 @@ class PolicyState:
     """When a decision last changed replicas (seconds since the epoch)."""
     last_boost: dict[str, float] = field(default_factory=dict)
     """Per role, when an attainment breach last boosted it."""
-    recent_demand: tuple[tuple[float, float, float], ...] = ()
-    """(time, prefill demand, decode demand) within the stabilization window."""
+    recent_demand: tuple[tuple[float, float, float, float, float], ...] = ()
+    """(time, measured prefill and decode token rates, planned prefill and decode demand)
+    within the stabilization window (planned: with queued work, trend and boost)."""
     full_pools: dict[str, tuple[float, int]] = field(default_factory=dict)
     """"role/pool" -> (when Pending pods were last seen, replicas the pool could schedule)."""
 
@@ -127,7 +142,8 @@ class Decision:
     limited: tuple[str, ...]
     """Roles whose demand exceeds every pool's maxReplicas (or schedulable replicas)."""
     demand: dict[str, float]
-    """Demand per role after stabilization: prompt tokens/s (prefill), sequences (decode)."""
+    """Planned demand per role after stabilization: prompt tokens/s (prefill), generated
+    tokens/s (decode)."""
     state: PolicyState
     """What to remember for the next decision."""
 
@@ -143,8 +159,10 @@ def pool_order(pools: tuple[PoolSpec, ...]) -> list[PoolSpec]:
 
 
 def pool_capacities(spec: ModelSpec, role: str, profile: ReplicaProfile,
-                    mean_prompt_tokens: float | None = None) -> dict[str, float]:
-    """Capacity one replica of each pool plans for, in the role's demand unit."""
+                    mean_prompt_tokens: float | None = None,
+                    replicas: int = 1) -> dict[str, float]:
+    """Capacity one replica of each pool plans for, in the role's demand unit (tokens/s).
+    replicas: how many replicas serve the role (the prefill queue's servers)."""
     targets = spec.autoscaling.targets
     capacities: dict[str, float] = {}
     for pool in spec.role(role).pools:
@@ -154,15 +172,20 @@ def pool_capacities(spec: ModelSpec, role: str, profile: ReplicaProfile,
             utilization = PREFILL_MAX_UTILIZATION
             if mean_prompt_tokens:
                 service = mean_prompt_tokens / tokens_per_second
-                utilization = min(utilization, max(
-                    PREFILL_MIN_UTILIZATION,
-                    1.0 - PREFILL_TAIL_FACTOR * service / targets.time_to_first_token_seconds))
+                slack = targets.time_to_first_token_seconds - service
+                if slack <= 0:
+                    utilization = PREFILL_MIN_UTILIZATION
+                else:
+                    utilization = min(utilization, max(
+                        PREFILL_MIN_UTILIZATION,
+                        1.0 - PREFILL_TAIL_FACTOR * service / (max(1, replicas) * slack)))
             capacities[pool.name] = tokens_per_second * utilization
         else:
             batch = profile.decode_batch_within(
                 targets.inter_token_latency_seconds * ITL_STEP_MARGIN, speed,
                 spec.decode.max_concurrency)
-            capacities[pool.name] = batch * DECODE_HEADROOM
+            tokens_per_second = (batch / profile.decode_step(batch, speed)) if batch else 0.0
+            capacities[pool.name] = tokens_per_second * DECODE_HEADROOM
     return capacities
 
 
@@ -190,18 +213,37 @@ def place(demand: float, pools: list[PoolSpec], capacity: dict[str, float],
     return replicas, remaining > _EPS
 
 
-def _role_demand(role: str, obs: Observation, spec: ModelSpec) -> float:
+def _role_demand(role: str, obs: Observation, spec: ModelSpec,
+                 replicas: int) -> tuple[float, float]:
+    """(demand, its steady part): the steady part is the token rate alone, which the trend
+    is fitted to; the demand adds what queued work needs. The prefill token rate counts
+    finished prompts, so it stops growing when prefill is saturated; the queue does not: the
+    queue beyond one request per replica (normal at high utilization) asks for the rate
+    that clears it before the next decision."""
     targets = spec.autoscaling.targets
     if role == "prefill":
-        demand = obs.prompt_tokens_per_second
-        if obs.request_rate > 0 and obs.prefill_waiting > 0:
+        steady = demand = obs.prompt_tokens_per_second
+        excess = obs.prefill_waiting - max(1, replicas)
+        if obs.request_rate > 0 and excess > 0:
             mean_prompt = obs.prompt_tokens_per_second / obs.request_rate
-            demand += obs.prefill_waiting * mean_prompt / targets.time_to_first_token_seconds
-        return demand
-    demand = obs.decode_running + obs.decode_waiting
-    if obs.mean_itl_seconds is not None:
-        demand = max(demand, obs.generation_tokens_per_second * obs.mean_itl_seconds)
-    return demand
+            demand += excess * mean_prompt / spec.autoscaling.interval_seconds
+        return demand, steady
+    sequences = obs.decode_running + obs.decode_waiting
+    steady = obs.generation_tokens_per_second
+    return max(steady, sequences / targets.inter_token_latency_seconds), steady
+
+
+def _slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (time, value) points; 0 with fewer than three."""
+    if len(points) < 3:
+        return 0.0
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_v = sum(v for _, v in points) / n
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    if var <= 0:
+        return 0.0
+    return sum((t - mean_t) * (v - mean_v) for t, v in points) / var
 
 
 def _clamp_to_spec(spec: ModelSpec, replicas: dict[str, dict[str, int]] | None,
@@ -253,12 +295,28 @@ def decide(spec: ModelSpec, observation: Observation | None,
     raw: dict[str, float] = {}
     notes: dict[str, list[str]] = {role: [] for role in ROLES}
     last_boost = dict(state.last_boost)
-    capacities = {role: pool_capacities(spec, role, profile, mean_prompt) for role in ROLES}
+    capacities = {role: pool_capacities(spec, role, profile, mean_prompt,
+                                        sum(current_clamped[role].values()))
+                  for role in ROLES}
     attainments = {"prefill": ("ttft", observation.ttft_attainment),
                    "decode": ("itl", observation.itl_attainment)}
-    for role in ROLES:
+    recent = tuple(entry for entry in state.recent_demand if now - entry[0] < window)
+    measured: dict[str, float] = {}
+    for index, role in enumerate(ROLES):
         capacity = capacities[role]
-        demand = _role_demand(role, observation, spec)
+        demand, steady = _role_demand(role, observation, spec,
+                                      sum(current_clamped[role].values()))
+        measured[role] = steady
+        trend = [(e[0], e[1 + index]) for e in recent if now - e[0] <= TREND_SECONDS]
+        slope = _slope(trend + [(now, steady)])
+        if slope > 0:
+            # what the load will be when replicas started now are ready, at most
+            # TREND_MAX_GROWTH of it (a fitted slope is noisy)
+            ahead = min(slope * (STARTUP_LEAD_SECONDS + auto.interval_seconds),
+                        TREND_MAX_GROWTH * steady)
+            if ahead > 0.01 * demand:
+                notes[role].append(f"rising {slope * 60:.3g}/min")
+            demand += ahead
         label, attained = attainments[role]
         if attained is not None and attained < auto.targets.attainment - _EPS:
             notes[role].append(f"{label} attainment {attained:.3f} < "
@@ -267,7 +325,7 @@ def decide(spec: ModelSpec, observation: Observation | None,
             if since >= BOOST_COOLDOWN_SECONDS:
                 shortfall = (auto.targets.attainment - attained) / max(
                     1.0 - auto.targets.attainment, 0.01)
-                factor = min(BOOST_MAX, max(BOOST_MIN, 1.0 + shortfall))
+                factor = min(BOOST_MAX, max(BOOST_MIN, 1.0 + 0.5 * shortfall))
                 have = sum(current_clamped[role][p] * capacity[p] for p in capacity)
                 if have * factor > demand:
                     demand = have * factor
@@ -275,9 +333,8 @@ def decide(spec: ModelSpec, observation: Observation | None,
                     notes[role].append(f"boosted x{factor:.2f}")
         raw[role] = demand
 
-    recent = tuple(entry for entry in state.recent_demand if now - entry[0] < window)
-    recent += ((now, raw["prefill"], raw["decode"]),)
-    stable = {"prefill": max(e[1] for e in recent), "decode": max(e[2] for e in recent)}
+    recent += ((now, measured["prefill"], measured["decode"], raw["prefill"], raw["decode"]),)
+    stable = {"prefill": max(e[3] for e in recent), "decode": max(e[4] for e in recent)}
 
     desired: dict[str, dict[str, int]] = {}
     limited: list[str] = []
@@ -325,7 +382,7 @@ def _drain(desired: dict[str, dict[str, int]],
 
 
 def _describe(role: str, demand: float, replicas: dict[str, int], notes: list[str]) -> str:
-    unit = "prompt tokens/s" if role == "prefill" else "sequences"
+    unit = "prompt tokens/s" if role == "prefill" else "generated tokens/s"
     pools = ", ".join(f"{p} {n}" for p, n in replicas.items())
     text = f"{role}: {demand:.4g} {unit} -> {pools}"
     if notes:

@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 
 from baton.operator.autoscaler.policy import (
-    ITL_STEP_MARGIN,
     ROLES,
     Observation,
     PolicyState,
@@ -229,13 +228,13 @@ class Simulator:
         span = max(self.window, 1.0)
         mean_prompt = float(t.prompt_tokens[first].mean())
         prompt_rate = float(t.prompt_tokens[first].sum()) / span
-        sequences = (float(first.sum()) / span * float(t.output_tokens[first].mean())
-                     * self.itl_target * ITL_STEP_MARGIN)
-        demand = {"prefill": prompt_rate, "decode": sequences}
+        generation_rate = float(t.output_tokens[first].sum()) / span
+        demand = {"prefill": prompt_rate, "decode": generation_rate}
         fleet = {}
         for role in ROLES:
             pools = pool_order(self.spec.role(role).pools)
-            capacity = pool_capacities(self.spec, role, self.profile, mean_prompt)
+            capacity = pool_capacities(self.spec, role, self.profile, mean_prompt,
+                                       sum(p.max_replicas for p in pools))
             fleet[role], _ = place(demand[role], pools, capacity,
                                    {p.name: p.max_replicas for p in pools})
         return fleet
@@ -323,7 +322,8 @@ class _Run:
         self.max_ttft = 0.0
         self.timeline: dict[str, list] = {
             "time": [], "request_rate": [], "prompt_tokens_per_second": [], "ttft_p95": [],
-            "gap_p95": [], "ttft_attainment": [], "itl_attainment": [], "replicas": []}
+            "gap_p95": [], "ttft_attainment": [], "itl_attainment": [], "replicas": [],
+            "reason": []}
         self.prefill_speed = sim.profile.prefill_tokens_per_second
         if not self.do_prefill:
             for i in np.argsort(self.first, kind="stable").tolist():
@@ -410,7 +410,7 @@ class _Run:
     # -- the policy ---------------------------------------------------------------------
 
     def observe(self, t: float) -> Observation:
-        sim, w = self.sim, self.sim.window
+        sim, w = self.sim, min(self.sim.window, t)
         times = self.sim.trace.time_s
         hi = bisect.bisect_right(self.times, t)
         lo = bisect.bisect_left(self.times, t - w - self.max_ttft - 1.0)
@@ -426,8 +426,7 @@ class _Run:
         itl_attained = float(np.mean(gaps <= sim.itl_target)) if gaps.size else None
         past = [v for s, v in self.token_history if s <= t - w]
         before = past[-1] if past else 0.0
-        span = min(w, t) if t > 0 else w
-        generation_rate = (self.token_history[-1][1] - before) / span
+        generation_rate = (self.token_history[-1][1] - before) / w
         running = sum(len(r.active) for r in self.replicas["decode"] if r.gone_at is None)
         queued = sum(len(r.waiting) for r in self.replicas["decode"] if r.gone_at is None)
         tl = self.timeline
@@ -466,6 +465,7 @@ class _Run:
             self.apply(decision.desired, current, t)
         self.timeline["replicas"].append({role: dict(decision.desired[role])
                                           for role in ROLES})
+        self.timeline["reason"].append(decision.reason)
 
     def apply(self, desired, current, t: float) -> None:
         for role in ROLES:
