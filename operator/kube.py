@@ -69,9 +69,21 @@ KNOWN_PLURALS = {
 class Kube:
     """Get, list, create, apply (server-side), merge-patch and delete dict objects."""
 
-    def __init__(self, api_client: Any, timeout_seconds: float = 30.0):
-        self._client = api_client
-        self._timeout = timeout_seconds
+    def __init__(self, configuration: Any, timeout_seconds: float = 30.0):
+        import urllib3
+
+        self._config = configuration
+        self._timeout = urllib3.Timeout(total=timeout_seconds)
+        tls: dict[str, Any] = {}
+        if configuration.host.startswith("https"):
+            tls["cert_reqs"] = "CERT_REQUIRED" if configuration.verify_ssl else "CERT_NONE"
+            if configuration.ssl_ca_cert:
+                tls["ca_certs"] = configuration.ssl_ca_cert
+            if configuration.cert_file:
+                tls["cert_file"] = configuration.cert_file
+            if configuration.key_file:
+                tls["key_file"] = configuration.key_file
+        self._http = urllib3.PoolManager(maxsize=8, **tls)
 
     @classmethod
     def from_config(cls, kubeconfig: str | None = None) -> Kube:
@@ -86,20 +98,25 @@ class Kube:
             config.load_incluster_config(client_configuration=configuration)
         except config.ConfigException:
             config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-        return cls(client.ApiClient(configuration))
+        return cls(configuration)
+
+    def _auth_headers(self) -> dict[str, str]:
+        # The client's configuration refreshes rotating tokens (in-cluster, exec plugins)
+        # when asked for the key, so ask on every request.
+        token = self._config.get_api_key_with_prefix("authorization") or \
+            self._config.get_api_key_with_prefix("BearerToken")
+        return {"Authorization": token} if token else {}
 
     def request(self, method: str, path: str, body: Any = None, *,
                 query: dict[str, str] | None = None,
                 content_type: str = "application/json") -> Any:
-        url_path = path + (f"?{urlencode(query)}" if query else "")
-        headers = {"Accept": "application/json", "Content-Type": content_type}
-        _, url, headers, _, _ = self._client.param_serialize(
-            method, url_path, header_params=headers, auth_settings=["BearerToken"])
-        payload = None if body is None else json.dumps(body)
-        response = self._client.call_api(method, url, header_params=headers, body=payload,
-                                         _request_timeout=self._timeout)
-        data = response.read()
-        text = data.decode() if isinstance(data, bytes) else str(data or "")
+        url = self._config.host.rstrip("/") + path + (f"?{urlencode(query)}" if query else "")
+        headers = {"Accept": "application/json", "Content-Type": content_type,
+                   "User-Agent": FIELD_MANAGER, **self._auth_headers()}
+        payload = None if body is None else json.dumps(body).encode()
+        response = self._http.request(method, url, body=payload, headers=headers,
+                                      timeout=self._timeout, retries=False)
+        text = response.data.decode(errors="replace")
         if not 200 <= response.status <= 299:
             raise ApiError(response.status, method, path, text)
         return json.loads(text) if text else None

@@ -1,0 +1,88 @@
+"""`python -m baton.operator` / `baton operator`: run the Kopf operator.
+
+    baton operator [--namespace NS ...] [--kubeconfig FILE] [--worker-image IMAGE]
+                   [--liveness URL] [--metrics-port PORT] [--peering NAME] [--priority N]
+                   [--resync-seconds S]
+
+Watches every namespace unless --namespace is given. Credentials: in-cluster when running in
+a pod, else the kubeconfig (--kubeconfig, $KUBECONFIG, ~/.kube/config). Kopf peering is on:
+replicas of the same priority freeze each other instead of acting twice (the chart runs one
+replica; HA replicas get distinct priorities, the highest one acts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+DEFAULT_PEERING = "baton"
+WORKER_IMAGE_ENV = "BATON_WORKER_IMAGE"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="baton operator", description=__doc__.split("\n")[0])
+    parser.add_argument("--namespace", "-n", action="append", default=[],
+                        help="watch only this namespace (repeatable; default: all namespaces)")
+    parser.add_argument("--kubeconfig", default=None,
+                        help="kubeconfig file (default: in-cluster, then $KUBECONFIG)")
+    parser.add_argument("--worker-image", default=os.environ.get(WORKER_IMAGE_ENV, ""),
+                        help=f"worker image for Models without spec.image "
+                             f"(default: ${WORKER_IMAGE_ENV})")
+    parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
+                        help="liveness endpoint URL ('' to disable)")
+    parser.add_argument("--metrics-port", type=int, default=9090,
+                        help="port of the operator's /metrics (0 to disable)")
+    parser.add_argument("--peering", default=DEFAULT_PEERING,
+                        help="Kopf peering object name (KopfPeering per namespace, or "
+                             "ClusterKopfPeering when watching all namespaces)")
+    parser.add_argument("--priority", type=int, default=0,
+                        help="peering priority: with several replicas the highest one acts")
+    parser.add_argument("--resync-seconds", type=float, default=60.0,
+                        help="periodic full reconcile of every Model")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    if args.resync_seconds <= 0:
+        parser.error(f"--resync-seconds must be > 0, got {args.resync_seconds}")
+    if not 0 <= args.metrics_port <= 65535:
+        parser.error(f"--metrics-port must be in 0..65535, got {args.metrics_port}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.kubeconfig:
+        # Kopf's own login and the autoscaler's client read the same file.
+        os.environ["KUBECONFIG"] = args.kubeconfig
+
+    import kopf
+    from prometheus_client import start_http_server
+
+    # Importing the autoscaler registers its per-Model daemon with Kopf.
+    import baton.operator.autoscaler.daemon  # noqa: F401
+    from baton.operator import handlers
+    from baton.operator.kube import Kube
+    from baton.operator.metrics import record_build_info
+    from baton.operator.reconcile import Reconciler
+
+    reconciler = Reconciler(Kube.from_config(args.kubeconfig), args.worker_image,
+                            handlers.post_event, logging.getLogger("baton.operator"))
+    handlers.register(reconciler, resync_seconds=args.resync_seconds)
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
+    record_build_info()
+    if not args.worker_image:
+        logging.getLogger("baton.operator").warning(
+            "No worker image configured (--worker-image or $%s): only Models with "
+            "spec.image can run.", WORKER_IMAGE_ENV)
+    kopf.run(clusterwide=not args.namespace, namespaces=args.namespace,
+             liveness_endpoint=args.liveness or None, peering_name=args.peering,
+             priority=args.priority, standalone=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

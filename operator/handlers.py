@@ -1,0 +1,74 @@
+"""Kopf handlers: thin adapters from watch events to one level-based reconcile.
+
+    Model watch events (added, modified, replayed at start-up)  -> reconcile(model)
+    owned Deployment events (status, deletion)                  -> reconcile(owner)
+    a timer every `resync_seconds` per Model                    -> reconcile(model)
+
+Handlers are sync: Kopf runs them in worker threads, where the blocking API client lives.
+Kopf stores nothing in the Model's status (annotations only), so every status write is the
+reconcile's own. `register()` adds them to Kopf's registry; `python -m baton.operator` calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from baton.operator.builders import MANAGED_BY
+from baton.operator.reconcile import Reconciler, owner_model
+from baton.operator.spec import GROUP, PLURAL, VERSION
+
+FINALIZER = "baton.dev/kopf-finalizer"
+_registered = False
+
+
+def post_event(body: dict, type_: str, reason: str, message: str) -> None:
+    """A Kubernetes Event on the Model, through Kopf's event queue."""
+    kopf.event(body, type=type_, reason=reason, message=message[:1000])
+
+
+def configure_kopf(settings: kopf.OperatorSettings) -> None:
+    settings.persistence.finalizer = FINALIZER
+    # Progress and the diff base go to annotations, never to status: the status subresource
+    # holds only what the reconcile and the autoscaler write.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="baton.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="baton.dev", key="last-handled-configuration")
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 600
+    settings.watching.client_timeout = 660
+
+
+def register(reconciler: Reconciler, resync_seconds: float = 60.0) -> None:
+    """Registers the handlers in Kopf's default registry (once per process)."""
+    global _registered
+    if _registered:
+        raise RuntimeError("baton.operator.handlers.register() was already called")
+    _registered = True
+
+    @kopf.on.startup()
+    def startup(settings: kopf.OperatorSettings, logger: Any, **_: Any) -> None:
+        configure_kopf(settings)
+        logger.info(f"baton operator started; worker image {reconciler.worker_image!r}, "
+                    f"resync every {resync_seconds:g}s.")
+
+    @kopf.on.event(GROUP, VERSION, PLURAL)
+    def model_event(event: dict, body: kopf.Body, **_: Any) -> None:
+        namespace, name = body.metadata.namespace or "default", body.metadata.name
+        if event.get("type") == "DELETED":
+            reconciler.forget(namespace, name)
+            return
+        reconciler.reconcile(namespace, name)
+
+    @kopf.timer(GROUP, VERSION, PLURAL, interval=resync_seconds, initial_delay=resync_seconds)
+    def resync(body: kopf.Body, **_: Any) -> None:
+        reconciler.reconcile(body.metadata.namespace or "default", body.metadata.name)
+
+    @kopf.on.event("apps", "v1", "deployments",
+                   labels={"app.kubernetes.io/managed-by": MANAGED_BY})
+    def owned_deployment_event(body: kopf.Body, **_: Any) -> None:
+        owner = owner_model(dict(body))
+        if owner is not None:
+            reconciler.reconcile(*owner)

@@ -1,0 +1,351 @@
+"""The operator as its own process (`python -m baton.operator`) against kmock over real HTTP.
+
+kmock serves the Kubernetes API with state and real watch streams, but runs no controllers:
+the test plays the controllers' part (writes Deployment status, bumps generations) and
+checks what the operator did through the stored objects and the requests it received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+NS = "llm"
+MODELS = "baton.dev/v1alpha1/models"
+DEPLOYMENTS = "apps/v1/deployments"
+IMAGE = "registry.example/baton:test"
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_body(name: str, uid: str, generation: int, spec: dict) -> dict:
+    return {"apiVersion": "baton.dev/v1alpha1", "kind": "Model",
+            "metadata": {"name": name, "namespace": NS, "uid": uid, "generation": generation,
+                         "resourceVersion": "1", "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": spec}
+
+
+def two_pool_spec() -> dict:
+    return {
+        "source": {"uri": "pvc://model-store/nano"},
+        "prefill": {"pools": [
+            {"name": "blackwell", "gpuProduct": "NVIDIA-B200", "minReplicas": 1,
+             "maxReplicas": 4, "relativeSpeed": "2.5"},
+            {"name": "hopper", "gpuProduct": "NVIDIA-H100-80GB-HBM3", "minReplicas": 1,
+             "maxReplicas": 8}]},
+        "decode": {"pools": [
+            {"name": "blackwell", "gpuProduct": "NVIDIA-B200", "minReplicas": 1,
+             "maxReplicas": 2},
+            {"name": "hopper", "gpuProduct": "NVIDIA-H100-80GB-HBM3", "minReplicas": 1,
+             "maxReplicas": 4}]},
+    }
+
+
+class Api:
+    """The test's own HTTP client for kmock (what kubectl and the controllers would do)."""
+
+    def __init__(self, session: aiohttp.ClientSession, base: str):
+        self.session, self.base = session, base.rstrip("/")
+
+    def path(self, resource: str, name: str | None = None, sub: str | None = None) -> str:
+        group_version, plural = resource.rsplit("/", 1)
+        prefix = "/api/" if "/" not in group_version else "/apis/"
+        url = f"{self.base}{prefix}{group_version}/namespaces/{NS}/{plural}"
+        return url + (f"/{name}" if name else "") + (f"/{sub}" if sub else "")
+
+    async def create(self, resource: str, body: dict) -> None:
+        async with self.session.post(self.path(resource), json=body) as r:
+            assert r.status < 300, await r.text()
+
+    async def patch(self, resource: str, name: str, body: dict, sub: str | None = None):
+        headers = {"Content-Type": "application/merge-patch+json"}
+        async with self.session.patch(self.path(resource, name, sub), json=body,
+                                      headers=headers) as r:
+            assert r.status < 300, await r.text()
+
+    async def delete(self, resource: str, name: str) -> None:
+        async with self.session.delete(self.path(resource, name)) as r:
+            assert r.status < 300, await r.text()
+
+    async def get(self, resource: str, name: str) -> dict | None:
+        async with self.session.get(self.path(resource, name)) as r:
+            if r.status == 404:
+                return None
+            assert r.status < 300, await r.text()
+            return await r.json()
+
+    async def list(self, resource: str) -> list[dict]:
+        async with self.session.get(self.path(resource)) as r:
+            assert r.status < 300, await r.text()
+            return (await r.json()).get("items") or []
+
+
+async def eventually(check, timeout: float = 20.0, what: str = "condition"):
+    """Polls an async `check` until it returns a truthy value."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+@contextlib.asynccontextmanager
+async def operator_process(kmock, tmp_path: Path):
+    kmock.resources.load_bundled()
+    kmock.resources[MODELS] = kmock.ResourceInfo(
+        kind="Model", namespaced=True, subresources={"status"},
+        verbs={"list", "watch", "get", "patch", "create", "delete"})
+    kmock.resources["kopf.dev/v1/clusterkopfpeerings"] = kmock.ResourceInfo(
+        kind="ClusterKopfPeering", namespaced=False,
+        verbs={"list", "watch", "get", "patch", "create"})
+    base = str(kmock.url).rstrip("/")
+    kubeconfig = tmp_path / "kubeconfig.yaml"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": base}}],
+        "users": [{"name": "test", "user": {"token": "test-token"}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test"}}]}))
+    log_path = tmp_path / "operator.log"
+    liveness_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
+    async with aiohttp.ClientSession() as session:
+        api = Api(session, base)
+        # The peering object the chart installs: Kopf's peering is on.
+        async with session.post(f"{base}/apis/kopf.dev/v1/clusterkopfpeerings", json={
+                "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
+                "metadata": {"name": "baton"}}) as r:
+            assert r.status < 300, await r.text()
+        with log_path.open("w") as log:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "baton.operator", "--kubeconfig", str(kubeconfig),
+                "--worker-image", IMAGE, "--metrics-port", "0", "--resync-seconds", "3",
+                "--liveness", f"http://127.0.0.1:{liveness_port}/healthz",
+                stdout=log, stderr=asyncio.subprocess.STDOUT, env=env, cwd=ROOT)
+        try:
+            async def watching():
+                assert proc.returncode is None, log_path.read_text()
+                return bool(kmock[kmock.action.WATCH, kmock.resource(MODELS)])
+            await eventually(watching, 30, "the operator's watch on models")
+
+            async def alive():
+                try:
+                    async with session.get(f"http://127.0.0.1:{liveness_port}/healthz") as r:
+                        return r.status == 200
+                except aiohttp.ClientError:
+                    return False
+            await eventually(alive, 10, "the liveness endpoint")
+            yield api, log_path, proc
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+                try:
+                    await asyncio.wait_for(proc.wait(), 15)
+                except asyncio.TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+
+
+def owned_names(items: list[dict], model: str) -> set[str]:
+    return {o["metadata"]["name"] for o in items
+            if (o["metadata"].get("labels") or {}).get("baton.dev/model") == model}
+
+
+def condition(model: dict | None, type_: str) -> dict:
+    for c in ((model or {}).get("status") or {}).get("conditions") or []:
+        if c["type"] == type_:
+            return c
+    return {}
+
+
+def assert_clean_log(log_path: Path) -> None:
+    """No errors in the operator's log, except kmock refusing Kopf's second and later Events
+    (it does not implement generateName)."""
+    lines = [line for line in log_path.read_text().splitlines()
+             if "Failed to post an event" not in line]
+    bad = [line for line in lines if "Traceback" in line or " ERROR " in line]
+    assert not bad, "\n".join(bad[:20])
+
+
+def posted_events(kmock) -> list[dict]:
+    """Events as posted: kmock does not implement generateName, so it stores only the first
+    of Kopf's events; the requests themselves are all recorded."""
+    return [r.data for r in kmock[kmock.action.CREATE, kmock.resource("v1/events")]
+            if isinstance(r.data, dict)]
+
+
+def status_patches(kmock, name: str) -> int:
+    return sum(1 for r in kmock[kmock.action.UPDATE, kmock.resource(MODELS)]
+               if r.name == name and r.subresource == "status")
+
+
+async def test_operator_reconciles_model_lifecycle(kmock, tmp_path):
+    uid = str(uuid.uuid4())
+    async with operator_process(kmock, tmp_path) as (api, log_path, _):
+        await api.create(MODELS, model_body("nano", uid, 1, two_pool_spec()))
+
+        # Applying a Model creates every object, owned by it.
+        expected_deployments = {"nano-prefill-blackwell", "nano-prefill-hopper",
+                                "nano-decode-blackwell", "nano-decode-hopper", "nano-router"}
+
+        async def deployments_created():
+            return owned_names(await api.list(DEPLOYMENTS), "nano") == expected_deployments
+        await eventually(deployments_created, 20, "the Deployments")
+        services = owned_names(await api.list("v1/services"), "nano")
+        assert services == {"nano-prefill", "nano-decode", "nano-router"}
+        assert owned_names(await api.list("v1/configmaps"), "nano") == {"nano-config"}
+        assert owned_names(await api.list("policy/v1/poddisruptionbudgets"), "nano") == \
+            expected_deployments
+        for resource in (DEPLOYMENTS, "v1/services", "v1/configmaps",
+                         "policy/v1/poddisruptionbudgets"):
+            for obj in await api.list(resource):
+                refs = obj["metadata"]["ownerReferences"]
+                assert [(r["kind"], r["name"], r["uid"], r["controller"]) for r in refs] == \
+                    [("Model", "nano", uid, True)]
+        dep = await api.get(DEPLOYMENTS, "nano-decode-hopper")
+        pod = dep["spec"]["template"]["spec"]
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        assert pod["containers"][0]["image"] == IMAGE
+
+        async def not_ready_yet():
+            model = await api.get(MODELS, "nano")
+            return condition(model, "Ready").get("reason") == "NotServing" and model
+        model = await eventually(not_ready_yet, 10, "Ready=False NotServing")
+        assert model["status"]["endpoint"] == "http://nano-router.llm.svc:8000/v1"
+
+        # The test plays the Deployment controller: pods come up, status follows.
+        for name in expected_deployments:
+            await api.patch(DEPLOYMENTS, name, {"metadata": {"generation": 2}})
+            await api.patch(DEPLOYMENTS, name, {"status": {
+                "observedGeneration": 2, "replicas": 1, "readyReplicas": 1,
+                "availableReplicas": 1}}, sub="status")
+
+        async def ready():
+            model = await api.get(MODELS, "nano")
+            status = model.get("status") or {}
+            return (condition(model, "Ready").get("status") == "True"
+                    and status.get("prefill", {}).get("readyReplicas") == 2
+                    and status.get("decode", {}).get("readyReplicas") == 2 and model)
+        model = await eventually(ready, 15, "Ready=True with 2+2 ready replicas")
+        assert condition(model, "PrefillReady")["status"] == "True"
+        assert condition(model, "DecodeReady")["status"] == "True"
+        assert condition(model, "Degraded")["status"] == "False"
+        assert {p["name"]: p["readyReplicas"] for p in model["status"]["prefill"]["pools"]} \
+            == {"blackwell": 1, "hopper": 1}
+        ready_since = condition(model, "Ready")["lastTransitionTime"]
+
+        # Edit: remove a prefill pool, grow a decode pool.
+        spec = two_pool_spec()
+        spec["prefill"]["pools"] = spec["prefill"]["pools"][:1]
+        spec["decode"]["pools"][1]["minReplicas"] = 2
+        await api.patch(MODELS, "nano", {"metadata": {"generation": 2}, "spec": spec})
+
+        async def edited():
+            names = owned_names(await api.list(DEPLOYMENTS), "nano")
+            hopper = await api.get(DEPLOYMENTS, "nano-decode-hopper")
+            return ("nano-prefill-hopper" not in names
+                    and hopper["spec"]["replicas"] == 2 and names)
+        names = await eventually(edited, 15, "the removed pool deleted, the grown one patched")
+        assert names == expected_deployments - {"nano-prefill-hopper"}
+        pdbs = owned_names(await api.list("policy/v1/poddisruptionbudgets"), "nano")
+        assert "nano-prefill-hopper" not in pdbs
+
+        async def degraded():
+            model = await api.get(MODELS, "nano")
+            return (model["status"].get("observedGeneration") == 2
+                    and condition(model, "Degraded").get("status") == "True" and model)
+        model = await eventually(degraded, 15, "Degraded after the decode pool grew")
+        assert "decode/hopper 1/2 ready" in condition(model, "Degraded")["message"]
+        assert condition(model, "Ready")["status"] == "True"
+        assert condition(model, "Ready")["lastTransitionTime"] == ready_since
+        assert condition(model, "Ready")["observedGeneration"] == 2
+
+        # A Deployment deleted behind the operator's back comes back.
+        await api.delete(DEPLOYMENTS, "nano-router")
+
+        async def recreated():
+            return await api.get(DEPLOYMENTS, "nano-router")
+        await eventually(recreated, 15, "the router Deployment recreated")
+
+        # Events say what the operator did.
+        reasons = {e.get("reason") for e in posted_events(kmock)
+                   if (e.get("involvedObject") or {}).get("name") == "nano"}
+        assert {"Created", "Updated", "Deleted"} <= reasons, reasons
+
+        # Deleting the Model releases it: no finalizer stays anywhere. (Kopf holds one while
+        # the Model has timers or daemons, to stop them before the Model goes.)
+        held = await api.get(MODELS, "nano")
+        assert held["metadata"].get("finalizers") == ["baton.dev/kopf-finalizer"]
+        await api.delete(MODELS, "nano")
+
+        async def gone():
+            return await api.get(MODELS, "nano") is None
+        await eventually(gone, 15, "the Model released by its finalizers")
+        for resource in (DEPLOYMENTS, "v1/services", "v1/configmaps",
+                         "policy/v1/poddisruptionbudgets"):
+            for obj in await api.list(resource):
+                assert not obj["metadata"].get("finalizers"), obj["metadata"]
+        assert_clean_log(log_path)
+
+
+async def test_invalid_model_is_reported_once_per_generation(kmock, tmp_path):
+    uid = str(uuid.uuid4())
+    spec = two_pool_spec()
+    # The schema cannot know that this source needs `baton up`: the operator must say so.
+    spec["source"] = {"uri": "./checkpoints/nano"}
+    async with operator_process(kmock, tmp_path) as (api, log_path, proc):
+        await api.create(MODELS, model_body("broken", uid, 1, spec))
+
+        async def rejected():
+            model = await api.get(MODELS, "broken")
+            return condition(model, "Ready").get("reason") == "InvalidSpec" and model
+        model = await eventually(rejected, 20, "Ready=False reason InvalidSpec")
+        ready = condition(model, "Ready")
+        assert ready["status"] == "False"
+        assert ready["message"].startswith("spec.source.uri: ")
+        assert ready["observedGeneration"] == 1
+        assert model["status"]["observedGeneration"] == 1
+
+        # Several resync periods and watch events later: still one status write, no retries.
+        await api.patch(MODELS, "broken", {"metadata": {"labels": {"touched": "yes"}}})
+        await asyncio.sleep(7)
+        assert proc.returncode is None
+        assert status_patches(kmock, "broken") == 1
+        assert owned_names(await api.list(DEPLOYMENTS), "broken") == set()
+
+        # A new generation that is still invalid: one more write, naming the new field.
+        spec["source"] = {"uri": "pvc://store/nano"}
+        spec["decode"]["pools"][0]["minReplicas"] = 3
+        await api.patch(MODELS, "broken", {"metadata": {"generation": 2}, "spec": spec})
+
+        async def second():
+            model = await api.get(MODELS, "broken")
+            return condition(model, "Ready").get("observedGeneration") == 2 and model
+        model = await eventually(second, 15, "the second generation's report")
+        assert condition(model, "Ready")["message"] == (
+            "spec.decode.pools[0].maxReplicas: must be >= minReplicas (3), got 2")
+        await asyncio.sleep(4)
+        assert status_patches(kmock, "broken") == 2
+        warnings = [e for e in posted_events(kmock) if e.get("reason") == "InvalidSpec"]
+        assert len(warnings) == 2
+        assert {w["type"] for w in warnings} == {"Warning"}
+        assert_clean_log(log_path)
