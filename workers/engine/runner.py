@@ -262,13 +262,11 @@ class ModelRunner:
 
     # ---- speculative decoding ------------------------------------------------------------
 
-    def run_speculative(self, seqs: list[Sequence], out: StepOutput) -> None:
-        if not seqs:
-            return
-        t0 = time.perf_counter()
+    def draft(self, seqs: list[Sequence]) -> list[list[int]]:
+        """seq.spec_tokens MTP drafts per sequence, for positions len(tokens) onwards."""
         k = [s.spec_tokens for s in seqs]
         n_tokens = [len(s.tokens) for s in seqs]
-        # 1. The pending true entries; the last output row drafts position N.
+        # The pending true entries first; the last output row drafts position N.
         lens = [s.pending_hidden.shape[0] for s in seqs]
         starts = [s.mtp_cached for s in seqs]
         next_ids = [t for s, m in zip(seqs, lens) for t in s.tokens[s.mtp_cached + 1 :][:m]]
@@ -298,7 +296,15 @@ class ModelRunner:
             keep = [j for j, i in enumerate(active) if depth + 1 < k[i]]
             g = g[keep]
             active = [active[j] for j in keep]
-        # 2. Verify [last token, drafts] in one forward that keeps per-token Mamba states.
+        return drafts
+
+    def run_speculative(self, seqs: list[Sequence], out: StepOutput) -> None:
+        if not seqs:
+            return
+        t0 = time.perf_counter()
+        n_tokens = [len(s.tokens) for s in seqs]
+        drafts = self.draft(seqs)
+        # Verify [last token, drafts] in one forward that keeps per-token Mamba states.
         ids = [t for s, d in zip(seqs, drafts) for t in [s.tokens[-1], *d]]
         lens = [1 + len(d) for d in drafts]
         batch = self._batch(seqs, ids, [s.cached_len for s in seqs], lens, spec_verify=True)
