@@ -69,9 +69,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16,
     with torch.device("meta"):
         model = NemotronHModel(config, dtype=dtype, formats=formats, max_model_len=max_model_len)
     if ep_group is not None:
-        from baton.kernels import ep
-
-        ep.shard_experts(model, ep_group)
+        _shard_experts(model, ep_group)
     model.to_empty(device=device)
     _check_no_non_persistent(model)
     load_weights(model, path, ignore_kv_scales=getattr(formats, "kv_cache_quant_algo", None))
@@ -80,6 +78,15 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16,
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _shard_experts(model: NemotronHModel, ep_group) -> None:
+    try:
+        from baton.kernels.ep import shard_experts
+    except ImportError as err:
+        raise ValueError(
+            f"ep_group: expert parallelism needs baton.kernels.ep.shard_experts ({err})") from err
+    shard_experts(model, ep_group)
 
 
 def _check_no_non_persistent(model: NemotronHModel) -> None:
@@ -111,12 +118,17 @@ class _Targets:
 
     def __init__(self, model: NemotronHModel):
         self.params = dict(model.state_dict(keep_vars=True))
-        self.experts = {name: m for name, m in model.named_modules()
-                        if isinstance(m, QuantExperts)}
+        # Checkpoint module name (`...mixer.experts`) -> (model module name, module). The two
+        # differ when expert parallelism wraps the stack in another module.
+        self.experts: dict[str, tuple[str, QuantExperts]] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, QuantExperts):
+                checkpoint_name = name[: name.rindex(".experts") + len(".experts")]
+                self.experts[checkpoint_name] = (name, module)
         self.tied = model.config.tie_word_embeddings
         # Per stacked expert tensor: the expert indices still to load.
         self.expert_todo: dict[str, set[int]] = {}
-        for module_name, module in self.experts.items():
+        for module_name, module in self.experts.values():
             first, last = module.expert_range
             for key in self.params:
                 if key.startswith(module_name + "."):
@@ -167,8 +179,8 @@ def load_weights(model: NemotronHModel, path: Path, ignore_kv_scales=None) -> No
 def _load_one(targets: _Targets, name: str, disk_name: str, shard) -> bool:
     match = PER_EXPERT.match(name)
     if match and match["module"] in targets.experts:
-        module = targets.experts[match["module"]]
-        key = f"{match['module']}.{match['proj']}_{match['tensor']}"
+        module_name, module = targets.experts[match["module"]]
+        key = f"{module_name}.{match['proj']}_{match['tensor']}"
         if key not in targets.params:
             return False
         expert = int(match["expert"])
@@ -183,8 +195,8 @@ def _load_one(targets: _Targets, name: str, disk_name: str, shard) -> bool:
         return True
     match = STACKED_EXPERT.match(name)
     if match and match["module"] in targets.experts:
-        module = targets.experts[match["module"]]
-        key = f"{match['module']}.{match['proj']}_weight"
+        module_name, module = targets.experts[match["module"]]
+        key = f"{module_name}.{match['proj']}_weight"
         first, last = module.expert_range
         tensor = shard.get_slice(disk_name)
         shape = tensor.get_shape()

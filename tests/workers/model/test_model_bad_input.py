@@ -187,3 +187,27 @@ def test_state_io_checks_its_arguments(tiny_model):
         cache.read_state(0, "hidden", None, 0)
     with pytest.raises(ValueError, match="num_pages"):
         tiny_model.allocate_cache(num_pages=0, page_size=4, num_slots=1)
+
+
+def test_expert_parallel_rank_loads_only_its_experts(tiny_checkpoint, tiny_model, monkeypatch):
+    """With ep_group, the kernels' shard_experts leaves each rank a slice of every expert
+    stack; the loader fills exactly that slice and skips the other ranks' experts."""
+    from baton.kernels import QuantExperts
+    from baton.workers.model import loader
+
+    def keep_upper_half(model, group):
+        for module in model.modules():
+            if isinstance(getattr(module, "experts", None), QuantExperts):
+                old = module.experts
+                module.experts = QuantExperts(old.num_experts, old.in_features, old.intermediate,
+                                              old.fmt, old.dtype, device="meta",
+                                              expert_range=(4, 8))
+
+    monkeypatch.setattr(loader, "_shard_experts", keep_upper_half)
+    model = load_model(tiny_checkpoint, dtype=torch.float32, ep_group=object())
+    for name in ("backbone.layers.2.mixer.experts", "mtp.layers.1.mixer.experts"):
+        local = model.get_submodule(name)
+        full = tiny_model.get_submodule(name)
+        assert local.expert_range == (4, 8)
+        assert torch.equal(local.up_weight, full.up_weight[4:8])
+        assert torch.equal(local.down_weight, full.down_weight[4:8])
