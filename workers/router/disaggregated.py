@@ -89,12 +89,12 @@ class DisaggregatedBackend:
     """Backend over a prefill pool and a decode pool (see the module docstring)."""
 
     def __init__(self, prefill: WorkerPool, decode: WorkerPool, balancer: Balancer,
-                 transfer_timeout_s: float = 30.0, reserve_timeout_s: float = 10.0) -> None:
+                 transfer_timeout_s: float = 30.0, headers_grace_s: float = 0.05) -> None:
         self.prefill = prefill
         self.decode = decode
         self.balancer = balancer
         self.transfer_timeout_s = transfer_timeout_s
-        self.reserve_timeout_s = reserve_timeout_s
+        self.headers_grace_s = headers_grace_s
         self.retries = 0  # attempts that failed and were retried (tests, logs)
 
     async def start(self) -> None:
@@ -141,7 +141,7 @@ class DisaggregatedBackend:
                             "other workers", request.request_id, attempt, len(emitted), exc)
 
     async def _reserve(self, req: decode_pb2.GenerateRequest, deadline: float,
-                       metadata: tuple, avoid: set[str]) -> tuple[Worker, grpc.aio.Call]:
+                       metadata: tuple, avoid: set[str]) -> tuple[Worker, grpc.aio.Call, bool]:
         candidates = self.balancer.order(self.decode.ready_workers(), avoid)
         if not candidates:
             raise NoReadyWorker("decode")
@@ -160,7 +160,7 @@ class DisaggregatedBackend:
             if call is _UNREACHABLE:
                 worker.inflight -= 1
                 continue
-            return worker, call
+            return worker, *call
         if refused:
             # Every reachable decode worker is full (the unreachable ones are marked).
             raise NoCapacity()
@@ -168,26 +168,27 @@ class DisaggregatedBackend:
 
     async def _reserve_on(self, worker: Worker, req: decode_pb2.GenerateRequest,
                           deadline: float, metadata: tuple, avoid: set[str]):
-        """D's Generate call once its reservation holds; None: D is full; _UNREACHABLE."""
+        """(D's Generate call, whether D confirmed its reservation); None: D is full;
+        _UNREACHABLE: D did not answer."""
         call = worker.stub.Generate(req, timeout=max(0.001, deadline - time.time()),
                                     metadata=metadata)
+        confirmed = False
         try:
-            # D answers with its headers once the reservation holds (or fails at once).
-            await asyncio.wait_for(call.initial_metadata(), self.reserve_timeout_s)
+            # D sends its headers once the reservation holds, or fails at once when full. A
+            # D that sends nothing before its first token is taken as reserved after a short
+            # grace; a prefill that reaches it before the reservation is re-issued (NOT_FOUND).
+            await asyncio.wait_for(asyncio.shield(call.initial_metadata()),
+                                   self.headers_grace_s)
+            confirmed = True
         except asyncio.TimeoutError:
-            call.cancel()
-            worker.mark_failed()
-            avoid.add(worker.address)
-            log.warning("decode worker %s did not answer a reservation within %g s",
-                        worker.address, self.reserve_timeout_s)
-            return _UNREACHABLE
+            pass
         except grpc.aio.AioRpcError:
             pass  # the code is read below
         except BaseException:
             call.cancel()
             raise
         if not call.done():
-            return call
+            return call, confirmed
         code = await call.code()
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return None
@@ -219,7 +220,7 @@ class DisaggregatedBackend:
         request_id = request.request_id if attempt == 0 else (
             f"{request.request_id}.retry{attempt}")
         metadata = (("x-request-id", request.request_id),)
-        decode, call = await self._reserve(
+        decode, call, confirmed = await self._reserve(
             decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
                                        sampling=sampling,
                                        deadline=_timestamp(request.deadline)),
@@ -232,19 +233,44 @@ class DisaggregatedBackend:
                 raise NoReadyWorker("prefill")
             prefill = ranked[0]
             avoid.update((decode.address, prefill.address))  # a retry goes elsewhere
-            prefill_task = asyncio.create_task(self._prefill(prefill, prefill_pb2.PrefillRequest(
+            transfer_deadline = time.time() + self.transfer_timeout_s
+            prefill_request = prefill_pb2.PrefillRequest(
                 request_id=request_id, prompt_token_ids=prompt, sampling=sampling,
-                decode_target=decode.address,
-                deadline=_timestamp(time.time() + self.transfer_timeout_s)), metadata))
-            prefill_task.add_done_callback(_retrieve)
+                decode_target=decode.address, deadline=_timestamp(transfer_deadline))
+
+            def start_prefill() -> asyncio.Task:
+                task = asyncio.create_task(self._prefill(prefill, prefill_request, metadata))
+                task.add_done_callback(_retrieve)
+                return task
+
+            prefill_task = start_prefill()
+            prefill_done = False
+            reissue_delay = 0.01
             want_logprobs = request.sampling.logprobs is not None
             got = 0
             while True:
-                read = asyncio.ensure_future(call.read())
-                if not prefill_task.done():
-                    await asyncio.wait({read, prefill_task}, return_when=asyncio.FIRST_COMPLETED)
-                if prefill_task.done() and prefill_task.exception() is not None:
-                    raise self._prefill_failure(prefill, prefill_task.exception())
+                if read is None:
+                    read = asyncio.ensure_future(call.read())
+                if not prefill_done:
+                    if not prefill_task.done():
+                        await asyncio.wait({read, prefill_task},
+                                           return_when=asyncio.FIRST_COMPLETED)
+                    if prefill_task.done():
+                        exc = prefill_task.exception()
+                        if exc is None:
+                            prefill_done = True
+                        elif (not confirmed and _code(exc) == grpc.StatusCode.NOT_FOUND
+                              and not read.done()
+                              and time.time() + reissue_delay < transfer_deadline):
+                            # The prefill reached D before D had registered the reservation.
+                            await asyncio.sleep(reissue_delay)
+                            reissue_delay = min(2 * reissue_delay, 0.5)
+                            prefill_task = start_prefill()
+                            continue
+                        else:
+                            raise self._prefill_failure(prefill, exc)
+                    if not read.done():
+                        continue
                 try:
                     message = await read
                 except grpc.aio.AioRpcError as exc:
@@ -252,12 +278,15 @@ class DisaggregatedBackend:
                     if code == grpc.StatusCode.DEADLINE_EXCEEDED and (
                             time.time() >= request.deadline):
                         raise asyncio.TimeoutError from None
+                    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and got == 0:
+                        raise NoCapacity() from None  # an unconfirmed D turned out full
                     if code == grpc.StatusCode.UNAVAILABLE:
                         decode.mark_failed()
                     raise AttemptFailed(f"decode worker {decode.address} failed after {got} "
                                         f"tokens: {_describe(exc)}",
                                         code not in _NOT_RETRIED) from None
                 read = None
+                confirmed = True
                 if message is grpc.aio.EOF:
                     raise AttemptFailed(f"decode worker {decode.address} ended the stream "
                                         f"without a finish reason after {got} tokens")
@@ -286,7 +315,6 @@ class DisaggregatedBackend:
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
 
-
     @staticmethod
     def _prefill_failure(worker: Worker, exc: BaseException) -> AttemptFailed:
         if isinstance(exc, grpc.aio.AioRpcError):
@@ -296,6 +324,10 @@ class DisaggregatedBackend:
             return AttemptFailed(f"prefill worker {worker.address} failed: {_describe(exc)}",
                                  exc.code() not in _NOT_RETRIED)
         return AttemptFailed(f"prefill worker {worker.address} failed: {exc!r}")
+
+
+def _code(exc: BaseException) -> grpc.StatusCode | None:
+    return exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
 
 
 def _retrieve(task: asyncio.Task) -> None:

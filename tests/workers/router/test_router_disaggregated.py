@@ -107,6 +107,8 @@ class FakeDecode(FakeWorker, decode_pb2_grpc.DecodeServiceServicer):
         self.die_after: int | None = None  # tokens streamed before the worker "dies"
         self.token_delay = 0.0
         self.streamed = 0
+        self.send_headers = True  # confirm the reservation with response headers
+        self.reserve_delay = 0.0  # seconds before the reservation is registered
 
     def load(self) -> dict:
         return {"running": self.used, "free_slots": self.capacity - self.used}
@@ -118,9 +120,11 @@ class FakeDecode(FakeWorker, decode_pb2_grpc.DecodeServiceServicer):
         self.requests.append(request)
         self.metadata.append(dict(context.invocation_metadata()))
         key = (self.address, request.request_id)
-        first = self.world.reservations[key] = asyncio.get_running_loop().create_future()
         try:
-            await context.send_initial_metadata(())
+            await asyncio.sleep(self.reserve_delay)
+            first = self.world.reservations[key] = asyncio.get_running_loop().create_future()
+            if self.send_headers:
+                await context.send_initial_metadata(())
             token = await asyncio.wait_for(first, 5)
             ids = list(request.prompt_token_ids)
             for n in range(request.sampling.max_tokens):
@@ -259,6 +263,16 @@ async def test_decode_death_mid_stream_continues_on_the_other_worker(cluster):
     assert retry.sampling.max_tokens == 7 and retry.sampling.seed == 5
     assert retry.request_id.endswith(".retry1")
     assert all(d.used == 0 for d in decodes)
+
+
+async def test_decode_without_early_headers_gets_the_prefill_reissued(cluster):
+    decodes, prefills, router = cluster
+    client, backend = await router(n_decode=1, n_prefill=1)
+    decodes[0].send_headers = False
+    decodes[0].reserve_delay = 0.2  # the prefill arrives before the reservation exists
+    out = await client.completions.create(model="tiny", prompt="late", max_tokens=4)
+    assert out.choices[0].text == ref_text("late", 4)
+    assert len(prefills[0].requests) > 1 and backend.retries == 0
 
 
 async def test_second_failure_is_an_sse_error(cluster):

@@ -1,0 +1,195 @@
+"""router -> prefill -> decode with real worker processes, the tiny model and the openai client.
+
+One cluster for the module: a prefill worker, two decode workers (MTP speculation on, two
+draft tokens) and a router, started directly as `baton worker` / `baton router` processes.
+The test that kills a decode worker runs last.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+import time
+import urllib.request
+
+import httpx
+import openai
+import pytest
+from conftest import (
+    CHECKPOINT,
+    MAX_MODEL_LEN,
+    assert_matches_reference,
+    start_router,
+    start_worker,
+    wait_ready,
+    worker_config,
+    write_config,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from baton.workers.engine.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    run = tmp_path_factory.mktemp("cluster")
+    config = write_config(run / "config.json", worker_config(CHECKPOINT, speculative_tokens=2))
+    prefill = start_worker("prefill", config, run, "prefill")
+    decodes = [start_worker("decode", config, run, f"decode{i}") for i in range(2)]
+    router = start_router(config, run, [prefill], decodes)
+    processes = [prefill, *decodes, router]
+    try:
+        ready = wait_ready(processes)
+        print("time to ready (s):", {k: round(v, 2) for k, v in ready.items()})
+        yield {"prefill": prefill, "decodes": decodes, "router": router,
+               "url": f"http://127.0.0.1:{router.http_port}"}
+    finally:
+        for p in processes:
+            p.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=cluster["url"] + "/v1", api_key="none", max_retries=0,
+                         timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(CHECKPOINT)
+
+
+def greedy(client, prompt: list[int], n: int, stream: bool = False) -> list[tuple[int, float]]:
+    """(token id, logprob) of n greedy tokens through the router."""
+    args = dict(model="tiny", prompt=prompt, max_tokens=n, temperature=0, logprobs=1,
+                extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    if stream:
+        tokens, logprobs = [], []
+        for chunk in client.completions.create(stream=True, **args):
+            lp = chunk.choices[0].logprobs if chunk.choices else None
+            if lp is not None:
+                tokens += lp.tokens
+                logprobs += lp.token_logprobs
+    else:
+        lp = client.completions.create(**args).choices[0].logprobs
+        tokens, logprobs = lp.tokens, lp.token_logprobs
+    return [(int(t.removeprefix("token_id:")), p) for t, p in zip(tokens, logprobs)]
+
+
+def usage_ratios(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        if family.name in ("baton_kv_cache_usage_ratio", "baton_ssm_state_slots_usage_ratio"):
+            out[family.name] = sum(s.value for s in family.samples)
+    return out
+
+
+def test_every_endpoint_streamed_and_not(client, tokenizer, reference):
+    prompt = tokenizer.encode("The quick brown fox")
+    ref_ids = [t for t, _, _ in reference(prompt, 8)]
+    out = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=8,
+                                    temperature=0, extra_body={"ignore_eos": True})
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.prompt_tokens == len(prompt) and out.usage.completion_tokens == 8
+    assert out.choices[0].text == tokenizer.decode(ref_ids)
+    chunks = list(client.completions.create(
+        model="tiny", prompt="The quick brown fox", max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == tokenizer.decode(ref_ids)
+    assert chunks[-1].usage.completion_tokens == 8
+
+    messages = [{"role": "user", "content": "Hello there"}]
+    chat_prompt = tokenizer.apply_chat_template(messages, tokenize=True, enable_thinking=False)
+    chat_ref = [t for t, _, _ in reference(chat_prompt, 6)]
+    reply = client.chat.completions.create(
+        model="tiny", messages=messages, max_completion_tokens=6, temperature=0,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}, "ignore_eos": True})
+    assert reply.choices[0].message.content == tokenizer.decode(chat_ref)
+    assert reply.usage.prompt_tokens == len(chat_prompt)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", messages=messages, max_completion_tokens=6, temperature=0, stream=True,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}, "ignore_eos": True}))
+    assert streamed == tokenizer.decode(chat_ref)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_bad_requests_against_real_workers(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt=[5] * MAX_MODEL_LEN, max_tokens=1)
+    assert info.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="hi")
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user",
+                                                                "content": "x"}], n=2)
+
+
+def test_concurrent_requests_equal_the_single_process_engine(client, reference):
+    rng = random.Random(0)
+    # Lengths from one token to many KV pages (16 tokens each); ids avoid the specials.
+    lengths = [1, 7, 16, 33, 70, 129, 200, 301]
+    prompts = [[rng.randrange(5, 512) for _ in range(n)] for n in lengths]
+    n_out = 12
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        results = list(pool.map(lambda ip: greedy(client, ip[1], n_out, stream=ip[0] % 2 == 0),
+                                enumerate(prompts)))
+    compared = 0
+    for prompt, got in zip(prompts, results):
+        compared += assert_matches_reference(got, reference(prompt, n_out),
+                                             f"prompt of {len(prompt)} tokens")
+    assert compared >= len(prompts) * n_out * 3 // 4  # near-ties are rare
+
+
+def test_client_disconnect_frees_slots_on_both_workers(cluster):
+    decode_ports = [d.metrics_port for d in cluster["decodes"]]
+    body = {"model": "tiny", "prompt": "tell me a very long story", "max_tokens": 400,
+            "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=60) as http, http.stream("POST", cluster["url"] +
+                                                       "/v1/completions", json=body) as r:
+        seen = 0
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                seen += 1
+                if seen == 3:
+                    break
+        busy = [usage_ratios(p) for p in decode_ports]
+        assert any(u["baton_kv_cache_usage_ratio"] > 0 and
+                   u["baton_ssm_state_slots_usage_ratio"] > 0 for u in busy), busy
+    deadline = time.monotonic() + 15
+    ports = decode_ports + [cluster["prefill"].metrics_port]
+    while True:
+        ratios = [usage_ratios(p) for p in ports]
+        if all(v == 0 for u in ratios for v in u.values()):
+            break
+        assert time.monotonic() < deadline, f"slots still held after the client left: {ratios}"
+        time.sleep(0.2)
+
+
+def test_decode_worker_killed_mid_stream_continues_on_the_other(cluster, client, reference):
+    rng = random.Random(1)
+    prompt = [rng.randrange(5, 512) for _ in range(40)]
+    n = 160
+    args = dict(model="tiny", prompt=prompt, max_tokens=n, temperature=0, logprobs=1,
+                stream=True, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    got: list[tuple[int, float]] = []
+    killed = None
+    for chunk in client.completions.create(**args):
+        lp = chunk.choices[0].logprobs if chunk.choices else None
+        if lp is not None:
+            got += [(int(t.removeprefix("token_id:")), p)
+                    for t, p in zip(lp.tokens, lp.token_logprobs)]
+        if killed is None and len(got) >= 10:
+            health = httpx.get(cluster["url"] + "/health").json()
+            busy = [w["address"] for w in health["workers"]["decode"] if w["inflight"] > 0]
+            assert len(busy) == 1, health
+            killed = next(d for d in cluster["decodes"] if d.address == busy[0])
+            killed.kill()
+            killed.proc.wait(timeout=10)
+    assert killed is not None and killed.proc.returncode is not None
+    # Every token exactly once, equal to the reference: no duplicate and no gap at the seam.
+    assert_matches_reference(got, reference(prompt, n), "stream across a decode worker death")
+    assert "retrying on other workers" in cluster["router"].log(200)
