@@ -33,6 +33,8 @@ class BatchPlan:
         seq_lens = [int(n) for n in batch.seq_lens]
         cached_lens = [int(n) for n in batch.cached_lens]
         num_seqs = len(seq_lens)
+        if not num_seqs:
+            raise ValueError("seq_lens: the batch holds no sequence")
         if len(cached_lens) != num_seqs:
             raise ValueError(
                 f"cached_lens: {len(cached_lens)} entries for {num_seqs} sequences in seq_lens")

@@ -95,6 +95,7 @@ class ModelCache:
         for slot, n in zip(slots, num_tokens):
             self._pending[slot] = n
 
+    @torch.inference_mode()
     def accept(self, slots: torch.Tensor, num_accepted: torch.Tensor) -> None:
         """After a spec_verify forward: the state after token num_accepted[i] (1..1+K) of
         sequence i becomes slot slots[i]'s state; the other snapshots are forgotten."""
@@ -151,6 +152,7 @@ class ModelCache:
                 f"block_table_row: has no page for tokens {token_start}..{token_end}")
         return table[page_index], positions % self.page_size
 
+    @torch.inference_mode()
     def read_state(self, layer: int, kind: str, block_table_row: torch.Tensor | None,
                    slot: int | None, token_start: int = 0, token_end: int = 0) -> torch.Tensor:
         """A copy of one layer's state of one sequence: kv/mtp_kv [2, n, KV, D] for tokens
@@ -162,6 +164,7 @@ class ModelCache:
         states = self._conv if kind == "conv" else self._ssm
         return states[layer][self._slot(slot)].clone()
 
+    @torch.inference_mode()
     def write_state(self, layer: int, kind: str, block_table_row: torch.Tensor | None,
                     slot: int | None, token_start: int, tensor: torch.Tensor) -> None:
         """The inverse of read_state: KV of tokens token_start.. into the row's pages, or the

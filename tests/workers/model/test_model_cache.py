@@ -156,8 +156,10 @@ def test_mtp_with_cache_matches_full(tiny_model):
         cache.read_state(mtp_layer, "kv", torch.tensor(driver.tables[0]), None, 0, 14)
 
 
-@pytest.mark.parametrize("accepted", [(1, 3), (3, 2)])
-def test_spec_verify_then_accept_equals_plain_feeding(tiny_model, logits_close, accepted):
+@pytest.mark.parametrize("accepted, verified", [((1, 3), (3, 3)), ((3, 2), (3, 3)),
+                                                ((2, 1), (3, 2))])
+def test_spec_verify_then_accept_equals_plain_feeding(tiny_model, logits_close, accepted,
+                                                      verified):
     model = tiny_model
     spec = 2
     tokens = random_tokens([16, 12], model.config.vocab_size, seed=4)
@@ -167,11 +169,12 @@ def test_spec_verify_then_accept_equals_plain_feeding(tiny_model, logits_close, 
     driver.add(1)
     driver.step([(0, 9), (1, 5)], tokens)
     # Verify 1 + K tokens per sequence; the cache keeps the state after each of them.
-    batch, hidden = driver.step([(0, 1 + spec), (1, 1 + spec)], tokens, spec_verify=True,
+    batch, hidden = driver.step([(0, verified[0]), (1, verified[1])], tokens, spec_verify=True,
                                 advance=False)
     logits = model.compute_logits(hidden)
-    logits_close(logits[:3], full_logits(model, tokens[0][:12])[9:12])
-    logits_close(logits[3:], full_logits(model, tokens[1][:8])[5:8])
+    first = verified[0]
+    logits_close(logits[:first], full_logits(model, tokens[0][:9 + first])[9:])
+    logits_close(logits[first:], full_logits(model, tokens[1][:5 + verified[1]])[5:])
     cache.accept(batch.state_slots, torch.tensor(accepted))
     for seq, n in enumerate(accepted):
         driver.cached[seq] += n
