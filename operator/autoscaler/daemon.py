@@ -91,6 +91,7 @@ def state_from_status(status: Any) -> PolicyState:
                                 for entry in memory.get("recentDemand") or []
                                 if len(entry) == 5),
             full_pools={str(k): (float(t), int(n)) for k, t, n in memory.get("fullPools") or []},
+            observing_since=_epoch(memory.get("observingSince")),
         )
     except (TypeError, ValueError, AttributeError):
         return PolicyState()
@@ -112,6 +113,7 @@ def status_from_decision(decision: Decision, now: float) -> dict:
             "lastBoost": {r: state.last_boost.get(r) for r in ROLES},
             "recentDemand": [[round(v, 3) for v in entry] for entry in state.recent_demand],
             "fullPools": [[k, round(t, 3), n] for k, (t, n) in sorted(state.full_pools.items())],
+            "observingSince": state.observing_since,
         },
     }
 

@@ -125,6 +125,9 @@ class PolicyState:
     within the stabilization window (planned: with queued work, trend and boost)."""
     full_pools: dict[str, tuple[float, int]] = field(default_factory=dict)
     """"role/pool" -> (when Pending pods were last seen, replicas the pool could schedule)."""
+    observing_since: float | None = None
+    """When the policy first saw metrics: before a whole window has been seen, the demand
+    that needed the current replicas is unknown, so no pool shrinks (except a full one)."""
 
 
 @dataclass(frozen=True)
@@ -336,6 +339,7 @@ def decide(spec: ModelSpec, observation: Observation | None,
     recent += ((now, measured["prefill"], measured["decode"], raw["prefill"], raw["decode"]),)
     stable = {"prefill": max(e[3] for e in recent), "decode": max(e[4] for e in recent)}
 
+    since = now if state.observing_since is None else state.observing_since
     desired: dict[str, dict[str, int]] = {}
     limited: list[str] = []
     for role in ROLES:
@@ -346,6 +350,13 @@ def decide(spec: ModelSpec, observation: Observation | None,
             ceiling[pool.name] = pool.max_replicas if full is None else max(
                 pool.min_replicas, min(pool.max_replicas, full[1]))
         desired[role], short = place(stable[role], pools, capacities[role], ceiling)
+        if now - since < window:
+            for pool in pools:
+                floor = min(current_clamped[role][pool.name], ceiling[pool.name])
+                if desired[role][pool.name] < floor:
+                    desired[role][pool.name] = floor
+                    notes[role].append(f"scale-down waits until {window} s of metrics "
+                                       "have been seen")
         if short:
             limited.append(role)
             notes[role].append("demand exceeds maxReplicas of every pool")
@@ -363,7 +374,8 @@ def decide(spec: ModelSpec, observation: Observation | None,
                        for role in ROLES)
     new_state = PolicyState(desired=desired,
                             last_scale_time=now if changed else state.last_scale_time,
-                            last_boost=last_boost, recent_demand=recent, full_pools=full_pools)
+                            last_boost=last_boost, recent_demand=recent, full_pools=full_pools,
+                            observing_since=since)
     return Decision(desired=desired, reason=reason, drain=_drain(desired, current_clamped),
                     held=False, limited=tuple(limited), demand=stable, state=new_state,
                     changed=changed)

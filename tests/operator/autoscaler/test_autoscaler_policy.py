@@ -1,0 +1,280 @@
+"""The autoscaling policy as a pure function: what each signal does to which role and pool."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from baton.operator.autoscaler.policy import (
+    BOOST_COOLDOWN_SECONDS,
+    DECODE_HEADROOM,
+    ITL_STEP_MARGIN,
+    PREFILL_MAX_UTILIZATION,
+    PREFILL_TAIL_FACTOR,
+    Observation,
+    PolicyState,
+    decide,
+    place,
+    pool_capacities,
+    pool_order,
+)
+from baton.operator.autoscaler.profile import ReplicaProfile
+from baton.operator.spec import Model
+
+PROFILE = ReplicaProfile(prefill_tokens_per_second=10000.0,
+                         decode_step_seconds=((1, 0.01), (64, 0.02), (128, 0.04)),
+                         max_decode_batch=128)
+T0 = 1_000_000.0
+
+
+def make_spec(*, prefill=None, decode=None, window=300, interval=30, ttft="2.0", itl="0.03",
+              attainment="0.95", max_concurrency=256):
+    default_pools = [
+        {"name": "hopper", "minReplicas": 1, "maxReplicas": 8, "relativeSpeed": "1",
+         "costPerHour": "4"},
+        {"name": "blackwell", "minReplicas": 0, "maxReplicas": 4, "relativeSpeed": "2",
+         "costPerHour": "6"},
+    ]
+    obj = {"apiVersion": "baton.dev/v1alpha1", "kind": "Model",
+           "metadata": {"name": "m", "namespace": "ns"},
+           "spec": {"source": {"uri": "pvc://models/m"},
+                    "prefill": {"pools": prefill or default_pools},
+                    "decode": {"pools": decode or default_pools,
+                               "maxConcurrency": max_concurrency},
+                    "autoscaling": {"enabled": True, "prometheusUrl": "http://prom:9090",
+                                    "intervalSeconds": interval,
+                                    "scaleDownStabilizationSeconds": window,
+                                    "targets": {"timeToFirstTokenSeconds": ttft,
+                                                "interTokenLatencySeconds": itl,
+                                                "attainment": attainment}}}}
+    return Model.from_resource(obj).spec
+
+
+def obs(*, prompt=5000.0, rate=2.0, generation=2000.0, running=40.0, waiting=0.0,
+        decode_waiting=0.0, ttft=0.99, itl=0.99, gap=0.02) -> Observation:
+    return Observation(request_rate=rate, prompt_tokens_per_second=prompt,
+                       generation_tokens_per_second=generation, prefill_waiting=waiting,
+                       decode_running=running, decode_waiting=decode_waiting,
+                       ttft_attainment=ttft, itl_attainment=itl, mean_itl_seconds=gap)
+
+
+def units(replicas: dict, role: str) -> float:
+    """Capacity in reference replicas (hopper 1, blackwell 2)."""
+    speed = {"hopper": 1.0, "blackwell": 2.0}
+    return sum(n * speed[pool] for pool, n in replicas[role].items())
+
+
+def fleet(prefill=(1, 0), decode=(1, 0)):
+    return {"prefill": {"hopper": prefill[0], "blackwell": prefill[1]},
+            "decode": {"hopper": decode[0], "blackwell": decode[1]}}
+
+
+def test_capacities_follow_the_documented_model():
+    spec = make_spec()
+    mean_prompt = 2500.0
+    caps = pool_capacities(spec, "prefill", PROFILE, mean_prompt, replicas=2)
+    for name, speed in (("hopper", 1.0), ("blackwell", 2.0)):
+        service = mean_prompt / (10000.0 * speed)
+        rho = min(PREFILL_MAX_UTILIZATION,
+                  1 - PREFILL_TAIL_FACTOR * service / (2 * (2.0 - service)))
+        assert caps[name] == pytest.approx(10000.0 * speed * rho)
+    caps = pool_capacities(spec, "decode", PROFILE)
+    for name, speed in (("hopper", 1.0), ("blackwell", 2.0)):
+        # brute force: the largest batch within the step limit, up to 128 * speed sequences
+        limit = min(256, int(128 * speed))
+        best = max(b for b in range(1, limit + 1)
+                   if PROFILE.decode_step(b, speed) <= 0.03 * ITL_STEP_MARGIN)
+        expected = best * speed / PROFILE.decode_step(best) * DECODE_HEADROOM
+        assert caps[name] == pytest.approx(expected)
+
+
+def test_ttft_breach_scales_prefill_and_not_decode():
+    spec = make_spec()
+    current = fleet(prefill=(2, 0), decode=(2, 0))
+    d = decide(spec, obs(prompt=8000.0, ttft=0.80), current, {}, PolicyState(), T0, PROFILE)
+    assert units(d.desired, "prefill") > units(current, "prefill")
+    assert d.desired["decode"] == current["decode"]
+    assert "ttft attainment 0.800 < 0.95" in d.reason
+    assert d.changed and d.state.last_scale_time == T0
+
+
+def test_itl_breach_scales_decode_and_not_prefill():
+    spec = make_spec()
+    current = fleet(prefill=(1, 0), decode=(3, 0))
+    d = decide(spec, obs(prompt=4000.0, generation=3000.0, itl=0.70), current, {},
+               PolicyState(), T0, PROFILE)
+    assert d.desired["prefill"] == current["prefill"]
+    assert units(d.desired, "decode") > units(current, "decode")
+    assert "itl attainment 0.700" in d.reason
+
+
+def test_boost_waits_for_its_cooldown():
+    spec = make_spec()
+    current = fleet(prefill=(2, 0))
+    first = decide(spec, obs(prompt=8000.0, ttft=0.8), current, {}, PolicyState(), T0,
+                   PROFILE)
+    again = decide(spec, obs(prompt=8000.0, ttft=0.8), first.desired, {}, first.state,
+                   T0 + 30, PROFILE)
+    assert again.desired == first.desired  # no second boost while the first one starts
+    later = decide(spec, obs(prompt=8000.0, ttft=0.8), first.desired, {}, again.state,
+                   T0 + BOOST_COOLDOWN_SECONDS + 1, PROFILE)
+    assert units(later.desired, "prefill") > units(first.desired, "prefill")
+
+
+def test_cheaper_capacity_fills_first_then_overflows():
+    # blackwell: 6 / 2 = 3 per unit of capacity, hopper 4 per unit: blackwell first
+    spec = make_spec()
+    assert [p.name for p in pool_order(spec.prefill.pools)] == ["blackwell", "hopper"]
+    per_bw = pool_capacities(spec, "prefill", PROFILE, 2500.0, 1)["blackwell"]
+    d = decide(spec, obs(prompt=2 * per_bw * 0.95, rate=2 * per_bw * 0.95 / 2500),
+               fleet(), {}, PolicyState(), T0, PROFILE)
+    # hopper keeps its minReplicas (1, already some capacity); blackwell takes the rest
+    assert d.desired["prefill"]["hopper"] == 1
+    assert d.desired["prefill"]["blackwell"] >= 1
+    big = decide(spec, obs(prompt=20 * per_bw, rate=20 * per_bw / 2500), fleet(), {},
+                 PolicyState(), T0, PROFILE)
+    assert big.desired["prefill"]["blackwell"] == 4  # its max, then hopper takes overflow
+    assert big.desired["prefill"]["hopper"] > 1
+
+
+def test_pending_pool_counts_as_full_and_overflows():
+    spec = make_spec()
+    current = fleet(prefill=(1, 4))
+    pending = {"prefill": {"blackwell": 2}}
+    per_bw = pool_capacities(spec, "prefill", PROFILE, 2500.0, 5)["blackwell"]
+    load = obs(prompt=4 * per_bw, rate=4 * per_bw / 2500)
+    d = decide(spec, load, current, pending, PolicyState(), T0, PROFILE)
+    assert d.desired["prefill"]["blackwell"] == 2  # what it could schedule
+    assert d.desired["prefill"]["hopper"] > 1       # the overflow
+    assert d.drain["prefill"] == {"blackwell": 2}
+    assert "pool blackwell is full at 2" in d.reason
+    # the Pending pods are gone next time; the pool still counts as full for the window
+    nxt = decide(spec, load, d.desired, {}, d.state, T0 + 30, PROFILE)
+    assert nxt.desired["prefill"]["blackwell"] == 2
+    # after the window it is tried again
+    later = decide(spec, load, nxt.desired, {}, nxt.state, T0 + 400, PROFILE)
+    assert later.desired["prefill"]["blackwell"] > 2
+
+
+def test_no_scale_down_inside_the_stabilization_window():
+    spec = make_spec(window=300)
+    high = obs(prompt=60000.0, rate=24.0)
+    d1 = decide(spec, high, fleet(), {}, PolicyState(), T0, PROFILE)
+    up = d1.desired
+    assert sum(up["prefill"].values()) > 1
+    low = obs(prompt=1000.0, rate=0.4)
+    state, now = d1.state, T0
+    for _ in range(9):  # 270 s of low load
+        now += 30
+        d = decide(spec, low, up, {}, state, now, PROFILE)
+        assert d.desired == up, d.reason
+        assert not d.drain["prefill"]
+        state = d.state
+    assert "stabilization window" in d.reason
+    d = decide(spec, low, up, {}, state, T0 + 301, PROFILE)
+    assert sum(d.desired["prefill"].values()) < sum(up["prefill"].values())
+    assert sum(d.drain["prefill"].values()) == (sum(up["prefill"].values())
+                                                - sum(d.desired["prefill"].values()))
+
+
+def test_scale_up_is_immediate_inside_the_window():
+    spec = make_spec(window=300)
+    d1 = decide(spec, obs(prompt=1000.0, rate=0.4), fleet(), {}, PolicyState(), T0, PROFILE)
+    d2 = decide(spec, obs(prompt=60000.0, rate=24.0), d1.desired, {}, d1.state, T0 + 30,
+                PROFILE)
+    assert units(d2.desired, "prefill") > units(d1.desired, "prefill")
+
+
+def test_min_and_max_are_respected():
+    pools = [{"name": "hopper", "minReplicas": 2, "maxReplicas": 3, "relativeSpeed": "1",
+              "costPerHour": "4"}]
+    spec = make_spec(prefill=pools, decode=pools)
+    idle = obs(prompt=0.0, rate=0.0, generation=0.0, running=0.0, ttft=None, itl=None,
+               gap=None)
+    current = {"prefill": {"hopper": 2}, "decode": {"hopper": 2}}
+    d = decide(spec, idle, current, {}, PolicyState(), T0, PROFILE)
+    assert d.desired == {"prefill": {"hopper": 2}, "decode": {"hopper": 2}}
+    flood = obs(prompt=1e7, rate=4000.0, generation=1e6, running=5000.0)
+    d = decide(spec, flood, current, {}, PolicyState(), T0, PROFILE)
+    assert d.desired == {"prefill": {"hopper": 3}, "decode": {"hopper": 3}}
+    assert set(d.limited) == {"prefill", "decode"}
+    assert "demand exceeds maxReplicas" in d.reason
+
+
+def test_a_role_keeps_one_replica_when_every_minimum_is_zero():
+    pools = [{"name": "a", "minReplicas": 0, "maxReplicas": 3, "costPerHour": "5"},
+             {"name": "b", "minReplicas": 0, "maxReplicas": 3, "costPerHour": "4"}]
+    spec = make_spec(prefill=pools, decode=pools)
+    idle = obs(prompt=0.0, rate=0.0, generation=0.0, running=0.0, ttft=None, itl=None,
+               gap=None)
+    current = {"prefill": {"a": 0, "b": 0}, "decode": {"a": 0, "b": 0}}
+    d = decide(spec, idle, current, {}, PolicyState(), T0, PROFILE)
+    assert d.desired == {"prefill": {"a": 0, "b": 1}, "decode": {"a": 0, "b": 1}}
+
+
+def test_missing_metrics_hold_the_last_decision():
+    spec = make_spec()
+    last = fleet(prefill=(3, 1), decode=(2, 2))
+    state = PolicyState(desired=last, last_scale_time=T0 - 100)
+    d = decide(spec, None, fleet(), {}, state, T0, PROFILE,
+               missing="no series for 'baton_requests_running'")
+    assert d.held
+    assert d.desired == last
+    assert "holding the last decision" in d.reason
+    assert "baton_requests_running" in d.reason
+    assert d.state.last_scale_time == T0 - 100
+    # without any decision yet, it holds what the pools have, never zero
+    d = decide(spec, None, fleet(prefill=(2, 0), decode=(1, 1)), {}, PolicyState(), T0,
+               PROFILE, missing="prometheus down")
+    assert d.desired == fleet(prefill=(2, 0), decode=(1, 1))
+
+
+def test_a_rising_load_is_met_ahead_of_time():
+    spec = make_spec()
+    state, current = PolicyState(), fleet()
+    for k in range(6):  # prompt tokens/s rising by 2000 every 30 s
+        d = decide(spec, obs(prompt=10000.0 + 2000.0 * k, rate=4.0 + 0.8 * k), current, {},
+                   state, T0 + 30 * k, PROFILE)
+        state, current = d.state, d.desired
+    assert "rising" in d.reason
+    flat = decide(spec, obs(prompt=20000.0, rate=8.0), fleet(), {}, PolicyState(), T0,
+                  PROFILE)
+    assert d.demand["prefill"] > flat.demand["prefill"]
+
+
+def test_decode_demand_counts_queued_sequences():
+    spec = make_spec()
+    calm = decide(spec, obs(generation=2000.0, running=40.0), fleet(), {}, PolicyState(),
+                  T0, PROFILE)
+    queued = decide(spec, obs(generation=2000.0, running=40.0, decode_waiting=400.0),
+                    fleet(), {}, PolicyState(), T0, PROFILE)
+    assert queued.demand["decode"] == pytest.approx(440.0 / 0.03)
+    assert units(queued.desired, "decode") > units(calm.desired, "decode")
+
+
+def test_place_covers_the_demand_with_the_fewest_replicas_in_the_last_pool():
+    spec = make_spec()
+    pools = pool_order(spec.prefill.pools)
+    capacity = {"blackwell": 17000.0, "hopper": 8000.0}
+    ceiling = {p.name: p.max_replicas for p in pools}
+    for demand in (0.0, 1.0, 16999.0, 17001.0, 68000.0, 68001.0, 100000.0):
+        replicas, short = place(demand, pools, capacity, ceiling)
+        supplied = sum(replicas[p] * capacity[p] for p in replicas)
+        assert not short and supplied >= demand
+        assert replicas["hopper"] >= 1  # its minReplicas
+        if demand > 4 * 17000.0 + 8000.0:
+            # blackwell is full; one hopper fewer would not cover the demand
+            assert replicas["blackwell"] == 4
+            assert supplied - capacity["hopper"] < demand
+    replicas, short = place(1e9, pools, capacity, ceiling)
+    assert short and replicas == {"blackwell": 4, "hopper": 8}
+
+
+def test_observation_rejects_nonsense():
+    with pytest.raises(ValueError, match="prompt_tokens_per_second"):
+        obs(prompt=-1.0)
+    with pytest.raises(ValueError, match="ttft_attainment"):
+        obs(ttft=1.5)
+    with pytest.raises(ValueError, match="request_rate"):
+        obs(rate=math.nan)
