@@ -13,8 +13,9 @@ Tensors by format (exactly the checkpoint names, so a state_dict loads directly)
     every format: optional bias [N] (model dtype)
 
 The "torch" backend is the reference: x @ dequantize(W).T with fp32 accumulation, output in
-x.dtype (NVFP4 runs W4A16: activations are not quantized). The "triton" backend runs the
-W4A16 Triton GEMM for NVFP4 and torch._scaled_mm for FP8 on CUDA.
+x.dtype (NVFP4 runs W4A16: activations are not quantized). The "triton" backend runs NVFP4
+through the W4A16 Triton GEMM, or on Blackwell (capability >= 10.0) natively in FP4 with
+activations quantized to NVFP4 (blackwell.py), and FP8 through torch._scaled_mm on CUDA.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baton.kernels import fp8, nvfp4
+from baton.kernels import blackwell, fp8, nvfp4, w4a16_gemm
 from baton.kernels.formats import WeightFormat, check_backend, check_model_dtype
 
 
@@ -144,13 +145,24 @@ class QuantLinear(nn.Module):
                 return self._forward_ref(x)
             out = fp8.fp8_linear_scaled_mm(x2, self.weight, self.weight_scale,
                                            getattr(self, "input_scale", None), self.bias)
+        elif blackwell.select_nvfp4_path(x2.device, self.out_features,
+                                         self.in_features) == "native_fp4":
+            out = blackwell.nvfp4_linear_native(
+                x2, self.weight, self.weight_scale, self.weight_scale_2,
+                getattr(self, "input_scale", None), self.bias, self._swizzled_weight_scale())
         else:
-            # Triton is imported lazily: torch-only users never pay for it.
-            from baton.kernels import w4a16_gemm
-
             out = w4a16_gemm.nvfp4_linear(x2, self.weight, self.weight_scale,
                                           self.weight_scale_2, self.bias)
         return out.reshape(*lead, self.out_features)
+
+    def _swizzled_weight_scale(self) -> torch.Tensor:
+        """The block scales in cuBLAS's layout, made once per loaded weight_scale."""
+        key = (self.weight_scale.data_ptr(), self.weight_scale._version)
+        cached = getattr(self, "_swizzle_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, blackwell.swizzle_block_scales(self.weight_scale))
+            self._swizzle_cache = cached
+        return cached[1]
 
     def set_backend(self, backend: str) -> None:
         self.backend = check_backend(backend)

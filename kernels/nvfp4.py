@@ -175,16 +175,30 @@ def e2m1_codes_ref(q: torch.Tensor) -> torch.Tensor:
     return code | ((q < 0).to(torch.uint8) << 3)
 
 
-def quantize_ref(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pure-torch NVFP4 quantization; see the module docstring for the exact rules."""
+def _given_global_scale(w: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    if global_scale.dtype != torch.float32 or tuple(global_scale.shape) != tuple(w.shape[:-2]):
+        raise ValueError(
+            f"global_scale must be float32 {tuple(w.shape[:-2])} for w {tuple(w.shape)}, got "
+            f"{global_scale.dtype} {tuple(global_scale.shape)}"
+        )
+    return global_scale
+
+
+def quantize_ref(w: torch.Tensor, global_scale: torch.Tensor | None = None,
+                 check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pure-torch NVFP4 quantization; see the module docstring for the exact rules.
+
+    global_scale, when given, replaces amax / (6 * 448) (activations quantized with a
+    calibrated input_scale); values beyond 6 * 448 * global_scale saturate.
+    """
     _check_weight(w)
-    if not torch.isfinite(w).all():
+    if check_finite and not torch.isfinite(w).all():
         raise ValueError(
             f"w {tuple(w.shape)} holds NaN or infinite values; NVFP4 cannot store them"
         )
     *lead, n, k = w.shape
     x = w.float().reshape(*lead, n, k // BLOCK_SIZE, BLOCK_SIZE)
-    gs = global_scale_ref(w)
+    gs = global_scale_ref(w) if global_scale is None else _given_global_scale(w, global_scale)
     gs_b = gs.reshape(*lead, 1, 1)
     block_amax = x.abs().amax(dim=-1)
     scale = block_amax / (FP4_MAX * gs_b)
@@ -219,18 +233,22 @@ def dequantize_ref(packed: torch.Tensor, block_scale: torch.Tensor, global_scale
     return (values * scale.unsqueeze(-1)).reshape(*lead, n, k).to(dtype)
 
 
-def quantize_triton(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Triton NVFP4 quantizer; the same bits as quantize_ref."""
+def quantize_triton(w: torch.Tensor, global_scale: torch.Tensor | None = None,
+                    check_finite: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton NVFP4 quantizer; the same bits as quantize_ref. check_finite=False skips
+    the NaN check (a host sync), for activations inside a captured graph."""
     _check_weight(w)
     check_triton_device(w)
-    if not torch.isfinite(w).all():
+    if check_finite and not torch.isfinite(w).all():
         raise ValueError(
             f"w {tuple(w.shape)} holds NaN or infinite values; NVFP4 cannot store them"
         )
     *lead, n, k = w.shape
     w = w.contiguous()
     # The global scale is one reduction per matrix: the same torch code as the reference.
-    gs = global_scale_ref(w).contiguous()
+    gs = (global_scale_ref(w) if global_scale is None
+          else _given_global_scale(w, global_scale)).contiguous()
     packed = torch.empty(*lead, n, k // 2, dtype=torch.uint8, device=w.device)
     scale = torch.empty(*lead, n, k // BLOCK_SIZE, dtype=torch.uint8, device=w.device)
     num_blocks = w.numel() // BLOCK_SIZE
@@ -266,16 +284,18 @@ def _use_triton(backend: str, t: torch.Tensor) -> bool:
     return backend == "triton" or (backend == "auto" and t.is_cuda)
 
 
-def quantize(w: torch.Tensor, backend: str = "auto"):
+def quantize(w: torch.Tensor, backend: str = "auto", global_scale: torch.Tensor | None = None,
+             check_finite: bool = True):
     """NVFP4-quantizes `w` [..., N, K] (float, K % 16 == 0).
 
     Returns (packed uint8 [..., N, K/2], block_scale float8_e4m3fn [..., N, K/16],
     global_scale float32 [...]). backend: "torch" (reference), "triton", or "auto" (Triton
-    on CUDA tensors). Both give the same bits.
+    on CUDA tensors). Both give the same bits. global_scale (float32 [...]) replaces the
+    computed one; check_finite=False skips the NaN/inf check.
     """
     if _use_triton(backend, w):
-        return quantize_triton(w)
-    return quantize_ref(w)
+        return quantize_triton(w, global_scale, check_finite)
+    return quantize_ref(w, global_scale, check_finite)
 
 
 def dequantize(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,

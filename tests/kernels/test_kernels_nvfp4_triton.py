@@ -122,3 +122,15 @@ def test_gpu_real_shapes_bit_exact(shape):
     triple = nvfp4.quantize_ref(w)
     assert torch.equal(nvfp4.dequantize(*triple, backend="triton").view(torch.int16),
                        nvfp4.dequantize_ref(*triple).view(torch.int16))
+
+
+def test_given_global_scale_saturates_the_same_way():
+    # A calibrated activation scale smaller than amax / 2688: large values saturate at +-6.
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(7)).to(DEVICE) * 10
+    gs = torch.tensor(0.002, device=DEVICE)
+    ref = nvfp4.quantize(x, backend="torch", global_scale=gs, check_finite=False)
+    assert_same_bits(nvfp4.quantize(x, backend="triton", global_scale=gs), ref)
+    assert ref[2].item() == pytest.approx(0.002)
+    assert (nvfp4.unpack_codes(ref[0]) & 7).max() == 7
+    with pytest.raises(ValueError, match="global_scale must be float32"):
+        nvfp4.quantize(x, global_scale=torch.tensor([0.1]))
