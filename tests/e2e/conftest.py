@@ -21,7 +21,7 @@ from baton.workers.local import free_port, grpc_serving, http_ok
 
 REPO = Path(__file__).resolve().parents[2]
 CHECKPOINT = REPO / "examples" / "tiny"
-MAX_MODEL_LEN = 512
+MAX_MODEL_LEN = 4096
 
 
 def worker_config(model_path: Path, speculative_tokens: int = 2, **router) -> dict:
@@ -141,7 +141,7 @@ class Reference:
         from baton.workers.model import load_model
 
         model = load_model(model_path, dtype=torch.float32, device="cpu", kernels="torch")
-        self.engine = Engine(model, EngineConfig(page_size=16, num_pages=128, max_num_seqs=4,
+        self.engine = Engine(model, EngineConfig(page_size=16, num_pages=300, max_num_seqs=4,
                                                  max_model_len=MAX_MODEL_LEN))
         self._n = 0
         self._cache: dict[tuple, list[tuple[int, float, float]]] = {}
@@ -164,6 +164,12 @@ class Reference:
                         out.append((ev.token_id, ev.logprob, lp1 - lp2))
             self._cache[key] = out
         return self._cache[key]
+
+
+@pytest.fixture(scope="session")
+def e2e():
+    """These helpers (test modules cannot import a conftest under --import-mode=importlib)."""
+    return sys.modules[__name__]
 
 
 @pytest.fixture(scope="session")

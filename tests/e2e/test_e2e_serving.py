@@ -11,37 +11,32 @@ import concurrent.futures
 import random
 import time
 import urllib.request
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from conftest import (
-    CHECKPOINT,
-    MAX_MODEL_LEN,
-    assert_matches_reference,
-    start_router,
-    start_worker,
-    wait_ready,
-    worker_config,
-    write_config,
-)
 from prometheus_client.parser import text_string_to_metric_families
 
 from baton.workers.engine.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+CHECKPOINT = REPO / "examples" / "tiny"
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, e2e):
     run = tmp_path_factory.mktemp("cluster")
-    config = write_config(run / "config.json", worker_config(CHECKPOINT, speculative_tokens=2))
-    prefill = start_worker("prefill", config, run, "prefill")
-    decodes = [start_worker("decode", config, run, f"decode{i}") for i in range(2)]
-    router = start_router(config, run, [prefill], decodes)
+    config = e2e.write_config(run / "config.json",
+                              e2e.worker_config(CHECKPOINT, speculative_tokens=2))
+    prefill = e2e.start_worker("prefill", config, run, "prefill")
+    decodes = [e2e.start_worker("decode", config, run, f"decode{i}") for i in range(2)]
+    router = e2e.start_router(config, run, [prefill], decodes)
     processes = [prefill, *decodes, router]
     try:
-        ready = wait_ready(processes)
+        ready = e2e.wait_ready(processes)
         print("time to ready (s):", {k: round(v, 2) for k, v in ready.items()})
         yield {"prefill": prefill, "decodes": decodes, "router": router,
                "url": f"http://127.0.0.1:{router.http_port}"}
@@ -117,9 +112,9 @@ def test_every_endpoint_streamed_and_not(client, tokenizer, reference):
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
 
-def test_bad_requests_against_real_workers(client):
+def test_bad_requests_against_real_workers(client, e2e):
     with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model="tiny", prompt=[5] * MAX_MODEL_LEN, max_tokens=1)
+        client.completions.create(model="tiny", prompt=[5] * e2e.MAX_MODEL_LEN, max_tokens=1)
     assert info.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="hi")
@@ -128,7 +123,7 @@ def test_bad_requests_against_real_workers(client):
                                                                 "content": "x"}], n=2)
 
 
-def test_concurrent_requests_equal_the_single_process_engine(client, reference):
+def test_concurrent_requests_equal_the_single_process_engine(client, reference, e2e):
     rng = random.Random(0)
     # Lengths from one token to many KV pages (16 tokens each); ids avoid the specials.
     lengths = [1, 7, 16, 33, 70, 129, 200, 301]
@@ -139,14 +134,14 @@ def test_concurrent_requests_equal_the_single_process_engine(client, reference):
                                 enumerate(prompts)))
     compared = 0
     for prompt, got in zip(prompts, results):
-        compared += assert_matches_reference(got, reference(prompt, n_out),
+        compared += e2e.assert_matches_reference(got, reference(prompt, n_out),
                                              f"prompt of {len(prompt)} tokens")
     assert compared >= len(prompts) * n_out * 3 // 4  # near-ties are rare
 
 
 def test_client_disconnect_frees_slots_on_both_workers(cluster):
     decode_ports = [d.metrics_port for d in cluster["decodes"]]
-    body = {"model": "tiny", "prompt": "tell me a very long story", "max_tokens": 400,
+    body = {"model": "tiny", "prompt": "tell me a very long story", "max_tokens": 4000,
             "stream": True, "ignore_eos": True}
     with httpx.Client(timeout=60) as http, http.stream("POST", cluster["url"] +
                                                        "/v1/completions", json=body) as r:
@@ -169,7 +164,8 @@ def test_client_disconnect_frees_slots_on_both_workers(cluster):
         time.sleep(0.2)
 
 
-def test_decode_worker_killed_mid_stream_continues_on_the_other(cluster, client, reference):
+def test_decode_worker_killed_mid_stream_continues_on_the_other(cluster, client, reference,
+                                                                e2e):
     rng = random.Random(1)
     prompt = [rng.randrange(5, 512) for _ in range(40)]
     n = 160
@@ -191,5 +187,5 @@ def test_decode_worker_killed_mid_stream_continues_on_the_other(cluster, client,
             killed.proc.wait(timeout=10)
     assert killed is not None and killed.proc.returncode is not None
     # Every token exactly once, equal to the reference: no duplicate and no gap at the seam.
-    assert_matches_reference(got, reference(prompt, n), "stream across a decode worker death")
+    e2e.assert_matches_reference(got, reference(prompt, n), "stream across a decode worker death")
     assert "retrying on other workers" in cluster["router"].log(200)
