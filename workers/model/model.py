@@ -140,11 +140,13 @@ class NemotronHModel(nn.Module):
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids: must be an integer tensor, got {input_ids.dtype}")
-        if input_ids.numel() and (int(input_ids.min()) < 0
-                                  or int(input_ids.max()) >= self.config.vocab_size):
+        if not input_ids.numel():
+            return
+        low, high = (int(v) for v in torch.stack(torch.aminmax(input_ids)).tolist())  # one sync
+        if low < 0 or high >= self.config.vocab_size:
             raise ValueError(
                 f"input_ids: token ids must be in [0, {self.config.vocab_size}), got "
-                f"{int(input_ids.min())}..{int(input_ids.max())}")
+                f"{low}..{high}")
 
     # ------------------------------------------------------------------ full forward
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -211,3 +211,13 @@ def test_expert_parallel_rank_loads_only_its_experts(tiny_checkpoint, tiny_model
         assert local.expert_range == (4, 8)
         assert torch.equal(local.up_weight, full.up_weight[4:8])
         assert torch.equal(local.down_weight, full.down_weight[4:8])
+
+
+def test_large_checkpoints_report_progress(tiny_checkpoint, monkeypatch, caplog):
+    from baton.workers.model import loader
+
+    monkeypatch.setattr(loader, "PROGRESS_BYTES", 0)
+    with caplog.at_level("INFO", logger=loader.__name__):
+        load_model(tiny_checkpoint, dtype=torch.float32)
+    assert any("loading weights: shard 1/1" in r.getMessage() and "100%" in r.getMessage()
+               for r in caplog.records)

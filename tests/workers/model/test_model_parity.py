@@ -20,6 +20,15 @@ HF_CONFIG = dict(
 )
 
 
+# Plain MoE (no latent projection), no group-limited routing, unnormalised weights, conv
+# kernel 3, attention first.
+HF_CONFIG_PLAIN = dict(
+    HF_CONFIG, hybrid_override_pattern="*ME-M", moe_latent_size=None, n_group=1, topk_group=1,
+    num_experts_per_tok=2, norm_topk_prob=False, routed_scaling_factor=1.0, conv_kernel=3,
+    chunk_size=4,
+)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
@@ -45,8 +54,12 @@ def perturb_(model: torch.nn.Module, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def hf_checkpoint(tmp_path_factory):
+    return _save_reference(tmp_path_factory, HF_CONFIG)
+
+
+def _save_reference(tmp_path_factory, hf_config):
     torch.manual_seed(0)
-    config = transformers.NemotronHConfig(**HF_CONFIG)
+    config = transformers.NemotronHConfig(**hf_config)
     reference = transformers.NemotronHForCausalLM(config).float().eval()
     perturb_(reference, seed=1)
     path = tmp_path_factory.mktemp("hf_nemotron_h")
@@ -78,3 +91,14 @@ def test_parity_catches_a_changed_weight(hf_checkpoint):
     with torch.no_grad():
         expected = reference(ids).logits.float()
     assert rel_err(model(ids), expected) > 1e-4
+
+
+def test_plain_moe_matches_transformers(tmp_path_factory):
+    reference, path = _save_reference(tmp_path_factory, HF_CONFIG_PLAIN)
+    model = load_model(path, dtype=torch.float32, kernels="torch")
+    assert model.backbone.layers[2].mixer.fc1_latent_proj is None
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, HF_CONFIG["vocab_size"], (2, 15), generator=gen)
+    with torch.no_grad():
+        expected = reference(ids).logits.float()
+    assert rel_err(model(ids), expected) < 1e-4
