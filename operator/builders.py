@@ -388,8 +388,11 @@ def pod_monitor(model: Model) -> dict:
             "selector": {"matchLabels": {"baton.dev/model": model.name}},
             # Workers serve /metrics on their metrics port, the router on its HTTP port; a pod
             # without the named port is simply not scraped for that endpoint.
-            "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics"},
-                                    {"port": "http", "path": "/metrics"}],
+            # honorLabels: the processes label their series with namespace/model/role/pool
+            # themselves; the scrape target's own `namespace` must not rename them.
+            "podMetricsEndpoints": [
+                {"port": "metrics", "path": "/metrics", "honorLabels": True},
+                {"port": "http", "path": "/metrics", "honorLabels": True}],
         },
     }
 
