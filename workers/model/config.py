@@ -40,6 +40,8 @@ ALIASES = {
     "num_local_experts": "n_routed_experts",
     "norm_eps": "layer_norm_epsilon",
     "rms_norm_eps": "layer_norm_epsilon",
+    "attention_head_dim": "head_dim",
+    "hidden_act": "mlp_hidden_act",
 }
 # Fields that config.json carries but that change nothing at inference (training options,
 # initialisation ranges, generation defaults, bookkeeping).
@@ -56,7 +58,8 @@ IGNORED_FIELDS = {
     "do_sample", "num_beams", "temperature", "top_k", "top_p", "repetition_penalty",
     "tf_legacy_loss", "use_bfloat16", "torchscript", "cross_attention_hidden_size",
     "add_cross_attention", "is_decoder", "rope_theta", "rope_scaling", "partial_rotary_factor",
-    "max_sequence_length",
+    "max_sequence_length", "_attn_implementation", "attn_implementation",
+    "router_aux_loss_coef", "aux_loss_alpha", "use_return_dict", "output_scores",
 }
 # Fields accepted only with the value that changes nothing (this family never sets them).
 NEUTRAL_FIELDS = {"sliding_window": None}
@@ -212,7 +215,11 @@ class NemotronHConfig:
 
         layer_kinds = _main_layer_kinds(values)
         mtp_kinds = _mtp_layer_kinds(values)
-        kwargs = {k: _decode_json_float(v) for k, v in values.items() if k in known}
+        # null means "the default" (e.g. n_routed_experts: null in dense checkpoints), except
+        # for the fields whose default is null.
+        nullable = {f.name for f in fields(cls) if f.default is None}
+        kwargs = {k: _decode_json_float(v) for k, v in values.items()
+                  if k in known and (v is not None or k in nullable)}
         if "time_step_limit" in kwargs:
             kwargs["time_step_limit"] = _time_step_limit(kwargs["time_step_limit"])
         if kwargs.get("head_dim") is None and "num_attention_heads" in kwargs:

@@ -54,6 +54,31 @@ def test_config_reads_both_spellings():
     assert NemotronHConfig.from_dict(hub.to_dict()) == hub
 
 
+def test_config_of_a_dense_hub_checkpoint():
+    """The fields of a released dense Nemotron-H config.json (8B layout, shrunk)."""
+    hub = {
+        "architectures": ["NemotronHForCausalLM"], "attention_bias": False,
+        "attention_dropout": 0.0, "attention_head_dim": 8, "auto_map": {}, "bos_token_id": 1,
+        "chunk_size": 128, "conv_kernel": 4, "eos_token_id": 2, "expand": 2,
+        "hidden_act": "relu2", "hidden_dropout": 0.0, "hidden_size": 32,
+        "hybrid_override_pattern": "M-M*-", "initializer_range": 0.02, "intermediate_size": 64,
+        "layer_norm_epsilon": 1e-05, "mamba_head_dim": 8, "mamba_hidden_act": "silu",
+        "mamba_num_heads": 8, "mamba_proj_bias": False, "max_position_embeddings": 8192,
+        "mlp_bias": False, "mlp_hidden_act": "relu2", "model_type": "nemotron_h",
+        "n_groups": 2, "num_attention_heads": 4, "num_hidden_layers": 5,
+        "num_key_value_heads": 2, "num_logits_to_keep": 1, "pad_token_id": 0,
+        "rescale_prenorm_residual": True, "residual_in_fp32": False, "rms_norm_eps": 1e-05,
+        "ssm_state_size": 16, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.48.0.dev0", "use_bias": False, "use_cache": True,
+        "use_conv_bias": True, "use_mamba_kernels": True, "vocab_size": 256,
+        "n_routed_experts": None,
+    }
+    config = NemotronHConfig.from_dict(hub)
+    assert config.head_dim == 8 and config.layer_kinds.count("mlp") == 2
+    with pytest.raises(ValueError, match="rms_norm_eps"):
+        NemotronHConfig.from_dict({**hub, "rms_norm_eps": 1e-6})
+
+
 def _rewrite(src, dst, edit):
     shutil.copytree(src, dst)
     tensors = load_file(str(dst / "model.safetensors"))
