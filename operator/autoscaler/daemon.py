@@ -22,7 +22,6 @@ restarted operator continues where it left off.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import os
@@ -38,19 +37,37 @@ from baton.operator.autoscaler.metrics import read_observation, read_pod_load
 from baton.operator.autoscaler.policy import ROLES, Decision, PolicyState, decide
 from baton.operator.autoscaler.profile import ReplicaProfile, load_profile
 from baton.operator.autoscaler.prometheus import PrometheusClient, PrometheusError
+from baton.operator.kube import Kube, Resource
 from baton.operator.spec import GROUP, PLURAL, VERSION, Model, SpecError
 
 __all__ = ["autoscale", "run_once", "KubernetesCluster", "state_from_status",
-           "status_from_decision", "pods_to_drain", "pending_pods", "DELETION_COST",
-           "MIN_RATE_WINDOW_SECONDS", "DESIRED_REPLICAS", "DECISIONS"]
+           "status_from_decision", "pods_to_drain", "pending_pods", "min_rate_window_seconds",
+           "DELETION_COST", "MIN_RATE_WINDOW_SECONDS", "DESIRED_REPLICAS", "DECISIONS"]
 
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 DRAIN_COST = "-1000"
 """Deletion cost of a pod chosen for removal (others default to 0; lower goes first)."""
 MIN_RATE_WINDOW_SECONDS = 60
-"""Shortest rate() window: at least two scrapes at the usual 30 s scrape interval."""
+"""Shortest rate() window by default: two scrapes at the usual 30 s scrape interval."""
+RATE_WINDOW_ENV = "BATON_AUTOSCALER_MIN_RATE_WINDOW_SECONDS"
+"""Overrides MIN_RATE_WINDOW_SECONDS (at least 2x the scrape interval, e.g. 20 at 10 s)."""
 PROFILE_ENV = "BATON_AUTOSCALER_PROFILE"
 """A replica profile JSON file (profile.py); unset: DEFAULT_PROFILE."""
+
+
+def min_rate_window_seconds() -> int:
+    """The shortest rate() window: $BATON_AUTOSCALER_MIN_RATE_WINDOW_SECONDS or 60."""
+    value = os.environ.get(RATE_WINDOW_ENV)
+    if not value:
+        return MIN_RATE_WINDOW_SECONDS
+    try:
+        seconds = int(value)
+    except ValueError:
+        seconds = 0
+    if seconds < 2:
+        raise ValueError(f"{RATE_WINDOW_ENV} must be an integer number of seconds >= 2, "
+                         f"got {value!r}")
+    return seconds
 
 DESIRED_REPLICAS = Gauge("baton_autoscaler_desired_replicas",
                          "Replicas the autoscaler wants per pool.",
@@ -173,59 +190,38 @@ def pods_to_drain(pods: list[dict], n: int, load: dict[str, float]) -> list[str]
     return [p["metadata"]["name"] for p in sorted(pods, key=key)[:max(0, n)]]
 
 
+DEPLOYMENTS = Resource("apps/v1", "deployments")
+PODS = Resource("v1", "pods")
+MODELS = Resource(f"{GROUP}/{VERSION}", PLURAL)
+
+
 @dataclass
 class KubernetesCluster:
-    """The few API calls the daemon makes, through the kubernetes client (in threads)."""
+    """The few API calls the daemon makes, through the operator's client (in threads)."""
 
-    api_client: Any = None
+    kube: Kube | None = None
 
-    def _client(self) -> Any:
-        if self.api_client is None:
-            import kubernetes
-
-            try:
-                kubernetes.config.load_incluster_config()
-            except kubernetes.config.ConfigException:
-                kubernetes.config.load_kube_config()
-            self.api_client = kubernetes.client.ApiClient()
-        return self.api_client
+    def _kube(self) -> Kube:
+        if self.kube is None:
+            self.kube = Kube.from_config(os.environ.get("KUBECONFIG") or None)
+        return self.kube
 
     async def deployment_replicas(self, namespace: str, name: str) -> int | None:
-        import kubernetes
-
-        apps = kubernetes.client.AppsV1Api(self._client())
-        try:
-            obj = await asyncio.to_thread(apps.read_namespaced_deployment, name, namespace,
-                                          _preload_content=False)
-        except kubernetes.client.ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        replicas = (json.loads(obj.data).get("spec") or {}).get("replicas")
+        obj = await asyncio.to_thread(self._kube().get, DEPLOYMENTS, namespace, name)
+        replicas = None if obj is None else (obj.get("spec") or {}).get("replicas")
         return None if replicas is None else int(replicas)
 
     async def model_pods(self, namespace: str, model: str) -> list[dict]:
-        import kubernetes
-
-        core = kubernetes.client.CoreV1Api(self._client())
-        response = await asyncio.to_thread(core.list_namespaced_pod, namespace,
-                                           label_selector=f"baton.dev/model={model}",
-                                           _preload_content=False)
-        return json.loads(response.data).get("items") or []
+        return await asyncio.to_thread(self._kube().list, PODS, namespace,
+                                       {"baton.dev/model": model})
 
     async def annotate_pod(self, namespace: str, name: str, annotations: dict) -> None:
-        import kubernetes
-
-        core = kubernetes.client.CoreV1Api(self._client())
-        await asyncio.to_thread(core.patch_namespaced_pod, name, namespace,
+        await asyncio.to_thread(self._kube().merge_patch, PODS, namespace, name,
                                 {"metadata": {"annotations": annotations}})
 
     async def patch_model_status(self, namespace: str, name: str, status: dict) -> None:
-        import kubernetes
-
-        custom = kubernetes.client.CustomObjectsApi(self._client())
-        await asyncio.to_thread(custom.patch_namespaced_custom_object_status, GROUP, VERSION,
-                                namespace, PLURAL, name, {"status": status})
+        await asyncio.to_thread(self._kube().merge_patch, MODELS, namespace, name,
+                                {"status": status}, "status")
 
 
 async def run_once(model: Model, body: Any, cluster: KubernetesCluster,
@@ -255,7 +251,7 @@ async def run_once(model: Model, body: Any, cluster: KubernetesCluster,
                 prom, model.namespace, model.name,
                 ttft_target=auto.targets.time_to_first_token_seconds,
                 itl_target=auto.targets.inter_token_latency_seconds,
-                window_seconds=max(MIN_RATE_WINDOW_SECONDS, 2 * auto.interval_seconds))
+                window_seconds=max(min_rate_window_seconds(), 2 * auto.interval_seconds))
         except PrometheusError as e:
             missing = str(e)
     decision = decide(model.spec, observation, current, pending, state, now, profile, missing)
@@ -303,6 +299,7 @@ async def autoscale(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.L
     """Runs the policy for one Model every intervalSeconds until the Model is deleted or
     autoscaling is turned off."""
     profile = load_profile(os.environ.get(PROFILE_ENV) or None)
+    min_rate_window_seconds()  # a bad setting fails here, before any decision
     cluster = KubernetesCluster()
     prom: PrometheusClient | None = None
     prom_url: str | None = None

@@ -20,11 +20,12 @@ the reference profile scaled by the pool's relativeSpeed and held below the late
   and the concurrent sequences (running plus waiting) / ITL target: the tokens/s that gives
   every sequence present its target gap (the token rate saturates when a fleet is full; the
   sequence count does not).
-Scale-up anticipates the load at the time new replicas are ready: a rising demand is
-extrapolated STARTUP_LEAD_SECONDS + intervalSeconds ahead from its slope over the last
-TREND_SECONDS. A role whose attainment is below the target gets at least its current
-capacity times a boost (the capacity model was wrong for this load), at most once per
-BOOST_COOLDOWN_SECONDS, long enough for the replicas of the last boost to show in metrics.
+Scale-up anticipates the load at the time new replicas are ready: a token rate rising
+clearly (TREND_MIN_RISE) is extrapolated STARTUP_LEAD_SECONDS + intervalSeconds ahead from
+its slope over the last TREND_SECONDS. A role whose attainment is below the target gets at
+least its current capacity times a boost (the capacity model was wrong for this load), at
+most once per BOOST_COOLDOWN_SECONDS, long enough for the replicas of the last boost to show
+in metrics.
 
 Placement: every pool starts at minReplicas; the rest of the demand goes to pools in order
 of cost per capacity (costPerHour / relativeSpeed), each up to maxReplicas, or up to the
@@ -74,6 +75,10 @@ TREND_SECONDS = 180.0
 """The span of recent demand the slope is fitted over."""
 TREND_MAX_GROWTH = 0.5
 """The trend adds at most this share of the current token rate."""
+TREND_MIN_RISE = 0.1
+"""A slope counts only when it rises by this share of the token rate per TREND_SECONDS
+(below that it is the rate window's noise), and only once half of TREND_SECONDS of
+history has been seen."""
 _EPS = 1e-9
 
 
@@ -312,7 +317,8 @@ def decide(spec: ModelSpec, observation: Observation | None,
         measured[role] = steady
         trend = [(e[0], e[1 + index]) for e in recent if now - e[0] <= TREND_SECONDS]
         slope = _slope(trend + [(now, steady)])
-        if slope > 0:
+        enough = bool(trend) and now - trend[0][0] >= TREND_SECONDS / 2
+        if enough and slope * TREND_SECONDS > TREND_MIN_RISE * steady:
             # what the load will be when replicas started now are ready, at most
             # TREND_MAX_GROWTH of it (a fitted slope is noisy)
             ahead = min(slope * (STARTUP_LEAD_SECONDS + auto.interval_seconds),
