@@ -25,6 +25,12 @@ class EngineConfig:
     """Longest sequence (prompt + output); None: the model's max_position_embeddings."""
     speculative_tokens: int = 0
     """MTP draft tokens per decode step; 0 turns speculative decoding off."""
+    spec_sampling: str = "coupled"
+    """How sampled (temperature > 0) drafts are verified. "coupled": a draft is kept iff it
+    equals the target's own token at that position (drawn with the same counter-based noise),
+    so output is token-for-token the output without speculation. "rejection": the standard
+    speculative-sampling rule (accept with min(1, p/q), else resample max(p - q, 0)); same
+    distribution, more drafts accepted, but tokens differ from non-speculative decoding."""
     eos_token_ids: list[int] | None = None
     """Tokens that finish a request; None: the tokenizer's, else the model config's."""
     ssm_dtype: object | None = None
@@ -50,6 +56,11 @@ class EngineConfig:
         check_int("max_batch_tokens", self.max_batch_tokens, 1)
         check_int("max_model_len", self.max_model_len, 2, allow_none=True)
         check_int("speculative_tokens", self.speculative_tokens, 0)
+        if self.spec_sampling not in ("coupled", "rejection"):
+            raise ValueError(
+                f"EngineConfig.spec_sampling={self.spec_sampling!r} is invalid: "
+                "'coupled' or 'rejection'"
+            )
         if self.num_pages is None and self.cache_memory_bytes is None:
             raise ValueError("EngineConfig: give num_pages or cache_memory_bytes")
         if self.max_batch_tokens < 1 + self.speculative_tokens:

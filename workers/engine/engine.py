@@ -97,7 +97,7 @@ class Engine:
         self.scheduler = Scheduler(
             self.pages, self.slots, config.max_num_seqs, config.max_batch_tokens, self.k
         )
-        self.runner = ModelRunner(model, self.cache, self.k)
+        self.runner = ModelRunner(model, self.cache, self.k, config.spec_sampling)
         self.reservations: dict[str, Reservation] = {}
         self._by_id: dict[str, Sequence] = {}
         self._deferred: list[TokenEvent] = []

@@ -30,7 +30,13 @@ import torch
 
 from baton.workers.engine.handoff import LayerState, StateKind
 from baton.workers.engine.request import Sequence
-from baton.workers.engine.sampling import SampleRow, sample_tokens, token_logprobs
+from baton.workers.engine.sampling import (
+    SampleRow,
+    draft_tokens,
+    rejection_verify,
+    sample_tokens,
+    token_logprobs,
+)
 from baton.workers.engine.scheduler import Chunk
 
 
@@ -62,13 +68,14 @@ class StepOutput:
 class ModelRunner:
     """Builds ForwardBatch objects for the model and samples from its logits."""
 
-    def __init__(self, model, cache, speculative_tokens: int) -> None:
+    def __init__(self, model, cache, speculative_tokens: int, spec_sampling: str = "coupled"):
         from baton.workers.model.batch import ForwardBatch
 
         self._batch_cls = ForwardBatch
         self.model = model
         self.cache = cache
         self.k = speculative_tokens
+        self.spec_sampling = spec_sampling
         self.device = model.device
         self.num_layers = model.num_layers
         kinds = model.layer_kinds
@@ -278,6 +285,8 @@ class ModelRunner:
             s.mtp_cached += m
             s.pending_hidden = None
         drafts: list[list[int]] = [[] for _ in seqs]
+        # Rejection mode: the distribution each draft was drawn from (q), per sequence.
+        self._draft_probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         active = list(range(len(seqs)))
         for depth in range(max(k)):
             active = [i for i in active if depth < k[i]]
@@ -290,7 +299,15 @@ class ModelRunner:
                 g = self.model.mtp_forward(g, batch.input_ids, batch, self.cache)
             logits = self.model.compute_logits(g)
             act = [seqs[i] for i in active]
-            toks = self._sample(logits, act, [n_tokens[i] + depth for i in active]).tolist()
+            positions = [n_tokens[i] + depth for i in active]
+            if self.spec_sampling == "coupled":
+                toks = self._sample(logits, act, positions).tolist()
+            else:
+                rows = [SampleRow(s.sampling, s.seed, p) for s, p in zip(act, positions)]
+                tokens, q = draft_tokens(logits, rows)
+                toks = tokens.tolist()
+                for i, q_row in zip(active, q):
+                    self._draft_probs[i].append(q_row)
             for i, t in zip(active, toks):
                 drafts[i].append(t)
             keep = [j for j, i in enumerate(active) if depth + 1 < k[i]]
@@ -314,26 +331,45 @@ class ModelRunner:
         t0 = time.perf_counter()
         row_seqs = [s for s, n in zip(seqs, lens) for _ in range(n)]
         row_pos = [n_tokens[i] + j for i, n in enumerate(lens) for j in range(n)]
-        target = self._sample(logits, row_seqs, row_pos)
-        sampled = self._with_logprobs(logits, row_seqs, target)
-        target = target.tolist()
+        emitted: list[list[int]] = []
+        if self.spec_sampling == "coupled":
+            target = self._sample(logits, row_seqs, row_pos).tolist()
+            row = 0
+            for d, n in zip(drafts, lens):
+                j = 0
+                while j < len(d) and d[j] == target[row + j]:
+                    j += 1
+                emitted.append(target[row : row + j + 1])
+                row += n
+        else:
+            row = 0
+            for i, (s, n) in enumerate(zip(seqs, lens)):
+                rows = [SampleRow(s.sampling, s.seed, p) for p in row_pos[row : row + n]]
+                q = torch.stack(self._draft_probs[i]) if drafts[i] else None
+                emitted.append(rejection_verify(logits[row : row + n], q, drafts[i], rows))
+                row += n
+        starts = torch.tensor([0, *lens[:-1]]).cumsum(0).tolist()
+        keep = [start + j for start, e in zip(starts, emitted) for j in range(len(e))]
+        keep_rows = torch.tensor(keep, dtype=torch.long, device=self.device)
+        kept_logits = logits.index_select(0, keep_rows)
+        kept_seqs = [row_seqs[r] for r in keep]
+        kept_tokens = torch.tensor([t for e in emitted for t in e], device=self.device)
+        sampled = self._with_logprobs(kept_logits, kept_seqs, kept_tokens)
+        if self.logits_observer is not None:
+            self.logits_observer(
+                [s.request_id for s in kept_seqs], [row_pos[r] for r in keep], kept_logits
+            )
         accepted = []
-        row = 0
+        at = 0
         for i, s in enumerate(seqs):
-            j = 0
-            while j < len(drafts[i]) and drafts[i][j] == target[row + j]:
-                j += 1
+            j = len(emitted[i]) - 1
             accepted.append(1 + j)
-            if self.logits_observer is not None:
-                self.logits_observer(
-                    [s.request_id] * (j + 1), row_pos[row : row + j + 1], logits[row : row + j + 1]
-                )
-            out.tokens.setdefault(id(s), []).extend(sampled[row : row + j + 1])
-            s.pending_hidden = hidden[row : row + j + 1].clone()
+            out.tokens.setdefault(id(s), []).extend(sampled[at : at + j + 1])
+            at += j + 1
+            s.pending_hidden = hidden[starts[i] : starts[i] + j + 1].clone()
             s.cached_len += 1 + j
             out.draft_tokens += len(drafts[i])
             out.accepted_tokens += j
-            row += lens[i]
         self.cache.accept(
             torch.tensor([s.slot for s in seqs], dtype=torch.int64, device=self.device),
             torch.tensor(accepted, dtype=torch.int64, device=self.device),

@@ -232,3 +232,81 @@ def token_logprobs(
         top = list(zip(ids[i][: top_n[i]], values[i][: top_n[i]])) if k > 0 else []
         out.append(TokenLogprobs(lp, top))
     return out
+
+
+# ---- speculative verification with the standard rejection rule ---------------------------
+
+# Noise streams: 0 draws ordinary tokens (and coupled drafts); the rejection rule draws its
+# drafts, acceptance uniforms and residual samples from streams of their own.
+STREAM_DRAFT = 1
+STREAM_ACCEPT = 2
+STREAM_RESIDUAL = 3
+
+
+def draft_tokens(
+    logits: torch.Tensor, rows: Sequence[SampleRow]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rejection-mode drafts: tokens [n] drawn from q = softmax(filtered draft logits) with the
+    draft noise stream, and q itself [n, V] (greedy rows: one-hot argmax)."""
+    n, vocab = logits.shape
+    q = torch.zeros(n, vocab, dtype=torch.float32, device=logits.device)
+    tokens = torch.argmax(logits, dim=-1)
+    q[torch.arange(n, device=logits.device), tokens] = 1.0
+    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if sampled:
+        idx = torch.tensor(sampled, dtype=torch.long, device=logits.device)
+        sub = [rows[i] for i in sampled]
+        x = filter_logits(logits.index_select(0, idx), sub)
+        keys = [row_key(r.seed, r.position, STREAM_DRAFT) for r in sub]
+        chosen = torch.argmax(x + gumbel_noise(keys, vocab, logits.device), dim=-1)
+        tokens = tokens.index_copy(0, idx, chosen)
+        q = q.index_copy(0, idx, torch.softmax(x, dim=-1))
+    return tokens, q
+
+
+def rejection_verify(
+    target_logits: torch.Tensor,
+    draft_probs: torch.Tensor,
+    drafts: list[int],
+    rows: Sequence[SampleRow],
+) -> list[int]:
+    """The standard speculative-sampling rule for one sequence (Leviathan et al., Chen et al.).
+
+    target_logits [k + 1, V] score positions N..N+k, draft_probs [k, V] are the distributions
+    the k drafts were drawn from, rows[i] keys position N + i. Draft i is accepted when
+    u_i * q_i(x_i) <= p_i(x_i); the first rejected one is replaced by a sample of
+    norm(max(p_i - q_i, 0)); if all are accepted a bonus token is drawn from p_k. Returns the
+    emitted tokens (1..k+1). Every draw is keyed on (seed, position, stream), so the result
+    does not depend on the batch.
+    """
+    k, vocab = len(drafts), target_logits.shape[1]
+    device = target_logits.device
+    if rows[0].params.greedy:
+        # p is one-hot on the argmax: accept while the draft is the argmax.
+        best = torch.argmax(target_logits, dim=-1).tolist()
+        out = []
+        for i in range(k):
+            out.append(best[i])
+            if drafts[i] != best[i]:
+                return out
+        return [*out, best[k]]
+    p = torch.softmax(filter_logits(target_logits, rows), dim=-1)
+    keys = [row_key(r.seed, r.position, STREAM_ACCEPT) for r in rows[:k]]
+    u = uniform_noise(keys, 1, device)[:, 0].tolist() if k else []
+    idx = torch.arange(k, device=device)
+    draft_ids = torch.tensor(drafts, dtype=torch.long, device=device)
+    p_x = p[idx, draft_ids].tolist() if k else []
+    q_x = draft_probs[idx, draft_ids].tolist() if k else []
+    for i in range(k):
+        if u[i] * q_x[i] <= p_x[i]:
+            continue
+        residual = torch.clamp(p[i] - draft_probs[i], min=0)
+        if float(residual.sum()) <= 0:  # p == q up to rounding: any draw from p will do
+            residual = p[i]
+        g = gumbel_noise([row_key(rows[i].seed, rows[i].position, STREAM_RESIDUAL)], vocab, device)[
+            0
+        ]
+        token = int(torch.argmax(torch.log(residual) + g))
+        return [*drafts[:i], token]
+    bonus = sample_tokens(target_logits[k:], rows[k:])
+    return [*drafts, int(bonus[0])]

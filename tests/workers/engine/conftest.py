@@ -90,7 +90,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_against_recompute(
-    model, recorder: Recorder, request_id: str, tokens: list[int], num_prompt: int
+    model,
+    recorder: Recorder,
+    request_id: str,
+    tokens: list[int],
+    num_prompt: int,
+    greedy: bool = True,
 ) -> int:
     """Teacher-forced check of one finished request against a full forward of its tokens.
 
@@ -106,7 +111,7 @@ def check_against_recompute(
         err = rel_err(got, expect)
         assert err <= 1e-4, f"{request_id} position {pos}: logits rel err {err:.2e}"
         top2 = torch.topk(expect, 2).values
-        if float(top2[0] - top2[1]) > 1e-3:
+        if greedy and float(top2[0] - top2[1]) > 1e-3:
             clear += 1
             assert tokens[pos] == int(expect.argmax()), f"{request_id} position {pos}"
     return clear

@@ -121,3 +121,38 @@ def test_logprobs_of_chosen_and_top_tokens():
     assert math.isclose(out[0].logprob, logp[0, 2].item(), rel_tol=1e-6)
     assert [t for t, _ in out[0].top] == [1, 2]
     assert out[1].top == []
+
+
+def test_rejection_rule_keeps_the_target_distribution():
+    from baton.workers.engine.sampling import draft_tokens, rejection_verify
+
+    torch.manual_seed(3)
+    target = torch.randn(2, 6) * 1.5  # positions N (verified draft) and N + 1 (bonus)
+    draft = torch.randn(1, 6) * 1.5
+    n = 1200
+    params = [SamplingParams(temperature=1.0, seed=seed) for seed in range(n)]
+    tokens, q = draft_tokens(draft.expand(n, -1), [SampleRow(p, p.seed, 50) for p in params])
+    first, accepted = [], 0
+    for p, token, q_row in zip(params, tokens.tolist(), q):
+        rows = [SampleRow(p, p.seed, 50), SampleRow(p, p.seed, 51)]
+        out = rejection_verify(target, q_row[None], [token], rows)
+        first.append(out[0])
+        accepted += len(out) == 2
+    freq = torch.bincount(torch.tensor(first), minlength=6).float() / n
+    expect = torch.softmax(target[0], dim=-1)
+    tol = 4 * torch.sqrt(expect * (1 - expect) / n) + 1e-3
+    assert ((freq - expect).abs() <= tol).all(), (freq, expect)
+    # Acceptance rate is sum(min(p, q)) (1 - total variation distance).
+    q = torch.softmax(draft[0], dim=-1)
+    rate = float(torch.minimum(expect, q).sum())
+    assert abs(accepted / n - rate) < 4 * (rate * (1 - rate) / n) ** 0.5 + 1e-3
+
+
+def test_rejection_rule_greedy_is_argmax_matching():
+    from baton.workers.engine.sampling import rejection_verify
+
+    target = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 0.0], [0.0, 0.0, 2.0]])
+    rows = [SampleRow(SamplingParams(temperature=0), 0, p) for p in range(3)]
+    assert rejection_verify(target, None, [1, 0], rows) == [1, 0, 2]
+    assert rejection_verify(target, None, [1, 2], rows) == [1, 0]
+    assert rejection_verify(target, None, [2, 0], rows) == [1]

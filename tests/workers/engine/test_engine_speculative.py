@@ -107,3 +107,43 @@ def test_all_drafts_accepted_takes_fewer_steps(tiny_model):
     # The first token comes from the prefill, then every verification emits 3 drafts + 1.
     assert engine_steps == [1, 4, 4, 4, 4]
     assert stats.spec_accepted_tokens_total == stats.spec_draft_tokens_total == 12
+
+
+def test_rejection_mode_matches_recompute_and_is_batch_independent(tiny_model, helpers):
+    requests = [
+        Request(
+            rid,
+            prompt(i, n),
+            SamplingParams(max_tokens=m, temperature=0.7, seed=7 + i, ignore_eos=True),
+        )
+        for i, (rid, n, m) in enumerate(REQUESTS)
+    ]
+
+    def run_rejection(reqs, recorder=None):
+        engine = Engine(
+            tiny_model,
+            EngineConfig(
+                page_size=4,
+                num_pages=128,
+                max_batch_tokens=24,
+                speculative_tokens=2,
+                spec_sampling="rejection",
+            ),
+        )
+        if recorder is not None:
+            engine.runner.logits_observer = recorder
+        for r in reqs:
+            engine.add_request(Request(r.request_id, list(r.prompt_ids), r.sampling))
+        out = {r.request_id: list(r.prompt_ids) for r in reqs}
+        while engine.has_work():
+            for ev in engine.step():
+                out[ev.request_id].append(ev.token_id)
+        return out, engine.stats()
+
+    recorder = helpers.Recorder()
+    together, stats = run_rejection(requests, recorder)
+    assert stats.spec_draft_tokens_total > 0
+    for rid, n, _ in REQUESTS:
+        helpers.check(tiny_model, recorder, rid, together[rid], n, greedy=False)
+    alone, _ = run_rejection(requests[1:2])
+    assert alone["b"] == together["b"]
