@@ -10,11 +10,12 @@ transport gets them for free.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
@@ -22,6 +23,8 @@ import torch
 
 from baton.workers.engine import LayerState, StateKind
 from baton.workers.metrics import BatonMetrics
+
+log = logging.getLogger(__name__)
 
 # Bumped whenever the meaning of anything on the wire changes; peers must agree exactly.
 PROTOCOL_VERSION = 1
@@ -374,8 +377,11 @@ class IncomingTransfer:
                         f"{d.state_index} (layer {d.layer} {d.kind.value}): {e}")
         self._assembly = None
         self.states_received += 1
-        self.arrivals.append(ArrivalRecord(d.state_index, d.layer, d.kind.value, d.nbytes,
-                                           time.time()))
+        record = ArrivalRecord(d.state_index, d.layer, d.kind.value, d.nbytes, time.time())
+        self.arrivals.append(record)
+        log.debug("state arrived request=%s index=%d layer=%d kind=%s bytes=%d at=%.6f",
+                  self.request_id, record.state_index, record.layer, record.kind,
+                  record.nbytes, record.at)
 
     def _expect_state(self, expected: TransferState, what: str) -> None:
         if self.state is TransferState.FAILED:
@@ -412,37 +418,45 @@ def bytes_as_tensor(data: memoryview) -> torch.Tensor:
         return torch.frombuffer(data, dtype=torch.uint8)
 
 
-@dataclass
 class StateReceiver:
     """The decode side's registry of transfers it waits for, by request id."""
 
-    fingerprint: str
-    metrics: BatonMetrics | None = None
-    _incoming: dict[str, IncomingTransfer] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(self, fingerprint: str, metrics: BatonMetrics | None = None,
+                 arrival_grace_seconds: float = 2.0):
+        self.fingerprint = fingerprint
+        self.metrics = metrics
+        # A transfer may overtake the Generate call that reserves for it (two connections);
+        # it waits this long for the reservation before NOT_FOUND.
+        self.arrival_grace_seconds = arrival_grace_seconds
+        self._incoming: dict[str, IncomingTransfer] = {}
+        self._cond = threading.Condition()
 
     def expect(self, request_id: str, num_prompt_tokens: int, target: ReceiveTarget,
                deadline: float) -> IncomingTransfer:
         """Registers a reservation that waits for its state until deadline (time.time())."""
-        with self._lock:
+        with self._cond:
             if request_id in self._incoming:
                 raise ValueError(f"request_id={request_id!r} already waits for a transfer")
             incoming = IncomingTransfer(self, request_id, num_prompt_tokens, target, deadline)
             self._incoming[request_id] = incoming
+            self._cond.notify_all()
             return incoming
 
     def incoming(self, request_id: str) -> IncomingTransfer:
         """The waiting transfer of request_id; TransferError(NOT_FOUND) if none waits."""
-        with self._lock:
-            incoming = self._incoming.get(request_id)
-        if incoming is None:
-            raise TransferError(FailureReason.NOT_FOUND,
-                                f"no reservation waits for request {request_id!r}")
-        return incoming
+        end = time.monotonic() + self.arrival_grace_seconds
+        with self._cond:
+            while request_id not in self._incoming:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise TransferError(FailureReason.NOT_FOUND,
+                                        f"no reservation waits for request {request_id!r}")
+                self._cond.wait(left)
+            return self._incoming[request_id]
 
     def cancel(self, request_id: str, message: str) -> bool:
         """Fails the waiting transfer of request_id (if any); returns whether one was failed."""
-        with self._lock:
+        with self._cond:
             incoming = self._incoming.get(request_id)
         if incoming is None:
             return False
@@ -450,11 +464,11 @@ class StateReceiver:
                                            f"request {request_id}: {message}"))
 
     def in_flight(self) -> int:
-        with self._lock:
+        with self._cond:
             return len(self._incoming)
 
     def forget(self, request_id: str, incoming: IncomingTransfer) -> None:
-        with self._lock:
+        with self._cond:
             if self._incoming.get(request_id) is incoming:
                 del self._incoming[request_id]
 

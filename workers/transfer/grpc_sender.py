@@ -9,6 +9,7 @@ blocks (backpressure) instead of buffering a whole long prompt's state.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import zlib
@@ -34,6 +35,8 @@ from baton.workers.transfer.base import (
     TransferState,
     check_chunk_bytes,
 )
+
+log = logging.getLogger(__name__)
 
 TRANSFER_METHOD = "/baton.decode.v1.DecodeService/TransferState"
 
@@ -113,9 +116,15 @@ class GrpcStateSender:
     # -- PrefillSink ---------------------------------------------------------------------
 
     def on_layer(self, state: LayerState) -> None:
-        self.handed.append((state.layer, state.kind.value, time.time()))
+        handed_at = time.time()
+        self.handed.append((state.layer, state.kind.value, handed_at))
+        log.debug("state handed request=%s index=%d layer=%d kind=%s at=%.6f",
+                  self.request_id, len(self.handed) - 1, state.layer, state.kind.value,
+                  handed_at)
         if self._call_done():
-            return  # failed or cancelled: finish() reports it; the engine keeps going
+            # The receiver ended the call (refused, data loss, deadline): the engine stops
+            # this prefill instead of computing state nobody takes.
+            raise self._fail(self._call_error())
         host = state.tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
         desc = StateDescription(
             request_id=self.request_id, state_index=self._num_states, layer=state.layer,
@@ -150,12 +159,8 @@ class GrpcStateSender:
             raise self._fail(TransferError(FailureReason.DEADLINE_EXCEEDED,
                                            f"request {self.request_id}: no acknowledgement "
                                            "by the deadline")) from None
-        except grpc.FutureCancelledError:
-            raise self._fail(TransferError(FailureReason.CANCELLED,
-                                           f"request {self.request_id}: aborted")) from None
-        except grpc.RpcError as e:
-            raise self._fail(TransferError(reason_of(e.code()), f"request {self.request_id} "
-                                           f"to {self.target}: {e.details()}")) from None
+        except (grpc.FutureCancelledError, grpc.RpcError):
+            raise self._fail(self._call_error()) from None
         now = time.monotonic()
         self.state = TransferState.COMPLETE
         if self._metrics is not None:
@@ -183,6 +188,17 @@ class GrpcStateSender:
             if self._metrics is not None:
                 self._metrics.state_transfer_failures.inc()
         return error
+
+    def _call_error(self) -> TransferError:
+        """What ended the (done) call, as a TransferError."""
+        if self._future.cancelled():
+            return TransferError(FailureReason.CANCELLED, f"request {self.request_id}: aborted")
+        error = self._future.exception()
+        if error is None:
+            return TransferError(FailureReason.INVALID, f"request {self.request_id}: the "
+                                 "receiver acknowledged before the transfer finished")
+        return TransferError(reason_of(error.code()), f"request {self.request_id} to "
+                             f"{self.target}: {error.details()}")
 
     def _call_done(self) -> bool:
         # The iterator may run before call.future() has returned the future.

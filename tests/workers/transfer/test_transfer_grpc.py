@@ -57,7 +57,7 @@ class RecordingTarget:
 
 @pytest.fixture
 def decode_side():
-    receiver = StateReceiver(FINGERPRINT)
+    receiver = StateReceiver(FINGERPRINT, arrival_grace_seconds=0.2)
     server = grpc.server(futures.ThreadPoolExecutor(4), options=CHANNEL_OPTIONS)
     handler = grpc.method_handlers_generic_handler(
         "baton.decode.v1.DecodeService",
@@ -179,9 +179,11 @@ def test_corrupted_chunk_is_data_loss_and_released(decode_side):
     transport = CorruptingTransport(FINGERPRINT, metrics=metrics, chunk_bytes=64 << 10,
                                     corrupt_chunk=(2, 64 << 10))
     sender = transport.open(address, "r3", 37, _deadline())
-    for state in _states():
-        sender.on_layer(state)
     with pytest.raises(TransferError) as err:
+        # Once the receiver refused the chunk, the next on_layer raises (the engine then
+        # stops the prefill), else finish does.
+        for state in _states():
+            sender.on_layer(state)
         sender.finish(FirstToken(1))
     assert err.value.reason is FailureReason.DATA_LOSS
     assert "checksum" in err.value.message
@@ -216,12 +218,16 @@ def test_fingerprint_mismatch_is_refused(decode_side):
     target = RecordingTarget()
     receiver.expect("r5", 37, target, _deadline())
     sender = GrpcTransport("0" * 64).open(address, "r5", 37, _deadline())
-    sender.on_layer(_states()[0])
+    assert target.released.wait(5) and target.states == []
+    assert target.error.reason is FailureReason.REFUSED
+    _wait_for(lambda: sender._call_done())
+    with pytest.raises(TransferError) as err:
+        sender.on_layer(_states()[0])
+    assert err.value.reason is FailureReason.REFUSED
+    assert "fingerprint" in err.value.message
     with pytest.raises(TransferError) as err:
         sender.finish(FirstToken(1))
     assert err.value.reason is FailureReason.REFUSED
-    assert "fingerprint" in err.value.message
-    assert target.released.wait(5) and target.states == []
 
 
 def test_prompt_length_mismatch_is_refused(decode_side):

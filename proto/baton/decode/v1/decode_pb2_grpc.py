@@ -52,8 +52,9 @@ class DecodeServiceServicer:
 
     def Generate(self, request, context):
         """Reserves cache room at once (RESOURCE_EXHAUSTED when there is none: try another
-        worker), waits for the request's state to arrive over TransferState, then streams every
-        token, the prefill's first token included. Cancelling the call releases everything.
+        worker) and then sends initial metadata `baton-reserved: true`: start the Prefill once
+        it arrived. Waits for the request's state over TransferState, then streams every token,
+        the prefill's first token included. Cancelling the call releases everything.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

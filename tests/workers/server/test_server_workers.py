@@ -1,0 +1,408 @@
+"""Real `baton worker prefill|decode` processes with the tiny model, over real gRPC.
+
+One prefill and one decode worker are shared by the module (start-up dominates the cost);
+the drain test that stops them runs last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from baton.proto.baton.decode.v1 import decode_pb2, decode_pb2_grpc
+from baton.proto.baton.prefill.v1 import prefill_pb2, prefill_pb2_grpc
+from baton.proto.baton.worker.v1 import worker_pb2, worker_pb2_grpc
+from baton.proto.grpc.health.v1 import health_pb2, health_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[3]
+TINY = REPO / "examples" / "tiny"
+SPEC_TOKENS = 1
+MAX_MODEL_LEN = 1024
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Worker:
+    """A worker process and its ports; stderr goes to a file the tests read."""
+
+    def __init__(self, role: str, config: Path, log_dir: Path):
+        self.role = role
+        self.grpc_port = _free_port()
+        self.metrics_port = _free_port()
+        self.address = f"127.0.0.1:{self.grpc_port}"
+        self.log_path = log_dir / f"{role}-{self.grpc_port}.log"
+        self._log = self.log_path.open("wb")
+        self.started = time.monotonic()
+        env = dict(os.environ, GRPC_VERBOSITY="ERROR")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "baton.workers.cli", "worker", role, "--config", str(config),
+             "--pool", "local", "--host", "127.0.0.1", "--grpc-port", str(self.grpc_port),
+             "--metrics-port", str(self.metrics_port), "--log-level", "DEBUG",
+             "--drain-seconds", "20"],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        self.channel = grpc.insecure_channel(self.address)
+        self.ready_seconds: float | None = None
+
+    def wait_serving(self, timeout: float = 120.0) -> None:
+        health = health_pb2_grpc.HealthStub(self.channel)
+        end = time.monotonic() + timeout
+        seen_not_serving = False
+        while time.monotonic() < end:
+            assert self.proc.poll() is None, self.log()
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+            except grpc.RpcError:
+                time.sleep(0.1)
+                continue
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                self.ready_seconds = time.monotonic() - self.started
+                self.seen_not_serving = seen_not_serving
+                return
+            seen_not_serving = True
+            time.sleep(0.1)
+        raise AssertionError(f"{self.role} not SERVING after {timeout} s:\n{self.log()}")
+
+    def load(self) -> worker_pb2.LoadResponse:
+        return worker_pb2_grpc.WorkerServiceStub(self.channel).Load(worker_pb2.LoadRequest(),
+                                                                      timeout=5)
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        return urllib.request.urlopen(url, timeout=5).read().decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        pattern = re.compile(rf"^{name}{{([^}}]*)}} (\S+)$", re.MULTILINE)
+        for match in pattern.finditer(self.metrics()):
+            got = dict(re.findall(r'(\w+)="([^"]*)"', match[1]))
+            if all(got.get(k) == v for k, v in labels.items()):
+                return float(match[2])
+        raise AssertionError(f"{name}{labels} not exported")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.channel.close()
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("workers")
+    config = tmp / "worker.json"
+    config.write_text(json.dumps({
+        "model": "tiny", "namespace": "test", "modelPath": str(TINY),
+        "engine": {"maxModelLen": MAX_MODEL_LEN, "kvPageSize": 16, "dtype": "auto"},
+        "prefill": {"maxBatchTokens": 2048},
+        "decode": {"maxConcurrency": 16, "speculativeTokens": SPEC_TOKENS},
+        "router": {"requestTimeoutSeconds": 120, "transferTimeoutSeconds": 20},
+        "pools": {"prefill": [{"name": "local"}], "decode": [{"name": "local"}]}}))
+    decode = Worker("decode", config, tmp)
+    prefill = Worker("prefill", config, tmp)
+    try:
+        decode.wait_serving()
+        prefill.wait_serving()
+        yield {"decode": decode, "prefill": prefill, "config": config, "tmp": tmp}
+    finally:
+        prefill.stop()
+        decode.stop()
+
+
+def _sampling(max_tokens: int, **extra) -> worker_pb2.SamplingParams:
+    return worker_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=True,
+                                     **extra)
+
+
+def _run(cluster, prompt: list[int], max_tokens: int, request_id: str | None = None):
+    """Router-like: Generate on decode, then Prefill naming that decode worker."""
+    request_id = request_id or uuid.uuid4().hex
+    decode = decode_pb2_grpc.DecodeServiceStub(cluster["decode"].channel)
+    prefill = prefill_pb2_grpc.PrefillServiceStub(cluster["prefill"].channel)
+    stream = decode.Generate(decode_pb2.GenerateRequest(
+        request_id=request_id, prompt_token_ids=prompt, sampling=_sampling(max_tokens)),
+        timeout=120)
+    metadata = dict(stream.initial_metadata())
+    assert metadata.get("baton-reserved") == "true", metadata
+    answer = prefill.Prefill(prefill_pb2.PrefillRequest(
+        request_id=request_id, prompt_token_ids=prompt, sampling=_sampling(max_tokens),
+        decode_target=cluster["decode"].address), timeout=120)
+    tokens, logprobs, finish = [], [], None
+    for message in stream:
+        for token in message.tokens:
+            tokens.append(token.token_id)
+            logprobs.append(token.logprob)
+        if message.finish_reason:
+            finish = message.finish_reason
+    return answer, tokens, logprobs, finish
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    from baton.workers.model import load_model
+
+    return load_model(TINY, dtype=torch.float32, device="cpu", kernels="torch")
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 500, (n,), generator=g).tolist()
+
+
+def test_health_and_load_while_serving(cluster):
+    for worker in (cluster["decode"], cluster["prefill"]):
+        assert worker.ready_seconds is not None and worker.ready_seconds < 120
+        load = worker.load()
+        assert not load.draining
+        assert load.role == (worker_pb2.ROLE_DECODE if worker.role == "decode"
+                             else worker_pb2.ROLE_PREFILL)
+        assert worker.metric("baton_kv_cache_usage_ratio", namespace="test", model="tiny",
+                             role=worker.role, pool="local") == 0.0
+    assert cluster["decode"].load().free_slots == 16
+
+
+def test_disaggregated_equals_full_recompute(cluster, reference_model):
+    """Eight concurrent requests (one spanning many KV pages) through prefill -> decode:
+    greedy tokens equal where the reference margin is clear, logprobs within 1e-4."""
+    lengths = [1, 5, 17, 33, 64, 150, 301, 9]
+    prompts = [_prompt(n, seed) for seed, n in enumerate(lengths)]
+    results: list = [None] * len(prompts)
+
+    def one(i: int) -> None:
+        results[i] = _run(cluster, prompts[i], max_tokens=6)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    for prompt, (answer, tokens, logprobs, finish) in zip(prompts, results):
+        assert answer.num_prompt_tokens == len(prompt)
+        assert tokens[0] == answer.first_token.token_id
+        assert len(tokens) == 6 and finish == decode_pb2.FINISH_REASON_LENGTH
+        # Teacher-forced reference: a full forward over prompt + generated tokens.
+        ids = torch.tensor([prompt + tokens])
+        with torch.no_grad():
+            logp = torch.log_softmax(reference_model(ids)[0].float(), dim=-1)
+        for step, (token, lp) in enumerate(zip(tokens, logprobs)):
+            row = logp[len(prompt) - 1 + step]
+            top2 = torch.topk(row, 2).values
+            if top2[0] - top2[1] > 1e-3:
+                assert token == int(row.argmax()), (len(prompt), step)
+            assert abs(lp - float(row[token])) <= 1e-4, (len(prompt), step, lp)
+    decode = cluster["decode"]
+    assert decode.metric("baton_requests_total", role="decode", outcome="success") >= 8
+    for kind in ("kv", "conv", "ssm", "mtp_kv", "hidden"):
+        assert cluster["prefill"].metric("baton_state_transfer_bytes_total", role="prefill",
+                                         kind=kind) > 0
+    assert decode.metric("baton_state_transfer_bytes_total", role="decode", kind="kv") == 0
+    _wait_until(lambda: decode.load().kv_cache_usage_ratio == 0.0)
+
+
+def _wait_until(condition, timeout: float = 15.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.05)
+
+
+_EVENT = re.compile(r"state (handed|arrived) request=(\S+) index=(\d+) layer=(\d+) "
+                    r"kind=(\w+).* at=([\d.]+)")
+
+
+def _events(log: str, kind: str, request_id: str) -> list[tuple[int, int, str, float]]:
+    return [(int(m[3]), int(m[4]), m[5], float(m[6])) for m in _EVENT.finditer(log)
+            if m[1] == kind and m[2] == request_id]
+
+
+def test_layer_states_stream_while_prefill_runs(cluster):
+    """The decode worker holds early layers' state before the prefill handed the last one."""
+    request_id = "stream-" + uuid.uuid4().hex
+    _run(cluster, _prompt(MAX_MODEL_LEN - 8, 99), max_tokens=2, request_id=request_id)
+    handed = _events(cluster["prefill"].log(), "handed", request_id)
+    arrived = _events(cluster["decode"].log(), "arrived", request_id)
+    assert len(handed) == len(arrived) >= 6
+    assert [h[:3] for h in handed] == [a[:3] for a in arrived]
+    last_handed = max(h[3] for h in handed)
+    first_arrived = min(a[3] for a in arrived)
+    assert first_arrived < last_handed, (first_arrived, last_handed)
+    # Every state arrives after it was handed over (the clocks are one machine's).
+    assert all(a[3] >= h[3] for h, a in zip(handed, arrived))
+
+
+_STALLED_SENDER = textwrap.dedent("""
+    import sys, time, torch
+    from baton.workers.engine import LayerState, StateKind
+    from baton.workers.transfer import GrpcTransport
+    address, request_id, fingerprint, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    sender = GrpcTransport(fingerprint).open(address, request_id, n, time.time() + 60)
+    sender.on_layer(LayerState(1, StateKind.KV, 0, n, torch.zeros(2, n, 2, 16)))
+    print("sent", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_killed_sender_mid_transfer_releases_everything(cluster):
+    decode = cluster["decode"]
+    request_id = "killed-" + uuid.uuid4().hex
+    prompt = _prompt(200, 5)
+    stream = decode_pb2_grpc.DecodeServiceStub(decode.channel).Generate(
+        decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
+                                   sampling=_sampling(4)), timeout=60)
+    _wait_until(lambda: decode.load().ssm_state_slots_usage_ratio > 0)
+    fingerprint = cluster["decode"].load().fingerprint
+    sender = subprocess.Popen([sys.executable, "-c", _STALLED_SENDER, decode.address,
+                               request_id, fingerprint, str(len(prompt))],
+                              stdout=subprocess.PIPE, cwd=REPO)
+    try:
+        assert sender.stdout.readline().strip() == b"sent"
+        _wait_until(lambda: re.search(f"state arrived request={request_id}", decode.log()))
+        assert decode.load().kv_cache_usage_ratio > 0
+        sender.send_signal(signal.SIGKILL)
+        sender.wait(10)
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+    with pytest.raises(grpc.RpcError) as err:
+        list(stream)
+    assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    _wait_until(lambda: decode.load().kv_cache_usage_ratio == 0.0)
+    assert decode.load().ssm_state_slots_usage_ratio == 0.0
+    assert decode.metric("baton_kv_cache_usage_ratio", role="decode") == 0.0
+    assert decode.metric("baton_ssm_state_slots_usage_ratio", role="decode") == 0.0
+
+
+def test_corrupted_chunk_is_detected_by_the_decode_worker(cluster):
+    from baton.workers.engine import LayerState, StateKind
+    from baton.workers.transfer import FailureReason, FirstToken, GrpcTransport, TransferError
+
+    class Corrupting(GrpcTransport):
+        def tamper(self, chunk, message):
+            corrupted = bytearray(message)
+            corrupted[-1] ^= 1
+            return bytes(corrupted)
+
+    decode = cluster["decode"]
+    request_id = "corrupt-" + uuid.uuid4().hex
+    prompt = _prompt(40, 6)
+    stream = decode_pb2_grpc.DecodeServiceStub(decode.channel).Generate(
+        decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
+                                   sampling=_sampling(4)), timeout=60)
+    _wait_until(lambda: decode.load().ssm_state_slots_usage_ratio > 0)
+    sender = Corrupting(cluster["decode"].load().fingerprint).open(decode.address, request_id,
+                                                         len(prompt), time.time() + 30)
+    with pytest.raises(TransferError) as err:
+        sender.on_layer(LayerState(1, StateKind.KV, 0, len(prompt),
+                                   torch.randn(2, len(prompt), 2, 16)))
+        sender.finish(FirstToken(5))
+    assert err.value.reason is FailureReason.DATA_LOSS
+    with pytest.raises(grpc.RpcError) as gen_err:
+        list(stream)
+    assert gen_err.value.code() == grpc.StatusCode.DATA_LOSS
+    _wait_until(lambda: decode.load().kv_cache_usage_ratio == 0.0)
+    assert decode.load().ssm_state_slots_usage_ratio == 0.0
+    assert decode.metric("baton_state_transfer_failures_total", role="decode") >= 1
+
+
+def test_fingerprint_mismatch_refused_by_the_decode_worker(cluster):
+    from baton.workers.transfer import FailureReason, FirstToken, GrpcTransport, TransferError
+
+    decode = cluster["decode"]
+    request_id = "stranger-" + uuid.uuid4().hex
+    prompt = _prompt(10, 7)
+    stream = decode_pb2_grpc.DecodeServiceStub(decode.channel).Generate(
+        decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
+                                   sampling=_sampling(4)), timeout=60)
+    _wait_until(lambda: decode.load().ssm_state_slots_usage_ratio > 0)
+    sender = GrpcTransport("0" * 64).open(decode.address, request_id, len(prompt),
+                                          time.time() + 30)
+    with pytest.raises(TransferError) as err:
+        sender.finish(FirstToken(5))
+    assert err.value.reason is FailureReason.REFUSED
+    with pytest.raises(grpc.RpcError) as gen_err:
+        list(stream)
+    assert gen_err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    _wait_until(lambda: decode.load().ssm_state_slots_usage_ratio == 0.0)
+
+
+def test_bad_requests_get_clear_statuses(cluster):
+    decode = decode_pb2_grpc.DecodeServiceStub(cluster["decode"].channel)
+    prefill = prefill_pb2_grpc.PrefillServiceStub(cluster["prefill"].channel)
+    with pytest.raises(grpc.RpcError) as err:
+        list(decode.Generate(decode_pb2.GenerateRequest(request_id="e1", prompt_token_ids=[],
+                                                        sampling=_sampling(4)), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "empty" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        list(decode.Generate(decode_pb2.GenerateRequest(
+            request_id="e2", prompt_token_ids=[1] * MAX_MODEL_LEN, sampling=_sampling(4)),
+            timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        prefill.Prefill(prefill_pb2.PrefillRequest(
+            request_id="e3", prompt_token_ids=[1, 2], sampling=_sampling(4, top_p=2.0),
+            decode_target=cluster["decode"].address), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "top_p" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        prefill.Prefill(prefill_pb2.PrefillRequest(
+            request_id="e4", prompt_token_ids=[1, 2], sampling=_sampling(4),
+            decode_target="nowhere"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # No Generate reserved this request: the decode worker does not know it.
+    with pytest.raises(grpc.RpcError) as err:
+        prefill.Prefill(prefill_pb2.PrefillRequest(
+            request_id="e5", prompt_token_ids=[1, 2], sampling=_sampling(4),
+            decode_target=cluster["decode"].address), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_sigterm_drains_in_flight_streams_then_exits_zero(cluster):
+    decode, prefill = cluster["decode"], cluster["prefill"]
+    request_id = "drain-" + uuid.uuid4().hex
+    prompt = _prompt(30, 8)
+    stream = decode_pb2_grpc.DecodeServiceStub(decode.channel).Generate(
+        decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
+                                   sampling=_sampling(200, ignore_eos=True)), timeout=60)
+    _wait_until(lambda: decode.load().ssm_state_slots_usage_ratio > 0)
+    decode.proc.send_signal(signal.SIGTERM)
+    health = health_pb2_grpc.HealthStub(decode.channel)
+    _wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                == health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert decode.load().draining
+    # New work is refused while the reserved request still gets its state and finishes.
+    with pytest.raises(grpc.RpcError) as err:
+        list(decode_pb2_grpc.DecodeServiceStub(decode.channel).Generate(
+            decode_pb2.GenerateRequest(request_id="late", prompt_token_ids=prompt,
+                                       sampling=_sampling(4)), timeout=10))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    prefill_pb2_grpc.PrefillServiceStub(prefill.channel).Prefill(prefill_pb2.PrefillRequest(
+        request_id=request_id, prompt_token_ids=prompt,
+        sampling=_sampling(200, ignore_eos=True), decode_target=decode.address), timeout=60)
+    tokens = [t.token_id for m in stream for t in m.tokens]
+    assert len(tokens) == 200
+    assert decode.proc.wait(30) == 0
+    prefill.proc.send_signal(signal.SIGTERM)
+    assert prefill.proc.wait(30) == 0

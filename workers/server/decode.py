@@ -1,0 +1,204 @@
+"""The decode worker's gRPC services: Generate, TransferState, Load and Drain.
+
+Generate reserves cache room at once, waits for the request's state to arrive over
+TransferState (from the prefill worker the router chose), commits the reservation and streams
+every token the engine's continuous batch produces, the prefill's first token included.
+Whatever ends the call early (the router cancelling, a failed or late transfer, a drain past
+its bound) releases the reservation or aborts the running request.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import grpc
+
+from baton.proto.baton.decode.v1 import decode_pb2
+from baton.proto.baton.worker.v1 import worker_pb2, worker_pb2_grpc
+from baton.workers.engine import CacheFull, EngineDraining, LoopReservation, RequestStream
+from baton.workers.engine import SamplingParams as EngineSampling
+from baton.workers.server.runtime import WorkerRuntime, event_token, request_from_proto
+from baton.workers.transfer import (
+    REASON_TO_STATUS,
+    FirstToken,
+    StateReceiver,
+    TransferError,
+    TransferState,
+    TransferStateHandler,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE = "baton.decode.v1.DecodeService"
+# Initial metadata of a Generate call once its cache room is reserved.
+RESERVED_METADATA_KEY = "baton-reserved"
+
+_FINISH = {
+    None: decode_pb2.FINISH_REASON_UNSPECIFIED,
+    "stop": decode_pb2.FINISH_REASON_STOP,
+    "length": decode_pb2.FINISH_REASON_LENGTH,
+    "abort": decode_pb2.FINISH_REASON_ABORT,
+}
+
+
+class ReservationTarget:
+    """Delivers a transfer into an engine reservation (a ReceiveTarget)."""
+
+    def __init__(self, reservation: LoopReservation, sampling: EngineSampling):
+        self.reservation = reservation
+        self.sampling = sampling
+        self.stream: RequestStream | None = None
+
+    def write(self, state) -> None:
+        self.reservation.write(state)
+
+    def complete(self, first_token: FirstToken) -> None:
+        wants_logprobs = bool(self.sampling.logprobs)
+        self.stream = self.reservation.commit(
+            first_token.token_id, self.sampling,
+            logprob=first_token.logprob if wants_logprobs else None,
+            top_logprobs=list(first_token.top_logprobs))
+
+    def fail(self, error: TransferError) -> None:
+        self.reservation.release()
+
+
+class DecodeServicer:
+    """Generate and TransferState over one WorkerRuntime."""
+
+    def __init__(self, runtime: WorkerRuntime):
+        self.runtime = runtime
+        self.receiver = StateReceiver("", metrics=runtime.metrics)
+        self.transfer_handler = TransferStateHandler(self.receiver)
+
+    def on_loaded(self) -> None:
+        self.receiver.fingerprint = self.runtime.fingerprint
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                self.Generate, request_deserializer=decode_pb2.GenerateRequest.FromString,
+                response_serializer=decode_pb2.GenerateResponse.SerializeToString),
+            "TransferState": self.transfer_handler.method_handler(),
+        })
+
+    def Generate(self, request: decode_pb2.GenerateRequest, context: grpc.ServicerContext):
+        rt = self.runtime
+        arrival = time.monotonic()
+        with rt.admit(context):
+            outcome = "error"
+            try:
+                yield from self._generate(request, context, arrival)
+                outcome = "success"
+            except _Ended as ended:
+                outcome = ended.outcome
+                context.abort(ended.code, ended.message)
+            finally:
+                if not context.is_active() and outcome == "error":
+                    outcome = "cancelled"
+                rt.metrics.request_finished(outcome)
+                rt.metrics.request_duration.observe(time.monotonic() - arrival)
+
+    def _generate(self, request, context, arrival: float):
+        rt = self.runtime
+        try:
+            req = request_from_proto(request.request_id, request.prompt_token_ids,
+                                     request.sampling)
+        except ValueError as e:
+            raise _Ended("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        deadline = rt.deadline_of(request, context)
+        transfer_deadline = min(deadline,
+                                time.time() + rt.config.router.transfer_timeout_seconds)
+        n = len(req.prompt_ids)
+        try:
+            reservation = rt.loop.reserve(req, n)
+        except CacheFull as e:
+            raise _Ended("rejected", grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        except EngineDraining as e:
+            raise _Ended("rejected", grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        except ValueError as e:
+            raise _Ended("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        target = ReservationTarget(reservation, req.sampling)
+        try:
+            incoming = self.receiver.expect(req.request_id, n, target, transfer_deadline)
+        except ValueError as e:
+            reservation.release()
+            raise _Ended("rejected", grpc.StatusCode.ALREADY_EXISTS, str(e)) from None
+        ended = threading.Event()
+
+        def on_call_done() -> None:
+            # The router cancelled (client gone, prefill failed) or the call finished: free
+            # whatever this request still holds. Both calls are no-ops once it is done.
+            ended.set()
+            self.receiver.cancel(req.request_id, "the Generate call ended")
+            if target.stream is not None:
+                target.stream.close()
+
+        context.add_callback(on_call_done)
+        # Tells the router the room is reserved: it starts the Prefill now.
+        context.send_initial_metadata(((RESERVED_METADATA_KEY, "true"),))
+        while not incoming.wait(timeout=0.5):
+            if ended.is_set():
+                raise _Ended("cancelled", grpc.StatusCode.CANCELLED,
+                             f"request {req.request_id}: the call ended before its state came")
+        if incoming.state is TransferState.FAILED:
+            error = incoming.error
+            raise _Ended("timeout" if error.reason.value == "deadline_exceeded" else "error",
+                         REASON_TO_STATUS[error.reason], error.message)
+        stream = target.stream
+        last = None
+        while True:
+            left = deadline - time.time()
+            try:
+                event = stream.get(timeout=max(left, 0.0))
+            except StopIteration:
+                return
+            except queue.Empty:
+                stream.close()
+                raise _Ended("timeout", grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"request {req.request_id} passed its deadline") from None
+            except EngineDraining as e:
+                raise _Ended("error", grpc.StatusCode.UNAVAILABLE, str(e)) from None
+            now = time.monotonic()
+            if event.token_id is not None:
+                if last is None:
+                    rt.metrics.time_to_first_token.observe(now - arrival)
+                else:
+                    rt.metrics.inter_token_latency.observe(now - last)
+                last = now
+            yield decode_pb2.GenerateResponse(
+                tokens=[event_token(event)] if event.token_id is not None else [],
+                finish_reason=_FINISH[event.finish_reason],
+                num_prompt_tokens=event.num_prompt_tokens,
+                num_generated_tokens=event.num_generated)
+            if event.finished:
+                return
+
+
+class _Ended(Exception):
+    """Ends a Generate call with a status after accounting for its outcome."""
+
+    def __init__(self, outcome: str, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.outcome = outcome
+        self.code = code
+        self.message = message
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    """Load and Drain, for either role."""
+
+    def __init__(self, runtime: WorkerRuntime, transfers_in_flight, on_drain):
+        self.runtime = runtime
+        self._transfers_in_flight = transfers_in_flight
+        self._on_drain = on_drain
+
+    def Load(self, request, context):
+        return self.runtime.load_response(self._transfers_in_flight())
+
+    def Drain(self, request, context):
+        self._on_drain()
+        return worker_pb2.DrainResponse(draining=True, in_flight=self.runtime.in_flight)

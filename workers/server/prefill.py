@@ -1,0 +1,152 @@
+"""The prefill worker's gRPC service: Prefill.
+
+Prefill runs the prompt in the engine's batch (with other prompts, up to maxBatchTokens per
+step) with a StateSender as its sink, so every layer's state leaves for the decode worker
+as soon as the layer has finished the prompt; then it sends the first token and returns once
+the decode worker acknowledged the whole state.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from baton.proto.baton.prefill.v1 import prefill_pb2, prefill_pb2_grpc
+from baton.workers.engine import EngineDraining
+from baton.workers.server.runtime import WorkerRuntime, request_from_proto, token_to_proto
+from baton.workers.transfer import (
+    REASON_TO_STATUS,
+    FailureReason,
+    FirstToken,
+    GrpcTransport,
+    TransferError,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE = "baton.prefill.v1.PrefillService"
+
+
+def _duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(max(seconds, 0.0) * 1e9))
+    return d
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
+    def __init__(self, runtime: WorkerRuntime, transport_factory=GrpcTransport):
+        self.runtime = runtime
+        self._transport_factory = transport_factory
+        self.transport: GrpcTransport | None = None
+        self._sending = 0
+
+    def on_loaded(self) -> None:
+        self.transport = self._transport_factory(self.runtime.fingerprint,
+                                                 metrics=self.runtime.metrics)
+
+    def transfers_in_flight(self) -> int:
+        return self._sending
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Prefill": grpc.unary_unary_rpc_method_handler(
+                self.Prefill, request_deserializer=prefill_pb2.PrefillRequest.FromString,
+                response_serializer=prefill_pb2.PrefillResponse.SerializeToString)})
+
+    def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.ServicerContext):
+        rt = self.runtime
+        arrival = time.monotonic()
+        with rt.admit(context):
+            outcome, code, message = "error", grpc.StatusCode.INTERNAL, ""
+            try:
+                response = self._prefill(request, context, arrival)
+                outcome = "success"
+                return response
+            except _Failed as failed:
+                outcome, code, message = failed.outcome, failed.code, failed.message
+            finally:
+                if outcome == "error" and not context.is_active():
+                    outcome = "cancelled"
+                rt.metrics.request_finished(outcome)
+                rt.metrics.request_duration.observe(time.monotonic() - arrival)
+            context.abort(code, message)
+
+    def _prefill(self, request, context, arrival: float) -> prefill_pb2.PrefillResponse:
+        rt = self.runtime
+        try:
+            req = request_from_proto(request.request_id, request.prompt_token_ids,
+                                     request.sampling)
+        except ValueError as e:
+            raise _Failed("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        deadline = rt.deadline_of(request, context)
+        try:
+            sender = self.transport.open(request.decode_target, req.request_id,
+                                         len(req.prompt_ids), deadline)
+        except ValueError as e:
+            raise _Failed("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        except TransferError as e:
+            raise _Failed("timeout", REASON_TO_STATUS[e.reason], e.message) from None
+        self._sending += 1
+        try:
+            return self._run(req, sender, context, arrival, deadline)
+        finally:
+            self._sending -= 1
+
+    def _run(self, req, sender, context, arrival: float, deadline: float):
+        rt = self.runtime
+        context.add_callback(lambda: (rt.loop.abort(req.request_id),
+                                      sender.abort("the Prefill call ended")))
+        queued_for = time.monotonic() - arrival
+        try:
+            future = rt.loop.run_prefill(req, sender)
+        except EngineDraining as e:
+            sender.abort(str(e))
+            raise _Failed("rejected", grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        except ValueError as e:
+            sender.abort(str(e))
+            raise _Failed("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        try:
+            result = future.result(timeout=max(deadline - time.time(), 0.0))
+        except concurrent.futures.TimeoutError:
+            rt.loop.abort(req.request_id)
+            sender.abort("deadline")
+            raise _Failed("timeout", grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"prefill of {req.request_id} passed its deadline") from None
+        except TransferError as e:
+            sender.abort(str(e))
+            raise _Failed("error", REASON_TO_STATUS[e.reason], e.message) from None
+        except EngineDraining as e:
+            sender.abort(str(e))
+            raise _Failed("error", grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        except Exception as e:
+            sender.abort(str(e))
+            log.exception("prefill of %s failed", req.request_id)
+            raise _Failed("error", grpc.StatusCode.INTERNAL,
+                          f"prefill of {req.request_id} failed: {e}") from None
+        rt.metrics.time_to_first_token.observe(time.monotonic() - arrival)
+        first = FirstToken(result.first_token, result.logprob or 0.0,
+                           tuple(result.top_logprobs))
+        try:
+            transfer = sender.finish(first)
+        except TransferError as e:
+            raise _Failed("timeout" if e.reason is FailureReason.DEADLINE_EXCEEDED else "error",
+                          REASON_TO_STATUS[e.reason], e.message) from None
+        return prefill_pb2.PrefillResponse(
+            first_token=token_to_proto(result.first_token, result.logprob, result.top_logprobs),
+            num_prompt_tokens=result.num_prompt_tokens,
+            queue_time=_duration(queued_for),
+            prefill_time=_duration(result.prefill_seconds),
+            transfer_time=_duration(transfer.tail_seconds),
+            transferred_bytes=transfer.total_bytes)
+
+
+class _Failed(Exception):
+    def __init__(self, outcome: str, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.outcome = outcome
+        self.code = code
+        self.message = message

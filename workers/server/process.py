@@ -1,0 +1,148 @@
+"""A worker process from start to exit.
+
+    start: gRPC (health NOT_SERVING, work refused as UNAVAILABLE) and /metrics come up first,
+           so probes and scrapes answer while the model loads
+    load:  model, tokenizer, caches, engine loop; then health SERVING
+    serve: until SIGTERM / SIGINT or a Drain call
+    drain: health NOT_SERVING, new work refused; in-flight transfers and streams finish
+           (at most --drain-seconds); then the server stops and the process exits 0
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+
+import grpc
+
+from baton.operator.spec import WorkerConfig
+from baton.proto.baton.worker.v1 import worker_pb2_grpc
+from baton.proto.grpc.health.v1 import health_pb2_grpc
+from baton.workers.metrics import MetricsServer
+from baton.workers.server import settings
+from baton.workers.server.decode import SERVICE as DECODE_SERVICE
+from baton.workers.server.decode import DecodeServicer, WorkerServicer
+from baton.workers.server.health import HealthServicer
+from baton.workers.server.prefill import SERVICE as PREFILL_SERVICE
+from baton.workers.server.prefill import PrefillServicer
+from baton.workers.server.runtime import WorkerRuntime
+from baton.workers.transfer import CHANNEL_OPTIONS
+
+log = logging.getLogger("baton.worker")
+
+WORKER_SERVICE = "baton.worker.v1.WorkerService"
+# Calls still open when the drain bound passed get this long before they are cancelled.
+STOP_GRACE_SECONDS = 2.0
+
+
+class WorkerProcess:
+    """The gRPC server, the metrics server and the runtime of one worker."""
+
+    def __init__(self, args: settings.WorkerArgs, config: WorkerConfig):
+        self.args = args
+        self.runtime = WorkerRuntime(args, config)
+        self.started = time.monotonic()
+        self.stop_requested = threading.Event()
+        if args.role == "decode":
+            self.role_servicer = DecodeServicer(self.runtime)
+            role_service = DECODE_SERVICE
+            transfers = self.role_servicer.receiver.in_flight
+            # One thread per open Generate stream and per incoming transfer.
+            workers = 2 * config.decode.max_concurrency + 16
+        else:
+            self.role_servicer = PrefillServicer(self.runtime)
+            role_service = PREFILL_SERVICE
+            transfers = self.role_servicer.transfers_in_flight
+            workers = 2 * settings.PREFILL_MAX_SEQS + 16
+        self.health = HealthServicer((role_service, WORKER_SERVICE))
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
+                                                             thread_name_prefix="baton-grpc"),
+                                  options=CHANNEL_OPTIONS)
+        self.server.add_generic_rpc_handlers((self.role_servicer.generic_handler(),))
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(
+            WorkerServicer(self.runtime, transfers, self.request_drain), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.grpc_port = self.server.add_insecure_port(f"{_host(args.host)}:{args.grpc_port}")
+        if self.grpc_port == 0:
+            raise OSError(f"cannot listen on {args.host}:{args.grpc_port}")
+        self.metrics_server: MetricsServer | None = None
+
+    def request_drain(self) -> None:
+        """Stops admitting work (a Drain call or a signal); the main thread finishes up."""
+        self.runtime.start_draining()
+        self.health.set_serving(False)
+        self.stop_requested.set()
+
+    def run(self) -> int:
+        rt = self.runtime
+        self.server.start()
+        self.metrics_server = MetricsServer(rt.metrics, self.args.metrics_port, self.args.host)
+        log.info("%s worker (pool %s) listening on gRPC %s:%d, metrics :%d; loading the model",
+                 rt.role, self.args.pool, self.args.host, self.grpc_port,
+                 self.metrics_server.port)
+        try:
+            rt.load()
+            self.role_servicer.on_loaded()
+            rt.set_ready()
+            if not self.stop_requested.is_set():
+                self.health.set_serving(True)
+                log.info("ready in %.2f s (start to health SERVING)",
+                         time.monotonic() - self.started)
+            while not self.stop_requested.wait(timeout=1.0):
+                pass
+            return self.drain()
+        finally:
+            self.shutdown()
+
+    def drain(self) -> int:
+        rt = self.runtime
+        self.request_drain()
+        log.info("draining: %d calls in flight", rt.in_flight)
+        drained = rt.wait_idle(self.args.drain_seconds)
+        if drained:
+            log.info("drained; stopping")
+        else:
+            log.warning("%d calls still in flight after %.0f s; cancelling them",
+                        rt.in_flight, self.args.drain_seconds)
+        return 0
+
+    def shutdown(self) -> None:
+        self.health.set_serving(False)
+        self.health.close()
+        self.server.stop(grace=STOP_GRACE_SECONDS).wait()
+        if self.runtime.loop is not None:
+            self.runtime.loop.stop()
+        if self.role_servicer is not None and hasattr(self.role_servicer, "transport"):
+            if self.role_servicer.transport is not None:
+                self.role_servicer.transport.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def main(argv: list[str]) -> int:
+    args = settings.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
+                        format=f"%(asctime)s {args.role}[{args.pool}] %(levelname)s "
+                               "%(name)s: %(message)s")
+    try:
+        config = WorkerConfig.load(args.config_path)
+        process = WorkerProcess(args, config)
+    except (OSError, ValueError) as e:
+        print(f"baton worker: {e}", file=sys.stderr)
+        return 2
+
+    def on_signal(signum, _frame) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        process.request_drain()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return process.run()

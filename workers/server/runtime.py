@@ -1,0 +1,195 @@
+"""What both worker roles share: the loaded model and engine loop, metrics, admission while
+loading or draining, in-flight accounting, and proto <-> engine conversions."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+
+import grpc
+import torch
+
+from baton.operator.spec import WorkerConfig
+from baton.proto.baton.worker.v1 import worker_pb2
+from baton.workers.engine import EngineStats, Request, SamplingParams, TokenEvent
+from baton.workers.metrics import BatonMetrics, MetricLabels, WorkerStats
+from baton.workers.server import settings
+from baton.workers.transfer import model_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+class WorkerRuntime:
+    """One worker's engine and bookkeeping; the gRPC servicers hold one of these."""
+
+    def __init__(self, args: settings.WorkerArgs, config: WorkerConfig):
+        self.args = args
+        self.role = args.role
+        self.config = config
+        config.pool(args.role, args.pool)  # ValueError naming the known pools
+        self.device = settings.pick_device(args.device)
+        self.dtype = settings.pick_dtype(config.engine.dtype, self.device)
+        self.metrics = BatonMetrics(
+            MetricLabels(namespace=config.namespace, model=config.model, role=args.role,
+                         pool=args.pool), stats=self.worker_stats)
+        self.loop = None
+        self.fingerprint = ""
+        self.page_size = config.engine.kv_page_size
+        self.draining = False
+        self._ready = False
+        self._in_flight = 0
+        self._cond = threading.Condition()
+
+    # -- loading -------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Loads the model, sizes the caches and starts the engine loop."""
+        from baton.workers.engine import Engine, EngineLoop
+        from baton.workers.engine.tokenizer import load_tokenizer
+        from baton.workers.model import load_model
+
+        cfg = self.config
+        path = cfg.model_path
+        model = load_model(path, dtype=self.dtype, device=self.device, kernels="auto",
+                           max_model_len=cfg.engine.max_model_len)
+        tokenizer = load_tokenizer(path)
+        budget = settings.cache_budget(cfg, self.device, self.args.cache_memory_bytes)
+        k = settings.speculative_tokens(cfg, self.role)
+        probe = model.allocate_cache(1, self.page_size, 1, spec_tokens=k,
+                                     ssm_dtype=torch.float32)
+        num_pages = settings.num_kv_pages(
+            budget, probe.bytes_per_page(), probe.bytes_per_slot(),
+            settings.max_num_seqs(cfg, self.role), cfg.engine.max_model_len, k, self.page_size)
+        del probe
+        engine_cfg = settings.engine_config(cfg, self.role, num_pages)
+        engine_cfg.eos_token_ids = list(tokenizer.eos_token_ids or []) or None
+        # The engine gets no tokenizer: text (detokenization, stop strings) is the router's.
+        engine = Engine(model, engine_cfg)
+        self.fingerprint = model_fingerprint(path, {
+            "dtype": str(self.dtype), "ssm_dtype": str(engine_cfg.ssm_dtype or torch.float32),
+            "max_model_len": engine.max_model_len,
+            "eos_token_ids": sorted(engine.eos_ids)})
+        self.loop = EngineLoop(engine, name=f"baton-{self.role}-engine")
+        st = engine.stats()
+        log.info("loaded %s on %s (%s): %d KV pages of %d tokens, %d state slots, "
+                 "fingerprint %s", path, self.device, self.dtype, st.num_pages, self.page_size,
+                 st.num_slots, self.fingerprint[:16])
+
+    def set_ready(self) -> None:
+        with self._cond:
+            self._ready = True
+
+    # -- admission -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def admit(self, context: grpc.ServicerContext):
+        """Counts one in-flight call; refuses new ones while loading or draining."""
+        with self._cond:
+            if not self._ready:
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.role} worker is loading")
+            if self.draining:
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.role} worker is draining")
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._in_flight -= 1
+                self._cond.notify_all()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def start_draining(self) -> None:
+        with self._cond:
+            self.draining = True
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Waits until no call is in flight; False if some still are at the timeout."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while self._in_flight:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    # -- load reporting ------------------------------------------------------------------
+
+    def engine_stats(self) -> EngineStats:
+        return self.loop.stats() if self.loop is not None else EngineStats()
+
+    def worker_stats(self) -> WorkerStats:
+        st = self.engine_stats()
+        return WorkerStats(
+            requests_waiting=st.waiting + st.reserved,
+            requests_running=st.running,
+            kv_cache_usage_ratio=st.kv_cache_usage,
+            ssm_state_slots_usage_ratio=st.ssm_slot_usage,
+            prompt_tokens_total=st.prompt_tokens_total,
+            generation_tokens_total=st.generation_tokens_total,
+            spec_decode_draft_tokens_total=st.spec_draft_tokens_total,
+            spec_decode_accepted_tokens_total=st.spec_accepted_tokens_total)
+
+    def load_response(self, transfers_in_flight: int) -> worker_pb2.LoadResponse:
+        st = self.engine_stats()
+        role = worker_pb2.ROLE_PREFILL if self.role == "prefill" else worker_pb2.ROLE_DECODE
+        return worker_pb2.LoadResponse(
+            role=role, running=st.running, waiting=st.waiting + st.reserved,
+            kv_cache_usage_ratio=st.kv_cache_usage,
+            ssm_state_slots_usage_ratio=st.ssm_slot_usage, free_slots=st.free_slots,
+            free_kv_tokens=st.free_pages * self.page_size, draining=self.draining,
+            transfers_in_flight=transfers_in_flight, fingerprint=self.fingerprint)
+
+    # -- deadlines -----------------------------------------------------------------------
+
+    def deadline_of(self, message, context: grpc.ServicerContext) -> float:
+        """Absolute time.time() deadline: the message's, the call's, or the default."""
+        candidates = [time.time() + self.config.router.request_timeout_seconds]
+        if message.HasField("deadline"):
+            candidates.append(message.deadline.ToNanoseconds() / 1e9)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            candidates.append(time.time() + remaining)
+        return min(candidates)
+
+
+def sampling_from_proto(message: worker_pb2.SamplingParams) -> SamplingParams:
+    """Engine sampling parameters of a request (validated; ValueError names the field)."""
+    logprobs: bool | int = bool(message.logprobs)
+    if message.top_logprobs:
+        logprobs = int(message.top_logprobs)
+    params = SamplingParams(
+        max_tokens=int(message.max_tokens), temperature=float(message.temperature),
+        top_p=float(message.top_p) if message.top_p else 1.0, top_k=int(message.top_k),
+        seed=int(message.seed) if message.HasField("seed") else None,
+        stop_token_ids=[int(t) for t in message.stop_token_ids], logprobs=logprobs,
+        ignore_eos=bool(message.ignore_eos))
+    params.validate()
+    return params
+
+
+def request_from_proto(request_id: str, prompt_token_ids, sampling) -> Request:
+    if not request_id:
+        raise ValueError("request_id must be a non-empty string")
+    prompt = [int(t) for t in prompt_token_ids]
+    if not prompt:
+        raise ValueError(f"prompt_token_ids of {request_id!r} is empty")
+    if not sampling.max_tokens:
+        raise ValueError(f"sampling.max_tokens of {request_id!r} must be >= 1")
+    return Request(request_id, prompt, sampling_from_proto(sampling))
+
+
+def token_to_proto(token_id: int, logprob: float | None,
+                   top_logprobs) -> worker_pb2.GeneratedToken:
+    return worker_pb2.GeneratedToken(
+        token_id=token_id, logprob=0.0 if logprob is None else float(logprob),
+        top_logprobs=[worker_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in top_logprobs])
+
+
+def event_token(event: TokenEvent) -> worker_pb2.GeneratedToken:
+    return token_to_proto(event.token_id, event.logprob, event.top_logprobs)

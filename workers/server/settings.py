@@ -1,0 +1,165 @@
+"""What a worker process runs with: its flags, the WorkerConfig, and the choices they imply
+(device, dtype, cache budget, the engine's configuration)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from baton.operator.spec import WorkerConfig
+
+ROLES = ("prefill", "decode")
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+# Prefill-only requests hold cache only while their prompt runs; this many prompts may be in
+# the prefill engine at once (batched into steps up to maxBatchTokens).
+PREFILL_MAX_SEQS = 32
+# A CPU worker shares the machine with the other workers and the router: its cache takes at
+# most this much unless --cache-memory says otherwise.
+CPU_CACHE_CAP_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    """The command line of `baton worker`."""
+
+    role: str
+    config_path: Path
+    pool: str
+    host: str
+    grpc_port: int
+    metrics_port: int
+    drain_seconds: float
+    cache_memory_bytes: int | None
+    device: str | None
+    log_level: str
+
+
+def _size(text: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+    for suffix, factor in units.items():
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * factor)
+    return int(text)
+
+
+def parse_args(argv: list[str]) -> WorkerArgs:
+    parser = argparse.ArgumentParser(
+        prog="baton worker",
+        description="Run a prefill or decode worker: gRPC on --grpc-port, /metrics on "
+                    "--metrics-port; SIGTERM drains and exits 0.")
+    parser.add_argument("role", choices=ROLES)
+    parser.add_argument("--config", required=True, type=Path,
+                        help="worker configuration JSON (the ConfigMap / `baton up`)")
+    parser.add_argument("--pool", required=True, help="GPU pool name (the `pool` label)")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    parser.add_argument("--grpc-port", type=int, default=50051)
+    parser.add_argument("--metrics-port", type=int, default=9400)
+    parser.add_argument("--drain-seconds", type=float, default=60.0,
+                        help="longest a SIGTERM drain waits for in-flight work")
+    parser.add_argument("--cache-memory", type=_size, default=None,
+                        help="bytes for KV pages and state slots (e.g. 512Mi); default: "
+                             "cacheMemoryFraction of free GPU memory, or on a CPU at most 2Gi")
+    parser.add_argument("--device", default=None,
+                        help="torch device; default: cuda when present, else cpu")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="DEBUG also logs every layer state sent and received")
+    ns = parser.parse_args(argv)
+    for name in ("grpc_port", "metrics_port"):
+        if not 0 <= getattr(ns, name) <= 65535:
+            parser.error(f"--{name.replace('_', '-')}={getattr(ns, name)} is not in 0..65535")
+    if ns.drain_seconds <= 0:
+        parser.error(f"--drain-seconds={ns.drain_seconds} must be > 0")
+    return WorkerArgs(role=ns.role, config_path=ns.config, pool=ns.pool, host=ns.host,
+                      grpc_port=ns.grpc_port, metrics_port=ns.metrics_port,
+                      drain_seconds=ns.drain_seconds, cache_memory_bytes=ns.cache_memory,
+                      device=ns.device, log_level=ns.log_level)
+
+
+def pick_device(requested: str | None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The model dtype: "auto" is bf16 on a GPU and fp32 on a CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"engine.dtype={name!r} is not one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def cache_budget(config: WorkerConfig, device: torch.device, override: int | None) -> int:
+    """Bytes for the engine's KV pages and Mamba state slots (after the weights loaded)."""
+    if override is not None:
+        if override <= 0:
+            raise ValueError(f"--cache-memory={override} must be > 0")
+        return override
+    fraction = config.engine.cache_memory_fraction
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        # cacheMemoryFraction bounds weights + caches together; what the weights took is
+        # already gone from `free`.
+        budget = free - int((1.0 - fraction) * total)
+        if budget <= 0:
+            raise ValueError(f"engine.cacheMemoryFraction={fraction}: the weights leave no "
+                             f"room for caches ({free} of {total} bytes free)")
+        return budget
+    available = _available_memory()
+    return max(1, min(int(fraction * available), CPU_CACHE_CAP_BYTES))
+
+
+def _available_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def num_kv_pages(budget: int, bytes_per_page: int, bytes_per_slot: int, max_num_seqs: int,
+                 max_model_len: int, speculative_tokens: int, page_size: int) -> int:
+    """KV pages for a cache budget: what the budget holds after the state slots, but never
+    more than max_num_seqs sequences of max_model_len tokens can use."""
+    per_seq = -(-(max_model_len + speculative_tokens + 1) // page_size)
+    usable = max_num_seqs * per_seq
+    left = budget - max_num_seqs * bytes_per_slot
+    if bytes_per_page <= 0:
+        return usable
+    return max(0, min(usable, left // bytes_per_page))
+
+
+def engine_config(config: WorkerConfig, role: str, num_pages: int):
+    """The EngineConfig of a worker of `role` with num_pages KV pages."""
+    from baton.workers.engine import EngineConfig
+
+    if role == "prefill":
+        return EngineConfig(page_size=config.engine.kv_page_size, num_pages=max(num_pages, 1),
+                            max_num_seqs=PREFILL_MAX_SEQS,
+                            max_batch_tokens=config.prefill.max_batch_tokens,
+                            max_model_len=config.engine.max_model_len, speculative_tokens=0)
+    k = config.decode.speculative_tokens
+    seqs = config.decode.max_concurrency
+    # Decode steps take 1 + k tokens per sequence; a preempted sequence recomputes its prompt
+    # in chunks of the prefill budget.
+    return EngineConfig(page_size=config.engine.kv_page_size, num_pages=max(num_pages, 1),
+                        max_num_seqs=seqs,
+                        max_batch_tokens=max(config.prefill.max_batch_tokens, seqs * (1 + k)),
+                        max_model_len=config.engine.max_model_len, speculative_tokens=k)
+
+
+def max_num_seqs(config: WorkerConfig, role: str) -> int:
+    return PREFILL_MAX_SEQS if role == "prefill" else config.decode.max_concurrency
+
+
+def speculative_tokens(config: WorkerConfig, role: str) -> int:
+    return 0 if role == "prefill" else config.decode.speculative_tokens
