@@ -197,8 +197,9 @@ def worker_deployment(model: Model, role: str, pool: PoolSpec, *, has_monitoring
     name = object_name(model, role, pool.name)
     labels = standard_labels(model, role, role, pool.name)
     gpus = role_spec.gpus_per_replica
-    resources: dict[str, dict[str, Any]] = {"requests": {GPU_RESOURCE: gpus},
-                                            "limits": {GPU_RESOURCE: gpus}}
+    # Quantities as strings: the API server returns them so, and the reconcile compares.
+    resources: dict[str, dict[str, Any]] = {"requests": {GPU_RESOURCE: str(gpus)},
+                                            "limits": {GPU_RESOURCE: str(gpus)}}
     if pool.resources is not None:
         for key in ("cpu", "memory"):
             value = getattr(pool.resources, key)

@@ -21,7 +21,7 @@ from baton.operator.reconcile import Reconciler, owner_model
 from baton.operator.spec import GROUP, PLURAL, VERSION
 
 FINALIZER = "baton.dev/kopf-finalizer"
-_registered = False
+_registered: set[int] = set()
 
 
 def post_event(body: dict, type_: str, reason: str, message: str) -> None:
@@ -41,20 +41,25 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.watching.client_timeout = 660
 
 
-def register(reconciler: Reconciler, resync_seconds: float = 60.0) -> None:
-    """Registers the handlers in Kopf's default registry (once per process)."""
-    global _registered
-    if _registered:
-        raise RuntimeError("baton.operator.handlers.register() was already called")
-    _registered = True
+def register(reconciler: Reconciler, resync_seconds: float = 60.0,
+             registry: kopf.OperatorRegistry | None = None) -> kopf.OperatorRegistry:
+    """Registers the handlers in `registry` (default: Kopf's global one), once per registry.
 
-    @kopf.on.startup()
+    In-process tests pass a fresh `kopf.OperatorRegistry()` and hand it to `kopf.operator`.
+    """
+    registry = registry if registry is not None else kopf.get_default_registry()
+    if id(registry) in _registered:
+        raise RuntimeError("baton.operator.handlers.register() was already called for this "
+                           "registry")
+    _registered.add(id(registry))
+
+    @kopf.on.startup(id="configure", registry=registry)
     def startup(settings: kopf.OperatorSettings, logger: Any, **_: Any) -> None:
         configure_kopf(settings)
         logger.info(f"baton operator started; worker image {reconciler.worker_image!r}, "
                     f"resync every {resync_seconds:g}s.")
 
-    @kopf.on.event(GROUP, VERSION, PLURAL)
+    @kopf.on.event(GROUP, VERSION, PLURAL, id="reconcile", registry=registry)
     def model_event(event: dict, body: kopf.Body, **_: Any) -> None:
         namespace, name = body.metadata.namespace or "default", body.metadata.name
         if event.get("type") == "DELETED":
@@ -62,13 +67,17 @@ def register(reconciler: Reconciler, resync_seconds: float = 60.0) -> None:
             return
         reconciler.reconcile(namespace, name)
 
-    @kopf.timer(GROUP, VERSION, PLURAL, interval=resync_seconds, initial_delay=resync_seconds)
+    @kopf.timer(GROUP, VERSION, PLURAL, interval=resync_seconds, initial_delay=resync_seconds,
+                id="resync", registry=registry)
     def resync(body: kopf.Body, **_: Any) -> None:
         reconciler.reconcile(body.metadata.namespace or "default", body.metadata.name)
 
     @kopf.on.event("apps", "v1", "deployments",
-                   labels={"app.kubernetes.io/managed-by": MANAGED_BY})
+                   labels={"app.kubernetes.io/managed-by": MANAGED_BY},
+                   id="owned-deployment", registry=registry)
     def owned_deployment_event(body: kopf.Body, **_: Any) -> None:
         owner = owner_model(dict(body))
         if owner is not None:
             reconciler.reconcile(*owner)
+
+    return registry

@@ -173,8 +173,8 @@ class Reconciler:
                   outcome: Outcome) -> None:
         kind, name = obj["kind"], obj["metadata"]["name"]
         res = resource_of(kind, obj["apiVersion"])
-        digest = stable_hash(obj)
-        obj["metadata"].setdefault("annotations", {})[SPEC_HASH_ANNOTATION] = digest
+        # Records which desired state was applied last (for people reading the object).
+        obj["metadata"].setdefault("annotations", {})[SPEC_HASH_ANNOTATION] = stable_hash(obj)
         if current is None:
             current = self.kube.get(res, model.namespace, name)
         if current is not None:
@@ -186,8 +186,7 @@ class Reconciler:
                 self.post_event(body, "Warning", "NameConflict", message)
                 self.logger.warning(message)
                 return
-            annotations = (current.get("metadata") or {}).get("annotations") or {}
-            if annotations.get(SPEC_HASH_ANNOTATION) == digest:
+            if is_subset(obj, current):
                 return
             self._apply(res, model, obj)
             outcome.updated.append(f"{kind}/{name}")
@@ -222,6 +221,22 @@ class Reconciler:
             self.post_event(body, "Normal", "Deleted", f"Deleted {kind} {name}: no longer in "
                                                        f"the spec")
             self.logger.info(f"Deleted {kind} {model.namespace}/{name}: no longer desired.")
+
+
+def is_subset(desired: Any, live: Any) -> bool:
+    """Whether `live` holds every field of `desired` with the same value.
+
+    Fields the API server or other controllers add (defaults, status, managedFields) do not
+    matter; a field the operator sets that someone changed (`kubectl scale`, an edit) does,
+    so the reconcile puts it back. Lists must match item by item.
+    """
+    if isinstance(desired, dict):
+        return isinstance(live, dict) and all(
+            key in live and is_subset(value, live[key]) for key, value in desired.items())
+    if isinstance(desired, list):
+        return (isinstance(live, list) and len(desired) == len(live)
+                and all(is_subset(d, v) for d, v in zip(desired, live)))
+    return desired == live
 
 
 def owner_model(obj: Any) -> tuple[str, str] | None:

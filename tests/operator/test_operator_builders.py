@@ -99,8 +99,8 @@ def test_worker_deployment(role, pool, replicas, gpus, product, extra_selector):
     assert container["args"] == ["worker", role, "--config", "/etc/baton/worker-config.json",
                                  "--pool", pool, "--grpc-port", "50051",
                                  "--metrics-port", "9400"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
-    assert container["resources"]["requests"]["nvidia.com/gpu"] == gpus
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == str(gpus)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"] == {"port": 50051}
     startup = container["startupProbe"]
@@ -126,7 +126,7 @@ def test_pool_resources_and_tolerations():
                                            operator_image=IMAGE))
     blackwell = objects[("Deployment", "nano-prefill-blackwell")]["spec"]["template"]["spec"]
     requests = blackwell["containers"][0]["resources"]["requests"]
-    assert requests == {"nvidia.com/gpu": 2, "cpu": "16", "memory": "128Gi"}
+    assert requests == {"nvidia.com/gpu": "2", "cpu": "16", "memory": "128Gi"}
     hopper = objects[("Deployment", "nano-prefill-hopper")]["spec"]["template"]["spec"]
     assert {"key": "spot", "operator": "Exists", "effect": "NoSchedule"} in hopper["tolerations"]
 
@@ -256,3 +256,31 @@ def test_path_source_and_missing_image_are_refused():
                           operator_image="")
     assert {o["spec"]["template"]["spec"]["containers"][0]["image"]
             for o in own if o["kind"] == "Deployment"} == {"mine:2"}
+
+
+def test_is_subset_ignores_server_fields_but_not_changed_ones():
+    from baton.operator.reconcile import is_subset
+
+    desired = {"spec": {"replicas": 2, "template": {"spec": {"containers": [
+        {"name": "worker", "ports": [{"containerPort": 50051}]}]}}}}
+    live = {"metadata": {"resourceVersion": "7"}, "status": {"replicas": 2},
+            "spec": {"replicas": 2, "progressDeadlineSeconds": 600, "template": {"spec": {
+                "containers": [{"name": "worker", "terminationMessagePath": "/dev/x",
+                                "ports": [{"containerPort": 50051, "protocol": "TCP"}]}]}}}}
+    assert is_subset(desired, live)
+    scaled = {**live, "spec": {**live["spec"], "replicas": 5}}
+    assert not is_subset(desired, scaled)
+    extra_container = {"spec": {**live["spec"], "template": {"spec": {"containers": [
+        live["spec"]["template"]["spec"]["containers"][0], {"name": "sidecar"}]}}}}
+    assert not is_subset(desired, extra_container)
+    assert not is_subset({"a": {"b": 1}}, {"a": None})
+
+
+def test_every_built_object_is_a_subset_of_itself_after_json():
+    """Builders emit plain JSON whose values survive a round trip unchanged (no tuples,
+    no ints where the API server returns strings for quantities)."""
+    from baton.operator.reconcile import is_subset
+
+    for obj in desired_objects(two_pool_model(), has_monitoring_api=True,
+                               operator_image=IMAGE):
+        assert is_subset(obj, json.loads(json.dumps(obj)))

@@ -279,6 +279,14 @@ async def test_operator_reconciles_model_lifecycle(kmock, tmp_path):
         assert condition(model, "Ready")["lastTransitionTime"] == ready_since
         assert condition(model, "Ready")["observedGeneration"] == 2
 
+        # Replicas have one writer: a manual scale is put back by the next reconcile.
+        await api.patch(DEPLOYMENTS, "nano-decode-blackwell", {"spec": {"replicas": 5}})
+
+        async def scaled_back():
+            dep = await api.get(DEPLOYMENTS, "nano-decode-blackwell")
+            return dep["spec"]["replicas"] == 1
+        await eventually(scaled_back, 15, "the manual scale reverted")
+
         # A Deployment deleted behind the operator's back comes back.
         await api.delete(DEPLOYMENTS, "nano-router")
 
