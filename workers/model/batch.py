@@ -126,7 +126,12 @@ class BatchPlan:
             starts = torch.tensor(self.seq_starts)
             rows = starts[:, None] + torch.minimum(offsets[None, :], lens[:, None] - 1)
             self.verify_token_index = rows.to(device)
-            self.verify_valid = (offsets[None, :] < lens[:, None]).to(device)
+            # Per draft position j: the sequences that have a token there and its row (index
+            # lists built here, so the layers never sync on a mask).
+            valid = offsets[None, :] < lens[:, None]
+            self.verify_step_seqs = [valid[:, j].nonzero().flatten().to(device)
+                                     for j in range(steps)]
+            self.verify_step_rows = [rows[valid[:, j], j].to(device) for j in range(steps)]
         self._device = device
 
     def causal_mask(self, s: int, device: torch.device) -> torch.Tensor:

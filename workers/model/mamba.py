@@ -245,8 +245,8 @@ class Mamba2Mixer(nn.Module):
         for j in range(steps):  # at most 1 + K draft positions
             out, state = ssm_step(state, x[:, j], step_dt[:, j], a, b[:, j], c[:, j])
             ssm_spec[slots, j] = state.to(ssm_spec.dtype)
-            valid = plan.verify_valid[:, j]
-            y[rows[valid, j]] = out[valid]
-            x_all[rows[valid, j]] = x[valid, j].float()
+            seqs, token_rows = plan.verify_step_seqs[j], plan.verify_step_rows[j]
+            y[token_rows] = out[seqs]
+            x_all[token_rows] = x[seqs, j].float()
         conv_spec[slots, :, : window.shape[-1]] = window.to(conv_spec.dtype)
         cache.mark_pending(plan.slots, plan.seq_lens)
