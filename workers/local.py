@@ -27,10 +27,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,7 +177,7 @@ class LocalDeployment:
                 {**self.config.to_dict(),
                  "router": {**self.config.to_dict()["router"], "apiKeysFile": None}})
         self._own_run_dir = run_dir is None
-        self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="baton-up-"))
+        self.run_dir: Path | None = Path(run_dir) if run_dir is not None else None
         self.children: list[Child] = []
         self._group: list[int] = []
         self.started_at = 0.0
@@ -188,6 +188,9 @@ class LocalDeployment:
         return f"http://{shown}:{self.port}"
 
     def _plan(self) -> list[Child]:
+        if self.run_dir is None:
+            self.run_dir = Path(tempfile.mkdtemp(prefix="baton-up-"))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         config_path = self.run_dir / "worker-config.json"
         config_path.write_text(self.config.to_json())
         python = [sys.executable, "-m", "baton.workers.cli"]
@@ -236,7 +239,7 @@ class LocalDeployment:
         return next((c for c in self.children if c.proc.poll() is not None), None)
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S,
-                   stop: threading.Event | None = None) -> None:
+                   stopped: Callable[[], bool] = lambda: False) -> None:
         deadline = time.monotonic() + timeout_s
         pending = {c.name for c in self.children}
         while pending:
@@ -245,7 +248,7 @@ class LocalDeployment:
                 raise UpError(f"the {dead.name} process exited with code {dead.proc.returncode}"
                               f" while starting; its log ({dead.log_path}) ends with:\n"
                               f"{dead.tail()}")
-            if stop is not None and stop.is_set():
+            if stopped():
                 raise UpError("stopped while starting")
             if time.monotonic() > deadline:
                 raise UpError(f"not ready within {timeout_s:g} s: still waiting for "
@@ -303,7 +306,7 @@ class LocalDeployment:
                 child._log.close()
 
     def cleanup(self) -> None:
-        if self._own_run_dir:
+        if self._own_run_dir and self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
@@ -321,31 +324,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    stop = threading.Event()
     received: list[int] = []
 
     def on_signal(signum, _frame):
+        # Only a list append here: a handler that takes a lock (Event.set) can deadlock
+        # against the main thread holding that same lock when the signal lands.
         received.append(signum)
-        stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
         deployment = LocalDeployment(args.file, args.host, args.port, args.run_dir)
-        if args.run_dir is not None:
-            args.run_dir.mkdir(parents=True, exist_ok=True)
     except UpError as exc:
         print(f"baton up: {exc}", file=sys.stderr)
         return 2
     code = 0
     try:
         deployment.start()
-        deployment.wait_ready(args.ready_timeout, stop)
+        deployment.wait_ready(args.ready_timeout, lambda: bool(received))
         print(deployment.summary(), flush=True)
         print(json.dumps({"event": "ready", "url": deployment.base_url + "/v1",
                           "timeToReadySeconds": {c.name: round(c.ready_after_s, 3)
                                                  for c in deployment.children}}), flush=True)
-        while not stop.wait(0.5):
+        while not received:
+            time.sleep(0.2)
             dead = deployment._exited()
             if dead is not None:
                 print(f"baton up: the {dead.name} process exited with code "

@@ -1,0 +1,118 @@
+"""`baton up examples/tiny.yaml`: answers within 2 minutes, and SIGTERM stops every process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from baton.workers.local import LocalDeployment, UpError, check_port_free, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_YAML = REPO / "examples" / "tiny.yaml"
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_baton_up_serves_tiny_and_sigterm_stops_everything(tmp_path):
+    port = free_port()
+    t0 = time.monotonic()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "baton.workers.cli", "up", str(TINY_YAML), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    output = []
+    try:
+        ready = None
+        for line in up.stdout:
+            output.append(line)
+            if line.startswith("{") and '"ready"' in line:
+                ready = json.loads(line)
+                break
+        assert ready is not None, "".join(output)
+        client = openai.OpenAI(base_url=ready["url"], api_key="none", max_retries=0)
+        out = client.completions.create(model="tiny", prompt="Hello", max_tokens=5,
+                                        temperature=0)
+        elapsed = time.monotonic() - t0
+        assert out.usage.completion_tokens >= 1
+        assert elapsed < 120, f"first completion after {elapsed:.1f} s"
+        summary = "".join(output)
+        assert f"http://127.0.0.1:{port}/v1" in summary and "/metrics" in summary
+        assert set(ready["timeToReadySeconds"]) == {"prefill", "decode", "router"}
+        print(f"baton up: first completion after {elapsed:.1f} s; time to ready "
+              f"{ready['timeToReadySeconds']}")
+
+        kids = children_of(up.pid)
+        assert len(kids) == 3, kids
+        up.send_signal(signal.SIGTERM)
+        rest, _ = up.communicate(timeout=60)
+        output.append(rest)
+        assert up.returncode == 0, "".join(output)
+        assert "every process exited" in rest
+        assert not [k for k in kids if alive(k)]
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+
+
+def test_up_refuses_what_it_cannot_run(tmp_path):
+    spec = tmp_path / "m.yaml"
+    spec.write_text(TINY_YAML.read_text().replace("uri: tiny ", "uri: pvc://store/tiny "))
+    with pytest.raises(UpError, match="pvc:// source for a cluster"):
+        LocalDeployment(spec)
+    spec.write_text(TINY_YAML.read_text().replace("uri: tiny ", "uri: missing "))
+    with pytest.raises(UpError, match="holds no checkpoint"):
+        LocalDeployment(spec)
+    spec.write_text("kind: Model\nmetadata: {name: x}\nspec: {source: {uri: 3}}\n")
+    with pytest.raises(UpError, match="spec.source"):
+        LocalDeployment(spec)
+    # A path relative to the YAML file resolves beside it; file:// takes an absolute path.
+    (tmp_path / "ckpt").symlink_to(REPO / "examples" / "tiny")
+    spec.write_text(TINY_YAML.read_text().replace("uri: tiny ", "uri: ckpt "))
+    assert LocalDeployment(spec).checkpoint == (REPO / "examples" / "tiny").resolve()
+    spec.write_text(TINY_YAML.read_text().replace(
+        "uri: tiny ", f"uri: file://{REPO / 'examples' / 'tiny'} "))
+    deployment = LocalDeployment(spec)
+    assert deployment.config.model_path == str((REPO / "examples" / "tiny").resolve())
+    deployment.cleanup()
+
+
+def test_port_in_use_is_reported():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(UpError, match=f"--port {port}"):
+            check_port_free("127.0.0.1", port)
