@@ -134,8 +134,10 @@ def _outcome(err: ApiError) -> str:
 class _Generation:
     """One request's token stream turned into text: counts, logprobs and the finish reason."""
 
-    def __init__(self, router: Router, parsed: ParsedRequest, gen: GenerationRequest) -> None:
+    def __init__(self, router: Router, parsed: ParsedRequest, gen: GenerationRequest,
+                 client_request_id: str) -> None:
         self.router = router
+        self.client_request_id = client_request_id
         self.parsed = parsed
         self.gen = gen
         self.text = TextAssembler(router.tokenizer.decode, parsed.stop, gen.prompt_ids)
@@ -235,6 +237,7 @@ class Router:
         self.api_keys = ApiKeys(settings.api_keys_file) if settings.api_keys_file else None
         self.created = int(time.time())
         self.running = 0
+        self._worker_ids: set[str] = set()
 
     # -- application -----------------------------------------------------------------------
 
@@ -362,6 +365,16 @@ class Router:
                 param="max_tokens", code="context_length_exceeded")
         return parsed.max_tokens
 
+    def _worker_request_id(self, request_id: str) -> str:
+        """The id the workers see: the client's x-request-id, made unique among this
+        router's requests in flight (a client may reuse an id; workers key state on it)."""
+        unique, n = request_id, 0
+        while unique in self._worker_ids:
+            n += 1
+            unique = f"{request_id}.{n}"
+        self._worker_ids.add(unique)
+        return unique
+
     async def _open(self, gen: GenerationRequest):
         async def start():
             stream = self.backend.generate(gen)
@@ -374,12 +387,15 @@ class Router:
                 raise
             return stream, first
 
-        return await self.queue.admit(start, gen.deadline)
+        # The deadline covers the wait in the queue and the prefill up to the first token.
+        return await asyncio.wait_for(self.queue.admit(start, gen.deadline),
+                                      max(0.0, gen.deadline - time.time()))
 
     async def _generate(self, request: web.Request, parse) -> web.StreamResponse:
         t_arrival = time.monotonic()
         timeout_s = self.settings.request_timeout_s
         stream = None
+        gen: GenerationRequest | None = None
         outcome = "error"
         self.running += 1
         try:
@@ -393,7 +409,7 @@ class Router:
                     temperature=parsed.temperature, top_p=parsed.top_p, top_k=parsed.top_k,
                     seed=parsed.seed, logprobs=parsed.logprobs,
                     stop_token_ids=tuple(parsed.stop_token_ids), ignore_eos=parsed.ignore_eos)
-                gen = GenerationRequest(request_id=request[REQUEST_ID],
+                gen = GenerationRequest(request_id=self._worker_request_id(request[REQUEST_ID]),
                                         prompt_ids=tuple(prompt_ids), sampling=sampling,
                                         deadline=time.time() + timeout_s)
                 try:
@@ -408,7 +424,7 @@ class Router:
             except ApiError as err:
                 outcome = _outcome(err)
                 return _error_response(err)
-            generation = _Generation(self, parsed, gen)
+            generation = _Generation(self, parsed, gen, request[REQUEST_ID])
             events = generation.events(stream, first, t_arrival)
             if parsed.stream:
                 response, outcome = await self._stream(request, generation, events)
@@ -429,6 +445,8 @@ class Router:
             raise
         finally:
             self.running -= 1
+            if gen is not None:
+                self._worker_ids.discard(gen.request_id)
             if stream is not None:
                 # Closing the backend's stream cancels whatever the workers still do for it.
                 await asyncio.shield(stream.aclose())
@@ -437,7 +455,7 @@ class Router:
 
     def _envelope(self, generation: _Generation, object_name: str) -> dict[str, Any]:
         prefix = "chatcmpl-" if generation.parsed.endpoint == "chat" else "cmpl-"
-        return {"id": prefix + generation.gen.request_id, "object": object_name,
+        return {"id": prefix + generation.client_request_id, "object": object_name,
                 "created": int(time.time()), "model": self.settings.served_model_name}
 
     async def _complete(self, generation: _Generation, events) -> web.Response:

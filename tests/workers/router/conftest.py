@@ -64,6 +64,7 @@ class FakeBackend:
         self.token_delay = 0.0
         self.fail_after: int | None = None  # raise WorkerFailure after this many tokens
         self.gate: asyncio.Event | None = None  # when set, tokens after the first wait for it
+        self.hold_first: asyncio.Event | None = None  # the first token waits for it
         self.requests: list[GenerationRequest] = []
         self.closed_early: list[str] = []
 
@@ -95,6 +96,8 @@ class FakeBackend:
                     raise WorkerFailure("decode worker died and the retry failed too")
                 if i > 0 and self.gate is not None:
                     await self.gate.wait()
+                if i == 0 and self.hold_first is not None:
+                    await self.hold_first.wait()
                 if self.token_delay:
                     await asyncio.sleep(self.token_delay)
                 last = i + 1 >= request.sampling.max_tokens

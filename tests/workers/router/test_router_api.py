@@ -264,6 +264,12 @@ async def test_full_queue_is_429_with_retry_after(router_url, fake_backend):
 @pytest.mark.parametrize("router_url", [RouterSettings(
     served_model_name="tiny", max_model_len=128, request_timeout_s=0.4)], indirect=True)
 async def test_deadline_is_504_or_an_sse_error(router_url, fake_backend):
+    fake_backend.hold_first = asyncio.Event()  # no token at all before the deadline
+    with pytest.raises(openai.APIStatusError) as info:
+        await client(router_url).completions.create(model="tiny", prompt="abc", stream=True)
+    assert info.value.status_code == 504
+    assert fake_backend.closed_early  # the backend's work was cancelled
+    fake_backend.hold_first = None
     fake_backend.token_delay = 0.1
     with pytest.raises(openai.APIStatusError) as info:
         await client(router_url).completions.create(model="tiny", prompt="abcdefghij",
@@ -303,6 +309,17 @@ async def test_request_id_is_taken_or_made(router_url, fake_backend):
                                                                   "prompt": "ab"})
         made = r.headers["x-request-id"]
         assert len(made) == 32 and fake_backend.requests[-1].request_id == made
+        # A reused id stays the client's, but the workers get a unique one while both run.
+        fake_backend.gate = asyncio.Event()
+        streams = [asyncio.create_task(http.post(
+            router_url + "/v1/completions", json={"model": "tiny", "prompt": "ab"},
+            headers={"x-request-id": "same"})) for _ in range(2)]
+        while len(fake_backend.requests) < 4:
+            await asyncio.sleep(0.01)
+        fake_backend.gate.set()
+        replies = [await t for t in streams]
+        assert [r.json()["id"] for r in replies] == ["cmpl-same", "cmpl-same"]
+        assert sorted(q.request_id for q in fake_backend.requests[2:]) == ["same", "same.1"]
         r = await http.post(router_url + "/v1/completions", json={"model": "tiny"},
                             headers={"x-request-id": "abc"})
         assert r.status_code == 400 and r.headers["x-request-id"] == "abc"
