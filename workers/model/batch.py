@@ -107,6 +107,13 @@ class BatchPlan:
         decode = [s for s in range(num_seqs) if seq_lens[s] == 1]
         self.decode_seqs = decode
         self.chunk_seqs = [s for s in range(num_seqs) if seq_lens[s] != 1]
+        # Chunks of equal length and equal cached length run as one batch.
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for s in self.chunk_seqs:
+            by_shape.setdefault((seq_lens[s], cached_lens[s]), []).append(s)
+        self.chunk_groups = [
+            ChunkGroup(seqs, n, cached, self.seq_starts, slot_list, tables_cpu, page_size, device)
+            for (n, cached), seqs in by_shape.items()]
         if decode:
             index = torch.tensor(decode)
             width = max(self.pages_needed[s] for s in decode)
@@ -134,9 +141,21 @@ class BatchPlan:
             self.verify_step_rows = [rows[valid[:, j], j].to(device) for j in range(steps)]
         self._device = device
 
-    def causal_mask(self, s: int, device: torch.device) -> torch.Tensor:
-        """[n, cached + n] bool: new token i of sequence s sees keys 0..cached + i."""
-        n, cached = self.seq_lens[s], self.cached_lens[s]
-        keys = torch.arange(cached + n, device=device)
-        queries = cached + torch.arange(n, device=device)
-        return keys[None, :] <= queries[:, None]
+
+
+class ChunkGroup:
+    """Prompt chunks of G sequences with the same new length n and cached length."""
+
+    def __init__(self, seqs: list[int], n: int, cached: int, seq_starts: list[int],
+                 slots: list[int], tables: torch.Tensor, page_size: int, device: torch.device):
+        self.seqs, self.n, self.cached = seqs, n, cached
+        self.context = cached + n
+        starts = torch.tensor([seq_starts[s] for s in seqs])
+        self.rows = (starts[:, None] + torch.arange(n)).to(device)  # [G, n] token rows
+        self.slots = torch.tensor([slots[s] for s in seqs], device=device)  # [G]
+        pages = -(-self.context // page_size)
+        self.page_table = tables[seqs, :pages].to(device)  # [G, pages]
+        keys = torch.arange(self.context)
+        queries = cached + torch.arange(n)
+        # [n, cached + n]: new token i sees keys 0..cached + i.
+        self.causal_mask = (keys[None, :] <= queries[:, None]).to(device)

@@ -198,16 +198,13 @@ class Attention(nn.Module):
                 q_rows, keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
                 attn_mask=mask, scale=self.scale, enable_gqa=gqa)
             out[plan.decode_token_index] = attended.squeeze(2)
-        for s in plan.chunk_seqs:
-            start, n = plan.seq_starts[s], plan.seq_lens[s]
-            context = plan.cached_lens[s] + n
-            pages = plan.block_tables[s, : plan.pages_needed[s]].long()
-            keys = k_pages[pages].flatten(0, 1)[:context].transpose(0, 1)  # [KV, ctx, D]
-            values = v_pages[pages].flatten(0, 1)[:context].transpose(0, 1)
-            q_rows = q[start:start + n].transpose(0, 1)  # [Q, n, D]
-            mask = plan.causal_mask(s, device=x.device)  # [n, ctx]
+        for group in plan.chunk_groups:
+            # [G, ctx, KV, D] keys of the group's sequences, new tokens included.
+            keys = k_pages[group.page_table].flatten(1, 2)[:, : group.context]
+            values = v_pages[group.page_table].flatten(1, 2)[:, : group.context]
+            q_rows = q[group.rows].transpose(1, 2)  # [G, Q, n, D]
             attended = F.scaled_dot_product_attention(
-                q_rows.unsqueeze(0), keys.unsqueeze(0).to(q.dtype), values.unsqueeze(0).to(q.dtype),
-                attn_mask=mask, scale=self.scale, enable_gqa=gqa)
-            out[start:start + n] = attended[0].transpose(0, 1)
+                q_rows, keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
+                attn_mask=group.causal_mask, scale=self.scale, enable_gqa=gqa)
+            out[group.rows] = attended.transpose(1, 2)
         return self.o_proj(out.reshape(t, -1))

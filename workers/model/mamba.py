@@ -187,8 +187,8 @@ class Mamba2Mixer(nn.Module):
         else:
             if plan.decode_seqs:
                 self._decode(xbc, dt, y, x_all, plan, conv_states, ssm_states)
-            for s in plan.chunk_seqs:
-                self._chunk(s, xbc, dt, y, x_all, plan, conv_states, ssm_states)
+            for group in plan.chunk_groups:
+                self._chunk(group, xbc, dt, y, x_all, conv_states, ssm_states)
         return self._output(y, x_all, z, hidden.dtype)
 
     def _slot_state(self, states: torch.Tensor, slots: torch.Tensor,
@@ -210,21 +210,21 @@ class Mamba2Mixer(nn.Module):
         ssm_states[slots] = state.to(ssm_states.dtype)
         y[rows], x_all[rows] = out, x.float()
 
-    def _chunk(self, s, xbc, dt, y, x_all, plan, conv_states, ssm_states) -> None:
-        """One sequence's prompt chunk through the chunked scan, continuing its slot state."""
-        start, n, slot = plan.seq_starts[s], plan.seq_lens[s], plan.slots[s]
-        new = xbc[start:start + n].T.unsqueeze(0)  # [1, W, n]
-        if plan.cached_lens[s]:
-            conv = conv_states[slot:slot + 1].to(new.dtype)
-            ssm = ssm_states[slot:slot + 1]
+    def _chunk(self, group, xbc, dt, y, x_all, conv_states, ssm_states) -> None:
+        """Prompt chunks of equal length through the chunked scan, continuing the slots'
+        states (or starting from zero when nothing is cached)."""
+        new = xbc[group.rows].transpose(1, 2)  # [G, W, n]
+        if group.cached:
+            conv = conv_states[group.slots].to(new.dtype)
+            ssm = ssm_states[group.slots]
         else:
-            conv = new.new_zeros(1, self.conv_dim, self.kernel - 1)
+            conv = new.new_zeros(new.shape[0], self.conv_dim, self.kernel - 1)
             ssm = None
-        window = torch.cat([conv, new], dim=-1)  # [1, W, k-1+n]
-        out, x, final = self._scan(window, dt[start:start + n].unsqueeze(0), ssm)
-        conv_states[slot] = window[0, :, -(self.kernel - 1):].to(conv_states.dtype)
-        ssm_states[slot] = final[0].to(ssm_states.dtype)
-        y[start:start + n], x_all[start:start + n] = out[0], x[0].float()
+        window = torch.cat([conv, new], dim=-1)  # [G, W, k-1+n]
+        out, x, final = self._scan(window, dt[group.rows], ssm)
+        conv_states[group.slots] = window[..., -(self.kernel - 1):].to(conv_states.dtype)
+        ssm_states[group.slots] = final.to(ssm_states.dtype)
+        y[group.rows], x_all[group.rows] = out, x.float()
 
     def _verify(self, xbc, dt, y, x_all, plan, cache, layer) -> None:
         """Speculative verification: step through each sequence's 1 + K tokens from its slot

@@ -203,3 +203,20 @@ def test_fresh_sequence_in_spec_verify_and_decode_starts_from_zero(tiny_model, l
     logits_close(model.compute_logits(hidden), full_logits(model, tokens[0]))
     _, hidden = driver.step([(1, 1)], tokens, advance=False)
     logits_close(model.compute_logits(hidden), full_logits(model, tokens[1]))
+
+
+def test_equal_chunks_of_several_sequences_run_as_one_group(tiny_model, logits_close):
+    model = tiny_model
+    tokens = random_tokens([12, 12, 12], model.config.vocab_size, seed=6)
+    cache = model.allocate_cache(num_pages=16, page_size=4, num_slots=3)
+    driver = Driver(model, cache)
+    for seq in range(3):
+        driver.add(seq)
+    batch = driver.batch([(0, 5), (1, 5), (2, 3)], tokens)
+    assert sorted(len(g.seqs) for g in model.plan(batch, cache).chunk_groups) == [1, 2]
+    driver.step([(0, 5), (1, 5), (2, 3)], tokens)
+    driver.step([(0, 6), (1, 6), (2, 6)], tokens)  # one group continuing from cached state
+    driver.step([(0, 1), (1, 1), (2, 3)], tokens)
+    for seq in range(3):
+        got = model.compute_logits(torch.cat(driver.hidden[seq]))
+        logits_close(got, full_logits(model, tokens[seq]))
