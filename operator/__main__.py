@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # One line per handled watch event is noise; the reconcile logs what it changed.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     if args.kubeconfig:
         # Kopf's own login and the autoscaler's client read the same file.
         os.environ["KUBECONFIG"] = args.kubeconfig

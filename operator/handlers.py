@@ -36,7 +36,9 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="baton.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="baton.dev", key="last-handled-configuration")
-    settings.posting.level = logging.INFO
+    # Kopf turns its object log lines at this level and above into Events; "handler
+    # succeeded" on every watch event would flood them. The reconcile posts its own Events.
+    settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 600
     settings.watching.client_timeout = 660
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import sys
 import time
@@ -126,7 +127,7 @@ async def operator_process(kmock, tmp_path: Path):
         "users": [{"name": "test", "user": {"token": "test-token"}}],
         "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test"}}]}))
     log_path = tmp_path / "operator.log"
-    liveness_port = free_port()
+    liveness_port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
     async with aiohttp.ClientSession() as session:
         api = Api(session, base)
@@ -138,7 +139,8 @@ async def operator_process(kmock, tmp_path: Path):
         with log_path.open("w") as log:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "baton.operator", "--kubeconfig", str(kubeconfig),
-                "--worker-image", IMAGE, "--metrics-port", "0", "--resync-seconds", "3",
+                "--worker-image", IMAGE, "--metrics-port", str(metrics_port),
+                "--resync-seconds", "3",
                 "--liveness", f"http://127.0.0.1:{liveness_port}/healthz",
                 stdout=log, stderr=asyncio.subprocess.STDOUT, env=env, cwd=ROOT)
         try:
@@ -154,7 +156,7 @@ async def operator_process(kmock, tmp_path: Path):
                 except aiohttp.ClientError:
                     return False
             await eventually(alive, 10, "the liveness endpoint")
-            yield api, log_path, proc
+            yield api, log_path, proc, metrics_port
         finally:
             if proc.returncode is None:
                 proc.terminate()
@@ -200,21 +202,24 @@ def status_patches(kmock, name: str) -> int:
 
 async def test_operator_reconciles_model_lifecycle(kmock, tmp_path):
     uid = str(uuid.uuid4())
-    async with operator_process(kmock, tmp_path) as (api, log_path, _):
+    async with operator_process(kmock, tmp_path) as (api, log_path, _, metrics_port):
         await api.create(MODELS, model_body("nano", uid, 1, two_pool_spec()))
 
         # Applying a Model creates every object, owned by it.
         expected_deployments = {"nano-prefill-blackwell", "nano-prefill-hopper",
                                 "nano-decode-blackwell", "nano-decode-hopper", "nano-router"}
 
-        async def deployments_created():
-            return owned_names(await api.list(DEPLOYMENTS), "nano") == expected_deployments
-        await eventually(deployments_created, 20, "the Deployments")
-        services = owned_names(await api.list("v1/services"), "nano")
-        assert services == {"nano-prefill", "nano-decode", "nano-router"}
-        assert owned_names(await api.list("v1/configmaps"), "nano") == {"nano-config"}
-        assert owned_names(await api.list("policy/v1/poddisruptionbudgets"), "nano") == \
-            expected_deployments
+        expected = {
+            DEPLOYMENTS: expected_deployments,
+            "v1/services": {"nano-prefill", "nano-decode", "nano-router"},
+            "v1/configmaps": {"nano-config"},
+            "policy/v1/poddisruptionbudgets": expected_deployments,
+        }
+
+        async def all_created():
+            return all([owned_names(await api.list(resource), "nano") == names
+                        for resource, names in expected.items()])
+        await eventually(all_created, 20, "every owned object")
         for resource in (DEPLOYMENTS, "v1/services", "v1/configmaps",
                          "policy/v1/poddisruptionbudgets"):
             for obj in await api.list(resource):
@@ -299,6 +304,15 @@ async def test_operator_reconciles_model_lifecycle(kmock, tmp_path):
                    if (e.get("involvedObject") or {}).get("name") == "nano"}
         assert {"Created", "Updated", "Deleted"} <= reasons, reasons
 
+        # The operator's own metrics.
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as r:
+                metrics = await r.text()
+        count = re.search(r"^baton_reconcile_seconds_count ([0-9.e+]+)$", metrics, re.M)
+        assert count and float(count.group(1)) >= 3, metrics[:2000]
+        assert re.search(r'^baton_build_info\{version="[^"]+"\} 1\.0$', metrics, re.M)
+        assert re.search(r'^baton_reconciles_total\{outcome="converged"\} ', metrics, re.M)
+
         # Deleting the Model releases it: no finalizer stays anywhere. (Kopf holds one while
         # the Model has timers or daemons, to stop them before the Model goes.)
         held = await api.get(MODELS, "nano")
@@ -320,7 +334,7 @@ async def test_invalid_model_is_reported_once_per_generation(kmock, tmp_path):
     spec = two_pool_spec()
     # The schema cannot know that this source needs `baton up`: the operator must say so.
     spec["source"] = {"uri": "./checkpoints/nano"}
-    async with operator_process(kmock, tmp_path) as (api, log_path, proc):
+    async with operator_process(kmock, tmp_path) as (api, log_path, proc, _):
         await api.create(MODELS, model_body("broken", uid, 1, spec))
 
         async def rejected():
