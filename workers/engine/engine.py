@@ -13,6 +13,7 @@ prefilled elsewhere (`reserve(request, n_tokens)` -> Reservation; see handoff.py
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,8 @@ from baton.workers.engine.runner import ModelRunner, SampledToken, StepOutput
 from baton.workers.engine.sampling import fresh_seed
 from baton.workers.engine.scheduler import Scheduler
 from baton.workers.engine.tokenizer import IncrementalDetokenizer, StopMatcher
+
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -170,7 +173,7 @@ class Engine:
         self._finish(seq)
         if seq.sink is not None:
             if seq.on_prefilled is not None:
-                seq.on_prefilled(RuntimeError(f"prefill of {request_id!r} aborted"))
+                self._resolve_prefill(seq, RuntimeError(f"prefill of {request_id!r} aborted"))
         else:
             self._deferred.append(
                 TokenEvent(
@@ -323,6 +326,12 @@ class Engine:
                     break
         return events
 
+    def _resolve_prefill(self, seq: Sequence, outcome: PrefillResult | BaseException) -> None:
+        try:
+            seq.on_prefilled(outcome)
+        except Exception:  # a broken callback must not take the other requests down
+            log.exception("prefill callback of %s failed", seq.request_id)
+
     def _update_prefill(self, seq: Sequence, out: StepOutput) -> None:
         error = out.sink_errors.get(id(seq))
         sampled = out.tokens.get(id(seq))
@@ -331,13 +340,14 @@ class Engine:
         self._finish(seq)
         if error is not None:
             self._count_finish("abort")
-            seq.on_prefilled(error)
+            self._resolve_prefill(seq, error)
             return
         first = sampled[0]
         self._stats.generation_tokens_total += 1
         reason = self._finish_reason(seq, first.token, len(seq.tokens) + 1)
         self._count_finish("prefilled")
-        seq.on_prefilled(
+        self._resolve_prefill(
+            seq,
             PrefillResult(
                 request_id=seq.request_id,
                 first_token=first.token,
@@ -346,7 +356,7 @@ class Engine:
                 num_prompt_tokens=seq.num_prompt,
                 finish_reason=reason,
                 prefill_seconds=time.monotonic() - seq.admitted_at,
-            )
+            ),
         )
 
     def _finish_reason(self, seq: Sequence, token: int, length: int) -> str | None:

@@ -125,3 +125,12 @@ def helpers():
     return types.SimpleNamespace(
         Recorder=Recorder, check=check_against_recompute, build_model=build_model, rel_err=rel_err
     )
+
+
+@pytest.fixture(autouse=True)
+def single_thread_torch():
+    """Tiny shapes: one intra-op thread is faster than several fighting over 2 shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

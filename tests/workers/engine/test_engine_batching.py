@@ -115,12 +115,18 @@ def test_full_cache_queues_and_abort_frees_everything(tiny_model):
     assert stats.requests_finished_total == {"abort": 2, "length": 3}
 
 
-def test_preemption_recomputes_and_continues_identically(tiny_model, helpers):
+@pytest.mark.parametrize("k", [0, 2])
+def test_preemption_recomputes_and_continues_identically(tiny_model, helpers, k):
     # Few pages: decodes run out of pages and the newest sequence is preempted, then recomputed.
     engine = Engine(
         tiny_model,
         EngineConfig(
-            page_size=4, num_pages=36, max_num_seqs=4, max_batch_tokens=32, max_model_len=100
+            page_size=4,
+            num_pages=36,
+            max_num_seqs=4,
+            max_batch_tokens=32,
+            max_model_len=100,
+            speculative_tokens=k,
         ),
     )
     recorder = helpers.Recorder()
