@@ -80,6 +80,7 @@ class Scheduler:
         self.num_reserved = 0
         """Handoff reservations: they hold a slot and pages and count against max_num_seqs."""
         self.preemptions_total = 0
+        self._turn = 0
 
     # ---- membership ----------------------------------------------------------------------
 
@@ -152,12 +153,16 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         budget = self.max_batch_tokens
-        for seq in list(self.running):
+        # Decodes start at a rotating offset: when the token budget cannot take every
+        # sequence's 1 + K tokens, a different one waits each step (nobody starves).
+        turn = self._turn % max(1, len(self.running))
+        self._turn += 1
+        for seq in self.running[turn:] + self.running[:turn]:
             if seq.phase != Phase.RUNNING or not self.decode_ready(seq):
                 continue
-            k = self.draft_length(seq)
-            if 1 + k > budget:
-                continue
+            if budget == 0:
+                break
+            k = min(self.draft_length(seq), budget - 1)
             # Verification writes k draft positions past the last token.
             if not self._grow(seq, len(seq.tokens) + k, plan):
                 continue

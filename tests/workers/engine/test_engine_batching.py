@@ -234,3 +234,21 @@ def test_eos_and_stop_token_ids_finish_with_stop(tiny_model):
     assert events["e"][-1].finish_reason == "stop" and len(events["e"]) == first + 1
     _, events = run(eos_engine, {0: [Request("i", prompt(7, 6), greedy(5))]})
     assert len(events["i"]) == 5
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_small_token_budget_starves_nobody(tiny_model, helpers, k):
+    # 4 running sequences, 3 tokens per step: decodes take turns, drafts shrink to fit.
+    engine = Engine(
+        tiny_model,
+        EngineConfig(
+            page_size=4, num_pages=96, max_num_seqs=4, max_batch_tokens=3, speculative_tokens=k
+        ),
+    )
+    recorder = helpers.Recorder()
+    engine.runner.logits_observer = recorder
+    requests = [Request(f"s{i}", prompt(50 + i, 3 + i), greedy(6)) for i in range(4)]
+    out, events = run(engine, {0: requests})
+    for r in requests:
+        assert len(out[r.request_id]) == len(r.prompt_ids) + 6
+        helpers.check(tiny_model, recorder, r.request_id, out[r.request_id], len(r.prompt_ids))
