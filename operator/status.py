@@ -73,7 +73,7 @@ def find_condition(conditions: list[dict], type_: str) -> dict | None:
 
 
 def _counts(deployment: dict | None) -> tuple[int, int, int]:
-    """(desired, current, ready) replicas of a Deployment; a missing one counts as zeros."""
+    """(spec, current, ready) replicas of a Deployment; a missing one counts as zeros."""
     if deployment is None:
         return 0, 0, 0
     spec = deployment.get("spec") or {}
@@ -87,7 +87,10 @@ def _role_status(model: Model, role: str, by_name: dict[str, dict]) -> tuple[dic
     short: list[str] = []
     total = ready = 0
     for pool in model.spec.role(role).pools:
-        desired, current, pool_ready = _counts(by_name.get(object_name(model, role, pool.name)))
+        # Desired from the Model, not the Deployment: a Deployment not created yet still
+        # owes its replicas.
+        desired = model.desired_replicas(role, pool)
+        _, current, pool_ready = _counts(by_name.get(object_name(model, role, pool.name)))
         pools.append({"name": pool.name, "desiredReplicas": desired, "replicas": current,
                       "readyReplicas": pool_ready})
         total += current
@@ -148,8 +151,8 @@ def model_status(model: Model, deployments: list[dict], previous: dict | None,
     for role in ROLES:
         roles[role], role_short = _role_status(model, role, by_name)
         short += role_short
-    router_desired, router_current, router_ready = _counts(
-        by_name.get(object_name(model, "router")))
+    router_desired = model.spec.router.replicas
+    _, router_current, router_ready = _counts(by_name.get(object_name(model, "router")))
     if router_ready < router_desired:
         short.append(f"router {router_ready}/{router_desired} ready")
 

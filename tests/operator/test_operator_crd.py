@@ -191,3 +191,40 @@ def test_status_schema_accepts_what_the_operator_writes():
     status["autoscaler"] = {"desired": {"prefill": {"blackwell": 2}}, "reason": "x",
                             "lastScaleTime": "2026-01-01T00:00:00Z", "extra": {"a": 1}}
     validator().validate({**good(), "status": status})
+
+
+def _objects_with_rules(node, found=None):
+    found = [] if found is None else found
+    if isinstance(node, dict):
+        if node.get("x-kubernetes-validations"):
+            found.append(node)
+        for value in node.values():
+            _objects_with_rules(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            _objects_with_rules(value, found)
+    return found
+
+
+def test_cel_rules_only_read_fields_that_are_always_there():
+    """The API server defaults fields before it runs the rules; a rule reading `self.x`
+    outside has() needs x required or defaulted, else it errors on objects without x."""
+    import re
+
+    for node in _objects_with_rules(schema()):
+        present = set(node.get("required", [])) | {
+            name for name, prop in node["properties"].items() if "default" in prop}
+        for rule in node["x-kubernetes-validations"]:
+            guarded = set(re.findall(r"has\(self\.(\w+)\)", rule["rule"]))
+            read = set(re.findall(r"(?<![\w.])self\.(\w+)", rule["rule"])) - guarded
+            assert read <= present, (rule["rule"], read - present)
+            assert rule["message"]
+
+
+def test_lists_under_cel_are_bounded():
+    """CEL cost estimation needs maxItems/maxLength on what the rules iterate."""
+    spec = schema()["properties"]["spec"]["properties"]
+    for role in ("prefill", "decode"):
+        pools = spec[role]["properties"]["pools"]
+        assert pools["maxItems"] <= 16
+        assert pools["items"]["properties"]["name"]["maxLength"] <= 63
