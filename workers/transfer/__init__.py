@@ -12,7 +12,7 @@ One request's life (DESIGN.md, The request path):
    weights + model config + state dtypes). D checks it (IncomingTransfer.accept_handshake);
    a mismatched peer is refused with FAILED_PRECONDITION and D releases. State STREAMING.
 3. P's engine runs the prompt with the sender as its PrefillSink. As each layer finishes, the
-   engine calls `sender.on_layer(LayerState)`; the sender snapshots the tensor into host
+   engine calls `sender.on_layer(LayerState)`; the sender brings the tensor to host
    memory and queues it (bounded in bytes: backpressure). gRPC's thread cuts each state into
    chunks of at most chunk_bytes, each with a ChunkDescription (request, state index, layer,
    kind, token range, shape, dtype, offset, crc32), and counts the bytes per kind.

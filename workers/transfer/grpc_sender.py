@@ -1,8 +1,9 @@
 """The prefill side of the gRPC transport: one client-streaming TransferState call per request.
 
-The engine thread calls `on_layer` as each layer finishes the prompt. That only snapshots the
-tensor into host memory and queues it; chunking, checksums and encoding happen on the thread
-gRPC runs to consume the request iterator, so the engine goes back to the next layer at once.
+The engine thread calls `on_layer` as each layer finishes the prompt. That only brings the
+tensor to host memory (if it is not there) and queues it; chunking, checksums and encoding
+happen on the thread gRPC runs to consume the request iterator, so the engine goes back to
+the next layer at once.
 The queue is bounded in bytes: when the decode worker or the network falls behind, on_layer
 blocks (backpressure) instead of buffering a whole long prompt's state.
 """
@@ -10,6 +11,7 @@ blocks (backpressure) instead of buffering a whole long prompt's state.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import zlib
@@ -69,10 +71,12 @@ def reason_of(code: grpc.StatusCode) -> FailureReason:
 class _Queued:
     description: StateDescription
     host: torch.Tensor
-    """Contiguous CPU copy, owned by the transfer (the engine may reuse its cache)."""
+    """The state's bytes in contiguous CPU memory."""
 
 
 _END = object()
+# Chunk messages encoded ahead of the one gRPC is sending.
+ENCODED_AHEAD = 2
 
 
 class GrpcStateSender:
@@ -125,7 +129,10 @@ class GrpcStateSender:
             # The receiver ended the call (refused, data loss, deadline): the engine stops
             # this prefill instead of computing state nobody takes.
             raise self._fail(self._call_error())
-        host = state.tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+        # The engine hands over tensors it keeps no reference to (cache.read_state returns
+        # copies), so a contiguous CPU tensor is queued as it is; device tensors come to host
+        # memory here, on the engine thread, while the device still holds them.
+        host = state.tensor.detach().to("cpu").contiguous()
         desc = StateDescription(
             request_id=self.request_id, state_index=self._num_states, layer=state.layer,
             kind=state.kind, token_start=state.token_start, token_end=state.token_end,
@@ -209,8 +216,44 @@ class GrpcStateSender:
             self._cond.notify_all()
 
     def _messages(self, handshake: bytes):
-        """The request stream gRPC consumes on its own thread."""
+        """The request stream gRPC consumes on its own thread.
+
+        gRPC sends one message at a time and waits for it to be written before asking for the
+        next, so checksums and encoding run one stage ahead on the encoder thread: the next
+        chunk is ready while the previous one is on the wire."""
         yield handshake
+        ready: queue.Queue = queue.Queue(maxsize=ENCODED_AHEAD)
+        encoder = threading.Thread(target=self._encode, args=(ready,), daemon=True,
+                                   name=f"baton-encode-{self.request_id[:16]}")
+        encoder.start()
+        while True:
+            try:
+                item = ready.get(timeout=0.1)
+            except queue.Empty:
+                if self._call_done():
+                    return
+                continue
+            if item is _END:
+                return
+            message, kind, nbytes = item
+            yield message
+            if kind is not None:
+                self._bytes_by_kind[kind] = self._bytes_by_kind.get(kind, 0) + nbytes
+                if self._metrics is not None:
+                    self._metrics.state_transfer_bytes(kind, nbytes)
+
+    def _encode(self, ready: queue.Queue) -> None:
+        """Encoder thread: queued states -> chunk messages, in order, into `ready`."""
+
+        def put(item) -> bool:
+            while not self._call_done():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         while True:
             with self._cond:
                 while not self._queue:
@@ -219,11 +262,15 @@ class GrpcStateSender:
                     self._cond.wait(timeout=0.1)
                 item = self._queue.popleft()
             if item is _END:
+                put(_END)
                 return
             if isinstance(item, bytes):
-                yield item
+                if not put((item, None, 0)):
+                    return
                 continue
-            yield from self._chunks(item)
+            for message, nbytes in self._chunks(item):
+                if not put((message, item.description.kind.value, nbytes)):
+                    return
             with self._cond:
                 self._queued_bytes -= item.description.nbytes
                 self._cond.notify_all()
@@ -231,16 +278,10 @@ class GrpcStateSender:
     def _chunks(self, item: _Queued):
         desc = item.description
         data = wire.tensor_bytes(item.host)
-        kind = desc.kind.value
         for offset in range(0, max(desc.nbytes, 1), self._chunk_bytes):
             piece = data[offset:offset + self._chunk_bytes]
             chunk = ChunkDescription(desc, offset, len(piece), zlib.crc32(piece))
-            message = wire.encode_chunk(chunk, piece)
-            message = self._transport.tamper(chunk, message)
-            yield message
-            self._bytes_by_kind[kind] = self._bytes_by_kind.get(kind, 0) + len(piece)
-            if self._metrics is not None:
-                self._metrics.state_transfer_bytes(kind, len(piece))
+            yield self._transport.tamper(chunk, wire.encode_chunk(chunk, piece)), len(piece)
 
 
 class GrpcTransport:
