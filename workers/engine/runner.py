@@ -93,14 +93,13 @@ class ModelRunner:
 
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(1, max(len(s.pages) for s in seqs))
-        table = torch.full((len(seqs), width), -1, dtype=torch.int32)
-        for i, s in enumerate(seqs):
-            if s.pages:
-                table[i, : len(s.pages)] = torch.tensor(s.pages, dtype=torch.int32)
-        return table.to(self.device)
+        rows = [s.pages + [-1] * (width - len(s.pages)) for s in seqs]
+        return torch.tensor(rows, dtype=torch.int32).to(self.device)
 
     def _batch(self, seqs, ids, starts, lens, spec_verify=False):
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)])
+        positions = torch.tensor(
+            [p for s, n in zip(starts, lens) for p in range(s, s + n)], dtype=torch.int64
+        )
         return self._batch_cls(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
             positions=positions.to(self.device),

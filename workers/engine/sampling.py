@@ -138,11 +138,23 @@ def row_key(seed: int, position: int, stream: int = 0) -> int:
     return _fmix32_int(h ^ (stream * _GOLDEN))
 
 
+_TOKEN_HASHES: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _token_hashes(vocab: int, device: torch.device | str) -> torch.Tensor:
+    # A scrambled bijection of the token ids, [1, V]: keys are mixed into hashes rather than
+    # into raw ids, so two rows never see shifted copies of each other's noise.
+    key = (vocab, str(device))
+    if key not in _TOKEN_HASHES:
+        v = torch.arange(vocab, dtype=torch.int64, device=device)
+        _TOKEN_HASHES[key] = _fmix32((v + _GOLDEN) & _MASK32).unsqueeze(0)
+    return _TOKEN_HASHES[key]
+
+
 def uniform_noise(keys: Sequence[int], vocab: int, device: torch.device | str) -> torch.Tensor:
     """Uniforms in (0, 1), [n, V] float32: row i, column v is a pure function of (keys[i], v)."""
     k = torch.tensor([int(key) for key in keys], dtype=torch.int64, device=device).unsqueeze(1)
-    v = torch.arange(vocab, dtype=torch.int64, device=device).unsqueeze(0)
-    bits = _fmix32(_fmix32(k ^ v) ^ _GOLDEN)
+    bits = _fmix32((_fmix32(_token_hashes(vocab, device) ^ k) + k) & _MASK32)
     # 24 high bits: exactly representable in float32; +0.5 keeps u away from 0 and 1.
     return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 

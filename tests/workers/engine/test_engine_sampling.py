@@ -65,6 +65,11 @@ def test_noise_is_a_pure_function_of_key_and_token():
     # Different positions and seeds give different draws.
     assert not torch.equal(a[0], a[1])
     assert not torch.equal(uniform_noise([row_key(124, 0)], 1000, "cpu")[0], a[0])
+    # Rows are not shuffled copies of each other, and are uncorrelated.
+    assert not torch.equal(a[0].sort().values, a[1].sort().values)
+    centered = a - 0.5
+    corr = (centered[0] * centered[1]).mean() / centered[0].var()
+    assert abs(float(corr)) < 0.15
     # Roughly uniform: mean 1/2, variance 1/12.
     big = uniform_noise([row_key(5, p) for p in range(64)], 4096, "cpu")
     assert abs(big.mean().item() - 0.5) < 0.005
