@@ -23,7 +23,7 @@ from baton.workers.engine.tokenizer import load_tokenizer
 REPO = Path(__file__).resolve().parents[2]
 CHECKPOINT = REPO / "examples" / "tiny"
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def test_decode_worker_killed_mid_stream_continues_on_the_other(cluster, client,
                                                                 e2e):
     rng = random.Random(1)
     prompt = [rng.randrange(5, 512) for _ in range(40)]
-    n = 160
+    n = 300
     args = dict(model="tiny", prompt=prompt, max_tokens=n, temperature=0, logprobs=1,
                 stream=True, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
     got: list[tuple[int, float]] = []

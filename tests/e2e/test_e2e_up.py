@@ -43,6 +43,7 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 def test_baton_up_serves_tiny_and_sigterm_stops_everything(tmp_path):
     port = free_port()
     t0 = time.monotonic()

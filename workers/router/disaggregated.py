@@ -132,6 +132,11 @@ class DisaggregatedBackend:
                 if time.time() + CAPACITY_POLL_S >= request.deadline:
                     raise asyncio.TimeoutError from None
                 await asyncio.sleep(CAPACITY_POLL_S)
+            except NoReadyWorker as exc:
+                if not emitted:
+                    raise  # 503 before anything was streamed
+                raise WorkerFailure(f"request {request.request_id} cannot continue: no ready "
+                                    f"{exc.role} worker is left for its retry") from None
             except AttemptFailed as exc:
                 attempt += 1
                 if not exc.retryable or attempt == MAX_ATTEMPTS:
