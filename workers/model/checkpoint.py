@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +87,14 @@ def write_random_checkpoint(path: str | Path, config: dict[str, Any], seed: int 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
 
-    model = NemotronHModel(parsed, dtype=torch.float32)
-    _randomize_(model, seed)
+    # The structure only: each tensor is drawn on its own (module by module), so even a
+    # full-size architecture never sits in memory in fp32 at once.
+    with torch.device("meta"):
+        model = NemotronHModel(parsed, dtype=torch.float32)
     quant_section = _quant_section(model, quantization)
     formats = (_plan_from(quant_section, "hf_quant_config.json", "exclude_modules")
                if quant_section else FormatPlan())
-    tensors = _checkpoint_tensors(model, formats, dtype)
+    tensors = _checkpoint_tensors(model, formats, dtype, seed)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
     out_config = {"architectures": ["NemotronHForCausalLM"], **raw,
@@ -106,32 +109,27 @@ def write_random_checkpoint(path: str | Path, config: dict[str, Any], seed: int 
     return path
 
 
-def _randomize_(model: NemotronHModel, seed: int) -> None:
-    """Plausible random values, by tensor role (fp32, in a fixed name order)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
-            shape = tensor.shape
-            noise = torch.randn(shape, generator=gen)
-            if name.endswith("A_log"):
-                tensor.copy_(torch.log(1 + 15 * torch.rand(shape, generator=gen)))
-            elif name.endswith("dt_bias"):
-                low, high = math.log(0.02), math.log(0.5)
-                dt = torch.exp(low + (high - low) * torch.rand(shape, generator=gen))
-                tensor.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-            elif name.endswith(".D") or "norm" in name.rsplit(".", 1)[0].rsplit(".", 1)[-1]:
-                tensor.copy_(1 + 0.1 * noise)
-            elif name.endswith("e_score_correction_bias"):
-                tensor.copy_(0.1 * noise)
-            elif name.endswith("conv1d.weight"):
-                tensor.copy_(noise / math.sqrt(shape[-1]))
-            elif name == "backbone.embeddings.weight":
-                tensor.copy_(noise)
-            elif tensor.dim() == 1:
-                tensor.copy_(0.02 * noise)
-            else:
-                tensor.copy_(noise / math.sqrt(shape[-1]))
-    model.tie_weights()
+def random_tensor(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
+    """A plausible fp32 value for the checkpoint tensor `name`, chosen by its role. Each
+    tensor has its own generator (seed and name), so the order of drawing does not matter."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    if name.endswith("A_log"):
+        return torch.log(1 + 15 * torch.rand(shape, generator=gen))
+    if name.endswith("dt_bias"):
+        low, high = math.log(0.02), math.log(0.5)
+        dt = torch.exp(low + (high - low) * torch.rand(shape, generator=gen))
+        return dt + torch.log(-torch.expm1(-dt))  # inverse softplus
+    noise = torch.randn(shape, generator=gen)
+    module = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+    if name.endswith(".D") or "norm" in module:
+        return 1 + 0.1 * noise
+    if name.endswith("e_score_correction_bias"):
+        return 0.1 * noise
+    if name == "backbone.embeddings.weight":
+        return noise
+    if len(shape) == 1:
+        return 0.02 * noise
+    return noise / math.sqrt(shape[-1])
 
 
 def _quant_section(model: NemotronHModel, quantization: str | None) -> dict[str, Any] | None:
@@ -157,41 +155,45 @@ def _quant_section(model: NemotronHModel, quantization: str | None) -> dict[str,
             "exclude_modules": ["lm_head", "mtp*"], "quantized_layers": layers}
 
 
-def _checkpoint_tensors(model: NemotronHModel, formats: FormatPlan,
-                        dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The model's tensors in `dtype`, quantized where `formats` says, with hub names."""
+def _checkpoint_tensors(model: NemotronHModel, formats: FormatPlan, dtype: torch.dtype,
+                        seed: int) -> dict[str, torch.Tensor]:
+    """Random tensors for every tensor of the (meta) model, in `dtype`, quantized where
+    `formats` says, with hub names (per-expert tensors)."""
     tensors: dict[str, torch.Tensor] = {}
     handled: set[str] = set()
+    tied = model.config.tie_word_embeddings
     for module_name, module in model.named_modules():
         if isinstance(module, QuantLinear):
-            if module_name == "lm_head" and model.config.tie_word_embeddings:
-                handled.add("lm_head.weight")  # the embedding is written once
-                continue
+            handled.update(f"{module_name}.{k}" for k in module.state_dict())
+            if module_name == "lm_head" and tied:
+                continue  # the embedding is written once
             fmt, per_channel = formats.format_for(module_name)
-            bias = None if module.bias is None else module.bias.detach()
-            quantized = QuantLinear.from_float(module.weight.detach(), fmt, dtype, bias=bias,
+            weight = random_tensor(f"{module_name}.weight", module.weight.shape, seed)
+            bias = (None if module.bias is None
+                    else random_tensor(f"{module_name}.bias", module.bias.shape, seed))
+            quantized = QuantLinear.from_float(weight, fmt, dtype, bias=bias,
                                                fp8_per_channel=per_channel,
                                                input_amax=INPUT_AMAX)
             for key, value in quantized.state_dict().items():
-                tensors[f"{module_name}.{key}"] = value.clone()
-            handled.update(f"{module_name}.{k}" for k in module.state_dict())
+                tensors[f"{module_name}.{key}"] = value
         elif isinstance(module, QuantExperts):
+            handled.update(f"{module_name}.{k}" for k in module.state_dict())
             fmt, per_channel = formats.format_for(module_name)
-            stack = QuantExperts.from_float(module.up_weight.detach(), module.down_weight.detach(),
-                                            fmt, dtype, fp8_per_channel=per_channel)
+            up = random_tensor(f"{module_name}.up_weight", module.up_weight.shape, seed)
+            down = random_tensor(f"{module_name}.down_weight", module.down_weight.shape, seed)
+            stack = QuantExperts.from_float(up, down, fmt, dtype, fp8_per_channel=per_channel)
+            del up, down
             _set_expert_input_scales(stack)
             for key, value in stack.state_dict().items():
                 proj, _, tensor_name = key.partition("_")
                 for e in range(value.shape[0]):
                     tensors[f"{module_name}.{e}.{proj}_proj.{tensor_name}"] = value[e].clone()
-            handled.update(f"{module_name}.{k}" for k in module.state_dict())
-    for name, value in model.state_dict().items():
+    for name, meta in model.state_dict().items():
         if name in handled:
             continue
-        if model.config.tie_word_embeddings and name == "lm_head.weight":
-            continue
         keep_fp32 = name.endswith("e_score_correction_bias")
-        tensors[name] = value.detach().to(torch.float32 if keep_fp32 else dtype).clone()
+        value = random_tensor(name, meta.shape, seed)
+        tensors[name] = value.to(torch.float32 if keep_fp32 else dtype)
     return {name: t.contiguous() for name, t in sorted(tensors.items())}
 
 
