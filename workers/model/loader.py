@@ -143,6 +143,10 @@ def load_weights(model: NemotronHModel, path: Path, ignore_kv_scales=None) -> No
     files = checkpoint_files(path)
     targets = _Targets(model)
     unexpected: list[str] = []
+    # A checkpoint may ship MTP weights that its config does not use (transformers ignores
+    # them the same way).
+    skip_mtp = model.mtp is None
+    skipped_mtp = 0
     total_bytes = sum(f.stat().st_size for f in files)
     show_progress = total_bytes >= PROGRESS_BYTES
     done_bytes, started = 0, time.monotonic()
@@ -152,6 +156,9 @@ def load_weights(model: NemotronHModel, path: Path, ignore_kv_scales=None) -> No
                 name = canonical_name(disk_name)
                 if ignore_kv_scales and KV_SCALE.search(name):
                     continue
+                if skip_mtp and name.startswith("mtp."):
+                    skipped_mtp += 1
+                    continue
                 if not _load_one(targets, name, disk_name, shard):
                     unexpected.append(disk_name)
         done_bytes += file.stat().st_size
@@ -160,6 +167,8 @@ def load_weights(model: NemotronHModel, path: Path, ignore_kv_scales=None) -> No
             log.warning("loading weights: shard %d/%d, %.1f/%.1f GiB (%.0f%%), %.0f s",
                         number, len(files), done_bytes / 2**30, total_bytes / 2**30,
                         100 * done_bytes / total_bytes, elapsed)
+    if skipped_mtp:
+        log.info("%s: skipped %d MTP tensors (num_nextn_predict_layers is 0)", path, skipped_mtp)
     problems = []
     if unexpected:
         problems.append(f"unexpected tensors (the config has no place for them): "

@@ -50,6 +50,8 @@ def canonical_name(name: str) -> str:
         name = "backbone." + name[len("model."):]
     elif name.split(".", 1)[0] in ("layers", "embeddings", "norm_f"):
         name = "backbone." + name
+    if name.startswith("backbone.mtp."):
+        name = name[len("backbone."):]  # MTP weights sit beside the backbone, not in it
     return name
 
 

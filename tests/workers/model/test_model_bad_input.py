@@ -158,6 +158,20 @@ def test_prefixes_shards_and_stacked_experts_load(tiny_checkpoint, tiny_model, t
     assert torch.equal(model(ids), tiny_model(ids))
 
 
+def test_mtp_weights_without_mtp_in_the_config_are_skipped(tiny_checkpoint, tiny_model, tmp_path):
+    dst = tmp_path / "c"
+    shutil.copytree(tiny_checkpoint, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["num_nextn_predict_layers"] = 0
+    (dst / "config.json").write_text(json.dumps(config))
+    model = load_model(dst, dtype=torch.float32)
+    assert model.num_mtp_layers == 0 and model.layer_kinds == tiny_model.layer_kinds[:8]
+    ids = torch.randint(0, 300, (1, 7), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(ids), tiny_model(ids))
+    with pytest.raises(ValueError, match="num_nextn_predict_layers"):
+        model.mtp_forward(torch.zeros(1, 32), torch.zeros(1, dtype=torch.long), None, None)
+
+
 def test_prompt_longer_than_the_context(tiny_checkpoint, tiny_model):
     limit = tiny_model.config.max_position_embeddings  # 64
     with pytest.raises(ValueError, match="exceed the model's context of 64"):
