@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baton.kernels import set_backend
-from baton.workers.model import NemotronHConfig, NemotronHModel
+from baton.workers.model import NemotronHModel, load_model
+from baton.workers.model.checkpoint import write_random_checkpoint
 
 # Several Mamba and attention layers, MoE (LatentMoE + shared expert), a dense MLP, and one MTP
 # depth of attention + MoE.
@@ -37,40 +37,13 @@ TINY = dict(
 )
 
 
-def perturb_(model: torch.nn.Module, seed: int) -> None:
-    """Random values for every parameter and buffer (scaled so activations stay O(1))."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            if not tensor.is_floating_point():
-                continue
-            noise = torch.randn(tensor.shape, generator=gen)
-            if name.endswith("A_log"):
-                tensor.copy_(torch.log(torch.rand(tensor.shape, generator=gen) * 8 + 0.5))
-            elif name.endswith("dt_bias"):
-                tensor.copy_(torch.rand(tensor.shape, generator=gen) * 2 - 1)
-            elif name.endswith("e_score_correction_bias"):
-                tensor.copy_(noise * 0.2)
-            elif tensor.dim() == 1:
-                tensor.copy_(1 + 0.2 * noise)
-            else:
-                # A larger scale than 1/sqrt(fan_in) keeps logits spread out, so greedy ties
-                # (margins below 1e-3) are rare.
-                tensor.copy_(noise * 2.0 / tensor.shape[-1] ** 0.5)
-
-
-def build_model(seed: int = 0, **overrides) -> NemotronHModel:
-    config = NemotronHConfig.from_dict({**TINY, **overrides})
-    model = NemotronHModel(config, dtype=torch.float32)
-    perturb_(model, seed)
-    model.tie_weights()
-    set_backend(model, "torch")
-    return model.eval()
-
-
 @pytest.fixture(scope="session")
-def tiny_model() -> NemotronHModel:
-    return build_model(seed=0)
+def tiny_model(tmp_path_factory) -> NemotronHModel:
+    """TINY written by write_random_checkpoint and read back by load_model (fp32, torch path)."""
+    path = write_random_checkpoint(
+        tmp_path_factory.mktemp("tiny"), TINY, seed=0, dtype=torch.float32, tokenizer=False
+    )
+    return load_model(path, dtype=torch.float32, kernels="torch")
 
 
 class Recorder:
@@ -122,9 +95,7 @@ def helpers():
     """The helpers above, for test modules (conftest is not importable under importlib)."""
     import types
 
-    return types.SimpleNamespace(
-        Recorder=Recorder, check=check_against_recompute, build_model=build_model, rel_err=rel_err
-    )
+    return types.SimpleNamespace(Recorder=Recorder, check=check_against_recompute, rel_err=rel_err)
 
 
 @pytest.fixture(autouse=True)
