@@ -2,8 +2,9 @@
 
 SERVICE is "host:port[,host:port...]" (a static list) or one "name:port" (a headless Service,
 resolved again every --discovery-interval seconds). The model's tokenizer is read from the
-configuration's modelPath. SIGTERM / Ctrl-C stop the server: in-flight requests are closed,
-which cancels their work on the workers.
+configuration's modelPath. SIGTERM / Ctrl-C: the listener closes at once; requests in flight
+get up to requestTimeoutSeconds to finish, then are closed, which cancels their work on the
+workers.
 """
 
 from __future__ import annotations
@@ -61,12 +62,14 @@ async def serve(router: Router, host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner, bound = await start_site(router.app(), host, port)
+    runner, bound = await start_site(router.app(), host, port,
+                                     shutdown_timeout_s=router.settings.request_timeout_s)
     log.info("router serving %s on http://%s:%d/v1", router.settings.served_model_name,
              host, bound)
     try:
         await stop.wait()
-        log.info("router stopping")
+        log.info("router stopping: no new connections; requests in flight may finish "
+                 "within %g s", router.settings.request_timeout_s)
     finally:
         await runner.cleanup()
 

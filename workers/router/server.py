@@ -543,15 +543,18 @@ class Router:
         return response, outcome
 
 
-async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+async def start_site(app: web.Application, host: str, port: int,
+                     shutdown_timeout_s: float = 60.0) -> tuple[web.AppRunner, int]:
     """Serve app on host:port (0 = any free port); returns the runner and the bound port.
 
     handler_cancellation: a client that goes away cancels its handler, which closes the
     backend stream and so frees the request's slots on both workers at once.
+    shutdown_timeout_s: at runner.cleanup() the listener closes at once and requests in
+    flight get this long to finish (a router pod's termination grace covers one deadline).
     """
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, shutdown_timeout=shutdown_timeout_s)
     await site.start()
     sockets = site._server.sockets if site._server is not None else []
     bound = sockets[0].getsockname()[1] if sockets else port
