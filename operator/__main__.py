@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["KUBECONFIG"] = args.kubeconfig
 
     import kopf
+    from kubernetes.config import ConfigException
     from prometheus_client import start_http_server
 
     # Importing the autoscaler registers its per-Model daemon with Kopf.
@@ -71,8 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     from baton.operator.metrics import record_build_info
     from baton.operator.reconcile import Reconciler
 
-    reconciler = Reconciler(Kube.from_config(args.kubeconfig), args.worker_image,
-                            handlers.post_event, logging.getLogger("baton.operator"))
+    try:
+        kube = Kube.from_config(args.kubeconfig)
+    except (ConfigException, OSError) as exc:
+        print(f"baton operator: no Kubernetes credentials: not in a pod, and the kubeconfig "
+              f"({args.kubeconfig or os.environ.get('KUBECONFIG') or '~/.kube/config'}) "
+              f"could not be used: {exc}", file=sys.stderr)
+        return 2
+    reconciler = Reconciler(kube, args.worker_image, handlers.post_event,
+                            logging.getLogger("baton.operator"))
     handlers.register(reconciler, resync_seconds=args.resync_seconds)
     if args.metrics_port:
         start_http_server(args.metrics_port)

@@ -371,3 +371,15 @@ async def test_invalid_model_is_reported_once_per_generation(kmock, tmp_path):
         assert len(warnings) == 2
         assert {w["type"] for w in warnings} == {"Warning"}
         assert_clean_log(log_path)
+
+
+def test_operator_without_credentials_says_so(tmp_path):
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("KUBERNETES_") and k != "KUBECONFIG"}
+    env["HOME"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "baton.operator", "--metrics-port", "0"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert out.returncode == 2
+    assert "no Kubernetes credentials" in out.stderr and "Traceback" not in out.stderr
