@@ -69,11 +69,11 @@ class Reservation:
         """Copy one piece of state into the reserved pages / slot."""
         kind = StateKind(state.kind)
         n = self.n_tokens
-        with self._lock:
-            if self._state != "open":
-                raise StateTransferError(
-                    f"reservation of {self.request_id!r} is {self._state}: no more writes"
-                )
+        if kind in (StateKind.CONV, StateKind.SSM) and state.token_end != n:
+            raise StateTransferError(
+                f"{kind.value} of layer {state.layer}: state after {state.token_end} tokens, "
+                f"the prompt has {n}"
+            )
         if kind in (StateKind.KV, StateKind.MTP_KV):
             limit = n if kind == StateKind.KV else n - 1
             if not 0 <= state.token_start < state.token_end <= limit:
@@ -97,33 +97,42 @@ class Reservation:
                     f"hidden: expected position {n - 1} and shape ({hidden},), got "
                     f"{state.token_start}..{state.token_end} {tuple(state.tensor.shape)}"
                 )
-            self._hidden = state.tensor.to(self._engine.model.device, self._engine.model.dtype)
-        else:
-            try:
-                self._engine.cache.write_state(
-                    state.layer,
-                    kind.value,
-                    self._block_row,
-                    self._seq.slot,
-                    state.token_start,
-                    state.tensor,
-                )
-            except ValueError as exc:
-                raise StateTransferError(f"{kind.value} of layer {state.layer}: {exc}") from exc
+        # The lock is held through the copy: release() waits for it, so pages are never
+        # freed (and handed to another request) while a write into them is in flight.
         with self._lock:
+            if self._state != "open":
+                raise StateTransferError(
+                    f"reservation of {self.request_id!r} is {self._state}: no more writes"
+                )
+            if kind == StateKind.HIDDEN:
+                model = self._engine.model
+                self._hidden = state.tensor.to(model.device, model.dtype)
+            else:
+                try:
+                    self._engine.cache.write_state(
+                        state.layer,
+                        kind.value,
+                        self._block_row,
+                        self._seq.slot,
+                        state.token_start,
+                        state.tensor,
+                    )
+                except ValueError as exc:
+                    raise StateTransferError(f"{kind.value} of layer {state.layer}: {exc}") from exc
             key = (state.layer, kind)
             self._received.setdefault(key, []).append((state.token_start, state.token_end))
 
     def missing(self) -> list[str]:
         """What commit still waits for, e.g. ["kv layer 3 tokens 0..17"]."""
         with self._lock:
-            out = []
-            for layer, kind, start, end in self._required:
-                if end <= start:
-                    continue
-                if not _covers(self._received.get((layer, kind), []), start, end):
-                    out.append(f"{kind.value} layer {layer} tokens {start}..{end}")
-            return out
+            return self._missing()
+
+    def _missing(self) -> list[str]:
+        out = []
+        for layer, kind, start, end in self._required:
+            if end > start and not _covers(self._received.get((layer, kind), []), start, end):
+                out.append(f"{kind.value} layer {layer} tokens {start}..{end}")
+        return out
 
     def commit(
         self,
@@ -144,16 +153,16 @@ class Reservation:
             )
         if sampling is not None:
             sampling.validate()
-        missing = self.missing()
-        if missing:
-            raise StateTransferError(
-                f"reservation of {self.request_id!r} is incomplete: missing "
-                + ", ".join(missing[:5])
-                + (" ..." if len(missing) > 5 else "")
-            )
         with self._lock:
             if self._state != "open":
                 raise StateTransferError(f"reservation of {self.request_id!r} is {self._state}")
+            missing = self._missing()
+            if missing:
+                raise StateTransferError(
+                    f"reservation of {self.request_id!r} is incomplete: missing "
+                    + ", ".join(missing[:5])
+                    + (" ..." if len(missing) > 5 else "")
+                )
             self._state = "committed"
         seq = self._seq
         engine._end_reservation(self)

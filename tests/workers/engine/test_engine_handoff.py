@@ -166,6 +166,8 @@ def test_reserve_refuses_when_full_and_release_frees(tiny_model):
         b.write(LayerState(1, StateKind.KV, 5, 11, torch.zeros(2, 6, 2, 8)))
     with pytest.raises(StateTransferError, match="layer 0"):
         b.write(LayerState(0, StateKind.KV, 0, 2, torch.zeros(2, 2, 2, 8)))
+    with pytest.raises(StateTransferError, match="state after 7 tokens"):
+        b.write(LayerState(0, StateKind.SSM, 0, 7, torch.zeros(4, 8, 8)))
     b.release()
     stats = d.stats()
     assert stats.reserved == 0 and stats.kv_cache_usage == 0 and stats.ssm_slot_usage == 0
