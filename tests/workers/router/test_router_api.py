@@ -356,8 +356,9 @@ async def test_metrics_count_outcomes_and_latency(router_url):
     assert 'outcome="rejected",pool="",role="router"} 1.0' in text
     assert 'baton_time_to_first_token_seconds_count{model="tiny",namespace="test",pool="",' \
            'role="router"} 1.0' in text
+    # One mean gap per request (3 tokens and eos after the first token).
     assert 'baton_inter_token_latency_seconds_count{model="tiny",namespace="test",pool="",' \
-           'role="router"} 3.0' in text
+           'role="router"} 1.0' in text
 
 
 @pytest.fixture
@@ -383,3 +384,16 @@ async def test_api_keys(start_router, keys_file):
     async with httpx.AsyncClient() as http:  # probes stay open
         assert (await http.get(url + "/health")).status_code == 200
         assert (await http.get(url + "/metrics")).status_code == 200
+
+
+async def test_itl_is_one_mean_gap_per_request(router_url, fake_backend):
+    fake_backend.token_delay = 0.05
+    await client(router_url).completions.create(model="tiny", prompt="abcd", max_tokens=4)
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(router_url + "/metrics")).text
+    line = next(x for x in text.splitlines()
+                if x.startswith("baton_inter_token_latency_seconds_sum"))
+    mean_gap = float(line.rsplit(" ", 1)[1])
+    assert 0.04 <= mean_gap < 0.5, line
+    assert 'baton_inter_token_latency_seconds_count{model="tiny",namespace="test",pool="",' \
+           'role="router"} 1.0' in text
