@@ -156,6 +156,15 @@ async def operator_process(kmock, tmp_path: Path):
                 except aiohttp.ClientError:
                     return False
             await eventually(alive, 10, "the liveness endpoint")
+
+            async def announced():
+                async with session.get(
+                        f"{base}/apis/kopf.dev/v1/clusterkopfpeerings/baton") as r:
+                    peers = ((await r.json()).get("status") or {}).values()
+                return [p for p in peers if isinstance(p, dict) and "priority" in p]
+            # Peering is on: the operator announces itself on the peering object.
+            (peer,) = await eventually(announced, 10, "the operator on the peering object")
+            assert peer["priority"] == 0
             yield api, log_path, proc, metrics_port
         finally:
             if proc.returncode is None:
