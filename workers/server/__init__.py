@@ -17,6 +17,10 @@ from __future__ import annotations
 
 def main(argv: list[str]) -> int:
     """Entry point of `baton worker` (the CLI imports this lazily)."""
+    import os
+
+    # gRPC's core logs every connection event at INFO otherwise; read when grpc is imported.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from baton.workers.server.process import main as run
 
     return run(argv)

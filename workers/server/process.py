@@ -72,9 +72,13 @@ class WorkerProcess:
         self.metrics_server: MetricsServer | None = None
 
     def request_drain(self) -> None:
-        """Stops admitting work (a Drain call or a signal); the main thread finishes up."""
+        """Stops admitting work (a Drain call); the process keeps serving what it has."""
         self.runtime.start_draining()
         self.health.set_serving(False)
+
+    def request_stop(self) -> None:
+        """SIGTERM / SIGINT: drain, then exit once in-flight work finished."""
+        self.request_drain()
         self.stop_requested.set()
 
     def run(self) -> int:
@@ -88,7 +92,7 @@ class WorkerProcess:
             rt.load()
             self.role_servicer.on_loaded()
             rt.set_ready()
-            if not self.stop_requested.is_set():
+            if not self.stop_requested.is_set() and not rt.draining:
                 self.health.set_serving(True)
                 log.info("ready in %.2f s (start to health SERVING)",
                          time.monotonic() - self.started)
@@ -141,7 +145,7 @@ def main(argv: list[str]) -> int:
 
     def on_signal(signum, _frame) -> None:
         log.info("received %s", signal.Signals(signum).name)
-        process.request_drain()
+        process.request_stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -409,16 +410,18 @@ class IncomingTransfer:
         self._done.set()
 
 
+# Received payloads are immutable bytes viewed in place; the tensors over them are only read
+# (copied into the cache), so torch's warning about non-writable buffers does not apply.
+# (warnings.catch_warnings per call would not be thread-safe with concurrent transfers.)
+warnings.filterwarnings("ignore", message="The given buffer is not writable",
+                        category=UserWarning)
+
+
 def bytes_as_tensor(data: memoryview) -> torch.Tensor:
     """A uint8 tensor over data without copying (read-only: only ever copied from)."""
     if len(data) == 0:
         return torch.empty(0, dtype=torch.uint8)
-    import warnings
-
-    with warnings.catch_warnings():
-        # The buffer is immutable bytes; the tensor is only read (copied into the cache).
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(data, dtype=torch.uint8)
+    return torch.frombuffer(data, dtype=torch.uint8)
 
 
 class StateReceiver:

@@ -201,7 +201,10 @@ def test_disaggregated_equals_full_recompute(cluster, reference_model):
     for prompt, (answer, tokens, logprobs, finish) in zip(prompts, results):
         assert answer.num_prompt_tokens == len(prompt)
         assert tokens[0] == answer.first_token.token_id
-        assert len(tokens) == 6 and finish == decode_pb2.FINISH_REASON_LENGTH
+        if finish == decode_pb2.FINISH_REASON_STOP:
+            assert tokens[-1] in _eos_ids() and len(tokens) <= 6
+        else:
+            assert len(tokens) == 6 and finish == decode_pb2.FINISH_REASON_LENGTH
         # Teacher-forced reference: a full forward over prompt + generated tokens.
         ids = torch.tensor([prompt + tokens])
         with torch.no_grad():
@@ -219,6 +222,12 @@ def test_disaggregated_equals_full_recompute(cluster, reference_model):
                                          kind=kind) > 0
     assert decode.metric("baton_state_transfer_bytes_total", role="decode", kind="kv") == 0
     _wait_until(lambda: decode.load().kv_cache_usage_ratio == 0.0)
+
+
+def _eos_ids() -> list[int]:
+    from baton.workers.engine.tokenizer import load_tokenizer
+
+    return list(load_tokenizer(TINY).eos_token_ids)
 
 
 def _wait_until(condition, timeout: float = 15.0) -> None:
@@ -404,5 +413,20 @@ def test_sigterm_drains_in_flight_streams_then_exits_zero(cluster):
     tokens = [t.token_id for m in stream for t in m.tokens]
     assert len(tokens) == 200
     assert decode.proc.wait(30) == 0
+    assert "drained; stopping" in decode.log()
+
+    # A Drain call stops admission but keeps the process; SIGTERM then ends it.
+    control = worker_pb2_grpc.WorkerServiceStub(prefill.channel)
+    assert control.Drain(worker_pb2.DrainRequest(), timeout=5).draining
+    assert prefill.load().draining
+    health = health_pb2_grpc.HealthStub(prefill.channel)
+    assert (health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+            == health_pb2.HealthCheckResponse.NOT_SERVING)
+    with pytest.raises(grpc.RpcError) as err:
+        prefill_pb2_grpc.PrefillServiceStub(prefill.channel).Prefill(prefill_pb2.PrefillRequest(
+            request_id="after-drain", prompt_token_ids=prompt, sampling=_sampling(4),
+            decode_target=decode.address), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert prefill.proc.poll() is None
     prefill.proc.send_signal(signal.SIGTERM)
     assert prefill.proc.wait(30) == 0

@@ -1,0 +1,93 @@
+"""Worker pieces that need no model: flags, device/dtype choice, cache sizing, health,
+proto -> engine conversions."""
+
+from __future__ import annotations
+
+from concurrent import futures
+
+import grpc
+import pytest
+import torch
+
+from baton.proto.baton.worker.v1 import worker_pb2
+from baton.proto.grpc.health.v1 import health_pb2, health_pb2_grpc
+from baton.workers.server import runtime, settings
+from baton.workers.server.health import HealthServicer
+
+
+def test_flags_parse_and_bad_ones_are_named(capsys, tmp_path):
+    args = settings.parse_args(["decode", "--config", "c.json", "--pool", "hopper",
+                                "--grpc-port", "5", "--metrics-port", "6",
+                                "--cache-memory", "512Mi"])
+    assert (args.role, args.pool, args.grpc_port, args.metrics_port) == ("decode", "hopper", 5, 6)
+    assert args.cache_memory_bytes == 512 << 20 and args.host == "0.0.0.0"
+    for bad, message in ((["gpu", "--config", "c", "--pool", "p"], "invalid choice"),
+                         (["decode", "--pool", "p"], "--config"),
+                         (["decode", "--config", "c", "--pool", "p", "--grpc-port", "70000"],
+                          "--grpc-port=70000")):
+        with pytest.raises(SystemExit):
+            settings.parse_args(bad)
+        assert message in capsys.readouterr().err
+
+
+def test_dtype_auto_follows_the_device():
+    assert settings.pick_dtype("auto", torch.device("cpu")) is torch.float32
+    assert settings.pick_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    assert settings.pick_dtype("float16", torch.device("cpu")) is torch.float16
+    with pytest.raises(ValueError, match="engine.dtype='fp4'"):
+        settings.pick_dtype("fp4", torch.device("cpu"))
+
+
+def test_kv_pages_never_exceed_what_sequences_can_use():
+    # Room for 1000 pages, but 4 sequences of 100 tokens (+2 drafts/first) need 4 * 7.
+    assert settings.num_kv_pages(1000 * 10 + 4 * 5, 10, 5, 4, 100, 1, 16) == 28
+    # A small budget bounds it: (300 - 4 * 5) // 10.
+    assert settings.num_kv_pages(300, 10, 5, 4, 100, 1, 16) == 28
+    assert settings.num_kv_pages(250, 10, 5, 4, 100, 1, 16) == 23
+    assert settings.num_kv_pages(10, 10, 5, 4, 100, 1, 16) == 0
+
+
+def test_sampling_conversion_validates():
+    params = runtime.sampling_from_proto(worker_pb2.SamplingParams(
+        max_tokens=5, temperature=0.5, top_p=0.9, top_k=3, seed=7, stop_token_ids=[2],
+        logprobs=True, top_logprobs=2))
+    assert (params.max_tokens, params.temperature, params.top_k, params.seed) == (5, 0.5, 3, 7)
+    assert params.logprobs == 2 and params.stop_token_ids == [2]
+    unseeded = runtime.sampling_from_proto(worker_pb2.SamplingParams(max_tokens=1))
+    assert unseeded.seed is None and unseeded.top_p == 1.0 and unseeded.logprobs is False
+    with pytest.raises(ValueError, match="temperature"):
+        runtime.sampling_from_proto(worker_pb2.SamplingParams(max_tokens=1, temperature=-1))
+    with pytest.raises(ValueError, match="max_tokens"):
+        runtime.request_from_proto("r", [1, 2], worker_pb2.SamplingParams(max_tokens=0))
+    with pytest.raises(ValueError, match="empty"):
+        runtime.request_from_proto("r", [], worker_pb2.SamplingParams(max_tokens=3))
+    with pytest.raises(ValueError, match="request_id"):
+        runtime.request_from_proto("", [1], worker_pb2.SamplingParams(max_tokens=3))
+
+
+def test_health_check_and_watch_follow_the_status():
+    servicer = HealthServicer(("baton.decode.v1.DecodeService",))
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        check = lambda name="": stub.Check(health_pb2.HealthCheckRequest(service=name)).status  # noqa: E731
+        assert check() == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        servicer.set_serving(True)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        assert check("baton.decode.v1.DecodeService") == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            check("other.Service")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        servicer.set_serving(False)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        listed = stub.List(health_pb2.HealthListRequest()).statuses
+        assert set(listed) == {"", "baton.decode.v1.DecodeService"}
+        servicer.close()
+        watch.cancel()
+    finally:
+        server.stop(None)
