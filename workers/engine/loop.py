@@ -244,6 +244,14 @@ class EngineLoop:
     def _call(self, fn: Callable[[], Any]) -> Future:
         """Run fn on the loop thread between steps."""
         future: Future = Future()
+        if threading.current_thread() is self._thread:
+            # Called from a callback inside a step (a sink, a prefill result): run it now, as
+            # queueing it and waiting would wait on this very thread.
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+            return future
         if self._stopping or not self._thread.is_alive():
             future.set_exception(self.error or EngineDraining("the engine loop is stopped"))
             return future

@@ -95,7 +95,9 @@ def helpers():
     """The helpers above, for test modules (conftest is not importable under importlib)."""
     import types
 
-    return types.SimpleNamespace(Recorder=Recorder, check=check_against_recompute, rel_err=rel_err)
+    return types.SimpleNamespace(
+        TINY=TINY, Recorder=Recorder, check=check_against_recompute, rel_err=rel_err
+    )
 
 
 @pytest.fixture(autouse=True)

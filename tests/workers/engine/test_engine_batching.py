@@ -55,7 +55,17 @@ def test_batched_decoding_matches_full_recompute(tiny_model, helpers, speculativ
         2: [Request("c", prompt(3, 1), greedy(12))],
         5: [Request("d", prompt(4, 22), greedy(8)), Request("e", prompt(5, 11), greedy(1))],
     }
+    arrivals[0][1].sampling.logprobs = 3
     out, events = run(engine, arrivals)
+    # Logprobs of the chosen token and the top 3, against the reference distribution.
+    logp = torch.log_softmax(tiny_model(torch.tensor([out["b"]]))[0], dim=-1)
+    for i, ev in enumerate(events["b"]):
+        row = logp[37 + i - 1]
+        assert abs(ev.logprob - float(row[ev.token_id])) < 1e-4
+        top = torch.topk(row, 3)
+        assert [t for t, _ in ev.top_logprobs] == top.indices.tolist()
+        assert all(abs(lp - v) < 1e-4 for (_, lp), v in zip(ev.top_logprobs, top.values.tolist()))
+    assert events["a"][0].logprob is None and events["a"][0].top_logprobs == []
     clear = 0
     for rid, tokens in out.items():
         n = lengths[rid]
@@ -71,6 +81,10 @@ def test_batched_decoding_matches_full_recompute(tiny_model, helpers, speculativ
     assert stats.kv_cache_usage == 0 and stats.ssm_slot_usage == 0
     assert stats.running == 0 and stats.waiting == 0
     assert stats.generation_tokens_total == 37
+    assert stats.prompt_tokens_total == sum(lengths.values())
+    assert stats.steps_total > 0 and stats.step_seconds_total.forward > 0
+    assert stats.last_step.total > 0
+    assert stats.requests_finished_total == {"length": 5}
     if speculative_tokens:
         assert stats.spec_draft_tokens_total > 0
         assert stats.spec_accepted_tokens_total <= stats.spec_draft_tokens_total
@@ -252,3 +266,23 @@ def test_small_token_budget_starves_nobody(tiny_model, helpers, k):
     for r in requests:
         assert len(out[r.request_id]) == len(r.prompt_ids) + 6
         helpers.check(tiny_model, recorder, r.request_id, out[r.request_id], len(r.prompt_ids))
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_matches_full_recompute(tmp_path, helpers):
+    from baton.workers.model import load_model
+    from baton.workers.model.checkpoint import write_random_checkpoint
+
+    path = write_random_checkpoint(
+        tmp_path, helpers.TINY, seed=0, dtype=torch.float32, tokenizer=False
+    )
+    model = load_model(path, dtype=torch.float32, device="cuda", kernels="torch")
+    engine = Engine(
+        model, EngineConfig(page_size=16, num_pages=64, max_batch_tokens=32, speculative_tokens=2)
+    )
+    recorder = helpers.Recorder()
+    engine.runner.logits_observer = recorder
+    requests = [Request(f"g{i}", prompt(60 + i, 9 + 13 * i), greedy(8)) for i in range(3)]
+    out, _ = run(engine, {0: requests})
+    for r in requests:
+        helpers.check(model, recorder, r.request_id, out[r.request_id], len(r.prompt_ids))
