@@ -9,7 +9,7 @@ configuration every process reads, and starts
 one process each, all in one process group owned by this command. On a machine with GPUs
 the prefill worker gets GPU 0 and the decode worker GPU 1 (GPU 0 too when there is one);
 otherwise both run on the CPU. It waits until both workers answer grpc.health.v1 SERVING and
-the router's /health is 200, prints each worker's time to ready (start to first SERVING) and
+the router's /ready is 200, prints each worker's time to ready (start to first SERVING) and
 where everything serves, then runs until Ctrl-C / SIGTERM (or a child exits) and stops every
 process: SIGTERM to the group (workers drain), SIGKILL to whatever is left after the grace
 period. Children also get SIGTERM from the kernel if this command dies without cleaning up.
@@ -256,7 +256,7 @@ class LocalDeployment:
             for child in self.children:
                 if child.name not in pending:
                     continue
-                ready = (http_ok(self.base_url + "/health") if child.name == "router"
+                ready = (http_ok(self.base_url + "/ready") if child.name == "router"
                          else grpc_serving(child.grpc_port))
                 if ready:
                     child.ready_after_s = time.monotonic() - child.started_at

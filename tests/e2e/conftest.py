@@ -105,7 +105,7 @@ def start_router(config_path: Path, log_dir: Path, prefill: list[Process],
 
 
 def wait_ready(processes: list[Process], timeout_s: float = 120.0) -> dict[str, float]:
-    """Waits for every worker's SERVING and the routers' /health; seconds to ready each."""
+    """Waits for every worker's SERVING and the routers' /ready; seconds to ready each."""
     deadline = time.monotonic() + timeout_s
     ready: dict[str, float] = {}
     while len(ready) < len(processes):
@@ -114,7 +114,7 @@ def wait_ready(processes: list[Process], timeout_s: float = 120.0) -> dict[str, 
                 continue
             if p.proc.poll() is not None:
                 raise RuntimeError(f"{p.name} exited with {p.proc.returncode}:\n{p.log()}")
-            ok = (http_ok(f"http://127.0.0.1:{p.http_port}/health") if p.http_port
+            ok = (http_ok(f"http://127.0.0.1:{p.http_port}/ready") if p.http_port
                   else grpc_serving(p.grpc_port))
             if ok:
                 ready[p.name] = time.monotonic() - p.started_at

@@ -52,7 +52,7 @@ class TokenOutput:
 
 @dataclass
 class BackendStatus:
-    """What /health reports about the workers behind the router."""
+    """What /health and /ready report about the workers behind the router."""
 
     ready: bool
     workers: dict[str, list[dict]] = field(default_factory=dict)  # role -> worker summaries

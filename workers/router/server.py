@@ -3,7 +3,8 @@
     GET  /v1/models               the served model
     POST /v1/completions          text or token-id prompt, streamed (SSE) or not
     POST /v1/chat/completions     messages through the model's chat template, streamed or not
-    GET  /health                  200 when every role has a ready worker, else 503
+    GET  /health                  200 while the router serves (liveness), with its workers
+    GET  /ready                   200 when every role has a ready worker, else 503 (readiness)
     GET  /metrics                 Prometheus exposition (client-visible TTFT / ITL, outcomes)
 
 One request's life: parse and validate (params.py) -> tokenize / render the chat template ->
@@ -256,6 +257,7 @@ class Router:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/ready", self.ready)
         app.router.add_get("/metrics", self.metrics_page)
         app.on_response_prepare.append(self._add_request_id)
         app.on_startup.append(lambda _app: self.backend.start())
@@ -308,8 +310,15 @@ class Router:
         return web.json_response(self._model_card())
 
     async def health(self, request: web.Request) -> web.Response:
+        # Liveness must not depend on the workers: a router restarted while its workers
+        # load would only trade a clear 503 for refused connections.
         status = self.backend.status()
-        body = {"status": "ok" if status.ready else "unavailable", "workers": status.workers}
+        return web.json_response({"status": "ok", "ready": status.ready,
+                                  "workers": status.workers})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        status = self.backend.status()
+        body = {"status": "ready" if status.ready else "unavailable", "workers": status.workers}
         return web.json_response(body, status=200 if status.ready else 503)
 
     async def metrics_page(self, request: web.Request) -> web.Response:

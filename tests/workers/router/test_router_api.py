@@ -230,9 +230,11 @@ async def test_no_ready_worker_is_503(router_url, fake_backend):
         await client(router_url).completions.create(model="tiny", prompt="hi")
     assert info.value.status_code == 503 and info.value.body["code"] == "no_ready_worker"
     async with httpx.AsyncClient() as http:
-        assert (await http.get(router_url + "/health")).status_code == 503
+        assert (await http.get(router_url + "/ready")).status_code == 503
+        live = await http.get(router_url + "/health")
+        assert live.status_code == 200 and live.json()["ready"] is False
         fake_backend.ready = True
-        assert (await http.get(router_url + "/health")).status_code == 200
+        assert (await http.get(router_url + "/ready")).status_code == 200
 
 
 async def test_full_queue_is_429_with_retry_after(router_url, fake_backend):
