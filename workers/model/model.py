@@ -208,6 +208,9 @@ class NemotronHModel(nn.Module):
         main layer i has finished for the whole batch."""
         plan = self.plan(batch, cache)
         self._check_ids(batch.input_ids)
+        if not plan.spec_verify:
+            # A plain step moves these slots on: snapshots of an earlier verification are stale.
+            cache.mark_pending(plan.slots, [0] * len(plan.slots))
         x = self.backbone.embeddings(batch.input_ids.to(self.device))
         for index, block in enumerate(self.backbone.layers):
             x = block.forward_cached(x, plan, cache, index)

@@ -180,6 +180,8 @@ def test_spec_verify_then_accept_equals_plain_feeding(tiny_model, logits_close, 
         driver.cached[seq] += n
     with pytest.raises(ValueError, match="num_accepted"):
         cache.accept(batch.state_slots, torch.tensor(accepted))  # nothing pending any more
+    with pytest.raises(ValueError, match="num_accepted"):
+        cache.accept(batch.state_slots[:1], torch.tensor([0]))  # 1..1+K only
     # Continue normally: the accepted state carries on, rejected drafts left no trace.
     while any(driver.cached[s] < len(tokens[s]) for s in range(2)):
         work = [(s, 1) for s in range(2) if driver.cached[s] < len(tokens[s])]
