@@ -91,3 +91,15 @@ def test_eos_from_the_tokenizer_ends_the_request(checkpoint):
     assert engine.eos_ids == {ids[3]}
     default = Engine(model, EngineConfig(page_size=8, num_pages=64), tok)
     assert default.eos_ids == set(tok.eos_token_ids) and default.eos_ids
+
+
+def test_chat_template_of_a_written_checkpoint(checkpoint):
+    _, tok = checkpoint
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    thinking = tok.apply_chat_template(messages)
+    assert thinking.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    assert thinking.endswith("<|im_start|>assistant\n<think>\n")
+    assert tok.apply_chat_template(messages, enable_thinking=False).endswith("<think></think>")
+    ids = tok.apply_chat_template(messages, tokenize=True)
+    assert ids[0] == tok.token_to_id("<|im_start|>")
+    assert set(tok.eos_token_ids) == {tok.token_to_id("<|im_end|>"), 2}
