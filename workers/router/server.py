@@ -555,6 +555,14 @@ class Router:
             outcome = "error"
             log.warning("request %s failed after its retry: %s", generation.gen.request_id, exc)
             await response.write(_sse(backend_failure(str(exc)).body()))
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            # The stream has begun: the client can only learn of a failure in the stream.
+            outcome = "error"
+            log.exception("request %s failed mid-stream", generation.gen.request_id)
+            await response.write(_sse(ApiError(500, "internal error in the router",
+                                               type="server_error").body()))
         await response.write(_sse("[DONE]"))
         await response.write_eof()
         return response, outcome
