@@ -215,6 +215,33 @@ def test_disaggregated_equals_full_recompute(cluster, reference_model):
             if top2[0] - top2[1] > 1e-3:
                 assert token == int(row.argmax()), (len(prompt), step)
             assert abs(lp - float(row[token])) <= 1e-4, (len(prompt), step, lp)
+    # The same requests in one single-process engine (speculation on, as on the decode
+    # worker): the same tokens up to the first step where the reference margin is a tie.
+    from baton.workers.engine import Engine, EngineConfig, Request, SamplingParams
+
+    engine = Engine(reference_model, EngineConfig(num_pages=512, max_num_seqs=8,
+                                                  speculative_tokens=SPEC_TOKENS,
+                                                  eos_token_ids=_eos_ids()))
+    for i, prompt in enumerate(prompts):
+        engine.add_request(Request(f"ref{i}", prompt, SamplingParams(
+            max_tokens=6, temperature=0.0, logprobs=True)))
+    single: dict[str, list[int]] = {f"ref{i}": [] for i in range(len(prompts))}
+    while engine.has_work():
+        for event in engine.step():
+            if event.token_id is not None:
+                single[event.request_id].append(event.token_id)
+    for i, (prompt, (_, tokens, _, _)) in enumerate(zip(prompts, results)):
+        ids = torch.tensor([prompt + tokens])
+        with torch.no_grad():
+            logits = reference_model(ids)[0].float()
+        for step, token in enumerate(tokens):
+            top2 = torch.topk(logits[len(prompt) - 1 + step], 2).values
+            if top2[0] - top2[1] <= 1e-3:
+                break  # a near-tie: the two runs may part here
+            assert single[f"ref{i}"][step] == token, (len(prompt), step)
+        else:
+            assert single[f"ref{i}"] == tokens
+
     decode = cluster["decode"]
     assert decode.metric("baton_requests_total", role="decode", outcome="success") >= 8
     for kind in ("kv", "conv", "ssm", "mtp_kv", "hidden"):
@@ -354,6 +381,42 @@ def test_fingerprint_mismatch_refused_by_the_decode_worker(cluster):
         list(stream)
     assert gen_err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     _wait_until(lambda: decode.load().ssm_state_slots_usage_ratio == 0.0)
+
+
+def test_cancelled_generate_frees_its_room(cluster):
+    """The router cancels D's Generate (client gone, prefill failed): before the state came
+    and in the middle of the token stream. Either way every slot and page is free again."""
+    decode = cluster["decode"]
+    stub = decode_pb2_grpc.DecodeServiceStub(decode.channel)
+    waiting = stub.Generate(decode_pb2.GenerateRequest(
+        request_id="cancel-early", prompt_token_ids=_prompt(100, 11), sampling=_sampling(4)),
+        timeout=60)
+    assert dict(waiting.initial_metadata()).get("baton-reserved") == "true"
+    assert decode.load().kv_cache_usage_ratio > 0
+    waiting.cancel()
+    _wait_until(lambda: decode.load().kv_cache_usage_ratio == 0.0)
+    assert decode.load().ssm_state_slots_usage_ratio == 0.0
+
+    request_id = "cancel-mid-" + uuid.uuid4().hex
+    prompt = _prompt(50, 12)
+    sampling = _sampling(300, ignore_eos=True)
+    stream = stub.Generate(decode_pb2.GenerateRequest(
+        request_id=request_id, prompt_token_ids=prompt, sampling=sampling), timeout=60)
+    stream.initial_metadata()
+    prefill_pb2_grpc.PrefillServiceStub(cluster["prefill"].channel).Prefill(
+        prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,
+                                   sampling=sampling, decode_target=decode.address),
+        timeout=60)
+    got = 0
+    for message in stream:
+        got += len(message.tokens)
+        if got >= 3:
+            break
+    assert decode.load().running == 1
+    stream.cancel()
+    _wait_until(lambda: decode.load().kv_cache_usage_ratio == 0.0)
+    assert decode.load().ssm_state_slots_usage_ratio == 0.0 and decode.load().running == 0
+    assert decode.metric("baton_requests_total", role="decode", outcome="cancelled") >= 2
 
 
 def test_bad_requests_get_clear_statuses(cluster):
