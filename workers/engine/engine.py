@@ -145,7 +145,7 @@ class Engine:
             eos_ids=frozenset() if sp.ignore_eos else self.eos_ids,
             sink=sink,
             on_prefilled=on_prefilled,
-            admitted_at=time.monotonic(),
+            added_at=time.monotonic(),
         )
         if self.tokenizer is not None and sink is None:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.tokens)
@@ -355,7 +355,7 @@ class Engine:
                 top_logprobs=first.top_logprobs,
                 num_prompt_tokens=seq.num_prompt,
                 finish_reason=reason,
-                prefill_seconds=time.monotonic() - seq.admitted_at,
+                prefill_seconds=time.monotonic() - seq.added_at,
             ),
         )
 
@@ -370,8 +370,6 @@ class Engine:
         """Add one generated token to seq; the event it makes (finished or not)."""
         seq.tokens.append(sampled.token)
         self._stats.generation_tokens_total += 1
-        if seq.first_token_at is None:
-            seq.first_token_at = time.monotonic()
         reason = self._finish_reason(seq, sampled.token, len(seq.tokens))
         text = ""
         if seq.detokenizer is not None:

@@ -330,7 +330,9 @@ class EngineLoop:
             else:
                 self._commands.put((check, Future()))
 
-        self._call(check)
+        future = self._call(check)
+        if future.done() and future.exception() is not None:
+            return True  # the loop is stopped: stopping aborted everything in flight
         return done.wait(timeout)
 
     def stop(self, timeout: float | None = 10.0) -> None:

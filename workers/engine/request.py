@@ -83,8 +83,8 @@ class Sequence:
     """Drafts this step (speculative decoding)."""
     detokenizer: IncrementalDetokenizer | None = None
     stop_matcher: StopMatcher | None = None
-    admitted_at: float = 0.0
-    first_token_at: float | None = None
+    added_at: float = 0.0
+    """time.monotonic() when the request entered this engine."""
 
     @property
     def request_id(self) -> str:

@@ -117,3 +117,6 @@ def test_stop_ends_open_streams(tiny_model):
     assert events[-1].finish_reason == "abort"
     with pytest.raises(EngineDraining):
         loop.submit(Request("after", [5], greedy(1)))
+    assert loop.drain(timeout=1)
+    stats = loop.stats()
+    assert stats.kv_cache_usage == 0 and stats.ssm_slot_usage == 0
