@@ -110,8 +110,7 @@ async def eventually(check, timeout: float = 20.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
-@contextlib.asynccontextmanager
-async def operator_process(kmock, tmp_path: Path):
+def prepare_kmock(kmock) -> str:
     kmock.resources.load_bundled()
     kmock.resources[MODELS] = kmock.ResourceInfo(
         kind="Model", namespaced=True, subresources={"status"},
@@ -119,52 +118,60 @@ async def operator_process(kmock, tmp_path: Path):
     kmock.resources["kopf.dev/v1/clusterkopfpeerings"] = kmock.ResourceInfo(
         kind="ClusterKopfPeering", namespaced=False,
         verbs={"list", "watch", "get", "patch", "create"})
-    base = str(kmock.url).rstrip("/")
-    kubeconfig = tmp_path / "kubeconfig.yaml"
+    return str(kmock.url).rstrip("/")
+
+
+async def peers_announced(session: aiohttp.ClientSession, base: str) -> list[dict]:
+    async with session.get(f"{base}/apis/kopf.dev/v1/clusterkopfpeerings/baton") as r:
+        peers = ((await r.json()).get("status") or {}).values()
+    return [p for p in peers if isinstance(p, dict) and "priority" in p]
+
+
+@contextlib.asynccontextmanager
+async def operator_process(kmock, tmp_path: Path, *, token: str = "operator",
+                           priority: int = 0, existing_peers: int = 0):
+    """Runs `python -m baton.operator` against kmock; its requests carry `token`."""
+    base = prepare_kmock(kmock)
+    kubeconfig = tmp_path / f"kubeconfig-{token}.yaml"
     kubeconfig.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
         "clusters": [{"name": "kmock", "cluster": {"server": base}}],
-        "users": [{"name": "test", "user": {"token": "test-token"}}],
+        "users": [{"name": "test", "user": {"token": token}}],
         "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test"}}]}))
-    log_path = tmp_path / "operator.log"
+    log_path = tmp_path / f"operator-{token}.log"
     liveness_port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
     async with aiohttp.ClientSession() as session:
         api = Api(session, base)
-        # The peering object the chart installs: Kopf's peering is on.
-        async with session.post(f"{base}/apis/kopf.dev/v1/clusterkopfpeerings", json={
-                "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
-                "metadata": {"name": "baton"}}) as r:
-            assert r.status < 300, await r.text()
+        if not existing_peers:
+            # The peering object the chart installs: Kopf's peering is on.
+            async with session.post(f"{base}/apis/kopf.dev/v1/clusterkopfpeerings", json={
+                    "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
+                    "metadata": {"name": "baton"}}) as r:
+                assert r.status < 300, await r.text()
         with log_path.open("w") as log:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "baton.operator", "--kubeconfig", str(kubeconfig),
                 "--worker-image", IMAGE, "--metrics-port", str(metrics_port),
-                "--resync-seconds", "3",
+                "--resync-seconds", "3", "--priority", str(priority),
                 "--liveness", f"http://127.0.0.1:{liveness_port}/healthz",
                 stdout=log, stderr=asyncio.subprocess.STDOUT, env=env, cwd=ROOT)
         try:
-            async def watching():
-                assert proc.returncode is None, log_path.read_text()
-                return bool(kmock[kmock.action.WATCH, kmock.resource(MODELS)])
-            await eventually(watching, 30, "the operator's watch on models")
-
             async def alive():
+                assert proc.returncode is None, log_path.read_text()
                 try:
                     async with session.get(f"http://127.0.0.1:{liveness_port}/healthz") as r:
                         return r.status == 200
                 except aiohttp.ClientError:
                     return False
-            await eventually(alive, 10, "the liveness endpoint")
+            await eventually(alive, 30, "the liveness endpoint")
 
             async def announced():
-                async with session.get(
-                        f"{base}/apis/kopf.dev/v1/clusterkopfpeerings/baton") as r:
-                    peers = ((await r.json()).get("status") or {}).values()
-                return [p for p in peers if isinstance(p, dict) and "priority" in p]
+                peers = await peers_announced(session, base)
+                return len(peers) == existing_peers + 1 and peers
             # Peering is on: the operator announces itself on the peering object.
-            (peer,) = await eventually(announced, 10, "the operator on the peering object")
-            assert peer["priority"] == 0
+            peers = await eventually(announced, 10, "the operator on the peering object")
+            assert priority in {p["priority"] for p in peers}
             yield api, log_path, proc, metrics_port
         finally:
             if proc.returncode is None:
@@ -174,6 +181,17 @@ async def operator_process(kmock, tmp_path: Path):
                 except asyncio.TimeoutError:
                     proc.kill()
                     await proc.wait()
+
+
+def actions_by(kmock, token: str) -> list:
+    """Reads by name and writes made with `token` (one operator process), peering and Events
+    aside. A paused operator still keeps its watch streams, but its handlers never run, and
+    only they (the reconcile) fetch or write objects."""
+    return [r for r in kmock if r.action in (kmock.action.FETCH, kmock.action.CREATE,
+                                             kmock.action.UPDATE, kmock.action.DELETE)
+            and r.headers.get("Authorization") == f"Bearer {token}"
+            and r.resource is not None and r.resource.plural not in ("clusterkopfpeerings",
+                                                                     "events")]
 
 
 def owned_names(items: list[dict], model: str) -> set[str]:
@@ -392,3 +410,37 @@ def test_operator_without_credentials_says_so(tmp_path):
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
     assert out.returncode == 2
     assert "no Kubernetes credentials" in out.stderr and "Traceback" not in out.stderr
+
+
+async def test_peering_lower_priority_stands_by_and_equal_priorities_freeze(kmock, tmp_path):
+    """HA as the chart runs it: the highest priority acts, a lower one does nothing; two of
+    equal priority both pause until one goes."""
+    spec = two_pool_spec()
+    async with operator_process(kmock, tmp_path, token="high", priority=10) as (api, *_):
+        async with operator_process(kmock, tmp_path, token="low", priority=5,
+                                    existing_peers=1):
+            await api.create(MODELS, model_body("nano", str(uuid.uuid4()), 1, spec))
+
+            async def created():
+                return len(owned_names(await api.list(DEPLOYMENTS), "nano")) == 5
+            await eventually(created, 20, "the high-priority operator's Deployments")
+            await asyncio.sleep(1)
+            assert actions_by(kmock, "high")
+            assert actions_by(kmock, "low") == []
+
+        # Equal priorities: both pause rather than act twice.
+        async with operator_process(kmock, tmp_path, token="twin", priority=10,
+                                    existing_peers=1) as (_, twin_log, *_):
+            await asyncio.sleep(2)
+            before = len(actions_by(kmock, "high"))
+            await api.create(MODELS, model_body("other", str(uuid.uuid4()), 1, spec))
+            await asyncio.sleep(4)
+            assert owned_names(await api.list(DEPLOYMENTS), "other") == set()
+            assert actions_by(kmock, "twin") == []
+            assert len(actions_by(kmock, "high")) == before
+            assert "same priority" in twin_log.read_text()
+
+        # The twin leaves (it removes itself from the peering on exit): the other resumes.
+        async def resumed():
+            return len(owned_names(await api.list(DEPLOYMENTS), "other")) == 5
+        await eventually(resumed, 20, "the remaining operator resuming")
