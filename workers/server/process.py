@@ -89,7 +89,11 @@ class WorkerProcess:
                  rt.role, self.args.pool, self.args.host, self.grpc_port,
                  self.metrics_server.port)
         try:
-            rt.load()
+            try:
+                rt.load()
+            except (OSError, ValueError) as e:
+                log.error("cannot serve %s: %s", rt.config.model_path, e)
+                return 1
             self.role_servicer.on_loaded()
             rt.set_ready()
             if not self.stop_requested.is_set() and not rt.draining:

@@ -339,6 +339,8 @@ class IncomingTransfer:
                 self._target.complete(first_token)
             except ValueError as e:
                 self._raise(FailureReason.INVALID, f"the reservation refused the state: {e}")
+            except Exception as e:  # the receiving engine stopped or failed
+                self._raise(FailureReason.UNAVAILABLE, f"the receiver could not commit: {e}")
             self.state = TransferState.COMPLETE
             self._finish()
 
@@ -378,6 +380,9 @@ class IncomingTransfer:
             self._target.write(state)
         except ValueError as e:
             self._raise(FailureReason.INVALID, f"the reservation refused state "
+                        f"{d.state_index} (layer {d.layer} {d.kind.value}): {e}")
+        except Exception as e:  # the receiving engine stopped or failed
+            self._raise(FailureReason.UNAVAILABLE, f"the receiver could not store state "
                         f"{d.state_index} (layer {d.layer} {d.kind.value}): {e}")
         self._assembly = None
         self.states_received += 1

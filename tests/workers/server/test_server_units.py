@@ -91,3 +91,24 @@ def test_health_check_and_watch_follow_the_status():
         watch.cancel()
     finally:
         server.stop(None)
+
+
+def test_worker_exits_with_a_clear_error_on_bad_config(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    config = tmp_path / "worker.json"
+    base = {"model": "tiny", "modelPath": str(tmp_path / "missing"),
+            "pools": {"prefill": [{"name": "local"}], "decode": [{"name": "local"}]}}
+    config.write_text(json.dumps(base))
+    cmd = [sys.executable, "-m", "baton.workers.cli", "worker", "decode", "--config",
+           str(config), "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0"]
+    out = subprocess.run(cmd + ["--pool", "elsewhere"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2
+    assert "'elsewhere' is not a decode pool" in out.stderr and "local" in out.stderr
+    out = subprocess.run(cmd + ["--pool", "local"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1
+    assert "cannot serve" in out.stderr and "missing" in out.stderr

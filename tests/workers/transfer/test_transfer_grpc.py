@@ -332,3 +332,23 @@ def test_bad_settings_are_named():
         GrpcTransport(FINGERPRINT, chunk_bytes=16)
     with pytest.raises(ValueError, match="decode_target='nowhere'"):
         GrpcTransport(FINGERPRINT).open("nowhere", "r", 1, _deadline())
+
+
+class StoppedEngineTarget(RecordingTarget):
+    """A receiver whose engine stopped between the last state and the commit."""
+
+    def complete(self, first_token):
+        raise RuntimeError("the engine loop is stopped")
+
+
+def test_receiver_failure_on_commit_releases_and_tells_the_sender(decode_side):
+    receiver, address = decode_side
+    target = StoppedEngineTarget()
+    incoming = receiver.expect("r9", 37, target, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "r9", 37, _deadline())
+    sender.on_layer(_states()[0])
+    with pytest.raises(TransferError) as err:
+        sender.finish(FirstToken(1))
+    assert err.value.reason is FailureReason.UNAVAILABLE
+    assert "could not commit" in err.value.message
+    assert target.released.is_set() and incoming.state is TransferState.FAILED
