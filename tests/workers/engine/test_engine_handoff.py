@@ -200,3 +200,52 @@ def test_failing_sink_fails_only_its_prefill(tiny_model):
     events = drain(p)
     assert events["bystander"][-1].finished
     assert p.stats().kv_cache_usage == 0 and p.stats().ssm_slot_usage == 0
+
+
+def test_prefills_share_one_step(tiny_model):
+    p = engine_for(tiny_model, max_batch_tokens=64)
+    results = []
+    for i in range(3):
+        p.add_prefill(Request(f"p{i}", prompt(70 + i, 10 + i)), ListSink(), results.append)
+    calls = []
+    forward = tiny_model.forward_batch
+    try:
+        tiny_model.forward_batch = lambda batch, *a, **kw: (
+            calls.append(list(batch.seq_lens)) or forward(batch, *a, **kw)
+        )
+        p.step()
+    finally:
+        del tiny_model.forward_batch
+    assert calls == [[10, 11, 12]]
+    assert sorted(r.request_id for r in results) == ["p0", "p1", "p2"]
+    assert all(r.num_prompt_tokens == 10 + i for i, r in enumerate(results))
+    assert p.stats().kv_cache_usage == 0 and not p.has_work()
+
+
+def test_handed_off_request_survives_preemption(tiny_model, helpers):
+    # The decode engine is small: its own long request and the handed-off one fight for
+    # pages; whichever is preempted is recomputed from its prompt and output so far.
+    p = engine_for(tiny_model)
+    d = engine_for(tiny_model, num_pages=30, max_model_len=100)
+    recorder = helpers.Recorder()
+    d.runner.logits_observer = recorder
+    p.runner.logits_observer = recorder
+    d.add_request(
+        Request(
+            "own", prompt(80, 30), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+        )
+    )
+    d.step()
+    request = Request(
+        "moved", prompt(81, 20), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    )
+    res = d.reserve(request, 20)
+    result = p.prefill(request, ForwardingSink(res))
+    res.commit(result.first_token, request.sampling)
+    events = drain(d)
+    assert d.stats().preemptions_total > 0
+    own = prompt(80, 30) + [e.token_id for e in events["own"]]
+    moved = request.prompt_ids + [e.token_id for e in events["moved"]]
+    assert len(own) == 70 and len(moved) == 60
+    helpers.check(tiny_model, recorder, "own", own, 30)
+    helpers.check(tiny_model, recorder, "moved", moved, 20)
