@@ -203,8 +203,12 @@ class Attention(nn.Module):
             keys = k_pages[group.page_table].flatten(1, 2)[:, : group.context]
             values = v_pages[group.page_table].flatten(1, 2)[:, : group.context]
             q_rows = q[group.rows].transpose(1, 2)  # [G, Q, n, D]
+            # A fresh prompt is plainly causal (lets SDPA take its fused kernels); a chunk
+            # after cached tokens needs the offset mask.
+            fresh = group.cached == 0
             attended = F.scaled_dot_product_attention(
                 q_rows, keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
-                attn_mask=group.causal_mask, scale=self.scale, enable_gqa=gqa)
+                attn_mask=None if fresh else group.causal_mask, is_causal=fresh,
+                scale=self.scale, enable_gqa=gqa)
             out[group.rows] = attended.transpose(1, 2)
         return self.o_proj(out.reshape(t, -1))
