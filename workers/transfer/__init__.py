@@ -30,14 +30,11 @@ One request's life (DESIGN.md, The request path):
 from baton.workers.transfer.base import (
     MAX_CHUNK_BYTES,
     PROTOCOL_VERSION,
-    ArrivalRecord,
     ChunkDescription,
     FailureReason,
     FirstToken,
-    IncomingTransfer,
     ReceiveTarget,
     StateDescription,
-    StateReceiver,
     StateSender,
     StateTransport,
     TransferError,
@@ -47,6 +44,7 @@ from baton.workers.transfer.base import (
 from baton.workers.transfer.fingerprint import model_fingerprint
 from baton.workers.transfer.grpc_receiver import REASON_TO_STATUS, TransferStateHandler
 from baton.workers.transfer.grpc_sender import CHANNEL_OPTIONS, GrpcStateSender, GrpcTransport
+from baton.workers.transfer.receiver import ArrivalRecord, IncomingTransfer, StateReceiver
 
 __all__ = [
     "CHANNEL_OPTIONS",

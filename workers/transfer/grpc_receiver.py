@@ -16,12 +16,8 @@ import grpc
 
 from baton.proto.baton.decode.v1 import decode_pb2
 from baton.workers.transfer import wire
-from baton.workers.transfer.base import (
-    FailureReason,
-    IncomingTransfer,
-    StateReceiver,
-    TransferError,
-)
+from baton.workers.transfer.base import FailureReason, TransferError
+from baton.workers.transfer.receiver import IncomingTransfer, StateReceiver
 
 log = logging.getLogger(__name__)
 

@@ -285,10 +285,14 @@ class GrpcStateSender:
 
 
 class GrpcTransport:
-    """Opens TransferState calls to decode workers, one cached channel per target."""
+    """Opens TransferState calls to decode workers, one cached channel per target.
+
+    chunk_bytes defaults to the largest chunk: a layer state that fits in one chunk (SSM
+    states, KV of prompts up to a few thousand tokens) is viewed in place by the receiver,
+    and fewer, larger messages cost gRPC less per byte."""
 
     def __init__(self, fingerprint: str, metrics: BatonMetrics | None = None,
-                 chunk_bytes: int = 1 << 20, max_queued_bytes: int = 64 << 20,
+                 chunk_bytes: int = MAX_CHUNK_BYTES, max_queued_bytes: int = 64 << 20,
                  channel_credentials: grpc.ChannelCredentials | None = None):
         self.fingerprint = fingerprint
         self.metrics = metrics

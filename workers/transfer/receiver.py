@@ -1,0 +1,325 @@
+"""The transport-independent decode side: which transfers a worker waits for, and the checks
+every incoming message passes (handshake, order, sizes, checksums, deadline) before its state
+reaches the reservation. A transport only decodes messages and calls IncomingTransfer, so
+another transport gets every check for free.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import warnings
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from baton.workers.engine import LayerState
+from baton.workers.metrics import BatonMetrics
+from baton.workers.transfer.base import (
+    PROTOCOL_VERSION,
+    ChunkDescription,
+    FailureReason,
+    FirstToken,
+    ReceiveTarget,
+    StateDescription,
+    TransferError,
+    TransferState,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Assembly:
+    """A layer state whose chunks are arriving."""
+
+    description: StateDescription
+    received: int = 0
+    buffer: torch.Tensor | None = None
+    """uint8 [nbytes]; allocated when the state spans several chunks."""
+    single: torch.Tensor | None = None
+    """The one chunk's bytes viewed in place, when the state fits in one chunk."""
+
+
+@dataclass
+class ArrivalRecord:
+    """When a layer state finished arriving (time.time(), comparable across processes)."""
+
+    state_index: int
+    layer: int
+    kind: str
+    nbytes: int
+    at: float
+
+
+class IncomingTransfer:
+    """One request's incoming transfer: checks each message and feeds the ReceiveTarget.
+
+    Transports call accept_handshake, accept_chunk (any number), then accept_complete; any
+    check that fails raises TransferError after failing the transfer (which releases the
+    reservation through the target exactly once).
+    """
+
+    def __init__(self, receiver: StateReceiver, request_id: str, num_prompt_tokens: int,
+                 target: ReceiveTarget, deadline: float):
+        self.request_id = request_id
+        self.num_prompt_tokens = num_prompt_tokens
+        self.deadline = deadline
+        self.state = TransferState.PENDING
+        self.error: TransferError | None = None
+        self.arrivals: list[ArrivalRecord] = []
+        self.bytes_received = 0
+        self.states_received = 0
+        self.started_at = time.monotonic()
+        self._receiver = receiver
+        self._target = target
+        self._lock = threading.RLock()
+        self._done = threading.Event()
+        self._assembly: _Assembly | None = None
+        self._on_fail: list[Callable[[], None]] = []
+        delay = max(0.0, deadline - time.time())
+        self._timer = threading.Timer(delay, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    # -- transport-facing ------------------------------------------------------------------
+
+    def add_fail_callback(self, callback: Callable[[], None]) -> None:
+        """Runs callback if the transfer fails (a transport ends its stream with it)."""
+        with self._lock:
+            if self.state is TransferState.FAILED:
+                callback()
+            else:
+                self._on_fail.append(callback)
+
+    def accept_handshake(self, protocol_version: int, fingerprint: str,
+                         num_prompt_tokens: int) -> None:
+        with self._lock:
+            self._expect_state(TransferState.PENDING, "handshake")
+            if protocol_version != PROTOCOL_VERSION:
+                self._raise(FailureReason.REFUSED, f"protocol version {protocol_version}, this "
+                            f"worker speaks {PROTOCOL_VERSION}")
+            if fingerprint != self._receiver.fingerprint:
+                self._raise(FailureReason.REFUSED, f"peer fingerprint {fingerprint[:16]}... "
+                            f"differs from this worker's {self._receiver.fingerprint[:16]}... "
+                            "(different weights, model config or state dtypes)")
+            if num_prompt_tokens != self.num_prompt_tokens:
+                self._raise(FailureReason.REFUSED, f"peer prefilled {num_prompt_tokens} tokens, "
+                            f"the reservation holds {self.num_prompt_tokens}")
+            self.state = TransferState.STREAMING
+
+    def accept_chunk(self, chunk: ChunkDescription, data: memoryview) -> None:
+        """Checks one chunk and, when it completes a layer state, writes that state."""
+        with self._lock:
+            self._expect_state(TransferState.STREAMING, "chunk")
+            desc = chunk.state
+            if desc.request_id != self.request_id:
+                self._raise(FailureReason.INVALID, f"chunk of request {desc.request_id!r} on "
+                            f"the transfer of {self.request_id!r}")
+            if len(data) != chunk.length:
+                self._raise(FailureReason.DATA_LOSS, f"chunk at {chunk.offset} of state "
+                            f"{desc.state_index}: {len(data)} bytes, header says {chunk.length}")
+            if zlib.crc32(data) != chunk.crc32:
+                self._raise(FailureReason.DATA_LOSS, f"checksum mismatch in state "
+                            f"{desc.state_index} (layer {desc.layer} {desc.kind.value}) at "
+                            f"byte {chunk.offset}")
+            assembly = self._assembly
+            if assembly is None:
+                if desc.state_index != self.states_received or chunk.offset != 0:
+                    self._raise(FailureReason.DATA_LOSS, f"expected state "
+                                f"{self.states_received} from byte 0, got state "
+                                f"{desc.state_index} at byte {chunk.offset}")
+                try:
+                    desc.validate()
+                except TransferError as e:
+                    self._raise(e.reason, e.message)
+                assembly = self._assembly = _Assembly(desc)
+            elif desc != assembly.description or chunk.offset != assembly.received:
+                self._raise(FailureReason.DATA_LOSS, f"expected state "
+                            f"{assembly.description.state_index} at byte {assembly.received}, "
+                            f"got state {desc.state_index} at byte {chunk.offset}")
+            if chunk.offset + chunk.length > desc.nbytes:
+                self._raise(FailureReason.DATA_LOSS, f"chunk at {chunk.offset} of "
+                            f"{chunk.length} bytes overruns state {desc.state_index} "
+                            f"({desc.nbytes} bytes)")
+            if chunk.length == desc.nbytes:
+                assembly.single = bytes_as_tensor(data)
+            else:
+                if assembly.buffer is None:
+                    assembly.buffer = torch.empty(desc.nbytes, dtype=torch.uint8)
+                # A plain single-threaded memcpy: torch's parallel copy only contends with
+                # the gRPC threads for the same cores.
+                end = chunk.offset + chunk.length
+                assembly.buffer.numpy()[chunk.offset:end] = np.frombuffer(data, np.uint8)
+            assembly.received += chunk.length
+            self.bytes_received += chunk.length
+            if assembly.received == desc.nbytes:
+                self._deliver(assembly)
+
+    def accept_complete(self, first_token: FirstToken, num_states: int,
+                        total_bytes: int) -> None:
+        with self._lock:
+            self._expect_state(TransferState.STREAMING, "completion")
+            if self._assembly is not None:
+                d = self._assembly.description
+                self._raise(FailureReason.DATA_LOSS, f"completion while state {d.state_index} "
+                            f"has {self._assembly.received} of {d.nbytes} bytes")
+            if (num_states, total_bytes) != (self.states_received, self.bytes_received):
+                self._raise(FailureReason.DATA_LOSS, f"sender sent {num_states} states / "
+                            f"{total_bytes} bytes, {self.states_received} / "
+                            f"{self.bytes_received} arrived")
+            try:
+                self._target.complete(first_token)
+            except ValueError as e:
+                self._raise(FailureReason.INVALID, f"the reservation refused the state: {e}")
+            except Exception as e:  # the receiving engine stopped or failed
+                self._raise(FailureReason.UNAVAILABLE, f"the receiver could not commit: {e}")
+            self.state = TransferState.COMPLETE
+            self._finish()
+
+    def fail(self, error: TransferError) -> bool:
+        """Fails the transfer unless it already ended; releases the reservation once.
+
+        Returns whether this call failed it."""
+        with self._lock:
+            if self.state in (TransferState.COMPLETE, TransferState.FAILED):
+                return False
+            self.state = TransferState.FAILED
+            self.error = error
+            callbacks, self._on_fail = self._on_fail, []
+            self._assembly = None
+            self._finish()
+        self._receiver.count_failure()
+        try:
+            self._target.fail(error)
+        finally:
+            for callback in callbacks:
+                callback()
+        return True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Blocks until the transfer completed or failed; returns whether it ended."""
+        return self._done.wait(timeout)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _deliver(self, assembly: _Assembly) -> None:
+        d = assembly.description
+        raw = assembly.single if assembly.single is not None else assembly.buffer
+        tensor = raw.view(d.dtype).reshape(d.shape)
+        state = LayerState(layer=d.layer, kind=d.kind, token_start=d.token_start,
+                           token_end=d.token_end, tensor=tensor)
+        try:
+            self._target.write(state)
+        except ValueError as e:
+            self._raise(FailureReason.INVALID, f"the reservation refused state "
+                        f"{d.state_index} (layer {d.layer} {d.kind.value}): {e}")
+        except Exception as e:  # the receiving engine stopped or failed
+            self._raise(FailureReason.UNAVAILABLE, f"the receiver could not store state "
+                        f"{d.state_index} (layer {d.layer} {d.kind.value}): {e}")
+        self._assembly = None
+        self.states_received += 1
+        record = ArrivalRecord(d.state_index, d.layer, d.kind.value, d.nbytes, time.time())
+        self.arrivals.append(record)
+        log.debug("state arrived request=%s index=%d layer=%d kind=%s bytes=%d at=%.6f",
+                  self.request_id, record.state_index, record.layer, record.kind,
+                  record.nbytes, record.at)
+
+    def _expect_state(self, expected: TransferState, what: str) -> None:
+        if self.state is TransferState.FAILED:
+            raise self.error
+        if self.state is not expected:
+            self._raise(FailureReason.INVALID, f"{what} arrived while the transfer is "
+                        f"{self.state.value}")
+
+    def _raise(self, reason: FailureReason, message: str):
+        error = TransferError(reason, f"request {self.request_id}: {message}")
+        self.fail(error)
+        raise error
+
+    def _expire(self) -> None:
+        self.fail(TransferError(FailureReason.DEADLINE_EXCEEDED,
+                                f"request {self.request_id}: state incomplete at the deadline "
+                                f"({self.states_received} states arrived)"))
+
+    def _finish(self) -> None:
+        self._timer.cancel()
+        self._receiver.forget(self.request_id, self)
+        self._done.set()
+
+
+# Received payloads are immutable bytes viewed in place; the tensors over them are only read
+# (copied into the cache), so torch's warning about non-writable buffers does not apply.
+# (warnings.catch_warnings per call would not be thread-safe with concurrent transfers.)
+warnings.filterwarnings("ignore", message="The given buffer is not writable",
+                        category=UserWarning)
+
+
+def bytes_as_tensor(data: memoryview) -> torch.Tensor:
+    """A uint8 tensor over data without copying (read-only: only ever copied from)."""
+    if len(data) == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(data, dtype=torch.uint8)
+
+
+class StateReceiver:
+    """The decode side's registry of transfers it waits for, by request id."""
+
+    def __init__(self, fingerprint: str, metrics: BatonMetrics | None = None,
+                 arrival_grace_seconds: float = 2.0):
+        self.fingerprint = fingerprint
+        self.metrics = metrics
+        # A transfer may overtake the Generate call that reserves for it (two connections);
+        # it waits this long for the reservation before NOT_FOUND.
+        self.arrival_grace_seconds = arrival_grace_seconds
+        self._incoming: dict[str, IncomingTransfer] = {}
+        self._cond = threading.Condition()
+
+    def expect(self, request_id: str, num_prompt_tokens: int, target: ReceiveTarget,
+               deadline: float) -> IncomingTransfer:
+        """Registers a reservation that waits for its state until deadline (time.time())."""
+        with self._cond:
+            if request_id in self._incoming:
+                raise ValueError(f"request_id={request_id!r} already waits for a transfer")
+            incoming = IncomingTransfer(self, request_id, num_prompt_tokens, target, deadline)
+            self._incoming[request_id] = incoming
+            self._cond.notify_all()
+            return incoming
+
+    def incoming(self, request_id: str) -> IncomingTransfer:
+        """The waiting transfer of request_id; TransferError(NOT_FOUND) if none waits."""
+        end = time.monotonic() + self.arrival_grace_seconds
+        with self._cond:
+            while request_id not in self._incoming:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise TransferError(FailureReason.NOT_FOUND,
+                                        f"no reservation waits for request {request_id!r}")
+                self._cond.wait(left)
+            return self._incoming[request_id]
+
+    def cancel(self, request_id: str, message: str) -> bool:
+        """Fails the waiting transfer of request_id (if any); returns whether one was failed."""
+        with self._cond:
+            incoming = self._incoming.get(request_id)
+        if incoming is None:
+            return False
+        return incoming.fail(TransferError(FailureReason.CANCELLED,
+                                           f"request {request_id}: {message}"))
+
+    def in_flight(self) -> int:
+        with self._cond:
+            return len(self._incoming)
+
+    def forget(self, request_id: str, incoming: IncomingTransfer) -> None:
+        with self._cond:
+            if self._incoming.get(request_id) is incoming:
+                del self._incoming[request_id]
+
+    def count_failure(self) -> None:
+        if self.metrics is not None:
+            self.metrics.state_transfer_failures.inc()
