@@ -34,7 +34,7 @@ class EngineConfig:
     eos_token_ids: list[int] | None = None
     """Tokens that finish a request; None: the tokenizer's, else the model config's."""
     ssm_dtype: object | None = None
-    """SSM state dtype; None: float32 (mamba_ssm_cache_dtype)."""
+    """SSM state dtype (a torch.dtype); None: the model's mamba_ssm_cache_dtype (float32)."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""

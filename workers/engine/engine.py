@@ -18,8 +18,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from baton.workers.engine.allocator import PageAllocator, SlotPool
 from baton.workers.engine.config import EngineConfig, EngineStats, StepTimings
 from baton.workers.engine.handoff import CacheFull, PrefillResult, PrefillSink
@@ -65,7 +63,8 @@ class Engine:
             eos = [] if raw is None else list(raw) if isinstance(raw, (list, tuple)) else [raw]
         self.eos_ids = frozenset(int(e) for e in eos)
 
-        ssm_dtype = config.ssm_dtype or torch.float32
+        # None: the checkpoint's mamba_ssm_cache_dtype (float32 unless it says otherwise).
+        ssm_dtype = config.ssm_dtype
         num_slots = config.num_slots or config.max_num_seqs
         num_pages = config.num_pages
         if num_pages is None:
