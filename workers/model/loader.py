@@ -147,12 +147,11 @@ def load_weights(model: NemotronHModel, path: Path, ignore_kv_scales=None) -> No
     # them the same way).
     skip_mtp = model.mtp is None
     skipped_mtp = 0
-    total_bytes = sum(f.stat().st_size for f in files)
-    show_progress = total_bytes >= PROGRESS_BYTES
-    done_bytes, started = 0, time.monotonic()
+    progress = _Progress(files)
     for number, file in enumerate(files, 1):
         with safe_open(str(file), framework="pt", device="cpu") as shard:
-            for disk_name in shard.keys():
+            names = list(shard.keys())
+            for index, disk_name in enumerate(names, 1):
                 name = canonical_name(disk_name)
                 if ignore_kv_scales and KV_SCALE.search(name):
                     continue
@@ -161,12 +160,7 @@ def load_weights(model: NemotronHModel, path: Path, ignore_kv_scales=None) -> No
                     continue
                 if not _load_one(targets, name, disk_name, shard):
                     unexpected.append(disk_name)
-        done_bytes += file.stat().st_size
-        if show_progress:
-            elapsed = time.monotonic() - started
-            log.warning("loading weights: shard %d/%d, %.1f/%.1f GiB (%.0f%%), %.0f s",
-                        number, len(files), done_bytes / 2**30, total_bytes / 2**30,
-                        100 * done_bytes / total_bytes, elapsed)
+                progress.update(number, index / len(names))
     if skipped_mtp:
         log.info("%s: skipped %d MTP tensors (num_nextn_predict_layers is 0)", path, skipped_mtp)
     problems = []
@@ -183,6 +177,30 @@ def load_weights(model: NemotronHModel, path: Path, ignore_kv_scales=None) -> No
         problems.append(f"missing tensors: {_listing(missing)}")
     if problems:
         raise CheckpointError(f"{path}: " + "; ".join(problems))
+
+
+class _Progress:
+    """Logs every tenth of a large checkpoint as it loads (by bytes of the shards read)."""
+
+    def __init__(self, files: list[Path]):
+        self.sizes = [f.stat().st_size for f in files]
+        self.total = sum(self.sizes)
+        self.enabled = self.total >= PROGRESS_BYTES
+        self.next_mark = 0.1
+        self.started = time.monotonic()
+
+    def update(self, shard_number: int, shard_fraction: float) -> None:
+        if not self.enabled:
+            return
+        done = sum(self.sizes[: shard_number - 1]) + shard_fraction * self.sizes[shard_number - 1]
+        fraction = done / self.total if self.total else 1.0
+        if fraction + 1e-9 < self.next_mark:
+            return
+        while self.next_mark <= fraction + 1e-9:
+            self.next_mark += 0.1
+        log.info("loading weights: shard %d/%d, %.1f/%.1f GiB (%.0f%%), %.0f s", shard_number,
+                 len(self.sizes), done / 2**30, self.total / 2**30, 100 * fraction,
+                 time.monotonic() - self.started)
 
 
 def _load_one(targets: _Targets, name: str, disk_name: str, shard) -> bool:
