@@ -163,6 +163,7 @@ class EngineLoop:
         self._stats = engine.stats()
         self._draining = False
         self._stopping = False
+        self._call_lock = threading.Lock()
         self.error: BaseException | None = None
         """Set when a step raised: the loop then stops and fails every open request."""
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -211,26 +212,33 @@ class EngineLoop:
                 del self._streams[event.request_id]
 
     def _shutdown(self, error: BaseException) -> None:
-        self._stopping = True
+        with self._call_lock:
+            self._stopping = True  # from here on _call queues nothing
         self._run_commands_failing(error)
-        if self.error is None:
-            # An orderly stop: open requests end with finish_reason "abort".
-            for rid in list(self.engine.reservations):
-                self.engine.reservations[rid].release()
-            for seq in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
-                self.engine.abort(seq.request_id)
-            self._dispatch(self.engine.step())
+        try:
+            if self.error is None:
+                # An orderly stop: open requests end with finish_reason "abort".
+                self._abort_everything()
+                self._dispatch(self.engine.step())
+        except Exception:
+            log.exception("engine loop: aborting open requests failed")
         for rid in list(self._streams):
             self._streams.pop(rid)._push(error)
         for rid in list(self._prefills):
             future = self._prefills.pop(rid)
             if not future.done():
                 future.set_exception(error)
+        try:
+            self._abort_everything()
+            self._stats = self.engine.stats()
+        except Exception:
+            log.exception("engine loop: freeing the caches failed")
+
+    def _abort_everything(self) -> None:
         for rid in list(self.engine.reservations):
             self.engine.reservations[rid].release()
         for seq in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
             self.engine.abort(seq.request_id)
-        self._stats = self.engine.stats()
 
     def _run_commands_failing(self, error: BaseException) -> None:
         while True:
@@ -252,14 +260,17 @@ class EngineLoop:
             except BaseException as exc:
                 future.set_exception(exc)
             return future
-        if self._stopping or not self._thread.is_alive():
-            future.set_exception(self.error or EngineDraining("the engine loop is stopped"))
-            return future
-        self._commands.put((fn, future))
+        with self._call_lock:
+            if self._stopping or not self._thread.is_alive():
+                future.set_exception(self.error or EngineDraining("the engine loop is stopped"))
+                return future
+            self._commands.put((fn, future))
         self._wake.set()
         return future
 
     def _admit_check(self) -> None:
+        if self.error is not None:
+            raise EngineDraining(f"the engine loop failed: {self.error!r}") from self.error
         if self._draining or self._stopping:
             raise EngineDraining("the engine is draining and takes no new requests")
 
@@ -338,7 +349,8 @@ class EngineLoop:
     def stop(self, timeout: float | None = 10.0) -> None:
         """Abort everything still open and stop the thread."""
         self._draining = True
-        self._stopping = True
+        with self._call_lock:
+            self._stopping = True
         self._wake.set()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)

@@ -120,3 +120,21 @@ def test_stop_ends_open_streams(tiny_model):
     assert loop.drain(timeout=1)
     stats = loop.stats()
     assert stats.kv_cache_usage == 0 and stats.ssm_slot_usage == 0
+
+
+def test_a_failing_step_fails_open_requests_instead_of_hanging(tiny_model):
+    loop = make_loop(tiny_model)
+    stream = loop.submit(Request("doomed", prompt(3, 10), greedy(50)))
+    next(stream)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    loop.engine.runner.run_chunks = broken
+    with pytest.raises(RuntimeError, match="device lost"):
+        list(stream)
+    assert isinstance(loop.error, RuntimeError)
+    with pytest.raises(RuntimeError, match="device lost"):
+        loop.submit(Request("next", [5], greedy(1)))
+    loop.stop()
+    assert loop.stats().kv_cache_usage == 0 and loop.stats().ssm_slot_usage == 0
