@@ -235,8 +235,11 @@ def worker_deployment(model: Model, role: str, pool: PoolSpec, *, has_monitoring
         "image": model.spec.image or image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["baton"],
+        # The drain may take as long as the longest request; the pod's grace period adds
+        # DRAIN_MARGIN_SECONDS on top so the kubelet never kills a draining worker.
         "args": ["worker", role, "--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--pool", pool.name,
-                 "--grpc-port", str(GRPC_PORT), "--metrics-port", str(METRICS_PORT)],
+                 "--grpc-port", str(GRPC_PORT), "--metrics-port", str(METRICS_PORT),
+                 "--drain-seconds", str(model.spec.router.request_timeout_seconds)],
         "ports": [{"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
                   {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "env": _common_env(model) + [
@@ -315,7 +318,10 @@ def router_deployment(model: Model, *, has_monitoring_api: bool, image: str,
             "secretName": router.api_keys_secret,
             "items": [{"key": API_KEYS_SECRET_KEY, "path": API_KEYS_SECRET_KEY}]}})
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
-    http_probe = {"httpGet": {"path": "/health", "port": "http"}}
+    # /ready answers 503 while a role has no ready worker (no traffic then); /health is
+    # liveness only.
+    ready_probe = {"httpGet": {"path": "/ready", "port": "http"}}
+    live_probe = {"httpGet": {"path": "/health", "port": "http"}}
     container = {
         "name": "router",
         "image": model.spec.image or image,
@@ -329,8 +335,8 @@ def router_deployment(model: Model, *, has_monitoring_api: bool, image: str,
         "env": _common_env(model) + [{"name": "BATON_ROLE", "value": "router"}],
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}},
         "volumeMounts": mounts,
-        "readinessProbe": {**http_probe, "periodSeconds": 5, "failureThreshold": 2},
-        "livenessProbe": {**http_probe, "periodSeconds": 10, "failureThreshold": 6,
+        "readinessProbe": {**ready_probe, "periodSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {**live_probe, "periodSeconds": 10, "failureThreshold": 6,
                           "timeoutSeconds": 5},
         "securityContext": _container_security_context(),
     }

@@ -98,7 +98,7 @@ def test_worker_deployment(role, pool, replicas, gpus, product, extra_selector):
     assert container["command"] == ["baton"]
     assert container["args"] == ["worker", role, "--config", "/etc/baton/worker-config.json",
                                  "--pool", pool, "--grpc-port", "50051",
-                                 "--metrics-port", "9400"]
+                                 "--metrics-port", "9400", "--drain-seconds", "600"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
     assert container["resources"]["requests"]["nvidia.com/gpu"] == str(gpus)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -146,6 +146,9 @@ def test_services_router_and_config():
         "router", "--config", "/etc/baton/worker-config.json",
         "--prefill", "nano-prefill.llm.svc:50051", "--decode", "nano-decode.llm.svc:50051",
         "--port", "8000"]
+    router_container = router["spec"]["template"]["spec"]["containers"][0]
+    assert router_container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    assert router_container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert objects[("Service", "nano-router")]["spec"]["ports"][0]["port"] == 8000
     cfg = WorkerConfig.from_dict(json.loads(
         objects[("ConfigMap", "nano-config")]["data"]["worker-config.json"]))
