@@ -8,7 +8,9 @@ parses the same Model YAML a cluster gets.
     cfg = WorkerConfig.load(path)             # what a worker reads at start
 
 Every field is declared once (baton.operator.fields.spec_field): the parser below and the
-CRD schema (baton.operator.crd) both come from these declarations.
+CRD schema (baton.operator.crd) both come from these declarations. The Model and the worker
+configuration derived from it stay in one module on purpose: together they are the contract
+the other parts import (DESIGN.md, Seams).
 """
 
 from __future__ import annotations
