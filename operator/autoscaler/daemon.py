@@ -15,8 +15,13 @@ Every spec.autoscaling.intervalSeconds, for each Model with autoscaling enabled:
    baton_autoscaler_desired_replicas and baton_autoscaler_decisions_total.
 
 status.autoscaler: {lastScaleTime, lastDecisionTime, reason, held, desired, demand, limited,
-memory}; `memory` is the policy's state between runs (epoch seconds), kept in status so a
-restarted operator continues where it left off.
+observed, memory}; `observed` is what the metrics said, `memory` the policy's state between
+runs (epoch seconds), kept in status so a restarted operator continues where it left off.
+
+Settings (environment of the operator): BATON_AUTOSCALER_PROFILE, a replica profile JSON
+file (default: the built-in H100 estimate, baton.operator.autoscaler.profile);
+BATON_AUTOSCALER_MIN_RATE_WINDOW_SECONDS, the shortest rate() window (default 60: at least
+two scrapes at a 30 s scrape interval; the window is also at least 2 x intervalSeconds).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import kopf
 from prometheus_client import Counter, Gauge
 
 from baton.operator.autoscaler.metrics import read_observation, read_pod_load
-from baton.operator.autoscaler.policy import ROLES, Decision, PolicyState, decide
+from baton.operator.autoscaler.policy import ROLES, Decision, Observation, PolicyState, decide
 from baton.operator.autoscaler.profile import ReplicaProfile, load_profile
 from baton.operator.autoscaler.prometheus import PrometheusClient, PrometheusError
 from baton.operator.kube import Kube, Resource
@@ -114,11 +119,27 @@ def state_from_status(status: Any) -> PolicyState:
         return PolicyState()
 
 
-def status_from_decision(decision: Decision, now: float) -> dict:
+def _observed(observation: Observation | None) -> dict | None:
+    if observation is None:
+        return None
+    def r(v: float | None) -> float | None:
+        return None if v is None else round(v, 4)
+    o = observation
+    return {"requestsPerSecond": r(o.request_rate),
+            "promptTokensPerSecond": r(o.prompt_tokens_per_second),
+            "generationTokensPerSecond": r(o.generation_tokens_per_second),
+            "prefillWaiting": r(o.prefill_waiting), "decodeRunning": r(o.decode_running),
+            "decodeWaiting": r(o.decode_waiting), "ttftAttainment": r(o.ttft_attainment),
+            "itlAttainment": r(o.itl_attainment), "meanItlSeconds": r(o.mean_itl_seconds)}
+
+
+def status_from_decision(decision: Decision, now: float,
+                         observation: Observation | None = None) -> dict:
     """The status.autoscaler object for a decision (lists replace wholesale under a merge
-    patch, so nothing stale survives)."""
+    patch, so nothing stale survives; `observed` is null when metrics were missing)."""
     state = decision.state
     return {
+        "observed": _observed(observation),
         "lastScaleTime": _iso(state.last_scale_time) if state.last_scale_time else None,
         "lastDecisionTime": _iso(now),
         "reason": decision.reason,
@@ -226,10 +247,12 @@ class KubernetesCluster:
 
 async def run_once(model: Model, body: Any, cluster: KubernetesCluster,
                    prom: PrometheusClient | None, profile: ReplicaProfile, now: float,
-                   logger: logging.Logger | logging.LoggerAdapter) -> Decision:
-    """One autoscaling round for one Model; returns the decision it applied."""
+                   logger: logging.Logger | logging.LoggerAdapter, state: PolicyState,
+                   was_held: bool = False) -> Decision:
+    """One autoscaling round for one Model; returns the decision it applied. state: what
+    the last round decided (the daemon keeps it; status holds a copy for restarts). body:
+    the Model, for Events."""
     auto = model.spec.autoscaling
-    state = state_from_status(body.get("status"))
     current: dict[str, dict[str, int]] = {}
     for role in ROLES:
         current[role] = {}
@@ -271,14 +294,14 @@ async def run_once(model: Model, body: Any, cluster: KubernetesCluster,
                 logger.info(f"Marked pod {name} ({role}/{pool}) for removal.")
 
     await cluster.patch_model_status(model.namespace, model.name,
-                                     {"autoscaler": status_from_decision(decision, now)})
+                                     {"autoscaler": status_from_decision(decision, now,
+                                                                         observation)})
 
     for role in ROLES:
         for pool, n in decision.desired[role].items():
             DESIRED_REPLICAS.labels(model.namespace, model.name, role, pool).set(n)
     outcome = "held" if decision.held else "scaled" if decision.changed else "unchanged"
     DECISIONS.labels(model.namespace, model.name, outcome).inc()
-    was_held = bool(((body.get("status") or {}).get("autoscaler") or {}).get("held"))
     if decision.changed and not decision.held:
         kopf.info(body, reason="Scaled", message=decision.reason[:1000])
         logger.info(f"Scaled {model.namespace}/{model.name}: {decision.reason}")
@@ -301,6 +324,11 @@ async def autoscale(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.L
     profile = load_profile(os.environ.get(PROFILE_ENV) or None)
     min_rate_window_seconds()  # a bad setting fails here, before any decision
     cluster = KubernetesCluster()
+    # Rounds chain through this memory; the copy in status only seeds it (a restarted
+    # operator), since the watched body may lag behind the status this daemon wrote.
+    status = body.get("status") or {}
+    state = state_from_status(status)
+    held = bool((status.get("autoscaler") or {}).get("held"))
     prom: PrometheusClient | None = None
     prom_url: str | None = None
     try:
@@ -316,7 +344,9 @@ async def autoscale(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.L
                     prom_url = auto.prometheus_url
                     prom = None if prom_url is None else PrometheusClient(
                         prom_url, timeout=max(1.0, min(10.0, interval / 2)))
-                await run_once(model, body, cluster, prom, profile, time.time(), logger)
+                decision = await run_once(model, body, cluster, prom, profile, time.time(),
+                                          logger, state, held)
+                state, held = decision.state, decision.held
             except SpecError as e:
                 # The reconcile reports the invalid spec as a condition; nothing to size.
                 logger.debug(f"Skipped autoscaling: invalid spec ({e}).")

@@ -89,7 +89,8 @@ class PrometheusClient:
 
     async def query(self, promql: str, *, at: float | None = None) -> list[Sample]:
         """Evaluates `promql` now (or at the unix time `at`); returns its samples."""
-        form = {"query": promql, "timeout": f"{self.timeout:g}s"}
+        # Prometheus durations take integer units only ("2500ms", not "2.5s")
+        form = {"query": promql, "timeout": f"{max(1, round(self.timeout * 1000))}ms"}
         if at is not None:
             form["time"] = f"{at:.3f}"
         url = f"{self.base_url}/api/v1/query"
