@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import grpc
 
@@ -58,9 +59,8 @@ class TransferStateHandler:
             this_thread = threading.get_ident()
             incoming.add_fail_callback(
                 lambda: threading.get_ident() != this_thread and context.cancel())
-            context.add_callback(lambda: incoming.fail(TransferError(
-                FailureReason.UNAVAILABLE, f"request {incoming.request_id}: the sender went "
-                "away before completing the transfer")))
+            context.add_callback(lambda: incoming.fail(_ended_early(
+                incoming, "the sender went away before completing the transfer")))
             incoming.accept_handshake(first.protocol_version, first.fingerprint,
                                       first.num_prompt_tokens)
             for message in request_iterator:
@@ -74,8 +74,7 @@ class TransferStateHandler:
                         received_states=incoming.states_received)
                 else:
                     raise TransferError(FailureReason.INVALID, "a second handshake")
-            raise TransferError(FailureReason.UNAVAILABLE,
-                                "the stream ended before the transfer completed")
+            raise _ended_early(incoming, "the stream ended before the transfer completed")
         except TransferError as e:
             if incoming is not None:
                 incoming.fail(e)
@@ -86,6 +85,14 @@ class TransferStateHandler:
         except grpc.RpcError:
             # The client went away mid-stream; the done-callback above released everything.
             if incoming is not None:
-                incoming.fail(TransferError(FailureReason.UNAVAILABLE,
-                                            f"request {incoming.request_id}: stream broken"))
+                incoming.fail(_ended_early(incoming, "the stream broke"))
             raise
+
+
+def _ended_early(incoming: IncomingTransfer, what: str) -> TransferError:
+    """Why a stream ended before its completion: the deadline if it passed (the sender's
+    gRPC deadline may fire a moment before the receiver's own timer), else the peer."""
+    if time.time() >= incoming.deadline:
+        return TransferError(FailureReason.DEADLINE_EXCEEDED,
+                             f"request {incoming.request_id}: {what} at the deadline")
+    return TransferError(FailureReason.UNAVAILABLE, f"request {incoming.request_id}: {what}")

@@ -200,7 +200,8 @@ def test_stall_past_deadline_fails_and_releases(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
     incoming = receiver.expect("r4", 37, target, _deadline(0.8))
-    sender = GrpcTransport(FINGERPRINT).open(address, "r4", 37, _deadline(0.8))
+    # The sender would wait longer: the receiver's own deadline must end it.
+    sender = GrpcTransport(FINGERPRINT).open(address, "r4", 37, _deadline(3.0))
     sender.on_layer(_states()[0])
     # The prefill stalls here: no more layers, no finish.
     assert incoming.wait(5)
@@ -211,6 +212,16 @@ def test_stall_past_deadline_fails_and_releases(decode_side):
         sender.finish(FirstToken(1))
     assert err.value.reason in (FailureReason.DEADLINE_EXCEEDED, FailureReason.CANCELLED)
     assert sender.state is TransferState.FAILED
+
+
+def test_sender_deadline_first_still_reads_as_deadline(decode_side):
+    receiver, address = decode_side
+    target = RecordingTarget()
+    incoming = receiver.expect("r4b", 37, target, _deadline(0.6))
+    sender = GrpcTransport(FINGERPRINT).open(address, "r4b", 37, _deadline(0.6))
+    sender.on_layer(_states()[0])
+    assert incoming.wait(5) and target.released.is_set()
+    assert target.error.reason is FailureReason.DEADLINE_EXCEEDED
 
 
 def test_fingerprint_mismatch_is_refused(decode_side):
