@@ -33,6 +33,9 @@ class EngineConfig:
     distribution, more drafts accepted, but tokens differ from non-speculative decoding."""
     eos_token_ids: list[int] | None = None
     """Tokens that finish a request; None: the tokenizer's, else the model config's."""
+    base_seed: int | None = None
+    """Seeds requests without their own seed (hashed with the request id); None: random.
+    Expert-parallel ranks, which must sample alike, share one."""
     ssm_dtype: object | None = None
     """SSM state dtype (a torch.dtype); None: the model's mamba_ssm_cache_dtype (float32)."""
 
@@ -56,6 +59,9 @@ class EngineConfig:
         check_int("max_batch_tokens", self.max_batch_tokens, 1)
         check_int("max_model_len", self.max_model_len, 2, allow_none=True)
         check_int("speculative_tokens", self.speculative_tokens, 0)
+        check_int("base_seed", self.base_seed, 0, allow_none=True)
+        if self.base_seed is not None and self.base_seed >= 1 << 64:
+            raise ValueError(f"EngineConfig.base_seed={self.base_seed} is invalid: < 2**64")
         if self.spec_sampling not in ("coupled", "rejection"):
             raise ValueError(
                 f"EngineConfig.spec_sampling={self.spec_sampling!r} is invalid: "

@@ -24,7 +24,7 @@ from baton.workers.engine.handoff import CacheFull, PrefillResult, PrefillSink
 from baton.workers.engine.request import Phase, Request, Sequence, TokenEvent
 from baton.workers.engine.reservation import Reservation
 from baton.workers.engine.runner import ModelRunner, SampledToken, StepOutput
-from baton.workers.engine.sampling import fresh_seed
+from baton.workers.engine.sampling import fresh_seed, request_seed
 from baton.workers.engine.scheduler import Scheduler
 from baton.workers.engine.tokenizer import IncrementalDetokenizer, StopMatcher
 
@@ -62,6 +62,7 @@ class Engine:
             raw = getattr(mcfg, "eos_token_id", None)
             eos = [] if raw is None else list(raw) if isinstance(raw, (list, tuple)) else [raw]
         self.eos_ids = frozenset(int(e) for e in eos)
+        self.base_seed = config.base_seed if config.base_seed is not None else fresh_seed()
 
         # None: the checkpoint's mamba_ssm_cache_dtype (float32 unless it says otherwise).
         ssm_dtype = config.ssm_dtype
@@ -137,7 +138,9 @@ class Engine:
         sp = request.sampling
         seq = Sequence(
             request=request,
-            seed=sp.seed if sp.seed is not None else fresh_seed(),
+            seed=sp.seed
+            if sp.seed is not None
+            else request_seed(self.base_seed, request.request_id),
             tokens=list(request.prompt_ids),
             num_prompt=len(request.prompt_ids),
             max_len=min(self.max_model_len, len(request.prompt_ids) + sp.max_tokens),

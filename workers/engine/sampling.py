@@ -14,6 +14,7 @@ Shapes: [n, V]  n rows (one per token to sample), V vocabulary.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -96,8 +97,18 @@ class SamplingParams:
 
 
 def fresh_seed() -> int:
-    """A seed for a request that did not ask for one (kept for the whole request)."""
+    """A random base seed (an engine without a configured one draws it at start)."""
     return secrets.randbits(63)
+
+
+def request_seed(base_seed: int, request_id: str) -> int:
+    """The seed of a request that did not ask for one: a hash of the engine's base seed and
+    the request id, so engines that share a base seed (expert-parallel ranks running the same
+    batch) sample the same tokens."""
+    digest = hashlib.blake2b(
+        request_id.encode("utf-8"), digest_size=8, key=base_seed.to_bytes(8, "little")
+    ).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 # ---- counter-based noise -------------------------------------------------------------------

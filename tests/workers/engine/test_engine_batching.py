@@ -286,3 +286,18 @@ def test_engine_on_cuda_matches_full_recompute(tmp_path, helpers):
     out, _ = run(engine, {0: requests})
     for r in requests:
         helpers.check(model, recorder, r.request_id, out[r.request_id], len(r.prompt_ids))
+
+
+def test_unseeded_requests_follow_the_engine_base_seed(tiny_model):
+    def sample(base_seed):
+        engine = Engine(tiny_model, EngineConfig(page_size=4, num_pages=64, base_seed=base_seed))
+        req = Request(
+            "u", prompt(9, 8), SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
+        )
+        out, _ = run(engine, {0: [req]})
+        return out["u"]
+
+    assert sample(11) == sample(11)
+    assert sample(11) != sample(12)
+    with pytest.raises(ValueError, match="base_seed"):
+        EngineConfig(num_pages=8, base_seed=-1).validate()
