@@ -54,3 +54,19 @@ def test_config_map_is_a_worker_config():
     assert cfg.pool("prefill", "blackwell").fp4_path == "native"
     assert cfg.pool("decode", "hopper").fp4_path == "w4a16"
     assert cfg.router.request_timeout_seconds == 300
+
+
+def test_operator_process_imports_neither_torch_nor_workers():
+    """The operator image has no torch: everything `python -m baton.operator` loads must
+    import without it (and without baton.workers / baton.kernels)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import baton.operator.__main__, baton.operator.handlers, baton.operator.reconcile\n"
+            "import baton.operator.autoscaler.daemon, baton.operator.crd\n"
+            "bad = [m for m in ('torch', 'triton', 'baton.workers', 'baton.kernels')\n"
+            "       if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
