@@ -124,8 +124,9 @@ class Reconciler:
             if key not in desired_keys and self._owned_by(obj, model):
                 self._delete(model, body, obj, outcome)
 
-        deployments = [o for o in self._owned_objects(model, kinds=[("Deployment", "apps/v1")])
-                       .values()]
+        # Listed again: the status reports what the cluster holds after this pass.
+        deployments = list(self._owned_objects(model, kinds=[("Deployment", "apps/v1")])
+                           .values())
         status = model_status(model, deployments, previous, now_rfc3339())
         if status_changed(previous, status):
             self.kube.merge_patch(MODELS, namespace, name, {"status": status},
