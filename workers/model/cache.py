@@ -13,27 +13,48 @@ different page sizes or page ids exchange a sequence's state.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 STATE_KINDS = ("kv", "conv", "ssm", "mtp_kv")
 
 
-class ModelCache:
-    """The caches one engine keeps for all its sequences (allocate with model.allocate_cache)."""
+@dataclass(frozen=True)
+class KVSpec:
+    """What an attention layer keeps per token: K and V of kv_heads heads of head_dim."""
 
-    def __init__(self, layer_kinds: list[str], num_main_layers: int, *, num_pages: int,
-                 page_size: int, num_slots: int, spec_tokens: int, kv_heads: int, head_dim: int,
-                 conv_dim: int, conv_kernel: int, ssm_shape: tuple[int, int, int],
+    kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class MambaStateSpec:
+    """What a Mamba layer keeps per sequence: the last conv_kernel - 1 conv inputs of width
+    conv_dim, and the SSM state [h, p, n]."""
+
+    conv_dim: int
+    conv_kernel: int
+    ssm_shape: tuple[int, int, int]
+
+
+class ModelCache:
+    """The caches one engine keeps for all its sequences (allocate with model.allocate_cache).
+
+    layers maps a layer index to what that layer keeps (from its mixer's cache_spec()).
+    """
+
+    def __init__(self, layers: dict[int, KVSpec | MambaStateSpec], num_main_layers: int, *,
+                 num_pages: int, page_size: int, num_slots: int, spec_tokens: int,
                  dtype: torch.dtype, ssm_dtype: torch.dtype, device: torch.device | str):
         for name, value, low in (("num_pages", num_pages, 1), ("page_size", page_size, 1),
                                  ("num_slots", num_slots, 1), ("spec_tokens", spec_tokens, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
-        self.layer_kinds = list(layer_kinds)
+        self.layers = dict(layers)
         self.num_main_layers = num_main_layers
         self.num_pages, self.page_size, self.num_slots = num_pages, page_size, num_slots
         self.spec_tokens = spec_tokens
-        self.conv_kernel = conv_kernel
         self.dtype, self.ssm_dtype = dtype, ssm_dtype
         self.device = torch.device(device)
         self._k: dict[int, torch.Tensor] = {}
@@ -42,23 +63,22 @@ class ModelCache:
         self._ssm: dict[int, torch.Tensor] = {}
         self._conv_spec: dict[int, torch.Tensor] = {}
         self._ssm_spec: dict[int, torch.Tensor] = {}
-        page_shape = (num_pages, page_size, kv_heads, head_dim)
-        for layer, kind in enumerate(layer_kinds):
-            if kind == "attention":
-                self._k[layer] = torch.zeros(page_shape, dtype=dtype, device=self.device)
-                self._v[layer] = torch.zeros(page_shape, dtype=dtype, device=self.device)
-            elif kind == "mamba":
-                self._conv[layer] = torch.zeros(num_slots, conv_dim, conv_kernel - 1,
-                                                dtype=dtype, device=self.device)
-                self._ssm[layer] = torch.zeros(num_slots, *ssm_shape, dtype=ssm_dtype,
-                                               device=self.device)
-                if spec_tokens:
-                    self._conv_spec[layer] = torch.zeros(
-                        num_slots, conv_dim, conv_kernel - 1 + spec_tokens + 1, dtype=dtype,
-                        device=self.device)
-                    self._ssm_spec[layer] = torch.zeros(
-                        num_slots, spec_tokens + 1, *ssm_shape, dtype=ssm_dtype,
-                        device=self.device)
+
+        def zeros(*shape, dtype=dtype):
+            return torch.zeros(shape, dtype=dtype, device=self.device)
+
+        for layer, spec in self.layers.items():
+            if isinstance(spec, KVSpec):
+                self._k[layer] = zeros(num_pages, page_size, spec.kv_heads, spec.head_dim)
+                self._v[layer] = zeros(num_pages, page_size, spec.kv_heads, spec.head_dim)
+                continue
+            taps = spec.conv_kernel - 1
+            self._conv[layer] = zeros(num_slots, spec.conv_dim, taps)
+            self._ssm[layer] = zeros(num_slots, *spec.ssm_shape, dtype=ssm_dtype)
+            if spec_tokens:
+                self._conv_spec[layer] = zeros(num_slots, spec.conv_dim, taps + spec_tokens + 1)
+                self._ssm_spec[layer] = zeros(num_slots, spec_tokens + 1, *spec.ssm_shape,
+                                              dtype=ssm_dtype)
         # Tokens of the last speculative verification per slot (0: nothing to accept).
         self._pending = [0] * num_slots
 
@@ -115,10 +135,11 @@ class ModelCache:
             return
         index = torch.tensor(slot_list, device=self.device)
         accepted = torch.tensor(counts, device=self.device)
-        taps = self.conv_kernel - 1
-        # The conv window after token n is columns n .. n + k - 2 of [old state, new inputs].
-        columns = accepted[:, None] + torch.arange(taps, device=self.device)  # [S, k-1]
         for layer in self._conv:
+            # The conv window after token n is columns n .. n + k - 2 of [old state, new
+            # inputs].
+            taps = self.layers[layer].conv_kernel - 1
+            columns = accepted[:, None] + torch.arange(taps, device=self.device)  # [S, k-1]
             window = self._conv_spec[layer][index]  # [S, W, k-1+K+1]
             gather = columns[:, None, :].expand(-1, window.shape[1], -1)
             self._conv[layer][index] = torch.gather(window, 2, gather)

@@ -18,6 +18,7 @@ from torch import nn
 
 from baton.kernels import QuantExperts, QuantLinear, WeightFormat, route
 
+from .cache import KVSpec
 from .config import NemotronHConfig
 
 
@@ -165,6 +166,10 @@ class Attention(nn.Module):
         self.k_proj = quant_linear(c.hidden_size, kv_width, f"{name}.k_proj", formats, dtype, bias)
         self.v_proj = quant_linear(c.hidden_size, kv_width, f"{name}.v_proj", formats, dtype, bias)
         self.o_proj = quant_linear(q_width, c.hidden_size, f"{name}.o_proj", formats, dtype, bias)
+
+    def cache_spec(self) -> KVSpec:
+        """What this layer keeps per token in the paged KV cache."""
+        return KVSpec(self.num_kv_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import MambaStateSpec
 from .config import NemotronHConfig
 from .layers import FormatPlan, GatedRMSNorm, quant_linear
 
@@ -121,6 +122,11 @@ class Mamba2Mixer(nn.Module):
                                  dtype)
         self.out_proj = quant_linear(self.inner, c.hidden_size, f"{name}.out_proj", formats,
                                      dtype, c.use_bias)
+
+    def cache_spec(self) -> MambaStateSpec:
+        """What this layer keeps per sequence in a state slot."""
+        return MambaStateSpec(self.conv_dim, self.kernel,
+                              (self.heads, self.head_dim, self.state_size))
 
     # ------------------------------------------------------------------ pieces
     def _split(self, projected: torch.Tensor):

@@ -186,13 +186,13 @@ class NemotronHModel(nn.Module):
     def allocate_cache(self, num_pages: int, page_size: int, num_slots: int,
                        spec_tokens: int = 0, ssm_dtype: torch.dtype | None = None) -> ModelCache:
         """KV pages for every attention layer (MTP included) and Mamba state slots."""
-        c = self.config
+        blocks = [*self.backbone.layers, *(self.mtp.layers if self.mtp is not None else [])]
+        layers = {index: block.mixer.cache_spec() for index, block in enumerate(blocks)
+                  if hasattr(block.mixer, "cache_spec")}
         return ModelCache(
-            self.layer_kinds, c.num_hidden_layers, num_pages=num_pages, page_size=page_size,
-            num_slots=num_slots, spec_tokens=spec_tokens, kv_heads=c.num_key_value_heads,
-            head_dim=c.head_dim, conv_dim=c.conv_dim, conv_kernel=c.conv_kernel,
-            ssm_shape=(c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size),
-            dtype=self.dtype, ssm_dtype=ssm_dtype or c.ssm_cache_torch_dtype, device=self.device)
+            layers, self.config.num_hidden_layers, num_pages=num_pages, page_size=page_size,
+            num_slots=num_slots, spec_tokens=spec_tokens, dtype=self.dtype,
+            ssm_dtype=ssm_dtype or self.config.ssm_cache_torch_dtype, device=self.device)
 
     def plan(self, batch: ForwardBatch, cache: ModelCache) -> BatchPlan:
         return BatchPlan(batch, page_size=cache.page_size, num_pages=cache.num_pages,
