@@ -13,6 +13,7 @@ prefilled elsewhere (`reserve(request, n_tokens)` -> Reservation; see handoff.py
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable
@@ -405,6 +406,5 @@ class Engine:
         st.free_pages = self.pages.num_free
         st.free_slots = self.slots.num_free
         st.preemptions_total = sched.preemptions_total
-        snapshot = EngineStats(**{**st.__dict__})
-        snapshot.requests_finished_total = dict(st.requests_finished_total)
-        return snapshot
+        # A copy: the exporter reads it on another thread while the engine keeps counting.
+        return copy.deepcopy(st)
