@@ -25,7 +25,7 @@ from .layers import FormatPlan
 from .model import NemotronHModel
 from .quant import _plan_from
 
-QUANTIZATIONS = (None, "nvfp4", "fp8", "mixed")
+QUANTIZATIONS = (None, "nvfp4", "fp8", "mixed", "w4a16_nvfp4", "fp8_per_channel_per_token")
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]  # ids 0..4
 # Activation range the random checkpoints calibrate their input scales to (the GPU FP8 path
 # quantizes activations with it; the reference path does not use it).
@@ -76,8 +76,9 @@ def write_random_checkpoint(path: str | Path, config: dict[str, Any], seed: int 
     `path` and returns it.
 
     quantization: None (all `dtype`), "nvfp4" (every quantizable linear and expert stack in
-    NVFP4; lm_head, routers and MTP stay 16-bit), "fp8", or "mixed" (the Ultra layout: NVFP4
-    routed experts, FP8 shared experts and Mamba linears, 16-bit attention and the rest).
+    NVFP4; lm_head, routers and MTP stay 16-bit), "w4a16_nvfp4" (the same without input
+    scales), "fp8", "fp8_per_channel_per_token", or "mixed" (the Ultra layout: NVFP4 routed
+    experts, FP8 shared experts and Mamba linears, 16-bit attention and the rest).
     tokenizer: also write a byte-level BPE tokenizer with vocab_size entries at most.
     """
     if quantization not in QUANTIZATIONS:
@@ -135,7 +136,7 @@ def random_tensor(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
 def _quant_section(model: NemotronHModel, quantization: str | None) -> dict[str, Any] | None:
     if quantization is None:
         return None
-    if quantization in ("nvfp4", "fp8"):
+    if quantization != "mixed":
         return {"quant_algo": quantization.upper(), "kv_cache_quant_algo": None,
                 "group_size": 16, "exclude_modules": ["lm_head", "mtp*"]}
     layers: dict[str, dict[str, str]] = {}

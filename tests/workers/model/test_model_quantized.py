@@ -114,6 +114,21 @@ def test_fp8_checkpoint_runs(tmp_path):
     assert_close_to_dequantized(path)
 
 
+@pytest.mark.parametrize("quantization, fmt, per_channel", [
+    ("w4a16_nvfp4", WeightFormat.W4A16_NVFP4, False),
+    ("fp8_per_channel_per_token", WeightFormat.FP8, True),
+])
+def test_other_modelopt_algorithms_load(tmp_path, quantization, fmt, per_channel):
+    path = write_random_checkpoint(tmp_path, CONFIG, seed=4, quantization=quantization,
+                                   tokenizer=False)
+    model = load_model(path, dtype=torch.float32, kernels="torch")
+    in_proj = model.backbone.layers[0].mixer.in_proj
+    assert in_proj.fmt is fmt and in_proj.fp8_per_channel is per_channel
+    assert not hasattr(in_proj, "input_scale")  # neither algorithm carries one
+    assert model.backbone.layers[2].mixer.experts.fmt is fmt
+    assert_close_to_dequantized(path)
+
+
 def _plan(tmp_path, quantization_config):
     return load_quantization(tmp_path, {"quantization_config": quantization_config})
 
