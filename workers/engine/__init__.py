@@ -1,10 +1,17 @@
 """baton.workers.engine: continuous batching, sampling, speculative decoding, state handoff.
 
-engine = Engine(model, EngineConfig(num_pages=..., max_batch_tokens=...), tokenizer)
-engine.add_request(Request("r1", prompt_ids, SamplingParams(max_tokens=32)))
-while engine.has_work():
-    for event in engine.step(): ...            # TokenEvent per request and step
-loop = EngineLoop(engine); stream = loop.submit(request)   # thread-safe wrapper
+    engine = Engine(model, EngineConfig(num_pages=..., max_batch_tokens=...), tokenizer)
+    engine.add_request(Request("r1", prompt_ids, SamplingParams(max_tokens=32)))
+    while engine.has_work():
+        for event in engine.step(): ...            # TokenEvent per request and step
+    loop = EngineLoop(engine); stream = loop.submit(request)   # thread-safe wrapper
+
+Modules: engine (schedule -> execute -> update), scheduler (StepPlan, admission, preemption),
+runner (forward passes, MTP drafting and verification), sampling (counter-based seeded
+sampling), allocator (KV pages, state slots), handoff + reservation (prefill on one engine,
+decode on another), loop (EngineLoop, RequestStream), tokenizer (tokenizer.json, chat
+templates, byte fallback, incremental detokenizer, stop strings), config (EngineConfig,
+EngineStats), request (Request, TokenEvent, per-sequence state).
 """
 
 from baton.workers.engine.config import EngineConfig, EngineStats, StepTimings
