@@ -42,13 +42,15 @@ class TransferStateHandler:
     def method_handler(self) -> grpc.RpcMethodHandler:
         """The handler to register under DecodeService/TransferState (custom deserializer)."""
         return grpc.stream_unary_rpc_method_handler(
-            self, request_deserializer=wire.decode_message,
+            self, request_deserializer=wire.read_message,
             response_serializer=decode_pb2.TransferStateResponse.SerializeToString)
 
     def __call__(self, request_iterator, context: grpc.ServicerContext):
         incoming: IncomingTransfer | None = None
         try:
             first = next(request_iterator, None)
+            if isinstance(first, wire.Malformed):
+                raise first.error
             if not isinstance(first, wire.Handshake):
                 raise TransferError(FailureReason.INVALID,
                                     "a transfer must start with a handshake")
@@ -72,6 +74,8 @@ class TransferStateHandler:
                     return decode_pb2.TransferStateResponse(
                         received_bytes=incoming.bytes_received,
                         received_states=incoming.states_received)
+                elif isinstance(message, wire.Malformed):
+                    raise message.error
                 else:
                     raise TransferError(FailureReason.INVALID, "a second handshake")
             raise _ended_early(incoming, "the stream ended before the transfer completed")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from google.protobuf.message import DecodeError
 
 from baton.proto.baton.decode.v1 import decode_pb2
 from baton.proto.baton.transfer.v1 import transfer_pb2
@@ -170,6 +171,22 @@ class Complete:
     total_bytes: int
 
 
+@dataclass(frozen=True)
+class Malformed:
+    """A message that could not be read; the handler fails the transfer with its error."""
+
+    error: TransferError
+
+
+def read_message(message: bytes) -> Handshake | Chunk | Complete | Malformed:
+    """decode_message for gRPC's deserializer hook, which must not raise: an exception there
+    would end the call as INTERNAL instead of the DATA_LOSS the sender must see."""
+    try:
+        return decode_message(message)
+    except TransferError as e:
+        return Malformed(e)
+
+
 def chunk_description(header: transfer_pb2.ChunkHeader, length: int) -> ChunkDescription:
     if header.kind not in _PB_TO_KIND:
         raise TransferError(FailureReason.INVALID, f"chunk kind {header.kind} is not a "
@@ -194,14 +211,21 @@ def decode_message(message: bytes) -> Handshake | Chunk | Complete:
         data = memoryview(b"")
         for number, wire, value in _fields(fields[0][2]):
             if number == 1 and wire == _WIRE_LEN:
-                header = transfer_pb2.ChunkHeader.FromString(bytes(value))
+                try:
+                    header = transfer_pb2.ChunkHeader.FromString(bytes(value))
+                except DecodeError as e:
+                    raise TransferError(FailureReason.DATA_LOSS,
+                                        f"malformed chunk header: {e}") from None
             elif number == 15 and wire == _WIRE_LEN:
                 data = value
         if header is None:
             raise TransferError(FailureReason.INVALID, "state chunk without a header")
         return Chunk(chunk_description(header, len(data)), data)
     # Handshakes and completions are small; anything else protobuf parses in full.
-    request = decode_pb2.TransferStateRequest.FromString(message)
+    try:
+        request = decode_pb2.TransferStateRequest.FromString(message)
+    except DecodeError as e:
+        raise TransferError(FailureReason.DATA_LOSS, f"malformed message: {e}") from None
     which = request.WhichOneof("message")
     if which == "handshake":
         h = request.handshake

@@ -10,7 +10,6 @@ import grpc
 import pytest
 import torch
 
-from baton.proto.baton.decode.v1 import decode_pb2
 from baton.workers.engine import LayerState, StateKind
 from baton.workers.metrics import BatonMetrics, MetricLabels
 from baton.workers.transfer import (
@@ -22,7 +21,6 @@ from baton.workers.transfer import (
     TransferError,
     TransferState,
     TransferStateHandler,
-    wire,
 )
 
 FINGERPRINT = "f" * 64
@@ -320,22 +318,24 @@ def test_backpressure_blocks_the_engine_thread(decode_side):
     assert all(torch.equal(s.tensor, b.tensor) for s, b in zip(target.states, big))
 
 
-def test_wire_chunk_is_plain_protobuf_and_aligned():
-    from baton.workers.transfer.base import ChunkDescription, StateDescription
+class TruncatingTransport(GrpcTransport):
+    """Cuts the second chunk short: a message no protobuf reader can parse."""
 
-    data = torch.arange(1000, dtype=torch.float32)
-    for request_id in ("r", "r" * 150):
-        desc = StateDescription(request_id, 3, 5, StateKind.SSM, 0, 9, (10, 100),
-                                torch.float32, 4000)
-        chunk = ChunkDescription(desc, 0, 4000, 1234)
-        message = wire.encode_chunk(chunk, wire.tensor_bytes(data))
-        parsed = decode_pb2.TransferStateRequest.FromString(message)
-        assert parsed.chunk.header == wire.header_message(chunk)
-        assert parsed.chunk.data == data.numpy().tobytes()
-        assert message.index(parsed.chunk.data) % wire.ALIGNMENT == 0
-        decoded = wire.decode_message(message)
-        assert decoded.description == chunk
-        assert bytes(decoded.data) == parsed.chunk.data
+    def tamper(self, chunk, message):
+        return message[:40] if chunk.state.state_index == 1 else message
+
+
+def test_malformed_message_is_data_loss(decode_side):
+    receiver, address = decode_side
+    target = RecordingTarget()
+    receiver.expect("r10", 37, target, _deadline())
+    sender = TruncatingTransport(FINGERPRINT).open(address, "r10", 37, _deadline())
+    with pytest.raises(TransferError) as err:
+        for state in _states():
+            sender.on_layer(state)
+        sender.finish(FirstToken(1))
+    assert err.value.reason is FailureReason.DATA_LOSS
+    assert target.released.wait(5) and target.error.reason is FailureReason.DATA_LOSS
 
 
 def test_bad_settings_are_named():
