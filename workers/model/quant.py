@@ -149,10 +149,34 @@ def load_quantization(path: str | Path, raw_config: dict[str, Any]) -> FormatPla
     return _plan_from(section, "config.json quantization_config", exclude_key="ignore")
 
 
+def _algo_from_config_groups(groups: Any, source: str) -> str:
+    """The quant_algo that compressed-tensors style config_groups describe (one group)."""
+    if not isinstance(groups, dict) or not groups:
+        raise ValueError(f"{source}: missing quant_algo (and no config_groups to infer it)")
+    algos = set()
+    for name, group in groups.items():
+        if not isinstance(group, dict):
+            raise ValueError(f"{source}: config_groups[{name!r}] must be an object")
+        weights = group.get("weights") or {}
+        bits, kind = weights.get("num_bits"), weights.get("type", "float")
+        activations = group.get("input_activations")
+        if bits == 4 and kind == "float" and weights.get("group_size", 16) == 16:
+            algos.add("NVFP4" if activations else "W4A16_NVFP4")
+        elif bits == 8 and kind == "float":
+            per_channel = weights.get("strategy") == "channel"
+            algos.add("FP8_PER_CHANNEL_PER_TOKEN" if per_channel else "FP8")
+        else:
+            raise ValueError(
+                f"{source}: config_groups[{name!r}] weights {weights} are neither NVFP4 nor FP8")
+    if len(algos) > 1:
+        raise ValueError(f"{source}: config_groups mix {sorted(algos)}; give quantized_layers")
+    return algos.pop()
+
+
 def _plan_from(section: dict[str, Any], source: str, exclude_key: str) -> FormatPlan:
     algo = section.get("quant_algo")
     if algo is None:
-        raise ValueError(f"{source}: missing quant_algo")
+        algo = _algo_from_config_groups(section.get("config_groups"), source)
     group_size = section.get("group_size")
     nvfp4 = str(algo).upper() in ("NVFP4", "W4A16_NVFP4")
     if group_size is not None and nvfp4 and group_size != 16:

@@ -147,6 +147,21 @@ def test_config_json_quantization_config_with_ignore_patterns(tmp_path):
     assert w4a16.format_for("backbone.layers.2.mixer.experts")[0] is WeightFormat.W4A16_NVFP4
 
 
+def test_quant_algo_inferred_from_config_groups(tmp_path):
+    nvfp4 = {"weights": {"num_bits": 4, "type": "float", "group_size": 16},
+             "input_activations": {"num_bits": 4, "type": "float", "group_size": 16},
+             "targets": ["Linear"]}
+    plan = _plan(tmp_path, {"quant_method": "modelopt", "config_groups": {"group_0": nvfp4},
+                            "ignore": ["lm_head"]})
+    assert plan.format_for("backbone.layers.0.mixer.in_proj")[0] is WeightFormat.NVFP4
+    fp8 = {"weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}
+    plan = _plan(tmp_path, {"quant_method": "modelopt", "config_groups": {"g": fp8}})
+    assert plan.format_for("backbone.layers.0.mixer.in_proj") == (WeightFormat.FP8, True)
+    with pytest.raises(ValueError, match="neither NVFP4 nor FP8"):
+        _plan(tmp_path, {"quant_method": "modelopt",
+                         "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int"}}}})
+
+
 @pytest.mark.parametrize("section, message", [
     ({"quant_method": "modelopt", "quant_algo": "INT3"}, "INT3"),
     ({"quant_method": "gptq", "quant_algo": "NVFP4"}, "quant_method"),
