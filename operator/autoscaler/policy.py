@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from baton.operator.spec import ModelSpec, PoolSpec
 
 __all__ = ["ROLES", "Observation", "PolicyState", "Decision", "decide", "pool_order",
-           "pool_capacities", "place", "PREFILL_MAX_UTILIZATION", "DECODE_HEADROOM",
+           "pool_capacities", "place", "place_role", "PREFILL_MAX_UTILIZATION", "DECODE_HEADROOM",
            "ITL_STEP_MARGIN", "BOOST_COOLDOWN_SECONDS"]
 
 ROLES = ("prefill", "decode")
@@ -221,6 +221,29 @@ def place(demand: float, pools: list[PoolSpec], capacity: dict[str, float],
     return replicas, remaining > _EPS
 
 
+def place_role(demand: float, spec: ModelSpec, role: str, profile: ReplicaProfile,
+               mean_prompt_tokens: float | None,
+               ceiling: dict[str, int]) -> tuple[dict[str, int], bool]:
+    """place() for one role with capacities that match the fleet placed: prefill capacity
+    grows with the number of replicas sharing the queue, so the replica count is iterated
+    from one replica to its fixed point (on a cycle the larger fleet wins). It does not
+    depend on the current fleet, so a fleet never shrinks only because it had grown."""
+    pools = pool_order(spec.role(role).pools)
+    n, tried = 1, {}
+    while True:
+        capacity = pool_capacities(spec, role, profile, mean_prompt_tokens, n)
+        replicas, short = place(demand, pools, capacity, ceiling)
+        total = sum(replicas.values())
+        if total == n or role == "decode":
+            return replicas, short
+        if total in tried:
+            visited = list(tried)
+            cycle = [tried[k] for k in visited[visited.index(total):]] + [(replicas, short)]
+            return max(cycle, key=lambda rs: sum(rs[0].values()))
+        tried[n] = (replicas, short)
+        n = total
+
+
 def _role_demand(role: str, obs: Observation, spec: ModelSpec,
                  replicas: int) -> tuple[float, float]:
     """(demand, its steady part): the steady part is the token rate alone, which the trend
@@ -355,7 +378,8 @@ def decide(spec: ModelSpec, observation: Observation | None,
             full = full_pools.get(f"{role}/{pool.name}")
             ceiling[pool.name] = pool.max_replicas if full is None else max(
                 pool.min_replicas, min(pool.max_replicas, full[1]))
-        desired[role], short = place(stable[role], pools, capacities[role], ceiling)
+        desired[role], short = place_role(stable[role], spec, role, profile, mean_prompt,
+                                          ceiling)
         if now - since < window:
             for pool in pools:
                 floor = min(current_clamped[role][pool.name], ceiling[pool.name])
@@ -367,7 +391,8 @@ def decide(spec: ModelSpec, observation: Observation | None,
             limited.append(role)
             notes[role].append("demand exceeds maxReplicas of every pool")
         if stable[role] > raw[role] + _EPS and any(
-                desired[role][p] > _fit(raw[role], pools, capacities[role], ceiling)[p]
+                desired[role][p] > place_role(raw[role], spec, role, profile, mean_prompt,
+                                              ceiling)[0][p]
                 for p in desired[role]):
             notes[role].append(f"scale-down waits for the {window} s stabilization window")
         for key, (_, cap) in full_pools.items():
@@ -385,11 +410,6 @@ def decide(spec: ModelSpec, observation: Observation | None,
     return Decision(desired=desired, reason=reason, drain=_drain(desired, current_clamped),
                     held=False, limited=tuple(limited), demand=stable, state=new_state,
                     changed=changed)
-
-
-def _fit(demand: float, pools: list[PoolSpec], capacity: dict[str, float],
-         ceiling: dict[str, int]) -> dict[str, int]:
-    return place(demand, pools, capacity, ceiling)[0]
 
 
 def _drain(desired: dict[str, dict[str, int]],

@@ -39,8 +39,7 @@ from baton.operator.autoscaler.policy import (
     Observation,
     PolicyState,
     decide,
-    place,
-    pool_capacities,
+    place_role,
     pool_order,
 )
 from baton.operator.autoscaler.profile import ReplicaProfile
@@ -232,11 +231,9 @@ class Simulator:
         demand = {"prefill": prompt_rate, "decode": generation_rate}
         fleet = {}
         for role in ROLES:
-            pools = pool_order(self.spec.role(role).pools)
-            capacity = pool_capacities(self.spec, role, self.profile, mean_prompt,
-                                       sum(p.max_replicas for p in pools))
-            fleet[role], _ = place(demand[role], pools, capacity,
-                                   {p.name: p.max_replicas for p in pools})
+            ceiling = {p.name: p.max_replicas for p in self.spec.role(role).pools}
+            fleet[role], _ = place_role(demand[role], self.spec, role, self.profile,
+                                        mean_prompt, ceiling)
         return fleet
 
     def run(self, fleet: dict[str, dict[str, int]], *, autoscale: bool,
