@@ -23,7 +23,7 @@ from baton.kernels import QuantExperts, QuantLinear, WeightFormat
 from .config import NemotronHConfig
 from .layers import FormatPlan
 from .model import NemotronHModel
-from .quant import _plan_from
+from .quant import plan_from_section
 
 QUANTIZATIONS = (None, "nvfp4", "fp8", "mixed", "w4a16_nvfp4", "fp8_per_channel_per_token")
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]  # ids 0..4
@@ -93,7 +93,7 @@ def write_random_checkpoint(path: str | Path, config: dict[str, Any], seed: int 
     with torch.device("meta"):
         model = NemotronHModel(parsed, dtype=torch.float32)
     quant_section = _quant_section(model, quantization)
-    formats = (_plan_from(quant_section, "hf_quant_config.json", "exclude_modules")
+    formats = (plan_from_section(quant_section, "hf_quant_config.json", "exclude_modules")
                if quant_section else FormatPlan())
     tensors = _checkpoint_tensors(model, formats, dtype, seed)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})

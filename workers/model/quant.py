@@ -136,7 +136,7 @@ def load_quantization(path: str | Path, raw_config: dict[str, Any]) -> FormatPla
         section = data.get("quantization")
         if not isinstance(section, dict):
             raise ValueError("hf_quant_config.json: missing the 'quantization' object")
-        return _plan_from(section, "hf_quant_config.json", exclude_key="exclude_modules")
+        return plan_from_section(section, "hf_quant_config.json", exclude_key="exclude_modules")
     section = raw_config.get("quantization_config")
     if section is None:
         return FormatPlan()
@@ -146,7 +146,7 @@ def load_quantization(path: str | Path, raw_config: dict[str, Any]) -> FormatPla
     if method != "modelopt":
         raise ValueError(
             f"quantization_config.quant_method: {method!r} is not supported; allowed: 'modelopt'")
-    return _plan_from(section, "config.json quantization_config", exclude_key="ignore")
+    return plan_from_section(section, "config.json quantization_config", exclude_key="ignore")
 
 
 def _algo_from_config_groups(groups: Any, source: str) -> str:
@@ -173,7 +173,7 @@ def _algo_from_config_groups(groups: Any, source: str) -> str:
     return algos.pop()
 
 
-def _plan_from(section: dict[str, Any], source: str, exclude_key: str) -> FormatPlan:
+def plan_from_section(section: dict[str, Any], source: str, exclude_key: str) -> FormatPlan:
     algo = section.get("quant_algo")
     if algo is None:
         algo = _algo_from_config_groups(section.get("config_groups"), source)
