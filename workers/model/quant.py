@@ -174,6 +174,8 @@ def _algo_from_config_groups(groups: Any, source: str) -> str:
 
 
 def plan_from_section(section: dict[str, Any], source: str, exclude_key: str) -> FormatPlan:
+    """The QuantizationPlan of one quantization section (hf_quant_config.json's
+    "quantization" or config.json's quantization_config); `source` names it in errors."""
     algo = section.get("quant_algo")
     if algo is None:
         algo = _algo_from_config_groups(section.get("config_groups"), source)
