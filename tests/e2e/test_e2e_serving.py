@@ -145,12 +145,11 @@ def test_client_disconnect_frees_slots_on_both_workers(cluster):
             "stream": True, "ignore_eos": True}
     with httpx.Client(timeout=60) as http, http.stream("POST", cluster["url"] +
                                                        "/v1/completions", json=body) as r:
+        # One iterator kept open: abandoning httpx's line iterator closes the response.
+        lines = r.iter_lines()
         seen = 0
-        for line in r.iter_lines():
-            if line.startswith("data:"):
-                seen += 1
-                if seen == 3:
-                    break
+        while seen < 3:
+            seen += next(lines).startswith("data:")
         busy = [usage_ratios(p) for p in decode_ports]
         assert any(u["baton_kv_cache_usage_ratio"] > 0 and
                    u["baton_ssm_state_slots_usage_ratio"] > 0 for u in busy), busy
