@@ -1,0 +1,152 @@
+"""The daemon's pure parts (status round trip, pending pods, which pods drain) and its PromQL
+reading (attainment from histogram buckets) without a cluster."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from baton.operator.autoscaler.daemon import (
+    RATE_WINDOW_ENV,
+    min_rate_window_seconds,
+    pending_pods,
+    pods_to_drain,
+    state_from_status,
+    status_from_decision,
+)
+from baton.operator.autoscaler.metrics import attainment_from_buckets, selector
+from baton.operator.autoscaler.policy import Observation, PolicyState, decide
+from baton.operator.autoscaler.profile import DEFAULT_PROFILE
+from baton.operator.spec import Model
+
+NOW = 1_800_000_000.0
+
+
+def model(pending_timeout=120):
+    pools = [{"name": "b200", "minReplicas": 1, "maxReplicas": 4, "relativeSpeed": "2.5",
+              "costPerHour": "10"},
+             {"name": "h100", "minReplicas": 0, "maxReplicas": 8, "costPerHour": "4.5"}]
+    return Model.from_resource({
+        "kind": "Model", "metadata": {"name": "nano", "namespace": "llm"},
+        "spec": {"source": {"uri": "pvc://c/m"}, "prefill": {"pools": pools},
+                 "decode": {"pools": pools},
+                 "autoscaling": {"enabled": True, "prometheusUrl": "http://p:9090",
+                                 "pendingTimeoutSeconds": pending_timeout}}})
+
+
+def iso(t: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
+def pod(name, role="prefill", pool="h100", *, age=600.0, phase="Running", scheduled=True,
+        ready=True, model_name="nano", deleting=False):
+    meta = {"name": name, "creationTimestamp": iso(NOW - age),
+            "labels": {"baton.dev/model": model_name, "baton.dev/role": role,
+                       "baton.dev/pool": pool}}
+    if deleting:
+        meta["deletionTimestamp"] = iso(NOW)
+    return {"metadata": meta,
+            "status": {"phase": phase,
+                       "conditions": [{"type": "PodScheduled",
+                                       "status": "True" if scheduled else "False"},
+                                      {"type": "Ready", "status": "True" if ready else "False"}]}}
+
+
+def test_status_round_trips_the_policy_state():
+    m = model()
+    obs = Observation(request_rate=5, prompt_tokens_per_second=40000,
+                      generation_tokens_per_second=30000, prefill_waiting=3,
+                      decode_running=200, decode_waiting=0, ttft_attainment=0.9,
+                      itl_attainment=1.0, mean_itl_seconds=0.02)
+    current = {"prefill": {"b200": 1, "h100": 0}, "decode": {"b200": 1, "h100": 0}}
+    pending = {"prefill": {"h100": 0}, "decode": {"b200": 1}}
+    d = decide(m.spec, obs, current, pending, PolicyState(), NOW, DEFAULT_PROFILE)
+    status = status_from_decision(d, NOW, obs)
+    assert status["desired"] == d.desired
+    assert status["observed"]["ttftAttainment"] == 0.9
+    assert status["lastScaleTime"] == iso(NOW)
+    back = state_from_status({"autoscaler": status})
+    assert back.desired == d.desired
+    assert back.last_scale_time == pytest.approx(math.floor(NOW))
+    assert back.last_boost == pytest.approx(d.state.last_boost)
+    assert [v for e in back.recent_demand for v in e] == pytest.approx(
+        [v for e in d.state.recent_demand for v in e], rel=1e-6)
+    assert back.full_pools == {"decode/b200": (pytest.approx(NOW), 0)}
+    assert back.observing_since == pytest.approx(NOW)
+    # a later decision from the restored state equals one from the original state
+    again = decide(m.spec, obs, d.desired, {}, back, NOW + 30, DEFAULT_PROFILE)
+    same = decide(m.spec, obs, d.desired, {}, d.state, NOW + 30, DEFAULT_PROFILE)
+    assert again.desired == same.desired
+    # unreadable memory starts afresh instead of failing
+    assert state_from_status({"autoscaler": {"memory": {"recentDemand": "x"}}}) == \
+        PolicyState()
+    assert state_from_status(None) == PolicyState()
+
+
+def test_pending_pods_count_after_the_timeout_and_only_unscheduled():
+    m = model(pending_timeout=120)
+    pods = [
+        pod("a", pool="b200", phase="Pending", scheduled=False, age=300),
+        pod("b", pool="b200", phase="Pending", scheduled=False, age=60),     # too young
+        pod("c", pool="b200", phase="Pending", scheduled=True, age=300),     # pulling
+        pod("d", pool="b200", phase="Pending", scheduled=False, age=300, model_name="other"),
+        pod("e", role="decode", pool="h100", phase="Pending", scheduled=False, age=121),
+        pod("f", pool="b200", phase="Pending", scheduled=False, age=900, deleting=True),
+    ]
+    assert pending_pods(pods, m, NOW) == {"prefill": {"b200": 1, "h100": 0},
+                                          "decode": {"b200": 0, "h100": 1}}
+
+
+def test_pods_to_drain_prefers_unscheduled_unready_idle_young():
+    pods = [pod("old-busy", age=900), pod("young-busy", age=100),
+            pod("old-idle", age=800), pod("unready", age=700, ready=False),
+            pod("stuck", age=600, phase="Pending", scheduled=False, ready=False)]
+    load = {"old-busy": 12.0, "young-busy": 9.0, "old-idle": 0.0}
+    assert pods_to_drain(pods, 3, load) == ["stuck", "unready", "old-idle"]
+    assert pods_to_drain(pods, 5, load)[3:] == ["young-busy", "old-busy"]
+    # without per-pod load every ready pod counts as idle: the youngest goes first
+    assert pods_to_drain(pods[:3], 2, {}) == ["young-busy", "old-idle"]
+    assert pods_to_drain(pods, 0, load) == []
+
+
+def test_rate_window_setting(monkeypatch):
+    monkeypatch.delenv(RATE_WINDOW_ENV, raising=False)
+    assert min_rate_window_seconds() == 60
+    monkeypatch.setenv(RATE_WINDOW_ENV, "20")
+    assert min_rate_window_seconds() == 20
+    monkeypatch.setenv(RATE_WINDOW_ENV, "1s")
+    with pytest.raises(ValueError, match=RATE_WINDOW_ENV):
+        min_rate_window_seconds()
+
+
+def test_attainment_from_buckets_matches_the_observations():
+    rng = np.random.default_rng(11)
+    values = rng.lognormal(np.log(0.8), 0.7, 5000)
+    edges = [0.1, 0.25, 0.5, 1.0, 2.0, 4.0, math.inf]
+    buckets = [(le, float(np.sum(values <= le))) for le in edges]
+    rng.shuffle(buckets)  # Prometheus returns them in any order
+    for target in (0.25, 1.0, 2.0):  # on an edge: exact
+        assert attainment_from_buckets(buckets, target) == pytest.approx(
+            np.mean(values <= target))
+    # between edges: linear within the bucket, so between the two edges' shares
+    share = attainment_from_buckets(buckets, 1.5)
+    assert np.mean(values <= 1.0) < share < np.mean(values <= 2.0)
+    linear = np.mean(values <= 1.0) + 0.5 * (np.mean(values <= 2.0) - np.mean(values <= 1.0))
+    assert share == pytest.approx(linear)
+    # beyond the last finite edge, only what is known below it
+    assert attainment_from_buckets(buckets, 10.0) == pytest.approx(np.mean(values <= 4.0))
+    assert attainment_from_buckets([(0.5, 0.0), (math.inf, 0.0)], 1.0) is None
+    with pytest.raises(ValueError, match="\\+Inf"):
+        attainment_from_buckets([(0.5, 1.0)], 1.0)
+
+
+def test_selector_quotes_labels():
+    assert selector("llm", "nano", "router|prefill") == \
+        '{namespace="llm",model="nano",role=~"router|prefill"}'
+    assert selector("a", 'we"ird', "decode", "h100") == \
+        '{namespace="a",model="we\\"ird",role="decode",pool="h100"}'
