@@ -88,6 +88,8 @@ class ModelRunner:
         self.has_mtp = model.num_mtp_layers > 0
         self.logits_observer: Callable[[list[str], list[int], torch.Tensor], None] | None = None
         """Debugging hook: (request ids, positions, logits [n, V]) of every emitted token."""
+        self.draft_observer: Callable[[list[str], list[int], torch.Tensor], None] | None = None
+        """Debugging hook: (request ids, positions, MTP logits [n, V]) of every draft."""
 
     # ---- batches -------------------------------------------------------------------------
 
@@ -299,6 +301,8 @@ class ModelRunner:
             logits = self.model.compute_logits(g)
             act = [seqs[i] for i in active]
             positions = [n_tokens[i] + depth for i in active]
+            if self.draft_observer is not None:
+                self.draft_observer([s.request_id for s in act], positions, logits)
             if self.spec_sampling == "coupled":
                 toks = self._sample(logits, act, positions).tolist()
             else:
