@@ -222,3 +222,25 @@ def test_equal_chunks_of_several_sequences_run_as_one_group(tiny_model, logits_c
     for seq in range(3):
         got = model.compute_logits(torch.cat(driver.hidden[seq]))
         logits_close(got, full_logits(model, tokens[seq]))
+
+
+@pytest.mark.parametrize("ssm_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_model_with_cache_tracks_the_full_forward(tiny_checkpoint, ssm_dtype):
+    from baton.workers.model import load_model
+
+    model = load_model(tiny_checkpoint, dtype=torch.bfloat16, kernels="torch")
+    tokens = random_tokens([14, 9], model.config.vocab_size, seed=7)
+    cache = model.allocate_cache(num_pages=12, page_size=4, num_slots=2, spec_tokens=2,
+                                 ssm_dtype=ssm_dtype)
+    driver = Driver(model, cache)
+    driver.add(0)
+    driver.add(1)
+    driver.step([(0, 10), (1, 6)], tokens)
+    batch, _ = driver.step([(0, 3), (1, 3)], tokens, spec_verify=True)
+    cache.accept(batch.state_slots, torch.tensor([3, 3]))
+    driver.step([(0, 1)], tokens)
+    for seq in range(2):
+        got = model.compute_logits(torch.cat(driver.hidden[seq]))
+        expected = full_logits(model, tokens[seq])
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        assert float((got - expected).norm() / expected.norm()) < 5e-2
