@@ -19,11 +19,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,12 +30,12 @@ from aiohttp import web
 
 from baton.workers.metrics import BatonMetrics
 from baton.workers.router.admission import AdmissionQueue
+from baton.workers.router.auth import ApiKeys
 from baton.workers.router.backend import (
     Backend,
     GenerationRequest,
     NoReadyWorker,
     Sampling,
-    TokenOutput,
     WorkerFailure,
 )
 from baton.workers.router.errors import (
@@ -54,7 +53,12 @@ from baton.workers.router.params import (
     parse_chat,
     parse_completion,
 )
-from baton.workers.router.text import TextAssembler
+from baton.workers.router.responses import (
+    Generation,
+    chat_logprob,
+    completion_logprobs,
+    sse,
+)
 
 log = logging.getLogger("baton.router")
 
@@ -85,41 +89,6 @@ class RouterSettings:
     owned_by: str = "baton"
 
 
-class ApiKeys:
-    """Keys from a file (one per line, a mounted Secret), re-read when the file changes."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._mtime: float | None = None
-        self._keys: frozenset[str] = frozenset()
-        self._load()
-
-    def _load(self) -> None:
-        mtime = os.stat(self.path).st_mtime
-        if mtime != self._mtime:
-            with open(self.path, encoding="utf-8") as f:
-                keys = {line.strip() for line in f}
-            keys.discard("")
-            keys = {k for k in keys if not k.startswith("#")}
-            if not keys:
-                raise ValueError(f"apiKeysFile {self.path!r} holds no keys")
-            self._keys = frozenset(keys)
-            self._mtime = mtime
-
-    def allows(self, key: str) -> bool:
-        try:
-            self._load()
-        except (OSError, ValueError) as exc:
-            # A Secret being rotated can vanish for a moment: keep the last good keys.
-            log.warning("kept the previous API keys: re-reading %s failed: %s", self.path, exc)
-        return key in self._keys
-
-
-def _sse(payload: dict[str, Any] | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
-
-
 def _error_response(err: ApiError) -> web.Response:
     return web.json_response(err.body(), status=err.status, headers=err.headers)
 
@@ -130,107 +99,6 @@ def _outcome(err: ApiError) -> str:
     if err.status < 500 or err.status == 503:
         return "rejected"
     return "error"
-
-
-class _Generation:
-    """One request's token stream turned into text: counts, logprobs and the finish reason."""
-
-    def __init__(self, router: Router, parsed: ParsedRequest, gen: GenerationRequest,
-                 client_request_id: str) -> None:
-        self.router = router
-        self.client_request_id = client_request_id
-        self.parsed = parsed
-        self.gen = gen
-        self.text = TextAssembler(router.tokenizer.decode, parsed.stop, gen.prompt_ids)
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
-
-    def token_entry(self, out: TokenOutput) -> dict[str, Any] | None:
-        if self.parsed.logprobs is None:
-            return None
-        if self.parsed.tokens_as_ids:
-            def name(t: int) -> str:
-                return f"token_id:{t}"
-        else:
-            def name(t: int) -> str:
-                return self.router.tokenizer.decode([t])
-        return {
-            "token": name(out.token_id),
-            "logprob": out.logprob,
-            "top": [(name(t), lp) for t, lp in out.top_logprobs[: self.parsed.logprobs]],
-        }
-
-    async def events(
-        self, stream: AsyncIterator[TokenOutput], first: TokenOutput, t_arrival: float
-    ) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
-        """Yields (text delta, logprob entry) per token; sets finish_reason at the end.
-
-        Observes the client-visible SLO metrics: time to first token, and the request's mean
-        gap between output tokens (the ITL target is per request, DESIGN.md; speculative
-        decoding delivers tokens in bursts, so single gaps would flatter it).
-        """
-        metrics = self.router.metrics
-        t_first = time.monotonic()
-        t_last = t_first
-        metrics.time_to_first_token.observe(t_first - t_arrival)
-        out: TokenOutput | None = first
-        try:
-            while True:
-                if out.token_id is not None:
-                    self.completion_tokens += 1
-                    t_last = time.monotonic()
-                    delta = self.text.push(out.token_id)
-                else:
-                    delta = ""
-                if not self.text.stopped and out.finish_reason is not None:
-                    delta += self.text.finish()
-                if self.text.stopped:
-                    self.finish_reason = "stop"
-                elif out.finish_reason is not None:
-                    self.finish_reason = out.finish_reason
-                yield delta, self.token_entry(out) if out.token_id is not None else None
-                if self.finish_reason is not None:
-                    return
-                remaining = self.gen.deadline - time.time()
-                if remaining <= 0:
-                    raise asyncio.TimeoutError
-                try:
-                    out = await asyncio.wait_for(stream.__anext__(), remaining)
-                except StopAsyncIteration:
-                    raise WorkerFailure("the token stream ended without a finish reason") from None
-        finally:
-            if self.completion_tokens > 1:
-                metrics.inter_token_latency.observe(
-                    (t_last - t_first) / (self.completion_tokens - 1))
-
-    def usage(self) -> dict[str, int]:
-        prompt = len(self.gen.prompt_ids)
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": prompt + self.completion_tokens,
-        }
-
-
-def _completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
-    tokens, token_logprobs, top, offsets = [], [], [], []
-    for e in entries:
-        tokens.append(e["token"])
-        token_logprobs.append(e["logprob"])
-        top.append({t: lp for t, lp in e["top"]} if e["top"] else None)
-        offsets.append(offset)
-        offset += len(e["token"])
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,
-            "text_offset": offsets}
-
-
-def _chat_logprob(e: dict[str, Any]) -> dict[str, Any]:
-    def item(token: str, lp: float) -> dict[str, Any]:
-        return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8"))}
-
-    entry = item(e["token"], e["logprob"])
-    entry["top_logprobs"] = [item(t, lp) for t, lp in e["top"]]
-    return entry
 
 
 class Router:
@@ -441,7 +309,8 @@ class Router:
             except ApiError as err:
                 outcome = _outcome(err)
                 return _error_response(err)
-            generation = _Generation(self, parsed, gen, request[REQUEST_ID])
+            generation = Generation(parsed, gen, request[REQUEST_ID], self.tokenizer.decode,
+                                    self.metrics)
             events = generation.events(stream, first, t_arrival)
             if parsed.stream:
                 response, outcome = await self._stream(request, generation, events)
@@ -470,12 +339,12 @@ class Router:
             self.metrics.request_finished(outcome)
             self.queue.notify()
 
-    def _envelope(self, generation: _Generation, object_name: str) -> dict[str, Any]:
+    def _envelope(self, generation: Generation, object_name: str) -> dict[str, Any]:
         prefix = "chatcmpl-" if generation.parsed.endpoint == "chat" else "cmpl-"
         return {"id": prefix + generation.client_request_id, "object": object_name,
                 "created": int(time.time()), "model": self.settings.served_model_name}
 
-    async def _complete(self, generation: _Generation, events) -> web.Response:
+    async def _complete(self, generation: Generation, events) -> web.Response:
         parts, entries = [], []
         async for delta, entry in events:
             parts.append(delta)
@@ -488,7 +357,7 @@ class Router:
             body["choices"] = [{
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": {"content": [_chat_logprob(e) for e in entries]}
+                "logprobs": {"content": [chat_logprob(e) for e in entries]}
                 if want_logprobs else None,
                 "finish_reason": generation.finish_reason,
             }]
@@ -496,13 +365,13 @@ class Router:
             body = self._envelope(generation, "text_completion")
             body["choices"] = [{
                 "index": 0, "text": text,
-                "logprobs": _completion_logprobs(entries, 0) if want_logprobs else None,
+                "logprobs": completion_logprobs(entries, 0) if want_logprobs else None,
                 "finish_reason": generation.finish_reason,
             }]
         body["usage"] = generation.usage()
         return web.json_response(body)
 
-    async def _stream(self, request: web.Request, generation: _Generation,
+    async def _stream(self, request: web.Request, generation: Generation,
                       events) -> tuple[web.StreamResponse, str]:
         parsed = generation.parsed
         chat = parsed.endpoint == "chat"
@@ -518,7 +387,7 @@ class Router:
             body["choices"] = [] if choice is None else [choice]
             if parsed.include_usage:
                 body["usage"] = None
-            return _sse(body)
+            return sse(body)
 
         if chat:
             await response.write(chunk({"index": 0, "delta": {"role": "assistant",
@@ -532,11 +401,11 @@ class Router:
                     continue
                 if chat:
                     choice = {"index": 0, "delta": {"content": delta},
-                              "logprobs": {"content": [_chat_logprob(entry)]}
+                              "logprobs": {"content": [chat_logprob(entry)]}
                               if entry is not None else None, "finish_reason": None}
                 else:
                     choice = {"index": 0, "text": delta,
-                              "logprobs": _completion_logprobs([entry], text_offset)
+                              "logprobs": completion_logprobs([entry], text_offset)
                               if entry is not None else None, "finish_reason": None}
                     text_offset += len(entry["token"]) if entry is not None else 0
                 await response.write(chunk(choice))
@@ -547,23 +416,23 @@ class Router:
                 body = dict(envelope)
                 body["choices"] = []
                 body["usage"] = generation.usage()
-                await response.write(_sse(body))
+                await response.write(sse(body))
         except asyncio.TimeoutError:
             outcome = "timeout"
-            await response.write(_sse(deadline_exceeded(self.settings.request_timeout_s).body()))
+            await response.write(sse(deadline_exceeded(self.settings.request_timeout_s).body()))
         except WorkerFailure as exc:
             outcome = "error"
             log.warning("request %s failed after its retry: %s", generation.gen.request_id, exc)
-            await response.write(_sse(backend_failure(str(exc)).body()))
+            await response.write(sse(backend_failure(str(exc)).body()))
         except (asyncio.CancelledError, ConnectionResetError):
             raise
         except Exception:
             # The stream has begun: the client can only learn of a failure in the stream.
             outcome = "error"
             log.exception("request %s failed mid-stream", generation.gen.request_id)
-            await response.write(_sse(ApiError(500, "internal error in the router",
+            await response.write(sse(ApiError(500, "internal error in the router",
                                                type="server_error").body()))
-        await response.write(_sse("[DONE]"))
+        await response.write(sse("[DONE]"))
         await response.write_eof()
         return response, outcome
 
