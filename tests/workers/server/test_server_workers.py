@@ -443,12 +443,23 @@ def test_bad_requests_get_clear_statuses(cluster):
             request_id="e4", prompt_token_ids=[1, 2], sampling=_sampling(4),
             decode_target="nowhere"), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # A decode worker that is not there: the router retries elsewhere on UNAVAILABLE.
+    with pytest.raises(grpc.RpcError) as err:
+        prefill.Prefill(prefill_pb2.PrefillRequest(
+            request_id="e4b", prompt_token_ids=[1, 2], sampling=_sampling(4),
+            decode_target=f"127.0.0.1:{_free_port()}"), timeout=20)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     # No Generate reserved this request: the decode worker does not know it.
     with pytest.raises(grpc.RpcError) as err:
         prefill.Prefill(prefill_pb2.PrefillRequest(
             request_id="e5", prompt_token_ids=[1, 2], sampling=_sampling(4),
             decode_target=cluster["decode"].address), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # Failed prefills hold nothing afterwards.
+    prefill_worker = cluster["prefill"]
+    _wait_until(lambda: prefill_worker.load().ssm_state_slots_usage_ratio == 0.0)
+    assert prefill_worker.load().kv_cache_usage_ratio == 0.0
+    assert prefill_worker.metric("baton_requests_total", role="prefill", outcome="error") >= 2
 
 
 def test_sigterm_drains_in_flight_streams_then_exits_zero(cluster):
