@@ -152,7 +152,8 @@ class EPQuantExperts(QuantExperts):
         tokens = torch.arange(first, last, device=x.device).repeat_interleave(k)
         dest = ep.owners(ids, self.num_experts)
         order = torch.argsort(dest, stable=True)
-        send_counts = torch.bincount(dest, minlength=ep.size).cpu()
+        # Counts stay on the tensors' device for the collective (NCCL moves no CPU tensors).
+        send_counts = torch.bincount(dest, minlength=ep.size)
         recv_counts = ep.exchange_counts(send_counts)
         send_counts = send_counts.tolist()
 

@@ -94,9 +94,10 @@ def fp8_linear_scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     return out
 
 
-def scaled_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """torch._scaled_mm wants CUDA sm89+, K and N multiples of 16."""
+def scaled_mm_supported(x: torch.Tensor, weight: torch.Tensor, per_channel: bool) -> bool:
+    """torch._scaled_mm wants CUDA sm89+ (row-wise scaling sm90+), K and N multiples of 16."""
     if not (x.is_cuda and weight.is_cuda):
         return False
-    major, minor = torch.cuda.get_device_capability(x.device)
-    return (major, minor) >= (8, 9) and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0
+    needed = (9, 0) if per_channel else (8, 9)
+    return (torch.cuda.get_device_capability(x.device) >= needed
+            and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0)

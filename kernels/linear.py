@@ -141,7 +141,7 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.fmt is WeightFormat.FP8:
-            if not fp8.scaled_mm_supported(x2, self.weight):
+            if not fp8.scaled_mm_supported(x2, self.weight, self.fp8_per_channel):
                 return self._forward_ref(x)
             out = fp8.fp8_linear_scaled_mm(x2, self.weight, self.weight_scale,
                                            getattr(self, "input_scale", None), self.bias)
