@@ -256,6 +256,9 @@ def worker_deployment(model: Model, role: str, pool: PoolSpec, *, has_monitoring
         "readinessProbe": _grpc_probe(5, 2),
         "livenessProbe": _grpc_probe(10, 6),
         "securityContext": _container_security_context(),
+        # A crashing container's last log lines become its termination message, which the
+        # operator quotes in the Degraded condition (e.g. a checkpoint the worker refused).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -339,6 +342,7 @@ def router_deployment(model: Model, *, has_monitoring_api: bool, image: str,
         "livenessProbe": {**live_probe, "periodSeconds": 10, "failureThreshold": 6,
                           "timeoutSeconds": 5},
         "securityContext": _container_security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",

@@ -38,6 +38,7 @@ from baton.operator.status import (
 )
 
 MODELS = Resource(f"{GROUP}/{VERSION}", PLURAL)
+PODS = Resource("v1", "pods")
 # Every kind the builders may produce, so that one no longer desired is found and deleted.
 OWNED_KINDS = [
     ("ConfigMap", "v1"), ("Service", "v1"), ("Deployment", "apps/v1"),
@@ -127,13 +128,23 @@ class Reconciler:
         # Listed again: the status reports what the cluster holds after this pass.
         deployments = list(self._owned_objects(model, kinds=[("Deployment", "apps/v1")])
                            .values())
-        status = model_status(model, deployments, previous, now_rfc3339())
+        pods = self._pods_if_short(model, deployments)
+        status = model_status(model, deployments, previous, now_rfc3339(), pods)
         if status_changed(previous, status):
             self.kube.merge_patch(MODELS, namespace, name, {"status": status},
                                   subresource="status")
             outcome.status_written = True
         RECONCILES.labels("converged").inc()
         return outcome
+
+    def _pods_if_short(self, model: Model, deployments: list[dict]) -> list[dict]:
+        """The Model's pods, read only when some Deployment lacks ready replicas (to say why
+        in the Degraded condition); the common, healthy case costs no pod listing."""
+        short = any(int((d.get("status") or {}).get("readyReplicas") or 0)
+                    < int((d.get("spec") or {}).get("replicas") or 0) for d in deployments)
+        if not short:
+            return []
+        return self.kube.list(PODS, model.namespace, {"baton.dev/model": model.name})
 
     def _report_invalid(self, body: dict, error: SpecError, generation: int,
                         previous: dict) -> Outcome:

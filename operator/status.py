@@ -82,9 +82,11 @@ def _counts(deployment: dict | None) -> tuple[int, int, int]:
             int(status.get("readyReplicas") or 0))
 
 
-def _role_status(model: Model, role: str, by_name: dict[str, dict]) -> tuple[dict, list[str]]:
+def _role_status(model: Model, role: str,
+                 by_name: dict[str, dict]) -> tuple[dict, list[tuple[str, str]]]:
+    """Counts of one role, and (pool, "role/pool r/d ready") for pools short of ready."""
     pools = []
-    short: list[str] = []
+    short: list[tuple[str, str]] = []
     total = ready = 0
     for pool in model.spec.role(role).pools:
         # Desired from the Model, not the Deployment: a Deployment not created yet still
@@ -96,7 +98,7 @@ def _role_status(model: Model, role: str, by_name: dict[str, dict]) -> tuple[dic
         total += current
         ready += pool_ready
         if pool_ready < desired:
-            short.append(f"{role}/{pool.name} {pool_ready}/{desired} ready")
+            short.append((pool.name, f"{role}/{pool.name} {pool_ready}/{desired} ready"))
     return {"replicas": total, "readyReplicas": ready, "pools": pools}, short
 
 
@@ -141,20 +143,67 @@ def _scaling_condition(model: Model) -> Condition:
                      "every pool can scale within its limits", model.generation)
 
 
+# Waiting reasons that mean a container will not start without a change (image, config,
+# checkpoint): worth naming in the Degraded message.
+_STUCK_REASONS = ("CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull",
+                  "CreateContainerConfigError", "CreateContainerError", "InvalidImageName")
+_PROBLEM_CHARS = 300
+
+
+def pod_problem(pod: dict) -> str | None:
+    """Why a pod does not become ready, when the pod says so: unschedulable, or a container
+    stuck (with its last termination message: the pods keep the tail of the log on error)."""
+    status = pod.get("status") or {}
+    for cond in status.get("conditions") or []:
+        if (cond.get("type") == "PodScheduled" and cond.get("status") == "False"
+                and cond.get("reason") == "Unschedulable"):
+            return f"Unschedulable: {cond.get('message', '')}".strip()
+    for cs in status.get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in _STUCK_REASONS:
+            terminated = (cs.get("lastState") or {}).get("terminated") or {}
+            detail = (terminated.get("message") or waiting.get("message") or "").strip()
+            detail = detail.splitlines()[-1] if detail else ""
+            return f"{waiting['reason']}: {detail}" if detail else waiting["reason"]
+    return None
+
+
+def _explain(short: str, pods: list[dict]) -> str:
+    problems = []
+    for pod in pods:
+        problem = pod_problem(pod)
+        if problem:
+            problems.append(f"pod {pod['metadata']['name']}: {problem}"[:_PROBLEM_CHARS])
+    return f"{short} ({problems[0]})" if problems else short
+
+
+def _pods_of(pods: list[dict], role: str, pool: str | None) -> list[dict]:
+    out = []
+    for pod in pods:
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        if labels.get("baton.dev/role") == role and labels.get("baton.dev/pool") == pool:
+            out.append(pod)
+    return sorted(out, key=lambda p: p["metadata"]["name"])
+
+
 def model_status(model: Model, deployments: list[dict], previous: dict | None,
-                 now: str) -> dict:
-    """The operator's status fields for a valid Model, from its owned Deployments."""
+                 now: str, pods: list[dict] | None = None) -> dict:
+    """The operator's status fields for a valid Model, from its owned Deployments (and its
+    pods, when given, to say why a pool is short of ready replicas)."""
     previous = previous or {}
+    pods = pods or []
     by_name = {d["metadata"]["name"]: d for d in deployments}
     roles: dict[str, dict] = {}
     short: list[str] = []
     for role in ROLES:
         roles[role], role_short = _role_status(model, role, by_name)
-        short += role_short
+        for pool_name, text in role_short:
+            short.append(_explain(text, _pods_of(pods, role, pool_name)))
     router_desired = model.spec.router.replicas
     _, router_current, router_ready = _counts(by_name.get(object_name(model, "router")))
     if router_ready < router_desired:
-        short.append(f"router {router_ready}/{router_desired} ready")
+        short.append(_explain(f"router {router_ready}/{router_desired} ready",
+                              _pods_of(pods, "router", None)))
 
     conditions = list(previous.get("conditions") or [])
     role_conditions = {role: _role_condition(model, role, roles[role]) for role in ROLES}

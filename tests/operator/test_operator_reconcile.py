@@ -202,3 +202,18 @@ def test_api_errors_propagate_and_deleted_model_is_a_no_op(events):
     kube.create = broken
     with pytest.raises(ApiError, match="503"):
         reconciler(kube, events).reconcile("llm", "nano")
+
+
+def test_pods_listed_only_when_a_pool_is_short(events):
+    kube = FakeKube()
+    add_model(kube)
+    rec = reconciler(kube, events)
+    rec.reconcile("llm", "nano")
+    assert ("list", "pods", "") in kube.calls  # nothing is ready yet
+    for (plural, _, _name), obj in kube.objects.items():
+        if plural == "deployments":
+            obj["status"] = {"replicas": obj["spec"]["replicas"],
+                             "readyReplicas": obj["spec"]["replicas"]}
+    kube.calls.clear()
+    rec.reconcile("llm", "nano")
+    assert ("list", "pods", "") not in kube.calls

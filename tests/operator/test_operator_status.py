@@ -117,3 +117,35 @@ def test_invalid_spec_status_keeps_other_conditions():
     assert not status_changed({**previous, **status},
                               invalid_spec_status(SpecError("spec.x", "bad"), 4,
                                                   {**previous, **status}, T1))
+
+
+def pod(name: str, role: str, pool: str | None, status: dict) -> dict:
+    labels = {"baton.dev/model": "nano", "baton.dev/role": role}
+    if pool:
+        labels["baton.dev/pool"] = pool
+    return {"metadata": {"name": name, "labels": labels}, "status": status}
+
+
+def test_degraded_says_why_a_pool_is_short():
+    crashing = pod("nano-decode-h-1", "decode", "h", {"containerStatuses": [{
+        "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 5m0s"}},
+        "lastState": {"terminated": {"exitCode": 2, "message":
+                                     "loading /models/source\nValueError: checkpoint is fp8, "
+                                     "spec.quantization says nvfp4"}}}]})
+    pending = pod("nano-router-1", "router", None, {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/3 nodes are available: 3 Insufficient cpu."}]})
+    fine = pod("nano-decode-h-0", "decode", "h", {"containerStatuses": [
+        {"state": {"running": {}}, "ready": True}]})
+    deps = [deployment("nano-prefill-b", 1, 1, 1), deployment("nano-decode-h", 2, 2, 1),
+            deployment("nano-router", 1, 1, 0)]
+    status = model_status(model(), deps, None, T0, pods=[fine, pending, crashing])
+    message = find_condition(status["conditions"], "Degraded")["message"]
+    assert message == (
+        "decode/h 1/2 ready (pod nano-decode-h-1: CrashLoopBackOff: ValueError: checkpoint is "
+        "fp8, spec.quantization says nvfp4); router 0/1 ready (pod nano-router-1: "
+        "Unschedulable: 0/3 nodes are available: 3 Insufficient cpu.)")
+    # without pods, the same counts
+    plain = model_status(model(), deps, None, T0)
+    assert find_condition(plain["conditions"], "Degraded")["message"] == (
+        "decode/h 1/2 ready; router 0/1 ready")
