@@ -38,6 +38,23 @@ def e2m1_to_f32(code):
 
 
 @triton.jit
+def e2m1_pair_to_f32_scaled(byte):
+    """Packed byte (int32) -> (low nibble, high nibble) as fp32 E2M1 values times 2**-14.
+
+    Each nibble is moved into an fp16 bit pattern (sign to bit 15, the 2 exponent bits and
+    the mantissa bit to bits 9-11): fp16's exponent bias is 15 where E2M1's is 1, so the
+    pattern reads as the value times 2**-14, with code 1 (0.5) landing exactly on an fp16
+    subnormal. 5 integer operations per value instead of a decode by cases; the caller
+    folds 2**14 into the block scale.
+    """
+    lo = ((byte & 7) << 9) | ((byte & 8) << 12)
+    hi = ((byte & 0x70) << 5) | ((byte & 0x80) << 8)
+    lo = lo.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = hi.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
 def e4m3_to_f32(bits):
     """float8_e4m3fn bits (int32, 0..0x7E) -> fp32."""
     exp = (bits >> 3) & 15

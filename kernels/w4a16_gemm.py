@@ -30,7 +30,7 @@ from baton.kernels import nvfp4
 from baton.kernels.triton_common import (
     INTERPRET,
     check_triton_device,
-    e2m1_to_f32,
+    e2m1_pair_to_f32_scaled,
     e4m3_to_f32,
     to_dtype_rn,
 )
@@ -48,9 +48,10 @@ def load_nvfp4_tile(packed_ptr, scale_ptr, offs_n, k0, N, K, stride_pn, stride_s
                    mask=n_mask & (offs_b[None, :] < K // 2), other=0).to(tl.int32)
     scale_bits = tl.load(scale_ptr + offs_n[:, None] * stride_sn + offs_s[None, :],
                          mask=n_mask & (offs_s[None, :] < K // 16), other=0).to(tl.int32)
-    codes = tl.interleave(byte & 15, byte >> 4)
-    w = tl.reshape(e2m1_to_f32(codes), (BLOCK_N, BLOCK_K // 16, 16))
-    w = w * e4m3_to_f32(scale_bits)[:, :, None]
+    lo, hi = e2m1_pair_to_f32_scaled(byte)
+    w = tl.reshape(tl.interleave(lo, hi), (BLOCK_N, BLOCK_K // 16, 16))
+    # Exact: E2M1 * 2**-14 has 2 significant bits, the e4m3 scale * 2**14 has 4.
+    w = w * (e4m3_to_f32(scale_bits) * 16384.0)[:, :, None]
     return tl.reshape(w, (BLOCK_N, BLOCK_K))
 
 

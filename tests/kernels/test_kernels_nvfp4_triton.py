@@ -9,7 +9,13 @@ import triton
 import triton.language as tl
 
 from baton.kernels import nvfp4
-from baton.kernels.triton_common import INTERPRET, f32_to_e4m3_positive, to_dtype_rn
+from baton.kernels.triton_common import (
+    INTERPRET,
+    e2m1_pair_to_f32_scaled,
+    e2m1_to_f32,
+    f32_to_e4m3_positive,
+    to_dtype_rn,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -134,3 +140,26 @@ def test_given_global_scale_saturates_the_same_way():
     assert (nvfp4.unpack_codes(ref[0]) & 7).max() == 7
     with pytest.raises(ValueError, match="global_scale must be float32"):
         nvfp4.quantize(x, global_scale=torch.tensor([0.1]))
+
+
+@triton.jit
+def _decode_kernel(byte_ptr, lo_ptr, hi_ptr, lo2_ptr, hi2_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    byte = tl.load(byte_ptr + offs).to(tl.int32)
+    lo, hi = e2m1_pair_to_f32_scaled(byte)
+    tl.store(lo_ptr + offs, lo)
+    tl.store(hi_ptr + offs, hi)
+    tl.store(lo2_ptr + offs, e2m1_to_f32(byte & 15))
+    tl.store(hi2_ptr + offs, e2m1_to_f32(byte >> 4))
+
+
+def test_e2m1_decoders_on_every_byte():
+    byte = torch.arange(256, dtype=torch.uint8, device=DEVICE)
+    outs = [torch.empty(256, device=DEVICE) for _ in range(4)]
+    _decode_kernel[(1,)](byte, *outs, BLOCK=256)
+    codes = nvfp4.unpack_codes(byte.cpu()[:, None])
+    expected = nvfp4.e2m1_values(codes)  # [256, 2]: low nibble, high nibble
+    lo, hi, lo2, hi2 = (o.cpu() for o in outs)
+    for got, want in ((lo * 16384, expected[:, 0]), (hi * 16384, expected[:, 1]),
+                      (lo2, expected[:, 0]), (hi2, expected[:, 1])):
+        assert torch.equal(got, want) and torch.equal(torch.signbit(got), torch.signbit(want))
