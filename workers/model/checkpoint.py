@@ -87,6 +87,11 @@ def write_random_checkpoint(path: str | Path, config: dict[str, Any], seed: int 
     parsed = NemotronHConfig.from_dict(raw)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    # Weights and quantization files of an earlier checkpoint in this folder would be read
+    # together with the new ones.
+    for stale in [*path.glob("*.safetensors"), path / "model.safetensors.index.json",
+                  path / "hf_quant_config.json"]:
+        stale.unlink(missing_ok=True)
 
     # The structure only: each tensor is drawn on its own (module by module), so even a
     # full-size architecture never sits in memory in fp32 at once.

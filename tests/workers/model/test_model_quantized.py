@@ -129,6 +129,14 @@ def test_other_modelopt_algorithms_load(tmp_path, quantization, fmt, per_channel
     assert_close_to_dequantized(path)
 
 
+def test_rewriting_a_folder_leaves_no_stale_quantization(tmp_path):
+    write_random_checkpoint(tmp_path, CONFIG, seed=5, quantization="nvfp4", tokenizer=False)
+    write_random_checkpoint(tmp_path, CONFIG, seed=5, tokenizer=False)
+    assert not (tmp_path / "hf_quant_config.json").exists()
+    model = load_model(tmp_path, dtype=torch.float32)
+    assert model.backbone.layers[0].mixer.in_proj.fmt is WeightFormat.BF16
+
+
 def _plan(tmp_path, quantization_config):
     return load_quantization(tmp_path, {"quantization_config": quantization_config})
 
