@@ -90,13 +90,54 @@ def check_against_recompute(
     return clear
 
 
+class DraftRecorder:
+    """Records every MTP draft's logits with the context it was drafted from."""
+
+    def __init__(self, engine) -> None:
+        self.context: dict[str, int] = {}
+        self.drafts: list[tuple[str, int, int, torch.Tensor]] = []  # request, tokens, depth
+        draft = engine.runner.draft
+
+        def recording_draft(seqs):
+            self.context.update({s.request_id: len(s.tokens) for s in seqs})
+            return draft(seqs)
+
+        engine.runner.draft = recording_draft
+        engine.runner.draft_observer = self._observe
+
+    def _observe(self, ids, positions, logits) -> None:
+        for rid, pos, row in zip(ids, positions, logits):
+            n = self.context[rid]
+            self.drafts.append((rid, n, pos - n, row.clone()))
+
+    def check(self, model, tokens_of: dict[str, list[int]]) -> int:
+        """Each draft's logits against the MTP depth over whole sequences (no cache): true
+        entries take the main model's hidden states, chained ones the previous MTP output."""
+        for rid, n, depth, row in self.drafts:
+            ctx = tokens_of[rid][:n]
+            prev = model.hidden_states(torch.tensor([ctx[:-1]]))[0]
+            nxt = ctx[1:]
+            for _ in range(depth + 1):
+                g = model.mtp_forward_full(prev[None], torch.tensor([nxt]))[0, -1]
+                expect = model.compute_logits(g)
+                # The next chained entry: this MTP output with the token it drafted.
+                prev, nxt = torch.cat([prev, g[None]]), [*nxt, int(expect.argmax())]
+            err = rel_err(row, expect)
+            assert err <= 1e-4, f"{rid}: draft depth {depth} after {n} tokens, rel err {err:.2e}"
+        return len(self.drafts)
+
+
 @pytest.fixture(scope="session")
 def helpers():
     """The helpers above, for test modules (conftest is not importable under importlib)."""
     import types
 
     return types.SimpleNamespace(
-        TINY=TINY, Recorder=Recorder, check=check_against_recompute, rel_err=rel_err
+        TINY=TINY,
+        Recorder=Recorder,
+        DraftRecorder=DraftRecorder,
+        check=check_against_recompute,
+        rel_err=rel_err,
     )
 
 

@@ -73,22 +73,36 @@ def single_engine_tokens(model, request: Request, k: int = 0, others=()) -> list
     return [e.token_id for e in drain(engine)[request.request_id]]
 
 
-def handoff(model, request: Request, k: int, recorder=None, busy=()):
-    """Prefill on P, stream into a reservation on D (which has other work), decode on D."""
+def handoff(model, request: Request, k: int, recorder=None, busy=(), drafts=None):
+    """Prefill on P, stream into a reservation on D (which has other work), decode on D.
+
+    drafts: a DraftRecorder class; then every MTP draft D makes (from MTP state that came
+    from P) is checked against the full-sequence MTP reference.
+    """
     p, d = engine_for(model), engine_for(model, k)
+    draft_recorder = drafts(d) if drafts is not None and k else None
     for r in busy:
         d.add_request(r)
     if recorder is not None:
         p.runner.logits_observer = recorder
         d.runner.logits_observer = recorder
     res = d.reserve(request, len(request.prompt_ids))
-    d.step()  # D keeps decoding its own requests while the state arrives
+    early = d.step()  # D keeps decoding its own requests while the state arrives
     sink = ForwardingSink(res)
     result = p.prefill(request, sink)
     assert p.stats().kv_cache_usage == 0 and p.stats().ssm_slot_usage == 0
     res.commit(result.first_token, request.sampling, result.logprob, result.top_logprobs)
     events = drain(d)
+    for ev in reversed(early):
+        events.setdefault(ev.request_id, []).insert(0, ev)
     assert d.stats().kv_cache_usage == 0 and d.stats().ssm_slot_usage == 0
+    if draft_recorder is not None:
+        tokens = {
+            r.request_id: r.prompt_ids + [e.token_id for e in events[r.request_id]]
+            for r in (request, *busy)
+        }
+        assert draft_recorder.check(model, tokens) > 0
+        assert any(rid == request.request_id for rid, *_ in draft_recorder.drafts)
     return result, sink, events
 
 
@@ -101,7 +115,9 @@ def test_handoff_continues_like_one_engine(tiny_model, helpers, k):
     busy = [
         Request("busy", prompt(2, 9), SamplingParams(max_tokens=14, temperature=0, ignore_eos=True))
     ]
-    result, sink, events = handoff(tiny_model, request, k, recorder, busy)
+    result, sink, events = handoff(
+        tiny_model, request, k, recorder, busy, drafts=helpers.DraftRecorder
+    )
     tokens = [e.token_id for e in events["h"]]
     assert tokens[0] == result.first_token and len(tokens) == 10
     assert events["h"][0].logprob == result.logprob and len(result.top_logprobs) == 2
