@@ -146,16 +146,19 @@ class Reference:
         self._n = 0
         self._cache: dict[tuple, list[tuple[int, float, float]]] = {}
 
-    def __call__(self, prompt: list[int], n: int) -> list[tuple[int, float, float]]:
-        """[(token, logprob, margin)] of n greedy tokens after prompt (eos ignored)."""
-        key = (tuple(prompt), n)
+    def __call__(self, prompt: list[int], n: int, temperature: float = 0.0,
+                 seed: int | None = None) -> list[tuple[int, float, float]]:
+        """[(token, logprob, margin)] of n tokens after prompt (eos ignored); greedy unless
+        a temperature and seed are given."""
+        key = (tuple(prompt), n, temperature, seed)
         if key not in self._cache:
             from baton.workers.engine import Request, SamplingParams
 
             self._n += 1
             rid = f"ref-{self._n}"
             self.engine.add_request(Request(rid, list(prompt), SamplingParams(
-                max_tokens=n, temperature=0.0, logprobs=2, ignore_eos=True)))
+                max_tokens=n, temperature=temperature, seed=seed, logprobs=2,
+                ignore_eos=True)))
             out = []
             while self.engine.has_work():
                 for ev in self.engine.step():

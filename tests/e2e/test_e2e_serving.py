@@ -139,6 +139,17 @@ def test_concurrent_requests_equal_the_single_process_engine(client, reference, 
     assert compared >= len(prompts) * n_out * 3 // 4  # near-ties are rare
 
 
+def test_seeded_sampling_equals_the_engine_wherever_tokens_are_sampled(client, reference):
+    # The prefill worker samples the first token, a decode worker (with MTP drafts) the
+    # rest; seeded sampling is keyed on (seed, position), so the tokens are the engine's.
+    prompt = list(range(40, 90))
+    got = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=24, temperature=0.9, seed=1234, logprobs=0,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    tokens = [int(t.removeprefix("token_id:")) for t in got.choices[0].logprobs.tokens]
+    assert tokens == [t for t, _, _ in reference(prompt, 24, temperature=0.9, seed=1234)]
+
+
 def test_client_disconnect_frees_slots_on_both_workers(cluster):
     decode_ports = [d.metrics_port for d in cluster["decodes"]]
     body = {"model": "tiny", "prompt": "tell me a very long story", "max_tokens": 4000,
