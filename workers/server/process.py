@@ -59,16 +59,19 @@ class WorkerProcess:
             transfers = self.role_servicer.transfers_in_flight
             workers = 2 * settings.PREFILL_MAX_SEQS + 16
         self.health = HealthServicer((role_service, WORKER_SERVICE))
+        # No SO_REUSEPORT: a second worker on a taken port must fail, not share its traffic.
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
                                                              thread_name_prefix="baton-grpc"),
-                                  options=CHANNEL_OPTIONS)
+                                  options=CHANNEL_OPTIONS + (("grpc.so_reuseport", 0),))
         self.server.add_generic_rpc_handlers((self.role_servicer.generic_handler(),))
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
             WorkerServicer(self.runtime, transfers, self.request_drain), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.grpc_port = self.server.add_insecure_port(f"{_host(args.host)}:{args.grpc_port}")
-        if self.grpc_port == 0:
-            raise OSError(f"cannot listen on {args.host}:{args.grpc_port}")
+        try:
+            self.grpc_port = self.server.add_insecure_port(
+                f"{_host(args.host)}:{args.grpc_port}")
+        except RuntimeError as e:  # grpcio's bind failure
+            raise OSError(f"cannot listen on {args.host}:{args.grpc_port} for gRPC: {e}") from None
         self.metrics_server: MetricsServer | None = None
 
     def request_drain(self) -> None:
@@ -83,8 +86,14 @@ class WorkerProcess:
 
     def run(self) -> int:
         rt = self.runtime
+        try:
+            self.metrics_server = MetricsServer(rt.metrics, self.args.metrics_port,
+                                                self.args.host)
+        except OSError as e:
+            log.error("cannot serve /metrics on %s:%d: %s", self.args.host,
+                      self.args.metrics_port, e)
+            return 2
         self.server.start()
-        self.metrics_server = MetricsServer(rt.metrics, self.args.metrics_port, self.args.host)
         log.info("%s worker (pool %s) listening on gRPC %s:%d, metrics :%d; loading the model",
                  rt.role, self.args.pool, self.args.host, self.grpc_port,
                  self.metrics_server.port)

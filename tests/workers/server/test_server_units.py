@@ -112,3 +112,16 @@ def test_worker_exits_with_a_clear_error_on_bad_config(tmp_path):
                          timeout=120)
     assert out.returncode == 1
     assert "cannot serve" in out.stderr and "missing" in out.stderr
+    # A taken port is an error, never a port shared with another worker.
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = [a if a != "0" or cmd[i - 1] != "--grpc-port" else str(port)
+                for i, a in enumerate(cmd)]
+        out = subprocess.run(busy + ["--pool", "local"], capture_output=True, text=True,
+                             timeout=120)
+    assert out.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
