@@ -144,12 +144,14 @@ def test_preemption_recomputes_and_continues_identically(tiny_model, helpers, k)
         ),
     )
     recorder = helpers.Recorder()
-    engine.runner.logits_observer = lambda ids, pos, logits: [
-        recorder.logits.__setitem__((i, p), row.clone()) for i, p, row in zip(ids, pos, logits)
-    ]
+    engine.runner.logits_observer = recorder
+    drafts = helpers.DraftRecorder(engine) if k else None
     arrivals = {0: [Request(f"p{i}", prompt(20 + i, 20), greedy(40)) for i in range(3)]}
     out, events = run(engine, arrivals)
     assert engine.stats().preemptions_total > 0
+    if drafts is not None:
+        # The MTP state of a preempted sequence is rebuilt along with the rest.
+        assert drafts.check(tiny_model, out) > 0
     for rid, tokens in out.items():
         assert len(tokens) == 60
         assert [e.num_generated for e in events[rid]] == list(range(1, 41))
