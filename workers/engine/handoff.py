@@ -47,7 +47,9 @@ class LayerState:
     token_end: int
     """One past the last token position covered."""
     tensor: torch.Tensor
-    """kv / mtp_kv [2, n, KVH, D]; conv [conv_dim, d_conv - 1]; ssm [H, P, N]; hidden [H]."""
+    """kv / mtp_kv [2, n, KVH, D]; conv [conv_dim, d_conv - 1]; ssm [H, P, N]; hidden [H].
+    A fresh copy on the sending engine's device (model dtype; ssm in the SSM state dtype):
+    the receiver owns it. The receiving engine accepts it on any device."""
 
 
 class PrefillSink(Protocol):
