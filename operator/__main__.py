@@ -2,7 +2,7 @@
 
     baton operator [--namespace NS ...] [--kubeconfig FILE] [--worker-image IMAGE]
                    [--liveness URL] [--metrics-port PORT] [--peering NAME] [--priority N]
-                   [--resync-seconds S]
+                   [--resync-seconds S] [--no-scanning]
 
 Watches every namespace unless --namespace is given. Credentials: in-cluster when running in
 a pod, else the kubeconfig (--kubeconfig, $KUBECONFIG, ~/.kube/config). Kopf peering is on:
@@ -41,6 +41,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="peering priority: with several replicas the highest one acts")
     parser.add_argument("--resync-seconds", type=float, default=60.0,
                         help="periodic full reconcile of every Model")
+    parser.add_argument("--no-scanning", dest="scanning", action="store_false",
+                        help="do not watch CustomResourceDefinitions and namespaces (no "
+                             "cluster-wide reads; the namespaces given must exist)")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     if args.resync_seconds <= 0:
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     reconciler = Reconciler(kube, args.worker_image, handlers.post_event,
                             logging.getLogger("baton.operator"))
-    handlers.register(reconciler, resync_seconds=args.resync_seconds)
+    handlers.register(reconciler, resync_seconds=args.resync_seconds, scanning=args.scanning)
     if args.metrics_port:
         start_http_server(args.metrics_port)
     record_build_info()

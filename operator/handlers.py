@@ -29,8 +29,11 @@ def post_event(body: dict, type_: str, reason: str, message: str) -> None:
     kopf.event(body, type=type_, reason=reason, message=message[:1000])
 
 
-def configure_kopf(settings: kopf.OperatorSettings) -> None:
+def configure_kopf(settings: kopf.OperatorSettings, scanning: bool = True) -> None:
     settings.persistence.finalizer = FINALIZER
+    # Scanning watches CRDs and namespaces cluster-wide; without it Kopf takes the resources
+    # and the given namespaces as they are at start-up.
+    settings.scanning.disabled = not scanning
     # Progress and the diff base go to annotations, never to status: the status subresource
     # holds only what the reconcile and the autoscaler write.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="baton.dev")
@@ -44,7 +47,8 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
 
 
 def register(reconciler: Reconciler, resync_seconds: float = 60.0,
-             registry: kopf.OperatorRegistry | None = None) -> kopf.OperatorRegistry:
+             registry: kopf.OperatorRegistry | None = None,
+             scanning: bool = True) -> kopf.OperatorRegistry:
     """Registers the handlers in `registry` (default: Kopf's global one), once per registry.
 
     In-process tests pass a fresh `kopf.OperatorRegistry()` and hand it to `kopf.operator`.
@@ -57,7 +61,7 @@ def register(reconciler: Reconciler, resync_seconds: float = 60.0,
 
     @kopf.on.startup(id="configure", registry=registry)
     def startup(settings: kopf.OperatorSettings, logger: Any, **_: Any) -> None:
-        configure_kopf(settings)
+        configure_kopf(settings, scanning)
         logger.info(f"baton operator started; worker image {reconciler.worker_image!r}, "
                     f"resync every {resync_seconds:g}s.")
 

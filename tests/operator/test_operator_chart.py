@@ -101,6 +101,7 @@ def test_operator_deployment_runs_the_operator_entry_point():
     assert container["command"] == ["python", "-m", "baton.operator"]
     args = parse_args(container["args"])  # the chart's flags are the CLI's flags
     assert args.namespace == [] and args.peering == "baton" and args.priority == 100
+    assert args.scanning is True
     assert args.worker_image == "ghcr.io/baton-serving/baton-worker:0.1.0"
     assert container["image"] == "ghcr.io/baton-serving/baton-operator:0.1.0"
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -158,7 +159,9 @@ def test_namespaced_rbac_stays_in_the_watched_namespaces():
 
     docs = render("namespaced-values.yaml")
     (cluster_role,) = [d for d in docs if d["kind"] == "ClusterRole"]
-    assert rules_of(cluster_role) == {r for r in CLUSTER_ONLY if r[1] != "clusterkopfpeerings"}
+    # Kopf's scanning reads CRDs and, serving a list of namespaces, the namespaces.
+    assert rules_of(cluster_role) == {r for r in CLUSTER_ONLY if r[1] != "clusterkopfpeerings"} \
+        | {("", "namespaces", "list"), ("", "namespaces", "watch")}
     roles = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "Role"}
     assert set(roles) == {"llm", "batch"}
     for role in roles.values():
@@ -171,6 +174,19 @@ def test_namespaced_rbac_stays_in_the_watched_namespaces():
     (dep,) = operator_deployments(docs)
     assert parse_args(dep["spec"]["template"]["spec"]["containers"][0]["args"]).namespace == [
         "llm", "batch"]
+
+
+def test_restricted_install_has_no_cluster_wide_permission():
+    from baton.operator.__main__ import parse_args
+
+    docs = render("restricted-values.yaml")
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    assert role["metadata"]["namespace"] == "llm" and rules_of(role) == NAMESPACED
+    (dep,) = operator_deployments(docs)
+    args = parse_args(dep["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert args.scanning is False and args.namespace == ["llm"]
+    assert dep["spec"]["template"]["spec"]["serviceAccountName"] == "baton-llm"
 
 
 def test_optional_integrations_are_off_by_default():

@@ -36,9 +36,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def model_body(name: str, uid: str, generation: int, spec: dict) -> dict:
+def model_body(name: str, uid: str, generation: int, spec: dict, namespace: str = NS) -> dict:
     return {"apiVersion": "baton.dev/v1alpha1", "kind": "Model",
-            "metadata": {"name": name, "namespace": NS, "uid": uid, "generation": generation,
+            "metadata": {"name": name, "namespace": namespace, "uid": uid, "generation": generation,
                          "resourceVersion": "1", "creationTimestamp": "2026-01-01T00:00:00Z"},
             "spec": spec}
 
@@ -118,19 +118,30 @@ def prepare_kmock(kmock) -> str:
     kmock.resources["kopf.dev/v1/clusterkopfpeerings"] = kmock.ResourceInfo(
         kind="ClusterKopfPeering", namespaced=False,
         verbs={"list", "watch", "get", "patch", "create"})
+    kmock.resources["kopf.dev/v1/kopfpeerings"] = kmock.ResourceInfo(
+        kind="KopfPeering", namespaced=True, verbs={"list", "watch", "get", "patch", "create"})
     return str(kmock.url).rstrip("/")
 
 
-async def peers_announced(session: aiohttp.ClientSession, base: str) -> list[dict]:
-    async with session.get(f"{base}/apis/kopf.dev/v1/clusterkopfpeerings/baton") as r:
+def peering_url(base: str, namespace: str | None) -> str:
+    if namespace is None:
+        return f"{base}/apis/kopf.dev/v1/clusterkopfpeerings"
+    return f"{base}/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings"
+
+
+async def peers_announced(session: aiohttp.ClientSession, base: str,
+                          namespace: str | None = None) -> list[dict]:
+    async with session.get(f"{peering_url(base, namespace)}/baton") as r:
         peers = ((await r.json()).get("status") or {}).values()
     return [p for p in peers if isinstance(p, dict) and "priority" in p]
 
 
 @contextlib.asynccontextmanager
 async def operator_process(kmock, tmp_path: Path, *, token: str = "operator",
-                           priority: int = 0, existing_peers: int = 0):
-    """Runs `python -m baton.operator` against kmock; its requests carry `token`."""
+                           priority: int = 0, existing_peers: int = 0,
+                           namespace: str | None = None):
+    """Runs `python -m baton.operator` against kmock; its requests carry `token`; with
+    `namespace`, it serves only that namespace (and peers through a KopfPeering there)."""
     base = prepare_kmock(kmock)
     kubeconfig = tmp_path / f"kubeconfig-{token}.yaml"
     kubeconfig.write_text(yaml.safe_dump({
@@ -145,15 +156,18 @@ async def operator_process(kmock, tmp_path: Path, *, token: str = "operator",
         api = Api(session, base)
         if not existing_peers:
             # The peering object the chart installs: Kopf's peering is on.
-            async with session.post(f"{base}/apis/kopf.dev/v1/clusterkopfpeerings", json={
-                    "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
-                    "metadata": {"name": "baton"}}) as r:
+            kind = "ClusterKopfPeering" if namespace is None else "KopfPeering"
+            async with session.post(peering_url(base, namespace), json={
+                    "apiVersion": "kopf.dev/v1", "kind": kind,
+                    "metadata": {"name": "baton", "namespace": namespace}}) as r:
                 assert r.status < 300, await r.text()
         with log_path.open("w") as log:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "baton.operator", "--kubeconfig", str(kubeconfig),
                 "--worker-image", IMAGE, "--metrics-port", str(metrics_port),
                 "--resync-seconds", "3", "--priority", str(priority),
+                # kmock cannot serve the cluster-wide namespace list Kopf's scanning reads.
+                *(["--namespace", namespace, "--no-scanning"] if namespace else []),
                 "--liveness", f"http://127.0.0.1:{liveness_port}/healthz",
                 stdout=log, stderr=asyncio.subprocess.STDOUT, env=env, cwd=ROOT)
         try:
@@ -167,7 +181,7 @@ async def operator_process(kmock, tmp_path: Path, *, token: str = "operator",
             await eventually(alive, 30, "the liveness endpoint")
 
             async def announced():
-                peers = await peers_announced(session, base)
+                peers = await peers_announced(session, base, namespace)
                 return len(peers) == existing_peers + 1 and peers
             # Peering is on: the operator announces itself on the peering object.
             peers = await eventually(announced, 10, "the operator on the peering object")
@@ -444,3 +458,25 @@ async def test_peering_lower_priority_stands_by_and_equal_priorities_freeze(kmoc
         async def resumed():
             return len(owned_names(await api.list(DEPLOYMENTS), "other")) == 5
         await eventually(resumed, 20, "the remaining operator resuming")
+
+
+async def test_namespaced_operator_serves_only_its_namespace(kmock, tmp_path):
+    spec = two_pool_spec()
+    async with operator_process(kmock, tmp_path, namespace=NS) as (api, log_path, *_):
+        elsewhere = model_body("nano", str(uuid.uuid4()), 1, spec, namespace="elsewhere")
+        async with api.session.post(
+                f"{api.base}/apis/baton.dev/v1alpha1/namespaces/elsewhere/models",
+                json=elsewhere) as r:
+            assert r.status < 300, await r.text()
+        await api.create(MODELS, model_body("nano", str(uuid.uuid4()), 1, spec))
+
+        async def created():
+            return len(owned_names(await api.list(DEPLOYMENTS), "nano")) == 5
+        await eventually(created, 20, "the Deployments in the served namespace")
+        await asyncio.sleep(1)
+        served = {r.namespace for r in kmock if r.resource is not None
+                  and r.headers.get("Authorization") == "Bearer operator"
+                  and r.action in (kmock.action.FETCH, kmock.action.CREATE,
+                                   kmock.action.UPDATE, kmock.action.DELETE)}
+        assert served == {NS}
+        assert_clean_log(log_path)
