@@ -7,12 +7,13 @@ configuration every process reads, and starts
     a decode worker   (baton worker decode, likewise),
     the router        (baton router, the OpenAI API on --host:--port),
 one process each, all in one process group owned by this command. On a machine with GPUs
-the prefill worker gets GPU 0 and the decode worker GPU 1 (GPU 0 too when there is one);
-otherwise both run on the CPU. It waits until both workers answer grpc.health.v1 SERVING and
-the router's /ready is 200, prints each worker's time to ready (start to first SERVING) and
-where everything serves, then runs until Ctrl-C / SIGTERM (or a child exits) and stops every
-process: SIGTERM to the group (workers drain), SIGKILL to whatever is left after the grace
-period. Children also get SIGTERM from the kernel if this command dies without cleaning up.
+the prefill worker gets the first GPU and the decode worker the second; with one GPU they
+share it, and baton up splits its memory between their caches. Otherwise both run on the
+CPU. It waits until both workers answer grpc.health.v1 SERVING and the router's /ready is
+200, prints each worker's time to ready (start to first SERVING) and where everything
+serves, then runs until Ctrl-C / SIGTERM (or a child exits) and stops every process:
+SIGTERM to the group (workers drain), SIGKILL to whatever is left after the grace period.
+Children also get SIGTERM from the kernel if this command dies without cleaning up.
 """
 
 from __future__ import annotations
@@ -95,15 +96,50 @@ def check_port_free(host: str, port: int) -> None:
                           f"pick another with --port") from None
 
 
-def gpu_count() -> int:
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
-        return 0
+def visible_gpus() -> list[str]:
+    """CUDA device ids this command may hand out (honouring CUDA_VISIBLE_DEVICES)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     try:
         import torch
 
-        return torch.cuda.device_count()
+        count = torch.cuda.device_count()  # no CUDA context is created for this
     except ImportError:
-        return 0
+        return []
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip()][:count]
+    return [str(i) for i in range(count)]
+
+
+def gpu_free_memory(device: str) -> int:
+    """Free bytes on one GPU, asked from a short-lived process so that this long-lived one
+    holds no CUDA context (and its memory) for the whole run."""
+    probe = "import torch; print(torch.cuda.mem_get_info(0)[0])"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": device}, timeout=120)
+    if out.returncode != 0:
+        raise UpError(f"cannot read the free memory of GPU {device}: {out.stderr.strip()}")
+    return int(out.stdout.strip())
+
+
+def checkpoint_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def shared_gpu_cache_budgets(free_bytes: int, fraction: float,
+                             weights_bytes: int) -> dict[str, int]:
+    """Cache bytes for a prefill and a decode worker sharing one GPU.
+
+    Of `fraction` of the free memory, both workers' weights come off first; decode gets two
+    thirds of the rest (it holds every running sequence), prefill a third (only prompts in
+    flight).
+    """
+    usable = int(free_bytes * fraction) - 2 * weights_bytes
+    if usable <= 0:
+        raise UpError(f"one GPU with {free_bytes} bytes free cannot hold two copies of "
+                      f"{weights_bytes} bytes of weights within engine.cacheMemoryFraction="
+                      f"{fraction}; use a machine with two GPUs or a smaller model")
+    prefill = usable // 3
+    return {"prefill": prefill, "decode": usable - prefill}
 
 
 def _child_setup(group: list[int]) -> None:
@@ -194,24 +230,33 @@ class LocalDeployment:
         config_path = self.run_dir / "worker-config.json"
         config_path.write_text(self.config.to_json())
         python = [sys.executable, "-m", "baton.workers.cli"]
-        gpus = gpu_count()
+        devices = visible_gpus()
+        budgets: dict[str, int] = {}
+        if len(devices) == 1:
+            # Both workers on one GPU: each would size its cache as if alone (and the second
+            # would find no room), so baton up splits the memory between them.
+            budgets = shared_gpu_cache_budgets(
+                gpu_free_memory(devices[0]), self.config.engine.cache_memory_fraction,
+                checkpoint_bytes(self.checkpoint))
         children = []
         for i, role in enumerate(("prefill", "decode")):
             env = dict(os.environ)
-            if gpus:
-                env["CUDA_VISIBLE_DEVICES"] = str(min(i, gpus - 1))
+            if devices:
+                env["CUDA_VISIBLE_DEVICES"] = devices[min(i, len(devices) - 1)]
             else:
                 # Two workers share the cores: without a cap each would start a thread per
                 # core and they would slow each other down.
                 env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
             pool = getattr(self.config.pools, role)[0].name
             grpc_port, metrics_port = free_port(), free_port()
+            argv = python + ["worker", role, "--config", str(config_path), "--pool", pool,
+                             "--grpc-port", str(grpc_port), "--metrics-port",
+                             str(metrics_port), "--host", "127.0.0.1"]
+            if role in budgets:
+                argv += ["--cache-memory", str(budgets[role])]
             children.append(Child(
                 name=role, env=env, log_path=self.run_dir / f"{role}.log",
-                grpc_port=grpc_port, metrics_port=metrics_port,
-                argv=python + ["worker", role, "--config", str(config_path), "--pool", pool,
-                               "--grpc-port", str(grpc_port), "--metrics-port",
-                               str(metrics_port), "--host", "127.0.0.1"]))
+                grpc_port=grpc_port, metrics_port=metrics_port, argv=argv))
         prefill, decode = children
         children.append(Child(
             name="router", env=dict(os.environ), log_path=self.run_dir / "router.log",

@@ -13,7 +13,13 @@ from pathlib import Path
 import openai
 import pytest
 
-from baton.workers.local import LocalDeployment, UpError, check_port_free, free_port
+from baton.workers.local import (
+    LocalDeployment,
+    UpError,
+    check_port_free,
+    free_port,
+    shared_gpu_cache_budgets,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_YAML = REPO / "examples" / "tiny.yaml"
@@ -117,3 +123,12 @@ def test_port_in_use_is_reported():
         port = s.getsockname()[1]
         with pytest.raises(UpError, match=f"--port {port}"):
             check_port_free("127.0.0.1", port)
+
+
+def test_one_gpu_is_split_between_the_workers():
+    gib = 1 << 30
+    budgets = shared_gpu_cache_budgets(80 * gib, 0.9, 10 * gib)
+    assert budgets["prefill"] + budgets["decode"] == int(72 * gib) - 20 * gib
+    assert budgets["decode"] > budgets["prefill"] > 0
+    with pytest.raises(UpError, match="two copies"):
+        shared_gpu_cache_budgets(16 * gib, 0.9, 8 * gib)
