@@ -144,7 +144,7 @@ def status_from_decision(decision: Decision, now: float,
         "lastDecisionTime": _iso(now),
         "reason": decision.reason,
         "held": decision.held,
-        "desired": decision.desired,
+        "desired": {role: dict(pools) for role, pools in decision.desired.items()},
         "demand": {r: round(v, 3) for r, v in decision.demand.items()} or None,
         "limited": list(decision.limited),
         "memory": {
@@ -293,9 +293,16 @@ async def run_once(model: Model, body: Any, cluster: KubernetesCluster,
                 await cluster.annotate_pod(model.namespace, name, {DELETION_COST: DRAIN_COST})
                 logger.info(f"Marked pod {name} ({role}/{pool}) for removal.")
 
-    await cluster.patch_model_status(model.namespace, model.name,
-                                     {"autoscaler": status_from_decision(decision, now,
-                                                                         observation)})
+    patch = status_from_decision(decision, now, observation)
+    # a merge patch keeps keys it does not mention: null out pools no longer in the spec
+    written = (((body.get("status") or {}).get("autoscaler") or {}).get("desired")) or {}
+    for earlier in (written, state.desired or {}):
+        for role, pools in earlier.items():
+            for pool in pools or {}:
+                if role in patch["desired"] and pool not in patch["desired"][role]:
+                    patch["desired"][role][pool] = None
+                    _forget_pool(model.namespace, model.name, role, pool)
+    await cluster.patch_model_status(model.namespace, model.name, {"autoscaler": patch})
 
     for role in ROLES:
         for pool, n in decision.desired[role].items():
@@ -309,6 +316,13 @@ async def run_once(model: Model, body: Any, cluster: KubernetesCluster,
         kopf.warn(body, reason="MetricsUnavailable", message=decision.reason[:1000])
         logger.warning(f"Held {model.namespace}/{model.name}: {decision.reason}")
     return decision
+
+
+def _forget_pool(namespace: str, model: str, role: str, pool: str) -> None:
+    try:
+        DESIRED_REPLICAS.remove(namespace, model, role, pool)
+    except KeyError:
+        pass
 
 
 def _enabled(spec: Any, **_: Any) -> bool:
@@ -358,3 +372,8 @@ async def autoscale(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.L
     finally:
         if prom is not None:
             await prom.close()
+        # the Model is gone or no longer autoscaled: its desired replicas are no one's
+        for role, pools in (state.desired or {}).items():
+            for pool in pools:
+                _forget_pool(body.metadata.namespace or "default", body.metadata.name, role,
+                             pool)

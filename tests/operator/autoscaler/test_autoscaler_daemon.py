@@ -150,3 +150,51 @@ def test_selector_quotes_labels():
         '{namespace="llm",model="nano",role=~"router|prefill"}'
     assert selector("a", 'we"ird', "decode", "h100") == \
         '{namespace="a",model="we\\"ird",role="decode",pool="h100"}'
+
+
+class FakeCluster:
+    """Records what run_once asks of the API."""
+
+    def __init__(self, replicas: dict[str, int], pods: list[dict]):
+        self.replicas, self.pods = replicas, pods
+        self.status_patches: list[dict] = []
+        self.annotated: list[tuple[str, dict]] = []
+
+    async def deployment_replicas(self, namespace, name):
+        return self.replicas.get(name)
+
+    async def model_pods(self, namespace, model_name):
+        return self.pods
+
+    async def annotate_pod(self, namespace, name, annotations):
+        self.annotated.append((name, annotations))
+
+    async def patch_model_status(self, namespace, name, status):
+        self.status_patches.append(status)
+
+
+async def test_run_once_holds_without_prometheus_and_clears_removed_pools():
+    import logging
+
+    from baton.operator.autoscaler.daemon import DESIRED_REPLICAS, run_once
+
+    m = model()
+    cluster = FakeCluster({"nano-prefill-b200": 2, "nano-decode-b200": 1}, [])
+    # the last decision still names a pool ("a100") the spec no longer has
+    last = {"prefill": {"b200": 3, "h100": 2, "a100": 1}, "decode": {"b200": 1, "h100": 0}}
+    body = {"metadata": {"name": "nano", "namespace": "llm"},
+            "status": {"autoscaler": {"desired": last, "held": True}}}
+    state = state_from_status(body["status"])
+    decision = await run_once(m, body, cluster, None, DEFAULT_PROFILE, NOW,
+                              logging.getLogger("test"), state, was_held=True)
+    assert decision.held
+    assert decision.desired == {"prefill": {"b200": 3, "h100": 2},
+                                "decode": {"b200": 1, "h100": 0}}
+    [patch] = cluster.status_patches
+    auto = patch["autoscaler"]
+    assert auto["held"] is True and "prometheusUrl is not set" in auto["reason"]
+    assert auto["desired"]["prefill"] == {"b200": 3, "h100": 2, "a100": None}
+    assert decision.desired["prefill"] == {"b200": 3, "h100": 2}  # the patch is a copy
+    assert DESIRED_REPLICAS.labels("llm", "nano", "prefill", "b200")._value.get() == 3
+    # nothing to drain: no held size is below its Deployment's
+    assert cluster.annotated == []
