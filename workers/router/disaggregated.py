@@ -182,8 +182,9 @@ class DisaggregatedBackend:
             # D sends its headers once the reservation holds, or fails at once when full. A
             # D that sends nothing before its first token is taken as reserved after a short
             # grace; a prefill that reaches it before the reservation is re-issued (NOT_FOUND).
-            await asyncio.wait_for(asyncio.shield(call.initial_metadata()),
-                                   self.headers_grace_s)
+            headers = asyncio.ensure_future(call.initial_metadata())
+            headers.add_done_callback(_retrieve)
+            await asyncio.wait_for(asyncio.shield(headers), self.headers_grace_s)
             confirmed = True
         except asyncio.TimeoutError:
             pass
@@ -335,7 +336,7 @@ def _code(exc: BaseException) -> grpc.StatusCode | None:
     return exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
 
 
-def _retrieve(task: asyncio.Task) -> None:
-    """Marks a finished prefill task's exception as seen (it is reported via the attempt)."""
+def _retrieve(task: asyncio.Future) -> None:
+    """Marks a finished task's exception as seen (the attempt reports what matters)."""
     if not task.cancelled():
         task.exception()
