@@ -136,6 +136,15 @@ class _Targets:
         self.plain_todo = {k for k in self.params if k not in self.expert_todo}
         if self.tied:
             self.plain_todo.discard("lm_head.weight")
+        # Model tensor -> the checkpoint name it came from (two names for one tensor, e.g.
+        # `backbone.` and `model.` spellings side by side, are an error, not an overwrite).
+        self.sources: dict[str, str] = {}
+
+    def claim(self, key: str, disk_name: str) -> None:
+        earlier = self.sources.setdefault(key, disk_name)
+        if earlier != disk_name:
+            raise CheckpointError(
+                f"{disk_name}: duplicate of {earlier} (both are the model's {key})")
 
 
 def load_weights(model: NemotronHModel, path: Path, ignore_kv_scales=None) -> None:
@@ -217,6 +226,7 @@ def _load_one(targets: _Targets, name: str, disk_name: str, shard) -> bool:
         if not first <= expert < last:
             return True  # another expert-parallel rank holds it
         param = targets.params[key]
+        targets.claim(f"{key}[{expert}]", disk_name)
         _copy(param[expert - first], shard.get_tensor(disk_name), disk_name, f"{key}[{expert}]")
         targets.expert_todo[key].discard(expert)
         return True
@@ -231,6 +241,8 @@ def _load_one(targets: _Targets, name: str, disk_name: str, shard) -> bool:
             raise CheckpointError(
                 f"{disk_name}: shape {list(shape)} does not stack {module.num_experts} experts "
                 f"for {key} {list(targets.params[key].shape)}")
+        for expert in range(module.num_experts):
+            targets.claim(f"{key}[{expert}]", disk_name)
         _copy(targets.params[key], tensor[first:last], disk_name, key)
         targets.expert_todo[key].clear()
         return True
@@ -238,6 +250,7 @@ def _load_one(targets: _Targets, name: str, disk_name: str, shard) -> bool:
         if targets.tied and name == "lm_head.weight":
             return True  # tied: the embedding is the lm_head
         return False
+    targets.claim(name, disk_name)
     _copy(targets.params[name], shard.get_tensor(disk_name), disk_name, name)
     targets.plain_todo.discard(name)
     return True

@@ -111,6 +111,14 @@ def test_unexpected_tensor_is_named(tiny_checkpoint, tmp_path):
         load_model(path, dtype=torch.float32)
 
 
+def test_two_spellings_of_one_tensor_are_refused(tiny_checkpoint, tmp_path):
+    def duplicate(t):
+        t["model.embeddings.weight"] = t["backbone.embeddings.weight"].clone()
+    path = _rewrite(tiny_checkpoint, tmp_path / "c", duplicate)
+    with pytest.raises(CheckpointError, match="duplicate of"):
+        load_model(path, dtype=torch.float32)
+
+
 def test_shape_mismatch_is_named(tiny_checkpoint, tmp_path):
     def shrink(t):
         t["backbone.layers.1.mixer.k_proj.weight"] = t["backbone.layers.1.mixer.k_proj.weight"][:8]
