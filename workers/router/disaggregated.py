@@ -89,7 +89,7 @@ class DisaggregatedBackend:
     """Backend over a prefill pool and a decode pool (see the module docstring)."""
 
     def __init__(self, prefill: WorkerPool, decode: WorkerPool, balancer: Balancer,
-                 transfer_timeout_s: float = 30.0, headers_grace_s: float = 0.05) -> None:
+                 transfer_timeout_s: float = 30.0, headers_grace_s: float = 1.0) -> None:
         self.prefill = prefill
         self.decode = decode
         self.balancer = balancer

@@ -187,7 +187,7 @@ async def cluster():
                        interval_s=0.05),
             WorkerPool("decode", StaticResolver(tuple(d.address for d in decodes[:n_decode])),
                        interval_s=0.05),
-            Balancer(routing), transfer_timeout_s=5.0)
+            Balancer(routing), transfer_timeout_s=5.0, headers_grace_s=0.05)
         settings = RouterSettings(served_model_name="tiny", max_model_len=512,
                                   request_timeout_s=10.0, max_queued_requests=max_queued)
         metrics = BatonMetrics(MetricLabels(namespace="t", model="tiny", role="router"))
