@@ -388,9 +388,9 @@ async def test_invalid_model_is_reported_once_per_generation(kmock, tmp_path):
         assert ready["observedGeneration"] == 1
         assert model["status"]["observedGeneration"] == 1
 
-        # Several resync periods and watch events later: still one status write, no retries.
+        # A resync period (3 s) and watch events later: still one status write, no retries.
         await api.patch(MODELS, "broken", {"metadata": {"labels": {"touched": "yes"}}})
-        await asyncio.sleep(7)
+        await asyncio.sleep(4)
         assert proc.returncode is None
         assert status_patches(kmock, "broken") == 1
         assert owned_names(await api.list(DEPLOYMENTS), "broken") == set()
@@ -406,7 +406,7 @@ async def test_invalid_model_is_reported_once_per_generation(kmock, tmp_path):
         model = await eventually(second, 15, "the second generation's report")
         assert condition(model, "Ready")["message"] == (
             "spec.decode.pools[0].maxReplicas: must be >= minReplicas (3), got 2")
-        await asyncio.sleep(4)
+        await asyncio.sleep(3.5)
         assert status_patches(kmock, "broken") == 2
         warnings = [e for e in posted_events(kmock) if e.get("reason") == "InvalidSpec"]
         assert len(warnings) == 2
