@@ -14,10 +14,14 @@ hidden states of positions mtp_cached..cached_len-1, waiting for their next toke
 first runs the pending entries (the true ones, overwriting any earlier draft entries), then
 chains the drafts; verification leaves the accepted positions' hidden states pending again.
 
-Seeded sampling: the token at position p is argmax(filtered logits + noise(seed, p)). A draft
-for position p uses the same noise, and is accepted iff the target's own token at p equals it.
-So every emitted token is exactly the token non-speculative decoding would emit, and it is
-distributed exactly as the target model says (the drafts only decide how many come per step).
+Verification (EngineConfig.spec_sampling). "coupled", the default: the token at position p is
+argmax(filtered logits + noise(seed, p)); a draft for position p uses the same noise and is
+accepted iff the target's own token at p equals it. So every emitted token is exactly the token
+non-speculative decoding would emit, distributed exactly as the target model says (the drafts
+only decide how many come per step); for greedy requests this is the longest matching prefix.
+"rejection": drafts are drawn from the MTP distribution q with a noise stream of their own and
+kept by the standard rule (sampling.rejection_verify): the same distribution, usually more
+accepted drafts, but tokens differ from non-speculative decoding with the same seed.
 """
 
 from __future__ import annotations
