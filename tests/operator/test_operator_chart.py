@@ -83,6 +83,18 @@ def test_template_is_valid_kubernetes(scenario):
             assert doc["metadata"]["namespace"] == RELEASE_NAMESPACE
 
 
+def test_template_is_valid_on_the_oldest_supported_kubernetes():
+    """Chart.yaml's kubeVersion floor (1.28): the same manifests validate there too."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["kubeVersion"] == ">=1.28.0-0"
+    manifest = helm("template", "baton", str(CHART), "--namespace", RELEASE_NAMESPACE,
+                    "--include-crds", "-f", str(CHART / "ci" / "monitoring-values.yaml"))
+    validate = Path(sys.executable).with_name("kubernetes-validate")
+    out = subprocess.run([str(validate), "--strict", "-k", "1.28.0", "-"], input=manifest,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_crds_shipped():
     names = {d["metadata"]["name"] for d in render() if d["kind"] == "CustomResourceDefinition"}
     assert names == {"models.baton.dev", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
