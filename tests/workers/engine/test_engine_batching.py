@@ -303,3 +303,14 @@ def test_unseeded_requests_follow_the_engine_base_seed(tiny_model):
     assert sample(11) != sample(12)
     with pytest.raises(ValueError, match="base_seed"):
         EngineConfig(num_pages=8, base_seed=-1).validate()
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_output_stops_at_max_model_len(tiny_model, k):
+    engine = Engine(
+        tiny_model, EngineConfig(page_size=4, num_pages=64, max_model_len=50, speculative_tokens=k)
+    )
+    out, events = run(engine, {0: [Request("edge", prompt(3, 45), greedy(100))]})
+    assert len(out["edge"]) == 50
+    assert [e.finish_reason for e in events["edge"]] == [None] * 4 + ["length"]
+    assert engine.stats().kv_cache_usage == 0

@@ -265,3 +265,26 @@ def test_handed_off_request_survives_preemption(tiny_model, helpers):
     assert len(own) == 70 and len(moved) == 60
     helpers.check(tiny_model, recorder, "own", own, 30)
     helpers.check(tiny_model, recorder, "moved", moved, 20)
+
+
+def test_first_token_that_finishes_the_request(tiny_model):
+    p, d = engine_for(tiny_model), engine_for(tiny_model)
+    one = Request("one", prompt(7, 12), SamplingParams(max_tokens=1, temperature=0))
+    res = d.reserve(one, 12)
+    result = p.prefill(one, ForwardingSink(res))
+    assert result.finish_reason == "length"
+    res.commit(result.first_token, one.sampling)
+    events = drain(d)["one"]
+    assert [(e.token_id, e.finish_reason) for e in events] == [(result.first_token, "length")]
+    # A first token that is a stop token ends the request with "stop" on both sides.
+    stop = Request(
+        "stop",
+        prompt(7, 12),
+        SamplingParams(max_tokens=5, temperature=0, stop_token_ids=[result.first_token]),
+    )
+    res = d.reserve(stop, 12)
+    result = p.prefill(stop, ForwardingSink(res))
+    assert result.finish_reason == "stop"
+    res.commit(result.first_token, stop.sampling)
+    assert [e.finish_reason for e in drain(d)["stop"]] == ["stop"]
+    assert d.stats().kv_cache_usage == 0 and d.stats().ssm_slot_usage == 0
