@@ -168,4 +168,4 @@ def load_profile(path: str | Path | None) -> ReplicaProfile:
     try:
         return ReplicaProfile.from_dict(obj)
     except ValueError as e:
-        raise ValueError(f"profile {path}: {e}") from None
+        raise ValueError(f"{path}: {e}") from None

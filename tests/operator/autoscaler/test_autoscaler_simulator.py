@@ -208,3 +208,26 @@ def test_static_fleet_is_the_smallest_meeting_the_targets():
         smaller = sim.run({"prefill": {"a": n_prefill}, "decode": {"d": n_decode - 1}},
                           autoscale=False)
         assert smaller.itl_slo_attainment < 0.95
+
+
+def test_simulate_command_reports_bad_input(tmp_path, capsys):
+    from baton.workers.cli import main as baton_main
+
+    bad_trace = tmp_path / "bad.csv"
+    bad_trace.write_text("time_s,prompt_tokens,output_tokens\n1,2\n")
+    bad_profile = tmp_path / "profile.json"
+    bad_profile.write_text('{"prefill_tokens_per_second": 1000}')
+    model = str(TRACES / "model.yaml")
+    cases = [
+        (["--model", str(tmp_path / "none.yaml"), "--trace", str(bad_trace)], "none.yaml"),
+        (["--model", model, "--trace", str(bad_trace)], "bad.csv line 2"),
+        (["--model", model, "--trace", str(TRACES / "surging.csv"), "--profile",
+          str(bad_profile)], "decode_step_seconds is required"),
+        (["--model", model, "--trace", str(TRACES / "surging.csv"), "--startup-seconds", "30"],
+         "startup_seconds must be >= 90"),
+    ]
+    for args, message in cases:
+        # through the `baton` dispatcher, as a user runs it
+        assert baton_main(["simulate", *args, "--out", str(tmp_path / "o.json")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o.json").exists()
