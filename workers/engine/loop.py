@@ -107,6 +107,13 @@ class RequestStream:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        # Also on asyncio.CancelledError: a cancelled consumer must not leave work running.
+        self.close()
+
 
 class LoopReservation:
     """A Reservation used from outside the loop thread."""

@@ -138,3 +138,23 @@ def test_a_failing_step_fails_open_requests_instead_of_hanging(tiny_model):
         loop.submit(Request("next", [5], greedy(1)))
     loop.stop()
     assert loop.stats().kv_cache_usage == 0 and loop.stats().ssm_slot_usage == 0
+
+
+def test_cancelled_async_consumer_aborts_its_request(tiny_model):
+    with make_loop(tiny_model) as loop:
+
+        async def consume():
+            async with loop.submit(Request("c", prompt(4, 10), greedy(140))) as stream:
+                async for _ in stream:
+                    await asyncio.sleep(0)
+
+        async def main():
+            task = asyncio.create_task(consume())
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(main())
+        assert loop.drain(timeout=10)
+        assert loop.stats().requests_finished_total.get("abort") == 1
