@@ -314,3 +314,37 @@ def test_output_stops_at_max_model_len(tiny_model, k):
     assert len(out["edge"]) == 50
     assert [e.finish_reason for e in events["edge"]] == [None] * 4 + ["length"]
     assert engine.stats().kv_cache_usage == 0
+
+
+@pytest.mark.parametrize("pattern", ["M-M", "*E*"])
+def test_pure_mamba_and_pure_attention_models(tmp_path, helpers, pattern):
+    from baton.workers.model import load_model
+    from baton.workers.model.checkpoint import write_random_checkpoint
+
+    config = {**helpers.TINY, "hybrid_override_pattern": pattern, "num_nextn_predict_layers": 0}
+    config.pop("mtp_hybrid_override_pattern")
+    path = write_random_checkpoint(tmp_path, config, seed=1, dtype=torch.float32, tokenizer=False)
+    model = load_model(path, dtype=torch.float32, kernels="torch")
+    engine = Engine(model, EngineConfig(page_size=4, num_pages=64, max_batch_tokens=8))
+    recorder = helpers.Recorder()
+    engine.runner.logits_observer = recorder
+    requests = [Request(f"m{i}", prompt(90 + i, 5 + 9 * i), greedy(6)) for i in range(3)]
+    out, _ = run(engine, {0: requests[:2], 3: requests[2:]})
+    for r in requests:
+        helpers.check(model, recorder, r.request_id, out[r.request_id], len(r.prompt_ids))
+    # The handoff carries only what the layers have.
+    p, d = (Engine(model, EngineConfig(page_size=4, num_pages=64)) for _ in range(2))
+    request = Request("h", prompt(99, 14), greedy(5))
+    res = d.reserve(request, 14)
+    kinds = []
+
+    class Sink:
+        def on_layer(self, state):
+            kinds.append(state.kind.value)
+            res.write(state)
+
+    result = p.prefill(request, Sink())
+    res.commit(result.first_token, request.sampling)
+    assert set(kinds) == ({"conv", "ssm"} if pattern == "M-M" else {"kv"})
+    while d.has_work():
+        d.step()
