@@ -77,13 +77,18 @@ class DecodeServicer:
     def on_loaded(self) -> None:
         self.receiver.fingerprint = self.runtime.fingerprint
 
-    def generic_handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(SERVICE, {
-            "Generate": grpc.unary_stream_rpc_method_handler(
-                self.Generate, request_deserializer=decode_pb2.GenerateRequest.FromString,
-                response_serializer=decode_pb2.GenerateResponse.SerializeToString),
-            "TransferState": self.transfer_handler.method_handler(),
-        })
+    def generic_handler(self, transfers: bool = True) -> grpc.GenericRpcHandler:
+        """The service's handlers; transfers=False leaves TransferState to a TLS listener."""
+        methods = {"Generate": grpc.unary_stream_rpc_method_handler(
+            self.Generate, request_deserializer=decode_pb2.GenerateRequest.FromString,
+            response_serializer=decode_pb2.GenerateResponse.SerializeToString)}
+        if transfers:
+            methods["TransferState"] = self.transfer_handler.method_handler()
+        return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+    def transfer_only_handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE, {"TransferState": self.transfer_handler.method_handler()})
 
     def Generate(self, request: decode_pb2.GenerateRequest, context: grpc.ServicerContext):
         rt = self.runtime
@@ -191,13 +196,15 @@ class _Ended(Exception):
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     """Load and Drain, for either role."""
 
-    def __init__(self, runtime: WorkerRuntime, transfers_in_flight, on_drain):
+    def __init__(self, runtime: WorkerRuntime, transfers_in_flight, on_drain,
+                 transfer_port: int = 0):
         self.runtime = runtime
         self._transfers_in_flight = transfers_in_flight
         self._on_drain = on_drain
+        self._transfer_port = transfer_port
 
     def Load(self, request, context):
-        return self.runtime.load_response(self._transfers_in_flight())
+        return self.runtime.load_response(self._transfers_in_flight(), self._transfer_port)
 
     def Drain(self, request, context):
         self._on_drain()

@@ -16,8 +16,10 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from baton.proto.baton.prefill.v1 import prefill_pb2, prefill_pb2_grpc
+from baton.proto.baton.worker.v1 import worker_pb2, worker_pb2_grpc
 from baton.workers.engine import EngineDraining
 from baton.workers.server.runtime import WorkerRuntime, request_from_proto, token_to_proto
+from baton.workers.server.settings import TransferTls
 from baton.workers.transfer import (
     REASON_TO_STATUS,
     FailureReason,
@@ -38,15 +40,25 @@ def _duration(seconds: float) -> Duration:
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
-    def __init__(self, runtime: WorkerRuntime, transport_factory=GrpcTransport):
+    def __init__(self, runtime: WorkerRuntime, tls: TransferTls | None = None):
         self.runtime = runtime
-        self._transport_factory = transport_factory
+        self.tls = tls
         self.transport: GrpcTransport | None = None
         self._sending = 0
+        # Read now, so unreadable files stop the worker before it loads a model.
+        self._credentials = None if tls is None else grpc.ssl_channel_credentials(
+            root_certificates=tls.read("ca"), private_key=tls.read("key"),
+            certificate_chain=tls.read("cert"))
 
     def on_loaded(self) -> None:
-        self.transport = self._transport_factory(self.runtime.fingerprint,
-                                                 metrics=self.runtime.metrics)
+        rt = self.runtime
+        if self.tls is None:
+            self.transport = GrpcTransport(rt.fingerprint, metrics=rt.metrics)
+            return
+        self.transport = GrpcTransport(rt.fingerprint, metrics=rt.metrics,
+                                       channel_credentials=self._credentials,
+                                       server_name=self.tls.server_name,
+                                       resolve=transfer_listener)
 
     def transfers_in_flight(self) -> int:
         return self._sending
@@ -89,10 +101,16 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         except ValueError as e:
             raise _Failed("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except TransferError as e:
-            raise _Failed("timeout", REASON_TO_STATUS[e.reason], e.message) from None
+            outcome = "timeout" if e.reason is FailureReason.DEADLINE_EXCEEDED else "error"
+            raise _Failed(outcome, REASON_TO_STATUS[e.reason], e.message) from None
         self._sending += 1
         try:
             return self._run(req, sender, context, arrival, deadline)
+        except _Failed as failed:
+            if failed.code == grpc.StatusCode.UNAVAILABLE:
+                # The decode worker went away; a restarted one may listen elsewhere.
+                self.transport.forget(request.decode_target)
+            raise
         finally:
             self._sending -= 1
 
@@ -142,6 +160,25 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             prefill_time=_duration(result.prefill_seconds),
             transfer_time=_duration(transfer.tail_seconds),
             transferred_bytes=transfer.total_bytes)
+
+
+def transfer_listener(target: str) -> str:
+    """The TLS transfer address of the decode worker at target (asked over its Load RPC).
+
+    A decode worker without a TLS listener is refused: with TLS configured, state never
+    travels in the clear."""
+    host = target.rsplit(":", 1)[0]
+    with grpc.insecure_channel(target) as channel:
+        try:
+            load = worker_pb2_grpc.WorkerServiceStub(channel).Load(worker_pb2.LoadRequest(),
+                                                                     timeout=5)
+        except grpc.RpcError as e:
+            raise TransferError(FailureReason.UNAVAILABLE, f"decode worker {target} did not "
+                                f"answer Load: {e.code().name}") from None
+    if not load.transfer_port:
+        raise TransferError(FailureReason.REFUSED, f"decode worker {target} has no TLS "
+                            "transfer listener, and this prefill worker sends only over TLS")
+    return f"{host}:{load.transfer_port}"
 
 
 class _Failed(Exception):

@@ -47,25 +47,37 @@ class WorkerProcess:
         self.runtime = WorkerRuntime(args, config)
         self.started = time.monotonic()
         self.stop_requested = threading.Event()
+        self.transfer_server: grpc.Server | None = None
+        transfer_port = 0
         if args.role == "decode":
             self.role_servicer = DecodeServicer(self.runtime)
             role_service = DECODE_SERVICE
             transfers = self.role_servicer.receiver.in_flight
             # One thread per open Generate stream and per incoming transfer.
             workers = 2 * config.decode.max_concurrency + 16
+            if args.tls is not None:
+                self.transfer_server, transfer_port = self._tls_transfer_listener(
+                    args, config.decode.max_concurrency + 8)
         else:
-            self.role_servicer = PrefillServicer(self.runtime)
+            self.role_servicer = PrefillServicer(self.runtime, tls=args.tls)
             role_service = PREFILL_SERVICE
             transfers = self.role_servicer.transfers_in_flight
             workers = 2 * settings.PREFILL_MAX_SEQS + 16
+        self.transfer_port = transfer_port
         self.health = HealthServicer((role_service, WORKER_SERVICE))
         # No SO_REUSEPORT: a second worker on a taken port must fail, not share its traffic.
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
                                                              thread_name_prefix="baton-grpc"),
                                   options=CHANNEL_OPTIONS + (("grpc.so_reuseport", 0),))
-        self.server.add_generic_rpc_handlers((self.role_servicer.generic_handler(),))
+        if self.transfer_server is not None:
+            # State arrives only over TLS: the plaintext port does not take transfers.
+            handler = self.role_servicer.generic_handler(transfers=False)
+        else:
+            handler = self.role_servicer.generic_handler()
+        self.server.add_generic_rpc_handlers((handler,))
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(
-            WorkerServicer(self.runtime, transfers, self.request_drain), self.server)
+            WorkerServicer(self.runtime, transfers, self.request_drain, transfer_port),
+            self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         try:
             self.grpc_port = self.server.add_insecure_port(
@@ -73,6 +85,25 @@ class WorkerProcess:
         except RuntimeError as e:  # grpcio's bind failure
             raise OSError(f"cannot listen on {args.host}:{args.grpc_port} for gRPC: {e}") from None
         self.metrics_server: MetricsServer | None = None
+
+    def _tls_transfer_listener(self, args: settings.WorkerArgs,
+                               threads: int) -> tuple[grpc.Server, int]:
+        """A second server, TLS only, that serves nothing but TransferState."""
+        tls = args.tls
+        credentials = grpc.ssl_server_credentials(
+            [(tls.read("key"), tls.read("cert"))], root_certificates=tls.read("ca"),
+            require_client_auth=tls.ca is not None)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads,
+                                                        thread_name_prefix="baton-transfer"),
+                             options=CHANNEL_OPTIONS + (("grpc.so_reuseport", 0),))
+        server.add_generic_rpc_handlers((self.role_servicer.transfer_only_handler(),))
+        try:
+            port = server.add_secure_port(f"{_host(args.host)}:{tls.transfer_port}",
+                                          credentials)
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {args.host}:{tls.transfer_port} for transfers: "
+                          f"{e}") from None
+        return server, port
 
     def request_drain(self) -> None:
         """Stops admitting work (a Drain call); the process keeps serving what it has."""
@@ -94,9 +125,13 @@ class WorkerProcess:
                       self.args.metrics_port, e)
             return 2
         self.server.start()
+        if self.transfer_server is not None:
+            self.transfer_server.start()
         log.info("%s worker (pool %s) listening on gRPC %s:%d, metrics :%d; loading the model",
                  rt.role, self.args.pool, self.args.host, self.grpc_port,
                  self.metrics_server.port)
+        if self.transfer_server is not None:
+            log.info("state transfers over TLS on port %d only", self.transfer_port)
         try:
             try:
                 rt.load()
@@ -130,7 +165,11 @@ class WorkerProcess:
     def shutdown(self) -> None:
         self.health.set_serving(False)
         self.health.close()
-        self.server.stop(grace=STOP_GRACE_SECONDS).wait()
+        stopped = [self.server.stop(grace=STOP_GRACE_SECONDS)]
+        if self.transfer_server is not None:
+            stopped.append(self.transfer_server.stop(grace=STOP_GRACE_SECONDS))
+        for event in stopped:
+            event.wait()
         if self.runtime.loop is not None:
             self.runtime.loop.stop()
         if self.role_servicer is not None and hasattr(self.role_servicer, "transport"):

@@ -135,7 +135,8 @@ class WorkerRuntime:
             spec_decode_draft_tokens_total=st.spec_draft_tokens_total,
             spec_decode_accepted_tokens_total=st.spec_accepted_tokens_total)
 
-    def load_response(self, transfers_in_flight: int) -> worker_pb2.LoadResponse:
+    def load_response(self, transfers_in_flight: int,
+                      transfer_port: int = 0) -> worker_pb2.LoadResponse:
         st = self.engine_stats()
         role = worker_pb2.ROLE_PREFILL if self.role == "prefill" else worker_pb2.ROLE_DECODE
         return worker_pb2.LoadResponse(
@@ -143,7 +144,8 @@ class WorkerRuntime:
             kv_cache_usage_ratio=st.kv_cache_usage,
             ssm_state_slots_usage_ratio=st.ssm_slot_usage, free_slots=st.free_slots,
             free_kv_tokens=st.free_pages * self.page_size, draining=self.draining,
-            transfers_in_flight=transfers_in_flight, fingerprint=self.fingerprint)
+            transfers_in_flight=transfers_in_flight, fingerprint=self.fingerprint,
+            transfer_port=transfer_port)
 
     # -- deadlines -----------------------------------------------------------------------
 

@@ -37,6 +37,33 @@ class WorkerArgs:
     cache_memory_bytes: int | None
     device: str | None
     log_level: str
+    tls: TransferTls | None = None
+
+
+@dataclass(frozen=True)
+class TransferTls:
+    """TLS for the state-transfer channel (prefill -> decode), mutual when both sides have a
+    certificate. Files are PEM."""
+
+    cert: Path | None
+    """This worker's certificate chain (decode: required; prefill: for mutual TLS)."""
+    key: Path | None
+    ca: Path | None
+    """Roots that verify the peer (prefill: required; decode: then clients must present a
+    certificate it signed)."""
+    transfer_port: int
+    """Decode: the TLS listener's port, serving only TransferState."""
+    server_name: str | None
+    """Prefill: the name the decode workers' certificate holds, when it is not their address."""
+
+    def read(self, which: str) -> bytes | None:
+        path = getattr(self, which)
+        if path is None:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise ValueError(f"--tls-{which}={str(path)!r} cannot be read: {e}") from None
 
 
 def _size(text: str) -> int:
@@ -69,16 +96,42 @@ def parse_args(argv: list[str]) -> WorkerArgs:
     parser.add_argument("--log-level", default="INFO",
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="DEBUG also logs every layer state sent and received")
+    tls = parser.add_argument_group(
+        "transfer TLS", "TLS for the state-transfer channel. A decode worker with "
+        "--tls-cert/--tls-key serves TransferState only on --transfer-port, over TLS; a "
+        "prefill worker with --tls-ca sends over TLS (with --tls-cert/--tls-key: mutual).")
+    tls.add_argument("--tls-cert", type=Path, default=None)
+    tls.add_argument("--tls-key", type=Path, default=None)
+    tls.add_argument("--tls-ca", type=Path, default=None)
+    tls.add_argument("--transfer-port", type=int, default=None,
+                     help="decode: port of the TLS transfer listener")
+    tls.add_argument("--tls-server-name", default=None,
+                     help="prefill: expected name in the decode workers' certificate")
     ns = parser.parse_args(argv)
     for name in ("grpc_port", "metrics_port"):
         if not 0 <= getattr(ns, name) <= 65535:
             parser.error(f"--{name.replace('_', '-')}={getattr(ns, name)} is not in 0..65535")
     if ns.drain_seconds <= 0:
         parser.error(f"--drain-seconds={ns.drain_seconds} must be > 0")
+    transfer_tls = None
+    if any(v is not None for v in (ns.tls_cert, ns.tls_key, ns.tls_ca, ns.transfer_port)):
+        if (ns.tls_cert is None) != (ns.tls_key is None):
+            parser.error("--tls-cert and --tls-key go together")
+        if ns.role == "decode" and (ns.tls_cert is None or ns.transfer_port is None):
+            parser.error("a decode worker's transfer TLS needs --tls-cert, --tls-key and "
+                         "--transfer-port")
+        if ns.role == "prefill" and ns.tls_ca is None:
+            parser.error("a prefill worker's transfer TLS needs --tls-ca (the roots that "
+                         "verify the decode workers)")
+        if ns.transfer_port is not None and not 0 <= ns.transfer_port <= 65535:
+            parser.error(f"--transfer-port={ns.transfer_port} is not in 0..65535")
+        transfer_tls = TransferTls(cert=ns.tls_cert, key=ns.tls_key, ca=ns.tls_ca,
+                                   transfer_port=ns.transfer_port or 0,
+                                   server_name=ns.tls_server_name)
     return WorkerArgs(role=ns.role, config_path=ns.config, pool=ns.pool, host=ns.host,
                       grpc_port=ns.grpc_port, metrics_port=ns.metrics_port,
                       drain_seconds=ns.drain_seconds, cache_memory_bytes=ns.cache_memory,
-                      device=ns.device, log_level=ns.log_level)
+                      device=ns.device, log_level=ns.log_level, tls=transfer_tls)
 
 
 def pick_device(requested: str | None) -> torch.device:

@@ -16,6 +16,7 @@ import threading
 import time
 import zlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -60,6 +61,8 @@ _STATUS_TO_REASON = {
     grpc.StatusCode.INVALID_ARGUMENT: FailureReason.INVALID,
     grpc.StatusCode.UNAVAILABLE: FailureReason.UNAVAILABLE,
     grpc.StatusCode.CANCELLED: FailureReason.CANCELLED,
+    # The peer takes no transfers on this address (e.g. only on its TLS listener).
+    grpc.StatusCode.UNIMPLEMENTED: FailureReason.REFUSED,
 }
 
 
@@ -293,7 +296,13 @@ class GrpcTransport:
 
     def __init__(self, fingerprint: str, metrics: BatonMetrics | None = None,
                  chunk_bytes: int = MAX_CHUNK_BYTES, max_queued_bytes: int = 64 << 20,
-                 channel_credentials: grpc.ChannelCredentials | None = None):
+                 channel_credentials: grpc.ChannelCredentials | None = None,
+                 server_name: str | None = None,
+                 resolve: Callable[[str], str] | None = None):
+        """channel_credentials: TLS for every transfer (None: plaintext). server_name: the
+        name to expect in the decode workers' certificates when it is not their address.
+        resolve: maps a decode worker's address to the address of its transfer listener
+        (e.g. a separate TLS port); raises TransferError when it cannot."""
         self.fingerprint = fingerprint
         self.metrics = metrics
         self.chunk_bytes = check_chunk_bytes(chunk_bytes)
@@ -302,6 +311,9 @@ class GrpcTransport:
                              f"{chunk_bytes}")
         self.max_queued_bytes = max_queued_bytes
         self._credentials = channel_credentials
+        self._options = CHANNEL_OPTIONS + (
+            (("grpc.ssl_target_name_override", server_name),) if server_name else ())
+        self._resolve = resolve
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
 
@@ -325,11 +337,23 @@ class GrpcTransport:
             raise ValueError(f"decode_target={target!r} must be host:port")
         with self._lock:
             channel = self._channels.get(target)
-            if channel is None:
-                if self._credentials is not None:
-                    channel = grpc.secure_channel(target, self._credentials,
-                                                  options=CHANNEL_OPTIONS)
-                else:
-                    channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-                self._channels[target] = channel
+        if channel is not None:
             return channel
+        address = self._resolve(target) if self._resolve is not None else target
+        if self._credentials is not None:
+            channel = grpc.secure_channel(address, self._credentials, options=self._options)
+        else:
+            channel = grpc.insecure_channel(address, options=self._options)
+        with self._lock:
+            if target in self._channels:  # another request raced us to it
+                channel.close()
+                return self._channels[target]
+            self._channels[target] = channel
+            return channel
+
+    def forget(self, target: str) -> None:
+        """Drops the channel to target (its worker went away; resolve it afresh next time)."""
+        with self._lock:
+            channel = self._channels.pop(target, None)
+        if channel is not None:
+            channel.close()

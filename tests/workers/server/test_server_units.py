@@ -21,10 +21,22 @@ def test_flags_parse_and_bad_ones_are_named(capsys, tmp_path):
                                 "--cache-memory", "512Mi"])
     assert (args.role, args.pool, args.grpc_port, args.metrics_port) == ("decode", "hopper", 5, 6)
     assert args.cache_memory_bytes == 512 << 20 and args.host == "0.0.0.0"
+    assert args.tls is None
+    tls = settings.parse_args(["decode", "--config", "c", "--pool", "p", "--tls-cert", "c.pem",
+                               "--tls-key", "k.pem", "--transfer-port", "50052"]).tls
+    assert tls.transfer_port == 50052 and tls.ca is None
+    with pytest.raises(ValueError, match="--tls-cert='c.pem' cannot be read"):
+        tls.read("cert")
     for bad, message in ((["gpu", "--config", "c", "--pool", "p"], "invalid choice"),
                          (["decode", "--pool", "p"], "--config"),
                          (["decode", "--config", "c", "--pool", "p", "--grpc-port", "70000"],
-                          "--grpc-port=70000")):
+                          "--grpc-port=70000"),
+                         (["decode", "--config", "c", "--pool", "p", "--tls-cert", "a",
+                           "--tls-key", "b"], "--transfer-port"),
+                         (["prefill", "--config", "c", "--pool", "p", "--tls-cert", "a",
+                           "--tls-key", "b"], "--tls-ca"),
+                         (["prefill", "--config", "c", "--pool", "p", "--tls-ca", "a",
+                           "--tls-cert", "b"], "go together")):
         with pytest.raises(SystemExit):
             settings.parse_args(bad)
         assert message in capsys.readouterr().err

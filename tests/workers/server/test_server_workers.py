@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,7 +45,7 @@ def _free_port() -> int:
 class Worker:
     """A worker process and its ports; stderr goes to a file the tests read."""
 
-    def __init__(self, role: str, config: Path, log_dir: Path):
+    def __init__(self, role: str, config: Path, log_dir: Path, extra: tuple[str, ...] = ()):
         self.role = role
         self.grpc_port = _free_port()
         self.metrics_port = _free_port()
@@ -57,7 +58,7 @@ class Worker:
             [sys.executable, "-m", "baton.workers.cli", "worker", role, "--config", str(config),
              "--pool", "local", "--host", "127.0.0.1", "--grpc-port", str(self.grpc_port),
              "--metrics-port", str(self.metrics_port), "--log-level", "DEBUG",
-             "--drain-seconds", "20"],
+             "--drain-seconds", "20", *extra],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         self.channel = grpc.insecure_channel(self.address)
         self.ready_seconds: float | None = None
@@ -460,6 +461,62 @@ def test_bad_requests_get_clear_statuses(cluster):
     _wait_until(lambda: prefill_worker.load().ssm_state_slots_usage_ratio == 0.0)
     assert prefill_worker.load().kv_cache_usage_ratio == 0.0
     assert prefill_worker.metric("baton_requests_total", role="prefill", outcome="error") >= 2
+
+
+def _make_pki(folder: Path) -> Path:
+    """A CA, a decode certificate for decode.baton.test and a prefill client certificate."""
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+        "-subj", "/CN=baton-test-ca")
+    for name in ("decode", "prefill"):
+        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        (folder / f"{name}.ext").write_text(f"subjectAltName=DNS:{name}.baton.test\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext")
+    return folder
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+def test_transfers_over_mutual_tls(cluster, reference_model):
+    """With transfer TLS, state travels only over the decode worker's TLS listener."""
+    tmp = cluster["tmp"]
+    (tmp / "pki").mkdir(exist_ok=True)
+    pki = _make_pki(tmp / "pki")
+    transfer_port = _free_port()
+    decode = Worker("decode", cluster["config"], tmp, (
+        "--tls-cert", str(pki / "decode.pem"), "--tls-key", str(pki / "decode.key"),
+        "--tls-ca", str(pki / "ca.pem"), "--transfer-port", str(transfer_port)))
+    prefill = Worker("prefill", cluster["config"], tmp, (
+        "--tls-ca", str(pki / "ca.pem"), "--tls-cert", str(pki / "prefill.pem"),
+        "--tls-key", str(pki / "prefill.key"), "--tls-server-name", "decode.baton.test"))
+    try:
+        decode.wait_serving()
+        prefill.wait_serving()
+        assert decode.load().transfer_port == transfer_port
+        pair = {"decode": decode, "prefill": prefill}
+        prompt = _prompt(40, 21)
+        answer, tokens, _, _ = _run(pair, prompt, max_tokens=4)
+        assert answer.transferred_bytes > 0 and tokens[0] == answer.first_token.token_id
+        ids = torch.tensor([prompt + tokens[:1]])
+        with torch.no_grad():
+            logits = reference_model(ids)[0, len(prompt) - 1]
+        assert tokens[0] == int(logits.argmax())
+        # The plaintext port does not take state at all.
+        from baton.workers.transfer import FailureReason, FirstToken, GrpcTransport
+        from baton.workers.transfer import TransferError as Err
+
+        sender = GrpcTransport(decode.load().fingerprint).open(
+            decode.address, "plain", 3, time.time() + 10)
+        with pytest.raises(Err) as err:
+            sender.finish(FirstToken(1))
+        assert err.value.reason is FailureReason.REFUSED  # UNIMPLEMENTED on that port
+    finally:
+        prefill.stop()
+        decode.stop()
 
 
 def test_sigterm_drains_in_flight_streams_then_exits_zero(cluster):

@@ -62,7 +62,7 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadResponse(_message.Message):
-    __slots__ = ("role", "running", "waiting", "kv_cache_usage_ratio", "ssm_state_slots_usage_ratio", "free_slots", "free_kv_tokens", "draining", "transfers_in_flight", "fingerprint")
+    __slots__ = ("role", "running", "waiting", "kv_cache_usage_ratio", "ssm_state_slots_usage_ratio", "free_slots", "free_kv_tokens", "draining", "transfers_in_flight", "fingerprint", "transfer_port")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class LoadResponse(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     TRANSFERS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_PORT_FIELD_NUMBER: _ClassVar[int]
     role: Role
     running: int
     waiting: int
@@ -83,7 +84,8 @@ class LoadResponse(_message.Message):
     draining: bool
     transfers_in_flight: int
     fingerprint: str
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_cache_usage_ratio: _Optional[float] = ..., ssm_state_slots_usage_ratio: _Optional[float] = ..., free_slots: _Optional[int] = ..., free_kv_tokens: _Optional[int] = ..., draining: _Optional[bool] = ..., transfers_in_flight: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+    transfer_port: int
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_cache_usage_ratio: _Optional[float] = ..., ssm_state_slots_usage_ratio: _Optional[float] = ..., free_slots: _Optional[int] = ..., free_kv_tokens: _Optional[int] = ..., draining: _Optional[bool] = ..., transfers_in_flight: _Optional[int] = ..., fingerprint: _Optional[str] = ..., transfer_port: _Optional[int] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ()
