@@ -288,3 +288,18 @@ def test_first_token_that_finishes_the_request(tiny_model):
     res.commit(result.first_token, stop.sampling)
     assert [e.finish_reason for e in drain(d)["stop"]] == ["stop"]
     assert d.stats().kv_cache_usage == 0 and d.stats().ssm_slot_usage == 0
+
+
+def test_abort_mid_prefill_fails_it_and_frees(tiny_model):
+    p = engine_for(tiny_model, max_batch_tokens=8)
+    outcome = []
+    sink = ListSink()
+    p.add_prefill(Request("long", prompt(8, 40)), sink, outcome.append)
+    p.step()
+    p.step()
+    assert not outcome and p.stats().kv_cache_usage > 0
+    assert sum(s.kind == StateKind.KV for s in sink.states) == 2 * 2  # 2 chunks, 2 layers
+    assert p.abort("long")
+    assert len(outcome) == 1 and isinstance(outcome[0], RuntimeError)
+    assert p.stats().kv_cache_usage == 0 and p.stats().ssm_slot_usage == 0
+    assert not p.has_work() and p.step() == []
