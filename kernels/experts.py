@@ -179,6 +179,12 @@ class QuantExperts(nn.Module):
         """x [T, K], topk_ids [T, k] int64, topk_weights [T, k] fp32 -> [T, K] in x.dtype."""
         self._check_routing(x, topk_ids, topk_weights)
         t, k = topk_ids.shape
+        if self.backend == "triton":
+            from baton.kernels import fused_moe, moe_decode  # Triton imports lazily
+
+            if moe_decode.use_decode_path(t * k, self.num_local_experts):
+                return moe_decode.moe_decode(self, x, topk_ids, topk_weights)
+            return fused_moe.moe_forward(self, x, topk_ids, topk_weights)
         token_ids = torch.arange(t, device=x.device).repeat_interleave(k)
         slots = self.expert_outputs(x, token_ids, topk_ids.reshape(-1), topk_weights.reshape(-1))
         return combine_slots(slots.view(t, k, self.in_features)).to(x.dtype)
@@ -193,8 +199,10 @@ class QuantExperts(nn.Module):
         backend bit for bit; the Triton kernels pick tiles by batch size).
         """
         if self.backend == "triton":
-            from baton.kernels import fused_moe  # Triton imports lazily
+            from baton.kernels import fused_moe, moe_decode  # Triton imports lazily
 
+            if moe_decode.use_decode_path(expert_ids.numel(), self.num_local_experts):
+                return moe_decode.expert_outputs_decode(self, x, token_ids, expert_ids, weights)
             return fused_moe.expert_outputs(self, x, token_ids, expert_ids, weights)
         return self._expert_outputs_ref(x, token_ids, expert_ids, weights)
 

@@ -184,8 +184,9 @@ def align_pairs(expert_ids: torch.Tensor, first: int, num_local: int,
     return AlignedPairs(sorted_pairs[:rows], block_expert, block_m)
 
 
-def _weights(module, prefix: str):
-    """(weight, scale, scale_2, WEIGHT_FMT, stride of K) for a QuantExperts projection."""
+def expert_weight_args(module, prefix: str):
+    """(weight, scale, scale_2, WEIGHT_FMT) of a QuantExperts projection, as kernels take them
+    (e4m3 tensors viewed as uint8; unused slots repeat the weight)."""
     w = getattr(module, f"{prefix}_weight")
     if module.fmt is WeightFormat.BF16:
         return w, w, w, FMT_DENSE
@@ -243,10 +244,57 @@ def expert_outputs(module, x: torch.Tensor, token_ids: torch.Tensor, expert_ids:
     weights = weights.to(torch.float32).contiguous()
     hidden = torch.empty(aligned.sorted_pairs.numel(), i_dim, dtype=x.dtype, device=x.device)
     per_channel = module.fp8_per_channel
-    up_w, up_s, up_s2, fmt = _weights(module, "up")
+    up_w, up_s, up_s2, fmt = expert_weight_args(module, "up")
     _launch(x, up_w, up_s, up_s2, fmt, hidden, aligned, token_ids, weights, i_dim, k_dim, p, cfg,
             up=True, per_channel=per_channel)
-    down_w, down_s, down_s2, fmt = _weights(module, "down")
+    down_w, down_s, down_s2, fmt = expert_weight_args(module, "down")
     _launch(hidden, down_w, down_s, down_s2, fmt, out, aligned, token_ids, weights, k_dim, i_dim,
             p, cfg, up=False, per_channel=per_channel)
     return out
+
+
+@triton.jit
+def _combine_kernel(
+    # pointers
+    slots_ptr, out_ptr,
+    # sizes
+    K,
+    # strides
+    stride_st, stride_sj, stride_ot,
+    # meta-parameters
+    TOP_K: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    """out[t] = slots[t, 0] + slots[t, 1] + ... in slot order, fp32, then x.dtype."""
+    token = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < K
+    row = slots_ptr + token * stride_st + offs
+    total = tl.load(row, mask=mask, other=0.0)
+    for j in range(1, TOP_K):
+        total += tl.load(row + j * stride_sj, mask=mask, other=0.0)
+    out_ty: tl.constexpr = out_ptr.dtype.element_ty
+    tl.store(out_ptr + token * stride_ot + offs, to_dtype_rn(total, out_ty, INTERPRETED),
+             mask=mask)
+
+
+def combine_slots_triton(slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[T, k, K] fp32 -> [T, K] in `dtype`: the same bits as combine_slots(slots).to(dtype)."""
+    t, k, width = slots.shape
+    out = torch.empty(t, width, dtype=dtype, device=slots.device)
+    if t == 0:
+        return out
+    slots = slots.contiguous()
+    block = min(1024, triton.next_power_of_2(width))
+    _combine_kernel[(t, triton.cdiv(width, block))](
+        slots, out, width, slots.stride(0), slots.stride(1), out.stride(0),
+        TOP_K=k, BLOCK=block, INTERPRETED=INTERPRET)
+    return out
+
+
+def moe_forward(module, x: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor) -> torch.Tensor:
+    """QuantExperts.forward on the sorted path: x [T, K] -> [T, K] in x.dtype."""
+    t, k = topk_ids.shape
+    token_ids = torch.arange(t, device=x.device).repeat_interleave(k)
+    slots = expert_outputs(module, x, token_ids, topk_ids.reshape(-1), topk_weights.reshape(-1))
+    return combine_slots_triton(slots.view(t, k, module.in_features), x.dtype)

@@ -1,12 +1,14 @@
-"""Fused MoE (Triton) against QuantExperts' torch reference: formats, dtypes, odd shapes, an
-expert with no tokens, all tokens on one expert, T not a power of two, expert ranges."""
+"""MoE in Triton (the sorted fused path and the decode path) against QuantExperts' torch
+reference: formats, dtypes, odd shapes, an expert with no tokens, all tokens on one expert,
+T not a power of two, expert ranges."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from baton.kernels import QuantExperts, route, set_backend
+from baton.kernels import QuantExperts, fused_moe, moe_decode, route, set_backend
+from baton.kernels.experts import combine_slots
 from baton.kernels.fused_moe import MoEConfig, align_pairs, expert_outputs, moe_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,13 +37,35 @@ def assert_close(out, ref, dtype):
     torch.testing.assert_close(out.float(), ref.float(), rtol=TOL[dtype], atol=TOL[dtype] * scale)
 
 
+DECODE_CHECK_PAIRS = 24  # the interpreter runs one program per pair: keep those batches small
+
+
 def both_backends(module, x, ids, weights):
+    """The reference, and the Triton paths: the sorted one always, the decode one (checked
+    per pair too) on batches of at most DECODE_CHECK_PAIRS pairs (or any on the GPU)."""
     set_backend(module, "torch")
     ref = module(x, ids, weights)
     set_backend(module, "triton")
-    out = module(x, ids, weights)
-    assert out.dtype == x.dtype and out.shape == x.shape
-    return out, ref
+    t, k = ids.shape
+    outs = [fused_moe.moe_forward(module, x, ids, weights)]
+    if t * k <= DECODE_CHECK_PAIRS or DEVICE == "cuda":
+        outs.append(moe_decode.moe_decode(module, x, ids, weights))
+        tokens = torch.arange(t, device=x.device).repeat_interleave(k)
+        flat_ids, flat_w = ids.reshape(-1), weights.reshape(-1)
+        assert_close(moe_decode.expert_outputs_decode(module, x, tokens, flat_ids, flat_w),
+                     module._expert_outputs_ref(x, tokens, flat_ids, flat_w),
+                     torch.float32 if x.dtype == torch.float32 else torch.bfloat16)
+    for out in outs:
+        assert out.dtype == x.dtype and out.shape == x.shape
+    decode = moe_decode.use_decode_path(t * k, module.num_local_experts)
+    if not decode or len(outs) == 2:  # whichever path the batch size picks
+        assert torch.equal(module(x, ids, weights), outs[1 if decode else 0])
+    return outs, ref
+
+
+def assert_paths_close(outs, ref, dtype):
+    for out in outs:
+        assert_close(out, ref, dtype)
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "nvfp4", "w4a16_nvfp4", "fp8"])
@@ -50,16 +74,16 @@ def test_formats_and_dtypes(fmt, dtype):
     module = experts(6, 48, 32, fmt, dtype, seed=1)
     ids, weights = routing(13, 6, 2, seed=2)
     x = torch.randn(13, 32, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
-    out, ref = both_backends(module, x, ids, weights)
-    assert_close(out, ref, dtype)
+    outs, ref = both_backends(module, x, ids, weights)
+    assert_paths_close(outs, ref, dtype)
 
 
 def test_fp8_per_channel():
     module = experts(4, 32, 32, "fp8", torch.bfloat16, seed=4, per_channel=True)
     ids, weights = routing(9, 4, 2, seed=5)
     x = torch.randn(9, 32, generator=torch.Generator().manual_seed(6)).bfloat16().to(DEVICE)
-    out, ref = both_backends(module, x, ids, weights)
-    assert_close(out, ref, torch.bfloat16)
+    outs, ref = both_backends(module, x, ids, weights)
+    assert_paths_close(outs, ref, torch.bfloat16)
 
 
 def test_odd_shapes_empty_expert_and_all_on_one_expert():
@@ -69,11 +93,13 @@ def test_odd_shapes_empty_expert_and_all_on_one_expert():
     ids, weights = routing(37, 5, 2, seed=9)
     ids = torch.where(ids == 3, 1, ids)  # expert 3 gets no tokens
     ids[:, 1] = torch.where(ids[:, 0] == 1, 0, 1)
-    out, ref = both_backends(module, x, ids, weights)
-    assert_close(out, ref, torch.bfloat16)
+    for rows in (slice(None), slice(0, 11)):  # 37 tokens: sorted path; 11: decode path too
+        outs, ref = both_backends(module, x[rows], ids[rows], weights[rows])
+        assert_paths_close(outs, ref, torch.bfloat16)
     one = torch.full((37, 1), 4, dtype=torch.int64, device=DEVICE)
-    out, ref = both_backends(module, x, one, weights[:, :1].contiguous())
-    assert_close(out, ref, torch.bfloat16)
+    for rows in (slice(None), slice(0, 9)):
+        outs, ref = both_backends(module, x[rows], one[rows], weights[rows, :1].contiguous())
+        assert_paths_close(outs, ref, torch.bfloat16)
 
 
 def test_expert_range_leaves_foreign_pairs_zero_and_tiles_do_not_matter():
@@ -100,8 +126,10 @@ def test_empty_batch_and_duplicate_expert():
     ids = torch.zeros(3, 2, dtype=torch.int64, device=DEVICE)
     weights = torch.rand(3, 2, generator=torch.Generator().manual_seed(15)).to(DEVICE)
     assert module(x[:0], ids[:0], weights[:0]).shape == (0, 32)
-    out, ref = both_backends(module, x, ids, weights)
-    assert_close(out, ref, torch.float32)
+    assert moe_decode.moe_decode(module, x[:0], ids[:0], weights[:0]).shape == (0, 32)
+    assert fused_moe.moe_forward(module, x[:0], ids[:0], weights[:0]).shape == (0, 32)
+    outs, ref = both_backends(module, x, ids, weights)
+    assert_paths_close(outs, ref, torch.float32)
 
 
 def test_align_pairs_layout():
@@ -129,6 +157,22 @@ def test_config_per_shape():
     assert moe_config(512, 512 * 6, 128, 2688, 2688, cuda).block_m == 64
 
 
+def test_combine_kernel_has_the_reference_bits():
+    gen = torch.Generator().manual_seed(16)
+    slots = torch.randn(7, 5, 40, generator=gen)
+    slots[0, :, 0] = -0.0  # a sum of negative zeros stays negative
+    for dtype in (torch.bfloat16, torch.float32):
+        got = fused_moe.combine_slots_triton(slots.to(DEVICE), dtype).cpu()
+        want = combine_slots(slots).to(dtype)
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_decode_path_choice():
+    assert moe_decode.use_decode_path(6, 128) and moe_decode.use_decode_path(128, 128)
+    assert not moe_decode.use_decode_path(192, 128)
+    assert moe_decode.use_decode_path(12, 4)  # tiny batches never sort
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 7, 32, 129, 2048])
 @pytest.mark.parametrize("fmt", ["bf16", "nvfp4"])
@@ -136,6 +180,16 @@ def test_gpu_nano_shapes(t, fmt):
     module = experts(128, 1856, 2688, fmt, torch.bfloat16, seed=t)
     ids, weights = routing(t, 128, 6, seed=t)
     x = torch.randn(t, 2688, generator=torch.Generator().manual_seed(t)).bfloat16().to(DEVICE)
-    out, ref = both_backends(module, x, ids, weights)
-    assert_close(out, ref, torch.bfloat16)
-    assert torch.equal(out, module(x, ids, weights))  # deterministic
+    outs, ref = both_backends(module, x, ids, weights)
+    assert_paths_close(outs, ref, torch.bfloat16)
+    assert torch.equal(module(x, ids, weights), module(x, ids, weights))  # deterministic
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 32, 512])
+def test_gpu_latent_moe_shapes(t):
+    module = experts(512, 2688, 1024, "nvfp4", torch.bfloat16, seed=t)
+    ids, weights = routing(t, 512, 22, seed=t)
+    x = torch.randn(t, 1024, generator=torch.Generator().manual_seed(t)).bfloat16().to(DEVICE)
+    outs, ref = both_backends(module, x, ids, weights)
+    assert_paths_close(outs, ref, torch.bfloat16)
