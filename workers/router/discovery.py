@@ -104,6 +104,7 @@ class Worker:
     load: worker_pb2.LoadResponse = field(default_factory=worker_pb2.LoadResponse)
     inflight: int = 0  # requests this router has on the worker now
     failures: int = 0  # consecutive failed health checks / calls
+    resolved: bool = True  # still among the resolver's addresses (else only finishes work)
     checked_at: float = 0.0
 
     def __post_init__(self) -> None:
@@ -116,7 +117,7 @@ class Worker:
 
     @property
     def ready(self) -> bool:
-        return self.serving and not self.load.draining
+        return self.serving and self.resolved and not self.load.draining
 
     def mark_failed(self) -> None:
         self.serving = False
@@ -181,14 +182,12 @@ class WorkerPool:
             channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             self.workers[address] = Worker(address, self.role, channel)
             log.info("found %s worker %s", self.role, address)
-        for address in set(self.workers) - addresses:
-            worker = self.workers[address]
-            if worker.inflight == 0:
+        for address, worker in list(self.workers.items()):
+            worker.resolved = address in addresses
+            if not worker.resolved and worker.inflight == 0:
                 del self.workers[address]
                 await worker.channel.close()
                 log.info("forgot %s worker %s: no longer resolved", self.role, address)
-            else:
-                worker.serving = False  # no new work; its requests finish first
         await asyncio.gather(*(self._check(w) for w in list(self.workers.values())))
         self._refreshed.set()
 

@@ -395,3 +395,40 @@ async def test_resolvers():
     for bad in ("", "host", "host:0", "host:99999", ":80"):
         with pytest.raises(ValueError, match="host:port|no address"):
             resolver_for(bad)
+
+
+class MutableResolver:
+    def __init__(self, addresses: list[str]) -> None:
+        self.addresses = addresses
+
+    async def resolve(self) -> list[str]:
+        return list(self.addresses)
+
+
+async def test_pool_follows_the_resolver(cluster):
+    decodes, _, _ = cluster
+    resolver = MutableResolver([decodes[0].address])
+    pool = WorkerPool("decode", resolver, interval_s=0.05)
+    await pool.start()
+    try:
+        assert [w.address for w in pool.ready_workers()] == [decodes[0].address]
+        assert pool.workers[decodes[0].address].load.free_slots == 8
+        resolver.addresses = [decodes[0].address, decodes[1].address]  # scaled up
+        await pool.wait_refreshed()
+        assert {w.address for w in pool.ready_workers()} == {d.address for d in decodes}
+        # Scaled down while this router still has a request on the worker: it gets no new
+        # work, and is forgotten once its requests are done.
+        pool.workers[decodes[0].address].inflight = 1
+        resolver.addresses = [decodes[1].address]
+        await pool.wait_refreshed()
+        assert decodes[0].address in pool.workers
+        assert [w.address for w in pool.ready_workers()] == [decodes[1].address]
+        pool.workers[decodes[0].address].inflight = 0
+        await pool.wait_refreshed()
+        assert list(pool.workers) == [decodes[1].address]
+        # A worker that stops answering is not ready; it is again once it answers.
+        await decodes[1].server.stop(0)
+        await pool.wait_refreshed()
+        assert pool.ready_workers() == []
+    finally:
+        await pool.close()
