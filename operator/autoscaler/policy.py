@@ -390,6 +390,10 @@ def decide(spec: ModelSpec, observation: Observation | None,
         if short:
             limited.append(role)
             notes[role].append("demand exceeds maxReplicas of every pool")
+        for pool in pools:
+            if capacities[role][pool.name] <= 0:
+                notes[role].append(f"pool {pool.name} cannot meet the ITL target even at "
+                                   f"batch 1; it keeps minReplicas only")
         if stable[role] > raw[role] + _EPS and any(
                 desired[role][p] > place_role(raw[role], spec, role, profile, mean_prompt,
                                               ceiling)[0][p]

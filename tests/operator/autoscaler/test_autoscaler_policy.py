@@ -278,3 +278,16 @@ def test_observation_rejects_nonsense():
         obs(ttft=1.5)
     with pytest.raises(ValueError, match="request_rate"):
         obs(rate=math.nan)
+
+
+def test_a_pool_too_slow_for_the_itl_target_gets_no_decode_work():
+    # the profile's batch-1 step is 10 ms; at ITL 0.011 (9.9 ms per step after the margin) a
+    # relativeSpeed 1 replica cannot keep up, a relativeSpeed 2 one can
+    spec = make_spec(itl="0.011")
+    caps = pool_capacities(spec, "decode", PROFILE)
+    assert caps["hopper"] == 0 and caps["blackwell"] > 0
+    d = decide(spec, obs(generation=20000.0, running=100.0), fleet(), {}, PolicyState(), T0,
+               PROFILE)
+    assert d.desired["decode"]["hopper"] == 1  # its minReplicas, nothing more
+    assert d.desired["decode"]["blackwell"] >= 1
+    assert "pool hopper cannot meet the ITL target" in d.reason
