@@ -368,7 +368,7 @@ def decide(spec: ModelSpec, observation: Observation | None,
     recent += ((now, measured["prefill"], measured["decode"], raw["prefill"], raw["decode"]),)
     stable = {"prefill": max(e[3] for e in recent), "decode": max(e[4] for e in recent)}
 
-    since = now if state.observing_since is None else state.observing_since
+    observing_since = now if state.observing_since is None else state.observing_since
     desired: dict[str, dict[str, int]] = {}
     limited: list[str] = []
     for role in ROLES:
@@ -380,13 +380,16 @@ def decide(spec: ModelSpec, observation: Observation | None,
                 pool.min_replicas, min(pool.max_replicas, full[1]))
         desired[role], short = place_role(stable[role], spec, role, profile, mean_prompt,
                                           ceiling)
-        if now - since < window:
+        if now - observing_since < window:
+            held_back = False
             for pool in pools:
                 floor = min(current_clamped[role][pool.name], ceiling[pool.name])
                 if desired[role][pool.name] < floor:
                     desired[role][pool.name] = floor
-                    notes[role].append(f"scale-down waits until {window} s of metrics "
-                                       "have been seen")
+                    held_back = True
+            if held_back:
+                notes[role].append(f"scale-down waits until {window} s of metrics have been "
+                                   "seen")
         if short:
             limited.append(role)
             notes[role].append("demand exceeds maxReplicas of every pool")
@@ -410,7 +413,7 @@ def decide(spec: ModelSpec, observation: Observation | None,
     new_state = PolicyState(desired=desired,
                             last_scale_time=now if changed else state.last_scale_time,
                             last_boost=last_boost, recent_demand=recent, full_pools=full_pools,
-                            observing_since=since)
+                            observing_since=observing_since)
     return Decision(desired=desired, reason=reason, drain=_drain(desired, current_clamped),
                     held=False, limited=tuple(limited), demand=stable, state=new_state,
                     changed=changed)
