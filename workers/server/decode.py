@@ -17,7 +17,6 @@ import time
 import grpc
 
 from baton.proto.baton.decode.v1 import decode_pb2
-from baton.proto.baton.worker.v1 import worker_pb2, worker_pb2_grpc
 from baton.workers.engine import CacheFull, EngineDraining, LoopReservation, RequestStream
 from baton.workers.engine import SamplingParams as EngineSampling
 from baton.workers.server.runtime import WorkerRuntime, event_token, request_from_proto
@@ -191,21 +190,3 @@ class _Ended(Exception):
         self.outcome = outcome
         self.code = code
         self.message = message
-
-
-class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    """Load and Drain, for either role."""
-
-    def __init__(self, runtime: WorkerRuntime, transfers_in_flight, on_drain,
-                 transfer_port: int = 0):
-        self.runtime = runtime
-        self._transfers_in_flight = transfers_in_flight
-        self._on_drain = on_drain
-        self._transfer_port = transfer_port
-
-    def Load(self, request, context):
-        return self.runtime.load_response(self._transfers_in_flight(), self._transfer_port)
-
-    def Drain(self, request, context):
-        self._on_drain()
-        return worker_pb2.DrainResponse(draining=True, in_flight=self.runtime.in_flight)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 import time
 
 import grpc
@@ -45,6 +46,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         self.tls = tls
         self.transport: GrpcTransport | None = None
         self._sending = 0
+        self._sending_lock = threading.Lock()
         # Read now, so unreadable files stop the worker before it loads a model.
         self._credentials = None if tls is None else grpc.ssl_channel_credentials(
             root_certificates=tls.read("ca"), private_key=tls.read("key"),
@@ -103,7 +105,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         except TransferError as e:
             outcome = "timeout" if e.reason is FailureReason.DEADLINE_EXCEEDED else "error"
             raise _Failed(outcome, REASON_TO_STATUS[e.reason], e.message) from None
-        self._sending += 1
+        with self._sending_lock:
+            self._sending += 1
         try:
             return self._run(req, sender, context, arrival, deadline)
         except _Failed as failed:
@@ -112,7 +115,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 self.transport.forget(request.decode_target)
             raise
         finally:
-            self._sending -= 1
+            with self._sending_lock:
+                self._sending -= 1
 
     def _run(self, req, sender, context, arrival: float, deadline: float):
         rt = self.runtime

@@ -24,8 +24,9 @@ from baton.proto.baton.worker.v1 import worker_pb2_grpc
 from baton.proto.grpc.health.v1 import health_pb2_grpc
 from baton.workers.metrics import MetricsServer
 from baton.workers.server import settings
+from baton.workers.server.control import WorkerServicer
 from baton.workers.server.decode import SERVICE as DECODE_SERVICE
-from baton.workers.server.decode import DecodeServicer, WorkerServicer
+from baton.workers.server.decode import DecodeServicer
 from baton.workers.server.health import HealthServicer
 from baton.workers.server.prefill import SERVICE as PREFILL_SERVICE
 from baton.workers.server.prefill import PrefillServicer
