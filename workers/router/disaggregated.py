@@ -147,7 +147,8 @@ class DisaggregatedBackend:
 
     async def _reserve(self, req: decode_pb2.GenerateRequest, deadline: float,
                        metadata: tuple, avoid: set[str]) -> tuple[Worker, grpc.aio.Call, bool]:
-        candidates = self.balancer.order(self.decode.ready_workers(), avoid)
+        need = len(req.prompt_token_ids) + 1  # D reserves the prompt; output pages come later
+        candidates = self.balancer.order(self.decode.ready_workers(), avoid, need)
         if not candidates:
             raise NoReadyWorker("decode")
         refused = 0

@@ -107,11 +107,13 @@ class FakeDecode(FakeWorker, decode_pb2_grpc.DecodeServiceServicer):
         self.die_after: int | None = None  # tokens streamed before the worker "dies"
         self.token_delay = 0.0
         self.streamed = 0
+        self.free_kv_tokens = 100_000
         self.send_headers = True  # confirm the reservation with response headers
         self.reserve_delay = 0.0  # seconds before the reservation is registered
 
     def load(self) -> dict:
-        return {"running": self.used, "free_slots": self.capacity - self.used}
+        return {"running": self.used, "free_slots": max(0, self.capacity - self.used),
+                "free_kv_tokens": self.free_kv_tokens}
 
     async def Generate(self, request, context):
         if self.used >= self.capacity:
@@ -432,3 +434,17 @@ async def test_pool_follows_the_resolver(cluster):
         assert pool.ready_workers() == []
     finally:
         await pool.close()
+
+
+async def test_decode_choice_skips_workers_reported_too_full(cluster):
+    decodes, prefills, router = cluster
+    client, backend = await router()
+    decodes[0].free_kv_tokens = 10  # the idler worker reports too little KV room
+    decodes[1].used, decodes[1].capacity = 3, 11  # busier, but with room
+    await backend.decode.wait_refreshed()
+    out = await client.completions.create(model="tiny", prompt="x" * 40, max_tokens=2)
+    assert out.choices[0].text == ref_text("x" * 40, 2)
+    assert not decodes[0].requests and len(decodes[1].requests) == 1
+    # A short prompt fits the idler worker again.
+    await client.completions.create(model="tiny", prompt="y", max_tokens=2)
+    assert len(decodes[0].requests) == 1
