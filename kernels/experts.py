@@ -15,7 +15,9 @@ The output for token t is sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x_t
 (token, slot) contribution is computed in fp32 (the intermediate relu2 activation rounded to
 x.dtype, as the fused kernel keeps it) and the slots are added in slot order 0..k-1, so the
 result does not depend on which process computed which contribution (expert parallelism
-relies on this). The "torch" backend is the reference; "triton" runs the fused MoE kernels.
+relies on this). The "torch" backend is the reference; "triton" runs the Triton kernels:
+moe_decode (no sort, two launches) when a batch has about one pair per expert or fewer,
+fused_moe (pairs sorted into expert blocks, grouped GEMMs) otherwise.
 """
 
 from __future__ import annotations
@@ -176,7 +178,11 @@ class QuantExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor) -> torch.Tensor:
-        """x [T, K], topk_ids [T, k] int64, topk_weights [T, k] fp32 -> [T, K] in x.dtype."""
+        """x [T, K], topk_ids [T, k] int64, topk_weights [T, k] fp32 -> [T, K] in x.dtype.
+
+        Ids must lie in [0, num_experts) (route() gives such): the torch backend raises
+        ValueError otherwise; the Triton kernels do not check (that would wait on the GPU).
+        """
         self._check_routing(x, topk_ids, topk_weights)
         t, k = topk_ids.shape
         if self.backend == "triton":
@@ -211,6 +217,12 @@ class QuantExperts(nn.Module):
         first, last = self.expert_range
         out = torch.zeros(expert_ids.shape[0], self.in_features, dtype=torch.float32,
                           device=x.device)
+        if expert_ids.numel() and not (0 <= int(expert_ids.min())
+                                       and int(expert_ids.max()) < self.num_experts):
+            raise ValueError(
+                f"expert ids span [{int(expert_ids.min())}, {int(expert_ids.max())}]; allowed: "
+                f"[0, num_experts={self.num_experts})"
+            )
         local = (expert_ids >= first) & (expert_ids < last)
         pair_ids = torch.nonzero(local).squeeze(1)
         if pair_ids.numel() == 0:

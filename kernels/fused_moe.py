@@ -16,6 +16,9 @@ captured in a CUDA graph):
     out           fp32 [P, K]   weight * down(hidden): each pair written once (no atomics,
                                 so repeated runs give the same bits); foreign pairs stay 0
 
+QuantExperts.forward runs moe_forward (expert_outputs, then the slots of each token added in
+order 0..k-1 by one kernel); batches of about one pair per expert go to moe_decode instead.
+
 Weights are read in their stored format (WEIGHT_FMT): bf16/fp16/fp32 as is, NVFP4 decoded
 from E2M1 + e4m3 block scales in registers (exact in bf16; the per-expert global scale is
 applied to the fp32 accumulator), FP8 e4m3 decoded exactly with the per-expert (or
@@ -233,10 +236,14 @@ def expert_outputs(module, x: torch.Tensor, token_ids: torch.Tensor, expert_ids:
     if x.dim() != 2 or x.shape[1] != k_dim:
         raise ValueError(f"x must be [T, {k_dim}] (in_features), got {tuple(x.shape)}")
     check_triton_device(x, module.up_weight)
-    out = torch.zeros(p, k_dim, dtype=torch.float32, device=x.device)
+    first, last = module.expert_range
+    # Only held pairs are written: with every expert held (ids come from the router, in
+    # range) no row is left, and zeroing P x K fp32 would cost a pass over the output.
+    holds_all = (first, last) == (0, module.num_experts)
+    out = (torch.empty if holds_all else torch.zeros)(p, k_dim, dtype=torch.float32,
+                                                       device=x.device)
     if p == 0:
         return out
-    first, last = module.expert_range
     num_local = last - first
     cfg = config or moe_config(x.shape[0], p, num_local, max(i_dim, k_dim), k_dim, x.device)
     aligned = align_pairs(expert_ids, first, num_local, cfg.block_m)

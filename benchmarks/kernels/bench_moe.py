@@ -1,7 +1,7 @@
 """NVFP4 MoE and W4A16 GEMM kernels against bf16 torch and the bf16 roofline (GPU).
 
     python benchmarks/kernels/bench_moe.py [--what moe,gemm] [--tokens 1,8,...] [--out FILE]
-    python benchmarks/kernels/bench_moe.py --smoke --out /tmp/x.md   # tiny shapes, CPU
+    python benchmarks/kernels/bench_moe.py --smoke --out smoke.md   # tiny shapes, CPU
 
 Shapes: the Nemotron 3 Nano MoE (hidden 2688, 128 experts, top-6, intermediate 1856) and a
 Nemotron 3 Super-like LatentMoE (experts in the latent width 1024 of hidden 4096, 512

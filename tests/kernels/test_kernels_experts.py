@@ -162,6 +162,8 @@ def test_bad_arguments_raise_clear_errors():
         module(x, ids.int(), w)
     with pytest.raises(ValueError, match="topk_weights must be float32"):
         module(x, ids, w.double())
+    with pytest.raises(ValueError, match=r"expert ids span \[0, 4\]"):
+        module(x, torch.tensor([[0, 4]] * 3), w)
     with pytest.raises(ValueError, match="expert_range"):
         QuantExperts(4, 16, 32, expert_range=(2, 5))
     with pytest.raises(ValueError, match="intermediate=40"):
