@@ -231,3 +231,17 @@ def test_simulate_command_reports_bad_input(tmp_path, capsys):
         assert baton_main(["simulate", *args, "--out", str(tmp_path / "o.json")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "o.json").exists()
+
+
+def test_committed_traces_come_from_the_committed_generator(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate", TRACES / "generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    assert generate.main(["--out-dir", str(tmp_path)]) == 0
+    for name in ("surging", "diurnal"):
+        assert (tmp_path / f"{name}.csv").read_bytes() == (TRACES / f"{name}.csv").read_bytes()
+    # the stated shapes: 3x between base and peak, ~10x between trough and peak
+    assert generate.surging_rate(1650) / generate.surging_rate(0) == pytest.approx(3.0)
+    assert generate.diurnal_rate(1800) / generate.diurnal_rate(0) == pytest.approx(10.0)
