@@ -1,0 +1,66 @@
+"""`baton router` start-up: configuration, the checkpoint's tokenizer, and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from baton.operator.spec import WorkerConfig
+from baton.workers.router.balancer import Balancer
+from baton.workers.router.discovery import DnsResolver, StaticResolver
+from baton.workers.router.main import build_router, main
+from baton.workers.router.tokenization import CheckpointTokenizer
+
+TINY = Path(__file__).resolve().parents[3] / "examples" / "tiny"
+
+
+def config(tmp_path: Path, **router) -> Path:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({
+        "model": "tiny", "servedModelName": "tiny-chat", "modelPath": str(TINY),
+        "engine": {"maxModelLen": 256},
+        "router": {"routing": "round-robin", "maxQueuedRequests": 3,
+                   "requestTimeoutSeconds": 42, "transferTimeoutSeconds": 7, **router}}))
+    return path
+
+
+def test_build_router_from_worker_config(tmp_path):
+    cfg = WorkerConfig.load(config(tmp_path))
+    router = build_router(cfg, "10.0.0.1:50051,10.0.0.2:50051", "tiny-decode.llm.svc:50051")
+    s = router.settings
+    assert (s.served_model_name, s.max_model_len, s.request_timeout_s,
+            s.max_queued_requests) == ("tiny-chat", 256, 42, 3)
+    backend = router.backend
+    assert backend.transfer_timeout_s == 7
+    assert isinstance(backend.balancer, Balancer) and backend.balancer.routing == "round-robin"
+    assert backend.prefill.resolver == StaticResolver(("10.0.0.1:50051", "10.0.0.2:50051"))
+    assert backend.decode.resolver == DnsResolver("tiny-decode.llm.svc", 50051)
+    assert router.metrics.labels.role == "router" and router.metrics.labels.model == "tiny"
+
+
+def test_checkpoint_tokenizer_renders_the_chat_template():
+    tok = CheckpointTokenizer(TINY)
+    assert tok.vocab_size == 512
+    messages = [{"role": "user", "content": "Hi"}]
+    assert tok.decode(tok.render_chat(messages, {})).endswith("assistant\n<think>\n")
+    without = tok.decode(tok.render_chat(messages, {"enable_thinking": False}))
+    assert without.endswith("assistant\n<think></think>") and "Hi" in without
+    assert tok.decode(tok.encode("hello world")) == "hello world"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prefill", "h:1", "--decode", "h:2"], "No such file"),
+    (["--prefill", "nope", "--decode", "h:2"], "host:port"),
+])
+def test_main_reports_bad_setup(tmp_path, capsys, args, message):
+    cfg = config(tmp_path) if "nope" in args else tmp_path / "missing.json"
+    assert main(["--config", str(cfg), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_main_reports_a_missing_api_keys_file(tmp_path, capsys):
+    cfg = config(tmp_path, apiKeysFile=str(tmp_path / "no-keys"))
+    assert main(["--config", str(cfg), "--prefill", "h:1", "--decode", "h:2"]) == 2
+    assert "no-keys" in capsys.readouterr().err
