@@ -281,6 +281,7 @@ class Router:
         timeout_s = self.settings.request_timeout_s
         stream = None
         gen: GenerationRequest | None = None
+        generation: Generation | None = None
         outcome = "error"
         self.running += 1
         try:
@@ -323,6 +324,10 @@ class Router:
                     response = _error_response(deadline_exceeded(timeout_s))
                 except WorkerFailure as exc:
                     response = _error_response(backend_failure(str(exc)))
+                except Exception:
+                    log.exception("request %s failed", request[REQUEST_ID])
+                    response = _error_response(ApiError(500, "internal error in the router",
+                                                        type="server_error"))
             if outcome == "success":
                 self.metrics.request_duration.observe(time.monotonic() - t_arrival)
             return response
@@ -338,6 +343,11 @@ class Router:
                 await asyncio.shield(stream.aclose())
             self.metrics.request_finished(outcome)
             self.queue.notify()
+            log.info("request %s %s %s: %d prompt + %d completion tokens in %.3f s",
+                     request[REQUEST_ID], request.path, outcome,
+                     len(gen.prompt_ids) if gen is not None else 0,
+                     generation.completion_tokens if generation is not None else 0,
+                     time.monotonic() - t_arrival)
 
     def _envelope(self, generation: Generation, object_name: str) -> dict[str, Any]:
         prefix = "chatcmpl-" if generation.parsed.endpoint == "chat" else "cmpl-"
