@@ -141,7 +141,7 @@ def moe_config(num_tokens: int, num_pairs: int, num_experts: int, n: int, k: int
         return MoEConfig(16, _pow2_at_least(n, 16, 64), _pow2_at_least(k, 32, 128))
     rows_per_expert = num_pairs / max(num_experts, 1)
     if num_tokens <= 64 or rows_per_expert <= 16:
-        return MoEConfig(16, 64, 256 if k >= 256 else 128, num_warps=4, num_stages=4)
+        return MoEConfig(16, 64, 128, num_warps=4, num_stages=4)
     if rows_per_expert <= 96:
         return MoEConfig(64, 128, 64, num_warps=4, num_stages=4)
     return MoEConfig(128, 128, 64, num_warps=8, num_stages=3)

@@ -126,8 +126,9 @@ def gemm_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig:
         return GemmConfig(_pow2_at_least(m, 16, 64), _pow2_at_least(n, 16, 64),
                           _pow2_at_least(k, 32, 128))
     if m <= 64:
-        cfg = GemmConfig(_pow2_at_least(m, 16, 64), 64, 256 if m <= 16 else 128,
-                         num_warps=4, num_stages=4)
+        # A [64, 128] weight tile decodes to 64 fp32 values per thread of 4 warps; deeper
+        # K tiles would spill. Split K supplies the parallelism instead.
+        cfg = GemmConfig(_pow2_at_least(m, 16, 64), 64, 128, num_warps=4, num_stages=4)
     elif m <= 256:
         cfg = GemmConfig(64, 128, 64, num_warps=4, num_stages=4)
     else:
