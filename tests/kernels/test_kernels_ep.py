@@ -109,6 +109,55 @@ def test_expert_parallel_with_triton_experts():
                                atol=1.6e-2 * ref.abs().max())
 
 
+def meta_shard(rank, world, port, queue):
+    """What the model loader does: shard a meta-device model, then materialize it."""
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world)
+        try:
+            with torch.device("meta"):
+                model = nn.ModuleDict({"moe": QuantExperts(6, 32, 16, "nvfp4")})
+            names = set(model.state_dict())
+            shard_experts(model, dist.group.WORLD)
+            model.to_empty(device="cpu")
+            sharded = model["moe"]
+            queue.put((rank, (names == set(model.state_dict()), sharded.expert_range,
+                              tuple(sharded.up_weight.shape),
+                              tuple(sharded.down_weight_scale_2.shape))))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        queue.put((rank, traceback.format_exc()))
+
+
+def test_shard_a_meta_model_keeps_names_and_splits_unevenly():
+    ctx = multiprocessing.get_context("fork")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=meta_shard, args=(r, 4, port, queue)) for r in range(4)]
+    for proc in procs:
+        proc.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=30)
+    # 6 experts over 4 ranks: [0, 1), [1, 3), [3, 4), [4, 6).
+    expected = {0: (0, 1), 1: (1, 3), 2: (3, 4), 3: (4, 6)}
+    for rank, result in results.items():
+        assert not isinstance(result, str), f"rank {rank} failed:\n{result}"
+        same_names, expert_range, up_shape, scale2_shape = result
+        first, last = expected[rank]
+        assert same_names and expert_range == (first, last)
+        assert up_shape == (last - first, 16, 16) and scale2_shape == (last - first,)
+
+
 def test_ep_group_arithmetic_and_errors():
     with pytest.raises(ValueError, match="init_process_group"):
         EPGroup()
+    group = EPGroup.__new__(EPGroup)  # the arithmetic needs no process group
+    group.group, group.rank, group.size = None, 1, 4
+    assert [group.expert_range(6, r) for r in range(4)] == [(0, 1), (1, 3), (3, 4), (4, 6)]
+    assert group.expert_range(8) == (2, 4)
+    assert group.owners(torch.arange(6), 6).tolist() == [0, 1, 1, 2, 3, 3]
+    assert [group.token_range(3, r) for r in range(4)] == [(0, 0), (0, 1), (1, 2), (2, 3)]
+    with pytest.raises(ValueError, match="num_experts=3"):
+        group.expert_range(3)
