@@ -331,6 +331,46 @@ def test_killed_sender_mid_transfer_releases_everything(cluster):
     assert decode.metric("baton_ssm_state_slots_usage_ratio", role="decode") == 0.0
 
 
+def test_killed_prefill_worker_mid_transfer_releases_everything(cluster):
+    """A real prefill worker, killed while it streams a long prompt chunk by chunk."""
+    decode = cluster["decode"]
+    config = json.loads(cluster["config"].read_text())
+    config["prefill"]["maxBatchTokens"] = 32  # the prompt takes many steps: a long transfer
+    slow_config = cluster["tmp"] / "slow-prefill.json"
+    slow_config.write_text(json.dumps(config))
+    prefill = Worker("prefill", slow_config, cluster["tmp"])
+    try:
+        prefill.wait_serving()
+        request_id = "victim-" + uuid.uuid4().hex
+        prompt = _prompt(MAX_MODEL_LEN - 8, 13)
+        stream = decode_pb2_grpc.DecodeServiceStub(decode.channel).Generate(
+            decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
+                                       sampling=_sampling(4)), timeout=120)
+        stream.initial_metadata()
+        answer = prefill_pb2_grpc.PrefillServiceStub(prefill.channel).Prefill.future(
+            prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,
+                                       sampling=_sampling(4), decode_target=decode.address),
+            timeout=120)
+        _wait_until(lambda: re.search(f"state arrived request={request_id}", decode.log()))
+        prefill.proc.send_signal(signal.SIGKILL)
+        prefill.proc.wait(10)
+        arrived = len(re.findall(f"state arrived request={request_id}", decode.log()))
+        with pytest.raises(grpc.RpcError):
+            answer.result()
+        with pytest.raises(grpc.RpcError) as err:
+            list(stream)
+        assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        # Mid-transfer: some layer states had arrived, and the stream failed instead of
+        # decoding (a complete transfer would have let D decode without P).
+        assert arrived >= 1
+        _wait_until(lambda: decode.load().kv_cache_usage_ratio == 0.0)
+        assert decode.load().ssm_state_slots_usage_ratio == 0.0
+        assert decode.metric("baton_kv_cache_usage_ratio", role="decode") == 0.0
+        assert decode.metric("baton_ssm_state_slots_usage_ratio", role="decode") == 0.0
+    finally:
+        prefill.stop()
+
+
 def test_corrupted_chunk_is_detected_by_the_decode_worker(cluster):
     from baton.workers.engine import LayerState, StateKind
     from baton.workers.transfer import FailureReason, FirstToken, GrpcTransport, TransferError
