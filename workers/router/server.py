@@ -290,6 +290,11 @@ class Router:
                 if parsed.model != self.settings.served_model_name:
                     raise model_not_found(parsed.model)
                 prompt_ids = await self._prompt_ids(parsed)
+                vocab = self.tokenizer.vocab_size
+                if any(t >= vocab for t in parsed.stop_token_ids):
+                    raise bad_request(f"stop_token_ids: ids must be below the vocabulary size "
+                                      f"{vocab}, got {parsed.stop_token_ids}",
+                                      param="stop_token_ids", code="invalid_value")
                 sampling = Sampling(
                     max_tokens=self._max_tokens(parsed, len(prompt_ids)),
                     temperature=parsed.temperature, top_p=parsed.top_p, top_k=parsed.top_k,

@@ -173,6 +173,8 @@ async def test_chat_logprobs(router_url):
     ({"extra_body": {"max_tokens": 1.5}}, "max_tokens"),
     ({"extra_body": {"stop": [1]}}, "stop"),
     ({"extra_body": {"bogus": 1}}, "bogus"),
+    ({"extra_body": {"stop_token_ids": [257]}}, "stop_token_ids"),
+    ({"extra_body": {"stop_token_ids": [-1]}}, "stop_token_ids"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"extra_body": {"stream_options": {"include_usage": True}}}, "stream_options"),
 ])
