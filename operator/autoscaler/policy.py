@@ -33,9 +33,10 @@ replicas it could schedule when its pods stayed Pending (the pool counts as full
 stabilization window has passed since Pending pods were last seen). Each role keeps at least
 one replica: a role without workers answers 503 and its demand would never show in metrics.
 
-Scale-up is immediate. Scale-down follows the largest planned demand within the
+Scale-up is immediate. Scale-down follows the largest demand within the
 scaleDownStabilizationSeconds window (the HPA's rule), so no replica is removed inside the
-window after the demand that needed it. Missing metrics hold the last decision.
+window after the demand that needed it; the trend's forecast is not held (capacity added
+ahead of a rise that stops was never needed). Missing metrics hold the last decision.
 """
 
 from __future__ import annotations
@@ -126,8 +127,8 @@ class PolicyState:
     last_boost: dict[str, float] = field(default_factory=dict)
     """Per role, when an attainment breach last boosted it."""
     recent_demand: tuple[tuple[float, float, float, float, float], ...] = ()
-    """(time, measured prefill and decode token rates, planned prefill and decode demand)
-    within the stabilization window (planned: with queued work, trend and boost)."""
+    """(time, measured prefill and decode token rates, needed prefill and decode demand)
+    within the stabilization window (needed: with queued work and boost, without trend)."""
     full_pools: dict[str, tuple[float, int]] = field(default_factory=dict)
     """"role/pool" -> (when Pending pods were last seen, replicas the pool could schedule)."""
     observing_since: float | None = None
@@ -333,6 +334,7 @@ def decide(spec: ModelSpec, observation: Observation | None,
                    "decode": ("itl", observation.itl_attainment)}
     recent = tuple(entry for entry in state.recent_demand if now - entry[0] < window)
     measured: dict[str, float] = {}
+    forecast = {role: 0.0 for role in ROLES}
     for index, role in enumerate(ROLES):
         capacity = capacities[role]
         demand, steady = _role_demand(role, observation, spec,
@@ -348,7 +350,7 @@ def decide(spec: ModelSpec, observation: Observation | None,
                         TREND_MAX_GROWTH * steady)
             if ahead > 0.01 * demand:
                 notes[role].append(f"rising {slope * 60:.3g}/min")
-            demand += ahead
+            forecast[role] = ahead
         label, attained = attainments[role]
         if attained is not None and attained < auto.targets.attainment - _EPS:
             notes[role].append(f"{label} attainment {attained:.3f} < "
@@ -366,7 +368,9 @@ def decide(spec: ModelSpec, observation: Observation | None,
         raw[role] = demand
 
     recent += ((now, measured["prefill"], measured["decode"], raw["prefill"], raw["decode"]),)
-    stable = {"prefill": max(e[3] for e in recent), "decode": max(e[4] for e in recent)}
+    # the window holds what was needed; the forecast only leads a rise (it is not held)
+    stable = {"prefill": max(max(e[3] for e in recent), raw["prefill"] + forecast["prefill"]),
+              "decode": max(max(e[4] for e in recent), raw["decode"] + forecast["decode"])}
 
     observing_since = now if state.observing_since is None else state.observing_since
     desired: dict[str, dict[str, int]] = {}

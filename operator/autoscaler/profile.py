@@ -4,7 +4,7 @@ The policy turns demand (prompt tokens/s, concurrent sequences) into replicas wi
 `baton simulate` runs its queueing model of the pools on it. The JSON form:
 
     {"prefill_tokens_per_second": 16000,
-     "decode_step_seconds": {"1": 0.005, "8": 0.0065, "32": 0.010, "128": 0.022},
+     "decode_step_seconds": {"1": 0.004, "8": 0.0074, "32": 0.0139, "128": 0.0225},
      "max_decode_batch": 128}
 
 A replica of a pool with relativeSpeed s prefills s times as many tokens per second, takes
@@ -16,11 +16,12 @@ DEFAULT_PROFILE: one H100 (80 GB HBM3) running a Nemotron 3 Nano-like model (30B
 the GPU, the numbers are a roofline estimate at stated efficiencies, not a measurement:
 - prefill: 2 * 3.2e9 FLOP per token; 989 TFLOP/s dense BF16 at ~10% end-to-end efficiency
   (W4A16 dequantization, Mamba scans, MoE routing, state transfer) gives ~16k tokens/s.
-- decode step at batch b: weight bytes read (non-expert ~1.2e9 parameters plus the share of
-  the 128 experts (top-6) the batch touches, 1-(1-6/128)^b, at 0.56 bytes per parameter)
-  plus the Mamba state read and written per sequence (~47 MiB fp32 each way), at ~45% of
-  3.35 TB/s, plus ~3 ms of launch and scheduling overhead per step: about 5, 6.5, 10 and
-  22 ms at batch 1, 8, 32 and 128 (~200 tokens/s for a single stream).
+- decode step at batch b: weight bytes read (~1.2e9 non-expert parameters plus the share
+  of the ~28.8e9 expert parameters (128 experts, top-6) the batch touches, 1-(1-6/128)^b, at
+  0.56 bytes per parameter) plus the Mamba state read and written per sequence (~47 MiB
+  fp32 each way), at ~45% of 3.35 TB/s, plus ~3 ms of launch and scheduling overhead per
+  step: 4.0, 7.4, 13.9 and 22.5 ms at batch 1, 8, 32 and 128 (~250 tokens/s for a single
+  stream).
 - max_decode_batch: 128 sequences fit beside the weights (~18 GB) with their Mamba state
   (47 MiB each) and 8k tokens of KV each (~6 KiB per token).
 """
@@ -152,7 +153,7 @@ class ReplicaProfile:
 
 DEFAULT_PROFILE = ReplicaProfile(
     prefill_tokens_per_second=16000.0,
-    decode_step_seconds=((1, 0.005), (8, 0.0065), (32, 0.010), (128, 0.022)),
+    decode_step_seconds=((1, 0.0040), (8, 0.0074), (32, 0.0139), (128, 0.0225)),
     max_decode_batch=128,
 )
 
