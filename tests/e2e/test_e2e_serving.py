@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import random
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -199,3 +200,41 @@ def test_decode_worker_killed_mid_stream_continues_on_the_other(cluster, client,
     # Every token exactly once, equal to the reference: no duplicate and no gap at the seam.
     e2e.assert_matches_reference(got, reference(prompt, n), "stream across a decode worker death")
     assert "retrying on other workers" in cluster["router"].log(200)
+
+
+def test_draining_decode_worker_finishes_its_stream_and_gets_no_new_work(cluster, client,
+                                                                          reference, e2e):
+    # Runs after the kill test: one decode worker is left. SIGTERM makes it drain.
+    (survivor,) = [d for d in cluster["decodes"] if d.proc.poll() is None]
+    retries_before = cluster["router"].log(1000).count("retrying on other workers")
+    prompt = list(range(100, 130))
+    n = 200
+    stream = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=n, temperature=0, logprobs=1, stream=True,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    got: list[tuple[int, float]] = []
+    finish = None
+    drained = False
+    for chunk in stream:
+        lp = chunk.choices[0].logprobs if chunk.choices else None
+        if lp is not None:
+            got += [(int(t.removeprefix("token_id:")), p)
+                    for t, p in zip(lp.tokens, lp.token_logprobs)]
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+        if not drained and len(got) >= 10 and finish is None:
+            drained = True
+            survivor.kill(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while httpx.get(cluster["url"] + "/ready").status_code != 503:
+                assert time.monotonic() < deadline, "the router still counts the worker ready"
+                time.sleep(0.1)
+            # No new work for a draining worker: with no other decode worker, a 503.
+            with pytest.raises(openai.InternalServerError) as info:
+                client.completions.create(model="tiny", prompt="new work", max_tokens=2)
+            assert info.value.status_code == 503
+    assert drained and finish == "length"
+    # The stream in flight finished on the draining worker itself, without a retry.
+    e2e.assert_matches_reference(got, reference(prompt, n), "stream on a draining worker")
+    assert cluster["router"].log(1000).count("retrying on other workers") == retries_before
+    assert survivor.proc.wait(timeout=60) == 0
