@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	# CPU wheels first: a looser torch requirement would pull a multi-GB CUDA build.
 	$(PIP) torch==2.13.0 triton==3.8.0 numpy
-	$(PIP) -e '.[kernels,operator,test]'
+	$(PIP) -e '.[kernels,operator,simulate,test]'
 	touch $(STAMP)
 
 install: $(STAMP)
