@@ -149,7 +149,10 @@ class WorkerPool:
         return [w for w in self.workers.values() if w.ready]
 
     async def start(self) -> None:
-        await self.refresh()
+        try:
+            await self.refresh()
+        except Exception:  # the router serves (503s) and keeps trying
+            log.exception("the first look for %s workers failed", self.role)
         self._task = asyncio.create_task(self._loop(), name=f"baton-{self.role}-discovery")
 
     async def close(self) -> None:
