@@ -363,3 +363,35 @@ def test_receiver_failure_on_commit_releases_and_tells_the_sender(decode_side):
     assert err.value.reason is FailureReason.UNAVAILABLE
     assert "could not commit" in err.value.message
     assert target.released.is_set() and incoming.state is TransferState.FAILED
+
+
+def test_backpressure_never_outlives_the_deadline(decode_side):
+    """An engine thread blocked on a full queue is let go when the transfer's deadline ends
+    the call, even while the receiver is stuck."""
+    receiver, address = decode_side
+    unblock = threading.Event()
+    target = RecordingTarget(block_writes=unblock)
+    receiver.expect("r11", 64, target, _deadline(30))
+    transport = GrpcTransport(FINGERPRINT, chunk_bytes=1 << 20, max_queued_bytes=1 << 20)
+    sender = transport.open(address, "r11", 64, _deadline(1.0))
+    big = [LayerState(i, StateKind.KV, 0, 64, torch.full((2, 64, 16, 256), float(i)))
+           for i in range(48)]
+    outcome: list = []
+
+    def engine():
+        try:
+            for state in big:
+                sender.on_layer(state)
+            outcome.append("returned")
+        except TransferError as e:
+            outcome.append(e.reason)
+
+    thread = threading.Thread(target=engine)
+    started = time.monotonic()
+    thread.start()
+    thread.join(10)
+    unblock.set()
+    assert not thread.is_alive() and time.monotonic() - started < 8
+    assert outcome == [FailureReason.DEADLINE_EXCEEDED]
+    with pytest.raises(TransferError):
+        sender.finish(FirstToken(1))
