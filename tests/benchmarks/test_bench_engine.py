@@ -1,0 +1,99 @@
+"""The engine benchmark runs end to end on a tiny model on the CPU (engine, transformers,
+roofline, report), so the GPU run does not find a broken script; its byte formulas are
+checked against independent counts."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "engine" / "bench_engine.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_engine_smoke", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_engine_smoke_writes_the_table(bench, tmp_path):
+    assert bench.main(["--smoke", "--batches", "1,3", "--out", str(tmp_path)]) == 0
+    (report,) = tmp_path.glob("*-cpu-engine.md")
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}-cpu-engine\.md", report.name)
+    text = report.read_text()
+    assert "torch " in text and "triton " in text and "transformers " in text
+    rows = [line for line in text.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [row.split("|")[1].strip() for row in rows] == ["1", "3"]
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == len(bench.HEADER)
+        assert all(c not in ("", "-", "inf", "nan") for c in cells), row
+        assert float(cells[1].replace(",", "")) > 0  # engine prefill tokens/s
+        assert float(cells[9].replace(",", "")) > 0  # bytes of a step
+    parity = float(re.search(r"relative error ([0-9.e+-]+)", text).group(1))
+    assert parity <= bench.PARITY_LIMIT
+    assert "FAILED" not in text
+
+
+def test_bench_engine_refuses_bad_batches(bench):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--smoke", "--batches", "1,0"])
+    with pytest.raises(ValueError, match="--batches"):
+        bench.parse_batches("1,x")
+
+
+def test_expected_distinct_experts_matches_sampling(bench):
+    from shapes import expected_distinct_experts
+
+    assert expected_distinct_experts(128, 6, 1) == pytest.approx(6)
+    assert expected_distinct_experts(128, 6, 0) == 0
+    assert expected_distinct_experts(128, 6, 4096) == pytest.approx(128)
+    gen = torch.Generator().manual_seed(0)
+    trials, tokens = 400, 16
+    scores = torch.rand(trials, tokens, 128, generator=gen)
+    chosen = scores.topk(6, dim=-1).indices  # uniformly random 6 of 128 per token
+    hit = torch.zeros(trials, 128).scatter_(1, chosen.reshape(trials, -1), 1.0)
+    assert hit.sum(1).mean().item() == pytest.approx(
+        expected_distinct_experts(128, 6, tokens), rel=0.01)
+    with pytest.raises(ValueError, match="top_k"):
+        expected_distinct_experts(8, 9, 1)
+
+
+def test_step_bytes_account_for_every_checkpoint_byte(bench, tmp_path):
+    from safetensors import safe_open
+    from shapes import SMOKE
+
+    from baton.workers.engine import Engine, EngineConfig
+    from baton.workers.model import load_model
+    from baton.workers.model.checkpoint import write_random_checkpoint
+
+    path = write_random_checkpoint(tmp_path / "ckpt", SMOKE, dtype=torch.bfloat16,
+                                   tokenizer=False)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        on_disk = sum(t.numel() * t.element_size() for t in map(f.get_tensor, f.keys()))
+    model = load_model(path, dtype=torch.bfloat16, kernels="torch")
+    engine = Engine(model, EngineConfig(num_pages=8, max_num_seqs=2, max_model_len=64))
+    sizes = bench.model_sizes(model, engine)
+    experts = sum(per * e for per, e, _ in sizes.expert_bytes)
+    assert len(sizes.expert_bytes) == SMOKE["hybrid_override_pattern"].count("E")
+    assert sizes.dense_bytes + SMOKE["vocab_size"] * sizes.embedding_row_bytes + experts == \
+        on_disk
+    # A Mamba layer's state: conv (conv_dim x (d_conv - 1), model dtype) + SSM (fp32).
+    heads, head_dim, n = SMOKE["mamba_num_heads"], SMOKE["mamba_head_dim"], SMOKE["ssm_state_size"]
+    conv_dim = heads * head_dim + 2 * SMOKE["n_groups"] * n
+    per_layer = conv_dim * (SMOKE["conv_kernel"] - 1) * 2 + heads * head_dim * n * 4
+    assert sizes.slot_bytes == SMOKE["hybrid_override_pattern"].count("M") * per_layer
+    assert sizes.kv_token_bytes == 2 * SMOKE["num_key_value_heads"] * SMOKE["head_dim"] * 2
+    # Batch 1 touches top-k experts per MoE layer; the state counts read + write.
+    per, e, k = sizes.expert_bytes[0]
+    one = sizes.dense_bytes + sizes.embedding_row_bytes + 3 * per * k + 2 * sizes.slot_bytes \
+        + 11 * sizes.kv_token_bytes
+    assert sizes.step_bytes(1, context=10) == pytest.approx(one)
