@@ -312,9 +312,13 @@ def router_deployment(model: Model, *, has_monitoring_api: bool, image: str,
     template_annotations = {CONFIG_HASH_ANNOTATION: config_hash}
     if not has_monitoring_api:
         template_annotations.update(_scrape_annotations(ROUTER_PORT))
+    # The router tokenizes and renders chat templates itself: it reads tokenizer.json,
+    # tokenizer_config.json and config.json from the checkpoint (too large for a ConfigMap).
     volumes = [{"name": "config", "configMap": {"name": object_name(model, "config")}},
+               _model_volume(model),
                {"name": "tmp", "emptyDir": {}}]
     mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+              _model_mount(model),
               {"name": "tmp", "mountPath": "/tmp"}]
     if router.api_keys_secret:
         volumes.append({"name": "api-keys", "secret": {

@@ -153,6 +153,12 @@ def test_services_router_and_config():
     cfg = WorkerConfig.from_dict(json.loads(
         objects[("ConfigMap", "nano-config")]["data"]["worker-config.json"]))
     assert cfg.model_path == "/models/source" and cfg.namespace == "llm"
+    # The router reads the tokenizer and chat template from the checkpoint at modelPath.
+    router_mounts = {m["mountPath"]: m for m in router_container["volumeMounts"]}
+    assert router_mounts[cfg.model_path]["readOnly"] is True
+    router_volumes = {v["name"]: v for v in router["spec"]["template"]["spec"]["volumes"]}
+    assert router_volumes[router_mounts[cfg.model_path]["name"]]["persistentVolumeClaim"][
+        "readOnly"] is True
     assert [(p.name, p.fp4_path) for p in cfg.pools.prefill] == [("blackwell", "native"),
                                                                 ("hopper", "w4a16")]
     assert [(p.name, p.fp4_path) for p in cfg.pools.decode] == [("blackwell", "native"),
