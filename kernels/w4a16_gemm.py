@@ -60,7 +60,7 @@ def _w4a16_gemm_kernel(
     # pointers
     x_ptr, packed_ptr, scale_ptr, global_scale_ptr, bias_ptr, out_ptr,
     # sizes
-    M, N, K, k_per_split,
+    M, N, K, tiles_per_split,
     # strides
     stride_xm, stride_xk, stride_pn, stride_sn, stride_os, stride_om, stride_on,
     # meta-parameters
@@ -70,8 +70,10 @@ def _w4a16_gemm_kernel(
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
+    # Split boundaries in whole K tiles: the compiler then knows every k0 is a multiple of
+    # BLOCK_K and vectorizes the packed-weight loads.
+    k_start = pid_k * tiles_per_split * BLOCK_K
+    k_end = tl.minimum(k_start + tiles_per_split * BLOCK_K, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -164,14 +166,14 @@ def w4a16_gemm(x: torch.Tensor, packed: torch.Tensor, block_scale: torch.Tensor,
     packed = packed if packed.stride(1) == 1 else packed.contiguous()
     scale = block_scale.view(torch.uint8)
     scale = scale if scale.stride(1) == 1 else scale.contiguous()
-    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-    split = triton.cdiv(k, k_per_split)
+    tiles_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k)
+    split = triton.cdiv(k, tiles_per_split * cfg.block_k)
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32,
                                                 device=x.device)
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
     _w4a16_gemm_kernel[grid](
         x, packed, scale, global_scale, bias if bias is not None else global_scale, target,
-        m, n, k, k_per_split,
+        m, n, k, tiles_per_split,
         x.stride(0), x.stride(1), packed.stride(0), scale.stride(0),
         target.stride(0) if split > 1 else 0, target.stride(-2), target.stride(-1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
