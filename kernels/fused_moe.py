@@ -158,10 +158,77 @@ class AlignedPairs:
     block_m: int
 
 
+@triton.jit
+def _align_kernel(
+    # pointers
+    expert_ids_ptr, sorted_pairs_ptr, block_expert_ptr, shift_ptr,
+    # sizes
+    num_pairs, first, num_local, num_rows, num_blocks,
+    # meta-parameters
+    BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+    FILL: tl.constexpr,
+):
+    """align_pairs in one program (P <= BLOCK_P): one launch instead of ~20 small torch ops.
+    shift_ptr is int32 scratch [BLOCK_E]."""
+    for start in range(0, num_rows, FILL):
+        offs = start + tl.arange(0, FILL)
+        tl.store(sorted_pairs_ptr + offs, num_pairs, mask=offs < num_rows)
+    for start in range(0, num_blocks, FILL):
+        offs = start + tl.arange(0, FILL)
+        tl.store(block_expert_ptr + offs, -1, mask=offs < num_blocks)
+    lanes = tl.arange(0, BLOCK_P)
+    valid = lanes < num_pairs
+    local = (tl.load(expert_ids_ptr + lanes, mask=valid, other=0) - first).to(tl.int32)
+    held = valid & (local >= 0) & (local < num_local)
+    key = tl.where(held, local, BLOCK_E - 1)  # the last bin (>= num_local) is dropped
+    # A stable sort by expert: the lane rides in the low digits of the sort key.
+    ordered = tl.sort(key * BLOCK_P + lanes)
+    sorted_key = ordered // BLOCK_P
+    sorted_pair = ordered % BLOCK_P
+    experts = tl.arange(0, BLOCK_E)
+    counts = tl.where(experts < num_local, tl.histogram(key, BLOCK_E), 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    # Row of the i-th sorted pair = its expert's padded start + (i - its expert's count start).
+    tl.store(shift_ptr + experts,
+             (tl.cumsum(padded, 0) - padded) - (tl.cumsum(counts, 0) - counts))
+    tl.debug_barrier()  # the fills and the shifts are seen by every thread from here
+    sorted_held = sorted_key < num_local
+    row = tl.load(shift_ptr + sorted_key, mask=sorted_held, other=0) + lanes
+    tl.store(sorted_pairs_ptr + row, sorted_pair, mask=sorted_held)
+    # Every block of an expert's group starts with a real pair (padding ends a group).
+    tl.store(block_expert_ptr + row // BLOCK_M, sorted_key,
+             mask=sorted_held & (row % BLOCK_M == 0))
+
+
+ALIGN_MAX_PAIRS = 2048  # one program sorts them; larger batches use the torch ops
+ALIGN_MAX_EXPERTS = 1023
+
+
 def align_pairs(expert_ids: torch.Tensor, first: int, num_local: int,
                 block_m: int) -> AlignedPairs:
     """Sorts pair ids by local expert (stable), pads each expert's group to a multiple of
-    block_m. The buffers are sized by an upper bound, so nothing waits on the device."""
+    block_m; one Triton program for up to ALIGN_MAX_PAIRS pairs, align_pairs_ref beyond.
+    The buffers are sized by an upper bound, so nothing waits on the device."""
+    p = expert_ids.numel()
+    if p > ALIGN_MAX_PAIRS or num_local > ALIGN_MAX_EXPERTS or p == 0:
+        return align_pairs_ref(expert_ids, first, num_local, block_m)
+    check_triton_device(expert_ids)
+    num_blocks = triton.cdiv(p, block_m) + min(num_local, p)
+    rows = num_blocks * block_m
+    device = expert_ids.device
+    sorted_pairs = torch.empty(rows, dtype=torch.int32, device=device)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    block_e = triton.next_power_of_2(num_local + 1)
+    shift = torch.empty(block_e, dtype=torch.int32, device=device)
+    _align_kernel[(1,)](expert_ids.contiguous(), sorted_pairs, block_expert, shift, p, first,
+                        num_local, rows, num_blocks, BLOCK_P=max(16, triton.next_power_of_2(p)),
+                        BLOCK_E=block_e, BLOCK_M=block_m, FILL=1024, num_warps=8)
+    return AlignedPairs(sorted_pairs, block_expert, block_m)
+
+
+def align_pairs_ref(expert_ids: torch.Tensor, first: int, num_local: int,
+                    block_m: int) -> AlignedPairs:
+    """align_pairs in torch ops (any size)."""
     p = expert_ids.numel()
     device = expert_ids.device
     local = expert_ids - first

@@ -101,6 +101,12 @@ def variants():
                     "stride_se": i32, "stride_sn": i32, "stride_om": i32, "stride_on": i32}
         yield (f"moe decode {fmt_name} down", moe_decode._moe_decode_down_kernel, down_sig,
                {**dims, "TOP_K": 22, "stride_hk": 1, "stride_on": 1}, 4, 3)
+    for block_p, block_e, block_m in ((64, 256, 16), (2048, 1024, 64)):
+        yield (f"moe align P<={block_p} E<{block_e} BM={block_m}", fused_moe._align_kernel,
+               {"expert_ids_ptr": "*i64", "sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32",
+                "shift_ptr": "*i32", "num_pairs": i32, "first": i32, "num_local": i32,
+                "num_rows": i32, "num_blocks": i32},
+               {"BLOCK_P": block_p, "BLOCK_E": block_e, "BLOCK_M": block_m, "FILL": 1024}, 8, 3)
     yield ("moe combine", fused_moe._combine_kernel,
            {"slots_ptr": "*fp32", "out_ptr": "*bf16", "K": i32, "stride_st": i32,
             "stride_sj": i32, "stride_ot": i32},

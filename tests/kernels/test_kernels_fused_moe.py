@@ -149,6 +149,18 @@ def test_align_pairs_layout():
     assert aligned.block_expert.cpu().tolist()[:2] == [1, 1]
 
 
+@pytest.mark.parametrize("pairs,experts,first,num_local,block_m", [
+    (9, 10, 2, 4, 2), (100, 16, 0, 16, 16), (37, 8, 3, 3, 16), (2048, 128, 0, 128, 64),
+    (1, 4, 0, 4, 16), (64, 512, 100, 256, 16)])
+def test_align_kernel_equals_torch_ops(pairs, experts, first, num_local, block_m):
+    ids = torch.randint(0, experts, (pairs,), generator=torch.Generator().manual_seed(pairs))
+    ids = ids.to(DEVICE)
+    got = align_pairs(ids, first, num_local, block_m)
+    want = fused_moe.align_pairs_ref(ids, first, num_local, block_m)
+    assert torch.equal(got.sorted_pairs, want.sorted_pairs)
+    assert torch.equal(got.block_expert, want.block_expert)
+
+
 def test_config_per_shape():
     cuda = torch.device("cuda")
     decode = moe_config(8, 48, 128, 2688, 2688, cuda)
