@@ -1,0 +1,452 @@
+"""Disaggregated against aggregated serving, end to end: TTFT and ITL under mixed load.
+
+    python benchmarks/e2e/bench_disagg.py [--long-rates 0.5,1,2,4] [--modes disagg,agg]
+        [--duration 30] [--checkpoint DIR] [--out DIR]
+    python benchmarks/e2e/bench_disagg.py --smoke --out DIR     # tiny model, CPU, seconds
+
+Model: a random Nemotron-3-Nano-shaped checkpoint (benchmarks/engine/shapes.py NANO), written
+once with its tokenizer; the engine dtype is "auto" (bf16 on a GPU).
+
+Modes, each started once as real processes on this machine and fed every rate in turn:
+  disagg      `baton up` on a generated Model YAML: a prefill worker, a decode worker (on
+              the same GPU, its memory split by baton up) and the router; prompts run on the
+              prefill worker and their state crosses to the decode worker over gRPC.
+  disagg-mps  the same under a private CUDA MPS control daemon started for the run
+              (nvidia-cuda-mps-control -d with its own pipe directory), so that the two
+              workers' kernels share the GPU's SMs instead of taking time slices.
+  agg         benchmarks/e2e/aggregated.py: the same router front end over one in-process
+              EngineLoop that chunks prompts into the running decode batch (the decode
+              worker's engine settings).
+
+Load (loadgen.py), per long-prompt rate: open-loop arrivals for --duration seconds of long
+prompts (--long-len tokens, 4096) at that rate and short prompts (--short-len, 256) at
+--short-rate, every request generating --output-len tokens (eos ignored, greedy), streamed
+through /v1/completions with httpx; the same seeded schedule in every mode. One long and one
+short request run first, untimed (Triton compiles). Reported: TTFT p50/p90/p99 (all requests,
+and p99 per kind), ITL p50/p90/p99 (every gap between consecutive tokens), output tokens/s.
+Any failed request fails the run. The table goes to stdout, the report to
+DIR/<date>-<device>-disagg.md and every figure to the .json beside it (default DIR:
+benchmarks/results). The default rates are first guesses for the 8-layer Nano slice on an
+H100: raise them until the aggregated TTFT or ITL breaks away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "engine")]
+import loadgen  # noqa: E402
+from shapes import NANO, SMOKE  # noqa: E402
+
+from baton.workers.local import free_port, http_ok  # noqa: E402
+
+RESULTS = HERE.parent / "results"
+MODES = ("disagg", "disagg-mps", "agg")
+SERVED_NAME = "bench"
+MPS_BINARY = "nvidia-cuda-mps-control"
+STOP_GRACE_S = 60.0
+
+
+# ---------------------------------------------------------------------------- setup
+
+
+def model_yaml(checkpoint: Path, max_model_len: int, max_batch_tokens: int,
+               max_concurrency: int) -> str:
+    """The Model resource both modes serve (baton up reads it; agg reads its WorkerConfig)."""
+    pool = "      - {name: local, minReplicas: 1, maxReplicas: 1}\n"
+    return (
+        "apiVersion: baton.dev/v1alpha1\n"
+        "kind: Model\n"
+        f"metadata: {{name: {SERVED_NAME}, namespace: default}}\n"
+        "spec:\n"
+        f"  source: {{uri: 'file://{checkpoint.resolve()}'}}\n"
+        "  quantization: auto\n"
+        f"  engine: {{maxModelLen: {max_model_len}, kvPageSize: 16, dtype: auto}}\n"
+        "  router: {routing: least-loaded, requestTimeoutSeconds: 900,\n"
+        "           transferTimeoutSeconds: 120, maxQueuedRequests: 4096}\n"
+        "  prefill:\n"
+        f"    maxBatchTokens: {max_batch_tokens}\n"
+        f"    pools:\n{pool}"
+        "  decode:\n"
+        f"    maxConcurrency: {max_concurrency}\n"
+        "    speculativeTokens: 0\n"
+        f"    pools:\n{pool}"
+        "  autoscaling: {enabled: false}\n"
+    )
+
+
+def ensure_checkpoint(folder: Path, config: dict) -> Path:
+    """Writes the random checkpoint (with tokenizer) unless `folder` holds this architecture."""
+    import torch
+
+    from baton.workers.model.checkpoint import write_random_checkpoint
+
+    config_file = folder / "config.json"
+    if (config_file.exists() and list(folder.glob("*.safetensors"))
+            and (folder / "tokenizer.json").exists()):
+        held = json.loads(config_file.read_text())
+        if all(held.get(k) == v for k, v in config.items()):
+            return folder
+    t0 = time.monotonic()
+    write_random_checkpoint(folder, config, seed=0, dtype=torch.bfloat16, tokenizer=True)
+    print(f"wrote the random checkpoint to {folder} in {time.monotonic() - t0:.0f} s",
+          flush=True)
+    return folder
+
+
+def mps_note(smoke: bool) -> str:
+    """Whether CUDA MPS is available or running here, in words for the report."""
+    if smoke:
+        return "not applicable (a CPU run)"
+    binary = shutil.which(MPS_BINARY)
+    pipe = Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"))
+    if (pipe / "control").exists():
+        return (f"an MPS control daemon was running (pipe {pipe}): every CUDA process of "
+                "this run, both modes included, shared the GPU through it")
+    if binary is None:
+        return (f"MPS unavailable ({MPS_BINARY} not found): the prefill and decode workers "
+                "shared the GPU by time slicing")
+    return (f"MPS available ({binary}) but not running: the disagg mode's workers shared "
+            "the GPU by time slicing; the disagg-mps mode starts a private daemon")
+
+
+class PrivateMps:
+    """An MPS control daemon of this run's own (private pipe and log directories)."""
+
+    def __init__(self) -> None:
+        binary = shutil.which(MPS_BINARY)
+        if binary is None:
+            raise RuntimeError(f"disagg-mps: {MPS_BINARY} is not on PATH")
+        self.binary = binary
+        self.root = Path(tempfile.mkdtemp(prefix="baton-mps-"))
+        self.env = {"CUDA_MPS_PIPE_DIRECTORY": str(self.root / "pipe"),
+                    "CUDA_MPS_LOG_DIRECTORY": str(self.root / "log")}
+
+    def __enter__(self) -> dict[str, str]:
+        for d in self.env.values():
+            Path(d).mkdir(parents=True)
+        subprocess.run([self.binary, "-d"], env={**os.environ, **self.env}, check=True,
+                       timeout=60)
+        return self.env
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run([self.binary], input="quit\n", text=True, env={**os.environ, **self.env},
+                       timeout=60, check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class Service:
+    """One mode's processes: started, waited for, stopped (nothing outlives stop())."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path,
+                 port: int) -> None:
+        self.name, self.log_path, self.port = name, log_path, port
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        self._log = open(log_path, "ab")  # closed in stop()
+        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "".join(text.splitlines(True)[-lines:])
+
+    def wait_ready(self, timeout_s: float) -> float:
+        start = time.monotonic()
+        while not http_ok(f"http://127.0.0.1:{self.port}/ready"):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} while "
+                                   f"starting:\n{self.log_tail()}")
+            if time.monotonic() - start > timeout_s:
+                raise RuntimeError(f"{self.name} not ready in {timeout_s:g} s:\n"
+                                   f"{self.log_tail()}")
+            time.sleep(0.3)
+        return time.monotonic() - start
+
+    def stop(self) -> None:
+        # SIGTERM: baton up stops its workers and router; the aggregated server exits.
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                # baton up's children get SIGTERM from the kernel when it dies.
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+def start_mode(mode: str, spec_path: Path, config_path: Path, run_dir: Path,
+               env: dict[str, str]) -> Service:
+    port = free_port()
+    python = sys.executable
+    if mode.startswith("disagg"):
+        argv = [python, "-m", "baton.workers.cli", "up", str(spec_path), "--port", str(port),
+                "--run-dir", str(run_dir / mode), "--ready-timeout", "1200"]
+    else:
+        argv = [python, str(HERE / "aggregated.py"), "--config", str(config_path),
+                "--port", str(port)]
+    return Service(mode, argv, env, run_dir / f"{mode}.log", port)
+
+
+# ---------------------------------------------------------------------------- report
+
+
+HEADER = ["mode", "long req/s", "short req/s", "requests (long + short)", "failed",
+          "TTFT p50 s", "TTFT p90 s", "TTFT p99 s", "short TTFT p99 s", "long TTFT p99 s",
+          "ITL p50 ms", "ITL p90 ms", "ITL p99 ms", "output tok/s"]
+
+
+def _s(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.3f}"
+
+
+def _ms(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x * 1e3:.1f}"
+
+
+def row_cells(s: loadgen.Summary, short_rate: float) -> list[str]:
+    return [s.mode, f"{s.long_rate:g}", f"{short_rate:g}",
+            f"{s.sent['long']} + {s.sent['short']}", str(s.failed),
+            *map(_s, s.ttft), _s(s.ttft_by_kind["short"][2]), _s(s.ttft_by_kind["long"][2]),
+            *map(_ms, s.itl), f"{s.output_tokens_per_s:,.1f}"]
+
+
+def table(summaries: list[loadgen.Summary], short_rate: float) -> list[str]:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    return lines + ["| " + " | ".join(row_cells(s, short_rate)) + " |" for s in summaries]
+
+
+def versions() -> str:
+    import torch
+    import triton
+
+    return f"torch {torch.__version__}, triton {triton.__version__}, " \
+           f"Python {sys.version.split()[0]}"
+
+
+def report(args, summaries, device_name: str, ready: dict[str, float], skipped: list[str],
+           config: dict) -> str:
+    lines = [
+        f"# Disaggregated vs aggregated serving on {device_name}",
+        "",
+        f"Date: {datetime.date.today().isoformat()}. {versions()}.",
+        f"Command: `python benchmarks/e2e/bench_disagg.py {' '.join(args.argv)}`.",
+        "",
+        f"Model: random {'smoke' if args.smoke else 'Nemotron-3-Nano-shaped'} checkpoint, "
+        f"pattern {config['hybrid_override_pattern']}, hidden {config['hidden_size']}, "
+        f"{config['n_routed_experts']} experts top-{config['num_experts_per_tok']}; engine "
+        f"dtype auto; decode maxConcurrency {args.max_concurrency}, prefill maxBatchTokens "
+        f"{args.max_batch_tokens}, no speculative decoding.",
+        f"Load: {args.arrivals} arrivals for {args.duration:g} s per rate; long prompts "
+        f"{args.long_len} tokens, short prompts {args.short_len} tokens at "
+        f"{args.short_rate:g}/s; {args.output_len} output tokens each (greedy, eos ignored); "
+        f"seed {args.seed}; streamed through /v1/completions.",
+        f"MPS: {mps_note(args.smoke)}.",
+        "Time to ready (process start to /ready): "
+        + ", ".join(f"{m} {t:.1f} s" for m, t in ready.items()) + ".",
+        *([f"Skipped: {'; '.join(skipped)}."] if skipped else []),
+        "",
+        *table(summaries, args.short_rate),
+        "",
+        "TTFT: send to first streamed token per request. ITL: every gap between consecutive "
+        "tokens of a request, pooled. Both modes serve through the same router front end; "
+        "see the script's docstring.",
+    ]
+    errors = [f"- {s.mode} at {s.long_rate:g}/s: {e}" for s in summaries for e in s.errors]
+    if errors:
+        lines += ["", "FAILED REQUESTS (first distinct errors):", *errors]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def parse_rates(text: str) -> list[float]:
+    try:
+        rates = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise ValueError(f"--long-rates: {text!r} is not a comma-separated list of numbers") \
+            from None
+    if not rates or any(not (r > 0 and math.isfinite(r)) for r in rates):
+        raise ValueError(f"--long-rates: {text!r} must list rates > 0 (requests per second)")
+    return rates
+
+
+def parse_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if not modes or bad:
+        raise ValueError(f"--modes: {text!r} must list some of {', '.join(MODES)}")
+    return list(dict.fromkeys(modes))
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--modes", default="disagg,agg", help=f"comma-separated: {', '.join(MODES)}")
+    p.add_argument("--long-rates", default=None, help="long prompts per second, one run each "
+                   "(default 0.5,1,2,4; smoke 1)")
+    p.add_argument("--short-rate", type=float, default=None, help="default 4 (smoke 2)")
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds of arrivals per rate (default 30; smoke 1.5)")
+    p.add_argument("--long-len", type=int, default=None, help="default 4096 (smoke 96)")
+    p.add_argument("--short-len", type=int, default=None, help="default 256 (smoke 8)")
+    p.add_argument("--output-len", type=int, default=None, help="default 128 (smoke 5)")
+    p.add_argument("--max-concurrency", type=int, default=None, help="default 64 (smoke 8)")
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="default 8192 (smoke 256)")
+    p.add_argument("--arrivals", default=None, choices=("poisson", "uniform"),
+                   help="default poisson (smoke uniform)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="checkpoint folder to reuse (written there when it holds none)")
+    p.add_argument("--ready-timeout", type=float, default=900.0)
+    p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the results files")
+    args = p.parse_args(argv)
+    args.argv = argv
+    smoke = args.smoke
+    defaults = {"short_rate": 2.0 if smoke else 4.0, "duration": 1.5 if smoke else 30.0,
+                "long_len": 96 if smoke else 4096, "short_len": 8 if smoke else 256,
+                "output_len": 5 if smoke else 128, "max_concurrency": 8 if smoke else 64,
+                "max_batch_tokens": 256 if smoke else 8192,
+                "arrivals": "uniform" if smoke else "poisson"}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    try:
+        args.long_rates = parse_rates(args.long_rates or ("1" if smoke else "0.5,1,2,4"))
+        args.modes = parse_modes(args.modes)
+    except ValueError as err:
+        p.error(str(err))
+    for name in ("long_len", "short_len", "output_len", "max_concurrency", "max_batch_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: {getattr(args, name)} must be >= 1")
+    if not (args.short_rate >= 0 and math.isfinite(args.short_rate)):
+        p.error(f"--short-rate: {args.short_rate} must be a number >= 0")
+    if not args.duration > 0:
+        p.error(f"--duration: {args.duration} must be > 0")
+    return args
+
+
+def device_name(smoke: bool) -> str:
+    if smoke:
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_disagg: needs a CUDA device (or --smoke)")
+    return torch.cuda.get_device_name(0)
+
+
+def run_mode(mode: str, args, spec_path: Path, config_path: Path, run_dir: Path,
+             workloads: list[loadgen.Workload], env: dict[str, str],
+             ready: dict[str, float]) -> list[loadgen.Summary]:
+    service = start_mode(mode, spec_path, config_path, run_dir, env)
+    try:
+        ready[mode] = service.wait_ready(args.ready_timeout)
+        print(f"{mode}: ready after {ready[mode]:.1f} s", flush=True)
+        warm = loadgen.schedule(dataclasses.replace(
+            workloads[0], long_rate=1.0, short_rate=1.0, duration_s=1.0, arrivals="uniform",
+            seed=args.seed + 1))
+        for arrival in warm:  # one at a time: compile for both prompt lengths, untimed
+            outcomes, _ = asyncio.run(loadgen.run_load(
+                service.base_url, SERVED_NAME, [dataclasses.replace(arrival, at=0.0)],
+                args.output_len, timeout_s=args.ready_timeout))
+            if outcomes[0].error:
+                raise RuntimeError(f"{mode}: warm-up request failed: {outcomes[0].error}\n"
+                                   f"{service.log_tail()}")
+        summaries = []
+        for w in workloads:
+            arrivals = loadgen.schedule(w)
+            outcomes, wall = asyncio.run(loadgen.run_load(
+                service.base_url, SERVED_NAME, arrivals, args.output_len,
+                timeout_s=args.ready_timeout))
+            summaries.append(loadgen.summarize(mode, w.long_rate, outcomes, wall))
+            print(" | ".join(row_cells(summaries[-1], args.short_rate)), flush=True)
+        return summaries
+    finally:
+        service.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    name = device_name(args.smoke)
+    config = SMOKE if args.smoke else NANO
+    max_model_len = -(-(max(args.long_len, args.short_len) + args.output_len + 1) // 16) * 16
+    if max_model_len > config["max_position_embeddings"]:
+        raise SystemExit(f"--long-len + --output-len: {max_model_len} tokens exceed the "
+                         f"model's {config['max_position_embeddings']}")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", GRPC_VERBOSITY="ERROR")
+    if args.smoke:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    workloads = [loadgen.Workload(
+        long_rate=rate, short_rate=args.short_rate, duration_s=args.duration,
+        long_len=args.long_len, short_len=args.short_len, output_len=args.output_len,
+        vocab_size=config["vocab_size"], seed=args.seed, arrivals=args.arrivals)
+        for rate in args.long_rates]
+
+    with tempfile.TemporaryDirectory(prefix="bench-disagg-") as scratch:
+        run_dir = Path(scratch)
+        checkpoint = ensure_checkpoint(args.checkpoint or run_dir / "checkpoint", config)
+        spec_path = run_dir / "model.yaml"
+        spec_path.write_text(model_yaml(checkpoint, max_model_len, args.max_batch_tokens,
+                                        args.max_concurrency))
+        from baton.operator.spec import Model, worker_config
+        from baton.workers.local import load_model_spec
+
+        model: Model = load_model_spec(spec_path)
+        config_path = run_dir / "worker-config.json"
+        config_path.write_text(worker_config(model, str(checkpoint)).to_json())
+
+        summaries: list[loadgen.Summary] = []
+        ready: dict[str, float] = {}
+        skipped: list[str] = []
+        for mode in args.modes:
+            if mode == "disagg-mps" and (args.smoke or shutil.which(MPS_BINARY) is None):
+                skipped.append(f"disagg-mps ({MPS_BINARY} not available on this machine)"
+                               if not args.smoke else "disagg-mps (no GPU in a smoke run)")
+                continue
+            try:
+                if mode == "disagg-mps":
+                    with PrivateMps() as mps_env:
+                        summaries += run_mode(mode, args, spec_path, config_path, run_dir,
+                                              workloads, {**env, **mps_env}, ready)
+                else:
+                    summaries += run_mode(mode, args, spec_path, config_path, run_dir,
+                                          workloads, env, ready)
+            except RuntimeError as err:
+                print(f"bench_disagg: {err}", file=sys.stderr)
+                return 1
+
+    text = report(args, summaries, name, ready, skipped, config)
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    stem = f"{datetime.date.today().isoformat()}-{slug}-disagg"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.md").write_text(text)
+    figures = {"device": name, "modes": args.modes, "skipped": skipped, "ready_s": ready,
+               "workload": {k: getattr(args, k) for k in (
+                   "short_rate", "duration", "long_len", "short_len", "output_len",
+                   "max_concurrency", "max_batch_tokens", "arrivals", "seed")},
+               "runs": [dataclasses.asdict(s) for s in summaries]}
+    (args.out / f"{stem}.json").write_text(json.dumps(figures, indent=1, allow_nan=True) + "\n")
+    print(text)
+    print(f"written to {args.out / (stem + '.md')} and .json")
+    return 1 if any(s.failed for s in summaries) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

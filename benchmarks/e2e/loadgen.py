@@ -1,0 +1,198 @@
+"""Open-loop load for the end-to-end benchmark: a schedule of long and short prompts at fixed
+rates, streamed through the OpenAI completions API, and the latency figures it yields.
+
+Each request is sent at its scheduled time whether or not earlier ones finished (open loop:
+a slow server builds a queue, as real traffic would). Prompts are token ids (exact lengths)
+and ask for `ignore_eos` and `logprobs: 0`, so that every SSE chunk carries its tokens by
+count (a token whose text is a partial UTF-8 sequence would otherwise arrive with the next).
+
+    TTFT  send -> first token, per request
+    ITL   gap between consecutive tokens of a request, all gaps of all requests pooled
+          (tokens arriving in one chunk count as gaps of 0)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+KINDS = ("long", "short")
+QUANTILES = (50, 90, 99)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    at: float
+    """Seconds after the start of the run."""
+    kind: str
+    """long | short"""
+    prompt: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Workload:
+    long_rate: float
+    """Long prompts per second (0: none)."""
+    short_rate: float
+    """Short prompts per second (0: none)."""
+    duration_s: float
+    """Arrivals fall in [0, duration_s)."""
+    long_len: int
+    short_len: int
+    output_len: int
+    """Tokens every request generates (eos ignored)."""
+    vocab_size: int
+    seed: int = 0
+    arrivals: str = "poisson"
+    """poisson (exponential gaps) | uniform (evenly spaced, half a gap in)."""
+
+    def validate(self) -> None:
+        for name in ("long_rate", "short_rate"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name}: {value!r} must be a finite number >= 0")
+        if self.long_rate == 0 and self.short_rate == 0:
+            raise ValueError("long_rate, short_rate: at least one must be > 0")
+        if not self.duration_s > 0:
+            raise ValueError(f"duration_s: {self.duration_s!r} must be > 0")
+        for name in ("long_len", "short_len", "output_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: {getattr(self, name)!r} must be >= 1")
+        if self.vocab_size < 6:
+            raise ValueError(f"vocab_size: {self.vocab_size!r} must leave ids past the "
+                             "5 special tokens")
+        if self.arrivals not in ("poisson", "uniform"):
+            raise ValueError(f"arrivals: {self.arrivals!r} is not one of poisson, uniform")
+
+
+def schedule(w: Workload) -> list[Arrival]:
+    """The arrivals of a workload in time order; the same workload gives the same list."""
+    w.validate()
+    rng = random.Random(w.seed)
+    out = []
+    for kind, rate, length in (("long", w.long_rate, w.long_len),
+                               ("short", w.short_rate, w.short_len)):
+        if rate == 0:
+            continue
+        t = rng.expovariate(rate) if w.arrivals == "poisson" else 0.5 / rate
+        while t < w.duration_s:
+            # Ids 0..4 are the special tokens of the benchmark checkpoints' tokenizer.
+            prompt = tuple(rng.randrange(5, w.vocab_size) for _ in range(length))
+            out.append(Arrival(t, kind, prompt))
+            t += rng.expovariate(rate) if w.arrivals == "poisson" else 1.0 / rate
+    return sorted(out, key=lambda a: a.at)
+
+
+@dataclass
+class Outcome:
+    kind: str
+    sent_at: float
+    token_times: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float:
+        return self.token_times[0] - self.sent_at
+
+    def gaps(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+
+async def stream_one(client: httpx.AsyncClient, base_url: str, model: str, arrival: Arrival,
+                     output_len: int) -> Outcome:
+    body = {"model": model, "prompt": list(arrival.prompt), "max_tokens": output_len,
+            "temperature": 0, "stream": True, "ignore_eos": True, "logprobs": 0}
+    outcome = Outcome(arrival.kind, time.monotonic())
+    try:
+        async with client.stream("POST", f"{base_url}/completions", json=body) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                outcome.error = f"HTTP {response.status_code}: {text[:200]}"
+                return outcome
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                payload = line[len("data: "):]
+                if payload == "[DONE]":
+                    break
+                chunk = json.loads(payload)
+                if "error" in chunk:
+                    outcome.error = f"stream error: {chunk['error'].get('message', chunk)}"
+                    return outcome
+                now = time.monotonic()
+                for choice in chunk.get("choices", []):
+                    logprobs = choice.get("logprobs") or {}
+                    outcome.token_times += [now] * len(logprobs.get("tokens", []))
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        outcome.error = f"{type(exc).__name__}: {exc}"
+        return outcome
+    if len(outcome.token_times) != output_len:
+        outcome.error = f"{len(outcome.token_times)} tokens streamed, expected {output_len}"
+    return outcome
+
+
+async def run_load(base_url: str, model: str, arrivals: list[Arrival], output_len: int,
+                   timeout_s: float) -> tuple[list[Outcome], float]:
+    """Sends every arrival at its time; the outcomes and the wall time of the whole run."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    timeout = httpx.Timeout(timeout_s, connect=30.0)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        start = time.monotonic()
+
+        async def at_time(arrival: Arrival) -> Outcome:
+            await asyncio.sleep(max(0.0, start + arrival.at - time.monotonic()))
+            return await stream_one(client, base_url, model, arrival, output_len)
+
+        outcomes = await asyncio.gather(*(at_time(a) for a in arrivals))
+        return list(outcomes), time.monotonic() - start
+
+
+def percentiles(values: list[float], qs: tuple[int, ...] = QUANTILES) -> list[float]:
+    """Linear-interpolated percentiles (numpy's default); NaN for an empty list."""
+    if not values:
+        return [math.nan] * len(qs)
+    ordered = sorted(values)
+    out = []
+    for q in qs:
+        pos = (len(ordered) - 1) * q / 100
+        lo = math.floor(pos)
+        hi = min(lo + 1, len(ordered) - 1)
+        out.append(ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo))
+    return out
+
+
+@dataclass
+class Summary:
+    mode: str
+    long_rate: float
+    sent: dict[str, int]
+    """Requests sent per kind."""
+    failed: int
+    ttft: list[float]
+    """p50, p90, p99 of every completed request's TTFT (s)."""
+    ttft_by_kind: dict[str, list[float]]
+    itl: list[float]
+    """p50, p90, p99 of every gap (s)."""
+    output_tokens_per_s: float
+    wall_s: float
+    errors: list[str]
+
+
+def summarize(mode: str, long_rate: float, outcomes: list[Outcome], wall_s: float) -> Summary:
+    done = [o for o in outcomes if o.error is None]
+    return Summary(
+        mode=mode, long_rate=long_rate,
+        sent={k: sum(o.kind == k for o in outcomes) for k in KINDS},
+        failed=len(outcomes) - len(done),
+        ttft=percentiles([o.ttft for o in done]),
+        ttft_by_kind={k: percentiles([o.ttft for o in done if o.kind == k]) for k in KINDS},
+        itl=percentiles([g for o in done for g in o.gaps()]),
+        output_tokens_per_s=sum(len(o.token_times) for o in done) / wall_s if wall_s else 0.0,
+        wall_s=wall_s,
+        errors=sorted({o.error for o in outcomes if o.error is not None})[:5])
