@@ -205,3 +205,26 @@ def test_gpu_latent_moe_shapes(t):
     x = torch.randn(t, 1024, generator=torch.Generator().manual_seed(t)).bfloat16().to(DEVICE)
     outs, ref = both_backends(module, x, ids, weights)
     assert_paths_close(outs, ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [2, 64])  # the decode path and the sorted path
+def test_gpu_moe_captures_in_a_cuda_graph(t):
+    # Nothing on the Triton path waits on the device, so a step can be replayed as a graph.
+    module = experts(64, 256, 512, "nvfp4", torch.bfloat16, seed=t)
+    set_backend(module, "triton")
+    ids, weights = routing(t, 64, 4, seed=t)
+    x = torch.randn(t, 512, generator=torch.Generator().manual_seed(t)).bfloat16().to(DEVICE)
+    eager = module(x, ids, weights)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        module(x, ids, weights)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = module(x, ids, weights)
+    x.copy_(torch.randn(t, 512, generator=torch.Generator().manual_seed(99)).bfloat16())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, module(x, ids, weights)) and not torch.equal(out, eager)
