@@ -258,7 +258,7 @@ def bench_moe(case: MoECase, tokens: int, clock: Clock, hbm: float, peak: float,
 
 def bench_gemm(name: str, n: int, k: int, tokens: int, device, clock: Clock, hbm: float,
                peak: float, fmt: str, failures: list[str], rotation_bytes: float) -> Row:
-    per_copy = n * k * (0.5 + 1 / 16) if fmt != "fp8" else n * k
+    per_copy = n * k * {"fp8": 1, "bf16": 2}.get(fmt, 0.5 + 1 / 16)
     copies = max(2, math.ceil(rotation_bytes / per_copy))
     layers, dense = [], []
     for _ in range(copies):
