@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baton.kernels import fp8, nvfp4
+from baton.kernels import fp8, fused_moe, moe_decode, nvfp4
 from baton.kernels.formats import WeightFormat, check_backend, check_model_dtype
 
 
@@ -186,8 +186,6 @@ class QuantExperts(nn.Module):
         self._check_routing(x, topk_ids, topk_weights)
         t, k = topk_ids.shape
         if self.backend == "triton":
-            from baton.kernels import fused_moe, moe_decode  # Triton imports lazily
-
             if moe_decode.use_decode_path(t * k, self.num_local_experts):
                 return moe_decode.moe_decode(self, x, topk_ids, topk_weights)
             return fused_moe.moe_forward(self, x, topk_ids, topk_weights)
@@ -205,8 +203,6 @@ class QuantExperts(nn.Module):
         backend bit for bit; the Triton kernels pick tiles by batch size).
         """
         if self.backend == "triton":
-            from baton.kernels import fused_moe, moe_decode  # Triton imports lazily
-
             if moe_decode.use_decode_path(expert_ids.numel(), self.num_local_experts):
                 return moe_decode.expert_outputs_decode(self, x, token_ids, expert_ids, weights)
             return fused_moe.expert_outputs(self, x, token_ids, expert_ids, weights)
