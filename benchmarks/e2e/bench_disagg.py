@@ -1,7 +1,7 @@
 """Disaggregated against aggregated serving, end to end: TTFT and ITL under mixed load.
 
     python benchmarks/e2e/bench_disagg.py [--long-rates 0.5,1,2,4] [--modes disagg,agg]
-        [--duration 30] [--checkpoint DIR] [--out DIR]
+        [--duration 20] [--checkpoint DIR] [--out DIR]
     python benchmarks/e2e/bench_disagg.py --smoke --out DIR     # tiny model, CPU, seconds
 
 Model: a random Nemotron-3-Nano-shaped checkpoint (benchmarks/engine/shapes.py NANO), written
@@ -302,7 +302,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "(default 0.5,1,2,4; smoke 1)")
     p.add_argument("--short-rate", type=float, default=None, help="default 4 (smoke 2)")
     p.add_argument("--duration", type=float, default=None,
-                   help="seconds of arrivals per rate (default 30; smoke 1.5)")
+                   help="seconds of arrivals per rate (default 20; smoke 1.5)")
     p.add_argument("--long-len", type=int, default=None, help="default 4096 (smoke 96)")
     p.add_argument("--short-len", type=int, default=None, help="default 256 (smoke 8)")
     p.add_argument("--output-len", type=int, default=None, help="default 128 (smoke 5)")
@@ -319,7 +319,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.argv = argv
     smoke = args.smoke
-    defaults = {"short_rate": 2.0 if smoke else 4.0, "duration": 1.5 if smoke else 30.0,
+    defaults = {"short_rate": 2.0 if smoke else 4.0, "duration": 1.5 if smoke else 20.0,
                 "long_len": 96 if smoke else 4096, "short_len": 8 if smoke else 256,
                 "output_len": 5 if smoke else 128, "max_concurrency": 8 if smoke else 64,
                 "max_batch_tokens": 256 if smoke else 8192,
@@ -345,11 +345,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def device_name(smoke: bool) -> str:
     if smoke:
         return "cpu"
-    import torch
-
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_disagg: needs a CUDA device (or --smoke)")
-    return torch.cuda.get_device_name(0)
+    # Asked from a short-lived process: a CUDA context here would hold GPU memory for the
+    # whole run, memory that baton up splits between the workers.
+    probe = "import torch; print(torch.cuda.get_device_name(0))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=120)
+    if out.returncode != 0:
+        raise SystemExit(f"bench_disagg: needs a CUDA device (or --smoke): "
+                         f"{out.stderr.strip()[-500:]}")
+    return out.stdout.strip()
 
 
 def run_mode(mode: str, args, spec_path: Path, config_path: Path, run_dir: Path,

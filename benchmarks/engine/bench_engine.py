@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import re
@@ -163,13 +164,18 @@ class Phases:
     decode_tokens: int
 
 
+def prefill_slack(batch: int, prompt_len: int, max_batch_tokens: int) -> int:
+    """Tokens a sequence may generate before the last prompt of its batch is prefilled:
+    sequences that finish their prompt early decode while the others prefill, and their
+    budget leaves room for those steps so that nobody finishes inside the timed window."""
+    return -(-batch * prompt_len // max_batch_tokens) + 2
+
+
 def engine_round(engine: Engine, prompts: list[list[int]], decode_steps: int,
                  timer: Timer, tag: str) -> Phases:
     """Prefill B prompts together, then time decode_steps full-batch decode steps."""
     batch = len(prompts)
-    # Sequences that finish their prompt early decode while the others prefill; the budget
-    # leaves room for those steps so that nobody finishes inside the timed window.
-    slack = -(-batch * len(prompts[0]) // engine.config.max_batch_tokens) + 2
+    slack = prefill_slack(batch, len(prompts[0]), engine.config.max_batch_tokens)
     ids = [f"{tag}-{i}" for i in range(batch)]
     for rid, prompt in zip(ids, prompts):
         engine.add_request(Request(rid, list(prompt), SamplingParams(
@@ -254,19 +260,21 @@ class Row:
     roofline_s: float
     step_bytes: float
     prompt_len: int
+    hf_note: str = "-"
+    """What the transformers cells show when it did not run (-: skipped, OOM)."""
 
     def cells(self) -> list[str]:
-        e, h, b = self.engine, self.hf, self.batch
+        e, h, b, no = self.engine, self.hf, self.batch, self.hf_note
         prefill_tps = b * self.prompt_len / e.prefill_s
         decode_tps = b / e.decode_step_s
         cells = [str(b), f"{prefill_tps:,.0f}"]
         cells += ([f"{b * self.prompt_len / h.prefill_s:,.0f}",
-                   f"{h.prefill_s / e.prefill_s:.1f}x"] if h else ["-", "-"])
+                   f"{h.prefill_s / e.prefill_s:.1f}x"] if h else [no, no])
         cells += [f"{e.decode_step_s * 1e3:.2f}"]
-        cells += [f"{h.decode_step_s * 1e3:.2f}"] if h else ["-"]
+        cells += [f"{h.decode_step_s * 1e3:.2f}"] if h else [no]
         cells += [f"{decode_tps:,.0f}"]
         cells += ([f"{b / h.decode_step_s:,.0f}" if h.decode_step_s else "inf",
-                   f"{h.decode_step_s / e.decode_step_s:.1f}x"] if h else ["-", "-"])
+                   f"{h.decode_step_s / e.decode_step_s:.1f}x"] if h else [no, no])
         cells += [f"{self.step_bytes / 1e6:,.1f}", f"{self.roofline_s * 1e3:.3f}",
                   f"{100 * self.roofline_s / e.decode_step_s:.0f}%"]
         return cells
@@ -286,8 +294,12 @@ def versions() -> str:
     import transformers
     import triton
 
+    # Without these transformers runs its Mamba2 layers on its pure-torch fallback.
+    kernels = ", ".join(f"{name} {'present' if importlib.util.find_spec(name) else 'absent'}"
+                        for name in ("mamba_ssm", "causal_conv1d"))
     return (f"torch {torch.__version__}, triton {triton.__version__}, "
-            f"transformers {transformers.__version__}, Python {sys.version.split()[0]}")
+            f"transformers {transformers.__version__} ({kernels}), "
+            f"Python {sys.version.split()[0]}")
 
 
 def verdict(rows: list[Row]) -> str:
@@ -395,9 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = getattr(torch, args.dtype)
     config = SMOKE if args.smoke else NANO
-    max_len = args.prompt_len + args.decode_steps + 64
+    max_len = args.prompt_len + 1 + args.decode_steps + prefill_slack(
+        max(args.batches), args.prompt_len, args.max_batch_tokens)
     if max_len > config["max_position_embeddings"]:
-        raise SystemExit(f"--prompt-len + --decode-steps: {max_len} tokens exceed the model's "
+        raise SystemExit(f"--prompt-len + --decode-steps (+ steps while the batch prefills): "
+                         f"{max_len} tokens exceed the model's "
                          f"{config['max_position_embeddings']}")
     device_name = "cpu" if args.smoke else torch.cuda.get_device_name(device)
     torch.manual_seed(0)
@@ -429,7 +443,8 @@ def run(args, path: Path, config: dict, device: torch.device, dtype: torch.dtype
     print(f"HBM {hbm / 1e9:,.1f} GB/s; logits parity {parity:.2e}", flush=True)
 
     largest = max(args.batches)
-    max_model_len = args.prompt_len + args.decode_steps + 64
+    max_model_len = args.prompt_len + 1 + args.decode_steps + prefill_slack(
+        largest, args.prompt_len, args.max_batch_tokens)
     pages_per_seq = -(-max_model_len // 16)
     engine = Engine(model, EngineConfig(
         page_size=16, num_pages=largest * pages_per_seq + pages_per_seq, max_num_seqs=largest,
@@ -441,12 +456,19 @@ def run(args, path: Path, config: dict, device: torch.device, dtype: torch.dtype
     for b in args.batches:
         engine_round(engine, prompts[b], min(args.decode_steps, 4), timer, f"warm{b}")
         ours = engine_round(engine, prompts[b], args.decode_steps, timer, f"b{b}")
-        theirs = None
+        theirs, hf_note = None, "-"
         if hf is not None:
-            with torch.no_grad():
-                theirs = hf_round(hf, prompts[b], args.decode_steps, timer, device)
+            try:
+                with torch.no_grad():
+                    theirs = hf_round(hf, prompts[b], args.decode_steps, timer, device)
+            except torch.OutOfMemoryError:
+                # transformers' torch Mamba2 path (no mamba_ssm kernels) materializes
+                # [B, chunks, L, L, heads, state] in prefill: large batches do not fit.
+                hf_note = "OOM"
+                torch.cuda.empty_cache()
         step_bytes = sizes.step_bytes(b, context)
-        rows.append(Row(b, ours, theirs, step_bytes / hbm, step_bytes, args.prompt_len))
+        rows.append(Row(b, ours, theirs, step_bytes / hbm, step_bytes, args.prompt_len,
+                        hf_note))
         print(" | ".join(rows[-1].cells()), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
