@@ -240,7 +240,7 @@ def versions() -> str:
 
 
 def report(args, summaries, device_name: str, ready: dict[str, float], skipped: list[str],
-           config: dict) -> str:
+           config: dict, failures: list[str]) -> str:
     lines = [
         f"# Disaggregated vs aggregated serving on {device_name}",
         "",
@@ -267,9 +267,11 @@ def report(args, summaries, device_name: str, ready: dict[str, float], skipped: 
         "tokens of a request, pooled. Both modes serve through the same router front end; "
         "see the script's docstring.",
     ]
-    errors = [f"- {s.mode} at {s.long_rate:g}/s: {e}" for s in summaries for e in s.errors]
+    errors = [f"- {m}" for m in failures]
+    errors += [f"- {s.mode} at {s.long_rate:g}/s: {e}" for s in summaries for e in s.errors]
     if errors:
-        lines += ["", "FAILED REQUESTS (first distinct errors):", *errors]
+        lines += ["", "FAILED (modes that did not run; first distinct request errors):",
+                  *errors]
     return "\n".join(lines) + "\n"
 
 
@@ -419,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         summaries: list[loadgen.Summary] = []
         ready: dict[str, float] = {}
         skipped: list[str] = []
+        failures: list[str] = []
         for mode in args.modes:
             if mode == "disagg-mps" and (args.smoke or shutil.which(MPS_BINARY) is None):
                 skipped.append(f"disagg-mps ({MPS_BINARY} not available on this machine)"
@@ -432,16 +435,21 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     summaries += run_mode(mode, args, spec_path, config_path, run_dir,
                                           workloads, env, ready)
-            except RuntimeError as err:
-                print(f"bench_disagg: {err}", file=sys.stderr)
-                return 1
+            except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+                # The other modes still run and the report keeps what was measured.
+                print(f"bench_disagg: {mode} failed: {err}", file=sys.stderr)
+                lines = [line for line in str(err).splitlines() if line.strip()] or [repr(err)]
+                # The first line says what failed; the last, from the log, usually why.
+                failures.append(f"{mode}: {lines[0]}"
+                                + (f" ... {lines[-1].strip()}" if len(lines) > 1 else ""))
 
-    text = report(args, summaries, name, ready, skipped, config)
+    text = report(args, summaries, name, ready, skipped, config, failures)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     stem = f"{datetime.date.today().isoformat()}-{slug}-disagg"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.md").write_text(text)
-    figures = {"device": name, "modes": args.modes, "skipped": skipped, "ready_s": ready,
+    figures = {"device": name, "modes": args.modes, "skipped": skipped,
+               "failures": failures, "ready_s": ready,
                "workload": {k: getattr(args, k) for k in (
                    "short_rate", "duration", "long_len", "short_len", "output_len",
                    "max_concurrency", "max_batch_tokens", "arrivals", "seed")},
@@ -449,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{stem}.json").write_text(json.dumps(figures, indent=1, allow_nan=True) + "\n")
     print(text)
     print(f"written to {args.out / (stem + '.md')} and .json")
-    return 1 if any(s.failed for s in summaries) else 0
+    return 1 if failures or any(s.failed for s in summaries) else 0
 
 
 if __name__ == "__main__":

@@ -97,3 +97,35 @@ def test_percentiles_and_summary(bench):
     assert s.itl == pytest.approx(loadgen.percentiles([0.1, 0.0, 0.3, 0.2]))
     assert s.output_tokens_per_s == pytest.approx(3.0)
     assert s.errors == ["HTTP 500: boom"]
+
+
+def test_a_mode_that_dies_is_reported_and_fails_the_run(bench, tmp_path, monkeypatch):
+    def start_dying(mode, spec_path, config_path, run_dir, env):
+        argv = [sys.executable, "-c", "import sys; print('no GPU for you'); sys.exit(3)"]
+        return bench.Service(mode, argv, env, run_dir / f"{mode}.log", bench.free_port())
+
+    monkeypatch.setattr(bench, "start_mode", start_dying)
+    assert bench.main(["--smoke", "--modes", "agg", "--out", str(tmp_path)]) == 1
+    (report,) = tmp_path.glob("*-cpu-disagg.md")
+    text = report.read_text()
+    assert "FAILED" in text
+    assert "- agg: agg exited with 3 while starting: ... no GPU for you" in text
+    assert not re.search(r"^\| agg \|", text, re.M)
+    assert json.loads(report.with_suffix(".json").read_text())["failures"]
+
+
+def test_aggregated_backend_maps_sampling_like_the_workers(bench):
+    from aggregated import engine_sampling
+
+    from baton.workers.router.backend import Sampling
+
+    plain = engine_sampling(Sampling(max_tokens=7, temperature=0.0))
+    assert (plain.max_tokens, plain.temperature, plain.logprobs, plain.seed) == (7, 0.0, False,
+                                                                                None)
+    assert engine_sampling(Sampling(max_tokens=1, logprobs=0)).logprobs is True
+    assert engine_sampling(Sampling(max_tokens=1, logprobs=3)).logprobs == 3
+    seeded = engine_sampling(Sampling(max_tokens=1, seed=-1, stop_token_ids=(4, 9),
+                                      ignore_eos=True, top_k=5, top_p=0.5))
+    assert seeded.seed == 2**64 - 1 and seeded.stop_token_ids == [4, 9]
+    assert seeded.ignore_eos and seeded.top_k == 5 and seeded.top_p == 0.5
+    seeded.validate()
