@@ -30,8 +30,9 @@ with a device-to-device copy of 2 x 1 GiB: read + write bytes / time):
            slot), attention KV read over the mean context of the timed steps
            (prompt_len + N/2 tokens) plus one token written, per sequence.
   % roof   roofline time / measured step time.
-The table goes to stdout and to DIR/<date>-<device>-engine.md (default DIR:
-benchmarks/results). Target (issue #2): engine decode >= 10x transformers at batch 16.
+The table goes to stdout and to DIR/<date>-<device>-engine.md, every figure to the .json
+beside it (default DIR: benchmarks/results). Target (issue #2): engine decode >= 10x
+transformers at batch 16.
 """
 
 from __future__ import annotations
@@ -482,9 +483,29 @@ def run(args, path: Path, config: dict, device: torch.device, dtype: torch.dtype
                  "sides do not run the same model.\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(figures(
+        rows, device_name, hbm, parity, config, args), indent=1, allow_nan=True) + "\n")
     print(text)
-    print(f"written to {out}")
+    print(f"written to {out} and .json")
     return 1 if failed else 0
+
+
+def figures(rows: list[Row], device_name: str, hbm: float, parity: float, config: dict,
+            args) -> dict:
+    """Every measured figure, in base units, for other tools (e.g. a replica profile)."""
+    def phases(p: Phases | None) -> dict | None:
+        return None if p is None else {"prefill_seconds": p.prefill_s,
+                                       "decode_step_seconds": p.decode_step_s}
+
+    return {
+        "device": device_name, "hbm_bytes_per_second": hbm, "logits_parity": parity,
+        "pattern": config["hybrid_override_pattern"], "dtype": args.dtype,
+        "prompt_len": args.prompt_len, "decode_steps": args.decode_steps,
+        "rows": [{"batch": r.batch, "engine": phases(r.engine), "transformers": phases(r.hf),
+                  "transformers_note": r.hf_note if r.hf is None else None,
+                  "step_bytes": r.step_bytes, "roofline_step_seconds": r.roofline_s}
+                 for r in rows],
+    }
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ checked against independent counts."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
@@ -41,6 +42,12 @@ def test_bench_engine_smoke_writes_the_table(bench, tmp_path):
     parity = float(re.search(r"relative error ([0-9.e+-]+)", text).group(1))
     assert parity <= bench.PARITY_LIMIT
     assert "FAILED" not in text
+    figures = json.loads(report.with_suffix(".json").read_text())
+    assert [r["batch"] for r in figures["rows"]] == [1, 3]
+    for r in figures["rows"]:
+        assert r["engine"]["decode_step_seconds"] > 0 and r["transformers"]["prefill_seconds"] > 0
+        assert r["roofline_step_seconds"] == pytest.approx(
+            r["step_bytes"] / figures["hbm_bytes_per_second"])
 
 
 def test_bench_engine_refuses_bad_batches(bench):
