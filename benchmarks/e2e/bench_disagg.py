@@ -206,7 +206,7 @@ def start_mode(mode: str, spec_path: Path, config_path: Path, run_dir: Path,
 # ---------------------------------------------------------------------------- report
 
 
-HEADER = ["mode", "long req/s", "short req/s", "requests (long + short)", "failed",
+HEADER = ["mode", "long req/s", "short req/s", "requests (long + short)", "failed", "cut off",
           "TTFT p50 s", "TTFT p90 s", "TTFT p99 s", "short TTFT p99 s", "long TTFT p99 s",
           "ITL p50 ms", "ITL p90 ms", "ITL p99 ms", "output tok/s"]
 
@@ -221,7 +221,7 @@ def _ms(x: float) -> str:
 
 def row_cells(s: loadgen.Summary, short_rate: float) -> list[str]:
     return [s.mode, f"{s.long_rate:g}", f"{short_rate:g}",
-            f"{s.sent['long']} + {s.sent['short']}", str(s.failed),
+            f"{s.sent['long']} + {s.sent['short']}", str(s.failed), str(s.cut_off),
             *map(_s, s.ttft), _s(s.ttft_by_kind["short"][2]), _s(s.ttft_by_kind["long"][2]),
             *map(_ms, s.itl), f"{s.output_tokens_per_s:,.1f}"]
 
@@ -305,6 +305,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--short-rate", type=float, default=None, help="default 4 (smoke 2)")
     p.add_argument("--duration", type=float, default=None,
                    help="seconds of arrivals per rate (default 20; smoke 1.5)")
+    p.add_argument("--drain", type=float, default=None,
+                   help="seconds after a rate's last arrival before requests still running "
+                        "are cut off and counted apart (default 60)")
     p.add_argument("--long-len", type=int, default=None, help="default 4096 (smoke 96)")
     p.add_argument("--short-len", type=int, default=None, help="default 256 (smoke 8)")
     p.add_argument("--output-len", type=int, default=None, help="default 128 (smoke 5)")
@@ -322,6 +325,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.argv = argv
     smoke = args.smoke
     defaults = {"short_rate": 2.0 if smoke else 4.0, "duration": 1.5 if smoke else 20.0,
+                "drain": 60.0,
                 "long_len": 96 if smoke else 4096, "short_len": 8 if smoke else 256,
                 "output_len": 5 if smoke else 128, "max_concurrency": 8 if smoke else 64,
                 "max_batch_tokens": 256 if smoke else 8192,
@@ -341,6 +345,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--short-rate: {args.short_rate} must be a number >= 0")
     if not args.duration > 0:
         p.error(f"--duration: {args.duration} must be > 0")
+    if not args.drain > 0:
+        p.error(f"--drain: {args.drain} must be > 0")
     return args
 
 
@@ -380,7 +386,7 @@ def run_mode(mode: str, args, spec_path: Path, config_path: Path, run_dir: Path,
             arrivals = loadgen.schedule(w)
             outcomes, wall = asyncio.run(loadgen.run_load(
                 service.base_url, SERVED_NAME, arrivals, args.output_len,
-                timeout_s=args.ready_timeout))
+                timeout_s=args.ready_timeout, drain_s=args.drain))
             summaries.append(loadgen.summarize(mode, w.long_rate, outcomes, wall))
             print(" | ".join(row_cells(summaries[-1], args.short_rate)), flush=True)
         return summaries
@@ -451,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = {"device": name, "modes": args.modes, "skipped": skipped,
                "failures": failures, "ready_s": ready,
                "workload": {k: getattr(args, k) for k in (
-                   "short_rate", "duration", "long_len", "short_len", "output_len",
+                   "short_rate", "duration", "drain", "long_len", "short_len", "output_len",
                    "max_concurrency", "max_batch_tokens", "arrivals", "seed")},
                "runs": [dataclasses.asdict(s) for s in summaries]}
     (args.out / f"{stem}.json").write_text(json.dumps(figures, indent=1, allow_nan=True) + "\n")

@@ -6,6 +6,9 @@ a slow server builds a queue, as real traffic would). Prompts are token ids (exa
 and ask for `ignore_eos` and `logprobs: 0`, so that every SSE chunk carries its tokens by
 count (a token whose text is a partial UTF-8 sequence would otherwise arrive with the next).
 
+Requests still running --drain seconds after the last arrival are cut off and counted apart
+(an overloaded server); TTFT and ITL cover the completed requests.
+
     TTFT  send -> first token, per request
     ITL   gap between consecutive tokens of a request, all gaps of all requests pooled
           (tokens arriving in one chunk count as gaps of 0)
@@ -24,6 +27,7 @@ import httpx
 
 KINDS = ("long", "short")
 QUANTILES = (50, 90, 99)
+CUT_OFF = "cut off: still running when the drain time after the last arrival ran out"
 
 
 @dataclass(frozen=True)
@@ -138,8 +142,13 @@ async def stream_one(client: httpx.AsyncClient, base_url: str, model: str, arriv
 
 
 async def run_load(base_url: str, model: str, arrivals: list[Arrival], output_len: int,
-                   timeout_s: float) -> tuple[list[Outcome], float]:
-    """Sends every arrival at its time; the outcomes and the wall time of the whole run."""
+                   timeout_s: float, drain_s: float = math.inf) -> tuple[list[Outcome], float]:
+    """Sends every arrival at its time; the outcomes and the wall time of the whole run.
+
+    Requests still running drain_s after the last arrival are cancelled (closing the stream
+    frees their work on the server) and come back with error CUT_OFF: an overloaded server
+    would otherwise keep the run going for as long as its queue takes.
+    """
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     timeout = httpx.Timeout(timeout_s, connect=30.0)
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
@@ -149,8 +158,18 @@ async def run_load(base_url: str, model: str, arrivals: list[Arrival], output_le
             await asyncio.sleep(max(0.0, start + arrival.at - time.monotonic()))
             return await stream_one(client, base_url, model, arrival, output_len)
 
-        outcomes = await asyncio.gather(*(at_time(a) for a in arrivals))
-        return list(outcomes), time.monotonic() - start
+        tasks = [asyncio.create_task(at_time(a)) for a in arrivals]
+        last = max((a.at for a in arrivals), default=0.0)
+        limit = None if math.isinf(drain_s) else max(0.0, start + last + drain_s - time.monotonic())
+        done, pending = await asyncio.wait(tasks, timeout=limit) if tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        wall = time.monotonic() - start
+        outcomes = [task.result() if task in done else Outcome(arrival.kind, start + arrival.at,
+                                                                 error=CUT_OFF)
+                    for task, arrival in zip(tasks, arrivals)]
+        return outcomes, wall
 
 
 def percentiles(values: list[float], qs: tuple[int, ...] = QUANTILES) -> list[float]:
@@ -174,6 +193,9 @@ class Summary:
     sent: dict[str, int]
     """Requests sent per kind."""
     failed: int
+    """Requests that ended in an error (cut-off ones not included)."""
+    cut_off: int
+    """Requests still running when the drain time ran out (an overloaded server)."""
     ttft: list[float]
     """p50, p90, p99 of every completed request's TTFT (s)."""
     ttft_by_kind: dict[str, list[float]]
@@ -186,13 +208,14 @@ class Summary:
 
 def summarize(mode: str, long_rate: float, outcomes: list[Outcome], wall_s: float) -> Summary:
     done = [o for o in outcomes if o.error is None]
+    cut_off = sum(o.error == CUT_OFF for o in outcomes)
     return Summary(
         mode=mode, long_rate=long_rate,
         sent={k: sum(o.kind == k for o in outcomes) for k in KINDS},
-        failed=len(outcomes) - len(done),
+        failed=len(outcomes) - len(done) - cut_off, cut_off=cut_off,
         ttft=percentiles([o.ttft for o in done]),
         ttft_by_kind={k: percentiles([o.ttft for o in done if o.kind == k]) for k in KINDS},
         itl=percentiles([g for o in done for g in o.gaps()]),
         output_tokens_per_s=sum(len(o.token_times) for o in done) / wall_s if wall_s else 0.0,
         wall_s=wall_s,
-        errors=sorted({o.error for o in outcomes if o.error is not None})[:5])
+        errors=sorted({o.error for o in outcomes if o.error not in (None, CUT_OFF)})[:5])

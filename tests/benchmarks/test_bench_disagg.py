@@ -4,11 +4,13 @@ script; the load generator's schedule and percentiles are checked on their own."
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import math
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,9 +39,10 @@ def test_bench_disagg_smoke_serves_both_modes(bench, tmp_path):
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert len(cells) == len(bench.HEADER)
-        assert cells[3] == "1 + 3" and cells[4] == "0", row  # uniform, 1.5 s: 0.5 | .25 .75 1.25
-        ttft = [float(c) for c in cells[5:8]]
-        itl = [float(c) for c in cells[10:13]]
+        # uniform, 1.5 s: long at 0.5 s, short at 0.25, 0.75, 1.25 s; none failed or cut off
+        assert cells[3:6] == ["1 + 3", "0", "0"], row
+        ttft = [float(c) for c in cells[6:9]]
+        itl = [float(c) for c in cells[11:14]]
         assert 0 < ttft[0] <= ttft[1] <= ttft[2] and 0 <= itl[0] <= itl[1] <= itl[2], row
     assert "FAILED" not in text and "MPS: not applicable" in text
     figures = json.loads(report.with_suffix(".json").read_text())
@@ -90,8 +93,9 @@ def test_percentiles_and_summary(bench):
     ok = loadgen.Outcome("short", sent_at=10.0, token_times=[10.5, 10.6, 10.6, 10.9])
     slow = loadgen.Outcome("long", sent_at=10.0, token_times=[12.0, 12.2])
     failed = loadgen.Outcome("long", sent_at=10.0, error="HTTP 500: boom")
-    s = loadgen.summarize("agg", 1.0, [ok, slow, failed], wall_s=2.0)
-    assert s.sent == {"long": 2, "short": 1} and s.failed == 1
+    cut = loadgen.Outcome("short", sent_at=10.0, error=loadgen.CUT_OFF)
+    s = loadgen.summarize("agg", 1.0, [ok, slow, failed, cut], wall_s=2.0)
+    assert s.sent == {"long": 2, "short": 2} and s.failed == 1 and s.cut_off == 1
     assert s.ttft_by_kind["short"] == pytest.approx([0.5] * 3)
     assert s.ttft_by_kind["long"] == pytest.approx([2.0] * 3)
     assert s.itl == pytest.approx(loadgen.percentiles([0.1, 0.0, 0.3, 0.2]))
@@ -129,3 +133,58 @@ def test_aggregated_backend_maps_sampling_like_the_workers(bench):
     assert seeded.seed == 2**64 - 1 and seeded.stop_token_ids == [4, 9]
     assert seeded.ignore_eos and seeded.top_k == 5 and seeded.top_p == 0.5
     seeded.validate()
+
+
+async def test_run_load_reads_sse_chunks_and_cuts_off_stragglers(bench):
+    """Against a fake OpenAI server: token counts come from the chunks' logprobs (two tokens
+    in one chunk count twice), HTTP and stream errors are reported, and a request that never
+    finishes is cut off after the drain time instead of holding the run."""
+    import loadgen
+    from aiohttp import web
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        kind = {3: "burst", 4: "error", 5: "hang"}.get(len(body["prompt"]), "ok")
+        if kind == "error":
+            return web.json_response({"error": {"message": "bad"}}, status=400)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+
+        async def send(tokens: int) -> None:
+            chunk = {"choices": [{"text": "x", "logprobs": {"tokens": ["x"] * tokens}}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+        if kind == "hang":
+            await send(1)
+            await asyncio.sleep(30)
+        await send(1)
+        await asyncio.sleep(0.05)
+        await send(2 if kind == "burst" else 1)
+        if kind != "burst":
+            await send(1)
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        arrivals = [loadgen.Arrival(0.0, "short", (7, 8)), loadgen.Arrival(0.0, "short", (7,) * 3),
+                    loadgen.Arrival(0.1, "long", (7,) * 4), loadgen.Arrival(0.1, "long", (7,) * 5)]
+        start = time.monotonic()
+        outcomes, wall = await loadgen.run_load(f"http://127.0.0.1:{port}/v1", "m", arrivals,
+                                                output_len=3, timeout_s=60, drain_s=1.0)
+        assert time.monotonic() - start < 5
+    finally:
+        await runner.cleanup()
+    ok, burst, error, hang = outcomes
+    assert ok.error is None and len(ok.token_times) == 3 and ok.gaps()[0] >= 0.04
+    assert burst.error is None and burst.gaps()[1] == 0.0
+    assert error.error.startswith("HTTP 400")
+    assert hang.error == loadgen.CUT_OFF
+    s = loadgen.summarize("x", 1.0, outcomes, wall)
+    assert (s.failed, s.cut_off) == (1, 1)
