@@ -156,7 +156,12 @@ async def test_run_load_reads_sse_chunks_and_cuts_off_stragglers(bench):
 
         if kind == "hang":
             await send(1)
-            await asyncio.sleep(30)
+            # Until the client goes away: a cut-off request must close its stream.
+            for _ in range(500):
+                if request.transport is None or request.transport.is_closing():
+                    disconnected.set()
+                    return response
+                await asyncio.sleep(0.02)
         await send(1)
         await asyncio.sleep(0.05)
         await send(2 if kind == "burst" else 1)
@@ -165,6 +170,7 @@ async def test_run_load_reads_sse_chunks_and_cuts_off_stragglers(bench):
         await response.write(b"data: [DONE]\n\n")
         return response
 
+    disconnected = asyncio.Event()
     app = web.Application()
     app.router.add_post("/v1/completions", completions)
     runner = web.AppRunner(app)
@@ -179,6 +185,7 @@ async def test_run_load_reads_sse_chunks_and_cuts_off_stragglers(bench):
         outcomes, wall = await loadgen.run_load(f"http://127.0.0.1:{port}/v1", "m", arrivals,
                                                 output_len=3, timeout_s=60, drain_s=1.0)
         assert time.monotonic() - start < 5
+        await asyncio.wait_for(disconnected.wait(), 5)
     finally:
         await runner.cleanup()
     ok, burst, error, hang = outcomes
