@@ -97,8 +97,10 @@ class Sizes:
 def model_sizes(model, engine: Engine) -> Sizes:
     config = model.config
     embedding = model.backbone.embeddings.weight
+    # A tied lm_head reads the whole matrix every step: then it is all dense bytes.
+    tied = model.lm_head.weight is embedding or config.tie_word_embeddings
     experts = []
-    skip = {id(embedding)}
+    skip = set() if tied else {id(embedding)}
     for module in model.modules():
         if isinstance(module, QuantExperts):
             tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
@@ -111,7 +113,7 @@ def model_sizes(model, engine: Engine) -> Sizes:
                 if id(t) not in skip)
     cache = engine.cache
     return Sizes(dense_bytes=dense,
-                 embedding_row_bytes=embedding.shape[1] * embedding.element_size(),
+                 embedding_row_bytes=0 if tied else embedding.shape[1] * embedding.element_size(),
                  expert_bytes=experts, slot_bytes=cache.bytes_per_slot(),
                  kv_token_bytes=cache.bytes_per_page() / engine.config.page_size)
 

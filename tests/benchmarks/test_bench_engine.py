@@ -104,3 +104,42 @@ def test_step_bytes_account_for_every_checkpoint_byte(bench, tmp_path):
     one = sizes.dense_bytes + sizes.embedding_row_bytes + 3 * per * k + 2 * sizes.slot_bytes \
         + 11 * sizes.kv_token_bytes
     assert sizes.step_bytes(1, context=10) == pytest.approx(one)
+
+
+def test_row_cells_and_verdict(bench):
+    engine = bench.Phases(prefill_s=0.5, decode_step_s=0.010, decode_tokens=16 * 32)
+    hf = bench.Phases(prefill_s=2.0, decode_step_s=0.120, decode_tokens=16 * 32)
+    row = bench.Row(16, engine, hf, roofline_s=0.004, step_bytes=12e9, prompt_len=512)
+    cells = dict(zip(bench.HEADER, row.cells()))
+    assert cells["engine prefill tok/s"] == "16,384" and cells["hf prefill tok/s"] == "4,096"
+    assert cells["prefill speedup"] == "4.0x" and cells["decode speedup"] == "12.0x"
+    assert cells["engine decode tok/s"] == "1,600" and cells["hf decode tok/s"] == "133"
+    assert cells["step MB"] == "12,000.0" and cells["engine % of roofline"] == "40%"
+    assert "12.0x, met" in bench.verdict([row])
+    slow = bench.Row(16, engine, bench.Phases(2.0, 0.05, 1), 0.004, 12e9, 512)
+    assert "5.0x, NOT met" in bench.verdict([slow])
+    oom = bench.Row(16, engine, None, 0.004, 12e9, 512, hf_note="OOM")
+    assert dict(zip(bench.HEADER, oom.cells()))["decode speedup"] == "OOM"
+    assert "not measured" in bench.verdict([oom])
+
+
+def test_tied_embeddings_count_as_dense(bench, tmp_path):
+    """Untied, the lm_head matrix is dense and the embedding counts by rows; tied, the one
+    matrix is read whole every step: dense, with no rows beside it. Same dense total."""
+    from shapes import SMOKE
+
+    untied = bench.model_sizes(*_loaded(tmp_path / "untied", SMOKE))
+    tied = bench.model_sizes(*_loaded(tmp_path / "tied", {**SMOKE, "tie_word_embeddings": True}))
+    assert untied.embedding_row_bytes == SMOKE["hidden_size"] * 2
+    assert tied.embedding_row_bytes == 0
+    assert tied.dense_bytes == untied.dense_bytes
+
+
+def _loaded(path, config):
+    from baton.workers.engine import Engine, EngineConfig
+    from baton.workers.model import load_model
+    from baton.workers.model.checkpoint import write_random_checkpoint
+
+    write_random_checkpoint(path, config, dtype=torch.bfloat16, tokenizer=False)
+    model = load_model(path, dtype=torch.bfloat16, kernels="torch")
+    return model, Engine(model, EngineConfig(num_pages=8, max_num_seqs=1, max_model_len=64))
