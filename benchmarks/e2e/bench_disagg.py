@@ -21,10 +21,12 @@ Modes, each started once as real processes on this machine and fed every rate in
 Load (loadgen.py), per long-prompt rate: open-loop arrivals for --duration seconds of long
 prompts (--long-len tokens, 4096) at that rate and short prompts (--short-len, 256) at
 --short-rate, every request generating --output-len tokens (eos ignored, greedy), streamed
-through /v1/completions with httpx; the same seeded schedule in every mode. One long and one
-short request run first, untimed (Triton compiles). Reported: TTFT p50/p90/p99 (all requests,
-and p99 per kind), ITL p50/p90/p99 (every gap between consecutive tokens), output tokens/s.
-Any failed request fails the run. The table goes to stdout, the report to
+through /v1/completions with httpx; the same seeded schedule in every mode. Untimed first:
+one long and one short request alone, then a burst of short ones (Triton compiles).
+Reported: TTFT p50/p90/p99 (all requests, and p99 per kind), ITL p50/p90/p99 (every gap
+between consecutive tokens), output tokens/s. Any failed request fails the run; requests
+still running --drain seconds after a rate's last arrival are cut off and counted apart (the
+rate overloads the mode). The table goes to stdout, the report to
 DIR/<date>-<device>-disagg.md and every figure to the .json beside it (default DIR:
 benchmarks/results). The default rates are first guesses for the 8-layer Nano slice on an
 H100: raise them until the aggregated TTFT or ITL breaks away.
@@ -364,6 +366,28 @@ def device_name(smoke: bool) -> str:
     return out.stdout.strip()
 
 
+def warm_up(service: Service, args, workload: loadgen.Workload) -> None:
+    """Untimed: one long and one short request alone (kernels compile for both prompt
+    lengths), then a burst of short ones together (and for the batch sizes decode meets)."""
+    alone = loadgen.schedule(dataclasses.replace(
+        workload, long_rate=1.0, short_rate=1.0, duration_s=1.0, arrivals="uniform",
+        seed=args.seed + 1))
+    burst = min(args.max_concurrency, 32)
+    together = loadgen.schedule(dataclasses.replace(
+        workload, long_rate=0.0, short_rate=float(burst), duration_s=1.0, arrivals="uniform",
+        seed=args.seed + 2))
+    rounds = [[dataclasses.replace(a, at=0.0)] for a in alone]
+    rounds.append([dataclasses.replace(a, at=0.0) for a in together])
+    for arrivals in rounds:
+        outcomes, _ = asyncio.run(loadgen.run_load(
+            service.base_url, SERVED_NAME, arrivals, args.output_len,
+            timeout_s=args.ready_timeout))
+        failed = [o.error for o in outcomes if o.error]
+        if failed:
+            raise RuntimeError(f"{service.name}: warm-up request failed: {failed[0]}\n"
+                               f"{service.log_tail()}")
+
+
 def run_mode(mode: str, args, spec_path: Path, config_path: Path, run_dir: Path,
              workloads: list[loadgen.Workload], env: dict[str, str],
              ready: dict[str, float]) -> list[loadgen.Summary]:
@@ -371,16 +395,7 @@ def run_mode(mode: str, args, spec_path: Path, config_path: Path, run_dir: Path,
     try:
         ready[mode] = service.wait_ready(args.ready_timeout)
         print(f"{mode}: ready after {ready[mode]:.1f} s", flush=True)
-        warm = loadgen.schedule(dataclasses.replace(
-            workloads[0], long_rate=1.0, short_rate=1.0, duration_s=1.0, arrivals="uniform",
-            seed=args.seed + 1))
-        for arrival in warm:  # one at a time: compile for both prompt lengths, untimed
-            outcomes, _ = asyncio.run(loadgen.run_load(
-                service.base_url, SERVED_NAME, [dataclasses.replace(arrival, at=0.0)],
-                args.output_len, timeout_s=args.ready_timeout))
-            if outcomes[0].error:
-                raise RuntimeError(f"{mode}: warm-up request failed: {outcomes[0].error}\n"
-                                   f"{service.log_tail()}")
+        warm_up(service, args, workloads[0])
         summaries = []
         for w in workloads:
             arrivals = loadgen.schedule(w)
