@@ -390,13 +390,14 @@ def warm_up(service: Service, args, workload: loadgen.Workload) -> None:
 
 def run_mode(mode: str, args, spec_path: Path, config_path: Path, run_dir: Path,
              workloads: list[loadgen.Workload], env: dict[str, str],
-             ready: dict[str, float]) -> list[loadgen.Summary]:
+             ready: dict[str, float], summaries: list[loadgen.Summary]) -> None:
+    """Starts the mode, feeds it every workload, stops it; each rate's summary is appended
+    as it finishes, so a mode that fails later keeps the rates it measured."""
     service = start_mode(mode, spec_path, config_path, run_dir, env)
     try:
         ready[mode] = service.wait_ready(args.ready_timeout)
         print(f"{mode}: ready after {ready[mode]:.1f} s", flush=True)
         warm_up(service, args, workloads[0])
-        summaries = []
         for w in workloads:
             arrivals = loadgen.schedule(w)
             outcomes, wall = asyncio.run(loadgen.run_load(
@@ -404,7 +405,6 @@ def run_mode(mode: str, args, spec_path: Path, config_path: Path, run_dir: Path,
                 timeout_s=args.ready_timeout, drain_s=args.drain))
             summaries.append(loadgen.summarize(mode, w.long_rate, outcomes, wall))
             print(" | ".join(row_cells(summaries[-1], args.short_rate)), flush=True)
-        return summaries
     finally:
         service.stop()
 
@@ -451,11 +451,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if mode == "disagg-mps":
                     with PrivateMps() as mps_env:
-                        summaries += run_mode(mode, args, spec_path, config_path, run_dir,
-                                              workloads, {**env, **mps_env}, ready)
+                        run_mode(mode, args, spec_path, config_path, run_dir, workloads,
+                                 {**env, **mps_env}, ready, summaries)
                 else:
-                    summaries += run_mode(mode, args, spec_path, config_path, run_dir,
-                                          workloads, env, ready)
+                    run_mode(mode, args, spec_path, config_path, run_dir, workloads, env,
+                             ready, summaries)
             except (RuntimeError, OSError, subprocess.SubprocessError) as err:
                 # The other modes still run and the report keeps what was measured.
                 print(f"bench_disagg: {mode} failed: {err}", file=sys.stderr)
