@@ -116,6 +116,7 @@ def mps_note(smoke: bool) -> str:
     if smoke:
         return "not applicable (a CPU run)"
     binary = shutil.which(MPS_BINARY)
+    # CUDA's default pipe directory when the variable is unset.
     pipe = Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"))
     if (pipe / "control").exists():
         return (f"an MPS control daemon was running (pipe {pipe}): every CUDA process of "
