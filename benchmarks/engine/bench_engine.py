@@ -20,6 +20,9 @@ Method, per batch size B (B prompts of --prompt-len random tokens, greedy, eos i
   hf       generate(max_new_tokens=1) is the prefill time; generate(max_new_tokens=1+N)
            minus it over N is the decode step (min_new_tokens keeps eos from ending early).
   tokens/s prefill B * prompt_len / prefill time; decode B / step time.
+  same first token  how many of the B greedy tokens after the prompts agree between the two
+           (the engine's cached, batched path against transformers'; in 16-bit a near-tie
+           may legitimately differ, so this is reported, not checked).
 
 Roofline of one decode step at batch B (bytes over the HBM bandwidth measured in this run
 with a device-to-device copy of 2 x 1 GiB: read + write bytes / time):
@@ -47,7 +50,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -165,6 +168,8 @@ class Phases:
     prefill_s: float
     decode_step_s: float
     decode_tokens: int
+    first_tokens: list[int] = field(default_factory=list)
+    """The greedy token after each prompt, in prompt order."""
 
 
 def prefill_slack(batch: int, prompt_len: int, max_batch_tokens: int) -> int:
@@ -183,13 +188,15 @@ def engine_round(engine: Engine, prompts: list[list[int]], decode_steps: int,
     for rid, prompt in zip(ids, prompts):
         engine.add_request(Request(rid, list(prompt), SamplingParams(
             max_tokens=1 + decode_steps + slack, temperature=0.0, ignore_eos=True)))
-    started: set[str] = set()
+    started: dict[str, int] = {}  # request id -> its first token
     timer.sync()
     t0 = time.perf_counter()
     while len(started) < batch:
         if not engine.has_work():
             raise RuntimeError(f"{tag}: the engine stopped before every prompt was prefilled")
-        started.update(ev.request_id for ev in engine.step() if ev.token_id is not None)
+        for ev in engine.step():
+            if ev.token_id is not None and ev.request_id not in started:
+                started[ev.request_id] = ev.token_id
     prefill_s = time.perf_counter() - t0
     tokens = 0
     t1 = time.perf_counter()
@@ -205,7 +212,7 @@ def engine_round(engine: Engine, prompts: list[list[int]], decode_steps: int,
         engine.abort(rid)
     while engine.has_work():
         engine.step()
-    return Phases(prefill_s, decode_s / decode_steps, tokens)
+    return Phases(prefill_s, decode_s / decode_steps, tokens, [started[rid] for rid in ids])
 
 
 # ---------------------------------------------------------------------------- transformers side
@@ -224,10 +231,11 @@ def hf_round(model, prompts: list[list[int]], decode_steps: int, timer: Timer,
     if out.shape != (len(prompts), len(prompts[0]) + 2):
         raise RuntimeError(f"transformers generated {tuple(out.shape)} tokens, expected "
                            f"{(len(prompts), len(prompts[0]) + 2)}")
-    prefill_s = timer(lambda: generate(1))
+    first: list[torch.Tensor] = []
+    prefill_s = timer(lambda: first.append(generate(1)[:, -1]))
     total_s = timer(lambda: generate(1 + decode_steps))
     return Phases(prefill_s, max(total_s - prefill_s, 0.0) / decode_steps,
-                  len(prompts) * decode_steps)
+                  len(prompts) * decode_steps, first[0].tolist())
 
 
 def load_hf(path: Path, dtype: torch.dtype, device: torch.device):
@@ -280,12 +288,18 @@ class Row:
                    f"{h.decode_step_s / e.decode_step_s:.1f}x"] if h else [no, no])
         cells += [f"{self.step_bytes / 1e6:,.1f}", f"{self.roofline_s * 1e3:.3f}",
                   f"{100 * self.roofline_s / e.decode_step_s:.0f}%"]
+        if h:
+            same = sum(a == b for a, b in zip(e.first_tokens, h.first_tokens))
+            cells.append(f"{same}/{len(h.first_tokens)}")
+        else:
+            cells.append(no)
         return cells
 
 
 HEADER = ["batch", "engine prefill tok/s", "hf prefill tok/s", "prefill speedup",
           "engine step ms", "hf step ms", "engine decode tok/s", "hf decode tok/s",
-          "decode speedup", "step MB", "roofline step ms", "engine % of roofline"]
+          "decode speedup", "step MB", "roofline step ms", "engine % of roofline",
+          "same first token"]
 
 
 def table(rows: list[Row]) -> list[str]:
