@@ -358,12 +358,14 @@ def device_name(smoke: bool) -> str:
         return "cpu"
     # Asked from a short-lived process: a CUDA context here would hold GPU memory for the
     # whole run, memory that baton up splits between the workers.
-    probe = "import torch; print(torch.cuda.get_device_name(0))"
+    probe = ("import sys, torch\n"
+             "if not torch.cuda.is_available(): sys.exit('torch sees no CUDA device')\n"
+             "print(torch.cuda.get_device_name(0))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          timeout=120)
     if out.returncode != 0:
-        raise SystemExit(f"bench_disagg: needs a CUDA device (or --smoke): "
-                         f"{out.stderr.strip()[-500:]}")
+        why = (out.stderr.strip().splitlines() or ["the probe failed"])[-1]
+        raise SystemExit(f"bench_disagg: needs a CUDA device (or --smoke): {why}")
     return out.stdout.strip()
 
 
