@@ -62,6 +62,9 @@ MODES = ("disagg", "disagg-mps", "agg")
 SERVED_NAME = "bench"
 MPS_BINARY = "nvidia-cuda-mps-control"
 STOP_GRACE_S = 60.0
+# Greedy tokens must agree across modes wherever the top-1/top-2 margin exceeds this (the
+# project's rule for comparing batchings in fp32; in bf16 the report only states the count).
+CHECK_MARGIN = 1e-3
 
 
 # ---------------------------------------------------------------------------- setup
@@ -243,7 +246,7 @@ def versions() -> str:
 
 
 def report(args, summaries, device_name: str, ready: dict[str, float], skipped: list[str],
-           config: dict, failures: list[str]) -> str:
+           config: dict, failures: list[str], agreed: dict[str, dict]) -> str:
     lines = [
         f"# Disaggregated vs aggregated serving on {device_name}",
         "",
@@ -263,6 +266,11 @@ def report(args, summaries, device_name: str, ready: dict[str, float], skipped: 
         "Time to ready (process start to /ready): "
         + ", ".join(f"{m} {t:.1f} s" for m, t in ready.items()) + ".",
         *([f"Skipped: {'; '.join(skipped)}."] if skipped else []),
+        *(["Greedy tokens of the check requests (two long and four short prompts sent "
+           "together, untimed), equal wherever the top-1/top-2 margin exceeds "
+           f"{CHECK_MARGIN:g}: " + ", ".join(
+               f"{m} {a['agree']}/{a['compared']} as {a['reference']}"
+               for m, a in agreed.items()) + "."] if agreed else []),
         "",
         *table(summaries, args.short_rate),
         "",
@@ -391,16 +399,51 @@ def warm_up(service: Service, args, workload: loadgen.Workload) -> None:
                                f"{service.log_tail()}")
 
 
+def check_arrivals(workload: loadgen.Workload, seed: int) -> list[loadgen.Arrival]:
+    """Two long and four short prompts, sent together (so they share batches)."""
+    arrivals = loadgen.schedule(dataclasses.replace(
+        workload, long_rate=2.0, short_rate=4.0, duration_s=1.0, arrivals="uniform", seed=seed))
+    return [dataclasses.replace(a, at=0.0) for a in arrivals]
+
+
+def run_checks(service: Service, args, workload: loadgen.Workload) -> list[loadgen.Outcome]:
+    """Untimed: the check requests with their top-2 logprobs, for comparing the modes."""
+    outcomes, _ = asyncio.run(loadgen.run_load(
+        service.base_url, SERVED_NAME, check_arrivals(workload, args.seed + 3),
+        args.output_len, timeout_s=args.ready_timeout, alternatives=2))
+    failed = [o.error for o in outcomes if o.error]
+    if failed:
+        raise RuntimeError(f"{service.name}: check request failed: {failed[0]}\n"
+                           f"{service.log_tail()}")
+    return outcomes
+
+
+def agreement(checks: dict[str, list[loadgen.Outcome]]) -> dict[str, dict]:
+    """Every mode's greedy tokens against the first mode that ran."""
+    if not checks:
+        return {}
+    reference, *others = checks
+    out = {}
+    for mode in others:
+        agree, compared = loadgen.greedy_agreement(checks[reference], checks[mode],
+                                                   CHECK_MARGIN)
+        out[mode] = {"reference": reference, "agree": agree, "compared": compared}
+    return out
+
+
 def run_mode(mode: str, args, spec_path: Path, config_path: Path, run_dir: Path,
              workloads: list[loadgen.Workload], env: dict[str, str],
-             ready: dict[str, float], summaries: list[loadgen.Summary]) -> None:
-    """Starts the mode, feeds it every workload, stops it; each rate's summary is appended
-    as it finishes, so a mode that fails later keeps the rates it measured."""
+             ready: dict[str, float], summaries: list[loadgen.Summary],
+             checks: dict[str, list[loadgen.Outcome]]) -> None:
+    """Starts the mode, runs its check requests, feeds it every workload, stops it; each
+    rate's summary is appended as it finishes, so a mode that fails later keeps the rates it
+    measured."""
     service = start_mode(mode, spec_path, config_path, run_dir, env)
     try:
         ready[mode] = service.wait_ready(args.ready_timeout)
         print(f"{mode}: ready after {ready[mode]:.1f} s", flush=True)
         warm_up(service, args, workloads[0])
+        checks[mode] = run_checks(service, args, workloads[0])
         for w in workloads:
             arrivals = loadgen.schedule(w)
             outcomes, wall = asyncio.run(loadgen.run_load(
@@ -446,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         ready: dict[str, float] = {}
         skipped: list[str] = []
         failures: list[str] = []
+        checks: dict[str, list[loadgen.Outcome]] = {}
         for mode in args.modes:
             if mode == "disagg-mps" and (args.smoke or shutil.which(MPS_BINARY) is None):
                 skipped.append(f"disagg-mps ({MPS_BINARY} not available on this machine)"
@@ -455,10 +499,10 @@ def main(argv: list[str] | None = None) -> int:
                 if mode == "disagg-mps":
                     with PrivateMps() as mps_env:
                         run_mode(mode, args, spec_path, config_path, run_dir, workloads,
-                                 {**env, **mps_env}, ready, summaries)
+                                 {**env, **mps_env}, ready, summaries, checks)
                 else:
                     run_mode(mode, args, spec_path, config_path, run_dir, workloads, env,
-                             ready, summaries)
+                             ready, summaries, checks)
             except (RuntimeError, OSError, subprocess.SubprocessError) as err:
                 # The other modes still run and the report keeps what was measured.
                 print(f"bench_disagg: {mode} failed: {err}", file=sys.stderr)
@@ -467,13 +511,14 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(f"{mode}: {lines[0]}"
                                 + (f" ... {lines[-1].strip()}" if len(lines) > 1 else ""))
 
-    text = report(args, summaries, name, ready, skipped, config, failures)
+    agreed = agreement(checks)
+    text = report(args, summaries, name, ready, skipped, config, failures, agreed)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     stem = f"{datetime.date.today().isoformat()}-{slug}-disagg"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.md").write_text(text)
     figures = {"device": name, "modes": args.modes, "skipped": skipped,
-               "failures": failures, "ready_s": ready,
+               "failures": failures, "ready_s": ready, "agreement": agreed,
                "workload": {k: getattr(args, k) for k in (
                    "short_rate", "duration", "drain", "long_len", "short_len", "output_len",
                    "max_concurrency", "max_batch_tokens", "arrivals", "seed")},

@@ -99,6 +99,9 @@ class Outcome:
     sent_at: float
     token_times: list[float] = field(default_factory=list)
     error: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    margins: list[float] = field(default_factory=list)
+    """Per token, top-1 minus top-2 logprob (when alternatives were asked for)."""
 
     @property
     def ttft(self) -> float:
@@ -109,9 +112,11 @@ class Outcome:
 
 
 async def stream_one(client: httpx.AsyncClient, base_url: str, model: str, arrival: Arrival,
-                     output_len: int) -> Outcome:
+                     output_len: int, alternatives: int = 0) -> Outcome:
+    """One streamed greedy request; alternatives >= 2 also records each token's margin."""
     body = {"model": model, "prompt": list(arrival.prompt), "max_tokens": output_len,
-            "temperature": 0, "stream": True, "ignore_eos": True, "logprobs": 0}
+            "temperature": 0, "stream": True, "ignore_eos": True, "logprobs": alternatives,
+            "return_tokens_as_token_ids": True}
     outcome = Outcome(arrival.kind, time.monotonic())
     try:
         async with client.stream("POST", f"{base_url}/completions", json=body) as response:
@@ -132,8 +137,13 @@ async def stream_one(client: httpx.AsyncClient, base_url: str, model: str, arriv
                 now = time.monotonic()
                 for choice in chunk.get("choices", []):
                     logprobs = choice.get("logprobs") or {}
-                    outcome.token_times += [now] * len(logprobs.get("tokens", []))
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+                    tokens = logprobs.get("tokens", [])
+                    outcome.token_times += [now] * len(tokens)
+                    outcome.token_ids += [int(t.removeprefix("token_id:")) for t in tokens]
+                    if alternatives >= 2:
+                        tops = logprobs.get("top_logprobs") or []
+                        outcome.margins += [_margin(top) for top in tops]
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError, ValueError) as exc:
         outcome.error = f"{type(exc).__name__}: {exc}"
         return outcome
     if len(outcome.token_times) != output_len:
@@ -141,8 +151,38 @@ async def stream_one(client: httpx.AsyncClient, base_url: str, model: str, arriv
     return outcome
 
 
+def _margin(top: dict[str, float] | None) -> float:
+    values = sorted((top or {}).values(), reverse=True)
+    return values[0] - values[1] if len(values) >= 2 else math.inf
+
+
+def greedy_agreement(reference: list[Outcome], other: list[Outcome],
+                     min_margin: float) -> tuple[int, int]:
+    """(requests whose tokens agree, requests compared) between two runs of the same
+    arrivals. Tokens must be equal, except that they may part where either run's top-1/top-2
+    margin is below min_margin (there rounding may pick either token; after it the sequences
+    legitimately differ). Without margins every difference counts."""
+    agree = compared = 0
+    for a, b in zip(reference, other, strict=True):
+        if a.error is not None or b.error is not None:
+            continue
+        compared += 1
+        for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)):
+            if x != y:
+                agree += min(_at(a.margins, i), _at(b.margins, i)) < min_margin
+                break
+        else:
+            agree += len(a.token_ids) == len(b.token_ids)
+    return agree, compared
+
+
+def _at(margins: list[float], i: int) -> float:
+    return margins[i] if i < len(margins) else math.inf
+
+
 async def run_load(base_url: str, model: str, arrivals: list[Arrival], output_len: int,
-                   timeout_s: float, drain_s: float = math.inf) -> tuple[list[Outcome], float]:
+                   timeout_s: float, drain_s: float = math.inf,
+                   alternatives: int = 0) -> tuple[list[Outcome], float]:
     """Sends every arrival at its time; the outcomes and the wall time of the whole run.
 
     Requests still running drain_s after the last arrival are cancelled (closing the stream
@@ -156,7 +196,7 @@ async def run_load(base_url: str, model: str, arrivals: list[Arrival], output_le
 
         async def at_time(arrival: Arrival) -> Outcome:
             await asyncio.sleep(max(0.0, start + arrival.at - time.monotonic()))
-            return await stream_one(client, base_url, model, arrival, output_len)
+            return await stream_one(client, base_url, model, arrival, output_len, alternatives)
 
         tasks = [asyncio.create_task(at_time(a)) for a in arrivals]
         last = max((a.at for a in arrivals), default=0.0)

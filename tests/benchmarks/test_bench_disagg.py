@@ -48,6 +48,9 @@ def test_bench_disagg_smoke_serves_both_modes(bench, tmp_path):
     figures = json.loads(report.with_suffix(".json").read_text())
     assert [r["mode"] for r in figures["runs"]] == ["disagg", "agg"]
     assert all(r["failed"] == 0 and r["output_tokens_per_s"] > 0 for r in figures["runs"])
+    # fp32 on the CPU: the aggregated engine streams the tokens the disaggregated path does.
+    assert figures["agreement"] == {"agg": {"reference": "disagg", "agree": 6, "compared": 6}}
+    assert "agg 6/6 as disagg" in text
 
 
 def test_bench_disagg_refuses_bad_arguments(bench):
@@ -151,7 +154,8 @@ async def test_run_load_reads_sse_chunks_and_cuts_off_stragglers(bench):
         await response.prepare(request)
 
         async def send(tokens: int) -> None:
-            chunk = {"choices": [{"text": "x", "logprobs": {"tokens": ["x"] * tokens}}]}
+            assert body["return_tokens_as_token_ids"] is True
+            chunk = {"choices": [{"text": "x", "logprobs": {"tokens": ["token_id:7"] * tokens}}]}
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
 
         if kind == "hang":
@@ -190,8 +194,27 @@ async def test_run_load_reads_sse_chunks_and_cuts_off_stragglers(bench):
         await runner.cleanup()
     ok, burst, error, hang = outcomes
     assert ok.error is None and len(ok.token_times) == 3 and ok.gaps()[0] >= 0.04
+    assert ok.token_ids == [7, 7, 7] and ok.margins == []
     assert burst.error is None and burst.gaps()[1] == 0.0
     assert error.error.startswith("HTTP 400")
     assert hang.error == loadgen.CUT_OFF
     s = loadgen.summarize("x", 1.0, outcomes, wall)
     assert (s.failed, s.cut_off) == (1, 1)
+
+
+def test_greedy_agreement_allows_parting_only_at_near_ties(bench):
+    import loadgen
+
+    def run(ids, margins):
+        return loadgen.Outcome("short", 0.0, token_ids=ids, margins=margins)
+
+    ref = [run([1, 2, 3], [0.5, 0.5, 0.5]), run([4, 5, 6], [0.5, 1e-4, 0.5]),
+           run([7, 8, 9], [0.5, 0.5, 0.5]), run([1], [0.5])]
+    other = [run([1, 2, 3], [0.5, 0.5, 0.5]),   # equal
+             run([4, 9, 9], [0.5, 0.5, 0.5]),   # parts at the reference's near-tie: fine
+             run([7, 0, 9], [0.5, 0.5, 0.5]),   # parts with a clear margin: disagrees
+             loadgen.Outcome("short", 0.0, error="HTTP 500")]  # not compared
+    assert loadgen.greedy_agreement(ref, other, 1e-3) == (2, 3)
+    # Without margins every difference counts; a shorter output disagrees.
+    assert loadgen.greedy_agreement([run([1, 2], [])], [run([1, 3], [])], 1e-3) == (0, 1)
+    assert loadgen.greedy_agreement([run([1, 2], [])], [run([1], [])], 1e-3) == (0, 1)
