@@ -22,7 +22,9 @@ Load (loadgen.py), per long-prompt rate: open-loop arrivals for --duration secon
 prompts (--long-len tokens, 4096) at that rate and short prompts (--short-len, 256) at
 --short-rate, every request generating --output-len tokens (eos ignored, greedy), streamed
 through /v1/completions with httpx; the same seeded schedule in every mode. Untimed first:
-one long and one short request alone, then a burst of short ones (Triton compiles).
+one long and one short request alone, then a burst of short ones (Triton compiles), then
+six check requests sent together whose greedy tokens (with top-2 logprobs) are compared
+with the first mode's: equal wherever the top-1/top-2 margin exceeds 1e-3.
 Reported: TTFT p50/p90/p99 (all requests, and p99 per kind), ITL p50/p90/p99 (every gap
 between consecutive tokens), output tokens/s. Any failed request fails the run; requests
 still running --drain seconds after a rate's last arrival are cut off and counted apart (the

@@ -3,8 +3,9 @@ rates, streamed through the OpenAI completions API, and the latency figures it y
 
 Each request is sent at its scheduled time whether or not earlier ones finished (open loop:
 a slow server builds a queue, as real traffic would). Prompts are token ids (exact lengths)
-and ask for `ignore_eos` and `logprobs: 0`, so that every SSE chunk carries its tokens by
-count (a token whose text is a partial UTF-8 sequence would otherwise arrive with the next).
+and ask for `ignore_eos`, `logprobs` and `return_tokens_as_token_ids`, so that every SSE
+chunk carries its tokens by id (a token whose text is a partial UTF-8 sequence would
+otherwise arrive with the next); timed runs ask for no alternatives (`logprobs: 0`).
 
 Requests still running --drain seconds after the last arrival are cut off and counted apart
 (an overloaded server); TTFT and ITL cover the completed requests.
