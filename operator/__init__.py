@@ -11,3 +11,17 @@
 
 Never imports baton.workers or baton.kernels (the operator image has no torch).
 """
+
+import os as _os
+
+if __name__ == "operator":
+    # This folder is imported as the top-level `operator` only when the repository root is on
+    # sys.path ahead of the standard library (`python -m ...` or `python -c` run from a
+    # checkout, before anything imported the real module). Become the standard library's
+    # `operator` then, instead of shadowing it: collections, contextlib and runpy import it.
+    # importlib may itself be mid-import here, so the source is executed directly.
+    _stdlib_operator = _os.path.join(_os.path.dirname(_os.__file__), "operator.py")
+    with open(_stdlib_operator, encoding="utf-8") as _source:
+        exec(compile(_source.read(), _stdlib_operator, "exec"))
+    __file__ = _stdlib_operator
+    del __path__  # a module, not a package

@@ -35,3 +35,17 @@ def test_cli_unknown_command_is_clear():
     from baton.workers.cli import main
 
     assert main(["frobnicate"]) == 2
+
+
+def test_checkout_root_on_sys_path_does_not_shadow_stdlib_operator():
+    # `python -m ...` from a checkout puts the repository root first on sys.path; with no site
+    # packages importing the real module earlier (-S, as in a fresh venv), `import operator`
+    # finds the operator/ folder. It must behave as the standard library module.
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    code = ("import operator, collections, contextlib; "
+            "assert operator.itemgetter(1)([0, 7]) == 7; assert not hasattr(operator, '__path__')")
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=root, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
