@@ -17,8 +17,10 @@ Method, per batch size B (B prompts of --prompt-len random tokens, greedy, eos i
            every request has its first token (chunked by --max-batch-tokens); then
            --decode-steps steps are timed in which all B sequences decode one token each.
            One untimed round of the same shape runs first (Triton compiles and tunes).
-  hf       generate(max_new_tokens=1) is the prefill time; generate(max_new_tokens=1+N)
-           minus it over N is the decode step (min_new_tokens keeps eos from ending early).
+  hf       one generate(max_new_tokens=1+N) after an untimed one, timed through a streamer
+           that syncs the device as the prompt is handed over and as each token is chosen:
+           prompt -> first token is the prefill time, the N steps after it the decode steps
+           (min_new_tokens keeps eos from ending early).
   tokens/s prefill B * prompt_len / prefill time; decode B / step time.
   same first token  how many of the B greedy tokens after the prompts agree between the two
            (the engine's cached, batched path against transformers'; in 16-bit a near-tie
@@ -46,7 +48,6 @@ import importlib.util
 import json
 import os
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -60,9 +61,9 @@ if not torch.cuda.is_available():  # the CPU smoke run never launches Triton, bu
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shapes import NANO, SMOKE, expected_distinct_experts
+from roofline import Sizes, measure_hbm, model_sizes
+from shapes import NANO, SMOKE
 
-from baton.kernels import QuantExperts
 from baton.workers.engine import Engine, EngineConfig, Request, SamplingParams
 from baton.workers.model import load_model
 from baton.workers.model.checkpoint import write_random_checkpoint
@@ -75,89 +76,15 @@ TARGET_BATCH, TARGET_SPEEDUP = 16, 10.0
 PARITY_LIMIT = 5e-2
 
 
-@dataclass
-class Sizes:
-    """Bytes of the loaded model and its per-sequence state, read from the modules."""
-
-    dense_bytes: int
-    """Every parameter and buffer except the embedding and the routed expert stacks."""
-    embedding_row_bytes: int
-    expert_bytes: list[tuple[float, int, int]]
-    """Per MoE layer: (bytes of one expert, experts E, top-k)."""
-    slot_bytes: int
-    """Mamba conv + SSM state of one sequence over all layers."""
-    kv_token_bytes: float
-    """KV of one token over all attention layers."""
-
-    def step_bytes(self, batch: int, context: float) -> float:
-        weights = self.dense_bytes + batch * self.embedding_row_bytes
-        weights += sum(per * expected_distinct_experts(e, k, batch)
-                       for per, e, k in self.expert_bytes)
-        state = batch * (2 * self.slot_bytes + (context + 1) * self.kv_token_bytes)
-        return weights + state
-
-
-def model_sizes(model, engine: Engine) -> Sizes:
-    config = model.config
-    embedding = model.backbone.embeddings.weight
-    # A tied lm_head reads the whole matrix every step: then it is all dense bytes.
-    tied = model.lm_head.weight is embedding or config.tie_word_embeddings
-    experts = []
-    skip = set() if tied else {id(embedding)}
-    for module in model.modules():
-        if isinstance(module, QuantExperts):
-            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-            skip.update(id(t) for t in tensors)
-            total = sum(t.numel() * t.element_size() for t in tensors)
-            experts.append((total / module.num_experts, module.num_experts,
-                            config.num_experts_per_tok))
-    dense = sum(t.numel() * t.element_size()
-                for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
-                if id(t) not in skip)
-    cache = engine.cache
-    return Sizes(dense_bytes=dense,
-                 embedding_row_bytes=0 if tied else embedding.shape[1] * embedding.element_size(),
-                 expert_bytes=experts, slot_bytes=cache.bytes_per_slot(),
-                 kv_token_bytes=cache.bytes_per_page() / engine.config.page_size)
-
-
-class Timer:
-    """Wall time of host-side calls that end in a device sync (both sides read tokens)."""
+class DeviceSync:
+    """Waits for the device's queued work, so that host clocks time what ran on it."""
 
     def __init__(self, device: torch.device):
         self.device = device
 
-    def sync(self) -> None:
+    def __call__(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    def __call__(self, fn) -> float:
-        self.sync()
-        start = time.perf_counter()
-        fn()
-        self.sync()
-        return time.perf_counter() - start
-
-
-def measure_hbm(device: torch.device, smoke: bool, reps: int = 10) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write bytes over time)."""
-    elements = (1 << 22) if smoke else (1 << 29)  # bf16: 8 MiB / 1 GiB per buffer
-    src = torch.empty(elements, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    timer = Timer(device)
-    if device.type == "cuda":
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-    else:
-        times = [timer(lambda: dst.copy_(src)) for _ in range(reps)]
-    return 2 * src.numel() * src.element_size() / statistics.median(times)
 
 
 # ---------------------------------------------------------------------------- engine side
@@ -180,7 +107,7 @@ def prefill_slack(batch: int, prompt_len: int, max_batch_tokens: int) -> int:
 
 
 def engine_round(engine: Engine, prompts: list[list[int]], decode_steps: int,
-                 timer: Timer, tag: str) -> Phases:
+                 sync: DeviceSync, tag: str) -> Phases:
     """Prefill B prompts together, then time decode_steps full-batch decode steps."""
     batch = len(prompts)
     slack = prefill_slack(batch, len(prompts[0]), engine.config.max_batch_tokens)
@@ -189,7 +116,7 @@ def engine_round(engine: Engine, prompts: list[list[int]], decode_steps: int,
         engine.add_request(Request(rid, list(prompt), SamplingParams(
             max_tokens=1 + decode_steps + slack, temperature=0.0, ignore_eos=True)))
     started: dict[str, int] = {}  # request id -> its first token
-    timer.sync()
+    sync()
     t0 = time.perf_counter()
     while len(started) < batch:
         if not engine.has_work():
@@ -218,24 +145,42 @@ def engine_round(engine: Engine, prompts: list[list[int]], decode_steps: int,
 # ---------------------------------------------------------------------------- transformers side
 
 
-def hf_round(model, prompts: list[list[int]], decode_steps: int, timer: Timer,
+def hf_round(model, prompts: list[list[int]], decode_steps: int, sync: DeviceSync,
              device: torch.device) -> Phases:
+    """One generate() call timed token by token: its streamer is handed the prompt before
+    the prefill and each new token as it is chosen, and syncs the device each time."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class StepClock(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value) -> None:
+            sync()
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
     ids = torch.tensor(prompts, dtype=torch.long, device=device)
     mask = torch.ones_like(ids)
 
-    def generate(n: int):
+    def generate(n: int, streamer=None):
         return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
-                              min_new_tokens=n, do_sample=False, pad_token_id=0)
+                              min_new_tokens=n, do_sample=False, pad_token_id=0,
+                              streamer=streamer)
 
-    out = generate(2)  # warm-up (allocator, kernels)
-    if out.shape != (len(prompts), len(prompts[0]) + 2):
-        raise RuntimeError(f"transformers generated {tuple(out.shape)} tokens, expected "
-                           f"{(len(prompts), len(prompts[0]) + 2)}")
-    first: list[torch.Tensor] = []
-    prefill_s = timer(lambda: first.append(generate(1)[:, -1]))
-    total_s = timer(lambda: generate(1 + decode_steps))
-    return Phases(prefill_s, max(total_s - prefill_s, 0.0) / decode_steps,
-                  len(prompts) * decode_steps, first[0].tolist())
+    generate(2)  # warm-up (allocator, kernels)
+    clock = StepClock()
+    out = generate(1 + decode_steps, clock)
+    expected = (len(prompts), len(prompts[0]) + 1 + decode_steps)
+    if tuple(out.shape) != expected or len(clock.times) != 2 + decode_steps:
+        raise RuntimeError(f"transformers generated {tuple(out.shape)} tokens in "
+                           f"{len(clock.times) - 1} steps, expected {expected}")
+    # times[0]: the prompt handed over; times[1]: the first token; then one per step.
+    t = clock.times
+    return Phases(t[1] - t[0], (t[-1] - t[1]) / decode_steps, len(prompts) * decode_steps,
+                  out[:, len(prompts[0])].tolist())
 
 
 def load_hf(path: Path, dtype: torch.dtype, device: torch.device):
@@ -447,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args, path: Path, config: dict, device: torch.device, dtype: torch.dtype,
         device_name: str) -> int:
     hbm = measure_hbm(device, args.smoke)
-    timer = Timer(device)
+    sync = DeviceSync(device)
     gen = torch.Generator().manual_seed(1)
     vocab = config["vocab_size"]
     prompts = {b: torch.randint(5, vocab, (b, args.prompt_len), generator=gen).tolist()
@@ -471,13 +416,13 @@ def run(args, path: Path, config: dict, device: torch.device, dtype: torch.dtype
 
     rows = []
     for b in args.batches:
-        engine_round(engine, prompts[b], min(args.decode_steps, 4), timer, f"warm{b}")
-        ours = engine_round(engine, prompts[b], args.decode_steps, timer, f"b{b}")
+        engine_round(engine, prompts[b], min(args.decode_steps, 4), sync, f"warm{b}")
+        ours = engine_round(engine, prompts[b], args.decode_steps, sync, f"b{b}")
         theirs, hf_note = None, "-"
         if hf is not None:
             try:
                 with torch.no_grad():
-                    theirs = hf_round(hf, prompts[b], args.decode_steps, timer, device)
+                    theirs = hf_round(hf, prompts[b], args.decode_steps, sync, device)
             except torch.OutOfMemoryError:
                 # transformers' torch Mamba2 path (no mamba_ssm kernels) materializes
                 # [B, chunks, L, L, heads, state] in prefill: large batches do not fit.
