@@ -424,8 +424,8 @@ def run(args, path: Path, config: dict, device: torch.device, dtype: torch.dtype
                 with torch.no_grad():
                     theirs = hf_round(hf, prompts[b], args.decode_steps, sync, device)
             except torch.OutOfMemoryError:
-                # transformers' torch Mamba2 path (no mamba_ssm kernels) materializes
-                # [B, chunks, L, L, heads, state] in prefill: large batches do not fit.
+                # Without mamba_ssm, transformers' torch Mamba2 prefill holds per-chunk
+                # intermediates that grow with the batch: large batches may not fit.
                 hf_note = "OOM"
                 torch.cuda.empty_cache()
         step_bytes = sizes.step_bytes(b, context)
