@@ -219,3 +219,47 @@ def test_greedy_agreement_allows_parting_only_at_near_ties(bench):
     # Without margins every difference counts; a shorter output disagrees.
     assert loadgen.greedy_agreement([run([1, 2], [])], [run([1, 3], [])], 1e-3) == (0, 1)
     assert loadgen.greedy_agreement([run([1, 2], [])], [run([1], [])], 1e-3) == (0, 1)
+
+
+async def test_engine_backend_streams_and_frees_a_closed_request(bench, tmp_path):
+    """The aggregated baseline's backend: tokens as the engine makes them, and a stream
+    closed early (a client gone) aborts the request, freeing its slot."""
+    import torch
+    from aggregated import EngineBackend
+    from shapes import SMOKE
+
+    from baton.workers.engine import Engine, EngineConfig, EngineLoop
+    from baton.workers.model import load_model
+    from baton.workers.model.checkpoint import write_random_checkpoint
+    from baton.workers.router.backend import GenerationRequest, Sampling
+
+    path = write_random_checkpoint(tmp_path / "ckpt", SMOKE, dtype=torch.float32,
+                                   tokenizer=False)
+    model = load_model(path, dtype=torch.float32, kernels="torch")
+    loop = EngineLoop(Engine(model, EngineConfig(num_pages=64, max_num_seqs=2,
+                                                 max_model_len=256, base_seed=0)))
+    try:
+        backend = EngineBackend(loop)
+        backend.check_ready()
+
+        def request(rid: str, n: int) -> GenerationRequest:
+            return GenerationRequest(rid, tuple(range(5, 17)), Sampling(
+                max_tokens=n, temperature=0.0, ignore_eos=True), deadline=time.time() + 60)
+
+        outs = [o async for o in backend.generate(request("full", 4))]
+        assert len(outs) == 4 and all(o.token_id is not None for o in outs)
+        assert [o.finish_reason for o in outs] == [None, None, None, "length"]
+
+        stream = backend.generate(request("gone", 200))
+        first = await stream.__anext__()
+        assert first.token_id == outs[0].token_id  # same prompt, greedy
+        await stream.aclose()
+        for _ in range(200):
+            if loop.stats().running == 0 and not loop.engine.has_work():
+                break
+            await asyncio.sleep(0.02)
+        stats = loop.stats()
+        assert stats.running == 0 and stats.free_slots == 2
+        assert stats.requests_finished_total.get("abort") == 1  # not run to its 200 tokens
+    finally:
+        loop.stop()
