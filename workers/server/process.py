@@ -133,23 +133,30 @@ class WorkerProcess:
                  self.metrics_server.port)
         if self.transfer_server is not None:
             log.info("state transfers over TLS on port %d only", self.transfer_port)
+        status = 1
         try:
-            try:
-                rt.load()
-            except (OSError, ValueError) as e:
-                log.error("cannot serve %s: %s", rt.config.model_path, e)
-                return 1
-            self.role_servicer.on_loaded()
-            rt.set_ready()
-            if not self.stop_requested.is_set() and not rt.draining:
-                self.health.set_serving(True)
-                log.info("ready in %.2f s (start to health SERVING)",
-                         time.monotonic() - self.started)
-            while not self.stop_requested.wait(timeout=1.0):
-                pass
-            return self.drain()
+            status = self._serve()
         finally:
-            self.shutdown()
+            # A replica whose ranks parted or whose followers failed exits non-zero.
+            status = self.shutdown() or status
+        return status
+
+    def _serve(self) -> int:
+        rt = self.runtime
+        try:
+            rt.load()
+        except (OSError, ValueError) as e:
+            log.error("cannot serve %s: %s", rt.config.model_path, e)
+            return 1
+        self.role_servicer.on_loaded()
+        rt.set_ready()
+        if not self.stop_requested.is_set() and not rt.draining:
+            self.health.set_serving(True)
+            log.info("ready in %.2f s (start to health SERVING)",
+                     time.monotonic() - self.started)
+        while not self.stop_requested.wait(timeout=1.0):
+            pass
+        return self.drain()
 
     def drain(self) -> int:
         rt = self.runtime
@@ -163,7 +170,8 @@ class WorkerProcess:
                         rt.in_flight, self.args.drain_seconds)
         return 0
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> int:
+        """Stops everything; non-zero when the replica's ranks did not end cleanly."""
         self.health.set_serving(False)
         self.health.close()
         stopped = [self.server.stop(grace=STOP_GRACE_SECONDS)]
@@ -171,13 +179,13 @@ class WorkerProcess:
             stopped.append(self.transfer_server.stop(grace=STOP_GRACE_SECONDS))
         for event in stopped:
             event.wait()
-        if self.runtime.loop is not None:
-            self.runtime.loop.stop()
+        status = self.runtime.close()
         if self.role_servicer is not None and hasattr(self.role_servicer, "transport"):
             if self.role_servicer.transport is not None:
                 self.role_servicer.transport.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
+        return status
 
 
 def _host(host: str) -> str:

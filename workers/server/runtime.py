@@ -35,6 +35,9 @@ class WorkerRuntime:
             MetricLabels(namespace=config.namespace, model=config.model, role=args.role,
                          pool=args.pool), stats=self.worker_stats)
         self.loop = None
+        self.replicated = None
+        self.followers = None
+        self.ranks = None
         self.fingerprint = ""
         self.page_size = config.engine.kv_page_size
         self.draining = False
@@ -45,37 +48,62 @@ class WorkerRuntime:
     # -- loading -------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Loads the model, sizes the caches and starts the engine loop."""
-        from baton.workers.engine import Engine, EngineLoop
-        from baton.workers.engine.tokenizer import load_tokenizer
-        from baton.workers.model import load_model
+        """Loads the model, sizes the caches and starts the engine loop; with
+        expertParallel > 1 it first starts the follower ranks (see replica.py)."""
+        from baton.workers.engine import EngineLoop
+        from baton.workers.engine.replicated import ReplicatedEngine
+        from baton.workers.server import replica
 
         cfg = self.config
         path = cfg.model_path
-        model = load_model(path, dtype=self.dtype, device=self.device, kernels="auto",
-                           max_model_len=cfg.engine.max_model_len)
-        tokenizer = load_tokenizer(path)
-        budget = settings.cache_budget(cfg, self.device, self.args.cache_memory_bytes)
-        k = settings.speculative_tokens(cfg, self.role)
-        probe = model.allocate_cache(1, self.page_size, 1, spec_tokens=k,
-                                     ssm_dtype=torch.float32)
-        num_pages = settings.num_kv_pages(
-            budget, probe.bytes_per_page(), probe.bytes_per_slot(),
-            settings.max_num_seqs(cfg, self.role), cfg.engine.max_model_len, k, self.page_size)
-        del probe
-        engine_cfg = settings.engine_config(cfg, self.role, num_pages)
-        engine_cfg.eos_token_ids = list(tokenizer.eos_token_ids or []) or None
-        # The engine gets no tokenizer: text (detokenization, stop strings) is the router's.
-        engine = Engine(model, engine_cfg)
+        world_size = replica.expert_parallel(cfg, self.role)
+        ranks = None
+        if world_size > 1:
+            self.device = replica.rank_device(self.device, 0)
+            self.followers = replica.Followers(self.args, world_size, self.device)
+            ranks = replica.Ranks(0, world_size, self.followers.init_method, self.device)
+            self.ranks = ranks
+        engine, engine_cfg = replica.build_engine(cfg, self.role, self.device, self.dtype,
+                                                  self.args.cache_memory_bytes, ranks)
         self.fingerprint = model_fingerprint(path, {
             "dtype": str(self.dtype), "ssm_dtype": str(engine_cfg.ssm_dtype or torch.float32),
             "max_model_len": engine.max_model_len,
             "eos_token_ids": sorted(engine.eos_ids)})
-        self.loop = EngineLoop(engine, name=f"baton-{self.role}-engine")
         st = engine.stats()
+        if ranks is not None:
+            engine = self.replicated = ReplicatedEngine(engine, ranks.channel)
+        self.loop = EngineLoop(engine, name=f"baton-{self.role}-engine")
         log.info("loaded %s on %s (%s): %d KV pages of %d tokens, %d state slots, "
-                 "fingerprint %s", path, self.device, self.dtype, st.num_pages, self.page_size,
-                 st.num_slots, self.fingerprint[:16])
+                 "%d expert-parallel rank(s), fingerprint %s", path, self.device, self.dtype,
+                 st.num_pages, self.page_size, st.num_slots, world_size,
+                 self.fingerprint[:16])
+
+    def close(self) -> int:
+        """Stops the engine loop and the follower ranks; 0, or 1 when the ranks had parted
+        (sampled different tokens) or a follower did not exit cleanly."""
+        from baton.workers.server import replica
+
+        status = 0
+        if self.loop is not None:
+            self.loop.stop()
+        if self.replicated is not None:
+            try:
+                if not self.replicated.shutdown():
+                    status = 1
+            except Exception:
+                log.exception("telling the expert-parallel ranks to exit failed")
+                status = 1
+        if self.followers is not None:
+            # Without a replicated engine (the load failed) the followers wait in a
+            # collective that will never come: stop them at once.
+            told = self.replicated is not None
+            codes = self.followers.stop(replica.FOLLOWER_EXIT_SECONDS if told else 0.0)
+            if self.replicated is not None and any(code != 0 for code in codes):
+                log.error("expert-parallel followers exited with %s", codes)
+                status = 1
+        if self.ranks is not None:
+            self.ranks.close()
+        return status
 
     def set_ready(self) -> None:
         with self._cond:

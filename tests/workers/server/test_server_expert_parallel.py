@@ -1,0 +1,283 @@
+"""expertParallel: N workers, one replica of N ranks.
+
+In-process: ReplicatedEngine on "rank 0" and follow() on a follower thread, joined by a queue
+channel, stay in lockstep through requests, prefills (one whose sink fails), reservations
+and aborts. Real processes: prefill and decode workers with expertParallel 2 (gloo on the
+CPU) give the same greedy completions as 1-rank workers; SIGTERM ends both ranks with equal
+token digests; a follower that dies takes its replica down with a clear log line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from baton.workers.engine import (
+    Engine,
+    EngineConfig,
+    EngineLoop,
+    LayerState,
+    Request,
+    SamplingParams,
+    StateTransferError,
+)
+from baton.workers.engine.replicated import ReplicatedEngine, follow
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_server_workers import TINY, Worker, _prompt
+
+from baton.proto.baton.decode.v1 import decode_pb2, decode_pb2_grpc
+from baton.proto.baton.prefill.v1 import prefill_pb2, prefill_pb2_grpc
+from baton.proto.baton.worker.v1 import worker_pb2
+
+
+class QueueChannel:
+    """Rank 0 -> one follower thread, with the follower's gather answer coming back."""
+
+    def __init__(self) -> None:
+        self.messages: queue.SimpleQueue = queue.SimpleQueue()
+        self.answers: queue.SimpleQueue = queue.SimpleQueue()
+        self.rank0 = True
+
+    def send(self, message: tuple) -> None:
+        self.messages.put(message)
+
+    def recv(self) -> tuple:
+        return self.messages.get(timeout=60)
+
+    def gather(self, value):
+        if threading.current_thread().name == "follower":
+            self.answers.put(value)
+            return []
+        return [value, self.answers.get(timeout=60)]
+
+
+class FailingSink:
+    def __init__(self, after: int) -> None:
+        self.left = after
+
+    def on_layer(self, state: LayerState) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise ConnectionError("the decode worker went away")
+
+
+class Capture:
+    def __init__(self) -> None:
+        self.states: list[LayerState] = []
+
+    def on_layer(self, state: LayerState) -> None:
+        self.states.append(state)
+
+
+def _engine(model, k: int = 0) -> Engine:
+    return Engine(model, EngineConfig(page_size=4, num_pages=160, max_num_seqs=6,
+                                      max_batch_tokens=64, max_model_len=256, speculative_tokens=k,
+                                      base_seed=1234))
+
+
+@pytest.fixture(scope="module")
+def models():
+    from baton.workers.model import load_model
+
+    return [load_model(TINY, dtype=torch.float32, kernels="torch") for _ in range(2)]
+
+
+def test_followers_replay_every_call_in_lockstep(models):
+    """Sampled requests, prefills (one with a failing sink), reservations fed from a
+    prefill, an abort and a release: the follower's engine ends equal to rank 0's."""
+    channel = QueueChannel()
+    leader_engine, follower_engine = _engine(models[0], k=1), _engine(models[1], k=1)
+    followed: list = []
+    follower = threading.Thread(target=lambda: followed.append(
+        follow(follower_engine, channel)), name="follower")
+    follower.start()
+    replicated = ReplicatedEngine(leader_engine, channel)
+    loop = EngineLoop(replicated, idle_wait=0.01)
+    try:
+        sampling = SamplingParams(max_tokens=5, temperature=0.8, logprobs=True)
+        streams = [loop.submit(Request(f"s{i}", _prompt(n, i), sampling))
+                   for i, n in enumerate((3, 11, 26))]
+        # A prefill whose transfer fails in its first chunk (of three: 64 tokens a step):
+        # rank 0 gets the sink's error and the request is gone from both engines.
+        broken = loop.run_prefill(Request("broken", _prompt(150, 7), sampling), FailingSink(3))
+        capture = Capture()
+        handed = loop.run_prefill(Request("handed", _prompt(19, 8), sampling), capture)
+        with pytest.raises(ConnectionError):
+            broken.result(timeout=60)
+        result = handed.result(timeout=60)
+        # The captured state goes into a reservation (as TransferState would), then commit.
+        reservation = loop.reserve(Request("handed", _prompt(19, 8), sampling), 19)
+        for state in capture.states:
+            reservation.write(state)
+        with pytest.raises(StateTransferError):
+            reservation.write(capture.states[0].__class__(
+                0, capture.states[0].kind, 0, 99, capture.states[0].tensor))
+        handed_stream = reservation.commit(result.first_token, sampling, result.logprob,
+                                           result.top_logprobs)
+        dropped = loop.reserve(Request("dropped", _prompt(5, 9), sampling), 5)
+        dropped.release()
+        aborted = loop.submit(Request("aborted", _prompt(40, 10), sampling))
+        aborted.close()
+        tokens = {s.request_id: [e.token_id for e in s if e.token_id is not None]
+                  for s in streams + [handed_stream]}
+        assert all(len(t) == 5 for t in tokens.values()), tokens
+        assert loop.drain(timeout=60)
+    finally:
+        loop.stop()
+        agreed = replicated.shutdown()
+        follower.join(60)
+    assert agreed
+    assert not follower.is_alive()
+    mine, theirs = replicated.digest.summary(), followed[0].summary()
+    assert mine == theirs and mine[1] >= 5 * 4 + 1
+    a, b = leader_engine.stats(), follower_engine.stats()
+    assert (a.free_pages, a.free_slots, a.requests_finished_total, a.prompt_tokens_total) == (
+        b.free_pages, b.free_slots, b.requests_finished_total, b.prompt_tokens_total)
+    assert a.free_slots == 6 and a.free_pages == 160
+    assert a.requests_finished_total == {"prefilled": 1, "length": 4, "abort": 2}
+
+
+def test_a_call_inside_a_step_is_refused_or_deferred(models):
+    """A callback inside a step cannot reach the followers mid-step: aborts wait for the
+    step's end, other calls raise."""
+    channel = QueueChannel()
+    replicated = ReplicatedEngine(_engine(models[0]), channel)
+    seen: list = []
+
+    class Reentrant:
+        def on_layer(self, state: LayerState) -> None:
+            if not seen:
+                seen.append(replicated.abort("victim"))
+                with pytest.raises(RuntimeError, match="inside an engine step"):
+                    replicated.add_request(Request("late", [5, 6], SamplingParams()))
+
+    replicated.add_request(Request("victim", _prompt(8, 1), SamplingParams(max_tokens=50)))
+    replicated.add_prefill(Request("p", _prompt(8, 2), SamplingParams()), Reentrant(),
+                           lambda outcome: None)
+    replicated.step()
+    sent = []
+    while True:
+        try:
+            sent.append(channel.messages.get_nowait()[0])
+        except queue.Empty:
+            break
+    assert seen == [None]
+    assert sent == ["add_request", "add_prefill", "step", "abort"]
+    assert "victim" not in replicated.engine._by_id
+
+
+# ---- real worker processes -------------------------------------------------------------
+
+MAX_TOKENS = 5
+
+
+def _config(tmp: Path, name: str, ranks: int) -> Path:
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps({
+        "model": "tiny", "namespace": "test", "modelPath": str(TINY),
+        "engine": {"maxModelLen": 256, "kvPageSize": 16, "dtype": "auto"},
+        "prefill": {"maxBatchTokens": 512, "expertParallel": ranks},
+        "decode": {"maxConcurrency": 8, "speculativeTokens": 1, "expertParallel": ranks},
+        "router": {"requestTimeoutSeconds": 120, "transferTimeoutSeconds": 30},
+        "pools": {"prefill": [{"name": "local"}], "decode": [{"name": "local"}]}}))
+    return path
+
+
+def _complete(prefill: Worker, decode: Worker, prompt: list[int]):
+    request_id = uuid.uuid4().hex
+    sampling = worker_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
+                                         logprobs=True, ignore_eos=True)
+    stream = decode_pb2_grpc.DecodeServiceStub(decode.channel).Generate(
+        decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
+                                   sampling=sampling), timeout=120)
+    assert dict(stream.initial_metadata()).get("baton-reserved") == "true"
+    prefill_pb2_grpc.PrefillServiceStub(prefill.channel).Prefill(prefill_pb2.PrefillRequest(
+        request_id=request_id, prompt_token_ids=prompt, sampling=sampling,
+        decode_target=decode.address), timeout=120)
+    tokens, logprobs = [], []
+    for message in stream:
+        for token in message.tokens:
+            tokens.append(token.token_id)
+            logprobs.append(token.logprob)
+    return tokens, logprobs
+
+
+def _concurrently(prefill: Worker, decode: Worker, prompts: list[list[int]]):
+    results: list = [None] * len(prompts)
+
+    def one(i: int) -> None:
+        results[i] = _complete(prefill, decode, prompts[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert all(r is not None for r in results), results
+    return results
+
+
+def _followers(worker: Worker) -> list[int]:
+    path = Path(f"/proc/{worker.proc.pid}/task/{worker.proc.pid}/children")
+    return [int(p) for p in path.read_text().split()]
+
+
+def test_two_rank_workers_complete_like_one_rank_workers(tmp_path):
+    lengths = [1, 7, 23, 61, 130]
+    prompts = [_prompt(n, 40 + n) for n in lengths]
+    workers = {}
+    try:
+        for ranks in (2, 1):
+            config = _config(tmp_path, f"ep{ranks}", ranks)
+            workers[ranks] = (Worker("prefill", config, tmp_path, ("--drain-seconds", "5")),
+                              Worker("decode", config, tmp_path))
+        for pair in workers.values():
+            for worker in pair:
+                worker.wait_serving(180)
+        assert [len(_followers(w)) for w in workers[2]] == [1, 1]
+        assert "2 expert-parallel rank(s)" in workers[2][0].log()
+        two = _concurrently(*workers[2], prompts)
+        one = _concurrently(*workers[1], prompts)
+        for n, (tokens2, lp2), (tokens1, lp1) in zip(lengths, two, one):
+            assert len(tokens1) == MAX_TOKENS
+            assert tokens2 == tokens1, n
+            assert max(abs(a - b) for a, b in zip(lp2, lp1)) <= 1e-4, (n, lp2, lp1)
+
+        # SIGTERM: rank 0 drains, tells its follower to exit and compares their digests.
+        prefill2, decode2 = workers[2]
+        decode_followers = _followers(decode2)
+        decode2.proc.send_signal(signal.SIGTERM)
+        assert decode2.proc.wait(60) == 0, decode2.log()
+        assert "expert-parallel ranks agree: 2 ranks" in decode2.log()
+        assert not any(Path(f"/proc/{pid}").exists() and _alive(pid)
+                       for pid in decode_followers)
+
+        # A follower that dies takes its replica down, with the rank named.
+        os.kill(_followers(prefill2)[0], signal.SIGKILL)
+        assert prefill2.proc.wait(30) == 3, prefill2.log()
+        assert "expert-parallel rank 1" in prefill2.log()
+        assert "exited with status -9" in prefill2.log()
+    finally:
+        for pair in workers.values():
+            for worker in pair:
+                for pid in _followers(worker) if worker.proc.poll() is None else []:
+                    os.kill(pid, signal.SIGKILL)
+                worker.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
