@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import sys
 import threading
@@ -245,7 +246,9 @@ def test_two_rank_workers_complete_like_one_rank_workers(tmp_path):
             for worker in pair:
                 worker.wait_serving(180)
         assert [len(_followers(w)) for w in workers[2]] == [1, 1]
-        assert "2 expert-parallel rank(s)" in workers[2][0].log()
+        for worker in workers[2]:
+            assert "2 expert-parallel rank(s)" in worker.log()
+            assert "expert-parallel rank 1 of 2 loaded" in worker.log()
         two = _concurrently(*workers[2], prompts)
         one = _concurrently(*workers[1], prompts)
         for n, (tokens2, lp2), (tokens1, lp1) in zip(lengths, two, one):
@@ -258,7 +261,11 @@ def test_two_rank_workers_complete_like_one_rank_workers(tmp_path):
         decode_followers = _followers(decode2)
         decode2.proc.send_signal(signal.SIGTERM)
         assert decode2.proc.wait(60) == 0, decode2.log()
-        assert "expert-parallel ranks agree: 2 ranks" in decode2.log()
+        agreed = re.search(r"expert-parallel ranks agree: 2 ranks, (\d+) steps, (\d+) tokens",
+                           decode2.log())
+        assert agreed, decode2.log()
+        # Every token of every request went through both ranks' digests.
+        assert int(agreed[2]) == len(prompts) * MAX_TOKENS and int(agreed[1]) >= MAX_TOKENS
         assert not any(Path(f"/proc/{pid}").exists() and _alive(pid)
                        for pid in decode_followers)
 
