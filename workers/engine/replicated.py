@@ -17,6 +17,9 @@ Only rank 0 talks to the outside: followers replay prefills with a sink that dro
 transfer broke) must not change rank 0's schedule alone, so rank 0 swallows the error, and
 after the step aborts the request on every rank and hands the error to the prefill's caller.
 
+Reservation writes from transfer threads take the same lock, so on an expert-parallel
+replica a write waits for a running step (a single-rank engine copies while it steps).
+
 At shutdown each follower reports a digest of every token it sampled (ids and logprobs);
 rank 0 compares them with its own, which checks the lockstep claim on live traffic.
 """

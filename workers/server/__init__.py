@@ -9,7 +9,10 @@ baton.decode.v1.DecodeService: it reserves room, receives the state (TransferSta
 streams tokens from its continuous batch (Generate). Both serve baton.worker.v1.WorkerService
 (Load, Drain), grpc.health.v1 (NOT_SERVING while loading or draining) and Prometheus
 /metrics on the metrics port. The model runs on CUDA when present, else on the CPU; the
-engine dtype "auto" is bf16 on a GPU and fp32 on a CPU.
+engine dtype "auto" is bf16 on a GPU and fp32 on a CPU. With `expertParallel: N` in its
+role's section the worker is one replica of N ranks: it starts N - 1 follower processes
+(rank r on cuda:r, or gloo processes on a CPU) that hold their share of the experts and
+replay every engine call of rank 0, which alone serves gRPC (replica.py).
 """
 
 from __future__ import annotations

@@ -53,6 +53,15 @@ def expert_parallel(config: WorkerConfig, role: str) -> int:
     return n
 
 
+def check_devices(role: str, world_size: int, device: torch.device) -> None:
+    """One GPU per rank: ValueError when this machine has fewer GPUs than ranks."""
+    if device.type == "cuda" and world_size > 1:
+        count = torch.cuda.device_count()
+        if count < world_size:
+            raise ValueError(f"{role}.expertParallel={world_size} needs {world_size} GPUs "
+                             f"(one per rank); this machine has {count}")
+
+
 def rank_device(device: torch.device, rank: int) -> torch.device:
     """The device of a rank: cuda:r on GPUs (one GPU per rank), else the CPU."""
     if device.type == "cuda":

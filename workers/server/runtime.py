@@ -59,6 +59,7 @@ class WorkerRuntime:
         world_size = replica.expert_parallel(cfg, self.role)
         ranks = None
         if world_size > 1:
+            replica.check_devices(self.role, world_size, self.device)
             self.device = replica.rank_device(self.device, 0)
             self.followers = replica.Followers(self.args, world_size, self.device)
             ranks = replica.Ranks(0, world_size, self.followers.init_method, self.device)

@@ -125,6 +125,9 @@ def test_followers_replay_every_call_in_lockstep(models):
                 0, capture.states[0].kind, 0, 99, capture.states[0].tensor))
         handed_stream = reservation.commit(result.first_token, sampling, result.logprob,
                                            result.top_logprobs)
+        # A refused reservation counts on no rank: the next one has the same serial on both.
+        with pytest.raises(ValueError, match="n_tokens=4"):
+            loop.reserve(Request("refused", _prompt(5, 9), sampling), 4)
         dropped = loop.reserve(Request("dropped", _prompt(5, 9), sampling), 5)
         dropped.release()
         aborted = loop.submit(Request("aborted", _prompt(40, 10), sampling))
@@ -177,6 +180,15 @@ def test_a_call_inside_a_step_is_refused_or_deferred(models):
     assert "victim" not in replicated.engine._by_id
 
 
+def test_more_ranks_than_gpus_is_a_clear_error():
+    from baton.workers.server.replica import check_devices
+
+    check_devices("decode", 2, torch.device("cpu"))  # gloo ranks: any number
+    if torch.cuda.device_count() < 64:
+        with pytest.raises(ValueError, match=r"decode.expertParallel=64 needs 64 GPUs"):
+            check_devices("decode", 64, torch.device("cuda"))
+
+
 # ---- real worker processes -------------------------------------------------------------
 
 MAX_TOKENS = 5
@@ -186,7 +198,7 @@ def _config(tmp: Path, name: str, ranks: int) -> Path:
     path = tmp / f"{name}.json"
     path.write_text(json.dumps({
         "model": "tiny", "namespace": "test", "modelPath": str(TINY),
-        "engine": {"maxModelLen": 256, "kvPageSize": 16, "dtype": "auto"},
+        "engine": {"maxModelLen": 256, "kvPageSize": 16, "dtype": "float32"},
         "prefill": {"maxBatchTokens": 512, "expertParallel": ranks},
         "decode": {"maxConcurrency": 8, "speculativeTokens": 1, "expertParallel": ranks},
         "router": {"requestTimeoutSeconds": 120, "transferTimeoutSeconds": 30},
@@ -240,8 +252,9 @@ def test_two_rank_workers_complete_like_one_rank_workers(tmp_path):
     try:
         for ranks in (2, 1):
             config = _config(tmp_path, f"ep{ranks}", ranks)
-            workers[ranks] = (Worker("prefill", config, tmp_path, ("--drain-seconds", "5")),
-                              Worker("decode", config, tmp_path))
+            # gloo ranks on the CPU, whatever the machine has.
+            workers[ranks] = (Worker("prefill", config, tmp_path, ("--device", "cpu")),
+                              Worker("decode", config, tmp_path, ("--device", "cpu")))
         for pair in workers.values():
             for worker in pair:
                 worker.wait_serving(180)
