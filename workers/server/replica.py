@@ -115,6 +115,9 @@ class Ranks:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        else:
+            # N ranks share the machine's cores: each takes its share, not all of them.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         timeout = _timedelta(RENDEZVOUS_TIMEOUT_SECONDS)
         dist.init_process_group(backend, init_method=init_method, rank=rank,
                                 world_size=world_size, timeout=timeout)
@@ -160,8 +163,10 @@ class Followers:
                    "--parent-pid", str(os.getpid()), "--log-level", args.log_level]
             if args.cache_memory_bytes is not None:
                 cmd += ["--cache-memory", str(args.cache_memory_bytes)]
-            # Followers log to rank 0's stderr, so the replica has one log.
-            self.procs[rank] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+            # Followers log to rank 0's stderr, so the replica has one log. Their own session
+            # keeps a terminal's Ctrl-C away from them: rank 0 drains, then tells them.
+            self.procs[rank] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                                                start_new_session=True)
         self._watcher = threading.Thread(target=self._watch, name="baton-ranks", daemon=True)
         self._watcher.start()
 
@@ -176,6 +181,10 @@ class Followers:
                     # The engine may be blocked in a collective with the dead rank: only a
                     # process exit gets the replica restarted reliably.
                     os._exit(FOLLOWER_DIED_EXIT)
+
+    def expect_exit(self) -> None:
+        """From here on a follower that exits is stopping, not dying."""
+        self._closing.set()
 
     def stop(self, timeout: float = FOLLOWER_EXIT_SECONDS) -> list[int | None]:
         """Waits for the followers to exit (killing those that do not); their statuses."""

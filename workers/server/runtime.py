@@ -85,6 +85,8 @@ class WorkerRuntime:
         from baton.workers.server import replica
 
         status = 0
+        if self.followers is not None:
+            self.followers.expect_exit()
         if self.loop is not None:
             self.loop.stop()
         if self.replicated is not None:
