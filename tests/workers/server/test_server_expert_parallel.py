@@ -245,7 +245,7 @@ def _followers(worker: Worker) -> list[int]:
     return [int(p) for p in path.read_text().split()]
 
 
-def test_two_rank_workers_complete_like_one_rank_workers(tmp_path):
+def test_two_rank_workers_complete_like_one_rank_workers(tmp_path, models):
     lengths = [1, 7, 23, 61, 130]
     prompts = [_prompt(n, 40 + n) for n in lengths]
     workers = {}
@@ -264,10 +264,23 @@ def test_two_rank_workers_complete_like_one_rank_workers(tmp_path):
             assert "expert-parallel rank 1 of 2 loaded" in worker.log()
         two = _concurrently(*workers[2], prompts)
         one = _concurrently(*workers[1], prompts)
-        for n, (tokens2, lp2), (tokens1, lp1) in zip(lengths, two, one):
-            assert len(tokens1) == MAX_TOKENS
-            assert tokens2 == tokens1, n
-            assert max(abs(a - b) for a, b in zip(lp2, lp1)) <= 1e-4, (n, lp2, lp1)
+        # Batches form by timing, so a near-tie (reference top-1/top-2 margin <= 1e-3) may
+        # part the two runs; before the first one they agree (DESIGN.md, Seams: tests).
+        checked = 0
+        for n, prompt, (tokens2, lp2), (tokens1, lp1) in zip(lengths, prompts, two, one):
+            assert len(tokens1) == len(tokens2) == MAX_TOKENS
+            with torch.no_grad():
+                logits = models[0](torch.tensor([prompt + tokens1]))[0].float()
+            for step in range(MAX_TOKENS):
+                top2 = torch.topk(logits[len(prompt) - 1 + step], 2).values
+                if top2[0] - top2[1] <= 1e-3:
+                    break
+                assert tokens2[step] == tokens1[step], (n, step)
+                assert abs(lp2[step] - lp1[step]) <= 1e-4, (n, step, lp2, lp1)
+                checked += 1
+            else:
+                assert tokens2 == tokens1
+        assert checked >= MAX_TOKENS * (len(prompts) - 1)  # ties are rare: most steps count
 
         # SIGTERM: rank 0 drains, tells its follower to exit and compares their digests.
         prefill2, decode2 = workers[2]
