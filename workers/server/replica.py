@@ -39,8 +39,12 @@ log = logging.getLogger("baton.worker.replica")
 
 # Exit status of rank 0 when a follower died (a process supervisor restarts the replica).
 FOLLOWER_DIED_EXIT = 3
-# How long ranks wait for each other at start-up and in control collectives.
-RENDEZVOUS_TIMEOUT_SECONDS = 300.0
+# How long ranks wait for each other in the experts' collectives, at start-up included
+# (every rank loads its share of a large checkpoint, which takes minutes).
+RENDEZVOUS_TIMEOUT_SECONDS = 1800.0
+# Followers wait for rank 0's next call for as long as the replica is idle (gloo would fail
+# the wait after the group's timeout); a rank 0 that is gone is noticed by process watch.
+CONTROL_TIMEOUT_SECONDS = 10 * 365 * 86400.0
 # Followers get this long to exit after the shutdown message before they are killed.
 FOLLOWER_EXIT_SECONDS = 15.0
 
@@ -123,7 +127,8 @@ class Ranks:
                                 world_size=world_size, timeout=timeout)
         self.ep_group = dist.group.WORLD
         # Control messages are CPU objects: gloo, whatever the experts' backend is.
-        self.control = dist.new_group(backend="gloo", timeout=timeout)
+        self.control = dist.new_group(backend="gloo",
+                                      timeout=_timedelta(CONTROL_TIMEOUT_SECONDS))
         self.channel = DistributedChannel(self.control)
 
     def agree_min(self, value: int) -> int:

@@ -189,6 +189,54 @@ def test_more_ranks_than_gpus_is_a_clear_error():
             check_devices("decode", 64, torch.device("cuda"))
 
 
+IDLE_SCRIPT = """
+import pathlib, sys, time
+import torch
+from baton.workers.server import replica
+
+replica.RENDEZVOUS_TIMEOUT_SECONDS = 2.0  # the experts' group: a short timeout
+rank, init, barrier = int(sys.argv[1]), sys.argv[2], pathlib.Path(sys.argv[3])
+# Both processes meet here first, so start-up skew does not eat the short timeout.
+(barrier / str(rank)).touch()
+while len(list(barrier.glob("[01]"))) < 2:
+    time.sleep(0.01)
+ranks = replica.Ranks(rank, 2, init, torch.device("cpu"))
+if rank == 0:
+    time.sleep(4.0)  # an idle replica: no engine call for longer than that timeout
+    ranks.channel.send(("step",))
+else:
+    print("received", ranks.channel.recv())
+ranks.channel.gather(rank)  # as at shutdown: the last message before the ranks close
+if rank == 0:
+    while not (barrier / "closed").exists():  # as in a worker: followers go first
+        time.sleep(0.01)
+    time.sleep(0.2)
+ranks.close()
+if rank == 1:
+    (barrier / "closed").touch()
+"""
+
+
+def test_followers_wait_out_an_idle_replica(tmp_path):
+    """Followers block on rank 0's next call with no timeout of their own."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    script = tmp_path / "idle.py"
+    script.write_text(IDLE_SCRIPT)
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank), init, str(barrier)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for rank in range(2)]
+    outputs = [p.communicate(timeout=60)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert "received ('step',)" in outputs[1]
+
+
 # ---- real worker processes -------------------------------------------------------------
 
 MAX_TOKENS = 5
