@@ -19,7 +19,7 @@ import grpc
 from baton.proto.baton.decode.v1 import decode_pb2
 from baton.workers.engine import CacheFull, EngineDraining, LoopReservation, RequestStream
 from baton.workers.engine import SamplingParams as EngineSampling
-from baton.workers.server.runtime import WorkerRuntime, event_token, request_from_proto
+from baton.workers.server.runtime import CallEnded, WorkerRuntime, event_token, request_from_proto
 from baton.workers.transfer import (
     REASON_TO_STATUS,
     FirstToken,
@@ -97,7 +97,7 @@ class DecodeServicer:
             try:
                 yield from self._generate(request, context, arrival)
                 outcome = "success"
-            except _Ended as ended:
+            except CallEnded as ended:
                 outcome = ended.outcome
                 context.abort(ended.code, ended.message)
             finally:
@@ -112,7 +112,7 @@ class DecodeServicer:
             req = request_from_proto(request.request_id, request.prompt_token_ids,
                                      request.sampling)
         except ValueError as e:
-            raise _Ended("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            raise CallEnded("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         deadline = rt.deadline_of(request, context)
         transfer_deadline = min(deadline,
                                 time.time() + rt.config.router.transfer_timeout_seconds)
@@ -120,17 +120,17 @@ class DecodeServicer:
         try:
             reservation = rt.loop.reserve(req, n)
         except CacheFull as e:
-            raise _Ended("rejected", grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+            raise CallEnded("rejected", grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
         except EngineDraining as e:
-            raise _Ended("rejected", grpc.StatusCode.UNAVAILABLE, str(e)) from None
+            raise CallEnded("rejected", grpc.StatusCode.UNAVAILABLE, str(e)) from None
         except ValueError as e:
-            raise _Ended("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            raise CallEnded("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         target = ReservationTarget(reservation, req.sampling)
         try:
             incoming = self.receiver.expect(req.request_id, n, target, transfer_deadline)
         except ValueError as e:
             reservation.release()
-            raise _Ended("rejected", grpc.StatusCode.ALREADY_EXISTS, str(e)) from None
+            raise CallEnded("rejected", grpc.StatusCode.ALREADY_EXISTS, str(e)) from None
         ended = threading.Event()
 
         def on_call_done() -> None:
@@ -146,11 +146,11 @@ class DecodeServicer:
         context.send_initial_metadata(((RESERVED_METADATA_KEY, "true"),))
         while not incoming.wait(timeout=0.5):
             if ended.is_set():
-                raise _Ended("cancelled", grpc.StatusCode.CANCELLED,
+                raise CallEnded("cancelled", grpc.StatusCode.CANCELLED,
                              f"request {req.request_id}: the call ended before its state came")
         if incoming.state is TransferState.FAILED:
             error = incoming.error
-            raise _Ended("timeout" if error.reason.value == "deadline_exceeded" else "error",
+            raise CallEnded("timeout" if error.reason.value == "deadline_exceeded" else "error",
                          REASON_TO_STATUS[error.reason], error.message)
         stream = target.stream
         last = None
@@ -162,10 +162,10 @@ class DecodeServicer:
                 return
             except queue.Empty:
                 stream.close()
-                raise _Ended("timeout", grpc.StatusCode.DEADLINE_EXCEEDED,
+                raise CallEnded("timeout", grpc.StatusCode.DEADLINE_EXCEEDED,
                              f"request {req.request_id} passed its deadline") from None
             except EngineDraining as e:
-                raise _Ended("error", grpc.StatusCode.UNAVAILABLE, str(e)) from None
+                raise CallEnded("error", grpc.StatusCode.UNAVAILABLE, str(e)) from None
             now = time.monotonic()
             if event.token_id is not None:
                 if last is None:
@@ -182,11 +182,3 @@ class DecodeServicer:
                 return
 
 
-class _Ended(Exception):
-    """Ends a Generate call with a status after accounting for its outcome."""
-
-    def __init__(self, outcome: str, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.outcome = outcome
-        self.code = code
-        self.message = message

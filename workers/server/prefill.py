@@ -19,7 +19,12 @@ from google.protobuf.duration_pb2 import Duration
 from baton.proto.baton.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 from baton.proto.baton.worker.v1 import worker_pb2, worker_pb2_grpc
 from baton.workers.engine import EngineDraining
-from baton.workers.server.runtime import WorkerRuntime, request_from_proto, token_to_proto
+from baton.workers.server.runtime import (
+    CallEnded,
+    WorkerRuntime,
+    request_from_proto,
+    token_to_proto,
+)
 from baton.workers.server.settings import TransferTls
 from baton.workers.transfer import (
     REASON_TO_STATUS,
@@ -80,7 +85,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 response = self._prefill(request, context, arrival)
                 outcome = "success"
                 return response
-            except _Failed as failed:
+            except CallEnded as failed:
                 outcome, code, message = failed.outcome, failed.code, failed.message
             finally:
                 if outcome == "error" and not context.is_active():
@@ -95,21 +100,21 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             req = request_from_proto(request.request_id, request.prompt_token_ids,
                                      request.sampling)
         except ValueError as e:
-            raise _Failed("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            raise CallEnded("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         deadline = rt.deadline_of(request, context)
         try:
             sender = self.transport.open(request.decode_target, req.request_id,
                                          len(req.prompt_ids), deadline)
         except ValueError as e:
-            raise _Failed("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            raise CallEnded("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except TransferError as e:
             outcome = "timeout" if e.reason is FailureReason.DEADLINE_EXCEEDED else "error"
-            raise _Failed(outcome, REASON_TO_STATUS[e.reason], e.message) from None
+            raise CallEnded(outcome, REASON_TO_STATUS[e.reason], e.message) from None
         with self._sending_lock:
             self._sending += 1
         try:
             return self._run(req, sender, context, arrival, deadline)
-        except _Failed as failed:
+        except CallEnded as failed:
             if failed.code == grpc.StatusCode.UNAVAILABLE:
                 # The decode worker went away; a restarted one may listen elsewhere.
                 self.transport.forget(request.decode_target)
@@ -127,27 +132,27 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             future = rt.loop.run_prefill(req, sender)
         except EngineDraining as e:
             sender.abort(str(e))
-            raise _Failed("rejected", grpc.StatusCode.UNAVAILABLE, str(e)) from None
+            raise CallEnded("rejected", grpc.StatusCode.UNAVAILABLE, str(e)) from None
         except ValueError as e:
             sender.abort(str(e))
-            raise _Failed("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            raise CallEnded("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         try:
             result = future.result(timeout=max(deadline - time.time(), 0.0))
         except concurrent.futures.TimeoutError:
             rt.loop.abort(req.request_id)
             sender.abort("deadline")
-            raise _Failed("timeout", grpc.StatusCode.DEADLINE_EXCEEDED,
+            raise CallEnded("timeout", grpc.StatusCode.DEADLINE_EXCEEDED,
                           f"prefill of {req.request_id} passed its deadline") from None
         except TransferError as e:
             sender.abort(str(e))
-            raise _Failed("error", REASON_TO_STATUS[e.reason], e.message) from None
+            raise CallEnded("error", REASON_TO_STATUS[e.reason], e.message) from None
         except EngineDraining as e:
             sender.abort(str(e))
-            raise _Failed("error", grpc.StatusCode.UNAVAILABLE, str(e)) from None
+            raise CallEnded("error", grpc.StatusCode.UNAVAILABLE, str(e)) from None
         except Exception as e:
             sender.abort(str(e))
             log.exception("prefill of %s failed", req.request_id)
-            raise _Failed("error", grpc.StatusCode.INTERNAL,
+            raise CallEnded("error", grpc.StatusCode.INTERNAL,
                           f"prefill of {req.request_id} failed: {e}") from None
         rt.metrics.time_to_first_token.observe(time.monotonic() - arrival)
         first = FirstToken(result.first_token, result.logprob or 0.0,
@@ -155,7 +160,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         try:
             transfer = sender.finish(first)
         except TransferError as e:
-            raise _Failed("timeout" if e.reason is FailureReason.DEADLINE_EXCEEDED else "error",
+            raise CallEnded("timeout" if e.reason is FailureReason.DEADLINE_EXCEEDED else "error",
                           REASON_TO_STATUS[e.reason], e.message) from None
         return prefill_pb2.PrefillResponse(
             first_token=token_to_proto(result.first_token, result.logprob, result.top_logprobs),
@@ -185,9 +190,3 @@ def transfer_listener(target: str) -> str:
     return f"{host}:{load.transfer_port}"
 
 
-class _Failed(Exception):
-    def __init__(self, outcome: str, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.outcome = outcome
-        self.code = code
-        self.message = message

@@ -21,6 +21,16 @@ from baton.workers.transfer import model_fingerprint
 log = logging.getLogger(__name__)
 
 
+class CallEnded(Exception):
+    """Ends an RPC with a gRPC status after its outcome (a requests_total label) is counted."""
+
+    def __init__(self, outcome: str, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.outcome = outcome
+        self.code = code
+        self.message = message
+
+
 class WorkerRuntime:
     """One worker's engine and bookkeeping; the gRPC servicers hold one of these."""
 
