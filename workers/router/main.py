@@ -22,6 +22,7 @@ from baton.workers.router.disaggregated import DisaggregatedBackend
 from baton.workers.router.discovery import WorkerPool, resolver_for
 from baton.workers.router.server import Router, RouterSettings, start_site
 from baton.workers.router.tokenization import CheckpointTokenizer
+from baton.workers.startup import freeze_startup_heap
 
 log = logging.getLogger("baton.router")
 
@@ -64,6 +65,7 @@ async def serve(router: Router, host: str, port: int) -> None:
         loop.add_signal_handler(sig, stop.set)
     runner, bound = await start_site(router.app(), host, port,
                                      shutdown_timeout_s=router.settings.request_timeout_s)
+    freeze_startup_heap()
     log.info("router serving %s on http://%s:%d/v1", router.settings.served_model_name,
              host, bound)
     try:

@@ -31,6 +31,7 @@ from baton.workers.server.health import HealthServicer
 from baton.workers.server.prefill import SERVICE as PREFILL_SERVICE
 from baton.workers.server.prefill import PrefillServicer
 from baton.workers.server.runtime import WorkerRuntime
+from baton.workers.startup import freeze_startup_heap
 from baton.workers.transfer import CHANNEL_OPTIONS
 
 log = logging.getLogger("baton.worker")
@@ -149,6 +150,8 @@ class WorkerProcess:
             log.error("cannot serve %s: %s", rt.config.model_path, e)
             return 1
         self.role_servicer.on_loaded()
+        frozen = freeze_startup_heap()
+        log.debug("%d start-up objects frozen out of the garbage collector", frozen)
         rt.set_ready()
         if not self.stop_requested.is_set() and not rt.draining:
             self.health.set_serving(True)

@@ -34,6 +34,7 @@ import torch
 
 from baton.operator.spec import WorkerConfig
 from baton.workers.server import settings
+from baton.workers.startup import freeze_startup_heap
 
 log = logging.getLogger("baton.worker.replica")
 
@@ -261,6 +262,7 @@ def follower_main(argv: list[str]) -> int:
         engine, _ = build_engine(config, ns.role, device, dtype, ns.cache_memory, ranks)
         log.info("expert-parallel rank %d of %d loaded on %s; following rank 0", ns.rank,
                  ns.world_size, device)
+        freeze_startup_heap()
         digest = follow(engine, ranks.channel)
         steps, tokens, _ = digest.summary()
         log.info("rank 0 shut the replica down after %d steps, %d tokens", steps, tokens)

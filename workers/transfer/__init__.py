@@ -15,7 +15,7 @@ One request's life (DESIGN.md, The request path):
    engine calls `sender.on_layer(LayerState)`; the sender brings the tensor to host
    memory and queues it (bounded in bytes: backpressure). gRPC's thread cuts each state into
    chunks of at most chunk_bytes, each with a ChunkDescription (request, state index, layer,
-   kind, token range, shape, dtype, offset, crc32), and counts the bytes per kind.
+   kind, token range, shape, dtype, offset, XXH3-64 checksum), and counts the bytes per kind.
 4. D checks every chunk (checksum, order, sizes) and, when a layer state is whole, writes it
    into the reservation (ReceiveTarget.write). A bad chunk fails the transfer with DATA_LOSS:
    D releases and P's Prefill fails, so the router re-prefills elsewhere.
@@ -40,6 +40,7 @@ from baton.workers.transfer.base import (
     TransferError,
     TransferResult,
     TransferState,
+    checksum,
 )
 from baton.workers.transfer.fingerprint import model_fingerprint
 from baton.workers.transfer.grpc_receiver import REASON_TO_STATUS, TransferStateHandler
@@ -67,5 +68,6 @@ __all__ = [
     "TransferResult",
     "TransferState",
     "TransferStateHandler",
+    "checksum",
     "model_fingerprint",
 ]

@@ -14,7 +14,6 @@ import logging
 import queue
 import threading
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from baton.workers.transfer.base import (
     TransferResult,
     TransferState,
     check_chunk_bytes,
+    checksum,
 )
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,7 @@ class GrpcStateSender:
         data = wire.tensor_bytes(item.host)
         for offset in range(0, max(desc.nbytes, 1), self._chunk_bytes):
             piece = data[offset:offset + self._chunk_bytes]
-            chunk = ChunkDescription(desc, offset, len(piece), zlib.crc32(piece))
+            chunk = ChunkDescription(desc, offset, len(piece), checksum(piece))
             yield self._transport.tamper(chunk, wire.encode_chunk(chunk, piece)), len(piece)
 
 

@@ -10,7 +10,6 @@ import logging
 import threading
 import time
 import warnings
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from baton.workers.transfer.base import (
     StateDescription,
     TransferError,
     TransferState,
+    checksum,
 )
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class IncomingTransfer:
             if len(data) != chunk.length:
                 self._raise(FailureReason.DATA_LOSS, f"chunk at {chunk.offset} of state "
                             f"{desc.state_index}: {len(data)} bytes, header says {chunk.length}")
-            if zlib.crc32(data) != chunk.crc32:
+            if checksum(data) != chunk.checksum:
                 self._raise(FailureReason.DATA_LOSS, f"checksum mismatch in state "
                             f"{desc.state_index} (layer {desc.layer} {desc.kind.value}) at "
                             f"byte {chunk.offset}")

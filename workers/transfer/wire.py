@@ -110,7 +110,7 @@ def header_message(chunk: ChunkDescription) -> transfer_pb2.ChunkHeader:
         request_id=s.request_id, state_index=s.state_index, layer=s.layer,
         kind=_KIND_TO_PB[s.kind], token_start=s.token_start, token_end=s.token_end,
         shape=list(s.shape), dtype=_DTYPE_TO_PB[s.dtype], state_nbytes=s.nbytes,
-        offset=chunk.offset, crc32=chunk.crc32)
+        offset=chunk.offset, xxh3_64=chunk.checksum)
 
 
 def encode_chunk(chunk: ChunkDescription, data: memoryview) -> bytes:
@@ -199,7 +199,8 @@ def chunk_description(header: transfer_pb2.ChunkHeader, length: int) -> ChunkDes
         kind=_PB_TO_KIND[header.kind], token_start=header.token_start,
         token_end=header.token_end, shape=tuple(header.shape), dtype=_PB_TO_DTYPE[header.dtype],
         nbytes=header.state_nbytes)
-    return ChunkDescription(state=state, offset=header.offset, length=length, crc32=header.crc32)
+    return ChunkDescription(state=state, offset=header.offset, length=length,
+                            checksum=header.xxh3_64)
 
 
 def decode_message(message: bytes) -> Handshake | Chunk | Complete:

@@ -4,7 +4,6 @@ transfer with the right reason and releases the reservation exactly once."""
 from __future__ import annotations
 
 import time
-import zlib
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from baton.workers.transfer import (
     StateReceiver,
     TransferError,
     TransferState,
+    checksum,
     wire,
 )
 
@@ -55,7 +55,7 @@ def _chunks(tensor: torch.Tensor, index: int = 0, layer: int = 0, chunk: int = 6
                             tensor.dtype, len(data))
     for offset in range(0, len(data), chunk):
         piece = data[offset:offset + chunk]
-        yield ChunkDescription(desc, offset, len(piece), zlib.crc32(piece)), piece
+        yield ChunkDescription(desc, offset, len(piece), checksum(piece)), piece
 
 
 def _fails(incoming, target, reason: FailureReason, call) -> TransferError:
@@ -98,7 +98,7 @@ def test_bad_chunks_fail_once(case):
         chunk, piece = chunks[-1]
         incoming.accept_chunk(*chunks[0])
         incoming.accept_chunk(*chunks[1])
-        bigger = ChunkDescription(chunk.state, chunk.offset, 64, chunk.crc32)
+        bigger = ChunkDescription(chunk.state, chunk.offset, 64, chunk.checksum)
         call = lambda: incoming.accept_chunk(bigger, memoryview(bytes(64)))  # noqa: E731
         reason = FailureReason.DATA_LOSS
     elif case == "short payload":
@@ -109,7 +109,7 @@ def test_bad_chunks_fail_once(case):
         chunk, piece = chunks[0]
         wrong = StateDescription("r", 0, 0, StateKind.SSM, 0, 4, (3, 3), torch.float32, 160)
         call = lambda: incoming.accept_chunk(  # noqa: E731
-            ChunkDescription(wrong, 0, chunk.length, chunk.crc32), piece)
+            ChunkDescription(wrong, 0, chunk.length, chunk.checksum), piece)
         reason = FailureReason.DATA_LOSS
     else:
         call = lambda: incoming.accept_handshake(PROTOCOL_VERSION, FP, 4)  # noqa: E731

@@ -58,7 +58,7 @@ class Handshake(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., request_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class ChunkHeader(_message.Message):
-    __slots__ = ("request_id", "state_index", "layer", "kind", "token_start", "token_end", "shape", "dtype", "state_nbytes", "offset", "crc32")
+    __slots__ = ("request_id", "state_index", "layer", "kind", "token_start", "token_end", "shape", "dtype", "state_nbytes", "offset", "xxh3_64")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_INDEX_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -69,7 +69,7 @@ class ChunkHeader(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     STATE_NBYTES_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
-    CRC32_FIELD_NUMBER: _ClassVar[int]
+    XXH3_64_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     state_index: int
     layer: int
@@ -80,8 +80,8 @@ class ChunkHeader(_message.Message):
     dtype: DType
     state_nbytes: int
     offset: int
-    crc32: int
-    def __init__(self, request_id: _Optional[str] = ..., state_index: _Optional[int] = ..., layer: _Optional[int] = ..., kind: _Optional[_Union[StateKind, str]] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., state_nbytes: _Optional[int] = ..., offset: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
+    xxh3_64: int
+    def __init__(self, request_id: _Optional[str] = ..., state_index: _Optional[int] = ..., layer: _Optional[int] = ..., kind: _Optional[_Union[StateKind, str]] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., state_nbytes: _Optional[int] = ..., offset: _Optional[int] = ..., xxh3_64: _Optional[int] = ...) -> None: ...
 
 class StateChunk(_message.Message):
     __slots__ = ("header", "padding", "data")
