@@ -19,6 +19,7 @@ from baton.workers.engine.engine import Engine
 from baton.workers.engine.handoff import (
     CacheFull,
     LayerState,
+    PrefillAborted,
     PrefillResult,
     PrefillSink,
     StateKind,
@@ -38,6 +39,7 @@ __all__ = [
     "EngineStats",
     "LayerState",
     "LoopReservation",
+    "PrefillAborted",
     "PrefillResult",
     "PrefillSink",
     "Request",

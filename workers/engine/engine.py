@@ -21,7 +21,7 @@ from typing import Any
 
 from baton.workers.engine.allocator import PageAllocator, SlotPool
 from baton.workers.engine.config import EngineConfig, EngineStats, StepTimings
-from baton.workers.engine.handoff import CacheFull, PrefillResult, PrefillSink
+from baton.workers.engine.handoff import CacheFull, PrefillAborted, PrefillResult, PrefillSink
 from baton.workers.engine.request import Phase, Request, Sequence, TokenEvent
 from baton.workers.engine.reservation import Reservation
 from baton.workers.engine.runner import ModelRunner, SampledToken, StepOutput
@@ -176,7 +176,7 @@ class Engine:
         self._finish(seq)
         if seq.sink is not None:
             if seq.on_prefilled is not None:
-                self._resolve_prefill(seq, RuntimeError(f"prefill of {request_id!r} aborted"))
+                self._resolve_prefill(seq, PrefillAborted(f"prefill of {request_id!r} aborted"))
         else:
             self._deferred.append(
                 TokenEvent(

@@ -62,6 +62,10 @@ class CacheFull(RuntimeError):
     """The engine has no room (pages or state slot) for the request right now."""
 
 
+class PrefillAborted(RuntimeError):
+    """A prefill's request was aborted (its caller went away) before the prefill finished."""
+
+
 @dataclass
 class PrefillResult:
     """What a prefill produced besides the state it handed to the sink."""

@@ -388,11 +388,24 @@ class Router:
 
     async def _stream(self, request: web.Request, generation: Generation,
                       events) -> tuple[web.StreamResponse, str]:
-        parsed = generation.parsed
-        chat = parsed.endpoint == "chat"
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no"})
+        try:
+            outcome = await self._write_stream(request, response, generation, events)
+        except ConnectionResetError:
+            # The client went away mid-stream: an ordinary end, not a router error (raised
+            # on, aiohttp would log it as one). The caller's finally closes the backend
+            # stream, which cancels the workers' share of the request.
+            log.debug("request %s: the client disconnected mid-stream",
+                      generation.gen.request_id)
+            return response, "cancelled"
+        return response, outcome
+
+    async def _write_stream(self, request: web.Request, response: web.StreamResponse,
+                            generation: Generation, events) -> str:
+        parsed = generation.parsed
+        chat = parsed.endpoint == "chat"
         await response.prepare(request)
         envelope = self._envelope(generation, "chat.completion.chunk" if chat
                                   else "text_completion")
@@ -449,7 +462,7 @@ class Router:
                                                type="server_error").body()))
         await response.write(sse("[DONE]"))
         await response.write_eof()
-        return response, outcome
+        return outcome
 
 
 async def start_site(app: web.Application, host: str, port: int,

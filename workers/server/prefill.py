@@ -18,7 +18,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from baton.proto.baton.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 from baton.proto.baton.worker.v1 import worker_pb2, worker_pb2_grpc
-from baton.workers.engine import EngineDraining
+from baton.workers.engine import EngineDraining, PrefillAborted
 from baton.workers.server.runtime import (
     CallEnded,
     WorkerRuntime,
@@ -125,8 +125,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
     def _run(self, req, sender, context, arrival: float, deadline: float):
         rt = self.runtime
-        context.add_callback(lambda: (rt.loop.abort(req.request_id),
-                                      sender.abort("the Prefill call ended")))
+        if not context.add_callback(lambda: (rt.loop.abort(req.request_id),
+                                             sender.abort("the Prefill call ended"))):
+            # The call ended (its caller cancelled) before this handler ran: no prefill for it.
+            sender.abort("the Prefill call ended before it started")
+            raise CallEnded("cancelled", grpc.StatusCode.CANCELLED,
+                            f"prefill of {req.request_id} was cancelled before it started")
         queued_for = time.monotonic() - arrival
         try:
             future = rt.loop.run_prefill(req, sender)
@@ -149,6 +153,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         except EngineDraining as e:
             sender.abort(str(e))
             raise CallEnded("error", grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        except PrefillAborted as e:
+            # The call ended first (the router cancelled: its client went away); the
+            # callback above already freed the engine's and the transfer's share.
+            sender.abort(str(e))
+            log.debug("%s", e)
+            raise CallEnded("cancelled", grpc.StatusCode.CANCELLED, str(e)) from None
         except Exception as e:
             sender.abort(str(e))
             log.exception("prefill of %s failed", req.request_id)

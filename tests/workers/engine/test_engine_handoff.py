@@ -10,6 +10,7 @@ from baton.workers.engine import (
     Engine,
     EngineConfig,
     LayerState,
+    PrefillAborted,
     Request,
     SamplingParams,
     StateKind,
@@ -300,6 +301,6 @@ def test_abort_mid_prefill_fails_it_and_frees(tiny_model):
     assert not outcome and p.stats().kv_cache_usage > 0
     assert sum(s.kind == StateKind.KV for s in sink.states) == 2 * 2  # 2 chunks, 2 layers
     assert p.abort("long")
-    assert len(outcome) == 1 and isinstance(outcome[0], RuntimeError)
+    assert len(outcome) == 1 and isinstance(outcome[0], PrefillAborted)
     assert p.stats().kv_cache_usage == 0 and p.stats().ssm_slot_usage == 0
     assert not p.has_work() and p.step() == []

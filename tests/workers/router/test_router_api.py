@@ -401,3 +401,43 @@ async def test_itl_is_one_mean_gap_per_request(router_url, fake_backend):
     assert 0.04 <= mean_gap < 0.5, line
     assert 'baton_inter_token_latency_seconds_count{model="tiny",namespace="test",pool="",' \
            'role="router"} 1.0' in text
+
+
+@pytest.mark.parametrize("router_url", [RouterSettings(
+    served_model_name="tiny", max_model_len=1 << 20, request_timeout_s=30.0)], indirect=True)
+async def test_a_client_gone_mid_stream_is_no_router_error(router_url, fake_backend, caplog):
+    """A client stops reading and half-closes while tokens keep coming: its connection is
+    closing with unsent bytes, so the router's next write fails (aiohttp cancels nothing yet).
+    That is a cancelled request, logged as nothing worse than debug, with the backend stream
+    closed."""
+    import logging
+    import socket
+
+    host, port = router_url.removeprefix("http://").split(":")
+    body = (b'{"model": "tiny", "prompt": "abcdef", "stream": true, "max_tokens": 500000, '
+            b'"ignore_eos": true, "logprobs": 3}')
+    with caplog.at_level(logging.DEBUG):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nx-request-id: gone-writing\r\n\r\n%s"
+                     % (len(body), body))
+        await writer.drain()
+        await reader.readuntil(b"data:")  # the stream has begun; read nothing more
+        await asyncio.sleep(0.5)  # the router's socket buffers fill up
+        sock.shutdown(socket.SHUT_WR)
+        for _ in range(500):
+            if "gone-writing" in fake_backend.closed_early:
+                break
+            await asyncio.sleep(0.01)
+        writer.transport.abort()
+    assert fake_backend.closed_early == ["gone-writing"] and fake_backend.active == 0
+    # The router's and aiohttp's own loggers (earlier tests' leftovers may log elsewhere).
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING
+              and r.name.split(".")[0] in ("aiohttp", "baton")]
+    assert not errors, [r.getMessage() for r in errors]
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(router_url + "/metrics")).text
+    assert 'outcome="cancelled",pool="",role="router"} 1.0' in text

@@ -137,3 +137,39 @@ def test_worker_exits_with_a_clear_error_on_bad_config(tmp_path):
                              timeout=120)
     assert out.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
+
+
+def _prefill_servicer_with(future, aborted: list):
+    from types import SimpleNamespace
+
+    from baton.workers.server.prefill import PrefillServicer
+
+    loop = SimpleNamespace(run_prefill=lambda req, sender: future, abort=aborted.append)
+    return PrefillServicer(SimpleNamespace(loop=loop, metrics=None))
+
+
+@pytest.mark.parametrize("started", [True, False])
+def test_a_prefill_its_caller_cancelled_ends_cancelled_without_an_error_log(started, caplog):
+    """The router cancels Prefill when its client goes away: the engine aborts the prefill
+    (PrefillAborted), or the call ended before the handler ran. Either way the outcome is
+    'cancelled', the transfer is aborted, and nothing is logged as an error."""
+    import logging
+    import time
+
+    from baton.workers.engine import PrefillAborted, Request
+    from baton.workers.server.runtime import CallEnded
+
+    future = futures.Future()
+    future.set_exception(PrefillAborted("prefill of 'gone' aborted"))
+    aborted: list = []
+    servicer = _prefill_servicer_with(future, aborted)
+    sender_aborts: list = []
+    sender = type("Sender", (), {"abort": lambda self, reason: sender_aborts.append(reason)})()
+    context = type("Context", (), {"add_callback": lambda self, callback: started})()
+    with caplog.at_level(logging.DEBUG), pytest.raises(CallEnded) as ended:
+        servicer._run(Request("gone", [1, 2, 3]), sender, context, time.monotonic(),
+                      time.time() + 30)
+    assert ended.value.outcome == "cancelled"
+    assert ended.value.code == grpc.StatusCode.CANCELLED
+    assert len(sender_aborts) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
