@@ -33,6 +33,9 @@ class Generation:
         self.text = TextAssembler(decode, parsed.stop, gen.prompt_ids)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
+        self.delivered = False
+        """A stream's last event ([DONE]) was written: the client has the whole answer, even
+        if its connection closes before the response is finished off."""
 
     def token_entry(self, out: TokenOutput) -> dict[str, Any] | None:
         if self.parsed.logprobs is None:

@@ -337,15 +337,17 @@ class Router:
                 self.metrics.request_duration.observe(time.monotonic() - t_arrival)
             return response
         except (asyncio.CancelledError, ConnectionResetError):
-            outcome = "cancelled"
+            # A client that read all of a stream and closed at once can cancel this handler
+            # while the response is finished off: that request succeeded.
+            outcome = "success" if generation is not None and generation.delivered \
+                else "cancelled"
             raise
         finally:
             self.running -= 1
             if gen is not None:
                 self._worker_ids.discard(gen.request_id)
-            if stream is not None:
-                # Closing the backend's stream cancels whatever the workers still do for it.
-                await asyncio.shield(stream.aclose())
+            # Counted before the await below: a cancellation landing there (the client closed
+            # as the answer ended) must not lose the count.
             self.metrics.request_finished(outcome)
             self.queue.notify()
             log.info("request %s %s %s: %d prompt + %d completion tokens in %.3f s",
@@ -353,6 +355,10 @@ class Router:
                      len(gen.prompt_ids) if gen is not None else 0,
                      generation.completion_tokens if generation is not None else 0,
                      time.monotonic() - t_arrival)
+            if stream is not None:
+                # Closing the backend's stream cancels whatever the workers still do for it
+                # (shielded: it completes even if this handler is being cancelled).
+                await asyncio.shield(stream.aclose())
 
     def _envelope(self, generation: Generation, object_name: str) -> dict[str, Any]:
         prefix = "chatcmpl-" if generation.parsed.endpoint == "chat" else "cmpl-"
@@ -400,6 +406,10 @@ class Router:
             log.debug("request %s: the client disconnected mid-stream",
                       generation.gen.request_id)
             return response, "cancelled"
+        try:
+            await response.write_eof()
+        except ConnectionResetError:
+            pass  # the client read the whole stream, [DONE] included, and closed first
         return response, outcome
 
     async def _write_stream(self, request: web.Request, response: web.StreamResponse,
@@ -461,7 +471,7 @@ class Router:
             await response.write(sse(ApiError(500, "internal error in the router",
                                                type="server_error").body()))
         await response.write(sse("[DONE]"))
-        await response.write_eof()
+        generation.delivered = outcome == "success"
         return outcome
 
 

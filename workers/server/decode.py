@@ -22,6 +22,7 @@ from baton.workers.engine import SamplingParams as EngineSampling
 from baton.workers.server.runtime import CallEnded, WorkerRuntime, event_token, request_from_proto
 from baton.workers.transfer import (
     REASON_TO_STATUS,
+    FailureReason,
     FirstToken,
     StateReceiver,
     TransferError,
@@ -141,7 +142,10 @@ class DecodeServicer:
             if target.stream is not None:
                 target.stream.close()
 
-        context.add_callback(on_call_done)
+        if not context.add_callback(on_call_done):
+            # The call ended (the router gave up) before this handler got here: the callback
+            # will never run, so free the reservation now rather than at the transfer deadline.
+            on_call_done()
         # Tells the router the room is reserved: it starts the Prefill now.
         context.send_initial_metadata(((RESERVED_METADATA_KEY, "true"),))
         while not incoming.wait(timeout=0.5):
@@ -150,8 +154,9 @@ class DecodeServicer:
                              f"request {req.request_id}: the call ended before its state came")
         if incoming.state is TransferState.FAILED:
             error = incoming.error
-            raise CallEnded("timeout" if error.reason.value == "deadline_exceeded" else "error",
-                         REASON_TO_STATUS[error.reason], error.message)
+            outcome = {FailureReason.DEADLINE_EXCEEDED: "timeout",
+                       FailureReason.CANCELLED: "cancelled"}.get(error.reason, "error")
+            raise CallEnded(outcome, REASON_TO_STATUS[error.reason], error.message)
         stream = target.stream
         last = None
         while True:

@@ -61,8 +61,9 @@ class TransferStateHandler:
             this_thread = threading.get_ident()
             incoming.add_fail_callback(
                 lambda: threading.get_ident() != this_thread and context.cancel())
-            context.add_callback(lambda: incoming.fail(_ended_early(
-                incoming, "the sender went away before completing the transfer")))
+            if not context.add_callback(lambda: incoming.fail(_ended_early(
+                    incoming, "the sender went away before completing the transfer"))):
+                raise _ended_early(incoming, "the sender went away before the transfer began")
             incoming.accept_handshake(first.protocol_version, first.fingerprint,
                                       first.num_prompt_tokens)
             for message in request_iterator:
@@ -78,13 +79,24 @@ class TransferStateHandler:
                     raise message.error
                 else:
                     raise TransferError(FailureReason.INVALID, "a second handshake")
-            raise _ended_early(incoming, "the stream ended before the transfer completed")
+            # A stream closed cleanly without its completion: the sender chose to stop (its
+            # prefill was aborted); a crashed sender breaks the stream instead (RpcError).
+            ended = _ended_early(incoming, "the sender ended the stream before the transfer "
+                                 "completed")
+            if ended.reason is FailureReason.UNAVAILABLE:
+                ended = TransferError(FailureReason.CANCELLED, ended.message)
+            raise ended
         except TransferError as e:
             if incoming is not None:
                 incoming.fail(e)
                 if incoming.error is not None:
                     e = incoming.error
-            log.warning("state transfer failed: %s", e)
+            # A cancelled request (the router gave up: its client left) ends transfers on
+            # both sides, the sender's or the reservation's first: an ordinary end, not a
+            # fault worth a warning.
+            ordinary = e.reason is FailureReason.CANCELLED or not context.is_active()
+            log.log(logging.DEBUG if ordinary else logging.WARNING,
+                    "state transfer failed: %s", e)
             context.abort(REASON_TO_STATUS[e.reason], e.message)
         except grpc.RpcError:
             # The client went away mid-stream; the done-callback above released everything.

@@ -173,3 +173,37 @@ def test_a_prefill_its_caller_cancelled_ends_cancelled_without_an_error_log(star
     assert ended.value.code == grpc.StatusCode.CANCELLED
     assert len(sender_aborts) == 1
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_generate_call_that_ended_before_its_handler_ran_frees_its_reservation_at_once():
+    """Under load the router may give up on a Generate before the worker's handler runs; the
+    handler then cannot register its done-callback (add_callback is False). The reservation
+    must be released at once, not held until the transfer deadline."""
+    import time
+    from types import SimpleNamespace
+
+    from baton.proto.baton.decode.v1 import decode_pb2
+    from baton.workers.server.decode import DecodeServicer
+    from baton.workers.server.runtime import CallEnded
+
+    released = []
+    reservation = SimpleNamespace(release=lambda: released.append(True))
+    runtime = SimpleNamespace(
+        metrics=None,
+        config=SimpleNamespace(router=SimpleNamespace(transfer_timeout_seconds=60.0)),
+        deadline_of=lambda message, context: time.time() + 60.0,
+        loop=SimpleNamespace(reserve=lambda req, n: reservation))
+    servicer = DecodeServicer(runtime)
+    servicer.receiver.fingerprint = "f" * 64
+    context = SimpleNamespace(add_callback=lambda callback: False,
+                              send_initial_metadata=lambda metadata: None)
+    request = decode_pb2.GenerateRequest(
+        request_id="late", prompt_token_ids=[1, 2, 3],
+        sampling=worker_pb2.SamplingParams(max_tokens=4))
+    started = time.monotonic()
+    with pytest.raises(CallEnded) as ended:
+        list(servicer._generate(request, context, started))
+    assert time.monotonic() - started < 5
+    assert ended.value.outcome == "cancelled"
+    assert released == [True]
+    assert servicer.receiver.in_flight() == 0

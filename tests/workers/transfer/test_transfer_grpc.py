@@ -395,3 +395,27 @@ def test_backpressure_never_outlives_the_deadline(decode_side):
     assert outcome == [FailureReason.DEADLINE_EXCEEDED]
     with pytest.raises(TransferError):
         sender.finish(FirstToken(1))
+
+
+def test_a_sender_that_ends_its_stream_without_completing_cancels_the_transfer(decode_side,
+                                                                               caplog):
+    """A sender stops on its own (its prefill was aborted: the client left) by closing the
+    stream without a completion: the transfer is cancelled, the reservation released, and the
+    decode worker logs no warning for this ordinary end."""
+    import logging
+
+    from baton.workers.transfer import PROTOCOL_VERSION, wire
+
+    receiver, address = decode_side
+    target = RecordingTarget()
+    receiver.expect("r-stop", 37, target, _deadline())
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel, \
+            caplog.at_level(logging.DEBUG):
+        call = channel.stream_unary("/baton.decode.v1.DecodeService/TransferState")
+        with pytest.raises(grpc.RpcError) as err:
+            call(iter([wire.encode_handshake(PROTOCOL_VERSION, FINGERPRINT, "r-stop", 37)]),
+                 timeout=10)
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    assert target.released.wait(5) and target.error.reason is FailureReason.CANCELLED
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING
+                and r.name.startswith("baton")]

@@ -1,0 +1,220 @@
+"""Mixed traffic that users really send, for a while, through router -> prefill -> 2 decode
+workers: completions and chat, streamed and not, random sampling, bad parameters, clients that
+disconnect mid-stream and clients that give up before the answer.
+
+What must hold afterwards (the guide's "loses nothing"): every answer was well formed (an
+OpenAI body, a whole SSE stream, or an OpenAI error with a 4xx status; never a 5xx), the
+router's outcome counters agree with what the clients saw, every cache slot and page on every
+worker is free again, no process died, and no process logged an error or a warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[2]
+CHECKPOINT = REPO / "examples" / "tiny"
+SOAK_SECONDS = 12.0
+CONCURRENCY = 16
+WORDS = ["hello", "world", "mamba", "state", "token", "x", "the", "decode", "é", "東京"]
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, e2e):
+    run = tmp_path_factory.mktemp("soak")
+    config = e2e.write_config(run / "config.json",
+                              e2e.worker_config(CHECKPOINT, speculative_tokens=2))
+    prefill = e2e.start_worker("prefill", config, run, "prefill")
+    decodes = [e2e.start_worker("decode", config, run, f"decode{i}") for i in range(2)]
+    router = e2e.start_router(config, run, [prefill], decodes)
+    processes = [prefill, *decodes, router]
+    try:
+        e2e.wait_ready(processes)
+        yield {"processes": processes, "workers": [prefill, *decodes],
+               "url": f"http://127.0.0.1:{router.http_port}"}
+    finally:
+        for p in processes:
+            p.stop()
+
+
+def _metrics(port: int) -> dict[tuple[str, frozenset], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _router_outcomes(url: str) -> Counter:
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    out: Counter = Counter()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "baton_requests_total" and s.labels.get("role") == "router":
+                out[s.labels["outcome"]] += s.value
+    return out
+
+
+def _request(rng: random.Random) -> tuple[str, dict, bool]:
+    """(path, body, expected to be refused) of one random request."""
+    text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 200)))
+    body: dict = {"model": "tiny", "max_tokens": rng.randint(1, 40),
+                  "temperature": rng.choice([0, 0.8, 1.5]), "seed": rng.randint(0, 10**6)}
+    if rng.random() < 0.5:
+        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": text}]
+        if rng.random() < 0.3:
+            body["chat_template_kwargs"] = {"enable_thinking": rng.random() < 0.5}
+        if rng.random() < 0.2:
+            body["logprobs"], body["top_logprobs"] = True, rng.randint(0, 3)
+    else:
+        path, body["prompt"] = "/v1/completions", text
+        if rng.random() < 0.2:
+            body["logprobs"] = rng.randint(0, 3)
+    if rng.random() < 0.2:
+        body["stop"] = rng.sample(["e", "lo", "\n", "the"], 2)
+    if rng.random() < 0.2:
+        body["top_p"], body["top_k"] = rng.choice([0.5, 1.0]), rng.choice([5, 50])
+    bad = rng.random() < 0.12
+    if bad:
+        key, value = rng.choice([("max_tokens", -3), ("temperature", -1), ("model", "nope"),
+                                 ("top_p", 2.0), ("n", 3), ("max_tokens", 10**7)])
+        body[key] = value
+    return path, body, bad
+
+
+def _check_error_body(reply: httpx.Response) -> None:
+    error = reply.json()["error"]
+    assert isinstance(error["message"], str) and error["message"], reply.text
+    assert isinstance(error["type"], str), reply.text
+
+
+async def _one(http: httpx.AsyncClient, url: str, rng: random.Random, seen: Counter) -> None:
+    path, body, bad = _request(rng)
+    style = rng.choices(["plain", "stream", "disconnect", "give-up"], [4, 4, 1, 1])[0]
+    if style in ("stream", "disconnect"):
+        body["stream"] = True
+        if rng.random() < 0.5:
+            body["stream_options"] = {"include_usage": True}
+        async with http.stream("POST", url + path, json=body) as reply:
+            if reply.status_code != 200:
+                await reply.aread()
+                assert 400 <= reply.status_code < 500 and bad, (reply.status_code, body)
+                _check_error_body(reply)
+                seen["refused"] += 1
+                return
+            assert not bad, body
+            events, done = [], False
+            async for line in reply.aiter_lines():
+                if not line:
+                    continue
+                assert line.startswith("data: "), line
+                if line == "data: [DONE]":
+                    done = True
+                    break
+                event = json.loads(line.removeprefix("data: "))
+                assert "error" not in event, event
+                events.append(event)
+                if style == "disconnect" and len(events) >= 2:
+                    seen["disconnected"] += 1
+                    return  # leaving the block closes the connection mid-stream
+            assert done, events[-3:]
+            finishes = [c["finish_reason"] for e in events for c in e["choices"]
+                        if c.get("finish_reason")]
+            assert finishes in (["stop"], ["length"]), events[-3:]
+            if body.get("stream_options"):
+                assert events[-1]["usage"]["completion_tokens"] >= 1, events[-1]
+            seen["completed"] += 1
+        return
+    timeout = rng.uniform(0.02, 0.2) if style == "give-up" else 120.0
+    try:
+        reply = await http.post(url + path, json=body, timeout=timeout)
+    except httpx.TimeoutException:
+        seen["gave up"] += 1
+        return
+    if bad:
+        assert 400 <= reply.status_code < 500, (reply.status_code, body, reply.text)
+        _check_error_body(reply)
+        seen["refused"] += 1
+        return
+    assert reply.status_code == 200, (reply.status_code, body, reply.text)
+    answer = reply.json()
+    assert answer["choices"][0]["finish_reason"] in ("stop", "length"), answer
+    assert answer["usage"]["completion_tokens"] >= 1, answer
+    seen["completed"] += 1
+    if style == "give-up":
+        seen["gave up but completed"] += 1
+
+
+async def _soak(url: str) -> Counter:
+    rng = random.Random(20261123)
+    seen: Counter = Counter()
+    limits = httpx.Limits(max_connections=CONCURRENCY * 2)
+    async with httpx.AsyncClient(limits=limits, timeout=120) as http:
+        tasks: set[asyncio.Task] = set()
+        deadline = time.monotonic() + SOAK_SECONDS
+        while time.monotonic() < deadline:
+            while len(tasks) < CONCURRENCY:
+                tasks.add(asyncio.create_task(_one(http, url, rng, seen)))
+            done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # a failed check fails the test here
+        for task in asyncio.as_completed(tasks):
+            await task
+    return seen
+
+
+def test_mixed_traffic_loses_nothing(cluster):
+    seen = asyncio.run(_soak(cluster["url"]))
+    print("soak:", dict(seen))
+    assert seen["completed"] > 50 and seen["refused"] > 5 and seen["disconnected"] > 2
+
+    # Every slot and page is free again on every worker, and nothing runs.
+    deadline = time.monotonic() + 20
+    while True:
+        held = {}
+        for w in cluster["workers"]:
+            for (name, _labels), value in _metrics(w.metrics_port).items():
+                if name in ("baton_kv_cache_usage_ratio", "baton_ssm_state_slots_usage_ratio",
+                            "baton_num_requests_running") and value:
+                    held[(w.name, name)] = value
+        if not held:
+            break
+        assert time.monotonic() < deadline, f"still held after the traffic ended: {held}"
+        time.sleep(0.2)
+
+    # The router counted what the clients saw: nothing failed on its side. (A stream's
+    # client has [DONE] a moment before the router's handler counts it: poll briefly.)
+    gone = seen["disconnected"] + seen["gave up"]
+    deadline = time.monotonic() + 10
+    while True:
+        outcomes = _router_outcomes(cluster["url"])
+        ended = outcomes["success"] + outcomes["cancelled"]
+        if (outcomes["success"] >= seen["completed"]
+                and seen["completed"] + seen["disconnected"] <= ended) \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert outcomes["error"] == 0 and outcomes["timeout"] == 0, outcomes
+    assert outcomes["rejected"] == seen["refused"], (outcomes, seen)
+    assert outcomes["success"] >= seen["completed"], (outcomes, seen)
+    assert seen["completed"] + seen["disconnected"] <= ended <= seen["completed"] + gone, \
+        (outcomes, seen)
+
+    for p in cluster["processes"]:
+        assert p.proc.poll() is None, f"{p.name} exited:\n{p.log()}"
+        log = p.log_path.read_text(errors="replace")
+        bad = [line for line in log.splitlines()
+               if " ERROR " in line or " WARNING " in line or line.startswith("Traceback")]
+        assert not bad, f"{p.name} logged:\n" + "\n".join(bad[:20])
