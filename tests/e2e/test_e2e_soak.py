@@ -218,3 +218,26 @@ def test_mixed_traffic_loses_nothing(cluster):
         bad = [line for line in log.splitlines()
                if " ERROR " in line or " WARNING " in line or line.startswith("Traceback")]
         assert not bad, f"{p.name} logged:\n" + "\n".join(bad[:20])
+
+
+def test_a_decode_worker_drained_under_traffic_costs_no_client_anything(cluster):
+    """SIGTERM on one of the two decode workers in the middle of the same traffic: its streams
+    finish, new requests go to the other one, no client sees an error, and it exits 0."""
+    import signal
+    import threading
+
+    drained = cluster["processes"][1]
+    assert drained.name == "decode0"
+    timer = threading.Timer(3.0, drained.kill, args=(signal.SIGTERM,))
+    timer.start()
+    try:
+        seen = asyncio.run(_soak(cluster["url"]))
+    finally:
+        timer.cancel()
+    print("soak with a drain:", dict(seen))
+    assert seen["completed"] > 50
+    assert drained.proc.wait(timeout=60) == 0, drained.log()
+    log = drained.log_path.read_text(errors="replace")
+    assert "received SIGTERM" in log and "drained; stopping" in log
+    outcomes = _router_outcomes(cluster["url"])
+    assert outcomes["error"] == 0 and outcomes["timeout"] == 0, outcomes
