@@ -5,12 +5,15 @@ disconnect mid-stream and clients that give up before the answer.
 What must hold afterwards (the guide's "loses nothing"): every answer was well formed (an
 OpenAI body, a whole SSE stream, or an OpenAI error with a 4xx status; never a 5xx), the
 router's outcome counters agree with what the clients saw, every cache slot and page on every
-worker is free again, no process died, and no process logged an error or a warning.
+worker is free again, no process died, and no process logged an error or a warning. Then the
+same traffic while one of the two decode workers drains (SIGTERM) or dies (SIGKILL): no client
+sees an error either way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -31,9 +34,9 @@ WORDS = ["hello", "world", "mamba", "state", "token", "x", "the", "decode", "é"
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory, e2e):
-    run = tmp_path_factory.mktemp("soak")
+@contextlib.contextmanager
+def _cluster(run: Path, e2e):
+    """A prefill worker, two decode workers (MTP speculation, two draft tokens), a router."""
     config = e2e.write_config(run / "config.json",
                               e2e.worker_config(CHECKPOINT, speculative_tokens=2))
     prefill = e2e.start_worker("prefill", config, run, "prefill")
@@ -47,6 +50,12 @@ def cluster(tmp_path_factory, e2e):
     finally:
         for p in processes:
             p.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, e2e):
+    with _cluster(tmp_path_factory.mktemp("soak"), e2e) as running:
+        yield running
 
 
 def _metrics(port: int) -> dict[tuple[str, frozenset], float]:
@@ -241,3 +250,40 @@ def test_a_decode_worker_drained_under_traffic_costs_no_client_anything(cluster)
     assert "received SIGTERM" in log and "drained; stopping" in log
     outcomes = _router_outcomes(cluster["url"])
     assert outcomes["error"] == 0 and outcomes["timeout"] == 0, outcomes
+
+
+def test_a_decode_worker_killed_under_traffic_costs_no_client_anything(tmp_path, e2e):
+    """SIGKILL on one of two decode workers in the middle of the traffic: streams in flight
+    on it continue on the other (one retry each), requests waiting for their state there are
+    prefilled again, and no client sees an error."""
+    import signal
+    import threading
+
+    with _cluster(tmp_path, e2e) as fresh:
+        victim = fresh["processes"][1]
+        timer = threading.Timer(3.0, victim.kill, args=(signal.SIGKILL,))
+        timer.start()
+        try:
+            seen = asyncio.run(_soak(fresh["url"]))
+        finally:
+            timer.cancel()
+        print("soak with a kill:", dict(seen))
+        assert victim.proc.poll() is not None
+        assert seen["completed"] > 50
+        outcomes = _router_outcomes(fresh["url"])
+        assert outcomes["error"] == 0 and outcomes["timeout"] == 0, outcomes
+        survivors = [w for w in fresh["workers"] if w is not victim]
+        deadline = time.monotonic() + 20
+        while any(v for w in survivors for (name, _), v in _metrics(w.metrics_port).items()
+                  if name in ("baton_kv_cache_usage_ratio",
+                              "baton_ssm_state_slots_usage_ratio")):
+            assert time.monotonic() < deadline, "a surviving worker still holds slots"
+            time.sleep(0.2)
+        # Retries are warnings; nothing is an error.
+        for p in fresh["processes"]:
+            if p is victim:
+                continue
+            log = p.log_path.read_text(errors="replace")
+            bad = [line for line in log.splitlines()
+                   if " ERROR " in line or line.startswith("Traceback")]
+            assert not bad, f"{p.name} logged:\n" + "\n".join(bad[:20])

@@ -30,6 +30,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from baton.proto.baton.decode.v1 import decode_pb2
 from baton.proto.baton.prefill.v1 import prefill_pb2
 from baton.proto.baton.worker.v1 import worker_pb2
+from baton.workers import headers
 from baton.workers.router.backend import (
     BackendStatus,
     GenerationRequest,
@@ -275,7 +276,7 @@ class DisaggregatedBackend:
                             prefill_task = start_prefill()
                             continue
                         else:
-                            raise self._prefill_failure(prefill, exc)
+                            raise self._prefill_failure(prefill, decode, exc)
                     if not read.done():
                         continue
                 try:
@@ -315,22 +316,40 @@ class DisaggregatedBackend:
                     return
         finally:
             decode.inflight -= 1
-            if read is not None and not read.done():
-                read.cancel()
+            if read is not None:
+                if read.done():
+                    _retrieve(read)  # failed beside a prefill failure that was reported
+                else:
+                    read.cancel()
             # Cancelling D's call releases its reservation; cancelling P's stops its transfer.
             call.cancel()
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
 
     @staticmethod
-    def _prefill_failure(worker: Worker, exc: BaseException) -> AttemptFailed:
-        if isinstance(exc, grpc.aio.AioRpcError):
-            if exc.code() == grpc.StatusCode.UNAVAILABLE and exc.details() and (
-                    "connect" in exc.details().lower()):
-                worker.mark_failed()  # P itself is unreachable, not only its target
-            return AttemptFailed(f"prefill worker {worker.address} failed: {_describe(exc)}",
-                                 exc.code() not in _NOT_RETRIED)
-        return AttemptFailed(f"prefill worker {worker.address} failed: {exc!r}")
+    def _prefill_failure(prefill: Worker, decode: Worker, exc: BaseException) -> AttemptFailed:
+        if not isinstance(exc, grpc.aio.AioRpcError):
+            return AttemptFailed(f"prefill worker {prefill.address} failed: {exc!r}")
+        retryable = exc.code() not in _NOT_RETRIED
+        if _failed_peer(exc) == "decode":
+            # P is fine: its transfer to D failed (D died, refused the handshake, ...).
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                decode.mark_failed()
+            return AttemptFailed(f"the transfer from prefill worker {prefill.address} to "
+                                 f"decode worker {decode.address} failed: {_describe(exc)}",
+                                 retryable)
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            prefill.mark_failed()  # P is unreachable or draining
+        return AttemptFailed(f"prefill worker {prefill.address} failed: {_describe(exc)}",
+                             retryable)
+
+
+def _failed_peer(exc: grpc.aio.AioRpcError) -> str | None:
+    """Which peer a worker's failure was about (its trailing metadata), if it says."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == headers.FAILED_PEER:
+            return value
+    return None
 
 
 def _code(exc: BaseException) -> grpc.StatusCode | None:

@@ -17,6 +17,7 @@ import time
 import grpc
 
 from baton.proto.baton.decode.v1 import decode_pb2
+from baton.workers import headers
 from baton.workers.engine import CacheFull, EngineDraining, LoopReservation, RequestStream
 from baton.workers.engine import SamplingParams as EngineSampling
 from baton.workers.server.runtime import CallEnded, WorkerRuntime, event_token, request_from_proto
@@ -33,8 +34,6 @@ from baton.workers.transfer import (
 log = logging.getLogger(__name__)
 
 SERVICE = "baton.decode.v1.DecodeService"
-# Initial metadata of a Generate call once its cache room is reserved.
-RESERVED_METADATA_KEY = "baton-reserved"
 
 _FINISH = {
     None: decode_pb2.FINISH_REASON_UNSPECIFIED,
@@ -147,7 +146,7 @@ class DecodeServicer:
             # will never run, so free the reservation now rather than at the transfer deadline.
             on_call_done()
         # Tells the router the room is reserved: it starts the Prefill now.
-        context.send_initial_metadata(((RESERVED_METADATA_KEY, "true"),))
+        context.send_initial_metadata(((headers.RESERVED, "true"),))
         while not incoming.wait(timeout=0.5):
             if ended.is_set():
                 raise CallEnded("cancelled", grpc.StatusCode.CANCELLED,

@@ -18,6 +18,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from baton.proto.baton.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 from baton.proto.baton.worker.v1 import worker_pb2, worker_pb2_grpc
+from baton.workers import headers
 from baton.workers.engine import EngineDraining, PrefillAborted
 from baton.workers.server.runtime import (
     CallEnded,
@@ -37,6 +38,13 @@ from baton.workers.transfer import (
 log = logging.getLogger(__name__)
 
 SERVICE = "baton.prefill.v1.PrefillService"
+
+
+def _transfer_failed(e: TransferError, outcome: str | None = None) -> CallEnded:
+    if outcome is None:
+        outcome = "timeout" if e.reason is FailureReason.DEADLINE_EXCEEDED else "error"
+    return CallEnded(outcome, REASON_TO_STATUS[e.reason], e.message,
+                     trailing_metadata=((headers.FAILED_PEER, "decode"),))
 
 
 def _duration(seconds: float) -> Duration:
@@ -87,6 +95,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 return response
             except CallEnded as failed:
                 outcome, code, message = failed.outcome, failed.code, failed.message
+                if failed.trailing_metadata:
+                    context.set_trailing_metadata(failed.trailing_metadata)
             finally:
                 if outcome == "error" and not context.is_active():
                     outcome = "cancelled"
@@ -108,8 +118,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         except ValueError as e:
             raise CallEnded("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except TransferError as e:
-            outcome = "timeout" if e.reason is FailureReason.DEADLINE_EXCEEDED else "error"
-            raise CallEnded(outcome, REASON_TO_STATUS[e.reason], e.message) from None
+            raise _transfer_failed(e) from None
         with self._sending_lock:
             self._sending += 1
         try:
@@ -149,7 +158,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                           f"prefill of {req.request_id} passed its deadline") from None
         except TransferError as e:
             sender.abort(str(e))
-            raise CallEnded("error", REASON_TO_STATUS[e.reason], e.message) from None
+            raise _transfer_failed(e, "error") from None
         except EngineDraining as e:
             sender.abort(str(e))
             raise CallEnded("error", grpc.StatusCode.UNAVAILABLE, str(e)) from None
@@ -170,8 +179,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         try:
             transfer = sender.finish(first)
         except TransferError as e:
-            raise CallEnded("timeout" if e.reason is FailureReason.DEADLINE_EXCEEDED else "error",
-                          REASON_TO_STATUS[e.reason], e.message) from None
+            raise _transfer_failed(e) from None
         return prefill_pb2.PrefillResponse(
             first_token=token_to_proto(result.first_token, result.logprob, result.top_logprobs),
             num_prompt_tokens=result.num_prompt_tokens,

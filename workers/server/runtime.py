@@ -24,11 +24,13 @@ log = logging.getLogger(__name__)
 class CallEnded(Exception):
     """Ends an RPC with a gRPC status after its outcome (a requests_total label) is counted."""
 
-    def __init__(self, outcome: str, code: grpc.StatusCode, message: str):
+    def __init__(self, outcome: str, code: grpc.StatusCode, message: str,
+                 trailing_metadata: tuple[tuple[str, str], ...] = ()):
         super().__init__(message)
         self.outcome = outcome
         self.code = code
         self.message = message
+        self.trailing_metadata = trailing_metadata
 
 
 class WorkerRuntime:

@@ -49,6 +49,11 @@ class TransferStateHandler:
         incoming: IncomingTransfer | None = None
         try:
             first = next(request_iterator, None)
+            if first is None:
+                # Closed before its handshake: the sender stopped at once (its prefill was
+                # aborted as it began).
+                raise TransferError(FailureReason.CANCELLED,
+                                    "the sender ended the stream before its handshake")
             if isinstance(first, wire.Malformed):
                 raise first.error
             if not isinstance(first, wire.Handshake):

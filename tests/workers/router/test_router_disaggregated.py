@@ -19,6 +19,7 @@ from baton.proto.baton.decode.v1 import decode_pb2, decode_pb2_grpc
 from baton.proto.baton.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 from baton.proto.baton.worker.v1 import worker_pb2, worker_pb2_grpc
 from baton.proto.grpc.health.v1 import health_pb2, health_pb2_grpc
+from baton.workers import headers
 from baton.workers.metrics import BatonMetrics, MetricLabels
 from baton.workers.router.balancer import Balancer
 from baton.workers.router.disaggregated import DisaggregatedBackend
@@ -152,6 +153,8 @@ class FakePrefill(FakeWorker, prefill_pb2_grpc.PrefillServiceServicer):
         super().__init__(world, "prefill")
         self.cancelled = 0
         self.delay = 0.0
+        # Decode addresses whose transfers fail as a dead decode worker's do.
+        self.transfer_fails_to: set[str] = set()
 
     async def Prefill(self, request, context):
         self.requests.append(request)
@@ -162,6 +165,12 @@ class FakePrefill(FakeWorker, prefill_pb2_grpc.PrefillServiceServicer):
             raise
         if self.fail_with is not None:
             await context.abort(self.fail_with, "injected failure")
+        if request.decode_target in self.transfer_fails_to:
+            # What a real prefill worker answers when its decode target died mid-transfer.
+            context.set_trailing_metadata(((headers.FAILED_PEER, "decode"),))
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"request {request.request_id} to {request.decode_target}: "
+                                "Stream removed (recvmsg:Connection reset by peer (104))")
         future = self.world.reservations.get((request.decode_target, request.request_id))
         if future is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no reservation")
@@ -313,6 +322,23 @@ async def test_prefill_failure_releases_decode_and_retries(cluster):
     assert len(failing.requests) == 3 and len(healthy.requests) == 3
     assert backend.retries == 3
     # Each failed attempt's decode reservation was released (its Generate call cancelled).
+    assert await until(lambda: all(d.used == 0 for d in decodes))
+
+
+async def test_a_failed_transfer_blames_the_decode_worker_not_the_prefill_worker(cluster):
+    """The only prefill worker reports that its transfer to a decode worker failed (that
+    worker died): the retry goes to the other decode worker through the same prefill worker,
+    which stays ready, instead of failing the request for want of a prefill worker."""
+    decodes, prefills, router = cluster
+    client, backend = await router(n_prefill=1)
+    prefill = prefills[0]
+    first = min(decodes, key=lambda d: d.address)  # idle workers tie: the lower address
+    prefill.transfer_fails_to = {first.address}
+    for i in range(3):
+        out = await client.completions.create(model="tiny", prompt=f"t{i}", max_tokens=3)
+        assert out.choices[0].text == ref_text(f"t{i}", 3)
+        assert [w.address for w in backend.prefill.ready_workers()] == [prefill.address]
+    assert backend.retries >= 1
     assert await until(lambda: all(d.used == 0 for d in decodes))
 
 

@@ -417,5 +417,13 @@ def test_a_sender_that_ends_its_stream_without_completing_cancels_the_transfer(d
                  timeout=10)
     assert err.value.code() == grpc.StatusCode.CANCELLED
     assert target.released.wait(5) and target.error.reason is FailureReason.CANCELLED
+    # Closed before even the handshake: the same ordinary end.
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel, \
+            caplog.at_level(logging.DEBUG):
+        call = channel.stream_unary("/baton.decode.v1.DecodeService/TransferState")
+        with pytest.raises(grpc.RpcError) as err:
+            call(iter([]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    assert "before its handshake" in err.value.details()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING
                 and r.name.startswith("baton")]
