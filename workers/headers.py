@@ -1,4 +1,4 @@
-"""gRPC metadata keys that the workers and the router share (DESIGN.md, Seams: router)."""
+"""gRPC metadata keys that the workers and the router share (DESIGN.md, Seams: router semantics)."""
 
 # Initial metadata of a Generate call once the decode worker holds its reservation: the router
 # starts the Prefill then.
