@@ -6,8 +6,8 @@ What must hold afterwards (the guide's "loses nothing"): every answer was well f
 OpenAI body, a whole SSE stream, or an OpenAI error with a 4xx status; never a 5xx), the
 router's outcome counters agree with what the clients saw, every cache slot and page on every
 worker is free again, no process died, and no process logged an error or a warning. Then the
-same traffic while one of the two decode workers drains (SIGTERM) or dies (SIGKILL): no client
-sees an error either way.
+same traffic while one of the two decode workers drains (SIGTERM) or dies (SIGKILL), or one
+of two prefill workers dies: no client sees an error in any case.
 """
 
 from __future__ import annotations
@@ -35,17 +35,18 @@ pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
 @contextlib.contextmanager
-def _cluster(run: Path, e2e):
-    """A prefill worker, two decode workers (MTP speculation, two draft tokens), a router."""
+def _cluster(run: Path, e2e, n_prefill: int = 1):
+    """Prefill workers, two decode workers (MTP speculation, two draft tokens), a router."""
     config = e2e.write_config(run / "config.json",
                               e2e.worker_config(CHECKPOINT, speculative_tokens=2))
-    prefill = e2e.start_worker("prefill", config, run, "prefill")
+    prefills = [e2e.start_worker("prefill", config, run, f"prefill{i}")
+                for i in range(n_prefill)]
     decodes = [e2e.start_worker("decode", config, run, f"decode{i}") for i in range(2)]
-    router = e2e.start_router(config, run, [prefill], decodes)
-    processes = [prefill, *decodes, router]
+    router = e2e.start_router(config, run, prefills, decodes)
+    processes = [*prefills, *decodes, router]
     try:
         e2e.wait_ready(processes)
-        yield {"processes": processes, "workers": [prefill, *decodes],
+        yield {"processes": processes, "workers": [*prefills, *decodes],
                "url": f"http://127.0.0.1:{router.http_port}"}
     finally:
         for p in processes:
@@ -252,15 +253,17 @@ def test_a_decode_worker_drained_under_traffic_costs_no_client_anything(cluster)
     assert outcomes["error"] == 0 and outcomes["timeout"] == 0, outcomes
 
 
-def test_a_decode_worker_killed_under_traffic_costs_no_client_anything(tmp_path, e2e):
-    """SIGKILL on one of two decode workers in the middle of the traffic: streams in flight
-    on it continue on the other (one retry each), requests waiting for their state there are
-    prefilled again, and no client sees an error."""
+@pytest.mark.parametrize("victim_name", ["decode0", "prefill0"])
+def test_a_worker_killed_under_traffic_costs_no_client_anything(victim_name, tmp_path, e2e):
+    """SIGKILL on one of two decode workers, or one of two prefill workers, in the middle of
+    the traffic: streams in flight on a dead decode worker continue on the other (one retry
+    each), requests whose prefill or transfer it cut are prefilled again elsewhere, and no
+    client sees an error."""
     import signal
     import threading
 
-    with _cluster(tmp_path, e2e) as fresh:
-        victim = fresh["processes"][1]
+    with _cluster(tmp_path, e2e, n_prefill=2) as fresh:
+        (victim,) = [p for p in fresh["processes"] if p.name == victim_name]
         timer = threading.Timer(3.0, victim.kill, args=(signal.SIGKILL,))
         timer.start()
         try:
