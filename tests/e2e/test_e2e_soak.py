@@ -253,25 +253,31 @@ def test_a_decode_worker_drained_under_traffic_costs_no_client_anything(cluster)
     assert outcomes["error"] == 0 and outcomes["timeout"] == 0, outcomes
 
 
-@pytest.mark.parametrize("victim_name", ["decode0", "prefill0"])
-def test_a_worker_killed_under_traffic_costs_no_client_anything(victim_name, tmp_path, e2e):
-    """SIGKILL on one of two decode workers, or one of two prefill workers, in the middle of
-    the traffic: streams in flight on a dead decode worker continue on the other (one retry
-    each), requests whose prefill or transfer it cut are prefilled again elsewhere, and no
-    client sees an error."""
+@pytest.mark.parametrize(("victim_name", "how"), [("decode0", "SIGKILL"),
+                                                  ("prefill0", "SIGKILL"),
+                                                  ("decode0", "SIGSTOP")])
+def test_a_worker_lost_under_traffic_costs_no_client_anything(victim_name, how, tmp_path, e2e):
+    """One of two decode workers or of two prefill workers dies (SIGKILL) or hangs (SIGSTOP:
+    alive to TCP, answering nothing, like a stuck GPU) in the middle of the traffic. Streams
+    in flight on a lost decode worker continue on the other (one retry each; a hung one is
+    left after a few failed health checks), requests whose prefill or transfer it cut are
+    prefilled again elsewhere, and no client sees an error."""
     import signal
     import threading
 
     with _cluster(tmp_path, e2e, n_prefill=2) as fresh:
         (victim,) = [p for p in fresh["processes"] if p.name == victim_name]
-        timer = threading.Timer(3.0, victim.kill, args=(signal.SIGKILL,))
+        timer = threading.Timer(3.0, victim.proc.send_signal, args=(getattr(signal, how),))
         timer.start()
         try:
             seen = asyncio.run(_soak(fresh["url"]))
         finally:
             timer.cancel()
-        print("soak with a kill:", dict(seen))
-        assert victim.proc.poll() is not None
+            if how == "SIGSTOP":
+                victim.proc.send_signal(signal.SIGCONT)
+        print(f"soak with {victim_name} lost ({how}):", dict(seen))
+        if how == "SIGKILL":
+            assert victim.proc.poll() is not None
         assert seen["completed"] > 50
         outcomes = _router_outcomes(fresh["url"])
         assert outcomes["error"] == 0 and outcomes["timeout"] == 0, outcomes

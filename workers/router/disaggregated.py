@@ -47,6 +47,12 @@ log = logging.getLogger("baton.router.requests")
 
 MAX_ATTEMPTS = 2  # the first try and one retry
 CAPACITY_POLL_S = 0.1  # a retry that finds every decode worker full polls this often
+# A worker that failed this many health checks in a row while a request waits on it is taken
+# for hung (a stuck GPU, a stopped process: alive to TCP, answering nothing): the request is
+# retried elsewhere instead of waiting out its deadline. A draining worker still answers
+# (NOT_SERVING) and keeps its requests.
+STALLED_AFTER_FAILED_CHECKS = 3
+WATCH_INTERVAL_S = 0.25
 _UNREACHABLE = object()  # a decode worker that did not answer a reservation
 _FINISH = {
     decode_pb2.FINISH_REASON_STOP: "stop",
@@ -259,10 +265,14 @@ class DisaggregatedBackend:
             while True:
                 if read is None:
                     read = asyncio.ensure_future(call.read())
+                waiting_on = {read} if prefill_done else {read, prefill_task}
+                if not any(f.done() for f in waiting_on):
+                    await asyncio.wait(waiting_on, timeout=WATCH_INTERVAL_S,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    if not any(f.done() for f in waiting_on):
+                        self._check_stalled(decode, None if prefill_done else prefill)
+                        continue
                 if not prefill_done:
-                    if not prefill_task.done():
-                        await asyncio.wait({read, prefill_task},
-                                           return_when=asyncio.FIRST_COMPLETED)
                     if prefill_task.done():
                         exc = prefill_task.exception()
                         if exc is None:
@@ -325,6 +335,14 @@ class DisaggregatedBackend:
             call.cancel()
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
+
+    @staticmethod
+    def _check_stalled(decode: Worker, prefill: Worker | None) -> None:
+        """AttemptFailed if a worker this attempt waits on stopped answering health checks."""
+        for worker in (decode, prefill):
+            if worker is not None and worker.failures >= STALLED_AFTER_FAILED_CHECKS:
+                raise AttemptFailed(f"{worker.role} worker {worker.address} stopped answering "
+                                    f"({worker.failures} health checks failed in a row)")
 
     @staticmethod
     def _prefill_failure(prefill: Worker, decode: Worker, exc: BaseException) -> AttemptFailed:

@@ -78,11 +78,16 @@ class FakeWorker(health_pb2_grpc.HealthServicer, worker_pb2_grpc.WorkerServiceSe
         self.metadata: list[dict] = []
         self.fail_with: grpc.StatusCode | None = None  # fail every call this way
         self.server: grpc.aio.Server | None = None
+        # Cleared: the worker hangs (a stuck GPU, a stopped process): it answers nothing.
+        self.hung = asyncio.Event()
+        self.hung.set()
 
     async def Check(self, request, context):
+        await self.hung.wait()
         return health_pb2.HealthCheckResponse(status=SERVING if self.serving else NOT_SERVING)
 
     async def Load(self, request, context):
+        await self.hung.wait()
         return worker_pb2.LoadResponse(role=worker_pb2.ROLE_DECODE if self.role == "decode"
                                        else worker_pb2.ROLE_PREFILL, draining=self.draining,
                                        **self.load())
@@ -106,6 +111,7 @@ class FakeDecode(FakeWorker, decode_pb2_grpc.DecodeServiceServicer):
         self.capacity = capacity
         self.used = 0
         self.die_after: int | None = None  # tokens streamed before the worker "dies"
+        self.hang_after: int | None = None  # tokens streamed before the worker hangs
         self.token_delay = 0.0
         self.streamed = 0
         self.free_kv_tokens = 100_000
@@ -134,6 +140,9 @@ class FakeDecode(FakeWorker, decode_pb2_grpc.DecodeServiceServicer):
                 if self.die_after is not None and self.streamed >= self.die_after:
                     self.serving = False
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "worker died")
+                if self.hang_after is not None and self.streamed >= self.hang_after:
+                    self.hung.clear()
+                await self.hung.wait()
                 if n:
                     token = next_token(ids)
                     await asyncio.sleep(self.token_delay)
@@ -192,12 +201,12 @@ async def cluster():
     routers = []
 
     async def router(routing: str = "least-loaded", max_queued: int = 4, n_decode: int = 2,
-                     n_prefill: int = 2):
+                     n_prefill: int = 2, check_timeout_s: float = 1.0):
         backend = DisaggregatedBackend(
             WorkerPool("prefill", StaticResolver(tuple(p.address for p in prefills[:n_prefill])),
-                       interval_s=0.05),
+                       interval_s=0.05, check_timeout_s=check_timeout_s),
             WorkerPool("decode", StaticResolver(tuple(d.address for d in decodes[:n_decode])),
-                       interval_s=0.05),
+                       interval_s=0.05, check_timeout_s=check_timeout_s),
             Balancer(routing), transfer_timeout_s=5.0, headers_grace_s=0.05)
         settings = RouterSettings(served_model_name="tiny", max_model_len=512,
                                   request_timeout_s=10.0, max_queued_requests=max_queued)
@@ -210,6 +219,8 @@ async def cluster():
         return client, backend
 
     yield decodes, prefills, router
+    for w in decodes + prefills:
+        w.hung.set()  # let hung handlers end, so the servers stop at once
     for runner in routers:
         await runner.cleanup()
     for w in decodes + prefills:
@@ -340,6 +351,24 @@ async def test_a_failed_transfer_blames_the_decode_worker_not_the_prefill_worker
         assert [w.address for w in backend.prefill.ready_workers()] == [prefill.address]
     assert backend.retries >= 1
     assert await until(lambda: all(d.used == 0 for d in decodes))
+
+
+async def test_a_hung_decode_worker_mid_stream_is_left_for_another(cluster):
+    """A decode worker that hangs mid-stream (alive to TCP, answering nothing, health checks
+    included) does not hold the request until its deadline: after a few failed health checks
+    the stream continues on the other decode worker, every token once, equal to the
+    reference."""
+    decodes, prefills, router = cluster
+    client, backend = await router(check_timeout_s=0.1)
+    first = min(decodes, key=lambda d: d.address)  # idle workers tie: the lower address
+    first.hang_after = 4
+    started = asyncio.get_running_loop().time()
+    text = await stream_ids(client, "hang", 12)
+    assert text == ref_text("hang", 12)
+    assert asyncio.get_running_loop().time() - started < 5  # the deadline is 10 s
+    assert backend.retries == 1
+    second = next(d for d in decodes if d is not first)
+    assert second.requests and second.requests[0].request_id.endswith(".retry1")
 
 
 async def test_invalid_argument_is_not_retried(cluster):
