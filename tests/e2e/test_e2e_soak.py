@@ -255,7 +255,8 @@ def test_a_decode_worker_drained_under_traffic_costs_no_client_anything(cluster)
 
 @pytest.mark.parametrize(("victim_name", "how"), [("decode0", "SIGKILL"),
                                                   ("prefill0", "SIGKILL"),
-                                                  ("decode0", "SIGSTOP")])
+                                                  ("decode0", "SIGSTOP"),
+                                                  ("prefill0", "SIGSTOP")])
 def test_a_worker_lost_under_traffic_costs_no_client_anything(victim_name, how, tmp_path, e2e):
     """One of two decode workers or of two prefill workers dies (SIGKILL) or hangs (SIGSTOP:
     alive to TCP, answering nothing, like a stuck GPU) in the middle of the traffic. Streams
