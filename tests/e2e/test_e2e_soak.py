@@ -35,10 +35,10 @@ pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
 @contextlib.contextmanager
-def _cluster(run: Path, e2e, n_prefill: int = 1):
+def _cluster(run: Path, e2e, n_prefill: int = 1, **router):
     """Prefill workers, two decode workers (MTP speculation, two draft tokens), a router."""
     config = e2e.write_config(run / "config.json",
-                              e2e.worker_config(CHECKPOINT, speculative_tokens=2))
+                              e2e.worker_config(CHECKPOINT, speculative_tokens=2, **router))
     prefills = [e2e.start_worker("prefill", config, run, f"prefill{i}")
                 for i in range(n_prefill)]
     decodes = [e2e.start_worker("decode", config, run, f"decode{i}") for i in range(2)]
@@ -110,6 +110,16 @@ def _check_error_body(reply: httpx.Response) -> None:
     assert isinstance(error["type"], str), reply.text
 
 
+def _shed(reply: httpx.Response, seen: Counter) -> bool:
+    """A 429 from a full router queue: counted, checked, and not a failure."""
+    if reply.status_code != 429:
+        return False
+    assert float(reply.headers["retry-after"]) > 0, reply.headers
+    _check_error_body(reply)
+    seen["shed"] += 1
+    return True
+
+
 async def _one(http: httpx.AsyncClient, url: str, rng: random.Random, seen: Counter) -> None:
     path, body, bad = _request(rng)
     style = rng.choices(["plain", "stream", "disconnect", "give-up"], [4, 4, 1, 1])[0]
@@ -120,6 +130,8 @@ async def _one(http: httpx.AsyncClient, url: str, rng: random.Random, seen: Coun
         async with http.stream("POST", url + path, json=body) as reply:
             if reply.status_code != 200:
                 await reply.aread()
+                if not bad and _shed(reply, seen):
+                    return
                 assert 400 <= reply.status_code < 500 and bad, (reply.status_code, body)
                 _check_error_body(reply)
                 seen["refused"] += 1
@@ -158,6 +170,8 @@ async def _one(http: httpx.AsyncClient, url: str, rng: random.Random, seen: Coun
         _check_error_body(reply)
         seen["refused"] += 1
         return
+    if _shed(reply, seen):
+        return
     assert reply.status_code == 200, (reply.status_code, body, reply.text)
     answer = reply.json()
     assert answer["choices"][0]["finish_reason"] in ("stop", "length"), answer
@@ -167,15 +181,15 @@ async def _one(http: httpx.AsyncClient, url: str, rng: random.Random, seen: Coun
         seen["gave up but completed"] += 1
 
 
-async def _soak(url: str) -> Counter:
+async def _soak(url: str, concurrency: int = CONCURRENCY) -> Counter:
     rng = random.Random(20261123)
     seen: Counter = Counter()
-    limits = httpx.Limits(max_connections=CONCURRENCY * 2)
+    limits = httpx.Limits(max_connections=concurrency * 2)
     async with httpx.AsyncClient(limits=limits, timeout=120) as http:
         tasks: set[asyncio.Task] = set()
         deadline = time.monotonic() + SOAK_SECONDS
         while time.monotonic() < deadline:
-            while len(tasks) < CONCURRENCY:
+            while len(tasks) < concurrency:
                 tasks.add(asyncio.create_task(_one(http, url, rng, seen)))
             done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -217,6 +231,7 @@ def test_mixed_traffic_loses_nothing(cluster):
             break
         time.sleep(0.2)
     assert outcomes["error"] == 0 and outcomes["timeout"] == 0, outcomes
+    assert seen["shed"] == 0, seen  # the queue (64) is deeper than the traffic (16)
     assert outcomes["rejected"] == seen["refused"], (outcomes, seen)
     assert outcomes["success"] >= seen["completed"], (outcomes, seen)
     assert seen["completed"] + seen["disconnected"] <= ended <= seen["completed"] + gone, \
@@ -297,3 +312,33 @@ def test_a_worker_lost_under_traffic_costs_no_client_anything(victim_name, how, 
             bad = [line for line in log.splitlines()
                    if " ERROR " in line or line.startswith("Traceback")]
             assert not bad, f"{p.name} logged:\n" + "\n".join(bad[:20])
+
+
+def test_overload_is_shed_with_429_and_loses_nothing(tmp_path, e2e):
+    """Four times as many clients as the decode workers have slots, and a router queue of 4:
+    the excess gets 429 with Retry-After (never a 5xx, never a hang), queued requests whose
+    clients give up leave the queue, and afterwards nothing is held or waiting anywhere."""
+    with _cluster(tmp_path, e2e, maxQueuedRequests=4) as fresh:
+        seen = asyncio.run(_soak(fresh["url"], concurrency=64))
+        print("soak under overload:", dict(seen))
+        assert seen["shed"] > 10 and seen["completed"] > 50, seen
+        deadline = time.monotonic() + 20
+        while True:
+            held = {(w.name, name): v for w in fresh["workers"]
+                    for (name, _), v in _metrics(w.metrics_port).items()
+                    if name in ("baton_kv_cache_usage_ratio",
+                                "baton_ssm_state_slots_usage_ratio") and v}
+            router = {name: v for (name, labels), v in
+                      _metrics(int(fresh["url"].rsplit(":", 1)[1])).items()
+                      if name in ("baton_num_requests_waiting", "baton_num_requests_running")
+                      and v}
+            if not held and not router:
+                break
+            assert time.monotonic() < deadline, f"still held: {held} {router}"
+            time.sleep(0.2)
+        outcomes = _router_outcomes(fresh["url"])
+        assert outcomes["error"] == 0 and outcomes["timeout"] == 0, outcomes
+        # A client that gave up may have been shed after it left: counted, never seen.
+        told = seen["refused"] + seen["shed"]
+        assert told <= outcomes["rejected"] <= told + seen["gave up"], (outcomes, seen)
+        assert outcomes["success"] >= seen["completed"], (outcomes, seen)
