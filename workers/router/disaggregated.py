@@ -241,6 +241,8 @@ class DisaggregatedBackend:
             request.deadline, metadata, avoid)
         prefill_task: asyncio.Task | None = None
         read: asyncio.Future | None = None
+        watch: asyncio.Task | None = None
+        stalled: list[AttemptFailed] = []
         try:
             ranked = self.balancer.order(self.prefill.ready_workers(), avoid)
             if not ranked:
@@ -259,20 +261,32 @@ class DisaggregatedBackend:
 
             prefill_task = start_prefill()
             prefill_done = False
+
+            def on_stall(failure: AttemptFailed) -> None:
+                # Wakes the wait below, which then fails the attempt with this reason.
+                stalled.append(failure)
+                if read is not None:
+                    read.cancel()
+                if not prefill_done:
+                    prefill_task.cancel()
+
+            # Off the per-token path: one watcher per attempt, not a timed wait per message.
+            watch = asyncio.create_task(self._watch_stall(
+                lambda: (decode,) if prefill_done else (decode, prefill), on_stall))
             reissue_delay = 0.01
             want_logprobs = request.sampling.logprobs is not None
             got = 0
             while True:
+                if stalled:
+                    raise stalled[0]
                 if read is None:
                     read = asyncio.ensure_future(call.read())
-                waiting_on = {read} if prefill_done else {read, prefill_task}
-                if not any(f.done() for f in waiting_on):
-                    await asyncio.wait(waiting_on, timeout=WATCH_INTERVAL_S,
-                                       return_when=asyncio.FIRST_COMPLETED)
-                    if not any(f.done() for f in waiting_on):
-                        self._check_stalled(decode, None if prefill_done else prefill)
-                        continue
                 if not prefill_done:
+                    if not prefill_task.done():
+                        await asyncio.wait({read, prefill_task},
+                                           return_when=asyncio.FIRST_COMPLETED)
+                    if stalled:
+                        raise stalled[0]
                     if prefill_task.done():
                         exc = prefill_task.exception()
                         if exc is None:
@@ -291,6 +305,10 @@ class DisaggregatedBackend:
                         continue
                 try:
                     message = await read
+                except asyncio.CancelledError:
+                    if stalled and not _cancelling():
+                        raise stalled[0] from None
+                    raise
                 except grpc.aio.AioRpcError as exc:
                     code = exc.code()
                     if code == grpc.StatusCode.DEADLINE_EXCEEDED and (
@@ -325,6 +343,8 @@ class DisaggregatedBackend:
                         yield TokenOutput(token_id=None, finish_reason=finish)
                     return
         finally:
+            if watch is not None:
+                watch.cancel()
             decode.inflight -= 1
             if read is not None:
                 if read.done():
@@ -337,12 +357,17 @@ class DisaggregatedBackend:
                 prefill_task.cancel()
 
     @staticmethod
-    def _check_stalled(decode: Worker, prefill: Worker | None) -> None:
-        """AttemptFailed if a worker this attempt waits on stopped answering health checks."""
-        for worker in (decode, prefill):
-            if worker is not None and worker.failures >= STALLED_AFTER_FAILED_CHECKS:
-                raise AttemptFailed(f"{worker.role} worker {worker.address} stopped answering "
-                                    f"({worker.failures} health checks failed in a row)")
+    async def _watch_stall(waited_on, on_stall) -> None:
+        """Calls on_stall(AttemptFailed) once a worker in waited_on() stops answering health
+        checks (the discovery loop counts them)."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            for worker in waited_on():
+                if worker.failures >= STALLED_AFTER_FAILED_CHECKS:
+                    on_stall(AttemptFailed(
+                        f"{worker.role} worker {worker.address} stopped answering "
+                        f"({worker.failures} health checks failed in a row)"))
+                    return
 
     @staticmethod
     def _prefill_failure(prefill: Worker, decode: Worker, exc: BaseException) -> AttemptFailed:
@@ -368,6 +393,12 @@ def _failed_peer(exc: grpc.aio.AioRpcError) -> str | None:
         if key == headers.FAILED_PEER:
             return value
     return None
+
+
+def _cancelling() -> bool:
+    """Whether this task itself is being cancelled (Python 3.11+ can tell; before, assume no)."""
+    task = asyncio.current_task()
+    return bool(task is not None and getattr(task, "cancelling", lambda: 0)())
 
 
 def _code(exc: BaseException) -> grpc.StatusCode | None:
