@@ -20,7 +20,12 @@ from baton.proto.baton.decode.v1 import decode_pb2
 from baton.workers import headers
 from baton.workers.engine import CacheFull, EngineDraining, LoopReservation, RequestStream
 from baton.workers.engine import SamplingParams as EngineSampling
-from baton.workers.server.runtime import CallEnded, WorkerRuntime, event_token, request_from_proto
+from baton.workers.server.runtime import (
+    CallEnded,
+    WorkerRuntime,
+    admitted_request,
+    event_token,
+)
 from baton.workers.transfer import (
     REASON_TO_STATUS,
     FailureReason,
@@ -101,18 +106,11 @@ class DecodeServicer:
                 outcome = ended.outcome
                 context.abort(ended.code, ended.message)
             finally:
-                if not context.is_active() and outcome == "error":
-                    outcome = "cancelled"
-                rt.metrics.request_finished(outcome)
-                rt.metrics.request_duration.observe(time.monotonic() - arrival)
+                rt.call_finished(outcome, context, arrival)
 
     def _generate(self, request, context, arrival: float):
         rt = self.runtime
-        try:
-            req = request_from_proto(request.request_id, request.prompt_token_ids,
-                                     request.sampling)
-        except ValueError as e:
-            raise CallEnded("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        req = admitted_request(request)
         deadline = rt.deadline_of(request, context)
         transfer_deadline = min(deadline,
                                 time.time() + rt.config.router.transfer_timeout_seconds)

@@ -23,7 +23,7 @@ from baton.workers.engine import EngineDraining, PrefillAborted
 from baton.workers.server.runtime import (
     CallEnded,
     WorkerRuntime,
-    request_from_proto,
+    admitted_request,
     token_to_proto,
 )
 from baton.workers.server.settings import TransferTls
@@ -98,19 +98,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 if failed.trailing_metadata:
                     context.set_trailing_metadata(failed.trailing_metadata)
             finally:
-                if outcome == "error" and not context.is_active():
-                    outcome = "cancelled"
-                rt.metrics.request_finished(outcome)
-                rt.metrics.request_duration.observe(time.monotonic() - arrival)
+                rt.call_finished(outcome, context, arrival)
             context.abort(code, message)
 
     def _prefill(self, request, context, arrival: float) -> prefill_pb2.PrefillResponse:
         rt = self.runtime
-        try:
-            req = request_from_proto(request.request_id, request.prompt_token_ids,
-                                     request.sampling)
-        except ValueError as e:
-            raise CallEnded("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        req = admitted_request(request)
         deadline = rt.deadline_of(request, context)
         try:
             sender = self.transport.open(request.decode_target, req.request_id,

@@ -120,6 +120,15 @@ class WorkerRuntime:
             self.ranks.close()
         return status
 
+    def call_finished(self, outcome: str, context: grpc.ServicerContext,
+                      arrival: float) -> None:
+        """Counts a finished Generate/Prefill call; an error on a call its caller already left
+        is a cancellation."""
+        if outcome == "error" and not context.is_active():
+            outcome = "cancelled"
+        self.metrics.request_finished(outcome)
+        self.metrics.request_duration.observe(time.monotonic() - arrival)
+
     def set_ready(self) -> None:
         with self._cond:
             self._ready = True
@@ -227,6 +236,15 @@ def request_from_proto(request_id: str, prompt_token_ids, sampling) -> Request:
     if not sampling.max_tokens:
         raise ValueError(f"sampling.max_tokens of {request_id!r} must be >= 1")
     return Request(request_id, prompt, sampling_from_proto(sampling))
+
+
+def admitted_request(message) -> Request:
+    """The engine Request of a Generate/Prefill message; CallEnded(rejected) if it is bad."""
+    try:
+        return request_from_proto(message.request_id, message.prompt_token_ids,
+                                  message.sampling)
+    except ValueError as e:
+        raise CallEnded("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
 
 
 def token_to_proto(token_id: int, logprob: float | None,
