@@ -86,11 +86,8 @@ class TransferStateHandler:
                     raise TransferError(FailureReason.INVALID, "a second handshake")
             # A stream closed cleanly without its completion: the sender chose to stop (its
             # prefill was aborted); a crashed sender breaks the stream instead (RpcError).
-            ended = _ended_early(incoming, "the sender ended the stream before the transfer "
-                                 "completed")
-            if ended.reason is FailureReason.UNAVAILABLE:
-                ended = TransferError(FailureReason.CANCELLED, ended.message)
-            raise ended
+            raise _ended_early(incoming, "the sender ended the stream before the transfer "
+                               "completed", FailureReason.CANCELLED)
         except TransferError as e:
             if incoming is not None:
                 incoming.fail(e)
@@ -110,10 +107,11 @@ class TransferStateHandler:
             raise
 
 
-def _ended_early(incoming: IncomingTransfer, what: str) -> TransferError:
+def _ended_early(incoming: IncomingTransfer, what: str,
+                 reason: FailureReason = FailureReason.UNAVAILABLE) -> TransferError:
     """Why a stream ended before its completion: the deadline if it passed (the sender's
-    gRPC deadline may fire a moment before the receiver's own timer), else the peer."""
+    gRPC deadline may fire a moment before the receiver's own timer), else `reason`."""
     if time.time() >= incoming.deadline:
         return TransferError(FailureReason.DEADLINE_EXCEEDED,
                              f"request {incoming.request_id}: {what} at the deadline")
-    return TransferError(FailureReason.UNAVAILABLE, f"request {incoming.request_id}: {what}")
+    return TransferError(reason, f"request {incoming.request_id}: {what}")
