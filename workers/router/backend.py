@@ -39,6 +39,8 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]
     sampling: Sampling
     deadline: float  # time.time() by which the request must have finished
+    # Session affinity for prefix-aware routing (OpenAI's prompt_cache_key); None: none given.
+    cache_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class TokenOutput:
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first
     finish_reason: str | None = None  # "stop" (eos / stop token) or "length" on the last token
+    # Prompt tokens served from a prefix cache instead of computed; set on the first output
+    # (OpenAI's usage.prompt_tokens_details.cached_tokens), None on the others.
+    cached_tokens: int | None = None
 
 
 @dataclass

@@ -337,7 +337,8 @@ class DisaggregatedBackend:
                         token_id=token.token_id,
                         logprob=token.logprob if want_logprobs else None,
                         top_logprobs=tuple((t.token_id, t.logprob) for t in token.top_logprobs),
-                        finish_reason=finish if i + 1 == len(tokens) else None)
+                        finish_reason=finish if i + 1 == len(tokens) else None,
+                        cached_tokens=message.num_cached_tokens if got == 1 else None)
                 if finish is not None:
                     if not tokens:  # the finish came in a message of its own
                         yield TokenOutput(token_id=None, finish_reason=finish)
