@@ -201,8 +201,8 @@ def per_expert_tensors(module_name: str, stack: dict[str, torch.Tensor]
 def save_model(model: NemotronHModel, path: str | Path, config: dict[str, Any],
                dtype: torch.dtype = torch.bfloat16) -> Path:
     """Writes a (trained, unquantized) model as a checkpoint: model.safetensors with the hub
-    names in `dtype` (the router's correction bias stays fp32) and config.json from `config`
-    (a config.json dictionary describing `model`)."""
+    names in `dtype` (the router's correction bias stays fp32; a tied lm_head is written as
+    well) and config.json from `config` (a config.json dictionary describing `model`)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     _remove_weights(path)
@@ -213,9 +213,9 @@ def save_model(model: NemotronHModel, path: str | Path, config: dict[str, Any],
         module_name, _, key = name.rpartition(".")
         if module_name in experts:
             stacks.setdefault(module_name, {})[key] = value.detach().to(dtype)
-        elif name == "lm_head.weight" and model.config.tie_word_embeddings:
-            continue  # the embedding is written once
         else:
+            # lm_head.weight too when it is tied to the embedding: transformers' NemotronH
+            # never ties (it would start the head from random weights).
             keep_fp32 = name.endswith("e_score_correction_bias")
             tensors[name] = value.detach().to(torch.float32 if keep_fp32 else dtype)
     for module_name, stack in stacks.items():
