@@ -54,6 +54,11 @@ def parse_tool_calls(text: str) -> list[tuple[str, dict[str, str]]]:
     return [(name, dict(PARAMETER.findall(body))) for name, body in TOOL_CALL.findall(text)]
 
 
+def states_result(answer: str, result: str) -> bool:
+    """Whether `answer` writes the number `result` (as a whole number, not inside another)."""
+    return result in re.findall(r"-?\d+(?:\.\d+)?", answer)
+
+
 @dataclass
 class AgentResult:
     question: demo_chats.Question
@@ -66,8 +71,8 @@ class AgentResult:
         if self.expression is None:
             return False
         result = demo_chats.calculator(self.question.expression)
-        numbers = re.findall(r"-?\d+(?:\.\d+)?", self.answer)
-        return (demo_chats.calculator(self.expression) == result) and result in numbers
+        return demo_chats.calculator(self.expression) == result and states_result(
+            self.answer, result)
 
 
 def run_agent(engine: Engine, tokenizer, question: demo_chats.Question,

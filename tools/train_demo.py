@@ -380,6 +380,7 @@ def plot(history: list[dict], evals: list[dict], path: Path, title: str) -> None
     right.set_xlabel("step")
     right.set_ylabel("share of held-out chats")
     right.set_ylim(-0.02, 1.02)
+    right.set_xlim(0, max(steps) + 1)
     right.grid(alpha=0.3)
     right.set_title("every assistant token right (teacher forced)")
     fig.tight_layout()
