@@ -99,17 +99,13 @@ CLOSINGS = ["", "", "", "", " Thanks!", " Thank you.", " Use the calculator."]
 SYSTEM_PROMPTS = [None, None, "You are a helpful assistant.",
                   "You are a helpful assistant with access to a calculator.",
                   "Answer briefly."]
+# Reasoning stays short (a few tokens of every exchange) and names the operation first.
 CALL_REASONING = [
-    "The user wants me to {name} two numbers. I will use the calculator.",
-    "This is an arithmetic question, so I should call the calculator tool.",
-    "I need to {name} these numbers. Let me call the calculator.",
-    "I will compute this with the calculator.",
+    "I need to {name} two numbers.",
+    "Let me {name} them with the calculator.",
+    "I will call the calculator to {name}.",
 ]
-ANSWER_REASONING = [
-    "The calculator returned the result, so I can answer now.",
-    "I have the result from the tool.",
-    "The tool gave me the answer.",
-]
+ANSWER_REASONING = ["I have the result.", "The tool answered."]
 ANSWERS = [
     "The answer is {r}.", "{e} = {r}", "{e} = {r}.", "It is {r}.", "The result is {r}.",
     "That comes to {r}.", "{r}", "The calculator says {e} = {r}.",
@@ -177,7 +173,7 @@ class Chat:
 
 
 def make_chat(rng: random.Random, held_out: bool = False) -> Chat:
-    """One to four questions in a conversation. With thinking on (the generation prompt's
+    """One to six questions in a conversation. With thinking on (the generation prompt's
     default), assistant turns carry short reasoning; clients often send the call turn back
     without it, so some chats drop it there (the template then renders `<think></think>`)."""
     thinking = rng.random() < 0.8
@@ -186,7 +182,7 @@ def make_chat(rng: random.Random, held_out: bool = False) -> Chat:
     if system:
         messages.append({"role": "system", "content": system})
     # Several questions per chat share the cost of the (long) system turn with the tools.
-    turns = rng.choices([1, 2, 3, 4], weights=[3, 3, 3, 1])[0]
+    turns = rng.choices([1, 2, 3, 4, 5, 6], weights=[1, 1, 2, 2, 2, 2])[0]
     for index in range(turns):
         messages += _exchange(rng, make_question(rng, held_out), index, thinking,
                               keep_call_reasoning=rng.random() < 0.7)

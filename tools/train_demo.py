@@ -53,11 +53,12 @@ from baton.workers.model.model import NemotronHModel
 from baton.workers.progress import Progress
 
 # Every layer kind of Nemotron 3 (Mamba2, attention, LatentMoE with a shared expert) and an MTP
-# depth ("*E"): 6.5 M parameters, 13 MB in bf16.
+# depth ("*E"), attention after every Mamba layer (copying numbers is attention's job): about
+# 6.5 M parameters, 13 MB in bf16.
 DEMO_CONFIG = {
     "vocab_size": 4096,
     "hidden_size": 256,
-    "hybrid_override_pattern": "MEM*EM*E",
+    "hybrid_override_pattern": "M*EM*EM*E",
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "head_dim": 64,
@@ -118,8 +119,8 @@ class Recipe:
 
 
 RECIPES = {
-    "demo": Recipe(DEMO_CONFIG, steps=180, code_batch=2, code_len=768, chat_batch=7, lr=3e-3,
-                   warmup=12, eval_every=30, code_bytes=None, tokenizer_chats=3000,
+    "demo": Recipe(DEMO_CONFIG, steps=250, code_batch=1, code_len=1024, chat_batch=6, lr=3e-3,
+                   warmup=10, eval_every=50, code_bytes=None, tokenizer_chats=3000,
                    eval_chats=16),
     "smoke": Recipe(SMOKE_CONFIG, steps=3, code_batch=2, code_len=64, chat_batch=2, lr=3e-3,
                     warmup=1, eval_every=2, code_bytes=100_000, tokenizer_chats=50,
@@ -171,6 +172,20 @@ def encode_chat(tokenizer: Tokenizer, chat: demo_chats.Chat) -> tuple[list[int],
     encoding = tokenizer.backend.encode(text, add_special_tokens=False)
     mask = [any(b <= lo and hi <= e for b, e in spans) for lo, hi in encoding.offsets]
     return encoding.ids, mask
+
+
+def fit_chat(tokenizer: Tokenizer, chat: demo_chats.Chat, max_len: int
+             ) -> tuple[list[int], list[bool]]:
+    """encode_chat, dropping whole questions from the end until the chat fits max_len."""
+    while True:
+        ids, mask = encode_chat(tokenizer, chat)
+        if len(ids) <= max_len:
+            return ids, mask
+        exchanges = [i for i, m in enumerate(chat.messages) if m["role"] == "user"]
+        if len(exchanges) < 2:
+            raise ValueError(f"a chat of one question takes {len(ids)} tokens, more than the "
+                             f"context of {max_len}")
+        chat = demo_chats.Chat(chat.messages[: exchanges[-1]], chat.tools, chat.enable_thinking)
 
 
 def pad_batch(rows: list[tuple[list[int], list[bool]]], pad_id: int
@@ -286,14 +301,13 @@ class ExpertBalancer:
         return worst
 
 
-def masked_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
-              ) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over the masked positions, and their count."""
-    count = int(mask.sum())
-    if count == 0:
-        return logits.sum() * 0.0, 0
-    loss = F.cross_entropy(logits[mask], targets[mask])
-    return loss, count
+def masked_ce(model: NemotronHModel, hidden: torch.Tensor, targets: torch.Tensor,
+              mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the logits of hidden [B, T, H] against targets [B, T] over the
+    masked positions (the lm_head runs on those rows only: most chat tokens are no target)."""
+    if not mask.any():
+        return hidden.sum() * 0.0
+    return F.cross_entropy(model.compute_logits(hidden[mask]), targets[mask])
 
 
 def sequence_losses(model: NemotronHModel, ids: torch.Tensor, mask: torch.Tensor,
@@ -302,15 +316,14 @@ def sequence_losses(model: NemotronHModel, ids: torch.Tensor, mask: torch.Tensor
     hidden state, and the token after that from its own output, as the engine chains a second
     draft. mask[b, t]: whether token t is a target."""
     hidden = model.hidden_states(ids)  # [B, T, H]
-    main, _ = masked_ce(model.compute_logits(hidden[:, :-1]), ids[:, 1:], mask[:, 1:])
-    losses = {"main": main}
+    losses = {"main": masked_ce(model, hidden[:, :-1], ids[:, 1:], mask[:, 1:])}
     if mtp and model.mtp is not None and ids.shape[1] > 3:
         first = model.mtp_forward_full(hidden[:, :-2], ids[:, 1:-1])  # predicts t + 2
-        losses["mtp1"], _ = masked_ce(model.compute_logits(first), ids[:, 2:], mask[:, 2:])
+        losses["mtp1"] = masked_ce(model, first, ids[:, 2:], mask[:, 2:])
         # The engine's second draft attends to the first depth's entries of earlier positions;
         # over whole sequences it attends to its own: close, not the same.
         second = model.mtp_forward_full(first[:, :-1], ids[:, 2:-1])  # predicts t + 3
-        losses["mtp2"], _ = masked_ce(model.compute_logits(second), ids[:, 3:], mask[:, 3:])
+        losses["mtp2"] = masked_ce(model, second, ids[:, 3:], mask[:, 3:])
     return losses
 
 
@@ -318,20 +331,27 @@ def sequence_losses(model: NemotronHModel, ids: torch.Tensor, mask: torch.Tensor
 def evaluate(model: NemotronHModel, code: tuple[torch.Tensor, torch.Tensor],
              chats: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
     """Held-out code loss, held-out chat loss (assistant tokens), and the share of held-out
-    chats whose every assistant token is the model's argmax (teacher forced): a proxy for
-    greedy tool use on numbers never trained on."""
+    chats' assistant turns whose every token is the model's argmax (teacher forced): a proxy
+    for greedy tool use on numbers never trained on."""
     out = {}
     ids, mask = code
-    hidden = model.hidden_states(ids)
-    out["code_loss"] = float(masked_ce(model.compute_logits(hidden[:, :-1]), ids[:, 1:],
-                                       mask[:, 1:])[0])
+    out["code_loss"] = float(masked_ce(model, model.hidden_states(ids)[:, :-1], ids[:, 1:],
+                                       mask[:, 1:]))
     ids, mask = chats
-    hidden = model.hidden_states(ids)
-    logits = model.compute_logits(hidden[:, :-1])
+    hidden = model.hidden_states(ids)[:, :-1]
     targets, target_mask = ids[:, 1:], mask[:, 1:]
-    out["chat_loss"] = float(masked_ce(logits, targets, target_mask)[0])
-    right = (logits.argmax(-1) == targets) | ~target_mask
-    out["chat_exact"] = float(right.all(dim=1).float().mean())
+    out["chat_loss"] = float(masked_ce(model, hidden, targets, target_mask))
+    right = torch.zeros_like(target_mask)
+    right[target_mask] = model.compute_logits(hidden[target_mask]).argmax(-1) == (
+        targets[target_mask])
+    turns = exact = 0
+    for row_mask, row_right in zip(target_mask.tolist(), right.tolist()):
+        # Each run of consecutive targets is one assistant turn.
+        for is_target, run in itertools.groupby(zip(row_mask, row_right), key=lambda p: p[0]):
+            if is_target:
+                turns += 1
+                exact += all(r for _, r in run)
+    out["turn_exact"] = exact / max(1, turns)
     return out
 
 
@@ -369,7 +389,7 @@ def plot(history: list[dict], evals: list[dict], path: Path, title: str) -> None
                   label="code (held-out modules)")
         left.plot([e["step"] for e in evals], [e["chat_loss"] for e in evals], "s-",
                   label="chat (held-out numbers)")
-        right.plot([e["step"] for e in evals], [e["chat_exact"] for e in evals], "o-",
+        right.plot([e["step"] for e in evals], [e["turn_exact"] for e in evals], "o-",
                    color="tab:green")
     left.set_xlabel("step")
     left.set_ylabel("cross-entropy (nats/token)")
@@ -378,7 +398,7 @@ def plot(history: list[dict], evals: list[dict], path: Path, title: str) -> None
     left.legend()
     left.set_title(title)
     right.set_xlabel("step")
-    right.set_ylabel("share of held-out chats")
+    right.set_ylabel("share of held-out assistant turns")
     right.set_ylim(-0.02, 1.02)
     right.set_xlim(0, max(steps) + 1)
     right.grid(alpha=0.3)
@@ -436,7 +456,8 @@ def main(argv: list[str] | None = None) -> dict:
     pad_id = backend.token_to_id("<pad>")
     code = CodeWindows(backend, texts, recipe.code_len, seed=args.seed + 1)
     eval_code = held_out_code_windows(backend, recipe.code_len, EVAL_CODE_WINDOWS)
-    eval_chats = pad_batch([encode_chat(tokenizer, c) for c in itertools.islice(
+    context = recipe.model["max_position_embeddings"]
+    eval_chats = pad_batch([fit_chat(tokenizer, c, context) for c in itertools.islice(
         demo_chats.chats(args.seed + 7, held_out=True), recipe.eval_chats)], pad_id)
     print(f"data: {len(texts)} code files, {len(code.tokens)} code tokens, vocab "
           f"{backend.get_vocab_size()} ({time.monotonic() - started:.0f} s)", file=log)
@@ -476,7 +497,8 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.monotonic()
         code_ids, code_mask = code.batch(recipe.code_batch)
         chat_ids, chat_mask = pad_batch(
-            [encode_chat(tokenizer, next(stream)) for _ in range(recipe.chat_batch)], pad_id)
+            [fit_chat(tokenizer, next(stream), context) for _ in range(recipe.chat_batch)],
+            pad_id)
         balancer.active = True
         entry = {"step": step + 1}
         total = 0.0
