@@ -5,14 +5,20 @@ tokenizer_config.json, and eos ids from config.json / generation_config.json. A 
 without tokenizer.json gets `ByteTokenizer`: token id b is the byte b (ids >= 256 are specials
 and decode to nothing), which every vocabulary of at least 256 entries can carry.
 
-`IncrementalDetokenizer` turns a stream of token ids into text deltas that never split a
-multi-byte character: text is only released once the decoded window no longer ends in the
-replacement character a partial UTF-8 sequence decodes to.
+Text assembly (the one implementation; the router's output processing and the engine's own
+text path both use it):
+- `IncrementalDetokenizer` turns a stream of token ids into text deltas that never split a
+  multi-byte character: text is only released once the decoded window no longer ends in the
+  replacement character a partial UTF-8 sequence decodes to, and a tokenizer that renders a
+  token differently after its neighbours (leading spaces) gets them as left context.
+- `StopMatcher` cuts text at the first stop string, holding back text that could still become
+  one; `partial_marker_len` is the hold-back rule it shares with the markup parsers.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +243,19 @@ class IncrementalDetokenizer:
         return text[len(prefix) :] if len(text) > len(prefix) else ""
 
 
+def partial_marker_len(text: str, markers: Sequence[str]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of one of the markers:
+    text a streaming parser must hold back until the next delta says whether a marker (a stop
+    string, `</think>`, `<tool_call>`) begins there."""
+    best = 0
+    for marker in markers:
+        for n in range(min(len(marker) - 1, len(text)), best, -1):
+            if text.endswith(marker[:n]):
+                best = n
+                break
+    return best
+
+
 class StopMatcher:
     """Accumulates generated text, finds stop strings, and holds back a possible stop prefix.
 
@@ -251,14 +270,7 @@ class StopMatcher:
         self.emitted = 0
 
     def _held(self) -> int:
-        # Longest suffix of text that is a proper prefix of some stop string.
-        best = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:n]):
-                    best = n
-                    break
-        return best
+        return partial_marker_len(self.text, self.stop)
 
     def feed(self, delta: str) -> tuple[str, bool]:
         if not self.stop:
