@@ -196,7 +196,8 @@ def _check_schema(schema: Mapping[str, Any], param: str) -> None:
 
 
 def _check_tools(tools: Sequence[FunctionTool], param: str) -> None:
-    """Every tool parameter the grammar inlines as JSON must compile (the rest is text)."""
+    """Every tool parameter the grammar inlines as JSON must compile (the rest is text);
+    param: where a tool's parameters are, with {i} for its index."""
     for i, tool in enumerate(tools):
         params = tool.parameters
         defs = {key: params[key] for key in ("$defs", "definitions") if key in params}
@@ -206,7 +207,7 @@ def _check_tools(tools: Sequence[FunctionTool], param: str) -> None:
             doc = dict(schema)
             for name, value in defs.items():
                 doc.setdefault(name, value)
-            _check_schema(doc, f"{param}[{i}].parameters.properties.{key}")
+            _check_schema(doc, param.format(i=i) + f".properties.{key}")
 
 
 class GrammarCompiler:
@@ -229,9 +230,10 @@ class GrammarCompiler:
 
     def compile(self, fmt: OutputFormat | None, tools: Sequence[FunctionTool],
                 tool_choice: ToolChoice, parallel_tool_calls: bool, in_reasoning: bool,
-                tools_param: str = "tools") -> str | None:
+                tools_param: str = "tools[{i}].parameters") -> str | None:
         """The request's grammar (None: unconstrained); GrammarError names the field whose
-        schema llguidance cannot compile."""
+        schema llguidance cannot compile (tools_param: where a tool's parameters are in the
+        request, {i} its index)."""
         grammar = build_grammar(fmt, tools, tool_choice, parallel_tool_calls, in_reasoning,
                                 self.special_markup)
         if grammar is None:

@@ -1,12 +1,14 @@
 """Parsing and validating OpenAI request bodies.
 
 `parse_completion` and `parse_chat` turn a decoded JSON body into a `ParsedRequest` or raise
-ApiError(400) naming the parameter, its value and what is allowed. Tokenizing, the context
-check and the default max_tokens happen later (server.py), where the tokenizer is.
+ApiError(400) naming the parameter, its value and what is allowed (the Responses API's
+parser, responses_api.py, builds the same ParsedRequest from its own shape). Tokenizing, the
+context check, the default max_tokens and the output grammar happen later (server.py), where
+the tokenizer is.
 
 Fields OpenAI defines but baton does not implement are accepted only at their neutral value
-(e.g. presence_penalty 0, best_of 1), so a client never silently gets different semantics.
-Unknown fields are refused, as OpenAI's API does.
+(e.g. best_of 1), so a client never silently gets different semantics. Unknown fields are
+refused, as OpenAI's API does.
 """
 
 from __future__ import annotations
@@ -15,24 +17,49 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from baton.workers.router.errors import bad_request
+from baton.workers.router.grammar import OutputFormat
+from baton.workers.router.tools import (
+    FunctionTool,
+    ToolChoice,
+    assistant_tool_calls,
+    parse_tool_choice,
+    parse_tools,
+)
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
+# Choices per request (prompts x n), OpenAI's bound on n.
+MAX_CHOICES = 128
+MAX_CACHE_KEY_CHARS = 1024
 # OpenAI's default for the legacy completions endpoint; chat defaults to the rest of the context.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 @dataclass
+class Prompt:
+    """One prompt of a completions request: text, or token ids."""
+
+    text: str | None = None
+    ids: list[int] | None = None
+
+
+@dataclass
 class ParsedRequest:
     """A validated request, before tokenization."""
 
-    endpoint: str  # "completions" | "chat"
+    endpoint: str  # "completions" | "chat" | "responses"
     model: str
-    prompt_text: str | None = None  # completions with a string prompt
-    prompt_ids: list[int] | None = None  # completions with a token-id prompt
-    messages: list[dict[str, Any]] | None = None  # chat
+    prompts: list[Prompt] = field(default_factory=list)  # completions: one choice set each
+    messages: list[dict[str, Any]] | None = None  # chat and responses, as the template takes
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    tools: list[FunctionTool] = field(default_factory=list)
+    tool_choice: ToolChoice = field(default_factory=lambda: ToolChoice("none"))
+    parallel_tool_calls: bool = True
+    output_format: OutputFormat | None = None  # response_format / text.format
+    n: int = 1
+    echo: bool = False  # completions: the prompt's text before the output
+    cache_key: str | None = None  # prompt_cache_key: session affinity for the prefix cache
     max_tokens: int | None = None  # None: the endpoint's default
     temperature: float = 1.0
     top_p: float = 1.0
@@ -144,7 +171,7 @@ def _check_known(body: dict, known: frozenset[str]) -> None:
 _COMMON = frozenset({
     "model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options",
     "stop", "stop_token_ids", "ignore_eos", "seed", "logprobs", "user", "presence_penalty",
-    "frequency_penalty", "logit_bias", "return_tokens_as_token_ids",
+    "frequency_penalty", "logit_bias", "return_tokens_as_token_ids", "prompt_cache_key",
 })
 _COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
 _CHAT_FIELDS = _COMMON | {
@@ -159,9 +186,7 @@ def _common(body: dict, endpoint: str) -> ParsedRequest:
         raise bad_request("model: required", param="model", code="missing_required_parameter")
     if not isinstance(model, str):
         raise _fail_type("model", model, "a string")
-    n = _int(body, "n", 1)
-    if n is not None and n != 1:
-        raise bad_request(f"n: only n=1 is supported, got {n}", param="n", code="invalid_value")
+    n = _int(body, "n", 1, MAX_CHOICES) or 1
     stream = _bool(body, "stream")
     opts = body.get("stream_options")
     include_usage = False
@@ -192,9 +217,16 @@ def _common(body: dict, endpoint: str) -> ParsedRequest:
         raise bad_request(f"seed: must fit in 64 bits, got {seed}", param="seed",
                           code="invalid_value")
     stop_token_ids = body.get("stop_token_ids")
+    cache_key = body.get("prompt_cache_key")
+    if cache_key is not None and (not isinstance(cache_key, str)
+                                  or len(cache_key) > MAX_CACHE_KEY_CHARS):
+        raise _fail_type("prompt_cache_key", cache_key,
+                         f"a string of at most {MAX_CACHE_KEY_CHARS} characters")
     return ParsedRequest(
         endpoint=endpoint,
         model=model,
+        n=n,
+        cache_key=cache_key,
         max_tokens=_int(body, "max_tokens", 1),
         temperature=_float(body, "temperature", 0.0, 2.0, 1.0),
         top_p=_float(body, "top_p", 0.0, 1.0, 1.0, lo_open=True),
@@ -216,74 +248,155 @@ def _require_object(body: Any) -> dict:
     return body
 
 
+def _prompt(name: str, value: Any) -> Prompt:
+    if isinstance(value, str):
+        if value == "":
+            raise bad_request(f"{name}: must not be empty", param="prompt",
+                              code="invalid_value")
+        return Prompt(text=value)
+    if isinstance(value, list):
+        ids = _token_ids(name, value)
+        if not ids:
+            raise bad_request(f"{name}: must not be empty", param="prompt",
+                              code="invalid_value")
+        return Prompt(ids=ids)
+    raise bad_request(f"{name}: expected a string or a list of token ids, got "
+                      f"{type(value).__name__}", param="prompt", code="invalid_type")
+
+
+def _prompts(value: Any) -> list[Prompt]:
+    """A string, a list of token ids, or a list of either (one choice set per prompt)."""
+    if isinstance(value, list) and value and isinstance(value[0], (str, list)):
+        return [_prompt(f"prompt[{i}]", p) for i, p in enumerate(value)]
+    if isinstance(value, list) and not value:
+        raise bad_request("prompt: must not be empty", param="prompt", code="invalid_value")
+    return [_prompt("prompt", value)]
+
+
 def parse_completion(body: Any) -> ParsedRequest:
     """Validate a POST /v1/completions body."""
     body = _require_object(body)
     _check_known(body, _COMPLETION_FIELDS)
     req = _common(body, "completions")
-    _neutral(body, "echo", (False,), "echo")
     _neutral(body, "best_of", (1,), "best_of other than 1")
     _neutral(body, "suffix", ("",), "suffix")
     req.logprobs = _int(body, "logprobs", 0, MAX_LOGPROBS)
+    req.echo = _bool(body, "echo")
+    if req.echo and req.logprobs is not None:
+        raise bad_request("echo: with logprobs it would need the prompt's logprobs, which "
+                          "baton does not compute; use one or the other", param="echo",
+                          code="unsupported_value")
     if "prompt" not in body or body["prompt"] is None:
         raise bad_request("prompt: required", param="prompt", code="missing_required_parameter")
-    prompt = body["prompt"]
-    # A list of prompts asks for one choice per prompt: with n=1 only a single prompt fits.
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise bad_request(
-                f"prompt: only one prompt per request is supported, got {len(prompt)}",
-                param="prompt", code="invalid_value",
-            )
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        if prompt == "":
-            raise bad_request("prompt: must not be empty", param="prompt", code="invalid_value")
-        req.prompt_text = prompt
-    elif isinstance(prompt, list):
-        ids = _token_ids("prompt", prompt)
-        if not ids:
-            raise bad_request("prompt: must not be empty", param="prompt", code="invalid_value")
-        req.prompt_ids = ids
-    else:
-        raise _fail_type("prompt", prompt, "a string or a list of token ids")
+    req.prompts = _prompts(body["prompt"])
+    if len(req.prompts) * req.n > MAX_CHOICES:
+        raise bad_request(f"prompt: {len(req.prompts)} prompts x n={req.n} choices is more "
+                          f"than {MAX_CHOICES}", param="prompt", code="invalid_value")
     return req
 
 
+def _text_content(name: str, content: Any) -> str:
+    """A message's content: a string, or a list of text parts (joined)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") not in ("text", "input_text",
+                                                                      "output_text") \
+                    or not isinstance(part.get("text"), str):
+                raise bad_request(
+                    f"{name}[{j}]: only text parts ({{'type': 'text', 'text': ...}}) are "
+                    f"supported, got {part!r:.80}", param=name, code="invalid_value")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise _fail_type(name, content, "a string or a list of text parts")
+
+
 def _message(i: int, m: Any) -> dict[str, Any]:
+    """messages[i] as the chat template takes it."""
     name = f"messages[{i}]"
     if not isinstance(m, dict):
         raise _fail_type(name, m, "an object")
     role = m.get("role")
     if role not in CHAT_ROLES:
         raise bad_request(
-            f"{name}.role: must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
+            f"{name}.role: must be one of {', '.join(CHAT_ROLES)}, got {role!r:.80}",
             param=f"{name}.role", code="invalid_value",
         )
+    # The Nemotron 3 format has one instruction role: OpenAI's developer messages are system.
+    out: dict[str, Any] = {"role": "system" if role == "developer" else role}
     content = m.get("content")
-    if isinstance(content, list):
-        parts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(
-                part.get("text"), str
-            ):
-                raise bad_request(
-                    f"{name}.content[{j}]: only text parts ({{'type': 'text', 'text': ...}}) "
-                    f"are supported, got {part!r}",
-                    param=f"{name}.content", code="invalid_value",
-                )
-            parts.append(part["text"])
-        content = "".join(parts)
-    elif content is None:
+    if content is None:
         if role != "assistant":
             raise bad_request(f"{name}.content: required for role {role!r}",
                               param=f"{name}.content", code="missing_required_parameter")
-        content = ""
-    elif not isinstance(content, str):
-        raise _fail_type(f"{name}.content", content, "a string or a list of text parts")
-    out = dict(m)
-    out["content"] = content
+        out["content"] = ""
+    else:
+        out["content"] = _text_content(f"{name}.content", content)
+    if role == "assistant":
+        reasoning = m.get("reasoning_content", m.get("reasoning"))
+        if reasoning is not None:
+            if not isinstance(reasoning, str):
+                raise _fail_type(f"{name}.reasoning_content", reasoning, "a string")
+            out["reasoning_content"] = reasoning
+        if m.get("tool_calls") is not None:
+            out["tool_calls"] = assistant_tool_calls(i, m["tool_calls"])
+    if role == "tool" and m.get("tool_call_id") is not None:
+        if not isinstance(m["tool_call_id"], str):
+            raise _fail_type(f"{name}.tool_call_id", m["tool_call_id"], "a string")
+        out["tool_call_id"] = m["tool_call_id"]
+    if m.get("name") is not None:
+        if not isinstance(m["name"], str):
+            raise _fail_type(f"{name}.name", m["name"], "a string")
+        out["name"] = m["name"]
     return out
+
+
+def parse_messages(messages: Any) -> list[dict[str, Any]]:
+    if messages is None:
+        raise bad_request("messages: required", param="messages",
+                          code="missing_required_parameter")
+    if not isinstance(messages, list):
+        raise _fail_type("messages", messages, "a list of messages")
+    if not messages:
+        raise bad_request("messages: must not be empty", param="messages", code="invalid_value")
+    return [_message(i, m) for i, m in enumerate(messages)]
+
+
+def parse_json_schema_format(value: Any, param: str, flat: bool) -> OutputFormat:
+    """{"type": "json_schema", ...}: chat nests name / schema under "json_schema", the
+    Responses API's text.format has them on the format itself (flat)."""
+    spec = value if flat else value.get("json_schema")
+    where = param if flat else f"{param}.json_schema"
+    if not isinstance(spec, dict):
+        raise _fail_type(where, spec, "an object with name and schema")
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise _fail_type(f"{where}.schema", schema, "a JSON Schema object")
+    name = spec.get("name")
+    if name is not None and not isinstance(name, str):
+        raise _fail_type(f"{where}.name", name, "a string")
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise _fail_type(f"{where}.strict", strict, "a boolean")
+    return OutputFormat("json_schema", schema, name, param=f"{where}.schema")
+
+
+def parse_output_format(value: Any, param: str, flat: bool = False) -> OutputFormat | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _fail_type(param, value, "an object")
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return OutputFormat("json_object", param=param)
+    if kind == "json_schema":
+        return parse_json_schema_format(value, param, flat)
+    raise bad_request(f"{param}.type: must be text, json_object or json_schema, got "
+                      f"{kind!r:.80}", param=param, code="invalid_value")
 
 
 def parse_chat(body: Any) -> ParsedRequest:
@@ -309,20 +422,17 @@ def parse_chat(body: Any) -> ParsedRequest:
     if kwargs is not None:
         if not isinstance(kwargs, dict):
             raise _fail_type("chat_template_kwargs", kwargs, "an object")
+        reserved = sorted(set(kwargs) & {"messages", "tools", "add_generation_prompt"})
+        if reserved:
+            raise bad_request(f"chat_template_kwargs: {reserved[0]!r} is set by the request "
+                              f"itself", param="chat_template_kwargs", code="invalid_value")
         req.chat_template_kwargs = dict(kwargs)
-    rf = body.get("response_format")
-    if rf is not None and (not isinstance(rf, dict) or rf.get("type") != "text"):
-        raise bad_request(f"response_format: only {{'type': 'text'}} is supported, got {rf!r}",
-                          param="response_format", code="unsupported_value")
-    _neutral(body, "tools", ([],), "tool calling")
-    _neutral(body, "tool_choice", ("none",), "tool_choice")
-    messages = body.get("messages")
-    if messages is None:
-        raise bad_request("messages: required", param="messages",
-                          code="missing_required_parameter")
-    if not isinstance(messages, list):
-        raise _fail_type("messages", messages, "a list of messages")
-    if not messages:
-        raise bad_request("messages: must not be empty", param="messages", code="invalid_value")
-    req.messages = [_message(i, m) for i, m in enumerate(messages)]
+    req.output_format = parse_output_format(body.get("response_format"), "response_format")
+    req.tools = parse_tools(body.get("tools"))
+    req.tool_choice = parse_tool_choice(body.get("tool_choice"), req.tools)
+    req.parallel_tool_calls = _bool(body, "parallel_tool_calls", default=True)
+    if req.output_format is not None and req.tool_choice.mode in ("required", "function"):
+        raise bad_request("response_format: a tool_choice that forces a call leaves no "
+                          "answer to format", param="response_format", code="invalid_value")
+    req.messages = parse_messages(body.get("messages"))
     return req

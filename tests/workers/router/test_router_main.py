@@ -44,10 +44,19 @@ def test_checkpoint_tokenizer_renders_the_chat_template():
     tok = CheckpointTokenizer(TINY)
     assert tok.vocab_size == 512
     messages = [{"role": "user", "content": "Hi"}]
-    assert tok.decode(tok.render_chat(messages, {})).endswith("assistant\n<think>\n")
-    without = tok.decode(tok.render_chat(messages, {"enable_thinking": False}))
+    assert tok.render_chat(messages, {}).endswith("assistant\n<think>\n")
+    without = tok.render_chat(messages, {"enable_thinking": False})
     assert without.endswith("assistant\n<think></think>") and "Hi" in without
     assert tok.decode(tok.encode("hello world")) == "hello world"
+    # The batch call it tokenizes with gives the engine tokenizer's ids.
+    text = tok.render_chat(messages, {})
+    assert tok.encode(text, add_special_tokens=False) == tok._tokenizer.encode(
+        text, add_special_tokens=False)
+    # Special tokens are dropped when decoding output, except the markup the output
+    # processing reads.
+    im_end = tok._tokenizer.token_to_id("<|im_end|>")
+    assert tok.decode([im_end]) == "" and tok.decode([im_end], False) == "<|im_end|>"
+    assert tok.max_token_bytes == max(len(tok.decode([i], False).encode()) for i in range(512))
 
 
 @pytest.mark.parametrize("args, message", [
