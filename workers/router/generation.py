@@ -37,7 +37,6 @@ class Choice:
     gen: GenerationRequest
     output: ChoiceOutput
     echo: str = ""  # completions with echo: the prompt's text, before the output
-    grammar: str | None = None  # the llguidance grammar the output must follow
     completion_tokens: int = 0
     cached_tokens: int = 0
     finish_reason: str | None = None

@@ -25,12 +25,20 @@ from baton.workers.router.tools import (
     parse_tool_choice,
     parse_tools,
 )
+from baton.workers.sampling_params import (
+    BIAS_RANGE,
+    PENALTY_RANGE,
+    SamplingParams,
+    seed_from_openai,
+)
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
 # Choices per request (prompts x n), OpenAI's bound on n.
 MAX_CHOICES = 128
 MAX_CACHE_KEY_CHARS = 1024
+MAX_LOGIT_BIAS_TOKENS = 1024
+MAX_REPETITION_PENALTY = 10.0
 # OpenAI's default for the legacy completions endpoint; chat defaults to the rest of the context.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -61,14 +69,9 @@ class ParsedRequest:
     echo: bool = False  # completions: the prompt's text before the output
     cache_key: str | None = None  # prompt_cache_key: session affinity for the prefix cache
     max_tokens: int | None = None  # None: the endpoint's default
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: int | None = None  # None: off; k: chosen token plus k alternatives
+    # Everything the workers apply; max_tokens, the seed of choices after the first and the
+    # grammar are set per choice once the prompt is known (server.py).
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = False
     include_usage: bool = False
     tokens_as_ids: bool = False  # logprobs name tokens "token_id:<id>" (exact, for tooling)
@@ -172,12 +175,60 @@ _COMMON = frozenset({
     "model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options",
     "stop", "stop_token_ids", "ignore_eos", "seed", "logprobs", "user", "presence_penalty",
     "frequency_penalty", "logit_bias", "return_tokens_as_token_ids", "prompt_cache_key",
+    "repetition_penalty", "min_tokens",
 })
 _COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
 _CHAT_FIELDS = _COMMON | {
     "messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs",
     "response_format", "tools", "tool_choice", "parallel_tool_calls", "store", "metadata",
 }
+
+
+def _logit_bias(body: dict) -> dict[int, float]:
+    """OpenAI's {"token id": bias}: ids as strings (JSON keys), biases in [-100, 100]."""
+    v = body.get("logit_bias")
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise _fail_type("logit_bias", v, "an object of token id -> bias")
+    if len(v) > MAX_LOGIT_BIAS_TOKENS:
+        raise bad_request(f"logit_bias: at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(v)}",
+                          param="logit_bias", code="invalid_value")
+    bias = {}
+    for key, value in v.items():
+        token = int(key) if isinstance(key, str) and key.isdigit() else None
+        if token is None:
+            raise bad_request(f"logit_bias: {key!r:.40} is not a token id (a non-negative "
+                              f"integer)", param="logit_bias", code="invalid_value")
+        if not _is_number(value) or not -BIAS_RANGE <= value <= BIAS_RANGE:
+            raise bad_request(f"logit_bias[{key}]: must be a number in [-{BIAS_RANGE:g}, "
+                              f"{BIAS_RANGE:g}], got {value!r:.40}", param="logit_bias",
+                              code="invalid_value")
+        bias[token] = float(value)
+    return bias
+
+
+def sampling_params(body: dict, **fields: Any) -> SamplingParams:
+    """The SamplingParams fields every generation endpoint shares (max_tokens and logprobs
+    are the endpoint's to set)."""
+    seed = _int(body, "seed")
+    if seed is not None and not (-(2**63) <= seed < 2**64):
+        raise bad_request(f"seed: must fit in 64 bits, got {seed}", param="seed",
+                          code="invalid_value")
+    return SamplingParams(
+        temperature=_float(body, "temperature", 0.0, 2.0, 1.0),
+        top_p=_float(body, "top_p", 0.0, 1.0, 1.0, lo_open=True),
+        top_k=_int(body, "top_k", 0) or 0,
+        seed=None if seed is None else seed_from_openai(seed),
+        presence_penalty=_float(body, "presence_penalty", -PENALTY_RANGE, PENALTY_RANGE, 0.0),
+        frequency_penalty=_float(body, "frequency_penalty", -PENALTY_RANGE, PENALTY_RANGE,
+                                 0.0),
+        repetition_penalty=_float(body, "repetition_penalty", 0.0, MAX_REPETITION_PENALTY, 1.0,
+                                  lo_open=True),
+        logit_bias=_logit_bias(body),
+        min_tokens=_int(body, "min_tokens", 0) or 0,
+        **fields,
+    )
 
 
 def _common(body: dict, endpoint: str) -> ParsedRequest:
@@ -204,18 +255,6 @@ def _common(body: dict, endpoint: str) -> ParsedRequest:
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise _fail_type("user", user, "a string")
-    _float(body, "presence_penalty", -2.0, 2.0, 0.0)
-    _float(body, "frequency_penalty", -2.0, 2.0, 0.0)
-    _neutral(body, "presence_penalty", (0, 0.0), "a presence penalty other than 0")
-    _neutral(body, "frequency_penalty", (0, 0.0), "a frequency penalty other than 0")
-    lb = body.get("logit_bias")
-    if lb is not None and not isinstance(lb, dict):
-        raise _fail_type("logit_bias", lb, "an object")
-    _neutral(body, "logit_bias", ({},), "logit_bias")
-    seed = _int(body, "seed")
-    if seed is not None and not (-(2**63) <= seed < 2**64):
-        raise bad_request(f"seed: must fit in 64 bits, got {seed}", param="seed",
-                          code="invalid_value")
     stop_token_ids = body.get("stop_token_ids")
     cache_key = body.get("prompt_cache_key")
     if cache_key is not None and (not isinstance(cache_key, str)
@@ -228,14 +267,9 @@ def _common(body: dict, endpoint: str) -> ParsedRequest:
         n=n,
         cache_key=cache_key,
         max_tokens=_int(body, "max_tokens", 1),
-        temperature=_float(body, "temperature", 0.0, 2.0, 1.0),
-        top_p=_float(body, "top_p", 0.0, 1.0, 1.0, lo_open=True),
-        top_k=_int(body, "top_k", 0) or 0,
-        seed=seed,
-        stop=_stop(body),
-        stop_token_ids=[] if stop_token_ids is None else _token_ids(
-            "stop_token_ids", stop_token_ids),
-        ignore_eos=_bool(body, "ignore_eos"),
+        sampling=sampling_params(body, stop=_stop(body), stop_token_ids=[] if stop_token_ids
+                                 is None else _token_ids("stop_token_ids", stop_token_ids),
+                                 ignore_eos=_bool(body, "ignore_eos")),
         stream=stream,
         include_usage=include_usage,
         tokens_as_ids=_bool(body, "return_tokens_as_token_ids"),
@@ -280,9 +314,9 @@ def parse_completion(body: Any) -> ParsedRequest:
     req = _common(body, "completions")
     _neutral(body, "best_of", (1,), "best_of other than 1")
     _neutral(body, "suffix", ("",), "suffix")
-    req.logprobs = _int(body, "logprobs", 0, MAX_LOGPROBS)
+    req.sampling.logprobs = _int(body, "logprobs", 0, MAX_LOGPROBS)
     req.echo = _bool(body, "echo")
-    if req.echo and req.logprobs is not None:
+    if req.echo and req.sampling.logprobs is not None:
         raise bad_request("echo: with logprobs it would need the prompt's logprobs, which "
                           "baton does not compute; use one or the other", param="echo",
                           code="unsupported_value")
@@ -417,7 +451,7 @@ def parse_chat(body: Any) -> ParsedRequest:
     if top is not None and top > 0 and not want_logprobs:
         raise bad_request("top_logprobs: requires logprobs to be true", param="top_logprobs",
                           code="invalid_value")
-    req.logprobs = (top or 0) if want_logprobs else None
+    req.sampling.logprobs = (top or 0) if want_logprobs else None
     kwargs = body.get("chat_template_kwargs")
     if kwargs is not None:
         if not isinstance(kwargs, dict):

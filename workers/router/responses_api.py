@@ -52,11 +52,11 @@ from baton.workers.router.params import (
     _bool,
     _check_known,
     _fail_type,
-    _float,
     _int,
     _require_object,
     _text_content,
     parse_output_format,
+    sampling_params,
 )
 from baton.workers.router.tools import arguments_mapping, parse_tool_choice, parse_tools
 
@@ -225,14 +225,7 @@ def parse_responses(body: Any, store: ResponseStore) -> ResponsesRequest:
             raise bad_request(f"{name}: {v!r:.80} is not supported", param=name,
                               code="unsupported_value")
     req.max_tokens = _int(body, "max_output_tokens", 1)
-    req.temperature = _float(body, "temperature", 0.0, 2.0, 1.0)
-    req.top_p = _float(body, "top_p", 0.0, 1.0, 1.0, lo_open=True)
-    req.top_k = _int(body, "top_k", 0) or 0
-    seed = _int(body, "seed")
-    if seed is not None and not (-(2**63) <= seed < 2**64):
-        raise bad_request(f"seed: must fit in 64 bits, got {seed}", param="seed",
-                          code="invalid_value")
-    req.seed = seed
+    req.sampling = sampling_params(body)
     req.stream = _bool(body, "stream")
     req.store = _bool(body, "store", default=True)
     cache_key = body.get("prompt_cache_key")
@@ -294,7 +287,8 @@ def parse_responses(body: Any, store: ResponseStore) -> ResponsesRequest:
         "metadata": metadata or {}, "parallel_tool_calls": req.parallel_tool_calls,
         "previous_response_id": previous, "reasoning": {
             "effort": (reasoning or {}).get("effort"), "summary": None},
-        "store": req.store, "temperature": req.temperature, "top_p": req.top_p,
+        "store": req.store, "temperature": req.sampling.temperature,
+        "top_p": req.sampling.top_p,
         "text": {"format": (text or {}).get("format") or {"type": "text"}},
         "tool_choice": body.get("tool_choice") or ("auto" if req.tools else "none"),
         "tools": [{"type": "function", "name": t.name, "description": t.description,

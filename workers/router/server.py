@@ -28,7 +28,7 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jinja2
@@ -41,7 +41,6 @@ from baton.workers.router.backend import (
     Backend,
     GenerationRequest,
     NoReadyWorker,
-    Sampling,
     WorkerFailure,
 )
 from baton.workers.router.bodies import ChatBodies, Collected, CompletionBodies, sse
@@ -320,11 +319,20 @@ class Router:
     async def _choices(self, parsed: ParsedRequest, client_request_id: str) -> list[Choice]:
         prompts = await self._prompts(parsed)
         vocab = self.tokenizer.vocab_size
-        if any(t >= vocab for t in parsed.stop_token_ids):
+        sp = parsed.sampling
+        if any(t >= vocab for t in sp.stop_token_ids):
             raise bad_request(f"stop_token_ids: ids must be below the vocabulary size "
-                              f"{vocab}, got {parsed.stop_token_ids}",
+                              f"{vocab}, got {sp.stop_token_ids}",
                               param="stop_token_ids", code="invalid_value")
+        outside = sorted(t for t in sp.logit_bias if t >= vocab)
+        if outside:
+            raise bad_request(f"logit_bias: token {outside[0]} is outside the vocabulary "
+                              f"(size {vocab})", param="logit_bias", code="invalid_value")
         budgets = [self._max_tokens(parsed, len(p.ids)) for p in prompts]
+        if sp.min_tokens > min(budgets):
+            raise bad_request(f"min_tokens: {sp.min_tokens} is more than the {min(budgets)} "
+                              "tokens this request may generate (max_tokens / the context)",
+                              param="min_tokens", code="invalid_value")
         grammar = await self._grammar(parsed, prompts[0])
         functions = ({t.name: t.parameters for t in parsed.tools}
                      if parsed.tools and parsed.tool_choice.parses_calls else None)
@@ -336,20 +344,17 @@ class Router:
             cache_key = parsed.cache_key or (f"{client_request_id}/{p_index}"
                                              if parsed.n > 1 else None)
             for j in range(parsed.n):
-                sampling = Sampling(
-                    max_tokens=budget, temperature=parsed.temperature, top_p=parsed.top_p,
-                    top_k=parsed.top_k, seed=choice_seed(parsed.seed, j),
-                    logprobs=parsed.logprobs, stop_token_ids=tuple(parsed.stop_token_ids),
-                    ignore_eos=parsed.ignore_eos)
+                sampling = replace(sp, max_tokens=budget, seed=choice_seed(sp.seed, j),
+                                   grammar=grammar or "")
                 gen = GenerationRequest(
                     request_id=self._worker_request_id(client_request_id),
                     prompt_ids=tuple(prompt.ids), sampling=sampling, deadline=deadline,
                     cache_key=cache_key)
-                output = ChoiceOutput(self.tokenizer, prompt.ids, stop=parsed.stop,
+                output = ChoiceOutput(self.tokenizer, prompt.ids, stop=sp.stop,
                                       reasoning=prompt.in_reasoning, tools=functions,
                                       max_tool_calls=1 if one_call else None)
                 choices.append(Choice(index=len(choices), prompt_index=p_index, gen=gen,
-                                      output=output, grammar=grammar,
+                                      output=output,
                                       echo=prompt.text if parsed.echo else ""))
         return choices
 
@@ -392,7 +397,7 @@ class Router:
         def open_choice(gen: GenerationRequest):
             return self._open(gen) if gen is choices[0].gen else self._open_later(gen)
 
-        generation = Generation(choices, open_choice, self.metrics, parsed.logprobs,
+        generation = Generation(choices, open_choice, self.metrics, parsed.sampling.logprobs,
                                 self._token_name(parsed))
         request[_GENERATION] = generation
         timeout_s = self.settings.request_timeout_s
@@ -462,7 +467,7 @@ class Router:
         return await self.serve(request, parse_chat, self._respond)
 
     def _bodies(self, parsed: ParsedRequest):
-        want = parsed.logprobs is not None
+        want = parsed.sampling.logprobs is not None
         return ChatBodies(want) if parsed.endpoint == "chat" else CompletionBodies(want)
 
     def _envelope(self, request: web.Request, bodies, object_name: str) -> dict[str, Any]:

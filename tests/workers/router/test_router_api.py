@@ -134,7 +134,7 @@ async def test_sampling_options_reach_the_backend(router_url, fake_backend):
         extra_body={"top_k": 5, "stop_token_ids": [7], "ignore_eos": True})
     s = fake_backend.requests[-1].sampling
     assert (s.max_tokens, s.temperature, s.top_p, s.seed, s.top_k) == (3, 0.7, 0.5, 42, 5)
-    assert s.stop_token_ids == (7,) and s.ignore_eos and s.logprobs is None
+    assert s.stop_token_ids == [7] and s.ignore_eos and s.logprobs is None
 
 
 async def test_completion_logprobs(router_url):
@@ -195,7 +195,13 @@ async def test_chat_logprobs(router_url):
     ({"extra_body": {"bogus": 1}}, "bogus"),
     ({"extra_body": {"stop_token_ids": [257]}}, "stop_token_ids"),
     ({"extra_body": {"stop_token_ids": [-1]}}, "stop_token_ids"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"extra_body": {"logit_bias": {"x": 1}}}, "logit_bias"),
+    ({"extra_body": {"logit_bias": {"300": 1}}}, "logit_bias"),
+    ({"extra_body": {"logit_bias": {"3": 101}}}, "logit_bias"),
+    ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
+    ({"extra_body": {"min_tokens": 20}, "max_tokens": 5}, "min_tokens"),
+    ({"extra_body": {"echo": True}, "logprobs": 1}, "echo"),
     ({"extra_body": {"stream_options": {"include_usage": True}}}, "stream_options"),
 ])
 async def test_bad_completion_parameters_are_400(router_url, kwargs, param):
