@@ -46,6 +46,8 @@ class ByteTokenizer:
         text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
         if template_kwargs.get("enable_thinking") is False:
             text += "<nothink>"
+        elif template_kwargs.get("enable_thinking") is True:
+            text += "<think>\n"  # the output starts inside the reasoning, as Nemotron 3's does
         return text
 
     def grammar_compiler(self) -> GrammarCompiler:
