@@ -31,6 +31,11 @@ class ApiError(Exception):
         self.code = code
         self.headers = dict(headers or {})
 
+    def __reduce__(self):
+        # Picklable with its fields (request bodies are decoded in a child process too).
+        return (_rebuild, (self.status, self.message, self.type, self.param, self.code,
+                           self.headers))
+
     def body(self) -> dict[str, Any]:
         return {
             "error": {
@@ -40,6 +45,10 @@ class ApiError(Exception):
                 "code": self.code,
             }
         }
+
+
+def _rebuild(status, message, type, param, code, headers) -> ApiError:
+    return ApiError(status, message, type=type, param=param, code=code, headers=headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:

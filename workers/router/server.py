@@ -62,7 +62,7 @@ from baton.workers.router.params import (
     parse_chat,
     parse_completion,
 )
-from baton.workers.router.request_body import decode_json_body, read_body
+from baton.workers.router.request_body import BodyDecoder, read_body
 from baton.workers.router.responses_api import ResponsesApi
 from baton.workers.router.tokenization import PromptTooLong, RouterTokenizer, bounded_encode
 from baton.workers.router.tokenize_api import TokenizeApi
@@ -123,6 +123,8 @@ class Router:
         self.created = int(time.time())
         self.running = 0
         self._worker_ids: set[str] = set()
+        # No array in a body may hold more items than the context has tokens.
+        self.bodies = BodyDecoder(settings.max_model_len + 1)
         self.responses = ResponsesApi(self)
         self.tokenize_api = TokenizeApi(self)
 
@@ -143,6 +145,7 @@ class Router:
         app.on_response_prepare.append(self._add_request_id)
         app.on_startup.append(lambda _app: self.backend.start())
         app.on_cleanup.append(lambda _app: self.backend.close())
+        app.on_cleanup.append(self._close_decoder)
         return app
 
     @web.middleware
@@ -161,6 +164,9 @@ class Router:
             kind = "not_found" if exc.status == 404 else "invalid_request_error"
             return _error_response(ApiError(exc.status, f"{exc.reason}: {request.method} "
                                             f"{request.path}", type=kind))
+
+    async def _close_decoder(self, app: web.Application) -> None:
+        self.bodies.close()
 
     async def _add_request_id(self, request: web.Request, response: web.StreamResponse) -> None:
         if REQUEST_ID in request:
@@ -213,7 +219,8 @@ class Router:
     async def read_request(self, request: web.Request, parse) -> Any:
         """The body decoded and validated by parse, off the event loop (413 / 400 first)."""
         raw = await read_body(request, self.settings.max_body_bytes)
-        return await asyncio.to_thread(lambda: parse(decode_json_body(raw)))
+        body = await self.bodies.decode(raw)
+        return await asyncio.to_thread(parse, body)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.settings.served_model_name:
@@ -251,9 +258,9 @@ class Router:
 
     def check_ids(self, ids: list[int], param: str) -> None:
         vocab = self.tokenizer.vocab_size
-        bad = [t for t in ids if t >= vocab]
-        if bad:
-            raise bad_request(f"{param}: token id {bad[0]} is outside the vocabulary "
+        if ids and max(ids) >= vocab:
+            bad = next(t for t in ids if t >= vocab)
+            raise bad_request(f"{param}: token id {bad} is outside the vocabulary "
                               f"(size {vocab})", param=param, code="invalid_value")
 
     async def _prompts(self, parsed: ParsedRequest) -> list[Prompt]:
@@ -262,6 +269,9 @@ class Router:
             for i, p in enumerate(parsed.prompts):
                 param = "prompt" if len(parsed.prompts) == 1 else f"prompt[{i}]"
                 if p.ids is not None:
+                    if len(p.ids) >= self.settings.max_model_len:
+                        raise self.context_error(param, f"the prompt has {len(p.ids)} tokens, "
+                                                 "leaving no room for output")
                     self.check_ids(p.ids, param)
                     text = self.tokenizer.decode(p.ids) if parsed.echo else None
                     prompts.append(Prompt(p.ids, text, None))
