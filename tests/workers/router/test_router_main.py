@@ -22,7 +22,8 @@ def config(tmp_path: Path, **router) -> Path:
         "model": "tiny", "servedModelName": "tiny-chat", "modelPath": str(TINY),
         "engine": {"maxModelLen": 256},
         "router": {"routing": "round-robin", "maxQueuedRequests": 3,
-                   "requestTimeoutSeconds": 42, "transferTimeoutSeconds": 7, **router}}))
+                   "requestTimeoutSeconds": 42, "transferTimeoutSeconds": 7,
+                   "maxRequestBodyBytes": 65536, **router}}))
     return path
 
 
@@ -31,7 +32,7 @@ def test_build_router_from_worker_config(tmp_path):
     router = build_router(cfg, "10.0.0.1:50051,10.0.0.2:50051", "tiny-decode.llm.svc:50051")
     s = router.settings
     assert (s.served_model_name, s.max_model_len, s.request_timeout_s,
-            s.max_queued_requests) == ("tiny-chat", 256, 42, 3)
+            s.max_queued_requests, s.max_body_bytes) == ("tiny-chat", 256, 42, 3, 65536)
     backend = router.backend
     assert backend.transfer_timeout_s == 7
     assert isinstance(backend.balancer, Balancer) and backend.balancer.routing == "round-robin"
