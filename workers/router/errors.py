@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from aiohttp import web
+
 
 class ApiError(Exception):
     """A client-visible error with its HTTP status and OpenAI error fields."""
@@ -35,6 +37,9 @@ class ApiError(Exception):
         # Picklable with its fields (request bodies are decoded in a child process too).
         return (_rebuild, (self.status, self.message, self.type, self.param, self.code,
                            self.headers))
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body(), status=self.status, headers=self.headers)
 
     def body(self) -> dict[str, Any]:
         return {

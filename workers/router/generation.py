@@ -64,6 +64,7 @@ class _Failed:
 
 @dataclass
 class Generation:
+    request_id: str  # the client's (x-request-id, or one the router made)
     choices: list[Choice]
     open_choice: Opener
     metrics: BatonMetrics

@@ -85,19 +85,19 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _fail_type(name: str, value: Any, expected: str):
+def type_error(name: str, value: Any, expected: str):
     return bad_request(
         f"{name}: expected {expected}, got {type(value).__name__} {value!r}", param=name,
         code="invalid_type",
     )
 
 
-def _int(body: dict, name: str, lo: int | None = None, hi: int | None = None) -> int | None:
+def int_field(body: dict, name: str, lo: int | None = None, hi: int | None = None) -> int | None:
     v = body.get(name)
     if v is None:
         return None
     if not _is_int(v):
-        raise _fail_type(name, v, "an integer")
+        raise type_error(name, v, "an integer")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         allowed = f">= {lo}" if hi is None else f"between {lo} and {hi}"
         raise bad_request(f"{name}: must be {allowed}, got {v}", param=name, code="invalid_value")
@@ -110,7 +110,7 @@ def _float(body: dict, name: str, lo: float, hi: float, default: float,
     if v is None:
         return default
     if not _is_number(v):
-        raise _fail_type(name, v, "a number")
+        raise type_error(name, v, "a number")
     if v < lo or v > hi or (lo_open and v == lo):
         bound = f"> {lo:g}" if lo_open else f">= {lo:g}"
         raise bad_request(
@@ -119,12 +119,12 @@ def _float(body: dict, name: str, lo: float, hi: float, default: float,
     return float(v)
 
 
-def _bool(body: dict, name: str, default: bool = False) -> bool:
+def bool_field(body: dict, name: str, default: bool = False) -> bool:
     v = body.get(name)
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise _fail_type(name, v, "a boolean")
+        raise type_error(name, v, "a boolean")
     return v
 
 
@@ -142,7 +142,7 @@ def _stop(body: dict) -> list[str]:
         return []
     stops = [v] if isinstance(v, str) else v
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise _fail_type("stop", v, "a string or a list of strings")
+        raise type_error("stop", v, "a string or a list of strings")
     if len(stops) > MAX_STOP_STRINGS:
         raise bad_request(
             f"stop: at most {MAX_STOP_STRINGS} strings, got {len(stops)}", param="stop",
@@ -157,13 +157,13 @@ def _stop(body: dict) -> list[str]:
 def _token_ids(name: str, v: Any) -> list[int]:
     # map(type, ...) and min() run at C speed: prompts can hold a context's worth of ids.
     if not isinstance(v, list) or not set(map(type, v)) <= {int}:
-        raise _fail_type(name, v, "a list of integer token ids")
+        raise type_error(name, v, "a list of integer token ids")
     if v and min(v) < 0:
         raise bad_request(f"{name}: token ids must be >= 0", param=name, code="invalid_value")
     return v
 
 
-def _check_known(body: dict, known: frozenset[str]) -> None:
+def check_known(body: dict, known: frozenset[str]) -> None:
     unknown = sorted(set(body) - known)
     if unknown:
         raise bad_request(
@@ -191,7 +191,7 @@ def _logit_bias(body: dict) -> dict[int, float]:
     if v is None:
         return {}
     if not isinstance(v, dict):
-        raise _fail_type("logit_bias", v, "an object of token id -> bias")
+        raise type_error("logit_bias", v, "an object of token id -> bias")
     if len(v) > MAX_LOGIT_BIAS_TOKENS:
         raise bad_request(f"logit_bias: at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(v)}",
                           param="logit_bias", code="invalid_value")
@@ -212,14 +212,14 @@ def _logit_bias(body: dict) -> dict[int, float]:
 def sampling_params(body: dict, **fields: Any) -> SamplingParams:
     """The SamplingParams fields every generation endpoint shares (max_tokens and logprobs
     are the endpoint's to set)."""
-    seed = _int(body, "seed")
+    seed = int_field(body, "seed")
     if seed is not None and not (-(2**63) <= seed < 2**64):
         raise bad_request(f"seed: must fit in 64 bits, got {seed}", param="seed",
                           code="invalid_value")
     return SamplingParams(
         temperature=_float(body, "temperature", 0.0, 2.0, 1.0),
         top_p=_float(body, "top_p", 0.0, 1.0, 1.0, lo_open=True),
-        top_k=_int(body, "top_k", 0) or 0,
+        top_k=int_field(body, "top_k", 0) or 0,
         seed=None if seed is None else seed_from_openai(seed),
         presence_penalty=_float(body, "presence_penalty", -PENALTY_RANGE, PENALTY_RANGE, 0.0),
         frequency_penalty=_float(body, "frequency_penalty", -PENALTY_RANGE, PENALTY_RANGE,
@@ -227,7 +227,7 @@ def sampling_params(body: dict, **fields: Any) -> SamplingParams:
         repetition_penalty=_float(body, "repetition_penalty", 0.0, MAX_REPETITION_PENALTY, 1.0,
                                   lo_open=True),
         logit_bias=_logit_bias(body),
-        min_tokens=_int(body, "min_tokens", 0) or 0,
+        min_tokens=int_field(body, "min_tokens", 0) or 0,
         **fields,
     )
 
@@ -237,14 +237,14 @@ def _common(body: dict, endpoint: str) -> ParsedRequest:
     if model is None:
         raise bad_request("model: required", param="model", code="missing_required_parameter")
     if not isinstance(model, str):
-        raise _fail_type("model", model, "a string")
-    n = _int(body, "n", 1, MAX_CHOICES) or 1
-    stream = _bool(body, "stream")
+        raise type_error("model", model, "a string")
+    n = int_field(body, "n", 1, MAX_CHOICES) or 1
+    stream = bool_field(body, "stream")
     opts = body.get("stream_options")
     include_usage = False
     if opts is not None:
         if not isinstance(opts, dict):
-            raise _fail_type("stream_options", opts, "an object")
+            raise type_error("stream_options", opts, "an object")
         if not stream:
             raise bad_request("stream_options: only allowed when stream is true",
                               param="stream_options", code="invalid_value")
@@ -252,32 +252,32 @@ def _common(body: dict, endpoint: str) -> ParsedRequest:
         if extra:
             raise bad_request(f"stream_options: unknown option {extra[0]!r}",
                               param="stream_options", code="unknown_parameter")
-        include_usage = _bool(opts, "include_usage")
+        include_usage = bool_field(opts, "include_usage")
     user = body.get("user")
     if user is not None and not isinstance(user, str):
-        raise _fail_type("user", user, "a string")
+        raise type_error("user", user, "a string")
     stop_token_ids = body.get("stop_token_ids")
     cache_key = body.get("prompt_cache_key")
     if cache_key is not None and (not isinstance(cache_key, str)
                                   or len(cache_key) > MAX_CACHE_KEY_CHARS):
-        raise _fail_type("prompt_cache_key", cache_key,
+        raise type_error("prompt_cache_key", cache_key,
                          f"a string of at most {MAX_CACHE_KEY_CHARS} characters")
     return ParsedRequest(
         endpoint=endpoint,
         model=model,
         n=n,
         cache_key=cache_key,
-        max_tokens=_int(body, "max_tokens", 1),
+        max_tokens=int_field(body, "max_tokens", 1),
         sampling=sampling_params(body, stop=_stop(body), stop_token_ids=[] if stop_token_ids
                                  is None else _token_ids("stop_token_ids", stop_token_ids),
-                                 ignore_eos=_bool(body, "ignore_eos")),
+                                 ignore_eos=bool_field(body, "ignore_eos")),
         stream=stream,
         include_usage=include_usage,
-        tokens_as_ids=_bool(body, "return_tokens_as_token_ids"),
+        tokens_as_ids=bool_field(body, "return_tokens_as_token_ids"),
     )
 
 
-def _require_object(body: Any) -> dict:
+def require_object(body: Any) -> dict:
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object", code="invalid_body")
     return body
@@ -310,13 +310,13 @@ def _prompts(value: Any) -> list[Prompt]:
 
 def parse_completion(body: Any) -> ParsedRequest:
     """Validate a POST /v1/completions body."""
-    body = _require_object(body)
-    _check_known(body, _COMPLETION_FIELDS)
+    body = require_object(body)
+    check_known(body, _COMPLETION_FIELDS)
     req = _common(body, "completions")
     _neutral(body, "best_of", (1,), "best_of other than 1")
     _neutral(body, "suffix", ("",), "suffix")
-    req.sampling.logprobs = _int(body, "logprobs", 0, MAX_LOGPROBS)
-    req.echo = _bool(body, "echo")
+    req.sampling.logprobs = int_field(body, "logprobs", 0, MAX_LOGPROBS)
+    req.echo = bool_field(body, "echo")
     if req.echo and req.sampling.logprobs is not None:
         raise bad_request("echo: with logprobs it would need the prompt's logprobs, which "
                           "baton does not compute; use one or the other", param="echo",
@@ -330,7 +330,7 @@ def parse_completion(body: Any) -> ParsedRequest:
     return req
 
 
-def _text_content(name: str, content: Any) -> str:
+def text_content(name: str, content: Any) -> str:
     """A message's content: a string, or a list of text parts (joined)."""
     if isinstance(content, str):
         return content
@@ -345,14 +345,14 @@ def _text_content(name: str, content: Any) -> str:
                     f"supported, got {part!r:.80}", param=name, code="invalid_value")
             parts.append(part["text"])
         return "".join(parts)
-    raise _fail_type(name, content, "a string or a list of text parts")
+    raise type_error(name, content, "a string or a list of text parts")
 
 
 def _message(i: int, m: Any) -> dict[str, Any]:
     """messages[i] as the chat template takes it."""
     name = f"messages[{i}]"
     if not isinstance(m, dict):
-        raise _fail_type(name, m, "an object")
+        raise type_error(name, m, "an object")
     role = m.get("role")
     if role not in CHAT_ROLES:
         raise bad_request(
@@ -368,22 +368,22 @@ def _message(i: int, m: Any) -> dict[str, Any]:
                               param=f"{name}.content", code="missing_required_parameter")
         out["content"] = ""
     else:
-        out["content"] = _text_content(f"{name}.content", content)
+        out["content"] = text_content(f"{name}.content", content)
     if role == "assistant":
         reasoning = m.get("reasoning_content", m.get("reasoning"))
         if reasoning is not None:
             if not isinstance(reasoning, str):
-                raise _fail_type(f"{name}.reasoning_content", reasoning, "a string")
+                raise type_error(f"{name}.reasoning_content", reasoning, "a string")
             out["reasoning_content"] = reasoning
         if m.get("tool_calls") is not None:
             out["tool_calls"] = assistant_tool_calls(i, m["tool_calls"])
     if role == "tool" and m.get("tool_call_id") is not None:
         if not isinstance(m["tool_call_id"], str):
-            raise _fail_type(f"{name}.tool_call_id", m["tool_call_id"], "a string")
+            raise type_error(f"{name}.tool_call_id", m["tool_call_id"], "a string")
         out["tool_call_id"] = m["tool_call_id"]
     if m.get("name") is not None:
         if not isinstance(m["name"], str):
-            raise _fail_type(f"{name}.name", m["name"], "a string")
+            raise type_error(f"{name}.name", m["name"], "a string")
         out["name"] = m["name"]
     return out
 
@@ -393,7 +393,7 @@ def parse_messages(messages: Any) -> list[dict[str, Any]]:
         raise bad_request("messages: required", param="messages",
                           code="missing_required_parameter")
     if not isinstance(messages, list):
-        raise _fail_type("messages", messages, "a list of messages")
+        raise type_error("messages", messages, "a list of messages")
     if not messages:
         raise bad_request("messages: must not be empty", param="messages", code="invalid_value")
     return [_message(i, m) for i, m in enumerate(messages)]
@@ -405,16 +405,16 @@ def parse_json_schema_format(value: Any, param: str, flat: bool) -> OutputFormat
     spec = value if flat else value.get("json_schema")
     where = param if flat else f"{param}.json_schema"
     if not isinstance(spec, dict):
-        raise _fail_type(where, spec, "an object with name and schema")
+        raise type_error(where, spec, "an object with name and schema")
     schema = spec.get("schema")
     if not isinstance(schema, dict):
-        raise _fail_type(f"{where}.schema", schema, "a JSON Schema object")
+        raise type_error(f"{where}.schema", schema, "a JSON Schema object")
     name = spec.get("name")
     if name is not None and not isinstance(name, str):
-        raise _fail_type(f"{where}.name", name, "a string")
+        raise type_error(f"{where}.name", name, "a string")
     strict = spec.get("strict")
     if strict is not None and not isinstance(strict, bool):
-        raise _fail_type(f"{where}.strict", strict, "a boolean")
+        raise type_error(f"{where}.strict", strict, "a boolean")
     return OutputFormat("json_schema", schema, name, param=f"{where}.schema")
 
 
@@ -422,7 +422,7 @@ def parse_output_format(value: Any, param: str, flat: bool = False) -> OutputFor
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise _fail_type(param, value, "an object")
+        raise type_error(param, value, "an object")
     kind = value.get("type")
     if kind == "text":
         return None
@@ -436,10 +436,10 @@ def parse_output_format(value: Any, param: str, flat: bool = False) -> OutputFor
 
 def parse_chat(body: Any) -> ParsedRequest:
     """Validate a POST /v1/chat/completions body."""
-    body = _require_object(body)
-    _check_known(body, _CHAT_FIELDS)
+    body = require_object(body)
+    check_known(body, _CHAT_FIELDS)
     req = _common(body, "chat")
-    mct = _int(body, "max_completion_tokens", 1)
+    mct = int_field(body, "max_completion_tokens", 1)
     if mct is not None:
         if req.max_tokens is not None and req.max_tokens != mct:
             raise bad_request(
@@ -447,8 +447,8 @@ def parse_chat(body: Any) -> ParsedRequest:
                 param="max_completion_tokens", code="invalid_value",
             )
         req.max_tokens = mct
-    want_logprobs = _bool(body, "logprobs")
-    top = _int(body, "top_logprobs", 0, MAX_LOGPROBS)
+    want_logprobs = bool_field(body, "logprobs")
+    top = int_field(body, "top_logprobs", 0, MAX_LOGPROBS)
     if top is not None and top > 0 and not want_logprobs:
         raise bad_request("top_logprobs: requires logprobs to be true", param="top_logprobs",
                           code="invalid_value")
@@ -456,7 +456,7 @@ def parse_chat(body: Any) -> ParsedRequest:
     kwargs = body.get("chat_template_kwargs")
     if kwargs is not None:
         if not isinstance(kwargs, dict):
-            raise _fail_type("chat_template_kwargs", kwargs, "an object")
+            raise type_error("chat_template_kwargs", kwargs, "an object")
         reserved = sorted(set(kwargs) & {"messages", "tools", "add_generation_prompt"})
         if reserved:
             raise bad_request(f"chat_template_kwargs: {reserved[0]!r} is set by the request "
@@ -465,7 +465,7 @@ def parse_chat(body: Any) -> ParsedRequest:
     req.output_format = parse_output_format(body.get("response_format"), "response_format")
     req.tools = parse_tools(body.get("tools"))
     req.tool_choice = parse_tool_choice(body.get("tool_choice"), req.tools)
-    req.parallel_tool_calls = _bool(body, "parallel_tool_calls", default=True)
+    req.parallel_tool_calls = bool_field(body, "parallel_tool_calls", default=True)
     if req.output_format is not None and req.tool_choice.mode in ("required", "function"):
         raise bad_request("response_format: a tool_choice that forces a call leaves no "
                           "answer to format", param="response_format", code="invalid_value")

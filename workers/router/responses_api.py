@@ -1,8 +1,8 @@
 """The Responses API: POST /v1/responses, GET and DELETE /v1/responses/{id}.
 
-A request's `input` (a string, or items: messages, function_call, function_call_output,
-reasoning) and `instructions` become one chat conversation, rendered by the same chat
-template and generated like a chat completion (n = 1); its output becomes output items, in
+A request's `input` and `instructions` become one chat conversation (responses_request.py),
+rendered by the same chat template and generated like a chat completion (n = 1); its output
+becomes output items, in
 the order the model wrote them: a `reasoning` item (the `<think>` part), `message` items
 (output_text) and `function_call` items (call_id, name, arguments). Function tools are the
 flat `{"type": "function", "name", "parameters"}`; `text.format` json_schema / json_object
@@ -26,13 +26,12 @@ with store false is not found: previous_response_id is then a 400 saying so.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import threading
 import time
-import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -42,55 +41,16 @@ from baton.workers.router.bodies import sse
 from baton.workers.router.errors import (
     ApiError,
     backend_failure,
-    bad_request,
     deadline_exceeded,
 )
 from baton.workers.router.generation import Generation
 from baton.workers.router.output import Delta
-from baton.workers.router.params import (
-    ParsedRequest,
-    _bool,
-    _check_known,
-    _fail_type,
-    _int,
-    _require_object,
-    _text_content,
-    parse_output_format,
-    sampling_params,
-)
-from baton.workers.router.tools import arguments_mapping, parse_tool_choice, parse_tools
+from baton.workers.router.responses_request import ResponsesRequest, new_id, parse_responses
 
 if TYPE_CHECKING:
     from baton.workers.router.server import Router
 
 log = logging.getLogger("baton.router")
-
-_FIELDS = frozenset({
-    "model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls",
-    "max_output_tokens", "temperature", "top_p", "stream", "store", "previous_response_id",
-    "metadata", "text", "reasoning", "user", "truncation", "include", "service_tier",
-    "background", "prompt_cache_key", "safety_identifier", "max_tool_calls", "top_logprobs",
-    "stream_options", "seed", "top_k", "chat_template_kwargs",
-})
-_ROLES = ("user", "system", "developer", "assistant")
-
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
-
-
-@dataclass
-class ResponsesRequest(ParsedRequest):
-    """A validated /v1/responses request: the chat it amounts to, and what its response
-    object echoes back."""
-
-    response_id: str = ""
-    instructions: str | None = None
-    store: bool = True
-    previous_response_id: str | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)  # stored: without instructions
-    echo_fields: dict[str, Any] = field(default_factory=dict)
-
 
 class ResponseStore:
     """The last `capacity` stored responses with their conversations (thread-safe: requests
@@ -122,183 +82,6 @@ class ResponseStore:
             return self._items.pop(response_id, None) is not None
 
 
-# -- input items -> chat messages ---------------------------------------------------------------
-
-
-def _reasoning_text(i: int, item: dict) -> str:
-    parts = item.get("content") or item.get("summary") or []
-    if not isinstance(parts, list):
-        raise _fail_type(f"input[{i}].content", parts, "a list of reasoning_text parts")
-    texts = []
-    for j, part in enumerate(parts):
-        if not isinstance(part, dict) or not isinstance(part.get("text"), str):
-            raise _fail_type(f"input[{i}].content[{j}]", part, "{'type': 'reasoning_text', "
-                             "'text': ...}")
-        texts.append(part["text"])
-    return "\n".join(texts)
-
-
-def input_messages(value: Any) -> list[dict[str, Any]]:
-    """The chat messages of a Responses `input` (items of one assistant turn -- reasoning,
-    output text, function calls -- become one assistant message, as the template renders
-    it)."""
-    if isinstance(value, str):
-        return [{"role": "user", "content": value}]
-    if not isinstance(value, list) or not value:
-        raise bad_request("input: expected a string or a non-empty list of items",
-                          param="input", code="invalid_value")
-    messages: list[dict[str, Any]] = []
-    turn: dict[str, Any] | None = None  # the assistant turn being assembled
-
-    def assistant(starts_with_reasoning: bool = False) -> dict[str, Any]:
-        nonlocal turn
-        if turn is None or (starts_with_reasoning and (turn["content"] or turn.get(
-                "tool_calls") or "reasoning_content" in turn)):
-            turn = {"role": "assistant", "content": ""}
-            messages.append(turn)
-        return turn
-
-    for i, item in enumerate(value):
-        where = f"input[{i}]"
-        if not isinstance(item, dict):
-            raise _fail_type(where, item, "an object")
-        kind = item.get("type", "message" if "role" in item else None)
-        if kind == "message":
-            role = item.get("role")
-            if role not in _ROLES:
-                raise bad_request(f"{where}.role: must be one of {', '.join(_ROLES)}, got "
-                                  f"{role!r:.80}", param=f"{where}.role", code="invalid_value")
-            if "content" not in item:
-                raise bad_request(f"{where}.content: required", param=f"{where}.content",
-                                  code="missing_required_parameter")
-            text = _text_content(f"{where}.content", item["content"])
-            if role == "assistant":
-                message = assistant()
-                message["content"] += text
-            else:
-                turn = None
-                messages.append({"role": "system" if role == "developer" else role,
-                                 "content": text})
-        elif kind == "reasoning":
-            assistant(starts_with_reasoning=True)["reasoning_content"] = _reasoning_text(i, item)
-        elif kind == "function_call":
-            name, call_id = item.get("name"), item.get("call_id")
-            if not isinstance(name, str) or not name:
-                raise _fail_type(f"{where}.name", name, "a function name")
-            if not isinstance(call_id, str) or not call_id:
-                raise _fail_type(f"{where}.call_id", call_id, "a string")
-            assistant().setdefault("tool_calls", []).append({
-                "id": call_id, "type": "function", "function": {
-                    "name": name,
-                    "arguments": arguments_mapping(item.get("arguments"),
-                                                   f"{where}.arguments")}})
-        elif kind == "function_call_output":
-            call_id = item.get("call_id")
-            if not isinstance(call_id, str) or not call_id:
-                raise _fail_type(f"{where}.call_id", call_id, "a string")
-            output = item.get("output")
-            if output is None:
-                raise bad_request(f"{where}.output: required", param=f"{where}.output",
-                                  code="missing_required_parameter")
-            turn = None
-            messages.append({"role": "tool", "tool_call_id": call_id,
-                             "content": _text_content(f"{where}.output", output)})
-        else:
-            raise bad_request(f"{where}.type: supported items are message, reasoning, "
-                              f"function_call and function_call_output, got {kind!r:.80}",
-                              param=f"{where}.type", code="unsupported_value")
-    return messages
-
-
-def parse_responses(body: Any, store: ResponseStore) -> ResponsesRequest:
-    """Validate a POST /v1/responses body (blocking: it may read the store)."""
-    body = _require_object(body)
-    _check_known(body, _FIELDS)
-    model = body.get("model")
-    if not isinstance(model, str):
-        raise _fail_type("model", model, "a string")
-    req = ResponsesRequest(endpoint="responses", model=model, response_id=_new_id("resp"))
-    for name, neutral in (("background", (False,)), ("truncation", ("disabled",)),
-                          ("top_logprobs", (0,))):
-        v = body.get(name)
-        if v is not None and v not in neutral:
-            raise bad_request(f"{name}: {v!r:.80} is not supported", param=name,
-                              code="unsupported_value")
-    req.max_tokens = _int(body, "max_output_tokens", 1)
-    req.sampling = sampling_params(body)
-    req.stream = _bool(body, "stream")
-    req.store = _bool(body, "store", default=True)
-    cache_key = body.get("prompt_cache_key")
-    if cache_key is not None and not isinstance(cache_key, str):
-        raise _fail_type("prompt_cache_key", cache_key, "a string")
-    req.cache_key = cache_key
-    instructions = body.get("instructions")
-    if instructions is not None and not isinstance(instructions, str):
-        raise _fail_type("instructions", instructions, "a string")
-    req.instructions = instructions
-    metadata = body.get("metadata")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise _fail_type("metadata", metadata, "an object")
-    text = body.get("text")
-    if text is not None and not isinstance(text, dict):
-        raise _fail_type("text", text, "an object")
-    req.output_format = parse_output_format((text or {}).get("format"), "text.format",
-                                            flat=True)
-    reasoning = body.get("reasoning")
-    if reasoning is not None and not isinstance(reasoning, dict):
-        raise _fail_type("reasoning", reasoning, "an object")
-    kwargs = body.get("chat_template_kwargs")
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise _fail_type("chat_template_kwargs", kwargs, "an object")
-    req.chat_template_kwargs = dict(kwargs or {})
-    if (reasoning or {}).get("effort") == "none":
-        req.chat_template_kwargs.setdefault("enable_thinking", False)
-    req.tools = parse_tools(body.get("tools"))
-    req.tool_choice = parse_tool_choice(body.get("tool_choice"), req.tools)
-    req.parallel_tool_calls = _bool(body, "parallel_tool_calls", default=True)
-    max_tool_calls = _int(body, "max_tool_calls", 1)
-    if max_tool_calls == 1:
-        req.parallel_tool_calls = False
-    if req.output_format is not None and req.tool_choice.mode in ("required", "function"):
-        raise bad_request("text.format: a tool_choice that forces a call leaves no answer to "
-                          "format", param="text.format", code="invalid_value")
-    previous = body.get("previous_response_id")
-    history: list[dict[str, Any]] = []
-    if previous is not None:
-        if not isinstance(previous, str):
-            raise _fail_type("previous_response_id", previous, "a string")
-        found = store.get(previous)
-        if found is None:
-            raise bad_request(
-                f"previous_response_id: no stored response {previous!r:.80}. This router "
-                f"keeps the last {store.capacity} responses made with store true, in its own "
-                "memory (not those of other router replicas, and not across restarts); send "
-                "the conversation as input items instead.", param="previous_response_id",
-                code="previous_response_not_found")
-        history = list(found[1])
-    req.previous_response_id = previous
-    if "input" not in body:
-        raise bad_request("input: required", param="input", code="missing_required_parameter")
-    req.history = history + input_messages(body["input"])
-    system = [{"role": "system", "content": instructions}] if instructions else []
-    req.messages = system + req.history
-    req.echo_fields = {
-        "instructions": instructions, "max_output_tokens": req.max_tokens,
-        "metadata": metadata or {}, "parallel_tool_calls": req.parallel_tool_calls,
-        "previous_response_id": previous, "reasoning": {
-            "effort": (reasoning or {}).get("effort"), "summary": None},
-        "store": req.store, "temperature": req.sampling.temperature,
-        "top_p": req.sampling.top_p,
-        "text": {"format": (text or {}).get("format") or {"type": "text"}},
-        "tool_choice": body.get("tool_choice") or ("auto" if req.tools else "none"),
-        "tools": [{"type": "function", "name": t.name, "description": t.description,
-                   "parameters": dict(t.parameters), "strict": t.strict} for t in req.tools],
-        "truncation": "disabled", "user": body.get("user"),
-        "prompt_cache_key": cache_key, "max_tool_calls": max_tool_calls,
-    }
-    return req
-
-
 # -- output items ------------------------------------------------------------------------------
 
 
@@ -313,7 +96,7 @@ class OutputItems:
 
     def _item_event(self, kind: str) -> dict[str, Any]:
         return {"type": kind, "output_index": len(self.items) - 1,
-                "item": json.loads(json.dumps(self.items[-1]))}
+                "item": copy.deepcopy(self.items[-1])}
 
     def _part_key(self) -> str:
         return "reasoning_text" if self._kind == "reasoning" else "output_text"
@@ -321,14 +104,14 @@ class OutputItems:
     def _open(self, kind: str, delta: Delta) -> list[dict[str, Any]]:
         events = self._close("completed")
         if kind == "reasoning":
-            item = {"type": "reasoning", "id": _new_id("rs"), "summary": [], "content": [],
+            item = {"type": "reasoning", "id": new_id("rs"), "summary": [], "content": [],
                     "status": "in_progress"}
         elif kind == "message":
-            item = {"type": "message", "id": _new_id("msg"), "status": "in_progress",
+            item = {"type": "message", "id": new_id("msg"), "status": "in_progress",
                     "role": "assistant", "content": []}
         else:
             call = delta.tool_call
-            item = {"type": "function_call", "id": _new_id("fc"), "call_id": call.id,
+            item = {"type": "function_call", "id": new_id("fc"), "call_id": call.id,
                     "name": call.name, "arguments": "", "status": "in_progress"}
         self.items.append(item)
         self._kind = kind
@@ -480,10 +263,10 @@ class ResponsesApi:
                     items.add(d)
         except asyncio.TimeoutError:
             err = deadline_exceeded(self.router.settings.request_timeout_s)
-            return web.json_response(err.body(), status=err.status), "timeout"
+            return err.response(), "timeout"
         except WorkerFailure as exc:
             err = backend_failure(str(exc))
-            return web.json_response(err.body(), status=err.status), "error"
+            return err.response(), "error"
         status = _status(generation)
         items.finish(status)
         body = self._response(req, status, items.items, generation, created)

@@ -43,7 +43,7 @@ from baton.workers.router.backend import (
     NoReadyWorker,
     WorkerFailure,
 )
-from baton.workers.router.bodies import ChatBodies, Collected, CompletionBodies, sse
+from baton.workers.router.completions_api import CompletionsApi
 from baton.workers.router.errors import (
     ApiError,
     backend_failure,
@@ -56,12 +56,7 @@ from baton.workers.router.errors import (
 from baton.workers.router.generation import Choice, Generation, choice_seed
 from baton.workers.router.grammar import GrammarError
 from baton.workers.router.output import ChoiceOutput
-from baton.workers.router.params import (
-    DEFAULT_COMPLETION_MAX_TOKENS,
-    ParsedRequest,
-    parse_chat,
-    parse_completion,
-)
+from baton.workers.router.params import DEFAULT_COMPLETION_MAX_TOKENS, ParsedRequest
 from baton.workers.router.request_body import BodyDecoder, read_body
 from baton.workers.router.responses_api import ResponsesApi
 from baton.workers.router.tokenization import PromptTooLong, RouterTokenizer, bounded_encode
@@ -88,10 +83,6 @@ class RouterSettings:
     stored_responses: int = 1024  # Responses API: how many previous_response_id can name
 
 
-def _error_response(err: ApiError) -> web.Response:
-    return web.json_response(err.body(), status=err.status, headers=err.headers)
-
-
 def _outcome(err: ApiError) -> str:
     if err.status == 504:
         return "timeout"
@@ -101,7 +92,7 @@ def _outcome(err: ApiError) -> str:
 
 
 @dataclass
-class Prompt:
+class PreparedPrompt:
     """A prompt ready for the workers."""
 
     ids: list[int]
@@ -125,6 +116,7 @@ class Router:
         self._worker_ids: set[str] = set()
         # No array in a body may hold more items than the context has tokens.
         self.bodies = BodyDecoder(settings.max_model_len + 1)
+        self.completions = CompletionsApi(self)
         self.responses = ResponsesApi(self)
         self.tokenize_api = TokenizeApi(self)
 
@@ -135,8 +127,7 @@ class Router:
                               client_max_size=self.settings.max_body_bytes)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model}", self.model)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        self.completions.add_routes(app)
         self.responses.add_routes(app)
         self.tokenize_api.add_routes(app)
         app.router.add_get("/health", self.health)
@@ -157,13 +148,13 @@ class Router:
                 self._authorize(request)
             return await handler(request)
         except ApiError as err:
-            return _error_response(err)
+            return err.response()
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
             kind = "not_found" if exc.status == 404 else "invalid_request_error"
-            return _error_response(ApiError(exc.status, f"{exc.reason}: {request.method} "
-                                            f"{request.path}", type=kind))
+            return ApiError(exc.status, f"{exc.reason}: {request.method} {request.path}",
+                            type=kind).response()
 
     async def _close_decoder(self, app: web.Application) -> None:
         self.bodies.close()
@@ -263,7 +254,7 @@ class Router:
             raise bad_request(f"{param}: token id {bad} is outside the vocabulary "
                               f"(size {vocab})", param=param, code="invalid_value")
 
-    async def _prompts(self, parsed: ParsedRequest) -> list[Prompt]:
+    async def _prompts(self, parsed: ParsedRequest) -> list[PreparedPrompt]:
         if parsed.endpoint == "completions":
             prompts = []
             for i, p in enumerate(parsed.prompts):
@@ -274,16 +265,16 @@ class Router:
                                                  "leaving no room for output")
                     self.check_ids(p.ids, param)
                     text = self.tokenizer.decode(p.ids) if parsed.echo else None
-                    prompts.append(Prompt(p.ids, text, None))
+                    prompts.append(PreparedPrompt(p.ids, text, None))
                 else:
-                    prompts.append(Prompt(await self.encode(p.text, param, True), p.text,
-                                          None))
+                    ids = await self.encode(p.text, param, True)
+                    prompts.append(PreparedPrompt(ids, p.text, None))
             return prompts
         text = await self.render_chat(parsed.messages, self.template_kwargs(parsed))
         ids = await self.encode(text, "messages", add_special_tokens=False)
-        return [Prompt(ids, text, text.rfind("<think>") > text.rfind("</think>"))]
+        return [PreparedPrompt(ids, text, text.rfind("<think>") > text.rfind("</think>"))]
 
-    async def _grammar(self, parsed: ParsedRequest, prompt: Prompt) -> str | None:
+    async def _grammar(self, parsed: ParsedRequest, prompt: PreparedPrompt) -> str | None:
         fmt = parsed.output_format
         if fmt is None and parsed.tool_choice.mode not in ("required", "function"):
             return None
@@ -393,7 +384,7 @@ class Router:
         except ApiError as exc:
             raise WorkerFailure(f"another choice could not start: {exc.message}") from None
 
-    def _token_name(self, parsed: ParsedRequest):
+    def _token_name(self, parsed: ParsedRequest):  # logprob entries' token strings
         if parsed.tokens_as_ids:
             return lambda t: f"token_id:{t}"
         return lambda t: self.tokenizer.decode([t])
@@ -407,8 +398,8 @@ class Router:
         def open_choice(gen: GenerationRequest):
             return self._open(gen) if gen is choices[0].gen else self._open_later(gen)
 
-        generation = Generation(choices, open_choice, self.metrics, parsed.sampling.logprobs,
-                                self._token_name(parsed))
+        generation = Generation(request[REQUEST_ID], choices, open_choice, self.metrics,
+                                parsed.sampling.logprobs, self._token_name(parsed))
         request[_GENERATION] = generation
         timeout_s = self.settings.request_timeout_s
         try:
@@ -437,7 +428,7 @@ class Router:
                 generation = await self.start(request, parsed, t_arrival)
             except ApiError as err:
                 outcome = _outcome(err)
-                return _error_response(err)
+                return err.response()
             response, outcome = await respond(request, generation, parsed)
             if outcome == "success":
                 self.metrics.request_duration.observe(time.monotonic() - t_arrival)
@@ -467,118 +458,6 @@ class Router:
                 # Closing the backend's streams cancels whatever the workers still do for
                 # them (shielded: it completes even if this handler is being cancelled).
                 await asyncio.shield(generation.close())
-
-    # -- chat and completions --------------------------------------------------------------
-
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self.serve(request, parse_completion, self._respond)
-
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self.serve(request, parse_chat, self._respond)
-
-    def _bodies(self, parsed: ParsedRequest):
-        want = parsed.sampling.logprobs is not None
-        return ChatBodies(want) if parsed.endpoint == "chat" else CompletionBodies(want)
-
-    def _envelope(self, request: web.Request, bodies, object_name: str) -> dict[str, Any]:
-        return {"id": bodies.id_prefix + request[REQUEST_ID], "object": object_name,
-                "created": int(time.time()), "model": self.settings.served_model_name}
-
-    async def _respond(self, request: web.Request, generation: Generation,
-                       parsed: ParsedRequest) -> tuple[web.StreamResponse, str]:
-        if parsed.stream:
-            return await self._stream(request, generation, parsed)
-        timeout_s = self.settings.request_timeout_s
-        try:
-            return await self._complete(request, generation, parsed), "success"
-        except asyncio.TimeoutError:
-            return _error_response(deadline_exceeded(timeout_s)), "timeout"
-        except WorkerFailure as exc:
-            return _error_response(backend_failure(str(exc))), "error"
-        except Exception:
-            log.exception("request %s failed", request[REQUEST_ID])
-            return _error_response(ApiError(500, "internal error in the router",
-                                            type="server_error")), "error"
-
-    async def _complete(self, request: web.Request, generation: Generation,
-                        parsed: ParsedRequest) -> web.Response:
-        bodies = self._bodies(parsed)
-        collected = [Collected() for _ in generation.choices]
-        async for event in generation.events():
-            collected[event.index].add(event)
-        body = self._envelope(request, bodies, bodies.object_name)
-        body["choices"] = [bodies.choice(i, c) for i, c in enumerate(collected)]
-        body["usage"] = generation.usage()
-        return web.json_response(body)
-
-    async def _stream(self, request: web.Request, generation: Generation,
-                      parsed: ParsedRequest) -> tuple[web.StreamResponse, str]:
-        response = web.StreamResponse(headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no"})
-        try:
-            outcome = await self._write_stream(request, response, generation, parsed)
-        except ConnectionResetError:
-            # The client went away mid-stream: an ordinary end, not a router error (raised
-            # on, aiohttp would log it as one). The caller's finally closes the backend
-            # streams, which cancels the workers' share of the request.
-            log.debug("request %s: the client disconnected mid-stream", request[REQUEST_ID])
-            return response, "cancelled"
-        try:
-            await response.write_eof()
-        except ConnectionResetError:
-            pass  # the client read the whole stream, [DONE] included, and closed first
-        return response, outcome
-
-    async def _write_stream(self, request: web.Request, response: web.StreamResponse,
-                            generation: Generation, parsed: ParsedRequest) -> str:
-        bodies = self._bodies(parsed)
-        await response.prepare(request)
-        envelope = self._envelope(request, bodies, bodies.chunk_object)
-
-        def chunk(choices: list[dict[str, Any]]) -> bytes:
-            body = dict(envelope)
-            body["choices"] = choices
-            if parsed.include_usage:
-                body["usage"] = None
-            return sse(body)
-
-        for c in generation.choices:
-            opening = bodies.opening(c.index)
-            if opening is not None:
-                await response.write(chunk([opening]))
-        outcome = "success"
-        try:
-            async for event in generation.events():
-                for choice in bodies.chunk_choices(event):
-                    await response.write(chunk([choice]))
-                if event.finish_reason is not None:
-                    await response.write(chunk([bodies.closing(event.index,
-                                                               event.finish_reason)]))
-            if parsed.include_usage:
-                body = dict(envelope)
-                body["choices"] = []
-                body["usage"] = generation.usage()
-                await response.write(sse(body))
-        except asyncio.TimeoutError:
-            outcome = "timeout"
-            await response.write(sse(deadline_exceeded(self.settings.request_timeout_s).body()))
-        except WorkerFailure as exc:
-            outcome = "error"
-            log.warning("request %s failed after its retry: %s", request[REQUEST_ID], exc)
-            await response.write(sse(backend_failure(str(exc)).body()))
-        except (asyncio.CancelledError, ConnectionResetError):
-            raise
-        except Exception:
-            # The stream has begun: the client can only learn of a failure in the stream.
-            outcome = "error"
-            log.exception("request %s failed mid-stream", request[REQUEST_ID])
-            await response.write(sse(ApiError(500, "internal error in the router",
-                                               type="server_error").body()))
-        await response.write(sse("[DONE]"))
-        generation.delivered = outcome == "success"
-        return outcome
-
 
 _GENERATION = web.RequestKey("generation", Generation)
 
