@@ -219,7 +219,8 @@ class Router:
 
     def template_kwargs(self, parsed: ParsedRequest) -> dict[str, Any]:
         kwargs = dict(parsed.chat_template_kwargs)
-        if parsed.tools:
+        # tool_choice "none": the model is not shown the tools, so it answers in text.
+        if parsed.tools and parsed.tool_choice.mode != "none":
             kwargs["tools"] = [t.template_dict() for t in parsed.tools]
         return kwargs
 

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from baton.workers.router.errors import bad_request
 from baton.workers.router.params import ParsedRequest, parse_messages
-from baton.workers.router.tools import parse_tools
+from baton.workers.router.tools import parse_tool_choice, parse_tools
 
 if TYPE_CHECKING:
     from baton.workers.router.server import Router
@@ -74,9 +74,10 @@ class TokenizeApi:
             kwargs = body.get("chat_template_kwargs") or {}
             if not isinstance(kwargs, dict):
                 raise _fail("chat_template_kwargs", kwargs, "an object")
+            tools = parse_tools(body.get("tools"))
             parsed = ParsedRequest("chat", "", messages=parse_messages(body["messages"]),
-                                   chat_template_kwargs=dict(kwargs),
-                                   tools=parse_tools(body.get("tools")))
+                                   chat_template_kwargs=dict(kwargs), tools=tools,
+                                   tool_choice=parse_tool_choice(None, tools))
             kwargs = router.template_kwargs(parsed)
             if not _flag(body, "add_generation_prompt", True):
                 kwargs["add_generation_prompt"] = False

@@ -291,3 +291,17 @@ async def test_tokenize_and_detokenize(router_url):
         ]:
             r = await http.post(router_url + path, json=body)
             assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, r.text
+
+
+def test_tools_reach_the_template_unless_tool_choice_is_none(fake_backend):
+    from baton.workers.metrics import BatonMetrics, MetricLabels
+    from baton.workers.router.params import parse_chat
+    from baton.workers.router.server import Router
+
+    router = Router(fake_backend, None, RouterSettings(served_model_name="tiny",
+                                                       max_model_len=64),
+                    BatonMetrics(MetricLabels(namespace="t", model="tiny", role="router")))
+    body = {"model": "tiny", "messages": say("x"), "tools": [WEATHER_TOOL]}
+    kwargs = router.template_kwargs(parse_chat(body))
+    assert kwargs["tools"] == [WEATHER_TOOL]
+    assert "tools" not in router.template_kwargs(parse_chat(body | {"tool_choice": "none"}))
