@@ -60,6 +60,12 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ApiError(400, message, param=param, code=code)
 
 
+def invalid_type(name: str, value: Any, expected: str) -> ApiError:
+    """400 for a field of the wrong type (the value shown cut short: it may be huge)."""
+    return bad_request(f"{name}: expected {expected}, got {type(value).__name__} {value!r:.80}",
+                       param=name, code="invalid_type")
+
+
 def model_not_found(name: str) -> ApiError:
     return ApiError(
         404,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from baton.workers.router.errors import bad_request
+from baton.workers.router.errors import bad_request, invalid_type
 from baton.workers.router.grammar import OutputFormat
 from baton.workers.router.tools import (
     FunctionTool,
@@ -85,19 +85,12 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def type_error(name: str, value: Any, expected: str):
-    return bad_request(
-        f"{name}: expected {expected}, got {type(value).__name__} {value!r}", param=name,
-        code="invalid_type",
-    )
-
-
 def int_field(body: dict, name: str, lo: int | None = None, hi: int | None = None) -> int | None:
     v = body.get(name)
     if v is None:
         return None
     if not _is_int(v):
-        raise type_error(name, v, "an integer")
+        raise invalid_type(name, v, "an integer")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         allowed = f">= {lo}" if hi is None else f"between {lo} and {hi}"
         raise bad_request(f"{name}: must be {allowed}, got {v}", param=name, code="invalid_value")
@@ -110,7 +103,7 @@ def _float(body: dict, name: str, lo: float, hi: float, default: float,
     if v is None:
         return default
     if not _is_number(v):
-        raise type_error(name, v, "a number")
+        raise invalid_type(name, v, "a number")
     if v < lo or v > hi or (lo_open and v == lo):
         bound = f"> {lo:g}" if lo_open else f">= {lo:g}"
         raise bad_request(
@@ -119,12 +112,23 @@ def _float(body: dict, name: str, lo: float, hi: float, default: float,
     return float(v)
 
 
+_KINDS = {str: "a string", dict: "an object", list: "a list"}
+
+
+def optional_field(body: dict, name: str, kind: type, where: str | None = None) -> Any:
+    """body[name] if it is absent (None) or of the given kind; else a 400 naming it."""
+    v = body.get(name)
+    if v is not None and not isinstance(v, kind):
+        raise invalid_type(where or name, v, _KINDS.get(kind, kind.__name__))
+    return v
+
+
 def bool_field(body: dict, name: str, default: bool = False) -> bool:
     v = body.get(name)
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise type_error(name, v, "a boolean")
+        raise invalid_type(name, v, "a boolean")
     return v
 
 
@@ -142,7 +146,7 @@ def _stop(body: dict) -> list[str]:
         return []
     stops = [v] if isinstance(v, str) else v
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise type_error("stop", v, "a string or a list of strings")
+        raise invalid_type("stop", v, "a string or a list of strings")
     if len(stops) > MAX_STOP_STRINGS:
         raise bad_request(
             f"stop: at most {MAX_STOP_STRINGS} strings, got {len(stops)}", param="stop",
@@ -157,7 +161,7 @@ def _stop(body: dict) -> list[str]:
 def _token_ids(name: str, v: Any) -> list[int]:
     # map(type, ...) and min() run at C speed: prompts can hold a context's worth of ids.
     if not isinstance(v, list) or not set(map(type, v)) <= {int}:
-        raise type_error(name, v, "a list of integer token ids")
+        raise invalid_type(name, v, "a list of integer token ids")
     if v and min(v) < 0:
         raise bad_request(f"{name}: token ids must be >= 0", param=name, code="invalid_value")
     return v
@@ -191,7 +195,7 @@ def _logit_bias(body: dict) -> dict[int, float]:
     if v is None:
         return {}
     if not isinstance(v, dict):
-        raise type_error("logit_bias", v, "an object of token id -> bias")
+        raise invalid_type("logit_bias", v, "an object of token id -> bias")
     if len(v) > MAX_LOGIT_BIAS_TOKENS:
         raise bad_request(f"logit_bias: at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(v)}",
                           param="logit_bias", code="invalid_value")
@@ -237,14 +241,14 @@ def _common(body: dict, endpoint: str) -> ParsedRequest:
     if model is None:
         raise bad_request("model: required", param="model", code="missing_required_parameter")
     if not isinstance(model, str):
-        raise type_error("model", model, "a string")
+        raise invalid_type("model", model, "a string")
     n = int_field(body, "n", 1, MAX_CHOICES) or 1
     stream = bool_field(body, "stream")
     opts = body.get("stream_options")
     include_usage = False
     if opts is not None:
         if not isinstance(opts, dict):
-            raise type_error("stream_options", opts, "an object")
+            raise invalid_type("stream_options", opts, "an object")
         if not stream:
             raise bad_request("stream_options: only allowed when stream is true",
                               param="stream_options", code="invalid_value")
@@ -253,14 +257,12 @@ def _common(body: dict, endpoint: str) -> ParsedRequest:
             raise bad_request(f"stream_options: unknown option {extra[0]!r}",
                               param="stream_options", code="unknown_parameter")
         include_usage = bool_field(opts, "include_usage")
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise type_error("user", user, "a string")
+    optional_field(body, "user", str)
     stop_token_ids = body.get("stop_token_ids")
     cache_key = body.get("prompt_cache_key")
     if cache_key is not None and (not isinstance(cache_key, str)
                                   or len(cache_key) > MAX_CACHE_KEY_CHARS):
-        raise type_error("prompt_cache_key", cache_key,
+        raise invalid_type("prompt_cache_key", cache_key,
                          f"a string of at most {MAX_CACHE_KEY_CHARS} characters")
     return ParsedRequest(
         endpoint=endpoint,
@@ -345,14 +347,14 @@ def text_content(name: str, content: Any) -> str:
                     f"supported, got {part!r:.80}", param=name, code="invalid_value")
             parts.append(part["text"])
         return "".join(parts)
-    raise type_error(name, content, "a string or a list of text parts")
+    raise invalid_type(name, content, "a string or a list of text parts")
 
 
 def _message(i: int, m: Any) -> dict[str, Any]:
     """messages[i] as the chat template takes it."""
     name = f"messages[{i}]"
     if not isinstance(m, dict):
-        raise type_error(name, m, "an object")
+        raise invalid_type(name, m, "an object")
     role = m.get("role")
     if role not in CHAT_ROLES:
         raise bad_request(
@@ -373,17 +375,17 @@ def _message(i: int, m: Any) -> dict[str, Any]:
         reasoning = m.get("reasoning_content", m.get("reasoning"))
         if reasoning is not None:
             if not isinstance(reasoning, str):
-                raise type_error(f"{name}.reasoning_content", reasoning, "a string")
+                raise invalid_type(f"{name}.reasoning_content", reasoning, "a string")
             out["reasoning_content"] = reasoning
         if m.get("tool_calls") is not None:
             out["tool_calls"] = assistant_tool_calls(i, m["tool_calls"])
     if role == "tool" and m.get("tool_call_id") is not None:
         if not isinstance(m["tool_call_id"], str):
-            raise type_error(f"{name}.tool_call_id", m["tool_call_id"], "a string")
+            raise invalid_type(f"{name}.tool_call_id", m["tool_call_id"], "a string")
         out["tool_call_id"] = m["tool_call_id"]
     if m.get("name") is not None:
         if not isinstance(m["name"], str):
-            raise type_error(f"{name}.name", m["name"], "a string")
+            raise invalid_type(f"{name}.name", m["name"], "a string")
         out["name"] = m["name"]
     return out
 
@@ -393,7 +395,7 @@ def parse_messages(messages: Any) -> list[dict[str, Any]]:
         raise bad_request("messages: required", param="messages",
                           code="missing_required_parameter")
     if not isinstance(messages, list):
-        raise type_error("messages", messages, "a list of messages")
+        raise invalid_type("messages", messages, "a list of messages")
     if not messages:
         raise bad_request("messages: must not be empty", param="messages", code="invalid_value")
     return [_message(i, m) for i, m in enumerate(messages)]
@@ -405,16 +407,14 @@ def parse_json_schema_format(value: Any, param: str, flat: bool) -> OutputFormat
     spec = value if flat else value.get("json_schema")
     where = param if flat else f"{param}.json_schema"
     if not isinstance(spec, dict):
-        raise type_error(where, spec, "an object with name and schema")
+        raise invalid_type(where, spec, "an object with name and schema")
     schema = spec.get("schema")
     if not isinstance(schema, dict):
-        raise type_error(f"{where}.schema", schema, "a JSON Schema object")
-    name = spec.get("name")
-    if name is not None and not isinstance(name, str):
-        raise type_error(f"{where}.name", name, "a string")
+        raise invalid_type(f"{where}.schema", schema, "a JSON Schema object")
+    name = optional_field(spec, "name", str, f"{where}.name")
     strict = spec.get("strict")
     if strict is not None and not isinstance(strict, bool):
-        raise type_error(f"{where}.strict", strict, "a boolean")
+        raise invalid_type(f"{where}.strict", strict, "a boolean")
     return OutputFormat("json_schema", schema, name, param=f"{where}.schema")
 
 
@@ -422,7 +422,7 @@ def parse_output_format(value: Any, param: str, flat: bool = False) -> OutputFor
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise type_error(param, value, "an object")
+        raise invalid_type(param, value, "an object")
     kind = value.get("type")
     if kind == "text":
         return None
@@ -456,7 +456,7 @@ def parse_chat(body: Any) -> ParsedRequest:
     kwargs = body.get("chat_template_kwargs")
     if kwargs is not None:
         if not isinstance(kwargs, dict):
-            raise type_error("chat_template_kwargs", kwargs, "an object")
+            raise invalid_type("chat_template_kwargs", kwargs, "an object")
         reserved = sorted(set(kwargs) & {"messages", "tools", "add_generation_prompt"})
         if reserved:
             raise bad_request(f"chat_template_kwargs: {reserved[0]!r} is set by the request "

@@ -15,17 +15,17 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from baton.workers.router.errors import bad_request
+from baton.workers.router.errors import bad_request, invalid_type
 from baton.workers.router.params import (
     ParsedRequest,
     bool_field,
     check_known,
     int_field,
+    optional_field,
     parse_output_format,
     require_object,
     sampling_params,
     text_content,
-    type_error,
 )
 from baton.workers.router.tools import arguments_mapping, parse_tool_choice, parse_tools
 
@@ -62,11 +62,11 @@ class ResponsesRequest(ParsedRequest):
 def _reasoning_text(i: int, item: dict) -> str:
     parts = item.get("content") or item.get("summary") or []
     if not isinstance(parts, list):
-        raise type_error(f"input[{i}].content", parts, "a list of reasoning_text parts")
+        raise invalid_type(f"input[{i}].content", parts, "a list of reasoning_text parts")
     texts = []
     for j, part in enumerate(parts):
         if not isinstance(part, dict) or not isinstance(part.get("text"), str):
-            raise type_error(f"input[{i}].content[{j}]", part, "{'type': 'reasoning_text', "
+            raise invalid_type(f"input[{i}].content[{j}]", part, "{'type': 'reasoning_text', "
                              "'text': ...}")
         texts.append(part["text"])
     return "\n".join(texts)
@@ -95,7 +95,7 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
     for i, item in enumerate(value):
         where = f"input[{i}]"
         if not isinstance(item, dict):
-            raise type_error(where, item, "an object")
+            raise invalid_type(where, item, "an object")
         kind = item.get("type", "message" if "role" in item else None)
         if kind == "message":
             role = item.get("role")
@@ -118,9 +118,9 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
         elif kind == "function_call":
             name, call_id = item.get("name"), item.get("call_id")
             if not isinstance(name, str) or not name:
-                raise type_error(f"{where}.name", name, "a function name")
+                raise invalid_type(f"{where}.name", name, "a function name")
             if not isinstance(call_id, str) or not call_id:
-                raise type_error(f"{where}.call_id", call_id, "a string")
+                raise invalid_type(f"{where}.call_id", call_id, "a string")
             assistant().setdefault("tool_calls", []).append({
                 "id": call_id, "type": "function", "function": {
                     "name": name,
@@ -129,7 +129,7 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
         elif kind == "function_call_output":
             call_id = item.get("call_id")
             if not isinstance(call_id, str) or not call_id:
-                raise type_error(f"{where}.call_id", call_id, "a string")
+                raise invalid_type(f"{where}.call_id", call_id, "a string")
             output = item.get("output")
             if output is None:
                 raise bad_request(f"{where}.output: required", param=f"{where}.output",
@@ -150,7 +150,7 @@ def parse_responses(body: Any, store: ResponseStore) -> ResponsesRequest:
     check_known(body, _FIELDS)
     model = body.get("model")
     if not isinstance(model, str):
-        raise type_error("model", model, "a string")
+        raise invalid_type("model", model, "a string")
     req = ResponsesRequest(endpoint="responses", model=model, response_id=new_id("resp"))
     for name, neutral in (("background", (False,)), ("truncation", ("disabled",)),
                           ("top_logprobs", (0,))):
@@ -162,29 +162,15 @@ def parse_responses(body: Any, store: ResponseStore) -> ResponsesRequest:
     req.sampling = sampling_params(body)
     req.stream = bool_field(body, "stream")
     req.store = bool_field(body, "store", default=True)
-    cache_key = body.get("prompt_cache_key")
-    if cache_key is not None and not isinstance(cache_key, str):
-        raise type_error("prompt_cache_key", cache_key, "a string")
-    req.cache_key = cache_key
-    instructions = body.get("instructions")
-    if instructions is not None and not isinstance(instructions, str):
-        raise type_error("instructions", instructions, "a string")
-    req.instructions = instructions
-    metadata = body.get("metadata")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise type_error("metadata", metadata, "an object")
-    text = body.get("text")
-    if text is not None and not isinstance(text, dict):
-        raise type_error("text", text, "an object")
+    cache_key = req.cache_key = optional_field(body, "prompt_cache_key", str)
+    instructions = req.instructions = optional_field(body, "instructions", str)
+    metadata = optional_field(body, "metadata", dict)
+    optional_field(body, "user", str)
+    text = optional_field(body, "text", dict)
     req.output_format = parse_output_format((text or {}).get("format"), "text.format",
                                             flat=True)
-    reasoning = body.get("reasoning")
-    if reasoning is not None and not isinstance(reasoning, dict):
-        raise type_error("reasoning", reasoning, "an object")
-    kwargs = body.get("chat_template_kwargs")
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise type_error("chat_template_kwargs", kwargs, "an object")
-    req.chat_template_kwargs = dict(kwargs or {})
+    reasoning = optional_field(body, "reasoning", dict)
+    req.chat_template_kwargs = dict(optional_field(body, "chat_template_kwargs", dict) or {})
     if (reasoning or {}).get("effort") == "none":
         req.chat_template_kwargs.setdefault("enable_thinking", False)
     req.tools = parse_tools(body.get("tools"))
@@ -200,7 +186,7 @@ def parse_responses(body: Any, store: ResponseStore) -> ResponsesRequest:
     history: list[dict[str, Any]] = []
     if previous is not None:
         if not isinstance(previous, str):
-            raise type_error("previous_response_id", previous, "a string")
+            raise invalid_type("previous_response_id", previous, "a string")
         found = store.get(previous)
         if found is None:
             raise bad_request(

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from baton.workers.router.errors import bad_request
+from baton.workers.router.errors import bad_request, invalid_type
 from baton.workers.router.params import ParsedRequest, parse_messages
 from baton.workers.router.tools import parse_tool_choice, parse_tools
 
@@ -25,15 +25,10 @@ if TYPE_CHECKING:
     from baton.workers.router.server import Router
 
 
-def _fail(name: str, value: Any, expected: str):
-    return bad_request(f"{name}: expected {expected}, got {type(value).__name__} {value!r:.80}",
-                       param=name, code="invalid_type")
-
-
 def _flag(body: dict, name: str, default: bool) -> bool:
     v = body.get(name, default)
     if not isinstance(v, bool):
-        raise _fail(name, v, "a boolean")
+        raise invalid_type(name, v, "a boolean")
     return v
 
 
@@ -68,12 +63,12 @@ class TokenizeApi:
         if "prompt" in body:
             prompt = body["prompt"]
             if not isinstance(prompt, str):
-                raise _fail("prompt", prompt, "a string")
+                raise invalid_type("prompt", prompt, "a string")
             ids = await router.encode(prompt, "prompt", _flag(body, "add_special_tokens", True))
         else:
             kwargs = body.get("chat_template_kwargs") or {}
             if not isinstance(kwargs, dict):
-                raise _fail("chat_template_kwargs", kwargs, "an object")
+                raise invalid_type("chat_template_kwargs", kwargs, "an object")
             tools = parse_tools(body.get("tools"))
             parsed = ParsedRequest("chat", "", messages=parse_messages(body["messages"]),
                                    chat_template_kwargs=dict(kwargs), tools=tools,
@@ -95,6 +90,6 @@ class TokenizeApi:
         tokens = body.get("tokens")
         if not isinstance(tokens, list) or not all(
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens):
-            raise _fail("tokens", tokens, "a list of token ids (integers >= 0)")
+            raise invalid_type("tokens", tokens, "a list of token ids (integers >= 0)")
         router.check_ids(tokens, "tokens")
         return web.json_response({"prompt": router.tokenizer.decode(tokens)})

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from baton.workers.router.errors import ApiError, bad_request
+from baton.workers.router.errors import bad_request, invalid_type
 
 # OpenAI's rule for function names.
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -48,15 +48,10 @@ class ToolChoice:
         return self.mode != "none"
 
 
-def _type_error(name: str, value: Any, expected: str) -> ApiError:
-    return bad_request(f"{name}: expected {expected}, got {type(value).__name__} {value!r:.80}",
-                       param=name, code="invalid_type")
-
-
 def _tool(i: int, tool: Any, param: str) -> FunctionTool:
     where = f"{param}[{i}]"
     if not isinstance(tool, dict):
-        raise _type_error(where, tool, "an object")
+        raise invalid_type(where, tool, "an object")
     if tool.get("type") != "function":
         raise bad_request(f"{where}.type: only function tools are supported, got "
                           f"{tool.get('type')!r}", param=f"{where}.type",
@@ -64,7 +59,7 @@ def _tool(i: int, tool: Any, param: str) -> FunctionTool:
     if "function" in tool:  # chat completions nest the function
         fn, where = tool["function"], f"{where}.function"
         if not isinstance(fn, dict):
-            raise _type_error(where, fn, "an object")
+            raise invalid_type(where, fn, "an object")
     else:  # the Responses API puts its fields on the tool itself
         fn = tool
     name = fn.get("name")
@@ -73,12 +68,12 @@ def _tool(i: int, tool: Any, param: str) -> FunctionTool:
                           f"{name!r:.80}", param=f"{where}.name", code="invalid_value")
     description = fn.get("description")
     if description is not None and not isinstance(description, str):
-        raise _type_error(f"{where}.description", description, "a string")
+        raise invalid_type(f"{where}.description", description, "a string")
     parameters = fn.get("parameters")
     if parameters is None:
         parameters = {}
     if not isinstance(parameters, dict):
-        raise _type_error(f"{where}.parameters", parameters, "a JSON Schema object")
+        raise invalid_type(f"{where}.parameters", parameters, "a JSON Schema object")
     kind = parameters.get("type")
     if kind is not None and kind != "object":
         raise bad_request(f"{where}.parameters.type: a function's parameters are an object, "
@@ -86,15 +81,15 @@ def _tool(i: int, tool: Any, param: str) -> FunctionTool:
     props = parameters.get("properties")
     if props is not None and (not isinstance(props, dict)
                               or not all(isinstance(v, dict) for v in props.values())):
-        raise _type_error(f"{where}.parameters.properties", props,
+        raise invalid_type(f"{where}.parameters.properties", props,
                           "an object of JSON Schemas")
     required = parameters.get("required")
     if required is not None and (not isinstance(required, list)
                                  or not all(isinstance(r, str) for r in required)):
-        raise _type_error(f"{where}.parameters.required", required, "a list of names")
+        raise invalid_type(f"{where}.parameters.required", required, "a list of names")
     strict = fn.get("strict")
     if strict is not None and not isinstance(strict, bool):
-        raise _type_error(f"{where}.strict", strict, "a boolean")
+        raise invalid_type(f"{where}.strict", strict, "a boolean")
     return FunctionTool(name, description, parameters, bool(strict))
 
 
@@ -102,7 +97,7 @@ def parse_tools(value: Any, param: str = "tools") -> list[FunctionTool]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise _type_error(param, value, "a list of tools")
+        raise invalid_type(param, value, "a list of tools")
     tools = [_tool(i, t, param) for i, t in enumerate(value)]
     seen: set[str] = set()
     for i, t in enumerate(tools):
@@ -160,25 +155,25 @@ def assistant_tool_calls(i: int, calls: Any) -> list[dict[str, Any]]:
     """messages[i].tool_calls for the chat template (arguments parsed)."""
     where = f"messages[{i}].tool_calls"
     if not isinstance(calls, list):
-        raise _type_error(where, calls, "a list of tool calls")
+        raise invalid_type(where, calls, "a list of tool calls")
     out = []
     for j, call in enumerate(calls):
         at = f"{where}[{j}]"
         if not isinstance(call, dict):
-            raise _type_error(at, call, "an object")
+            raise invalid_type(at, call, "an object")
         if call.get("type", "function") != "function":
             raise bad_request(f"{at}.type: only function calls are supported, got "
                               f"{call.get('type')!r:.80}", param=f"{at}.type",
                               code="unsupported_value")
         fn = call.get("function")
         if not isinstance(fn, dict):
-            raise _type_error(f"{at}.function", fn, "an object")
+            raise invalid_type(f"{at}.function", fn, "an object")
         name = fn.get("name")
         if not isinstance(name, str) or not name:
-            raise _type_error(f"{at}.function.name", name, "a non-empty string")
+            raise invalid_type(f"{at}.function.name", name, "a non-empty string")
         call_id = call.get("id")
         if call_id is not None and not isinstance(call_id, str):
-            raise _type_error(f"{at}.id", call_id, "a string")
+            raise invalid_type(f"{at}.id", call_id, "a string")
         out.append({"id": call_id, "type": "function", "function": {
             "name": name, "arguments": arguments_mapping(fn.get("arguments"),
                                                          f"{at}.function.arguments")}})
