@@ -257,45 +257,32 @@ def partial_marker_len(text: str, markers: Sequence[str]) -> int:
 
 
 class StopMatcher:
-    """Accumulates generated text, finds stop strings, and holds back a possible stop prefix.
+    """Finds stop strings in generated text, holding back a possible stop prefix.
 
     `feed(delta)` returns (text safe to emit now, stopped). Text that could be the beginning of
     a stop string is held back until the next delta decides; when a stop string is found the
-    output is cut right before it.
+    output is cut right before it. Only the held-back text is kept (text already emitted can
+    never be part of a later match: it was not the start of any stop string), so a long
+    output costs no more per delta than a short one.
     """
 
     def __init__(self, stop: list[str]) -> None:
         self.stop = [s for s in stop if s]
-        self.text = ""
-        self.emitted = 0
-
-    def _held(self) -> int:
-        return partial_marker_len(self.text, self.stop)
+        self._held = ""
 
     def feed(self, delta: str) -> tuple[str, bool]:
         if not self.stop:
-            self.text += delta
-            self.emitted = len(self.text)
             return delta, False
-        start = max(0, len(self.text) - max(len(s) for s in self.stop) + 1)
-        self.text += delta
-        cut = -1
-        for s in self.stop:
-            i = self.text.find(s, start)
-            if i >= 0 and (cut < 0 or i < cut):
-                cut = i
-        if cut >= 0:
-            self.text = self.text[:cut]
-            out = self.text[self.emitted :]
-            self.emitted = len(self.text)
-            return out, True
-        end = len(self.text) - self._held()
-        out = self.text[self.emitted : end]
-        self.emitted = max(self.emitted, end)
-        return out, False
+        text = self._held + delta
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self._held = ""
+            return text[:min(hits)], True
+        keep = len(text) - partial_marker_len(text, self.stop)
+        self._held = text[keep:]
+        return text[:keep], False
 
     def flush(self) -> str:
         """Everything still held back (the request ended for another reason)."""
-        out = self.text[self.emitted :]
-        self.emitted = len(self.text)
+        out, self._held = self._held, ""
         return out

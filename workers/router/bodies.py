@@ -65,14 +65,15 @@ class Collected:
 
 
 def chat_message(message: Message) -> dict[str, Any]:
+    content, calls = message.content, message.tool_calls
     body: dict[str, Any] = {
         "role": "assistant",
         # OpenAI's content is null beside tool calls when the model wrote nothing else.
-        "content": message.content if message.content or not message.tool_calls else None,
+        "content": content if content or not calls else None,
         "reasoning_content": message.reasoning,
     }
-    if message.tool_calls:
-        body["tool_calls"] = message.tool_calls
+    if calls:
+        body["tool_calls"] = calls
     return body
 
 

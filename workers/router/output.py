@@ -23,7 +23,7 @@ opens one; tool calls when the request has tools and tool_choice is not "none").
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from baton.workers.engine.tokenizer import IncrementalDetokenizer, StopMatcher
@@ -153,22 +153,41 @@ class ChoiceOutput:
         return False
 
 
-@dataclass
 class Message:
-    """A choice's output folded from its Deltas (what a non-streamed answer returns)."""
+    """A choice's output folded from its Deltas (what a non-streamed answer returns).
 
-    content: str = ""
-    reasoning: str | None = None
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    Pieces are kept in lists and joined when read: a long answer folds in linear time.
+    """
+
+    def __init__(self) -> None:
+        self._content: list[str] = []
+        self._reasoning: list[str] | None = None
+        self._calls: list[tuple[str, str, list[str]]] = []  # (id, name, argument fragments)
 
     def add(self, delta: Delta) -> None:
         if delta.content:
-            self.content += delta.content
+            self._content.append(delta.content)
         elif delta.reasoning:
-            self.reasoning = (self.reasoning or "") + delta.reasoning
+            if self._reasoning is None:
+                self._reasoning = []
+            self._reasoning.append(delta.reasoning)
         elif delta.tool_call is not None:
             call = delta.tool_call
             if call.id is not None:
-                self.tool_calls.append({"id": call.id, "type": "function",
-                                        "function": {"name": call.name, "arguments": ""}})
-            self.tool_calls[call.index]["function"]["arguments"] += call.arguments
+                self._calls.append((call.id, call.name, []))
+            self._calls[call.index][2].append(call.arguments)
+
+    @property
+    def content(self) -> str:
+        return "".join(self._content)
+
+    @property
+    def reasoning(self) -> str | None:
+        return None if self._reasoning is None else "".join(self._reasoning)
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """OpenAI's message.tool_calls."""
+        return [{"id": call_id, "type": "function",
+                 "function": {"name": name, "arguments": "".join(arguments)}}
+                for call_id, name, arguments in self._calls]

@@ -92,7 +92,7 @@ class OutputItems:
     def __init__(self) -> None:
         self.items: list[dict[str, Any]] = []
         self._kind: str | None = None  # of the open item: reasoning | message | function_call
-        self._call_index = -1
+        self._pieces: list[str] = []  # the open item's text / arguments so far
 
     def _item_event(self, kind: str) -> dict[str, Any]:
         return {"type": kind, "output_index": len(self.items) - 1,
@@ -115,6 +115,7 @@ class OutputItems:
                     "name": call.name, "arguments": "", "status": "in_progress"}
         self.items.append(item)
         self._kind = kind
+        self._pieces = []
         events.append(self._item_event("response.output_item.added"))
         if kind != "function_call":
             part = ({"type": "reasoning_text", "text": ""} if kind == "reasoning" else
@@ -136,12 +137,12 @@ class OutputItems:
         where = {"item_id": item["id"], "output_index": len(self.items) - 1}
         if kind == "function_call":
             if delta.tool_call.arguments:
-                item["arguments"] += delta.tool_call.arguments
+                self._pieces.append(delta.tool_call.arguments)
                 events.append({"type": "response.function_call_arguments.delta", **where,
                                "delta": delta.tool_call.arguments})
             return events
         text = delta.reasoning or delta.content
-        item["content"][0]["text"] += text
+        self._pieces.append(text)
         if kind == "reasoning":
             events.append({"type": "response.reasoning_text.delta", **where,
                            "content_index": 0, "delta": text})
@@ -157,10 +158,12 @@ class OutputItems:
         where = {"item_id": item["id"], "output_index": len(self.items) - 1}
         events = []
         if self._kind == "function_call":
+            item["arguments"] = "".join(self._pieces)
             events.append({"type": "response.function_call_arguments.done", **where,
                            "name": item["name"], "arguments": item["arguments"]})
         else:
             part = item["content"][0]
+            part["text"] = "".join(self._pieces)
             done = ("response.reasoning_text.done" if self._kind == "reasoning"
                     else "response.output_text.done")
             extra = {} if self._kind == "reasoning" else {"logprobs": []}

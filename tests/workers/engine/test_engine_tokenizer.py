@@ -100,7 +100,6 @@ def test_stop_matcher_cuts_and_holds_back():
     assert m.feed("x") == ("STx", False)  # not a stop after all
     assert m.feed(" end\n") == (" end", False)
     assert m.feed("\nmore") == ("", True)
-    assert m.text == "hello STx end"
     m = StopMatcher(["abc"])
     assert m.feed("xxab") == ("xx", False)
     assert m.flush() == "ab"
