@@ -64,6 +64,7 @@ class ParsedRequest:
     tools: list[FunctionTool] = field(default_factory=list)
     tool_choice: ToolChoice = field(default_factory=lambda: ToolChoice("none"))
     parallel_tool_calls: bool = True
+    max_tool_calls: int | None = None  # the answer ends after this many calls (None: no limit)
     output_format: OutputFormat | None = None  # response_format / text.format
     n: int = 1
     echo: bool = False  # completions: the prompt's text before the output

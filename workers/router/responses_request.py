@@ -176,9 +176,7 @@ def parse_responses(body: Any, store: ResponseStore) -> ResponsesRequest:
     req.tools = parse_tools(body.get("tools"))
     req.tool_choice = parse_tool_choice(body.get("tool_choice"), req.tools)
     req.parallel_tool_calls = bool_field(body, "parallel_tool_calls", default=True)
-    max_tool_calls = int_field(body, "max_tool_calls", 1)
-    if max_tool_calls == 1:
-        req.parallel_tool_calls = False
+    max_tool_calls = req.max_tool_calls = int_field(body, "max_tool_calls", 1)
     if req.output_format is not None and req.tool_choice.mode in ("required", "function"):
         raise bad_request("text.format: a tool_choice that forces a call leaves no answer to "
                           "format", param="text.format", code="invalid_value")

@@ -339,6 +339,7 @@ class Router:
         functions = ({t.name: t.parameters for t in parsed.tools}
                      if parsed.tools and parsed.tool_choice.parses_calls else None)
         one_call = not parsed.parallel_tool_calls or parsed.tool_choice.mode == "function"
+        max_calls = 1 if one_call else parsed.max_tool_calls
         deadline = time.time() + self.settings.request_timeout_s
         choices = []
         for p_index, (prompt, budget) in enumerate(zip(prompts, budgets)):
@@ -354,7 +355,7 @@ class Router:
                     cache_key=cache_key)
                 output = ChoiceOutput(self.tokenizer, prompt.ids, stop=sp.stop,
                                       reasoning=prompt.in_reasoning, tools=functions,
-                                      max_tool_calls=1 if one_call else None)
+                                      max_tool_calls=max_calls)
                 choices.append(Choice(index=len(choices), prompt_index=p_index, gen=gen,
                                       output=output,
                                       echo=prompt.text if parsed.echo else ""))

@@ -72,6 +72,10 @@ async def test_function_call_streamed_and_not(router_url):
     final = events[-1].response
     assert [item.type for item in final.output] == kinds
     assert final.output[1].arguments == call.arguments
+    # max_tool_calls ends the answer after that many calls.
+    r = await c.responses.create(model="tiny", input=said(CALL + CALL.split("\n", 1)[1] * 2),
+                                 tools=[TOOL], max_tool_calls=2)
+    assert [item.type for item in r.output] == ["message", "function_call", "function_call"]
 
 
 async def test_reasoning_items(router_url):
