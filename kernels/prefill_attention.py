@@ -81,7 +81,7 @@ def prefill_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
     int32; max_seqlen (host int) >= the longest sequence's queries (it sizes the grid);
     scale (default D ** -0.5). Returns out [T, Q, D] in q's dtype."""
     check_triton_device(q, k_pages, v_pages, block_tables, context_lens, cu_seqlens)
-    num_seqs = cu_seqlens.shape[0] - 1
+    num_seqs = block_tables.shape[0] if block_tables.dim() == 2 else -1
     check_paged_args(q, k_pages, v_pages, block_tables, context_lens, cu_seqlens, num_seqs)
     if not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"max_seqlen: must be an integer >= 0, got {max_seqlen!r}")
