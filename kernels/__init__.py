@@ -10,18 +10,18 @@ TRITON_INTERPRET=1 (set before this import), and set_backend "auto" keeps CPU te
 torch reference.
 """
 
+from baton.kernels.attention_decode import paged_attention
+from baton.kernels.attention_prefill import prefill_attention
 from baton.kernels.backend import set_backend
-from baton.kernels.causal_conv1d import causal_conv1d
-from baton.kernels.causal_conv1d_update import causal_conv1d_update
 from baton.kernels.experts import QuantExperts
 from baton.kernels.formats import WeightFormat
 from baton.kernels.linear import QuantLinear
 from baton.kernels.mamba_common import MambaChunks
-from baton.kernels.paged_attention import paged_attention
-from baton.kernels.prefill_attention import prefill_attention
+from baton.kernels.mamba_conv import causal_conv1d
+from baton.kernels.mamba_conv_step import causal_conv1d_update
+from baton.kernels.mamba_step import ssm_state_update
 from baton.kernels.routing import route
 from baton.kernels.ssd_combined import mamba_chunk_scan
-from baton.kernels.ssm_state_update import ssm_state_update
 
 __all__ = ["MambaChunks", "QuantExperts", "QuantLinear", "WeightFormat", "causal_conv1d",
            "causal_conv1d_update", "mamba_chunk_scan", "paged_attention", "prefill_attention",

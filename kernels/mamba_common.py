@@ -153,6 +153,13 @@ def dot_in_f32(dtype: torch.dtype, interpret: bool) -> bool:
     return dtype == torch.float32 or (interpret and dtype == torch.bfloat16)
 
 
+def f32_precision(device: torch.device) -> str:
+    """How tl.dot multiplies fp32 operands: three tf32 passes on a GPU (fp32 accuracy on
+    tensor cores; plain fp32 products there need so many registers that they spill), exact
+    in the interpreter."""
+    return "tf32x3" if device.type == "cuda" else "ieee"
+
+
 def pow2(n: int, low: int = 16) -> int:
     return max(low, triton.next_power_of_2(max(1, n)))
 

@@ -24,6 +24,7 @@ from baton.kernels.mamba_common import (
     check_rows,
     check_shape,
     dot_in_f32,
+    f32_precision,
     pow2,
 )
 from baton.kernels.triton_common import INTERPRET, check_triton_device, to_dtype_rn
@@ -43,7 +44,7 @@ def _chunk_scan_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, HAS_D: tl.constexpr, DOT_F32: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    F32_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     out_ty: tl.constexpr = out_ptr.dtype.element_ty
     chunk = tl.program_id(0)
@@ -58,44 +59,55 @@ def _chunk_scan_kernel(
         start = tl.load(chunk_start_ptr + chunk).to(tl.int64)
         group = head // heads_per_group
         offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        m_mask, p_mask, n_mask = offs_m < length, offs_p < head_dim, offs_n < dstate
+        m_mask, p_mask = offs_m < length, offs_p < head_dim
         dt_base = chunk.to(tl.int64) * stride_dt_c + head * stride_dt_h
         cs_m = tl.load(da_cs_ptr + dt_base + offs_m, mask=m_mask, other=0.0)
-        c = tl.load(c_ptr + (start + offs_m)[:, None] * stride_c_t + group * stride_c_g
-                    + offs_n[None, :] * stride_c_n,
-                    mask=m_mask[:, None] & n_mask[None, :], other=0.0)  # [M, N]
-        st = tl.load(states_ptr + chunk.to(tl.int64) * stride_st_c + head * stride_st_h
-                     + offs_n[:, None] * stride_st_n + offs_p[None, :] * stride_st_p,
-                     mask=n_mask[:, None] & p_mask[None, :], other=0.0)  # [N, P] fp32
-        if DOT_F32:
-            c = c.to(tl.float32)
-            acc = tl.dot(c, st, input_precision="ieee")
-        else:
-            acc = tl.dot(c, st.to(c.dtype))
+        c_rows = c_ptr + (start + offs_m)[:, None] * stride_c_t + group * stride_c_g
+        st_at = (states_ptr + chunk.to(tl.int64) * stride_st_c + head * stride_st_h
+                 + offs_p[None, :] * stride_st_p)
+        acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+        # The state width in BLOCK_N pieces (one piece when it fits the registers).
+        for n0 in range(0, dstate, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < dstate
+            c = tl.load(c_rows + offs_n[None, :] * stride_c_n,
+                        mask=m_mask[:, None] & n_mask[None, :], other=0.0)  # [M, N]
+            st = tl.load(st_at + offs_n[:, None] * stride_st_n,
+                         mask=n_mask[:, None] & p_mask[None, :], other=0.0)  # [N, P] fp32
+            if DOT_F32:
+                acc += tl.dot(c.to(tl.float32), st, input_precision=F32_PRECISION)
+            else:
+                acc += tl.dot(c, st.to(c.dtype))
         acc = acc * tl.exp(cs_m)[:, None]
         end = tl.minimum((m_block + 1) * BLOCK_M, length)
         for k0 in range(0, end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < length
-            bt = tl.load(b_ptr + (start + offs_k)[None, :] * stride_b_t + group * stride_b_g
-                         + offs_n[:, None] * stride_b_n,
-                         mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # [N, K]
+            cb = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for n0 in range(0, dstate, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                n_mask = offs_n < dstate
+                c = tl.load(c_rows + offs_n[None, :] * stride_c_n,
+                            mask=m_mask[:, None] & n_mask[None, :], other=0.0)  # [M, N]
+                bt = tl.load(b_ptr + (start + offs_k)[None, :] * stride_b_t
+                             + group * stride_b_g + offs_n[:, None] * stride_b_n,
+                             mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # [N, K]
+                if DOT_F32:
+                    cb += tl.dot(c.to(tl.float32), bt.to(tl.float32),
+                                 input_precision=F32_PRECISION)
+                else:
+                    cb += tl.dot(c, bt)
             xk = tl.load(x_ptr + (start + offs_k)[:, None] * stride_x_t + head * stride_x_h
                          + offs_p[None, :] * stride_x_p,
                          mask=k_mask[:, None] & p_mask[None, :], other=0.0)  # [K, P]
             cs_k = tl.load(da_cs_ptr + dt_base + offs_k, mask=k_mask, other=0.0)
             dt_k = tl.load(dt_out_ptr + dt_base + offs_k, mask=k_mask, other=0.0)
-            if DOT_F32:
-                cb = tl.dot(c, bt.to(tl.float32), input_precision="ieee")
-            else:
-                cb = tl.dot(c, bt)
             keep = (offs_k[None, :] <= offs_m[:, None]) & k_mask[None, :]
             # Decay exponents are <= 0 on and below the diagonal (da is never positive).
             decay = tl.exp(tl.minimum(cs_m[:, None] - cs_k[None, :], 0.0))
             cb = tl.where(keep, cb * decay * dt_k[None, :], 0.0)
             if DOT_F32:
-                acc += tl.dot(cb, xk.to(tl.float32), input_precision="ieee")
+                acc += tl.dot(cb, xk.to(tl.float32), input_precision=F32_PRECISION)
             else:
                 acc += tl.dot(cb.to(xk.dtype), xk)
         if HAS_D:
@@ -136,7 +148,7 @@ def chunk_scan(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dt_out: torch.
     check_shape("out", out, (t, heads, head_dim), "[T, h, p]")
     if nc == 0:
         return out
-    cfg = _scan_config(head_dim, dstate, L, x.device)
+    cfg = _scan_config(head_dim, dstate, L, x.device, x.dtype)
     grid = (nc, heads, triton.cdiv(L, cfg["BLOCK_M"]) * triton.cdiv(head_dim, cfg["BLOCK_P"]))
     _chunk_scan_kernel[grid](
         x, C, B, dt_out, da_cs, start_states, D if D is not None else dt_out, out,
@@ -144,19 +156,23 @@ def chunk_scan(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dt_out: torch.
         head_dim, dstate, heads // groups,
         *x.stride(), *C.stride(), *B.stride(), dt_out.stride(0), dt_out.stride(1),
         *start_states.stride(), *out.stride(),
-        HAS_D=D is not None, DOT_F32=dot_in_f32(x.dtype, INTERPRET), INTERPRETED=INTERPRET,
-        **cfg,
+        HAS_D=D is not None, DOT_F32=dot_in_f32(x.dtype, INTERPRET),
+        F32_PRECISION=f32_precision(x.device), INTERPRETED=INTERPRET, **cfg,
     )
     return out
 
 
-def _scan_config(head_dim: int, dstate: int, chunk_size: int, device: torch.device) -> dict:
+def _scan_config(head_dim: int, dstate: int, chunk_size: int, device: torch.device,
+                 dtype: torch.dtype = torch.bfloat16) -> dict:
     if device.type != "cuda":  # the interpreter: one block per (chunk, head)
         block = pow2(chunk_size)
         return {"BLOCK_M": block, "BLOCK_K": block, "BLOCK_P": pow2(head_dim),
                 "BLOCK_N": pow2(dstate), "num_warps": 4}
+    if dtype == torch.float32:  # 3-pass tf32 products: narrow state pieces
+        return {"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_P": min(32, pow2(head_dim)),
+                "BLOCK_N": min(32, pow2(dstate)), "num_warps": 4, "num_stages": 1}
     return {"BLOCK_M": min(64, pow2(chunk_size)), "BLOCK_K": min(64, pow2(chunk_size)),
-            "BLOCK_P": min(64, pow2(head_dim)), "BLOCK_N": pow2(dstate), "num_warps": 4,
+            "BLOCK_P": min(64, pow2(head_dim)), "BLOCK_N": pow2(dstate), "num_warps": 8,
             "num_stages": 2}
 
 

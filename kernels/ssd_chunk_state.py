@@ -26,6 +26,7 @@ from baton.kernels.mamba_common import (
     check_dt_limit,
     check_shape,
     dot_in_f32,
+    f32_precision,
     pow2,
     time_step,
     time_step_ref,
@@ -76,7 +77,7 @@ def _chunk_state_kernel(
     stride_dt_c, stride_dt_h, stride_st_c, stride_st_h, stride_st_p, stride_st_n,
     # meta-parameters
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, F32_PRECISION: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     head = tl.program_id(1)
@@ -104,7 +105,7 @@ def _chunk_state_kernel(
         weight = tl.where(l_mask, tl.exp(cs_last - cs) * dt, 0.0)
         b_scaled = b.to(tl.float32) * weight[:, None]
         if DOT_F32:
-            acc += tl.dot(x.to(tl.float32), b_scaled, input_precision="ieee")
+            acc += tl.dot(x.to(tl.float32), b_scaled, input_precision=F32_PRECISION)
         else:
             acc += tl.dot(x, b_scaled.to(x.dtype))
     tl.store(states_ptr + chunk.to(tl.int64) * stride_st_c + head * stride_st_h
@@ -175,7 +176,7 @@ def chunk_state(x: torch.Tensor, B: torch.Tensor, dt_out: torch.Tensor, da_cs: t
         head_dim, dstate, heads // groups, L,
         x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
         dt_out.stride(0), dt_out.stride(1), *states.stride(),
-        DOT_F32=dot_in_f32(x.dtype, INTERPRET), **cfg,
+        DOT_F32=dot_in_f32(x.dtype, INTERPRET), F32_PRECISION=f32_precision(x.device), **cfg,
     )
     return states
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baton.kernels.causal_conv1d import causal_conv1d, causal_conv1d_ref
-from baton.kernels.causal_conv1d_update import causal_conv1d_update, causal_conv1d_update_ref
 from baton.kernels.mamba_common import MambaChunks
+from baton.kernels.mamba_conv import causal_conv1d, causal_conv1d_ref
+from baton.kernels.mamba_conv_step import causal_conv1d_update, causal_conv1d_update_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

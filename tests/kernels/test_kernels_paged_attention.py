@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baton.kernels.paged_attention import paged_attention, paged_attention_ref
-from baton.kernels.prefill_attention import prefill_attention, prefill_attention_ref
+from baton.kernels.attention_decode import paged_attention, paged_attention_ref
+from baton.kernels.attention_prefill import prefill_attention, prefill_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

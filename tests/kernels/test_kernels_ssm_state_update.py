@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baton.kernels.ssm_state_update import ssm_state_update, ssm_state_update_ref
+from baton.kernels.mamba_step import ssm_state_update, ssm_state_update_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}

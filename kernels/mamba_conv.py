@@ -167,7 +167,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     kernel = weight.shape[1]
     flags = has_initial_state if has_initial_state is not None else slot_ids
     if x.is_cuda:
-        block_t, block_w = min(32, triton.next_power_of_2(chunks.chunk_size)), 128
+        block_t, block_w = min(16, triton.next_power_of_2(chunks.chunk_size)), 64
     else:  # the interpreter: one block per chunk
         block_t, block_w = triton.next_power_of_2(chunks.chunk_size), \
             triton.next_power_of_2(width)

@@ -32,7 +32,13 @@ import torch
 import triton
 import triton.language as tl
 
-from baton.kernels.mamba_common import check_shape, check_unit_stride, dot_in_f32, pow2
+from baton.kernels.mamba_common import (
+    check_shape,
+    check_unit_stride,
+    dot_in_f32,
+    f32_precision,
+    pow2,
+)
 from baton.kernels.triton_common import INTERPRET, check_triton_device, to_dtype_rn
 
 LOG2E = 1.4426950408889634
@@ -43,7 +49,7 @@ DEFAULT_SPLIT_TOKENS = 256
 def attend_keys(q, pos, acc, m_i, l_i, k_ptr, v_ptr, table_ptr, start, end, page_size,
                 kv_head, stride_k_page, stride_k_tok, stride_k_h, stride_v_page, stride_v_tok,
                 stride_v_h, offs_d, d_mask, qk_scale,
-                BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+                BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, F32_PRECISION: tl.constexpr):
     """Online softmax (base 2) of the rows q [M, D] over one sequence's keys start .. end - 1,
     read through its page table; row r sees keys <= pos[r]. Returns (acc, m, l)."""
     for n0 in range(start, end, BLOCK_N):
@@ -59,7 +65,7 @@ def attend_keys(q, pos, acc, m_i, l_i, k_ptr, v_ptr, table_ptr, start, end, page
                     + kv_head * stride_v_h + offs_d[None, :],
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [N, D]
         if DOT_F32:
-            s = tl.dot(q, kt.to(tl.float32), input_precision="ieee")
+            s = tl.dot(q, kt.to(tl.float32), input_precision=F32_PRECISION)
         else:
             s = tl.dot(q, kt)
         visible = (offs_n[None, :] <= pos[:, None]) & n_mask[None, :]
@@ -70,7 +76,7 @@ def attend_keys(q, pos, acc, m_i, l_i, k_ptr, v_ptr, table_ptr, start, end, page
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if DOT_F32:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=F32_PRECISION)
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
@@ -91,7 +97,8 @@ def _paged_decode_kernel(
     # meta-parameters
     GROUP: tl.constexpr, MAX_QUERIES: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_F32: tl.constexpr, INTERPRETED: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_F32: tl.constexpr, F32_PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     out_ty: tl.constexpr = out_ptr.dtype.element_ty
     seq = tl.program_id(0)
@@ -125,7 +132,8 @@ def _paged_decode_kernel(
         acc, m_i, l_i = attend_keys(
             q, pos, acc, m_i, l_i, k_ptr, v_ptr, table_ptr + seq.to(tl.int64) * stride_table_s,
             start, end, page_size, kv_head, stride_k_page, stride_k_tok, stride_k_h,
-            stride_v_page, stride_v_tok, stride_v_h, offs_d, d_mask, qk_scale, BLOCK_N, DOT_F32)
+            stride_v_page, stride_v_tok, stride_v_h, offs_d, d_mask, qk_scale, BLOCK_N, DOT_F32,
+            F32_PRECISION)
         seen = l_i > 0.0
         o = acc / tl.where(seen, l_i, 1.0)[:, None]
         mask = row_valid[:, None] & d_mask[None, :]
@@ -184,6 +192,11 @@ def _combine_splits_kernel(
             total += weight
         tl.store(out_ptr + (first + token).to(tl.int64) * stride_o_t + head * stride_o_h
                  + offs_d, to_dtype_rn(acc / total, out_ty, INTERPRETED), mask=d_mask)
+
+
+def decode_block_n(q: torch.Tensor) -> int:
+    """Keys per step: fp32 tiles on a GPU take twice the registers of 16-bit ones."""
+    return 32 if q.is_cuda and q.dtype == torch.float32 else 64
 
 
 def check_paged_args(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
@@ -252,7 +265,7 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     ws_lse = torch.empty(ws_out.shape[:4], dtype=torch.float32, device=q.device)
     cu = cu_seqlens if cu_seqlens is not None else context_lens
     block_d = pow2(head_dim)
-    block_n = 64 if q.is_cuda else min(64, pow2(split_tokens))
+    block_n = min(decode_block_n(q), pow2(split_tokens))
     _paged_decode_kernel[(num_seqs, kv_heads, num_splits)](
         q, k_pages, v_pages, block_tables, context_lens, cu, out, ws_out, ws_lse,
         head_dim, page_size, split_tokens, scale * LOG2E,
@@ -261,7 +274,8 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
         out.stride(0), out.stride(1), *ws_out.stride()[:4], *ws_lse.stride()[:3],
         GROUP=group, MAX_QUERIES=max_queries, BLOCK_M=pow2(group * max_queries),
         BLOCK_N=block_n, BLOCK_D=block_d, SINGLE_SPLIT=single, VARLEN=cu_seqlens is not None,
-        DOT_F32=dot_in_f32(q.dtype, INTERPRET), INTERPRETED=INTERPRET, num_warps=4,
+        DOT_F32=dot_in_f32(q.dtype, INTERPRET), F32_PRECISION=f32_precision(q.device),
+        INTERPRETED=INTERPRET, num_warps=4,
     )
     if not single:
         _combine_splits_kernel[(num_seqs, max_queries, heads)](

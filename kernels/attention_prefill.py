@@ -18,8 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
-from baton.kernels.mamba_common import check_shape, check_unit_stride, dot_in_f32, pow2
-from baton.kernels.paged_attention import LOG2E, attend_keys, check_paged_args, paged_attention_ref
+from baton.kernels.attention_decode import LOG2E, attend_keys, check_paged_args, paged_attention_ref
+from baton.kernels.mamba_common import (
+    check_shape,
+    check_unit_stride,
+    dot_in_f32,
+    f32_precision,
+    pow2,
+)
 from baton.kernels.triton_common import INTERPRET, check_triton_device, to_dtype_rn
 
 
@@ -34,7 +40,8 @@ def _prefill_attention_kernel(
     stride_v_page, stride_v_tok, stride_v_h, stride_table_s, stride_o_t, stride_o_h,
     # meta-parameters
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, F32_PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     out_ty: tl.constexpr = out_ptr.dtype.element_ty
     seq = tl.program_id(0)
@@ -63,7 +70,8 @@ def _prefill_attention_kernel(
         acc, m_i, l_i = attend_keys(
             q, pos, acc, m_i, l_i, k_ptr, v_ptr, table_ptr + seq.to(tl.int64) * stride_table_s,
             0, end, page_size, kv_head, stride_k_page, stride_k_tok, stride_k_h,
-            stride_v_page, stride_v_tok, stride_v_h, offs_d, d_mask, qk_scale, BLOCK_N, DOT_F32)
+            stride_v_page, stride_v_tok, stride_v_h, offs_d, d_mask, qk_scale, BLOCK_N, DOT_F32,
+            F32_PRECISION)
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(out_ptr + row_t[:, None] * stride_o_t + head * stride_o_h + offs_d[None, :],
                  to_dtype_rn(o, out_ty, INTERPRETED), mask=row_valid[:, None] & d_mask[None, :])
@@ -93,7 +101,9 @@ def prefill_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
     check_unit_stride("out", out)
     if num_seqs == 0 or max_seqlen == 0:
         return out
-    if q.is_cuda:
+    if q.is_cuda and q.dtype == torch.float32:  # fp32 tiles: twice the registers
+        block_m, block_n, warps = 32, 32, 8
+    elif q.is_cuda:
         block_m, block_n, warps = (128, 64, 8) if head_dim <= 64 else (64, 64, 4)
     else:  # the interpreter: few, large blocks
         block_m, block_n, warps = min(64, pow2(max_seqlen)), 64, 4
@@ -104,7 +114,8 @@ def prefill_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
         v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=heads // kv_heads, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=pow2(head_dim),
-        DOT_F32=dot_in_f32(q.dtype, INTERPRET), INTERPRETED=INTERPRET, num_warps=warps,
+        DOT_F32=dot_in_f32(q.dtype, INTERPRET), F32_PRECISION=f32_precision(q.device),
+        INTERPRETED=INTERPRET, num_warps=warps,
     )
     return out
 

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from baton.kernels.causal_conv1d import check_conv_args, conv_window_ref, silu_f32, window_column
 from baton.kernels.mamba_common import check_rows, check_shape, check_unit_stride
+from baton.kernels.mamba_conv import check_conv_args, conv_window_ref, silu_f32, window_column
 from baton.kernels.triton_common import INTERPRET, check_triton_device, to_dtype_rn
 
 
