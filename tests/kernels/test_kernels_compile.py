@@ -1,6 +1,7 @@
 """Every kernel variant the runtime launches compiles for Hopper (sm_90) and Blackwell
-(sm_100; the GEMMs and the Mamba2 / attention kernels) without spilling registers: Triton compiles ahead of time with its bundled ptxas,
-so this runs without a GPU (the interpreter tests cannot see compiler failures)."""
+(sm_100: the GEMMs and the Mamba2 / attention kernels) without spilling registers: Triton
+compiles ahead of time with its bundled ptxas, so this runs without a GPU (the interpreter
+tests cannot see compiler failures)."""
 
 from __future__ import annotations
 
