@@ -43,6 +43,17 @@ from baton.kernels.triton_common import INTERPRET, check_triton_device, to_dtype
 
 LOG2E = 1.4426950408889634
 DEFAULT_SPLIT_TOKENS = 256
+MAX_SPLITS = 64
+
+
+def split_tokens_for(max_context: int) -> int:
+    """The split size an engine fixes once from its longest context (max_model_len): 256
+    keys, or more where that would make over MAX_SPLITS splits (the workspace holds
+    [S, splits, queries, Q, D] fp32). Fixed per engine, so results never depend on the batch."""
+    if not isinstance(max_context, int) or max_context < 1:
+        raise ValueError(f"max_context: must be an integer >= 1, got {max_context!r}")
+    need = -(-max_context // MAX_SPLITS)
+    return max(DEFAULT_SPLIT_TOKENS, 16 * -(-need // 16))
 
 
 @triton.jit

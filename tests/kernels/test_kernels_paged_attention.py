@@ -8,7 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baton.kernels.attention_decode import paged_attention, paged_attention_ref
+from baton.kernels.attention_decode import (
+    paged_attention,
+    paged_attention_ref,
+    split_tokens_for,
+)
 from baton.kernels.attention_prefill import prefill_attention, prefill_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -112,6 +116,14 @@ def test_prefill_over_cached_pages(dtype):
         q, keys.transpose(0, 1).repeat_interleave(3, 0),
         values.transpose(0, 1).repeat_interleave(3, 0), is_causal=True)
     assert_close(out[13:22], want.transpose(0, 1), dtype)
+
+
+def test_split_size_from_the_longest_context():
+    assert split_tokens_for(8192) == 256 and split_tokens_for(100) == 256
+    assert split_tokens_for(131072) == 2048 and 262144 / split_tokens_for(262144) <= 64
+    assert split_tokens_for(16385) % 16 == 0 and 16385 / split_tokens_for(16385) <= 64
+    with pytest.raises(ValueError, match="max_context"):
+        split_tokens_for(0)
 
 
 def test_bad_inputs():
