@@ -32,14 +32,17 @@ import torch
 import triton
 import triton.language as tl
 
-from baton.kernels.mamba_common import (
+from baton.kernels.triton_common import (
+    INTERPRET,
     check_shape,
+    check_triton_device,
     check_unit_stride,
     dot_in_f32,
     f32_precision,
     pow2,
+    seq_rows,
+    to_dtype_rn,
 )
-from baton.kernels.triton_common import INTERPRET, check_triton_device, to_dtype_rn
 
 LOG2E = 1.4426950408889634
 DEFAULT_SPLIT_TOKENS = 256
@@ -57,12 +60,21 @@ def split_tokens_for(max_context: int) -> int:
 
 
 @triton.jit
-def attend_keys(q, pos, acc, m_i, l_i, k_ptr, v_ptr, table_ptr, start, end, page_size,
-                kv_head, stride_k_page, stride_k_tok, stride_k_h, stride_v_page, stride_v_tok,
+def attend_rows(q_at, q_mask, pos, k_ptr, v_ptr, table_ptr, start, end, page_size, kv_head,
+                stride_k_page, stride_k_tok, stride_k_h, stride_v_page, stride_v_tok,
                 stride_v_h, offs_d, d_mask, qk_scale,
-                BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, F32_PRECISION: tl.constexpr):
-    """Online softmax (base 2) of the rows q [M, D] over one sequence's keys start .. end - 1,
-    read through its page table; row r sees keys <= pos[r]. Returns (acc, m, l)."""
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                DOT_F32: tl.constexpr, F32_PRECISION: tl.constexpr):
+    """The query rows at q_at [M, D] (pointers) attend, by an online softmax in base 2, to one
+    sequence's keys start .. end - 1 read through its page table; row r sees keys <= pos[r].
+    Returns (o, m, l): o the softmax-weighted values (0 for a row that saw no key), m and l
+    the running max and sum (log2 sum exp2 of the row's scores = m + log2 l)."""
+    q = tl.load(q_at, mask=q_mask, other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
@@ -91,7 +103,7 @@ def attend_keys(q, pos, acc, m_i, l_i, k_ptr, v_ptr, table_ptr, start, end, page
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    return acc, m_i, l_i
+    return acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None], m_i, l_i
 
 
 @triton.jit
@@ -116,12 +128,7 @@ def _paged_decode_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(ctx_ptr + seq)
-    if VARLEN:
-        first = tl.load(cu_ptr + seq)
-        num_queries = tl.minimum(tl.load(cu_ptr + seq + 1) - first, MAX_QUERIES)
-    else:
-        first = seq
-        num_queries = 1
+    first, num_queries = seq_rows(cu_ptr, seq, MAX_QUERIES, VARLEN)
     start = split * split_tokens
     if (start < ctx) & (num_queries > 0):
         end = tl.minimum(start + split_tokens, ctx)
@@ -133,21 +140,14 @@ def _paged_decode_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < head_dim
         row_t = (first + token).to(tl.int64)
-        q = tl.load(q_ptr + row_t[:, None] * stride_q_t + head[:, None] * stride_q_h
-                    + offs_d[None, :], mask=row_valid[:, None] & d_mask[None, :], other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
-        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        m_i = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
-        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        acc, m_i, l_i = attend_keys(
-            q, pos, acc, m_i, l_i, k_ptr, v_ptr, table_ptr + seq.to(tl.int64) * stride_table_s,
-            start, end, page_size, kv_head, stride_k_page, stride_k_tok, stride_k_h,
-            stride_v_page, stride_v_tok, stride_v_h, offs_d, d_mask, qk_scale, BLOCK_N, DOT_F32,
-            F32_PRECISION)
-        seen = l_i > 0.0
-        o = acc / tl.where(seen, l_i, 1.0)[:, None]
         mask = row_valid[:, None] & d_mask[None, :]
+        o, m_i, l_i = attend_rows(
+            q_ptr + row_t[:, None] * stride_q_t + head[:, None] * stride_q_h + offs_d[None, :],
+            mask, pos, k_ptr, v_ptr, table_ptr + seq.to(tl.int64) * stride_table_s, start, end,
+            page_size, kv_head, stride_k_page, stride_k_tok, stride_k_h, stride_v_page,
+            stride_v_tok, stride_v_h, offs_d, d_mask, qk_scale, BLOCK_M, BLOCK_D, BLOCK_N,
+            DOT_F32, F32_PRECISION)
+        seen = l_i > 0.0
         if SINGLE_SPLIT:
             tl.store(out_ptr + row_t[:, None] * stride_o_t + head[:, None] * stride_o_h
                      + offs_d[None, :], to_dtype_rn(o, out_ty, INTERPRETED), mask=mask)
@@ -178,12 +178,7 @@ def _combine_splits_kernel(
     token = tl.program_id(1)
     head = tl.program_id(2)
     ctx = tl.load(ctx_ptr + seq)
-    if VARLEN:
-        first = tl.load(cu_ptr + seq)
-        num_queries = tl.minimum(tl.load(cu_ptr + seq + 1) - first, MAX_QUERIES)
-    else:
-        first = seq
-        num_queries = 1
+    first, num_queries = seq_rows(cu_ptr, seq, MAX_QUERIES, VARLEN)
     if (ctx > 0) & (token < num_queries):
         pos = ctx - num_queries + token
         splits = pos // split_tokens + 1  # the splits that hold keys this row sees

@@ -18,15 +18,17 @@ import torch
 import triton
 import triton.language as tl
 
-from baton.kernels.attention_decode import LOG2E, attend_keys, check_paged_args, paged_attention_ref
-from baton.kernels.mamba_common import (
+from baton.kernels.attention_decode import LOG2E, attend_rows, check_paged_args, paged_attention_ref
+from baton.kernels.triton_common import (
+    INTERPRET,
     check_shape,
+    check_triton_device,
     check_unit_stride,
     dot_in_f32,
     f32_precision,
     pow2,
+    to_dtype_rn,
 )
-from baton.kernels.triton_common import INTERPRET, check_triton_device, to_dtype_rn
 
 
 @triton.jit
@@ -49,7 +51,7 @@ def _prefill_attention_kernel(
     head = tl.program_id(2)
     ctx = tl.load(ctx_ptr + seq)
     first = tl.load(cu_ptr + seq)
-    num_queries = tl.load(cu_ptr + seq + 1) - first
+    num_queries = tl.load(cu_ptr + seq + 1) - first  # all of them (no MAX as in decode)
     if (ctx > 0) & (m_block * BLOCK_M < num_queries):
         kv_head = head // GROUP
         offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -58,23 +60,17 @@ def _prefill_attention_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < head_dim
         row_t = (first + offs_m).to(tl.int64)
-        q = tl.load(q_ptr + row_t[:, None] * stride_q_t + head * stride_q_h + offs_d[None, :],
-                    mask=row_valid[:, None] & d_mask[None, :], other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
-        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        m_i = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
-        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        mask = row_valid[:, None] & d_mask[None, :]
         # Keys past the block's last query are masked for every row: not read at all.
         end = tl.minimum(ctx, ctx - num_queries + (m_block + 1) * BLOCK_M)
-        acc, m_i, l_i = attend_keys(
-            q, pos, acc, m_i, l_i, k_ptr, v_ptr, table_ptr + seq.to(tl.int64) * stride_table_s,
-            0, end, page_size, kv_head, stride_k_page, stride_k_tok, stride_k_h,
-            stride_v_page, stride_v_tok, stride_v_h, offs_d, d_mask, qk_scale, BLOCK_N, DOT_F32,
-            F32_PRECISION)
-        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        o, _, _ = attend_rows(
+            q_ptr + row_t[:, None] * stride_q_t + head * stride_q_h + offs_d[None, :], mask,
+            pos, k_ptr, v_ptr, table_ptr + seq.to(tl.int64) * stride_table_s, 0, end,
+            page_size, kv_head, stride_k_page, stride_k_tok, stride_k_h, stride_v_page,
+            stride_v_tok, stride_v_h, offs_d, d_mask, qk_scale, BLOCK_M, BLOCK_D, BLOCK_N,
+            DOT_F32, F32_PRECISION)
         tl.store(out_ptr + row_t[:, None] * stride_o_t + head * stride_o_h + offs_d[None, :],
-                 to_dtype_rn(o, out_ty, INTERPRETED), mask=row_valid[:, None] & d_mask[None, :])
+                 to_dtype_rn(o, out_ty, INTERPRETED), mask=mask)
 
 
 def prefill_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,

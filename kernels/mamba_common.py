@@ -1,6 +1,6 @@
 """Pieces the Mamba2 kernels share: the varlen chunk table of a prefill (MambaChunks), the
 time step (softplus of dt + dt_bias, clamped to time_step_limit) in Triton and in torch,
-and the checks of the slot-indexed state arguments.
+and the check of the slot-indexed state arguments.
 
 Shapes: T packed tokens, S sequences, NC chunks, h heads, p head dim, g groups, n state size.
 
@@ -16,7 +16,6 @@ Conventions every Mamba kernel follows (so one BatchPlan serves them all):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -111,23 +110,6 @@ def check_dt_limit(dt_limit: tuple[float, float]) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------- argument checks
-def check_shape(name: str, t: torch.Tensor | None, shape: tuple, what: str) -> None:
-    """t has `shape` (None entries match anything)."""
-    if t is None:
-        return
-    if t.dim() != len(shape) or any(want is not None and got != want
-                                    for got, want in zip(t.shape, shape)):
-        want = ", ".join("*" if d is None else str(d) for d in shape)
-        raise ValueError(f"{name}: expected {what} [{want}], got {tuple(t.shape)}")
-
-
-def check_unit_stride(name: str, t: torch.Tensor) -> None:
-    """The innermost dimension is read as a vector: it must be contiguous."""
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(f"{name}: the last dimension must have stride 1, got strides "
-                         f"{tuple(t.stride())}")
-
-
 def check_rows(slot_ids: torch.Tensor, has_initial_state: torch.Tensor | None,
                cu_seqlens: torch.Tensor | None, num_seqs: int) -> None:
     """The per-sequence index tensors of a call: slot_ids [S] integer, has_initial_state [S]
@@ -146,22 +128,3 @@ def check_rows(slot_ids: torch.Tensor, has_initial_state: torch.Tensor | None,
             raise ValueError(f"cu_seqlens: expected int32 [{num_seqs + 1}], got "
                              f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
 
-
-def dot_in_f32(dtype: torch.dtype, interpret: bool) -> bool:
-    """Tensor-core products take 16-bit operands as they are; fp32 operands (and bf16 ones
-    in the interpreter, whose bf16 tl.dot is wrong) go through an exact fp32 product."""
-    return dtype == torch.float32 or (interpret and dtype == torch.bfloat16)
-
-
-def f32_precision(device: torch.device) -> str:
-    """How tl.dot multiplies fp32 operands: three tf32 passes on a GPU (fp32 accuracy on
-    tensor cores; plain fp32 products there need so many registers that they spill), exact
-    in the interpreter."""
-    return "tf32x3" if device.type == "cuda" else "ieee"
-
-
-def pow2(n: int, low: int = 16) -> int:
-    return max(low, triton.next_power_of_2(max(1, n)))
-
-
-INF = math.inf

@@ -21,8 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
-from baton.kernels.mamba_common import MambaChunks, check_rows, check_shape, check_unit_stride
-from baton.kernels.triton_common import INTERPRET, check_triton_device, to_dtype_rn
+from baton.kernels.mamba_common import MambaChunks, check_rows
+from baton.kernels.triton_common import (
+    INTERPRET,
+    check_shape,
+    check_triton_device,
+    check_unit_stride,
+    to_dtype_rn,
+)
 
 
 @triton.jit

@@ -20,9 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
-from baton.kernels.mamba_common import check_rows, check_shape, check_unit_stride
+from baton.kernels.mamba_common import check_rows
 from baton.kernels.mamba_conv import check_conv_args, conv_window_ref, silu_f32, window_column
-from baton.kernels.triton_common import INTERPRET, check_triton_device, to_dtype_rn
+from baton.kernels.triton_common import (
+    INTERPRET,
+    check_shape,
+    check_triton_device,
+    check_unit_stride,
+    seq_rows,
+    to_dtype_rn,
+)
 
 
 @triton.jit
@@ -45,12 +52,7 @@ def _causal_conv1d_update_kernel(
     TAPS: tl.constexpr = KERNEL - 1
     seq = tl.program_id(0)
     slot = tl.load(slot_ptr + seq).to(tl.int64)
-    if VARLEN:
-        first = tl.load(cu_ptr + seq)
-        num_tokens = tl.minimum(tl.load(cu_ptr + seq + 1) - first, MAX_TOKENS)
-    else:
-        first = seq
-        num_tokens = 1
+    first, num_tokens = seq_rows(cu_ptr, seq, MAX_TOKENS, VARLEN)
     if (slot >= 0) & (num_tokens > 0):
         offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         w_mask = offs_w < width

@@ -28,16 +28,16 @@ import torch
 import triton
 import triton.language as tl
 
-from baton.kernels.mamba_common import (
-    check_dt_limit,
-    check_rows,
+from baton.kernels.mamba_common import check_dt_limit, check_rows, time_step, time_step_ref
+from baton.kernels.triton_common import (
+    INTERPRET,
     check_shape,
+    check_triton_device,
     check_unit_stride,
     pow2,
-    time_step,
-    time_step_ref,
+    seq_rows,
+    to_dtype_rn,
 )
-from baton.kernels.triton_common import INTERPRET, check_triton_device, to_dtype_rn
 
 
 @triton.jit
@@ -63,12 +63,7 @@ def _ssm_state_update_kernel(
     seq = tl.program_id(0)
     head = tl.program_id(1)
     slot = tl.load(slot_ptr + seq).to(tl.int64)
-    if VARLEN:
-        first = tl.load(cu_ptr + seq)
-        num_tokens = tl.minimum(tl.load(cu_ptr + seq + 1) - first, MAX_TOKENS)
-    else:
-        first = seq
-        num_tokens = 1
+    first, num_tokens = seq_rows(cu_ptr, seq, MAX_TOKENS, VARLEN)
     if (slot >= 0) & (num_tokens > 0):
         offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
         offs_n = tl.arange(0, BLOCK_N)

@@ -19,15 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
-from baton.kernels.mamba_common import (
-    MambaChunks,
-    check_rows,
+from baton.kernels.mamba_common import MambaChunks, check_rows
+from baton.kernels.triton_common import (
+    INTERPRET,
     check_shape,
+    check_triton_device,
     dot_in_f32,
     f32_precision,
     pow2,
+    to_dtype_rn,
 )
-from baton.kernels.triton_common import INTERPRET, check_triton_device, to_dtype_rn
 
 
 @triton.jit

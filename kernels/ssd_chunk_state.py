@@ -21,17 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from baton.kernels.mamba_common import (
-    MambaChunks,
-    check_dt_limit,
+from baton.kernels.mamba_common import MambaChunks, check_dt_limit, time_step, time_step_ref
+from baton.kernels.triton_common import (
+    INTERPRET,
     check_shape,
+    check_triton_device,
     dot_in_f32,
     f32_precision,
     pow2,
-    time_step,
-    time_step_ref,
 )
-from baton.kernels.triton_common import INTERPRET, check_triton_device
 
 
 @triton.jit

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from baton.kernels.mamba_common import MambaChunks, check_dt_limit, check_rows, check_shape
+from baton.kernels.mamba_common import MambaChunks, check_dt_limit, check_rows
 from baton.kernels.mamba_step import ssm_state_update_ref
 from baton.kernels.ssd_chunk_scan import chunk_scan
 from baton.kernels.ssd_chunk_state import chunk_cumsum, chunk_state
 from baton.kernels.ssd_state_passing import state_passing
-from baton.kernels.triton_common import check_triton_device
+from baton.kernels.triton_common import check_shape, check_triton_device
 
 
 def mamba_chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,

@@ -35,11 +35,9 @@ The table goes to stdout and to benchmarks/results/<date>-<device>-hot-path.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +49,7 @@ if not torch.cuda.is_available():  # the CPU smoke run needs the interpreter, se
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_moe import Clock, measure_ceilings, relative_error
+from bench_moe import Clock, markdown_report, measure_ceilings, relative_error, write_report
 
 from baton.kernels import (
     MambaChunks,
@@ -388,24 +386,9 @@ class Bench:
 
 
 def markdown(rows: list[Row], hbm: float, peak: float, device_name: str) -> str:
-    import triton
-
-    lines = [
-        f"# Mamba2 and paged-attention kernels on {device_name}",
-        "",
-        f"Date: {datetime.date.today().isoformat()}. torch {torch.__version__}, "
-        f"triton {triton.__version__}. Command: `python benchmarks/kernels/bench_hot_path.py "
-        f"{' '.join(sys.argv[1:])}`.",
-        "",
-        f"Measured in this run: HBM read {hbm / 1e9:,.1f} GB/s (a bf16 sum); bf16 GEMM "
-        f"{peak / 1e12:,.1f} TFLOP/s. Formulas: see the script's docstring. Every row was "
-        "checked against the kernel's torch reference first (rel err).",
-        "",
-        "| " + " | ".join(HEADER) + " |",
-        "|" + "---|" * len(HEADER),
-    ]
-    lines += ["| " + " | ".join(row.cells(hbm, peak)) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_report(f"Mamba2 and paged-attention kernels on {device_name}",
+                           "bench_hot_path.py", hbm, peak, "the kernel's torch reference",
+                           HEADER, [row.cells(hbm, peak) for row in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -459,19 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         run(bench.attention_prefill, tokens, 0)
         run(bench.attention_prefill, max(1, tokens // 4), tokens - max(1, tokens // 4))
 
-    report = markdown(rows, hbm, peak, device_name)
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-    out = args.out or (Path(__file__).resolve().parents[1] / "results"
-                       / f"{datetime.date.today().isoformat()}-{slug}-hot-path.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report + ("\nFAILED CHECKS:\n" + "\n".join(failures) + "\n"
-                             if failures else ""))
-    print(report)
-    print(f"written to {out}")
-    for failure in failures:
-        print("FAILED:", failure, file=sys.stderr)
-    return 1 if failures else 0
-
+    return write_report(markdown(rows, hbm, peak, device_name), failures, device_name,
+                        "hot-path", args.out)
 
 if __name__ == "__main__":
     sys.exit(main())
