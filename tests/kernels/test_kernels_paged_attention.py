@@ -170,7 +170,10 @@ def test_nano_attention_on_gpu_and_in_a_cuda_graph():
     want = call(paged_attention, inputs)
     assert torch.equal(static_out[real], want[real])
     cu = torch.arange(0, 4 * len(ctx) + 1, 4, dtype=torch.int32, device=DEVICE)
-    verify = dict(inputs, q=torch.randn(4 * len(ctx), 32, 128, device=DEVICE).bfloat16())
+    # A context holds its 4 new tokens at least.
+    lens = inputs["context_lens"]
+    verify = dict(inputs, q=torch.randn(4 * len(ctx), 32, 128, device=DEVICE).bfloat16(),
+                  context_lens=torch.where(lens > 0, lens.clamp(min=4), lens))
     assert_close(call(paged_attention, verify, cu_seqlens=cu, max_queries=4),
                  call(paged_attention_ref, verify, cu_seqlens=cu, max_queries=4),
                  torch.bfloat16)
