@@ -30,15 +30,16 @@ class Generation:
         self.client_request_id = client_request_id
         self._decode = decode
         self._metrics = metrics
-        self.text = TextAssembler(decode, parsed.stop, gen.prompt_ids)
+        self.text = TextAssembler(decode, parsed.sampling.stop, gen.prompt_ids)
         self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt tokens served from a prefix cache
         self.finish_reason: str | None = None
         self.delivered = False
         """A stream's last event ([DONE]) was written: the client has the whole answer, even
         if its connection closes before the response is finished off."""
 
     def token_entry(self, out: TokenOutput) -> dict[str, Any] | None:
-        if self.parsed.logprobs is None:
+        if self.parsed.sampling.logprobs is None:
             return None
         if self.parsed.tokens_as_ids:
             def name(t: int) -> str:
@@ -49,7 +50,7 @@ class Generation:
         return {
             "token": name(out.token_id),
             "logprob": out.logprob,
-            "top": [(name(t), lp) for t, lp in out.top_logprobs[: self.parsed.logprobs]],
+            "top": [(name(t), lp) for t, lp in out.top_logprobs[: self.parsed.sampling.logprobs]],
         }
 
     async def events(
@@ -66,6 +67,7 @@ class Generation:
         t_last = t_first
         metrics.time_to_first_token.observe(t_first - t_arrival)
         out: TokenOutput | None = first
+        self.cached_tokens = first.cached_tokens or 0
         try:
             while True:
                 if out.token_id is not None:
@@ -95,12 +97,13 @@ class Generation:
                 metrics.inter_token_latency.observe(
                     (t_last - t_first) / (self.completion_tokens - 1))
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         prompt = len(self.gen.prompt_ids)
         return {
             "prompt_tokens": prompt,
             "completion_tokens": self.completion_tokens,
             "total_tokens": prompt + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
 
 

@@ -67,6 +67,7 @@ class FakeBackend:
         self.hold_first: asyncio.Event | None = None  # the first token waits for it
         self.requests: list[GenerationRequest] = []
         self.closed_early: list[str] = []
+        self.cached_tokens = 0  # reported with the first token (a prefix-cache hit)
 
     async def start(self) -> None:
         pass
@@ -110,6 +111,7 @@ class FakeBackend:
                     top_logprobs=tuple((t, fake_logprob(i) - j) for j, t in
                                        enumerate([tok, 65, 66, 67][: k or 0])),
                     finish_reason=reason,
+                    cached_tokens=self.cached_tokens if i == 0 else None,
                 )
                 if reason is not None:
                     finished = True

@@ -41,6 +41,23 @@ async def test_completion_not_streamed(router_url):
     assert out.object == "text_completion"
 
 
+async def test_usage_reports_cached_prompt_tokens(router_url, fake_backend):
+    fake_backend.cached_tokens = 3
+    out = await client(router_url).completions.create(model="tiny", prompt="hello", max_tokens=4)
+    assert out.usage.prompt_tokens_details.cached_tokens == 3
+    chat = await client(router_url).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hey"}], max_tokens=4)
+    assert chat.usage.prompt_tokens_details.cached_tokens == 3
+    stream = await client(router_url).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hey"}], max_tokens=4, stream=True,
+        stream_options={"include_usage": True})
+    usage = [chunk.usage async for chunk in stream if chunk.usage is not None]
+    assert [u.prompt_tokens_details.cached_tokens for u in usage] == [3]
+    fake_backend.cached_tokens = 0
+    out = await client(router_url).completions.create(model="tiny", prompt="hello", max_tokens=4)
+    assert out.usage.prompt_tokens_details.cached_tokens == 0
+
+
 async def test_completion_default_max_tokens_and_length(router_url):
     out = await client(router_url).completions.create(model="tiny", prompt="x" * 40)
     assert out.usage.completion_tokens == 16  # OpenAI's default for completions
@@ -117,7 +134,7 @@ async def test_sampling_options_reach_the_backend(router_url, fake_backend):
         extra_body={"top_k": 5, "stop_token_ids": [7], "ignore_eos": True})
     s = fake_backend.requests[-1].sampling
     assert (s.max_tokens, s.temperature, s.top_p, s.seed, s.top_k) == (3, 0.7, 0.5, 42, 5)
-    assert s.stop_token_ids == (7,) and s.ignore_eos and s.logprobs is None
+    assert s.stop_token_ids == [7] and s.ignore_eos and s.logprobs is None
 
 
 async def test_completion_logprobs(router_url):
