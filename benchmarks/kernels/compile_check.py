@@ -32,6 +32,7 @@ from baton.kernels import (
     attention_decode,
     attention_prefill,
     fused_moe,
+    kv_store,
     mamba_conv,
     mamba_conv_step,
     mamba_step,
@@ -260,6 +261,14 @@ def attention_variants():
                {"GROUP": 16, "BLOCK_M": 64 if act == "bf16" else 32,
                 "BLOCK_N": 64 if act == "bf16" else 32, "BLOCK_D": 128, **_dots(act),
                 "INTERPRETED": False}, 4 if act == "bf16" else 8, 3)
+    for act in ("bf16", "fp32"):
+        yield (f"attention store kv {act}", kv_store._store_kv_kernel,
+               {**_sig("k_ptr v_ptr k_pages_ptr v_pages_ptr", f"*{act}"), "slots_ptr": "*i64",
+                **_sig("head_dim page_size", i32),
+                **_sig("stride_k_t stride_k_h stride_v_t stride_v_h stride_kp_page "
+                       "stride_kp_row stride_kp_h stride_vp_page stride_vp_row stride_vp_h",
+                       i32)},
+               {"BLOCK_D": 128, "INTERPRETED": False}, 1, 3)
 
 
 def _dots(act: str) -> dict:
