@@ -128,6 +128,9 @@ class EngineSpec:
     dtype: str = spec_field(
         "dtype", "Activation dtype; auto follows the checkpoint.", default="auto",
         enum=DTYPES)
+    cuda_graphs: bool = spec_field(
+        "cudaGraphs", "Replay decode and MTP-verify steps as CUDA graphs per batch-size "
+        "bucket; false runs every step eagerly.", default=True)
 
     def check(self, path: str) -> None:
         if self.max_model_len % self.kv_page_size:
@@ -496,6 +499,8 @@ class EngineConfig:
         "cacheMemoryFraction", "Share of device memory for weights and caches.", default=0.9,
         minimum=0, exclusive_minimum=True, maximum=1)
     dtype: str = spec_field("dtype", "Activation dtype.", default="auto", enum=DTYPES)
+    cuda_graphs: bool = spec_field("cudaGraphs", "Decode and verify steps as CUDA graphs.",
+                                   default=True)
 
 
 @dataclass(frozen=True)
@@ -628,7 +633,7 @@ def worker_config(model: Model, model_path: str) -> WorkerConfig:
         engine=EngineConfig(max_model_len=spec.engine.max_model_len,
                             kv_page_size=spec.engine.kv_page_size,
                             cache_memory_fraction=spec.engine.cache_memory_fraction,
-                            dtype=spec.engine.dtype),
+                            dtype=spec.engine.dtype, cuda_graphs=spec.engine.cuda_graphs),
         prefill=PrefillConfig(max_batch_tokens=spec.prefill.max_batch_tokens,
                               expert_parallel=spec.prefill.expert_parallel,
                               gpus_per_replica=spec.prefill.gpus_per_replica),

@@ -155,7 +155,7 @@ def test_worker_config_shape_and_round_trip(tmp_path):
         "model": "nano", "namespace": "llm", "servedModelName": "nano",
         "modelPath": "/models/source", "quantization": "auto",
         "engine": {"maxModelLen": 8192, "kvPageSize": 16, "cacheMemoryFraction": 0.85,
-                   "dtype": "auto"},
+                   "dtype": "auto", "cudaGraphs": True},
         "prefill": {"maxBatchTokens": 8192, "expertParallel": 1, "gpusPerReplica": 1},
         "decode": {"maxConcurrency": 64, "speculativeTokens": 2, "expertParallel": 1,
                    "gpusPerReplica": 1},
@@ -175,6 +175,16 @@ def test_worker_config_shape_and_round_trip(tmp_path):
     assert loaded.pool("prefill", "blackwell").fp4_path == "native"
     with pytest.raises(ValueError, match="known: hopper"):
         loaded.pool("decode", "blackwell")
+
+
+def test_cuda_graphs_default_on_and_reach_the_worker_config():
+    assert Model.from_resource(resource()).spec.engine.cuda_graphs is True
+    off = Model.from_resource(resource(engine={"cudaGraphs": False}))
+    assert off.spec.engine.cuda_graphs is False
+    assert worker_config(off, "/m").to_dict()["engine"]["cudaGraphs"] is False
+    assert WorkerConfig.from_dict({"model": "tiny", "modelPath": "/m"}).engine.cuda_graphs
+    with pytest.raises(SpecError, match=r"^spec.engine.cudaGraphs: must be true or false"):
+        Model.from_resource(resource(engine={"cudaGraphs": "no"}))
 
 
 def test_worker_config_from_dict_minimal_and_errors():
