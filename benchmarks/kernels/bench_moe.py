@@ -267,14 +267,12 @@ def bench_gemm(name: str, n: int, k: int, tokens: int, device, clock: Clock, hbm
         dense.append(w.bfloat16())
     x = torch.randn(tokens, k, device=device).bfloat16()
     ref = layers[0](x)
-    set_backend(layers[0], "triton")
+    layers = [set_backend(layer, "triton") for layer in layers]  # each format's kernel module
     error = relative_error(layers[0](x), ref)
     # W4A16 matches the reference to bf16 rounding; FP8 through _scaled_mm also quantizes x.
     limit = 1e-2 if fmt != "fp8" or device.type != "cuda" else 6e-2
     if not error < limit:
         failures.append(f"gemm {name} M={tokens} {fmt}: relative error {error:.2e}")
-    for layer in layers:
-        set_backend(layer, "triton")
     calls = [functools.partial(m, x) for m in layers]
     graph_s = clock.time(calls, graph=True)
     launch_s = clock.time(calls, graph=False)
