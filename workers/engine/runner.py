@@ -128,6 +128,13 @@ class ModelRunner:
             return self.step_graphs.forward_batch(batch, cache, on_layer_done=on_layer_done)
         return self.model.forward_batch(batch, cache, on_layer_done=on_layer_done)
 
+    def mtp_forward(self, prev_hidden, next_ids, batch, cache) -> torch.Tensor:
+        """One MTP depth for the drafts, from its bucket's CUDA graph when the engine made
+        StepGraphs; else eagerly."""
+        if self.step_graphs is not None:
+            return self.step_graphs.mtp_forward(prev_hidden, next_ids, batch, cache)
+        return self.model.mtp_forward(prev_hidden, next_ids, batch, cache)
+
     def needs_mtp(self, seq: Sequence) -> bool:
         # A prefill for another engine always sends the MTP state: the decoder may speculate.
         return self.has_mtp and (self.k > 0 or seq.sink is not None)
@@ -296,7 +303,7 @@ class ModelRunner:
         next_ids = [t for s, m in zip(seqs, lens) for t in s.tokens[s.mtp_cached + 1 :][:m]]
         batch = self._batch(seqs, next_ids, starts, lens)
         prev = torch.cat([s.pending_hidden for s in seqs])
-        g = self.model.mtp_forward(prev, batch.input_ids, batch, self.cache)
+        g = self.mtp_forward(prev, batch.input_ids, batch, self.cache)
         g = g[torch.tensor(lens).cumsum(0).to(self.device) - 1]
         for s, m in zip(seqs, lens):
             s.mtp_cached += m
@@ -313,7 +320,7 @@ class ModelRunner:
                 act = [seqs[i] for i in active]
                 pos = [n_tokens[i] - 2 + depth for i in active]
                 batch = self._batch(act, [drafts[i][-1] for i in active], pos, [1] * len(act))
-                g = self.model.mtp_forward(g, batch.input_ids, batch, self.cache)
+                g = self.mtp_forward(g, batch.input_ids, batch, self.cache)
             logits = self.model.compute_logits(g)
             act = [seqs[i] for i in active]
             positions = [n_tokens[i] + depth for i in active]

@@ -16,7 +16,9 @@ A graphed step, the life of one decode batch:
    embeddings -> every layer through the kernels (a KernelPlan over views of the device
    buffer) -> norm_f, into the graph's own output [T, H];
 4. the caller takes rows 0..(real tokens - 1): inert rows are never sampled.
-Nothing in 2-3 reads the device back. The graph of a bucket is captured when a step first
+The MTP depth's draft forwards take the same way (kinds DRAFT and DRAFT_ENTRIES), their
+input hidden states copied device to device into one more static buffer. Nothing in 2-3
+reads the device back. The graph of a bucket is captured when a step first
 needs it (after an eager run on inert rows that compiles the kernels), into one memory pool
 shared by all buckets: they never run at the same time and each keeps its output tensor.
 
@@ -47,6 +49,12 @@ class StepKind(str, enum.Enum):
 
     DECODE = "decode"  # one new token per sequence
     VERIFY = "verify"  # MTP verification: up to 1 + K tokens per sequence, per-token snapshots
+    DRAFT = "draft"  # the MTP depth on one entry per sequence (a chained draft)
+    DRAFT_ENTRIES = "draft-entries"  # the MTP depth on up to 1 + K entries (a step's first)
+
+    @property
+    def is_draft(self) -> bool:
+        return self in (StepKind.DRAFT, StepKind.DRAFT_ENTRIES)
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -132,6 +140,13 @@ class StepGraphs:
                              "exceed the int32 KV rows of the graphed steps")
         self.buffers = StepBuffers(self.buckets[-1], 1 + self.spec_tokens, self.pages_per_seq,
                                    self.device)
+        # The MTP depth's input hidden states (drafts only: MTP layers of attention and MoE,
+        # whose multi-entry steps are decode-shaped; a Mamba sublayer would need the scan).
+        self.drafts = bool(self.spec_tokens) and model.mtp is not None and \
+            "mamba" not in model.config.mtp_layer_kinds
+        self.mtp_hidden = torch.zeros(
+            self.buckets[-1] * (1 + self.spec_tokens) if self.drafts else 0,
+            model.config.hidden_size, dtype=model.dtype, device=self.device)
         self._steps: dict[tuple[StepKind, int], Callable[[], torch.Tensor]] = {}
         self._graphs: dict[tuple[StepKind, int], torch.cuda.CUDAGraph] = {}
         self._outputs: dict[tuple[StepKind, int], torch.Tensor] = {}
@@ -162,6 +177,37 @@ class StepGraphs:
             return StepKind.VERIFY if self.spec_tokens else None
         return StepKind.DECODE if all(int(n) == 1 for n in batch.seq_lens) else None
 
+    def draft_kind_of(self, batch: ForwardBatch) -> StepKind | None:
+        """The graphed kind of an MTP depth over `batch`, None when it runs eagerly."""
+        if not self.drafts or batch.spec_verify or \
+                bucket_for(len(batch.seq_lens), self.buckets) is None:
+            return None
+        longest = max(int(n) for n in batch.seq_lens)
+        if longest == 1:
+            return StepKind.DRAFT
+        return StepKind.DRAFT_ENTRIES if longest <= 1 + self.spec_tokens else None
+
+    @torch.inference_mode()
+    def mtp_forward(self, prev_hidden: torch.Tensor, next_ids: torch.Tensor,
+                    batch: ForwardBatch, cache=None) -> torch.Tensor:
+        """model.mtp_forward's result, from its bucket when the batch is draft-shaped and
+        next_ids are the batch's input ids (as the runner passes them), else eagerly."""
+        if cache is not None and cache is not self.cache:
+            raise ValueError("cache: the graphed steps are bound to the engine's cache")
+        kind = self.draft_kind_of(batch) if next_ids is batch.input_ids else None
+        if kind is None:
+            return self.model.mtp_forward(prev_hidden, next_ids, batch, self.cache)
+        n = sum(int(x) for x in batch.seq_lens)
+        if tuple(prev_hidden.shape) != (n, self.model.config.hidden_size):
+            raise ValueError(f"prev_hidden: expected [{n}, {self.model.config.hidden_size}] "
+                             f"for a batch of {n} tokens, got {tuple(prev_hidden.shape)}")
+        bucket = bucket_for(len(batch.seq_lens), self.buckets)
+        if (kind, bucket) not in self._steps:
+            self._prepare(kind, bucket)
+        tokens = self.stage(batch, kind, bucket)
+        self.mtp_hidden[:tokens].copy_(prev_hidden, non_blocking=True)
+        return self.launch(kind, bucket)[:tokens]
+
     @torch.inference_mode()
     def forward_batch(self, batch: ForwardBatch, cache=None,
                       on_layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -183,8 +229,8 @@ class StepGraphs:
 
     def stage(self, batch: ForwardBatch, kind: StepKind, bucket: int) -> int:
         """Host part: checks the batch, writes it and the inert rows up to `bucket` into the
-        host mirror, does the cache's bookkeeping and starts the copy. Returns the real
-        tokens."""
+        host mirror, does the cache's bookkeeping of a main-model step and starts the copy.
+        Returns the real tokens."""
         m = self.model
         checked = check_batch(batch, page_size=self.cache.page_size,
                               num_pages=self.cache.num_pages, num_slots=self.cache.num_slots,
@@ -213,7 +259,8 @@ class StepGraphs:
         tables.fill_(-1)
         width = min(checked.tables.shape[1], self.pages_per_seq)
         tables[:seqs, :width] = checked.tables[:, :width]
-        m.mark_pending(checked, self.cache)
+        if not kind.is_draft:
+            m.mark_pending(checked, self.cache)
         buf.upload(bucket)
         return tokens
 
@@ -229,7 +276,7 @@ class StepGraphs:
 
     # ------------------------------------------------------------------ buckets
     def _tokens_per_seq(self, kind: StepKind) -> int:
-        return 1 if kind is StepKind.DECODE else 1 + self.spec_tokens
+        return 1 if kind in (StepKind.DECODE, StepKind.DRAFT) else 1 + self.spec_tokens
 
     def plan_for(self, kind: StepKind, bucket: int) -> KernelPlan:
         """The KernelPlan of a bucket: views of the device buffer, host ints of its shape."""
@@ -252,8 +299,12 @@ class StepGraphs:
         ids = buf.section("input_ids")[:rows]
         flags = buf.section("has_initial_state")[:bucket]
 
+        hidden = self.mtp_hidden[:rows]
+
         def step() -> torch.Tensor:
             torch.ne(flags, 0, out=buf.flags[:bucket])
+            if kind.is_draft:
+                return self.model.mtp_planned(hidden, ids, plan, self.cache)
             return self.model.forward_planned(ids, plan, self.cache)
 
         key = (kind, bucket)

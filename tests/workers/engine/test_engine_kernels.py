@@ -11,15 +11,6 @@ from baton.workers.engine import Engine, EngineConfig, Request, SamplingParams
 from baton.workers.model import load_model
 from baton.workers.model.checkpoint import write_random_checkpoint
 
-SMALL = dict(
-    vocab_size=64, hidden_size=32, hybrid_override_pattern="M*E", num_attention_heads=4,
-    num_key_value_heads=2, head_dim=8, intermediate_size=32, mamba_num_heads=2,
-    mamba_head_dim=8, ssm_state_size=8, n_groups=1, conv_kernel=4, chunk_size=4,
-    n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-    moe_shared_expert_intermediate_size=16, moe_latent_size=16, max_position_embeddings=64,
-    num_nextn_predict_layers=1, mtp_hybrid_override_pattern="*E", eos_token_id=2,
-)
-
 
 def generate(model, helpers):
     engine = Engine(model, EngineConfig(page_size=4, num_pages=32, max_num_seqs=2,
@@ -41,8 +32,9 @@ def generate(model, helpers):
     return tokens, recorder.logits, engine
 
 
-def test_kernels_path_equals_the_torch_path_through_the_engine(tmp_path, helpers):
-    path = write_random_checkpoint(tmp_path, SMALL, seed=2, dtype=torch.float32,
+def test_kernels_path_equals_the_torch_path_through_the_engine(tmp_path, helpers,
+                                                              small_hybrid_config):
+    path = write_random_checkpoint(tmp_path, small_hybrid_config, seed=2, dtype=torch.float32,
                                    tokenizer=False)
     want, want_logits, _ = generate(load_model(path, dtype=torch.float32, kernels="torch"),
                                     helpers)

@@ -17,22 +17,15 @@ from baton.workers.model import ForwardBatch, load_model
 from baton.workers.model.checkpoint import write_random_checkpoint
 from baton.workers.model.graphs import StepGraphs, StepKind, batch_buckets, bucket_for
 
-SMALL = dict(
-    vocab_size=64, hidden_size=32, hybrid_override_pattern="M*E", num_attention_heads=4,
-    num_key_value_heads=2, head_dim=8, intermediate_size=32, mamba_num_heads=2,
-    mamba_head_dim=8, ssm_state_size=8, n_groups=1, conv_kernel=4, chunk_size=8,
-    n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-    moe_shared_expert_intermediate_size=16, moe_latent_size=16, max_position_embeddings=64,
-    num_nextn_predict_layers=1, mtp_hybrid_override_pattern="*E", eos_token_id=2,
-)
 PAGE, SPEC = 4, 2
+HIDDEN, VOCAB = 32, 64  # small_hybrid_config's hidden_size and vocab_size
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_random_checkpoint(tmp_path_factory.mktemp("graphs"), SMALL, seed=5,
-                                   dtype=torch.float32, tokenizer=False)
+def checkpoint(tmp_path_factory, small_hybrid_config):
+    return write_random_checkpoint(tmp_path_factory.mktemp("graphs"), small_hybrid_config,
+                                   seed=5, dtype=torch.float32, tokenizer=False)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +40,7 @@ def rel_err(a, b):
 def batch_of(lens, cached, slots, tables, verify=False, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return ForwardBatch(
-        input_ids=torch.randint(3, SMALL["vocab_size"], (sum(lens),), generator=gen),
+        input_ids=torch.randint(3, VOCAB, (sum(lens),), generator=gen),
         positions=torch.cat([torch.arange(c, c + n) for n, c in zip(lens, cached)]),
         seq_lens=list(lens), cached_lens=list(cached),
         block_tables=torch.tensor(tables, dtype=torch.int32),
@@ -58,8 +51,9 @@ TABLES = [[5, 1, 9, 3], [2, 14, 0, 8], [4, 6, 7, 10], [11, 12, 13, 15]]
 
 
 def warm(model, cache, slots):
-    """Prompts of 9, 6, 11 (and 5) tokens in the slots, so decode steps continue real state."""
-    lens = [9, 6, 11, 5][:len(slots)]
+    """Prompts of 5, 3, 6 (and 2) tokens in the slots (chunks of 4), so the steps after them
+    continue real state."""
+    lens = [5, 3, 6, 2][:len(slots)]
     model.forward_batch(batch_of(lens, [0] * len(lens), slots, TABLES[:len(lens)]), cache)
     return lens
 
@@ -101,7 +95,7 @@ def test_padded_decode_rows_change_no_real_row_or_cache_row(model):
         assert graphs.kind_of(batch) is StepKind.DECODE
         want = model.forward_batch(batch, eager)
         got = graphs.forward_batch(batch)
-        assert got.shape == want.shape == (len(batch.seq_lens), SMALL["hidden_size"])
+        assert got.shape == want.shape == (len(batch.seq_lens), HIDDEN)
         assert rel_err(model.compute_logits(got), model.compute_logits(want)) <= 1e-5
         assert_same_caches(cache_state(bucketed), cache_state(eager))
     assert graphs.replays == 2 and list(graphs._steps) == [(StepKind.DECODE, 4)]
@@ -118,11 +112,30 @@ def test_padded_verify_rows_change_no_real_row_and_accept_agrees(model):
     assert graphs.kind_of(batch) is StepKind.VERIFY
     want = model.forward_batch(batch, eager)
     got = graphs.forward_batch(batch)
-    assert got.shape == (6, SMALL["hidden_size"])
+    assert got.shape == (6, HIDDEN)
     assert rel_err(model.compute_logits(got), model.compute_logits(want)) <= 1e-5
     for cache in (eager, bucketed):
         cache.accept(torch.tensor(slots), torch.tensor([2, 2, 1]))
     assert_same_caches(cache_state(bucketed), cache_state(eager))
+
+
+def test_padded_draft_rows_change_no_real_row(model):
+    """The MTP depth's first forward of a step (1 + 2, 1 + 0, 1 + 1 entries) and a chained
+    draft (one entry each), in bucket 4, against the eager MTP forward."""
+    slots = [2, 0, 3]
+    eager, bucketed = (model.allocate_cache(16, PAGE, 5, spec_tokens=SPEC) for _ in range(2))
+    graphs = StepGraphs(model, bucketed, max_num_seqs=4)
+    gen = torch.Generator().manual_seed(9)
+    for lens, cached in (([3, 1, 2], [0, 0, 0]), ([1, 1, 1], [3, 1, 2])):
+        batch = batch_of(lens, cached, slots, TABLES[:3], seed=sum(cached))
+        assert graphs.draft_kind_of(batch) is (StepKind.DRAFT if max(lens) == 1
+                                               else StepKind.DRAFT_ENTRIES)
+        hidden = torch.randn(sum(lens), HIDDEN, generator=gen).to(DEVICE)
+        want = model.mtp_forward(hidden, batch.input_ids, batch, eager)
+        got = graphs.mtp_forward(hidden, batch.input_ids, batch)
+        assert rel_err(model.compute_logits(got), model.compute_logits(want)) <= 1e-5
+        assert_same_caches(cache_state(bucketed), cache_state(eager))
+    assert graphs.replays == 2
 
 
 def test_other_batches_run_eagerly(model):
