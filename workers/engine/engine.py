@@ -105,7 +105,8 @@ class Engine:
 
         graphs = None
         if not config.enforce_eager and StepGraphs.supports(model):
-            graphs = StepGraphs(model, self.cache, config.max_num_seqs)
+            graphs = StepGraphs(model, self.cache, config.max_num_seqs,
+                                max_model_len=self.max_model_len)
         self.runner = ModelRunner(model, self.cache, self.k, config.spec_sampling, graphs)
         self.reservations: dict[str, Reservation] = {}
         self._by_id: dict[str, Sequence] = {}

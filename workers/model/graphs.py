@@ -124,7 +124,8 @@ class StepBuffers:
 class StepGraphs:
     """model.forward_batch for decode and verify batches, replayed from buckets."""
 
-    def __init__(self, model, cache, max_num_seqs: int, capture: bool | None = None):
+    def __init__(self, model, cache, max_num_seqs: int, capture: bool | None = None,
+                 max_model_len: int | None = None):
         if getattr(model, "kernels", "torch") != "triton":
             raise ValueError("kernels: graphed steps need the kernels' path (load_model "
                              f"kernels='triton' or 'auto' on CUDA), the model has "
@@ -134,7 +135,9 @@ class StepGraphs:
         self.capture = self.device.type == "cuda" if capture is None else capture
         self.spec_tokens = cache.spec_tokens
         self.buckets = batch_buckets(max_num_seqs)
-        self.pages_per_seq = -(-(model.max_model_len + self.spec_tokens) // cache.page_size)
+        # Page tables as wide as the engine's longest sequence (and its drafts) can use.
+        longest = max_model_len or model.max_model_len
+        self.pages_per_seq = -(-(longest + self.spec_tokens + 1) // cache.page_size)
         if cache.num_pages * cache.page_size >= 2 ** 31:
             raise ValueError(f"num_pages: {cache.num_pages} pages of {cache.page_size} tokens "
                              "exceed the int32 KV rows of the graphed steps")
@@ -237,6 +240,10 @@ class StepGraphs:
                               max_len=m.max_model_len, spec_tokens=self.spec_tokens,
                               vocab_size=m.config.vocab_size)
         seqs, tokens = len(checked.seq_lens), len(checked.positions)
+        if max(checked.pages_needed) > self.pages_per_seq:
+            raise ValueError(
+                f"block_tables: a sequence spans {max(checked.pages_needed)} pages, the graphed "
+                f"steps hold {self.pages_per_seq} per sequence (max_model_len)")
         rows = bucket * self._tokens_per_seq(kind)
         buf = self.buffers
         buf.wait_for_copy()

@@ -150,6 +150,9 @@ def test_other_batches_run_eagerly(model):
     assert graphs.kind_of(three) is None  # more sequences than the largest bucket
     with pytest.raises(ValueError, match="state_slots"):  # the host check, before launch
         graphs.forward_batch(batch_of([1, 1], [5, 1], [0, 0], TABLES[:2]))
+    short = StepGraphs(model, cache, max_num_seqs=2, max_model_len=4)  # 2 pages of 4 per row
+    with pytest.raises(ValueError, match="max_model_len"):
+        short.forward_batch(batch_of([1, 1], [12, 1], [0, 1], TABLES[:2]))
 
 
 class SyncCalls(TorchFunctionMode):
