@@ -8,7 +8,9 @@ Every spec.autoscaling.intervalSeconds, for each Model with autoscaling enabled:
 3. run the policy (baton.operator.autoscaler.policy.decide);
 4. mark the pods to remove with controller.kubernetes.io/pod-deletion-cost (Pending pods
    first, then unready ones, then the least loaded, then the youngest) so the ReplicaSet
-   removes those; they drain on SIGTERM;
+   removes those; they drain on SIGTERM. Pods marked by an earlier round count (the
+   Deployment may not have been lowered yet), and marks of a scale-down called off are
+   cleared;
 5. write status.autoscaler, the only thing this daemon writes on the Model (the reconcile
    sets the Deployments' replicas from status.autoscaler.desired: DESIGN.md, Seams);
 6. post an Event when replicas change or metrics go missing, and export
@@ -16,7 +18,9 @@ Every spec.autoscaling.intervalSeconds, for each Model with autoscaling enabled:
 
 status.autoscaler: {lastScaleTime, lastDecisionTime, reason, held, desired, demand, limited,
 observed, memory}; `observed` is what the metrics said, `memory` the policy's state between
-runs (epoch seconds), kept in status so a restarted operator continues where it left off.
+runs (epoch seconds; `recent` rows are [time, arrivals/s, prefill queued, needed prefill,
+needed decode, projected prefill, projected decode]), kept in status so a restarted operator
+continues where it left off.
 
 Settings (environment of the operator): BATON_AUTOSCALER_PROFILE, a replica profile JSON
 file (default: the built-in H100 estimate, baton.operator.autoscaler.profile);
@@ -39,7 +43,14 @@ import kopf
 from prometheus_client import Counter, Gauge
 
 from baton.operator.autoscaler.metrics import read_observation, read_pod_load
-from baton.operator.autoscaler.policy import ROLES, Decision, Observation, PolicyState, decide
+from baton.operator.autoscaler.policy import (
+    ROLES,
+    Decision,
+    Observation,
+    PolicyState,
+    Recent,
+    decide,
+)
 from baton.operator.autoscaler.profile import ReplicaProfile, load_profile
 from baton.operator.autoscaler.prometheus import PrometheusClient, PrometheusError
 from baton.operator.kube import Kube, Resource
@@ -109,9 +120,13 @@ def state_from_status(status: Any) -> PolicyState:
             last_scale_time=_epoch(auto.get("lastScaleTime")),
             last_boost={r: float(t) for r, t in (memory.get("lastBoost") or {}).items()
                         if t is not None},
-            recent_demand=tuple(tuple(float(v) for v in entry)
-                                for entry in memory.get("recentDemand") or []
-                                if len(entry) == 5),
+            last_scale_up={r: float(t) for r, t in (memory.get("lastScaleUp") or {}).items()
+                           if t is not None},
+            # entries of another shape (an older operator's) are dropped: a fresh start
+            recent=tuple(Recent.from_list(entry) for entry in memory.get("recent") or []
+                         if len(entry) == 7),
+            mean_prompt_tokens=(None if memory.get("meanPromptTokens") is None
+                                else float(memory["meanPromptTokens"])),
             full_pools={str(k): (float(t), int(n)) for k, t, n in memory.get("fullPools") or []},
             observing_since=_epoch(memory.get("observingSince")),
         )
@@ -125,7 +140,7 @@ def _observed(observation: Observation | None) -> dict | None:
     def r(v: float | None) -> float | None:
         return None if v is None else round(v, 4)
     o = observation
-    return {"requestsPerSecond": r(o.request_rate),
+    return {"arrivalsPerSecond": r(o.arrivals), "requestsPerSecond": r(o.request_rate),
             "promptTokensPerSecond": r(o.prompt_tokens_per_second),
             "generationTokensPerSecond": r(o.generation_tokens_per_second),
             "prefillWaiting": r(o.prefill_waiting), "decodeRunning": r(o.decode_running),
@@ -149,7 +164,10 @@ def status_from_decision(decision: Decision, now: float,
         "limited": list(decision.limited),
         "memory": {
             "lastBoost": {r: state.last_boost.get(r) for r in ROLES},
-            "recentDemand": [[round(v, 3) for v in entry] for entry in state.recent_demand],
+            "lastScaleUp": {r: state.last_scale_up.get(r) for r in ROLES},
+            "recent": [[round(v, 3) for v in entry.as_list()] for entry in state.recent],
+            "meanPromptTokens": (None if state.mean_prompt_tokens is None
+                                 else round(state.mean_prompt_tokens, 3)),
             "fullPools": [[k, round(t, 3), n] for k, (t, n) in sorted(state.full_pools.items())],
             "observingSince": state.observing_since,
         },
@@ -198,6 +216,11 @@ def pending_pods(pods: list[dict], model: Model, now: float) -> dict[str, dict[s
                     count += 1
             out[role][pool.name] = count
     return out
+
+
+def _marked(pod: dict) -> bool:
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    return annotations.get(DELETION_COST) == DRAIN_COST
 
 
 def pods_to_drain(pods: list[dict], n: int, load: dict[str, float]) -> list[str]:
@@ -279,19 +302,11 @@ async def run_once(model: Model, body: Any, cluster: KubernetesCluster,
             missing = str(e)
     decision = decide(model.spec, observation, current, pending, state, now, profile, missing)
 
-    for role, pools in decision.drain.items():
-        for pool, n in pools.items():
-            members = _pool_pods(pods, model.name, role, pool)
-            load: dict[str, float] = {}
-            if prom is not None:
-                try:
-                    load = await read_pod_load(prom, model.namespace, model.name, role, pool)
-                except PrometheusError as e:
-                    logger.info(f"Per-pod load of {role}/{pool} was unavailable ({e}); "
-                                f"draining by readiness and age.")
-            for name in pods_to_drain(members, n, load):
-                await cluster.annotate_pod(model.namespace, name, {DELETION_COST: DRAIN_COST})
-                logger.info(f"Marked pod {name} ({role}/{pool}) for removal.")
+    for role in ROLES:
+        for pool, keep in decision.desired[role].items():
+            await _mark_for_removal(cluster, prom, model, role, pool, keep,
+                                    decision.drain.get(role, {}).get(pool, 0),
+                                    _pool_pods(pods, model.name, role, pool), logger)
 
     patch = status_from_decision(decision, now, observation)
     # a merge patch keeps keys it does not mention: null out pools no longer in the spec
@@ -316,6 +331,39 @@ async def run_once(model: Model, body: Any, cluster: KubernetesCluster,
         kopf.warn(body, reason="MetricsUnavailable", message=decision.reason[:1000])
         logger.warning(f"Held {model.namespace}/{model.name}: {decision.reason}")
     return decision
+
+
+async def _mark_for_removal(cluster: KubernetesCluster, prom: PrometheusClient | None,
+                            model: Model, role: str, pool: str, keep: int, drain: int,
+                            members: list[dict],
+                            logger: logging.Logger | logging.LoggerAdapter) -> None:
+    """Marks `drain` pods of one pool for removal, counting those marked already (a decision
+    repeated before the reconcile applied it marks no further pods); marks left over from a
+    scale-down that was called off (the pool keeps all its pods) are cleared, so the next
+    scale-down picks by load again rather than by a stale mark."""
+    marked = [p for p in members if _marked(p)]
+    if drain <= 0:
+        if marked and len(members) <= keep:
+            for p in marked:
+                await cluster.annotate_pod(model.namespace, p["metadata"]["name"],
+                                           {DELETION_COST: None})
+                logger.info(f"Unmarked pod {p['metadata']['name']} ({role}/{pool}): the pool "
+                            f"keeps it.")
+        return
+    needed = drain - len(marked)
+    if needed <= 0:
+        return
+    load: dict[str, float] = {}
+    if prom is not None:
+        try:
+            load = await read_pod_load(prom, model.namespace, model.name, role, pool)
+        except PrometheusError as e:
+            logger.info(f"Per-pod load of {role}/{pool} was unavailable ({e}); "
+                        f"draining by readiness and age.")
+    unmarked = [p for p in members if not _marked(p)]
+    for name in pods_to_drain(unmarked, needed, load):
+        await cluster.annotate_pod(model.namespace, name, {DELETION_COST: DRAIN_COST})
+        logger.info(f"Marked pod {name} ({role}/{pool}) for removal.")
 
 
 def _forget_pool(namespace: str, model: str, role: str, pool: str) -> None:

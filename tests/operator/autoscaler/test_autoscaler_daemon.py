@@ -74,8 +74,8 @@ def test_status_round_trips_the_policy_state():
     assert back.desired == d.desired
     assert back.last_scale_time == pytest.approx(math.floor(NOW))
     assert back.last_boost == pytest.approx(d.state.last_boost)
-    assert [v for e in back.recent_demand for v in e] == pytest.approx(
-        [v for e in d.state.recent_demand for v in e], rel=1e-6)
+    assert [v for e in back.recent for v in e.as_list()] == pytest.approx(
+        [v for e in d.state.recent for v in e.as_list()], rel=1e-6)
     assert back.full_pools == {"decode/b200": (pytest.approx(NOW), 0)}
     assert back.observing_since == pytest.approx(NOW)
     # a later decision from the restored state equals one from the original state
@@ -83,8 +83,7 @@ def test_status_round_trips_the_policy_state():
     same = decide(m.spec, obs, d.desired, {}, d.state, NOW + 30, DEFAULT_PROFILE)
     assert again.desired == same.desired
     # unreadable memory starts afresh instead of failing
-    assert state_from_status({"autoscaler": {"memory": {"recentDemand": "x"}}}) == \
-        PolicyState()
+    assert state_from_status({"autoscaler": {"memory": {"recent": "x"}}}) == PolicyState()
     assert state_from_status(None) == PolicyState()
 
 
@@ -198,3 +197,40 @@ async def test_run_once_holds_without_prometheus_and_clears_removed_pools():
     assert DESIRED_REPLICAS.labels("llm", "nano", "prefill", "b200")._value.get() == 3
     # nothing to drain: no held size is below its Deployment's
     assert cluster.annotated == []
+
+
+async def test_a_repeated_scale_down_marks_no_further_pods():
+    """Until the reconcile lowers the Deployment, every round sees the same excess; pods
+    marked by an earlier round count, so the ReplicaSet removes just what was decided."""
+    import logging
+
+    from baton.operator.autoscaler.daemon import DELETION_COST, DRAIN_COST, run_once
+
+    m = model()
+    marked = pod("p-old", pool="b200", age=900)
+    marked["metadata"]["annotations"] = {DELETION_COST: DRAIN_COST}
+    pods = [marked, pod("p-mid", pool="b200", age=600), pod("p-young", pool="b200", age=60)]
+    cluster = FakeCluster({"nano-prefill-b200": 3, "nano-decode-b200": 1}, pods)
+    last = {"prefill": {"b200": 1, "h100": 0}, "decode": {"b200": 1, "h100": 0}}
+    body = {"metadata": {"name": "nano", "namespace": "llm"},
+            "status": {"autoscaler": {"desired": last}}}
+    decision = await run_once(m, body, cluster, None, DEFAULT_PROFILE, NOW,
+                              logging.getLogger("test"), state_from_status(body["status"]),
+                              was_held=True)
+    assert decision.drain["prefill"] == {"b200": 2}
+    # one was marked already: only the youngest of the others joins it
+    assert cluster.annotated == [("p-young", {DELETION_COST: DRAIN_COST})]
+    again = FakeCluster({"nano-prefill-b200": 3, "nano-decode-b200": 1},
+                        pods[:2] + [dict(pods[2], metadata={
+                            **pods[2]["metadata"], "annotations": {DELETION_COST: DRAIN_COST}})])
+    await run_once(m, body, again, None, DEFAULT_PROFILE, NOW + 30, logging.getLogger("test"),
+                   decision.state, was_held=True)
+    assert again.annotated == []
+    # the scale-down called off (the pool keeps its 3 pods): the marks are cleared
+    kept = {"prefill": {"b200": 3, "h100": 0}, "decode": {"b200": 1, "h100": 0}}
+    body["status"]["autoscaler"]["desired"] = kept
+    off = FakeCluster({"nano-prefill-b200": 3, "nano-decode-b200": 1}, again.pods)
+    await run_once(m, body, off, None, DEFAULT_PROFILE, NOW + 60, logging.getLogger("test"),
+                   state_from_status(body["status"]), was_held=True)
+    assert sorted(off.annotated) == [("p-old", {DELETION_COST: None}),
+                                     ("p-young", {DELETION_COST: None})]
