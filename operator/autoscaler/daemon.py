@@ -13,7 +13,8 @@ Every spec.autoscaling.intervalSeconds, for each Model with autoscaling enabled:
    cleared;
 5. write status.autoscaler, the only thing this daemon writes on the Model (the reconcile
    sets the Deployments' replicas from status.autoscaler.desired: DESIGN.md, Seams);
-6. post an Event when replicas change or metrics go missing, and export
+6. post an Event when replicas change (ScaledUp, ScaledDown or Scaled, explaining each
+   role that changes) or metrics go missing (MetricsUnavailable), and export
    baton_autoscaler_desired_replicas and baton_autoscaler_decisions_total.
 
 status.autoscaler: {lastScaleTime, lastDecisionTime, reason, held, desired, demand, limited,
@@ -56,7 +57,7 @@ from baton.operator.autoscaler.prometheus import PrometheusClient, PrometheusErr
 from baton.operator.kube import Kube, Resource
 from baton.operator.spec import GROUP, PLURAL, VERSION, Model, SpecError
 
-__all__ = ["autoscale", "run_once", "KubernetesCluster", "state_from_status",
+__all__ = ["autoscale", "run_once", "scale_event", "KubernetesCluster", "state_from_status",
            "status_from_decision", "pods_to_drain", "pending_pods", "min_rate_window_seconds",
            "DELETION_COST", "MIN_RATE_WINDOW_SECONDS", "DESIRED_REPLICAS", "DECISIONS"]
 
@@ -324,13 +325,41 @@ async def run_once(model: Model, body: Any, cluster: KubernetesCluster,
             DESIRED_REPLICAS.labels(model.namespace, model.name, role, pool).set(n)
     outcome = "held" if decision.held else "scaled" if decision.changed else "unchanged"
     DECISIONS.labels(model.namespace, model.name, outcome).inc()
-    if decision.changed and not decision.held:
-        kopf.info(body, reason="Scaled", message=decision.reason[:1000])
-        logger.info(f"Scaled {model.namespace}/{model.name}: {decision.reason}")
+    event = scale_event(decision, current)
+    if event is not None:
+        kind, message = event
+        # kopf.event, not kopf.info: the operator posts Kopf's own log lines only from
+        # WARNING up (handlers.configure_kopf), which would drop an info Event too
+        kopf.event(body, type="Normal", reason=kind, message=message[:1000])
+        logger.info(f"{kind} {model.namespace}/{model.name}: {message}")
     elif decision.held and not was_held:
-        kopf.warn(body, reason="MetricsUnavailable", message=decision.reason[:1000])
+        kopf.event(body, type="Warning", reason="MetricsUnavailable",
+                   message=decision.reason[:1000])
         logger.warning(f"Held {model.namespace}/{model.name}: {decision.reason}")
     return decision
+
+
+def scale_event(decision: Decision, current: dict[str, dict[str, int]]) -> tuple[str, str] | None:
+    """The Event for a decision that changes replicas: reason ScaledUp (pools only grow),
+    ScaledDown (pools only shrink) or Scaled (both); the message explains each role that
+    changes, e.g. "prefill hopper 1 -> 3: sized for 137k prompt tokens/s expected 150 s
+    ahead, when replicas started now serve (arrivals 15.1/s rising 1.9/s per minute; now
+    104k)". None when nothing changes or metrics were missing."""
+    if decision.held or not decision.changed:
+        return None
+    grows = shrinks = False
+    roles = []
+    for role, pools in decision.desired.items():
+        before = current.get(role) or {}
+        deltas = [n - before.get(pool, 0) for pool, n in pools.items()]
+        if any(deltas):
+            roles.append(role)
+        grows |= any(d > 0 for d in deltas)
+        shrinks |= any(d < 0 for d in deltas)
+    if not roles:
+        return None
+    kind = "Scaled" if grows and shrinks else "ScaledUp" if grows else "ScaledDown"
+    return kind, "; ".join(decision.explanations.get(role, role) for role in roles)
 
 
 async def _mark_for_removal(cluster: KubernetesCluster, prom: PrometheusClient | None,

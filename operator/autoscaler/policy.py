@@ -200,6 +200,8 @@ class Decision:
     """What to remember for the next decision."""
     changed: bool
     """True when desired differs from the replicas the pools have now."""
+    explanations: dict[str, str] = field(default_factory=dict)
+    """Per role, its part of `reason` (empty when metrics were missing)."""
 
 
 def lead_seconds(spec: ModelSpec, window_seconds: float) -> float:
@@ -447,8 +449,9 @@ def decide(spec: ModelSpec, observation: Observation | None,
             last_scale_up[role] = now
 
     changed = desired != current_clamped
-    reason = "; ".join(_describe(role, plans[role], desired[role], current_clamped[role],
-                                 arrivals, slope, lead, window) for role in ROLES)
+    explanations = {role: _describe(role, plans[role], desired[role], current_clamped[role],
+                                    arrivals, slope, lead, window) for role in ROLES}
+    reason = "; ".join(explanations.values())
     new_state = PolicyState(desired=desired,
                             last_scale_time=now if changed else state.last_scale_time,
                             last_boost=last_boost, last_scale_up=last_scale_up,
@@ -458,7 +461,7 @@ def decide(spec: ModelSpec, observation: Observation | None,
     return Decision(desired=desired, reason=reason, drain=_drain(desired, current_clamped),
                     held=False, limited=tuple(limited),
                     demand={role: plans[role].planned for role in ROLES}, state=new_state,
-                    changed=changed)
+                    changed=changed, explanations=explanations)
 
 
 def _drain(desired: dict[str, dict[str, int]],

@@ -4,6 +4,7 @@ reading (attainment from histogram buckets) without a cluster."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -234,3 +235,39 @@ async def test_a_repeated_scale_down_marks_no_further_pods():
                    state_from_status(body["status"]), was_held=True)
     assert sorted(off.annotated) == [("p-old", {DELETION_COST: None}),
                                      ("p-young", {DELETION_COST: None})]
+
+
+def test_scale_events_say_which_way_and_explain_each_role_that_changes():
+    from baton.operator.autoscaler.daemon import scale_event
+
+    m = model()
+    busy = Observation(request_rate=20, prompt_tokens_per_second=120000,
+                       generation_tokens_per_second=4000, prefill_waiting=0,
+                       decode_running=60, decode_waiting=0, ttft_attainment=1.0,
+                       itl_attainment=1.0, mean_itl_seconds=0.02, arrival_rate=20)
+    small = {"prefill": {"b200": 1, "h100": 0}, "decode": {"b200": 1, "h100": 0}}
+    up = decide(m.spec, busy, small, {}, PolicyState(), NOW, DEFAULT_PROFILE)
+    kind, message = scale_event(up, small)
+    assert kind == "ScaledUp"
+    # only prefill grows: the message is prefill's explanation alone
+    assert up.desired["decode"] == small["decode"]
+    assert message == up.explanations["prefill"]
+    assert message.startswith("prefill b200 1 -> ") and "120k prompt tokens/s" in message
+    assert "arrivals 20/s" in message and "decode" not in message
+    # a shrink after the window is ScaledDown; both directions at once are Scaled
+    idle = Observation(request_rate=1, prompt_tokens_per_second=6000,
+                       generation_tokens_per_second=2000, prefill_waiting=0,
+                       decode_running=10, decode_waiting=0, ttft_attainment=1.0,
+                       itl_attainment=1.0, arrival_rate=1)
+    later = NOW + m.spec.autoscaling.scale_down_stabilization_seconds + 1
+    down = decide(m.spec, idle, up.desired, {}, replace(up.state, observing_since=NOW - 1e4),
+                  later, DEFAULT_PROFILE)
+    assert scale_event(down, up.desired)[0] == "ScaledDown"
+    mixed = replace(down, desired={"prefill": down.desired["prefill"],
+                                   "decode": {"b200": 2, "h100": 0}})
+    assert scale_event(mixed, up.desired)[0] == "Scaled"
+    # nothing changes, or metrics are missing: no Event (the latter has its own)
+    same = decide(m.spec, busy, up.desired, {}, up.state, NOW + 30, DEFAULT_PROFILE)
+    assert not same.changed and scale_event(same, up.desired) is None
+    held = decide(m.spec, None, small, {}, up.state, NOW + 30, DEFAULT_PROFILE, "down")
+    assert held.held and scale_event(held, small) is None

@@ -409,12 +409,23 @@ async def test_autoscaler_sizes_pools_from_prometheus(kmock, tmp_path):
                     status = seen["status"] = await autoscaler_status()
                     desired = status.get("desired") or {}
                     grown = sum((desired.get("prefill") or {}).values()) > 2
-                    return status if grown and not status.get("held") else None
+                    arrivals = (status.get("observed") or {}).get("arrivalsPerSecond") or 0
+                    return status if grown and arrivals > 11 and not status.get("held") \
+                        else None
                 status = await eventually(ahead_of_arrivals, 30, "prefill sized for arrivals")
                 assert status["observed"]["ttftAttainment"] == pytest.approx(1.0)
-                assert status["observed"]["arrivalsPerSecond"] > 11
                 assert status["desired"]["decode"]["fast"] >= expected["decode"]["fast"]
                 assert "arrivals" in status["reason"]
+
+                async def scaled_up_event():
+                    events = [r.data for r in kmock[kmock.action.CREATE,
+                                                    kmock.resource("v1/events")]
+                              if isinstance(r.data, dict) and r.data.get("reason") == "ScaledUp"]
+                    return [e["message"] for e in events
+                            if re.match(r"prefill fast 2 -> \d", e.get("message", ""))]
+                # the Event says what grew, for what load, in the operator's words
+                [message, *_] = await eventually(scaled_up_event, 10, "a ScaledUp Event")
+                assert "prompt tokens/s" in message and "arrivals" in message
                 load.in_flight_growth = 0.0
                 # ... and returns to the steady fleet once the projection and the window pass
                 await eventually(lambda: settled(expected), 60, "back to the steady fleet")
@@ -432,7 +443,7 @@ async def test_autoscaler_sizes_pools_from_prometheus(kmock, tmp_path):
                 load.slow_ttft_share = 0.3
                 boosted = {"prefill": {"fast": 3, "slow": 0},
                            "decode": expected["decode"]}
-                status = await eventually(lambda: settled(boosted), 30, "the TTFT boost")
+                status = await eventually(lambda: settled(boosted), 60, "the TTFT boost")
                 assert "TTFT attainment" in status["reason"]
 
                 # 3. less load: prefill shrinks after the window, pods chosen are marked
