@@ -342,7 +342,7 @@ async def run_once(model: Model, body: Any, cluster: KubernetesCluster,
 def scale_event(decision: Decision, current: dict[str, dict[str, int]]) -> tuple[str, str] | None:
     """The Event for a decision that changes replicas: reason ScaledUp (pools only grow),
     ScaledDown (pools only shrink) or Scaled (both); the message explains each role that
-    changes, e.g. "prefill hopper 1 -> 3: sized for 137k prompt tokens/s expected 150 s
+    changes, e.g. "prefill hopper 1 -> 3: sized for 137k prompt tokens/s expected 120 s
     ahead, when replicas started now serve (arrivals 15.1/s rising 1.9/s per minute; now
     104k)". None when nothing changes or metrics were missing."""
     if decision.held or not decision.changed:

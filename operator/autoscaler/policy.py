@@ -12,11 +12,13 @@ load is going:
 - trend: the steepest least-squares slope of the arrival rate over the last 2 to 8
   intervals whose rise (and whose rate above its level before) stands clear of the rate
   windows' Poisson noise (TREND_Z standard deviations) and of TREND_MIN_RISE; it is
-  projected `lead` = startupSeconds + intervalSeconds + half the rate window ahead (a rate
-  is half a window old; the next decision's replicas come one interval later), at most
-  TREND_MAX_GROWTH of the arrival rate;
+  projected `lead` = startupSeconds + half the rate window ahead (a rate is half a window
+  old; replicas started now serve a start-up later), at most TREND_MAX_GROWTH of the
+  arrival rate. The capacity model's utilization headroom covers the rise during the one
+  interval until the next decision's replicas serve;
 - queue: prefill requests queued beyond one per replica, plus what the queue's growth adds
-  until new replicas are ready, are work to clear within startup + interval.
+  until new replicas are ready, are work to clear by the next decision (a queue means TTFT
+  is being spent already; what it asks for holds only for the window).
 - latency as a correction: a role whose attainment is below the target although no change
   of its fleet is still starting (startupSeconds + the rate window since the last scale-up)
   gets at least its current capacity times a boost: the capacity model was wrong for this
@@ -206,10 +208,8 @@ class Decision:
 
 def lead_seconds(spec: ModelSpec, window_seconds: float) -> float:
     """How far ahead of its rate window a rising load is projected: a measured rate is half
-    a window old, and the replicas the next decision adds are ready one interval plus one
-    start-up later."""
-    auto = spec.autoscaling
-    return auto.startup_seconds + auto.interval_seconds + window_seconds / 2
+    a window old, and replicas started now serve one start-up later."""
+    return spec.autoscaling.startup_seconds + window_seconds / 2
 
 
 def _slope(points: list[tuple[float, float]]) -> float:
@@ -235,10 +235,10 @@ def _rising(history: list[Recent], now: float, arrivals: float, window: float,
     where a missed minute costs the worst window). Noise: two rate windows `span` apart
     differ by the arrivals in two spans of min(span, window) seconds, Poisson:
     sd = sqrt(2 rate min(span, window)) / window. The rate must also stand clear of its
-    level before the span (a recovery from a dip is no rise), and still rise over the
-    shortest span (a rise that has stopped is over)."""
+    level before the span, the mean of the windows before it (a recovery from a dip is no
+    rise), and still rise over the shortest span (a rise that has stopped is over)."""
     clear, latest = [], None
-    noise_level = math.sqrt(2 * max(arrivals, 1.0 / window) / window)
+    rate = max(arrivals, 1.0 / window)
     for intervals in TREND_INTERVALS:
         span = intervals * interval
         points = [(e.time, e.arrivals) for e in history if now - e.time <= span + _EPS]
@@ -248,11 +248,18 @@ def _rising(history: list[Recent], now: float, arrivals: float, window: float,
         if latest is None:
             latest = slope
         rise = slope * span
-        noise = math.sqrt(2 * max(arrivals, 1.0 / window) * min(span, window)) / window
-        before = [e.arrivals for e in history if now - e.time > span + _EPS]
-        above = arrivals - (sum(before) / len(before) if before else 0.0)
+        noise = math.sqrt(2 * rate * min(span, window)) / window
+        before = [e for e in history if now - e.time > span + _EPS]
+        if before:
+            # the level: the mean rate over the windows before the span, which cover
+            # (their spread + one window) seconds
+            level = sum(e.arrivals for e in before) / len(before)
+            covered = before[-1].time - before[0].time + window
+            level_noise = math.sqrt(rate / window + rate / covered)
+        else:
+            level, level_noise = 0.0, 0.0
         if (rise > TREND_Z * noise and slope * 60 > TREND_MIN_RISE * arrivals
-                and above > TREND_Z * noise_level):
+                and arrivals - level > TREND_Z * level_noise):
             clear.append(slope)
     if not clear or latest is None or latest <= 0:
         return 0.0
@@ -345,7 +352,7 @@ def decide(spec: ModelSpec, observation: Observation | None,
         growth = (obs.prefill_waiting - previous.prefill_waiting) / (now - previous.time)
     backlog = excess + max(0.0, growth) * auto.startup_seconds
     if mean_prompt and backlog > 0:
-        p.needed += backlog * mean_prompt / (auto.startup_seconds + auto.interval_seconds)
+        p.needed += backlog * mean_prompt / auto.interval_seconds
         p.notes.append(f"{obs.prefill_waiting:.0f} queued" + (
             f", growing {growth * 60:.3g}/min" if growth > 0 else ""))
     p.projected = p.needed + ahead * (mean_prompt or 0.0)

@@ -297,11 +297,11 @@ def test_a_rising_arrival_rate_scales_up_before_any_latency_breach():
                 if k >= 20 and units(d.desired, "prefill") > units(settled, "prefill"))
     # prefill grew while the fleet it had still carried the load it measured
     assert rates[k] * MEAN_PROMPT < capacity_of(spec, fleets[k], "prefill")
-    assert "rising" in d.reason and "expected 150 s ahead" in d.reason
+    assert "rising" in d.reason and "expected 120 s ahead" in d.reason
     # sized for the load when replicas started now serve: the measured rate is half a rate
-    # window old, and the next decision's replicas come one interval later
-    lead = spec.autoscaling.startup_seconds + spec.autoscaling.interval_seconds + 30
-    assert lead == lead_seconds(spec, 60.0) == 150
+    # window old, and those replicas serve a start-up later
+    lead = spec.autoscaling.startup_seconds + 60 / 2
+    assert lead == lead_seconds(spec, 60.0) == 120
     expected = (rates[k] + 1.6 * lead / 60) * MEAN_PROMPT
     assert d.demand["prefill"] == pytest.approx(expected, rel=0.25)
     assert capacity_of(spec, d.desired, "prefill") >= 0.95 * expected
@@ -329,7 +329,7 @@ def test_the_projection_grows_with_the_start_up_time():
     slow_spec = Model.from_resource({"kind": "Model", "metadata": {"name": "m"}, "spec": {
         **spec_dict(), "autoscaling": {**spec_dict()["autoscaling"], "startupSeconds": 300}}})
     slow, _ = replay(slow_spec.spec, rates)
-    assert "expected 360 s ahead" in slow[-1].reason
+    assert "expected 330 s ahead" in slow[-1].reason
     assert slow[-1].demand["prefill"] > quick[-1].demand["prefill"] * 1.3
 
 
@@ -415,9 +415,9 @@ def test_a_growing_queue_asks_for_more_than_a_steady_one():
                     T0 + 30, PROFILE)
     growing = decide(spec, arriving(6.0, waiting=20.0), current, {}, base.state, T0 + 30,
                      PROFILE)
-    # 18 queued beyond one per replica, cleared within start-up + interval (120 s)
+    # 18 queued beyond one per replica, cleared by the next decision (30 s)
     assert steady.demand["prefill"] == pytest.approx(6.0 * MEAN_PROMPT + 18 * MEAN_PROMPT
-                                                     / 120)
+                                                     / 30)
     assert growing.demand["prefill"] > steady.demand["prefill"]
     assert "20 queued, growing 38/min" in growing.reason
 
@@ -449,7 +449,7 @@ def test_reasons_say_what_changed_and_why():
                for pool, n in after["prefill"].items() if n != before["prefill"][pool]]
     assert changed and all(c in text for c in changed)
     assert text.startswith("prefill ")
-    assert "prompt tokens/s expected 150 s ahead, when replicas started now serve" in text
+    assert "prompt tokens/s expected 120 s ahead, when replicas started now serve" in text
     assert "rising" in text and "/s per minute" in text
     assert "; decode " in text and "generated tokens/s" in text
 
