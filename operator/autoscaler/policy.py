@@ -9,13 +9,11 @@ load is going:
 - arrivals: requests reaching the router per second (not those finished), times the mean
   prompt for prefill; for decode, the generated tokens/s (or the tokens/s that gives every
   sequence present its target gap, whichever is larger), which follow the same arrivals;
-- trend: the steepest least-squares slope of the arrival rate over the last 2 to 8
-  intervals whose rise (and whose rate above its level before) stands clear of the rate
-  windows' Poisson noise (TREND_Z standard deviations) and of TREND_MIN_RISE; it is
-  projected `lead` = startupSeconds + half the rate window ahead (a rate is half a window
-  old; replicas started now serve a start-up later), at most TREND_MAX_GROWTH of the
-  arrival rate. The capacity model's utilization headroom covers the rise during the one
-  interval until the next decision's replicas serve;
+- trend: how fast the arrival rate rises, when it rises clearly above its noise
+  (baton.operator.autoscaler.trend); it is projected `lead` = startupSeconds + half the
+  rate window ahead (a rate is half a window old; replicas started now serve a start-up
+  later), at most TREND_MAX_GROWTH of the arrival rate. The capacity model's utilization
+  headroom covers the rise during the one interval until the next decision's replicas serve;
 - queue: prefill requests queued beyond one per replica, plus what the queue's growth adds
   until new replicas are ready, are work to clear by the next decision (a queue means TTFT
   is being spent already; what it asks for holds only for the window).
@@ -58,28 +56,21 @@ from baton.operator.autoscaler.capacity import (
     pool_order,
 )
 from baton.operator.autoscaler.profile import ReplicaProfile
+from baton.operator.autoscaler.trend import TREND_INTERVALS, rising_slope
 
 if TYPE_CHECKING:
     from baton.operator.spec import ModelSpec
 
 __all__ = ["ROLES", "Observation", "Recent", "PolicyState", "Decision", "decide", "lead_seconds",
            "pool_order", "pool_capacities", "place", "place_role", "PREFILL_MAX_UTILIZATION",
-           "PREFILL_TAIL_FACTOR", "DECODE_HEADROOM", "ITL_STEP_MARGIN", "TREND_INTERVALS",
-           "TREND_MAX_GROWTH"]
+           "PREFILL_TAIL_FACTOR", "DECODE_HEADROOM", "ITL_STEP_MARGIN", "TREND_MAX_GROWTH"]
 
 ROLES = ("prefill", "decode")
 
 BOOST_MIN, BOOST_MAX = 1.15, 1.5
 """Bounds of the capacity factor an attainment breach asks for."""
-TREND_INTERVALS = (2, 3, 4, 6, 8)
-"""The spans, in decision intervals, the arrival rate's slope is fitted over."""
 TREND_MAX_GROWTH = 1.0
 """The projection adds at most this share of the arrival rate."""
-TREND_MIN_RISE = 0.05
-"""A slope counts only when it rises by this share of the arrival rate per minute ..."""
-TREND_Z = 3.0
-"""... and its rise over the span by this many standard deviations of the rate windows'
-Poisson noise (_rising)."""
 _EPS = 1e-9
 
 
@@ -212,60 +203,6 @@ def lead_seconds(spec: ModelSpec, window_seconds: float) -> float:
     return spec.autoscaling.startup_seconds + window_seconds / 2
 
 
-def _slope(points: list[tuple[float, float]]) -> float:
-    """Least-squares slope of (time, value) points; 0 with fewer than three."""
-    if len(points) < 3:
-        return 0.0
-    n = len(points)
-    mean_t = sum(t for t, _ in points) / n
-    mean_v = sum(v for _, v in points) / n
-    var = sum((t - mean_t) ** 2 for t, _ in points)
-    if var <= 0:
-        return 0.0
-    return sum((t - mean_t) * (v - mean_v) for t, v in points) / var
-
-
-def _rising(history: list[Recent], now: float, arrivals: float, window: float,
-            interval: float) -> float:
-    """The arrival rate's slope (requests/s per second) when it rises clearly, else 0.
-
-    The slope is fitted over the last 2 to 8 intervals (TREND_INTERVALS); the steepest fit
-    whose rise stands clear of the noise counts: short spans see an onset first, long ones a
-    slow rise (their mean would overstate less at a surge's top, but lead less at its onset,
-    where a missed minute costs the worst window). Noise: two rate windows `span` apart
-    differ by the arrivals in two spans of min(span, window) seconds, Poisson:
-    sd = sqrt(2 rate min(span, window)) / window. The rate must also stand clear of its
-    level before the span, the mean of the windows before it (a recovery from a dip is no
-    rise), and still rise over the shortest span (a rise that has stopped is over)."""
-    clear, latest = [], None
-    rate = max(arrivals, 1.0 / window)
-    for intervals in TREND_INTERVALS:
-        span = intervals * interval
-        points = [(e.time, e.arrivals) for e in history if now - e.time <= span + _EPS]
-        if len(points) < 2 or now - points[0][0] < span - interval / 2:
-            continue
-        slope = _slope(points + [(now, arrivals)])
-        if latest is None:
-            latest = slope
-        rise = slope * span
-        noise = math.sqrt(2 * rate * min(span, window)) / window
-        before = [e for e in history if now - e.time > span + _EPS]
-        if before:
-            # the level: the mean rate over the windows before the span, which cover
-            # (their spread + one window) seconds
-            level = sum(e.arrivals for e in before) / len(before)
-            covered = before[-1].time - before[0].time + window
-            level_noise = math.sqrt(rate / window + rate / covered)
-        else:
-            level, level_noise = 0.0, 0.0
-        if (rise > TREND_Z * noise and slope * 60 > TREND_MIN_RISE * arrivals
-                and arrivals - level > TREND_Z * level_noise):
-            clear.append(slope)
-    if not clear or latest is None or latest <= 0:
-        return 0.0
-    return max(clear)
-
-
 def _clamp_to_spec(spec: ModelSpec, replicas: dict[str, dict[str, int]] | None,
                    fallback: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
@@ -335,7 +272,8 @@ def decide(spec: ModelSpec, observation: Observation | None,
     arrivals = obs.arrivals
     mean_prompt = (obs.prompt_tokens_per_second / obs.request_rate if obs.request_rate > 0
                    else state.mean_prompt_tokens)
-    slope = _rising(history, now, arrivals, rate_window, auto.interval_seconds)
+    slope = rising_slope([(e.time, e.arrivals) for e in history], now, arrivals, rate_window,
+                         auto.interval_seconds)
     ahead = min(slope * lead, TREND_MAX_GROWTH * arrivals)  # more requests/s by then
 
     plans = {role: _RolePlan() for role in ROLES}
