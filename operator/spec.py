@@ -157,6 +157,9 @@ class RouterSpec:
     api_keys_secret: str | None = spec_field(
         "apiKeysSecret", "A Secret whose key `keys` lists accepted API keys, one per line; "
         "unset: no API keys.", default=None, pattern=r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$")
+    max_request_body_bytes: int = spec_field(
+        "maxRequestBodyBytes", "Largest request body the router reads; larger ones get 413.",
+        default=16 * 1024**2, minimum=1024, maximum=1024**3)
 
 
 @dataclass(frozen=True)
@@ -533,6 +536,8 @@ class RouterConfig:
                                                  minimum=0, exclusive_minimum=True)
     api_keys_file: str | None = spec_field("apiKeysFile", "File of API keys, one per line; "
                                            "null: no keys.", default=None)
+    max_request_body_bytes: int = spec_field("maxRequestBodyBytes", "Body size limit (413).",
+                                             default=16 * 1024**2, minimum=1024)
 
 
 @dataclass(frozen=True)
@@ -639,7 +644,8 @@ def worker_config(model: Model, model_path: str) -> WorkerConfig:
                             max_queued_requests=spec.router.max_queued_requests,
                             request_timeout_seconds=spec.router.request_timeout_seconds,
                             transfer_timeout_seconds=spec.router.transfer_timeout_seconds,
-                            api_keys_file=api_keys),
+                            api_keys_file=api_keys,
+                            max_request_body_bytes=spec.router.max_request_body_bytes),
         pools=PoolsConfig(**{role: tuple(PoolConfig(name=p.name, fp4_path=p.fp4_path)
                                          for p in spec.role(role).pools) for role in ROLES}),
     )

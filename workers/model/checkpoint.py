@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from baton.kernels import QuantExperts, QuantLinear, WeightFormat
 
+from .chat_template import NEMOTRON3_CHAT_TEMPLATE
 from .config import NemotronHConfig
 from .layers import FormatPlan
 from .model import NemotronHModel
@@ -31,18 +32,8 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]  # ids 0
 # quantizes activations with it; the reference path does not use it).
 INPUT_AMAX = 16.0
 
-# Written without whitespace control so that it renders the same with and without
-# trim_blocks / lstrip_blocks (transformers renders with both on).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and not enable_thinking %}<think></think>"
-    "{% else %}<think>\n{% endif %}"
-    "{% endif %}"
-)
+# The Nemotron 3 chat format (chat_template.py): tools, tool calls, tool results, reasoning.
+CHAT_TEMPLATE = NEMOTRON3_CHAT_TEMPLATE
 
 # Training text of the tokenizer: plain English about the things this project serves.
 CORPUS = """\

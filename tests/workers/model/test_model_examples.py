@@ -46,7 +46,8 @@ def test_tiny_checkpoint_runs_with_its_tokenizer():
         thinking = template.render(messages=messages, add_generation_prompt=True)
         plain = template.render(messages=messages, add_generation_prompt=True,
                                 enable_thinking=False)
-        assert thinking == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+        assert thinking == ("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                            "<|im_start|>assistant\n<think>\n")
         assert plain.endswith("<|im_end|>\n<|im_start|>assistant\n<think></think>")
     special = [tokenizer.token_to_id(t) for t in ("<pad>", "<s>", "</s>", "<|im_start|>",
                                                   "<|im_end|>")]

@@ -41,6 +41,23 @@ async def test_completion_not_streamed(router_url):
     assert out.object == "text_completion"
 
 
+async def test_usage_reports_cached_prompt_tokens(router_url, fake_backend):
+    fake_backend.cached_tokens = 3
+    out = await client(router_url).completions.create(model="tiny", prompt="hello", max_tokens=4)
+    assert out.usage.prompt_tokens_details.cached_tokens == 3
+    chat = await client(router_url).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hey"}], max_tokens=4)
+    assert chat.usage.prompt_tokens_details.cached_tokens == 3
+    stream = await client(router_url).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hey"}], max_tokens=4, stream=True,
+        stream_options={"include_usage": True})
+    usage = [chunk.usage async for chunk in stream if chunk.usage is not None]
+    assert [u.prompt_tokens_details.cached_tokens for u in usage] == [3]
+    fake_backend.cached_tokens = 0
+    out = await client(router_url).completions.create(model="tiny", prompt="hello", max_tokens=4)
+    assert out.usage.prompt_tokens_details.cached_tokens == 0
+
+
 async def test_completion_default_max_tokens_and_length(router_url):
     out = await client(router_url).completions.create(model="tiny", prompt="x" * 40)
     assert out.usage.completion_tokens == 16  # OpenAI's default for completions
@@ -117,7 +134,7 @@ async def test_sampling_options_reach_the_backend(router_url, fake_backend):
         extra_body={"top_k": 5, "stop_token_ids": [7], "ignore_eos": True})
     s = fake_backend.requests[-1].sampling
     assert (s.max_tokens, s.temperature, s.top_p, s.seed, s.top_k) == (3, 0.7, 0.5, 42, 5)
-    assert s.stop_token_ids == (7,) and s.ignore_eos and s.logprobs is None
+    assert s.stop_token_ids == [7] and s.ignore_eos and s.logprobs is None
 
 
 async def test_completion_logprobs(router_url):
@@ -161,10 +178,13 @@ async def test_chat_logprobs(router_url):
     ({"max_tokens": 0}, "max_tokens"),
     ({"temperature": -0.1}, "temperature"),
     ({"top_p": 0}, "top_p"),
-    ({"n": 2}, "n"),
+    ({"n": 0}, "n"),
+    ({"n": 129}, "n"),
+    ({"prompt": ["a"] * 65, "n": 2}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": []}, "prompt"),
-    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": ["a", 3]}, "prompt"),
+    ({"prompt": ["a", ""]}, "prompt"),
     ({"prompt": "x" * 128}, "prompt"),
     ({"prompt": "x" * 100, "max_tokens": 29}, "max_tokens"),
     ({"prompt": [300]}, "prompt"),
@@ -175,7 +195,13 @@ async def test_chat_logprobs(router_url):
     ({"extra_body": {"bogus": 1}}, "bogus"),
     ({"extra_body": {"stop_token_ids": [257]}}, "stop_token_ids"),
     ({"extra_body": {"stop_token_ids": [-1]}}, "stop_token_ids"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"extra_body": {"logit_bias": {"x": 1}}}, "logit_bias"),
+    ({"extra_body": {"logit_bias": {"300": 1}}}, "logit_bias"),
+    ({"extra_body": {"logit_bias": {"3": 101}}}, "logit_bias"),
+    ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
+    ({"extra_body": {"min_tokens": 20}, "max_tokens": 5}, "min_tokens"),
+    ({"extra_body": {"echo": True}, "logprobs": 1}, "echo"),
     ({"extra_body": {"stream_options": {"include_usage": True}}}, "stream_options"),
 ])
 async def test_bad_completion_parameters_are_400(router_url, kwargs, param):
@@ -195,7 +221,8 @@ async def test_bad_completion_parameters_are_400(router_url, kwargs, param):
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens"),
     ({"extra_body": {"chat_template_kwargs": "no"}}, "chat_template_kwargs"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]},
+     "tools[0].function.name"),
 ])
 async def test_bad_chat_parameters_are_400(router_url, kwargs, param):
     args = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]} | kwargs

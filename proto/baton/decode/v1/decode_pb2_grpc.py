@@ -35,10 +35,20 @@ class DecodeServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Reserve = channel.unary_unary(
+                '/baton.decode.v1.DecodeService/Reserve',
+                request_serializer=baton_dot_decode_dot_v1_dot_decode__pb2.ReserveRequest.SerializeToString,
+                response_deserializer=baton_dot_decode_dot_v1_dot_decode__pb2.ReserveResponse.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/baton.decode.v1.DecodeService/Generate',
                 request_serializer=baton_dot_decode_dot_v1_dot_decode__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=baton_dot_decode_dot_v1_dot_decode__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/baton.decode.v1.DecodeService/Release',
+                request_serializer=baton_dot_decode_dot_v1_dot_decode__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=baton_dot_decode_dot_v1_dot_decode__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
         self.TransferState = channel.stream_unary(
                 '/baton.decode.v1.DecodeService/TransferState',
@@ -50,11 +60,30 @@ class DecodeServiceStub:
 class DecodeServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
+    def Reserve(self, request, context):
+        """Step 1 of a request (DESIGN.md, Round 2 seams: P/D with caches). Holds a state slot and
+        KV pages for the prompt (RESOURCE_EXHAUSTED when there is no room: try another worker)
+        and pins the longest prefix of the prompt this worker already holds in its prefix cache
+        (attention KV and a Mamba snapshot taken exactly there). The reservation lives until a
+        Generate call attaches to it, Release frees it, or its deadline passes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Generate(self, request, context):
-        """Reserves cache room at once (RESOURCE_EXHAUSTED when there is none: try another
-        worker) and then sends initial metadata `baton-reserved: true`: start the Prefill once
-        it arrived. Waits for the request's state over TransferState, then streams every token,
-        the prefill's first token included. Cancelling the call releases everything.
+        """Step 2 (after a Prefill whose transfer completed, or at once for a local prefill):
+        streams every token of a reservation, the first one included. Cancelling the call
+        releases everything. Without reservation_id (the round-1 form) it reserves by itself,
+        sends initial metadata `baton-reserved: true` and waits for the state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """Frees a reservation that no Generate call attached to (a router that gave up between
+        Reserve and Generate). Idempotent: an unknown id is not an error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -62,8 +91,8 @@ class DecodeServiceServicer:
 
     def TransferState(self, request_iterator, context):
         """A prefill worker streams one request's state: Handshake, StateChunk..., TransferComplete.
-        Errors: FAILED_PRECONDITION (fingerprint or protocol mismatch), NOT_FOUND (no Generate
-        call reserved this request), DATA_LOSS (checksum or size mismatch), DEADLINE_EXCEEDED.
+        Errors: FAILED_PRECONDITION (fingerprint or protocol mismatch), NOT_FOUND (no
+        reservation for this request), DATA_LOSS (checksum or size mismatch), DEADLINE_EXCEEDED.
         Any error releases the request's reservation and ends its Generate stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -73,10 +102,20 @@ class DecodeServiceServicer:
 
 def add_DecodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Reserve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reserve,
+                    request_deserializer=baton_dot_decode_dot_v1_dot_decode__pb2.ReserveRequest.FromString,
+                    response_serializer=baton_dot_decode_dot_v1_dot_decode__pb2.ReserveResponse.SerializeToString,
+            ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=baton_dot_decode_dot_v1_dot_decode__pb2.GenerateRequest.FromString,
                     response_serializer=baton_dot_decode_dot_v1_dot_decode__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=baton_dot_decode_dot_v1_dot_decode__pb2.ReleaseRequest.FromString,
+                    response_serializer=baton_dot_decode_dot_v1_dot_decode__pb2.ReleaseResponse.SerializeToString,
             ),
             'TransferState': grpc.stream_unary_rpc_method_handler(
                     servicer.TransferState,
@@ -95,6 +134,33 @@ class DecodeService:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
+    def Reserve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.decode.v1.DecodeService/Reserve',
+            baton_dot_decode_dot_v1_dot_decode__pb2.ReserveRequest.SerializeToString,
+            baton_dot_decode_dot_v1_dot_decode__pb2.ReserveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Generate(request,
             target,
             options=(),
@@ -111,6 +177,33 @@ class DecodeService:
             '/baton.decode.v1.DecodeService/Generate',
             baton_dot_decode_dot_v1_dot_decode__pb2.GenerateRequest.SerializeToString,
             baton_dot_decode_dot_v1_dot_decode__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.decode.v1.DecodeService/Release',
+            baton_dot_decode_dot_v1_dot_decode__pb2.ReleaseRequest.SerializeToString,
+            baton_dot_decode_dot_v1_dot_decode__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

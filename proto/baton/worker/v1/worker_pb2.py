@@ -25,29 +25,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62\x61ton/worker/v1/worker.proto\x12\x0f\x62\x61ton.worker.v1\"\xc7\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x10\n\x08logprobs\x18\x07 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x08 \x01(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\x07\n\x05_seed\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"h\n\x0eGeneratedToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x33\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1d.baton.worker.v1.TokenLogprob\"\r\n\x0bLoadRequest\"\x9f\x02\n\x0cLoadResponse\x12#\n\x04role\x18\x01 \x01(\x0e\x32\x15.baton.worker.v1.Role\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x0f\n\x07waiting\x18\x03 \x01(\r\x12\x1c\n\x14kv_cache_usage_ratio\x18\x04 \x01(\x01\x12#\n\x1bssm_state_slots_usage_ratio\x18\x05 \x01(\x01\x12\x12\n\nfree_slots\x18\x06 \x01(\r\x12\x16\n\x0e\x66ree_kv_tokens\x18\x07 \x01(\x04\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x1b\n\x13transfers_in_flight\x18\t \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\n \x01(\t\x12\x15\n\rtransfer_port\x18\x0b \x01(\r\"\x0e\n\x0c\x44rainRequest\"4\n\rDrainResponse\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\x12\x11\n\tin_flight\x18\x02 \x01(\r*?\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PREFILL\x10\x01\x12\x0f\n\x0bROLE_DECODE\x10\x02\x32\x9c\x01\n\rWorkerService\x12\x43\n\x04Load\x12\x1c.baton.worker.v1.LoadRequest\x1a\x1d.baton.worker.v1.LoadResponse\x12\x46\n\x05\x44rain\x12\x1d.baton.worker.v1.DrainRequest\x1a\x1e.baton.worker.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62\x61ton/worker/v1/worker.proto\x12\x0f\x62\x61ton.worker.v1\"\xed\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x10\n\x08logprobs\x18\x07 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x08 \x01(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x18\n\x10presence_penalty\x18\n \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\x0c \x01(\x01\x12.\n\nlogit_bias\x18\r \x03(\x0b\x32\x1a.baton.worker.v1.TokenBias\x12\x12\n\nmin_tokens\x18\x0e \x01(\r\x12\x0f\n\x07grammar\x18\x0f \x01(\tB\x07\n\x05_seed\"+\n\tTokenBias\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04\x62ias\x18\x02 \x01(\x01\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"h\n\x0eGeneratedToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x33\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1d.baton.worker.v1.TokenLogprob\"\r\n\x0bLoadRequest\"\x9f\x02\n\x0cLoadResponse\x12#\n\x04role\x18\x01 \x01(\x0e\x32\x15.baton.worker.v1.Role\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x0f\n\x07waiting\x18\x03 \x01(\r\x12\x1c\n\x14kv_cache_usage_ratio\x18\x04 \x01(\x01\x12#\n\x1bssm_state_slots_usage_ratio\x18\x05 \x01(\x01\x12\x12\n\nfree_slots\x18\x06 \x01(\r\x12\x16\n\x0e\x66ree_kv_tokens\x18\x07 \x01(\x04\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x1b\n\x13transfers_in_flight\x18\t \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\n \x01(\t\x12\x15\n\rtransfer_port\x18\x0b \x01(\r\"\x0e\n\x0c\x44rainRequest\"4\n\rDrainResponse\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\x12\x11\n\tin_flight\x18\x02 \x01(\r*?\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PREFILL\x10\x01\x12\x0f\n\x0bROLE_DECODE\x10\x02\x32\x9c\x01\n\rWorkerService\x12\x43\n\x04Load\x12\x1c.baton.worker.v1.LoadRequest\x1a\x1d.baton.worker.v1.LoadResponse\x12\x46\n\x05\x44rain\x12\x1d.baton.worker.v1.DrainRequest\x1a\x1e.baton.worker.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.worker.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=783
-  _globals['_ROLE']._serialized_end=846
+  _globals['_ROLE']._serialized_start=994
+  _globals['_ROLE']._serialized_end=1057
   _globals['_SAMPLINGPARAMS']._serialized_start=50
-  _globals['_SAMPLINGPARAMS']._serialized_end=249
-  _globals['_TOKENLOGPROB']._serialized_start=251
-  _globals['_TOKENLOGPROB']._serialized_end=300
-  _globals['_GENERATEDTOKEN']._serialized_start=302
-  _globals['_GENERATEDTOKEN']._serialized_end=406
-  _globals['_LOADREQUEST']._serialized_start=408
-  _globals['_LOADREQUEST']._serialized_end=421
-  _globals['_LOADRESPONSE']._serialized_start=424
-  _globals['_LOADRESPONSE']._serialized_end=711
-  _globals['_DRAINREQUEST']._serialized_start=713
-  _globals['_DRAINREQUEST']._serialized_end=727
-  _globals['_DRAINRESPONSE']._serialized_start=729
-  _globals['_DRAINRESPONSE']._serialized_end=781
-  _globals['_WORKERSERVICE']._serialized_start=849
-  _globals['_WORKERSERVICE']._serialized_end=1005
+  _globals['_SAMPLINGPARAMS']._serialized_end=415
+  _globals['_TOKENBIAS']._serialized_start=417
+  _globals['_TOKENBIAS']._serialized_end=460
+  _globals['_TOKENLOGPROB']._serialized_start=462
+  _globals['_TOKENLOGPROB']._serialized_end=511
+  _globals['_GENERATEDTOKEN']._serialized_start=513
+  _globals['_GENERATEDTOKEN']._serialized_end=617
+  _globals['_LOADREQUEST']._serialized_start=619
+  _globals['_LOADREQUEST']._serialized_end=632
+  _globals['_LOADRESPONSE']._serialized_start=635
+  _globals['_LOADRESPONSE']._serialized_end=922
+  _globals['_DRAINREQUEST']._serialized_start=924
+  _globals['_DRAINREQUEST']._serialized_end=938
+  _globals['_DRAINRESPONSE']._serialized_start=940
+  _globals['_DRAINRESPONSE']._serialized_end=992
+  _globals['_WORKERSERVICE']._serialized_start=1060
+  _globals['_WORKERSERVICE']._serialized_end=1216
 # @@protoc_insertion_point(module_scope)
