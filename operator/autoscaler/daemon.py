@@ -54,7 +54,7 @@ from baton.operator.autoscaler.policy import (
 )
 from baton.operator.autoscaler.profile import ReplicaProfile, load_profile
 from baton.operator.autoscaler.prometheus import PrometheusClient, PrometheusError
-from baton.operator.kube import Kube, Resource
+from baton.operator.kube import ApiError, Kube, Resource
 from baton.operator.spec import GROUP, PLURAL, VERSION, Model, SpecError
 
 __all__ = ["autoscale", "run_once", "scale_event", "KubernetesCluster", "state_from_status",
@@ -261,8 +261,14 @@ class KubernetesCluster:
                                        {"baton.dev/model": model})
 
     async def annotate_pod(self, namespace: str, name: str, annotations: dict) -> None:
-        await asyncio.to_thread(self._kube().merge_patch, PODS, namespace, name,
-                                {"metadata": {"annotations": annotations}})
+        """Sets (or with None removes) annotations; a pod that is already gone (the
+        ReplicaSet removed it since it was listed) needs none."""
+        try:
+            await asyncio.to_thread(self._kube().merge_patch, PODS, namespace, name,
+                                    {"metadata": {"annotations": annotations}})
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
 
     async def patch_model_status(self, namespace: str, name: str, status: dict) -> None:
         await asyncio.to_thread(self._kube().merge_patch, MODELS, namespace, name,
@@ -366,10 +372,12 @@ async def _mark_for_removal(cluster: KubernetesCluster, prom: PrometheusClient |
                             model: Model, role: str, pool: str, keep: int, drain: int,
                             members: list[dict],
                             logger: logging.Logger | logging.LoggerAdapter) -> None:
-    """Marks `drain` pods of one pool for removal, counting those marked already (a decision
-    repeated before the reconcile applied it marks no further pods); marks left over from a
-    scale-down that was called off (the pool keeps all its pods) are cleared, so the next
-    scale-down picks by load again rather than by a stale mark."""
+    """When the pool shrinks (`drain` > 0), marks for removal the pods beyond the `keep` it
+    keeps, counting those marked already: the ReplicaSet removes pods - replicas pods, lowest
+    deletion cost first, so a round that runs before the Deployment was lowered, or after
+    some marked pods went, marks no further pods. Marks left over from a scale-down that was
+    called off (the pool keeps all its pods) are cleared, so the next scale-down picks by
+    load again rather than by a stale mark."""
     marked = [p for p in members if _marked(p)]
     if drain <= 0:
         if marked and len(members) <= keep:
@@ -379,7 +387,7 @@ async def _mark_for_removal(cluster: KubernetesCluster, prom: PrometheusClient |
                 logger.info(f"Unmarked pod {p['metadata']['name']} ({role}/{pool}): the pool "
                             f"keeps it.")
         return
-    needed = drain - len(marked)
+    needed = len(members) - keep - len(marked)
     if needed <= 0:
         return
     load: dict[str, float] = {}

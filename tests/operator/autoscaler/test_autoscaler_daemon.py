@@ -271,3 +271,20 @@ def test_scale_events_say_which_way_and_explain_each_role_that_changes():
     assert not same.changed and scale_event(same, up.desired) is None
     held = decide(m.spec, None, small, {}, up.state, NOW + 30, DEFAULT_PROFILE, "down")
     assert held.held and scale_event(held, small) is None
+
+
+async def test_marking_a_pod_the_replica_set_just_removed_is_no_failure():
+    from baton.operator.autoscaler.daemon import KubernetesCluster
+    from baton.operator.kube import ApiError
+
+    class GoneOrBroken:
+        def __init__(self, status):
+            self.status = status
+
+        def merge_patch(self, res, namespace, name, body):
+            raise ApiError(self.status, "PATCH", f"/api/v1/namespaces/{namespace}/pods/{name}",
+                           '{"message": "nope"}')
+
+    await KubernetesCluster(GoneOrBroken(404)).annotate_pod("llm", "p", {"a": "b"})
+    with pytest.raises(ApiError, match="HTTP 403"):
+        await KubernetesCluster(GoneOrBroken(403)).annotate_pod("llm", "p", {"a": "b"})
