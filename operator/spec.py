@@ -328,6 +328,10 @@ class AutoscalingSpec:
     scale_down_stabilization_seconds: int = spec_field(
         "scaleDownStabilizationSeconds", "Seconds a lower size must hold before scaling "
         "down.", default=300, minimum=0, maximum=86400)
+    startup_seconds: int = spec_field(
+        "startupSeconds", "Seconds from adding a replica to its serving (scheduling, image "
+        "pull, loading weights): a rising load is projected this far ahead, so capacity is "
+        "ready when the load arrives.", default=90, minimum=0, maximum=3600)
     pending_timeout_seconds: int = spec_field(
         "pendingTimeoutSeconds", "Seconds a pod may stay Pending before its pool counts as "
         "full and capacity overflows to the next pool.", default=120, minimum=1,
