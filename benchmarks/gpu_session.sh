@@ -3,26 +3,32 @@
 # about ten minutes on an H100 (run the steps in this order; README.md in this folder says what
 # each one reports):
 #
-#   bash benchmarks/gpu_session.sh check      # GPU kernel and model tests at real shapes
-#   bash benchmarks/gpu_session.sh moe        # kernels/bench_moe.py
-#   bash benchmarks/gpu_session.sh engine     # engine/bench_engine.py
-#   bash benchmarks/gpu_session.sh disagg     # e2e/bench_disagg.py
-#   bash benchmarks/gpu_session.sh transfer   # transfer/bench_transfer.py --device cuda
+#   bash benchmarks/gpu_session.sh check         # GPU kernel, model and CUDA-graph tests
+#   bash benchmarks/gpu_session.sh hotpath       # kernels/bench_hot_path.py (Mamba2, attention)
+#   bash benchmarks/gpu_session.sh moe           # kernels/bench_moe.py
+#   bash benchmarks/gpu_session.sh engine        # engine/bench_engine.py, bf16 weights
+#   bash benchmarks/gpu_session.sh engine-nvfp4  # engine/bench_engine.py --weights nvfp4
+#   bash benchmarks/gpu_session.sh disagg        # e2e/bench_disagg.py
+#   bash benchmarks/gpu_session.sh transfer      # transfer/bench_transfer.py --device cuda
 #
 # Reports go to $OUT when it is set (a folder that is collected after the run), else to
-# benchmarks/results/. Run from the repository root, on a machine whose Python already has
+# benchmarks/results/. The engine steps keep their random checkpoints in
+# $BATON_BENCH_CHECKPOINTS (default /tmp/baton-bench-checkpoints), so engine-nvfp4 right after
+# engine on the same machine reuses the bf16 one. Run from the repository root, on a machine
+# whose Python already has
 # torch, triton and the other dependencies (the GPU image): baton itself is installed without
 # dependencies, so nothing is fetched.
 set -uo pipefail
 
 usage() {
-    echo "usage: bash benchmarks/gpu_session.sh check|moe|engine|disagg|transfer" >&2
+    echo "usage: bash benchmarks/gpu_session.sh" \
+        "check|hotpath|moe|engine|engine-nvfp4|disagg|transfer" >&2
     exit 2
 }
 
 [ $# -eq 1 ] || usage
 step=$1
-case "$step" in check|moe|engine|disagg|transfer) ;; *) usage ;; esac
+case "$step" in check|hotpath|moe|engine|engine-nvfp4|disagg|transfer) ;; *) usage ;; esac
 
 cd "$(dirname "$0")/.." || exit 1
 out=${OUT:-benchmarks/results}
@@ -53,17 +59,27 @@ EOF
 
 case "$step" in
 check)
-    "$python" -m pytest tests/kernels tests/workers/model/test_model_gpu.py -m gpu -q \
-        -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
+    "$python" -m pytest tests/kernels tests/workers/model/test_model_gpu.py \
+        tests/workers/model/test_model_graphs.py -m gpu -q -p no:cacheprovider 2>&1 |
+        tee "$out/gpu-tests.log"
     ;;
-moe)
-    # This script's --out names a file: the name it picks itself, in $out.
+hotpath|moe)
+    # These scripts' --out names a file: the name they pick themselves, in $out.
     gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | tr 'A-Z' 'a-z' |
           sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')
-    "$python" benchmarks/kernels/bench_moe.py --out "$out/$(date -u +%F)-${gpu:-gpu}-moe.md"
+    if [ "$step" = hotpath ]; then
+        "$python" benchmarks/kernels/bench_hot_path.py \
+            --out "$out/$(date -u +%F)-${gpu:-gpu}-hot-path.md"
+    else
+        "$python" benchmarks/kernels/bench_moe.py --out "$out/$(date -u +%F)-${gpu:-gpu}-moe.md"
+    fi
     ;;
-engine)
-    "$python" benchmarks/engine/bench_engine.py --out "$out"
+engine|engine-nvfp4)
+    checkpoints=${BATON_BENCH_CHECKPOINTS:-/tmp/baton-bench-checkpoints}
+    weights=bf16
+    [ "$step" = engine-nvfp4 ] && weights=nvfp4
+    "$python" benchmarks/engine/bench_engine.py --weights "$weights" \
+        --checkpoint "$checkpoints" --out "$out"
     ;;
 disagg)
     "$python" benchmarks/e2e/bench_disagg.py --out "$out"

@@ -136,7 +136,7 @@ class EPQuantExperts(QuantExperts):
         with torch.no_grad():
             for name, tensor in list(sharded.named_parameters()) + list(sharded.named_buffers()):
                 tensor.copy_(source[name][take])
-        sharded.backend = experts.backend
+        sharded.set_backend(experts.backend)
         return sharded
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor,

@@ -15,9 +15,11 @@ The output for token t is sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x_t
 (token, slot) contribution is computed in fp32 (the intermediate relu2 activation rounded to
 x.dtype, as the fused kernel keeps it) and the slots are added in slot order 0..k-1, so the
 result does not depend on which process computed which contribution (expert parallelism
-relies on this). The "torch" backend is the reference; "triton" runs the Triton kernels:
-moe_decode (no sort, two launches) when a batch has about one pair per expert or fewer,
-fused_moe (pairs sorted into expert blocks, grouped GEMMs) otherwise.
+relies on this). How the stack computes is chosen once, by set_backend: ReferenceExperts
+(the "torch" backend, per expert in fp32 on dequantized weights) or TritonExperts
+("triton": moe_decode, no sort and two launches, when a batch has about one pair per expert
+or fewer; fused_moe, pairs sorted into expert blocks and grouped GEMMs, otherwise). The
+kernels read the weight format as a compile-time constant.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class QuantExperts(nn.Module):
         self.expert_range = (first, last)
         self.in_features, self.intermediate = in_features, intermediate
         self.fp8_per_channel = fp8_per_channel
-        self.backend = "torch"
+        self.set_backend("torch")
         e = last - first
         for prefix, (n, k) in (("up", (intermediate, in_features)),
                                ("down", (in_features, intermediate))):
@@ -184,14 +186,7 @@ class QuantExperts(nn.Module):
         ValueError otherwise; the Triton kernels do not check (that would wait on the GPU).
         """
         self._check_routing(x, topk_ids, topk_weights)
-        t, k = topk_ids.shape
-        if self.backend == "triton":
-            if moe_decode.use_decode_path(t * k, self.num_local_experts):
-                return moe_decode.moe_decode(self, x, topk_ids, topk_weights)
-            return fused_moe.moe_forward(self, x, topk_ids, topk_weights)
-        token_ids = torch.arange(t, device=x.device).repeat_interleave(k)
-        slots = self.expert_outputs(x, token_ids, topk_ids.reshape(-1), topk_weights.reshape(-1))
-        return combine_slots(slots.view(t, k, self.in_features)).to(x.dtype)
+        return self.compute.forward(self, x, topk_ids, topk_weights)
 
     def expert_outputs(self, x: torch.Tensor, token_ids: torch.Tensor, expert_ids: torch.Tensor,
                        weights: torch.Tensor) -> torch.Tensor:
@@ -202,11 +197,7 @@ class QuantExperts(nn.Module):
         on its own token and expert, whichever other pairs come with it (for the torch
         backend bit for bit; the Triton kernels pick tiles by batch size).
         """
-        if self.backend == "triton":
-            if moe_decode.use_decode_path(expert_ids.numel(), self.num_local_experts):
-                return moe_decode.expert_outputs_decode(self, x, token_ids, expert_ids, weights)
-            return fused_moe.expert_outputs(self, x, token_ids, expert_ids, weights)
-        return self._expert_outputs_ref(x, token_ids, expert_ids, weights)
+        return self.compute.expert_outputs(self, x, token_ids, expert_ids, weights)
 
     def _expert_outputs_ref(self, x: torch.Tensor, token_ids: torch.Tensor,
                             expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -241,7 +232,10 @@ class QuantExperts(nn.Module):
         return out
 
     def set_backend(self, backend: str) -> None:
+        """Chooses how the stack computes, once: "torch" (ReferenceExperts) or "triton"
+        (TritonExperts)."""
         self.backend = check_backend(backend)
+        self.compute = TritonExperts if backend == "triton" else ReferenceExperts
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, expert_range={self.expert_range}, "
@@ -258,3 +252,40 @@ def combine_slots(slots: torch.Tensor) -> torch.Tensor:
     for j in range(1, slots.shape[1]):
         out += slots[:, j]
     return out
+
+
+class ReferenceExperts:
+    """The torch reference: each expert's pairs through its dequantized weights, in fp32."""
+
+    @staticmethod
+    def forward(module: QuantExperts, x: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor) -> torch.Tensor:
+        t, k = topk_ids.shape
+        token_ids = torch.arange(t, device=x.device).repeat_interleave(k)
+        slots = module.expert_outputs(x, token_ids, topk_ids.reshape(-1),
+                                      topk_weights.reshape(-1))
+        return combine_slots(slots.view(t, k, module.in_features)).to(x.dtype)
+
+    @staticmethod
+    def expert_outputs(module: QuantExperts, x: torch.Tensor, token_ids: torch.Tensor,
+                       expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return module._expert_outputs_ref(x, token_ids, expert_ids, weights)
+
+
+class TritonExperts:
+    """The Triton kernels: moe_decode for about one pair per expert or fewer, else
+    fused_moe (the choice follows the batch's shape, never its values)."""
+
+    @staticmethod
+    def forward(module: QuantExperts, x: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor) -> torch.Tensor:
+        if moe_decode.use_decode_path(topk_ids.numel(), module.num_local_experts):
+            return moe_decode.moe_decode(module, x, topk_ids, topk_weights)
+        return fused_moe.moe_forward(module, x, topk_ids, topk_weights)
+
+    @staticmethod
+    def expert_outputs(module: QuantExperts, x: torch.Tensor, token_ids: torch.Tensor,
+                       expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if moe_decode.use_decode_path(expert_ids.numel(), module.num_local_experts):
+            return moe_decode.expert_outputs_decode(module, x, token_ids, expert_ids, weights)
+        return fused_moe.expert_outputs(module, x, token_ids, expert_ids, weights)

@@ -24,3 +24,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+# One Mamba2, one attention and one MoE layer (LatentMoE, shared expert) and an MTP depth of
+# attention + MoE, at the smallest widths the kernels take: the engine's kernel path under
+# the interpreter costs seconds per step, so its tests run this.
+SMALL_HYBRID = dict(
+    vocab_size=64, hidden_size=32, hybrid_override_pattern="M*E", num_attention_heads=4,
+    num_key_value_heads=2, head_dim=8, intermediate_size=32, mamba_num_heads=2,
+    mamba_head_dim=8, ssm_state_size=8, n_groups=1, conv_kernel=4, chunk_size=4,
+    n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+    moe_shared_expert_intermediate_size=16, moe_latent_size=16, max_position_embeddings=64,
+    num_nextn_predict_layers=1, mtp_hybrid_override_pattern="*E", eos_token_id=2,
+)
+
+
+@pytest.fixture(scope="session")
+def small_hybrid_config() -> dict:
+    """SMALL_HYBRID, a config.json dictionary for write_random_checkpoint."""
+    return dict(SMALL_HYBRID)

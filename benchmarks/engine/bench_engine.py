@@ -1,57 +1,71 @@
-"""Engine prefill and decode throughput against transformers' generate() and the HBM roofline.
+"""Engine prefill and decode throughput, CUDA graphs on and off, against transformers'
+generate() and the roofline.
 
-    python benchmarks/engine/bench_engine.py [--batches 1,16,64] [--prompt-len 512]
-        [--decode-steps 32] [--checkpoint DIR] [--out DIR]
+    python benchmarks/engine/bench_engine.py [--weights bf16|nvfp4] [--batches 1,16,64]
+        [--prompt-len 512] [--decode-steps 32] [--prefill-tokens 4096] [--checkpoint DIR]
+        [--out DIR]
     python benchmarks/engine/bench_engine.py --smoke --out DIR     # tiny model, CPU, seconds
 
 Model: a random Nemotron-3-Nano-shaped checkpoint (benchmarks/engine/shapes.py NANO: pattern
 "MEMEM*EM", hidden 2688, vocab 131072, 128 experts top-6, intermediate 1856, shared 3712,
-Mamba 64 x 64 heads, state 128, 8 groups, 32 q / 2 kv heads of 128), bf16, written once with
-write_random_checkpoint and loaded by both sides: baton's Engine (load_model, kernels
-"auto") and transformers' NemotronHForCausalLM.from_pretrained. Before timing, the two
-models' logits on one prompt are compared (no cache, fp32 norm-relative error) so that both
-sides provably run the same weights; a failed check fails the run.
+Mamba 64 x 64 heads, state 128, 8 groups, 32 q / 2 kv heads of 128), written once into
+DIR/bf16 (and DIR/nvfp4 with --weights nvfp4: the same random weights, every linear and
+expert stack quantized to NVFP4 as ModelOpt lays it out) with write_random_checkpoint.
+baton's Engine loads the checkpoint of --weights (load_model, kernels "auto");
+transformers' NemotronHForCausalLM.from_pretrained loads the bf16 one (it does not read
+NVFP4). Before timing, logits on one prompt are compared (no cache, fp32 norm-relative
+error, the median over positions): bf16 engine against transformers, NVFP4 engine against
+its own torch reference path (the W4A16 dequantized weights); a failed check fails the run.
 
 Method, per batch size B (B prompts of --prompt-len random tokens, greedy, eos ignored):
-  engine   all B requests are added at once; prefill time runs from the first step until
-           every request has its first token (chunked by --max-batch-tokens); then
-           --decode-steps steps are timed in which all B sequences decode one token each.
-           One untimed round of the same shape runs first (Triton compiles and tunes).
+  engine   two engines on the one loaded model, graphs (decode and verify steps replayed as
+           CUDA graphs per batch-size bucket) and eager (EngineConfig.enforce_eager). All B
+           requests are added at once; prefill time runs from the first step until every
+           request has its first token (chunked by --max-batch-tokens); then --decode-steps
+           steps are timed in which all B sequences decode one token each. One untimed round
+           of the same shape runs first (Triton compiles, the bucket's graph is captured).
   hf       one generate(max_new_tokens=1+N) after an untimed one, timed through a streamer
            that syncs the device as the prompt is handed over and as each token is chosen:
            prompt -> first token is the prefill time, the N steps after it the decode steps
            (min_new_tokens keeps eos from ending early).
   tokens/s prefill B * prompt_len / prefill time; decode B / step time.
-  same first token  how many of the B greedy tokens after the prompts agree between the two
-           (the engine's cached, batched path against transformers'; in 16-bit a near-tie
-           may legitimately differ, so this is reported, not checked).
+  same first token  how many of the B greedy tokens after the prompts agree between the
+           graphed engine and transformers (bf16 weights only: a near-tie may legitimately
+           differ, so this is reported, not checked).
+Prefill alone: one prompt of --prefill-tokens tokens in one step (median of 3 after one
+untimed; smoke: one), tokens/s and model TFLOP/s (roofline.prefill_flops: every linear
+layer, the routers, the top-k experts, causal attention) against the bf16 GEMM rate measured
+in this run (an 8192^3 matmul).
 
 Roofline of one decode step at batch B (bytes over the HBM bandwidth measured in this run
 with a device-to-device copy of 2 x 1 GiB: read + write bytes / time):
-  weights  every parameter byte except the embedding (only B rows of it are read) and the
-           routed experts, which count per MoE layer as (expert bytes) x E(1 - (1 - k/E)^B),
-           the distinct experts B tokens touch under random routing;
+  weights  every parameter byte (in the checkpoint's format) except the embedding (only B
+           rows of it are read) and the routed experts, which count per MoE layer as (expert
+           bytes) x E(1 - (1 - k/E)^B), the distinct experts B tokens touch under random
+           routing;
   state    Mamba conv + SSM state read and written per sequence (2 x the cache's bytes per
            slot), attention KV read over the mean context of the timed steps
            (prompt_len + N/2 tokens) plus one token written, per sequence.
-  % roof   roofline time / measured step time.
-The table goes to stdout and to DIR/<date>-<device>-engine.md, every figure to the .json
-beside it (default DIR: benchmarks/results). Target (issue #2): engine decode >= 10x
-transformers at batch 16.
+  x roof   measured step time / roofline time.
+Targets (issue #13), printed as verdicts: the graphed batch-1 step within 2x of the bf16
+roofline (bf16 weights) and within 3x of the NVFP4 one (NVFP4 weights); the graphed engine at
+least 10x transformers' decode at batch 16; prefill at 4k tokens reported against the bf16
+GEMM rate. The table goes to stdout and to DIR/<date>-<device>-engine[-nvfp4].md, every
+figure to the .json beside it (default DIR: benchmarks/results); the rows, verdicts and
+report are engine_report.py's.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
+import math
 import os
 import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -61,7 +75,8 @@ if not torch.cuda.is_available():  # the CPU smoke run never launches Triton, bu
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from roofline import Sizes, measure_hbm, model_sizes
+from engine_report import Phases, PrefillRow, Row, Run, figures, report
+from roofline import measure_gemm_peak, measure_hbm, model_sizes, prefill_flops
 from shapes import NANO, SMOKE
 
 from baton.workers.engine import Engine, EngineConfig, Request, SamplingParams
@@ -69,11 +84,12 @@ from baton.workers.model import load_model
 from baton.workers.model.checkpoint import write_random_checkpoint
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-TARGET_BATCH, TARGET_SPEEDUP = 16, 10.0
 # Both sides compute in bf16 with different operation orders; 8 layers of random weights
 # keep their logits within a few percent of each other (1.3e-2 on the smoke model), a wrong
-# weight moves them by ~100%.
+# weight moves them by ~100%. NVFP4 against its reference: W4A16 agrees to bf16 rounding;
+# Blackwell's native path also quantizes the activations to NVFP4.
 PARITY_LIMIT = 5e-2
+NATIVE_FP4_PARITY_LIMIT = 0.25
 
 
 class DeviceSync:
@@ -88,15 +104,6 @@ class DeviceSync:
 
 
 # ---------------------------------------------------------------------------- engine side
-
-
-@dataclass
-class Phases:
-    prefill_s: float
-    decode_step_s: float
-    decode_tokens: int
-    first_tokens: list[int] = field(default_factory=list)
-    """The greedy token after each prompt, in prompt order."""
 
 
 def prefill_slack(batch: int, prompt_len: int, max_batch_tokens: int) -> int:
@@ -140,6 +147,19 @@ def engine_round(engine: Engine, prompts: list[list[int]], decode_steps: int,
     while engine.has_work():
         engine.step()
     return Phases(prefill_s, decode_s / decode_steps, tokens, [started[rid] for rid in ids])
+
+
+def prefill_round(engine: Engine, prompt: list[int], sync: DeviceSync, tag: str) -> float:
+    """Seconds from adding one prompt to its first token (one step when it fits the token
+    budget)."""
+    engine.add_request(Request(tag, list(prompt), SamplingParams(max_tokens=1,
+                                                                 temperature=0.0)))
+    sync()
+    t0 = time.perf_counter()
+    while engine.has_work():
+        engine.step()
+    sync()
+    return time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------- transformers side
@@ -190,122 +210,23 @@ def load_hf(path: Path, dtype: torch.dtype, device: torch.device):
     return model.to(device).eval()
 
 
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(ids)
+    return getattr(out, "logits", out).float()[0]
+
+
 def parity_error(ours, theirs, prompt: list[int], device: torch.device) -> float:
     """Median over positions of the norm-relative error between the two models' logits over
     one prompt (no cache, in fp32). The median, because in 16-bit a near-tie in the router
     can send one position to other experts on one side: a real difference of rounding, not
     of weights, that the other positions do not share."""
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
-    with torch.no_grad():
-        a = ours(ids).float()[0]
-        b = theirs(ids).logits.float()[0]
+    a, b = logits_of(ours, ids), logits_of(theirs, ids)
     if not torch.isfinite(a).all() or not torch.isfinite(b).all():
         return float("inf")
     per_position = (a - b).norm(dim=-1) / b.norm(dim=-1).clamp(min=1e-30)
     return per_position.median().item()
-
-
-# ---------------------------------------------------------------------------- report
-
-
-@dataclass
-class Row:
-    batch: int
-    engine: Phases
-    hf: Phases | None
-    roofline_s: float
-    step_bytes: float
-    prompt_len: int
-    hf_note: str = "-"
-    """What the transformers cells show when it did not run (-: skipped, OOM)."""
-
-    def cells(self) -> list[str]:
-        e, h, b, no = self.engine, self.hf, self.batch, self.hf_note
-        prefill_tps = b * self.prompt_len / e.prefill_s
-        decode_tps = b / e.decode_step_s
-        cells = [str(b), f"{prefill_tps:,.0f}"]
-        cells += ([f"{b * self.prompt_len / h.prefill_s:,.0f}",
-                   f"{h.prefill_s / e.prefill_s:.1f}x"] if h else [no, no])
-        cells += [f"{e.decode_step_s * 1e3:.2f}"]
-        cells += [f"{h.decode_step_s * 1e3:.2f}"] if h else [no]
-        cells += [f"{decode_tps:,.0f}"]
-        cells += ([f"{b / h.decode_step_s:,.0f}" if h.decode_step_s else "inf",
-                   f"{h.decode_step_s / e.decode_step_s:.1f}x"] if h else [no, no])
-        cells += [f"{self.step_bytes / 1e6:,.1f}", f"{self.roofline_s * 1e3:.3f}",
-                  f"{100 * self.roofline_s / e.decode_step_s:.0f}%"]
-        if h:
-            same = sum(a == b for a, b in zip(e.first_tokens, h.first_tokens))
-            cells.append(f"{same}/{len(h.first_tokens)}")
-        else:
-            cells.append(no)
-        return cells
-
-
-HEADER = ["batch", "engine prefill tok/s", "hf prefill tok/s", "prefill speedup",
-          "engine step ms", "hf step ms", "engine decode tok/s", "hf decode tok/s",
-          "decode speedup", "step MB", "roofline step ms", "engine % of roofline",
-          "same first token"]
-
-
-def table(rows: list[Row]) -> list[str]:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    return lines + ["| " + " | ".join(row.cells()) + " |" for row in rows]
-
-
-def versions() -> str:
-    import transformers
-    import triton
-
-    # Without these transformers runs its Mamba2 layers on its pure-torch fallback.
-    kernels = ", ".join(f"{name} {'present' if importlib.util.find_spec(name) else 'absent'}"
-                        for name in ("mamba_ssm", "causal_conv1d"))
-    return (f"torch {torch.__version__}, triton {triton.__version__}, "
-            f"transformers {transformers.__version__} ({kernels}), "
-            f"Python {sys.version.split()[0]}")
-
-
-def verdict(rows: list[Row]) -> str:
-    row = next((r for r in rows if r.batch == TARGET_BATCH and r.hf), None)
-    if row is None:
-        return f"Target (decode >= {TARGET_SPEEDUP:g}x transformers at batch {TARGET_BATCH}): " \
-               "not measured in this run."
-    speedup = row.hf.decode_step_s / row.engine.decode_step_s
-    met = "met" if speedup >= TARGET_SPEEDUP else "NOT met"
-    return (f"Target (decode >= {TARGET_SPEEDUP:g}x transformers at batch {TARGET_BATCH}): "
-            f"{speedup:.1f}x, {met}.")
-
-
-def report(rows: list[Row], args, device_name: str, hbm: float, parity: float,
-           config: dict, sizes: Sizes) -> str:
-    moe = sizes.expert_bytes[0] if sizes.expert_bytes else (0, 0, 0)
-    lines = [
-        f"# Engine throughput on {device_name}",
-        "",
-        f"Date: {datetime.date.today().isoformat()}. {versions()}.",
-        f"Command: `python benchmarks/engine/bench_engine.py {' '.join(args.argv)}`.",
-        "",
-        f"Model: random {'smoke' if args.smoke else 'Nemotron-3-Nano-shaped'} checkpoint, "
-        f"pattern {config['hybrid_override_pattern']}, hidden {config['hidden_size']}, vocab "
-        f"{config['vocab_size']}, {config['n_routed_experts']} experts top-"
-        f"{config['num_experts_per_tok']}, {args.dtype}. Weights: "
-        f"{sizes.dense_bytes / 1e6:,.1f} MB dense (all but the embedding and routed experts), "
-        f"{len(sizes.expert_bytes)} MoE layers of {moe[1]} x {moe[0] / 1e6:,.2f} MB experts; "
-        f"state {sizes.slot_bytes / 2**20:,.2f} MiB per sequence, KV "
-        f"{sizes.kv_token_bytes / 1024:,.2f} KiB per token.",
-        f"Prompts: {args.prompt_len} random tokens; {args.decode_steps} timed decode steps; "
-        f"engine max_batch_tokens {args.max_batch_tokens}; greedy.",
-        f"Measured here: HBM {hbm / 1e9:,.1f} GB/s (device-to-device copy, read + write). "
-        f"Logits parity engine vs transformers: relative error {parity:.2e} "
-        f"(median over the prompt's positions; limit {PARITY_LIMIT:g}).",
-        "",
-        *table(rows),
-        "",
-        verdict(rows),
-        "",
-        "Formulas: see the script's docstring (speedups are transformers time / engine time; "
-        "% of roofline is the bytes-over-bandwidth floor / the engine's step time).",
-    ]
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------- main
@@ -324,13 +245,18 @@ def parse_batches(text: str) -> list[int]:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--weights", default="bf16", choices=("bf16", "nvfp4"),
+                   help="the engine's checkpoint format (transformers always runs bf16)")
     p.add_argument("--batches", default=None, help="comma-separated (default 1,16,64; smoke 1,3)")
     p.add_argument("--prompt-len", type=int, default=None, help="default 512 (smoke 24)")
     p.add_argument("--decode-steps", type=int, default=None, help="default 32 (smoke 4)")
+    p.add_argument("--prefill-tokens", type=int, default=None,
+                   help="the prefill-alone prompt (default 4096; smoke 48; 0 skips it)")
     p.add_argument("--max-batch-tokens", type=int, default=8192)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--checkpoint", type=Path, default=None,
-                   help="checkpoint folder to reuse (written there when it holds none)")
+                   help="folder holding the bf16/ (and nvfp4/) checkpoints to reuse (written "
+                        "there when missing)")
     p.add_argument("--skip-hf", action="store_true", help="engine only (no transformers)")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the results file")
@@ -342,25 +268,37 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(str(err))
     args.prompt_len = args.prompt_len or (24 if args.smoke else 512)
     args.decode_steps = args.decode_steps or (4 if args.smoke else 32)
+    if args.prefill_tokens is None:
+        args.prefill_tokens = 48 if args.smoke else 4096
     for name in ("prompt_len", "decode_steps", "max_batch_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: {getattr(args, name)} must be >= 1")
+    if args.prefill_tokens < 0:
+        p.error(f"--prefill-tokens: {args.prefill_tokens} must be >= 0")
+    if args.prefill_tokens > args.max_batch_tokens:
+        p.error(f"--prefill-tokens: {args.prefill_tokens} must fit one step "
+                f"(--max-batch-tokens {args.max_batch_tokens})")
     if not args.smoke and not torch.cuda.is_available():
         p.error("needs a CUDA device (or --smoke)")
     return args
 
 
-def ensure_checkpoint(folder: Path, config: dict, dtype: torch.dtype) -> Path:
-    """Writes the random checkpoint unless `folder` already holds this exact architecture."""
+def ensure_checkpoint(folder: Path, config: dict, dtype: torch.dtype,
+                      quantization: str | None = None) -> Path:
+    """Writes the random checkpoint unless `folder` already holds this exact architecture
+    (and quantization)."""
     config_file = folder / "config.json"
-    if config_file.exists() and list(folder.glob("*.safetensors")):
+    quantized = (folder / "hf_quant_config.json").exists()
+    if config_file.exists() and list(folder.glob("*.safetensors")) and \
+            quantized == (quantization is not None):
         held = json.loads(config_file.read_text())
         if all(held.get(k) == v for k, v in config.items()):
             return folder
     t0 = time.perf_counter()
-    write_random_checkpoint(folder, config, seed=0, dtype=dtype, tokenizer=False)
-    print(f"wrote the random checkpoint to {folder} in {time.perf_counter() - t0:.0f} s",
-          flush=True)
+    write_random_checkpoint(folder, config, seed=0, dtype=dtype, quantization=quantization,
+                            tokenizer=False)
+    print(f"wrote the random {quantization or 'bf16'} checkpoint to {folder} in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
     return folder
 
 
@@ -369,11 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = getattr(torch, args.dtype)
     config = SMOKE if args.smoke else NANO
-    max_len = args.prompt_len + 1 + args.decode_steps + prefill_slack(
-        max(args.batches), args.prompt_len, args.max_batch_tokens)
+    max_len = max(args.prefill_tokens + 1, args.prompt_len + 1 + args.decode_steps +
+                  prefill_slack(max(args.batches), args.prompt_len, args.max_batch_tokens))
     if max_len > config["max_position_embeddings"]:
-        raise SystemExit(f"--prompt-len + --decode-steps (+ steps while the batch prefills): "
-                         f"{max_len} tokens exceed the model's "
+        raise SystemExit(f"--prompt-len + --decode-steps (+ steps while the batch prefills), "
+                         f"or --prefill-tokens: {max_len} tokens exceed the model's "
                          f"{config['max_position_embeddings']}")
     device_name = "cpu" if args.smoke else torch.cuda.get_device_name(device)
     torch.manual_seed(0)
@@ -382,16 +320,43 @@ def main(argv: list[str] | None = None) -> int:
         scratch = tempfile.TemporaryDirectory(prefix="bench-engine-")
         args.checkpoint = Path(scratch.name)
     try:
-        path = ensure_checkpoint(args.checkpoint, config, dtype)
-        return run(args, path, config, device, dtype, device_name)
+        bf16 = ensure_checkpoint(args.checkpoint / "bf16", config, dtype)
+        weights = bf16 if args.weights == "bf16" else ensure_checkpoint(
+            args.checkpoint / "nvfp4", config, dtype, quantization="nvfp4")
+        return run(args, weights, bf16, config, device, dtype, device_name)
     finally:
         if scratch is not None:
             scratch.cleanup()
 
 
-def run(args, path: Path, config: dict, device: torch.device, dtype: torch.dtype,
-        device_name: str) -> int:
+def engine_for(model, args, max_model_len: int, num_seqs: int, eager: bool) -> Engine:
+    pages_per_seq = -(-max_model_len // 16)
+    return Engine(model, EngineConfig(
+        page_size=16, num_pages=num_seqs * pages_per_seq + pages_per_seq,
+        max_num_seqs=num_seqs, max_batch_tokens=args.max_batch_tokens,
+        max_model_len=max_model_len, base_seed=0, enforce_eager=eager))
+
+
+def check_parity(args, model, path: Path, hf, prompt: list[int], device, dtype
+                 ) -> tuple[float, str, float]:
+    """(error, against what, limit): bf16 against transformers, NVFP4 against its own torch
+    reference path."""
+    if args.weights == "bf16":
+        if hf is None:
+            return float("nan"), "transformers (skipped)", PARITY_LIMIT
+        return parity_error(model, hf, prompt, device), "transformers", PARITY_LIMIT
+    reference = load_model(path, dtype=dtype, device=device, kernels="torch")
+    error = parity_error(model, reference, prompt, device)
+    del reference
+    native = any(type(m).__name__ == "Nvfp4NativeLinear" for m in model.modules())
+    return error, "its torch reference path", NATIVE_FP4_PARITY_LIMIT if native \
+        else PARITY_LIMIT
+
+
+def run(args, path: Path, hf_path: Path, config: dict, device: torch.device,
+        dtype: torch.dtype, device_name: str) -> int:
     hbm = measure_hbm(device, args.smoke)
+    gemm_peak = measure_gemm_peak(device, args.smoke)
     sync = DeviceSync(device)
     gen = torch.Generator().manual_seed(1)
     vocab = config["vocab_size"]
@@ -399,25 +364,31 @@ def run(args, path: Path, config: dict, device: torch.device, dtype: torch.dtype
                for b in args.batches}
 
     model = load_model(path, dtype=dtype, device=device, kernels="auto")
-    hf = None if args.skip_hf else load_hf(path, dtype, device)
-    parity = (parity_error(model, hf, prompts[args.batches[0]][0], device)
-              if hf is not None else float("nan"))
-    print(f"HBM {hbm / 1e9:,.1f} GB/s; logits parity {parity:.2e}", flush=True)
+    hf = None if args.skip_hf else load_hf(hf_path, dtype, device)
+    parity, against, limit = check_parity(args, model, path, hf, prompts[args.batches[0]][0],
+                                          device, dtype)
+    print(f"HBM {hbm / 1e9:,.1f} GB/s, bf16 GEMM {gemm_peak / 1e12:,.1f} TFLOP/s; logits "
+          f"parity against {against} {parity:.2e}", flush=True)
 
     largest = max(args.batches)
     max_model_len = args.prompt_len + 1 + args.decode_steps + prefill_slack(
         largest, args.prompt_len, args.max_batch_tokens)
-    pages_per_seq = -(-max_model_len // 16)
-    engine = Engine(model, EngineConfig(
-        page_size=16, num_pages=largest * pages_per_seq + pages_per_seq, max_num_seqs=largest,
-        max_batch_tokens=args.max_batch_tokens, max_model_len=max_model_len, base_seed=0))
-    sizes = model_sizes(model, engine)
+    graphed = engine_for(model, args, max_model_len, largest, eager=False)
+    step_graphs = graphed.runner.step_graphs
+    graphs = step_graphs is not None and step_graphs.capture
+    # Without graphs (no CUDA) the first engine already runs eagerly: it is measured once.
+    eager = engine_for(model, args, max_model_len, largest, eager=True) if graphs else None
+    sizes = model_sizes(model, graphed)
     context = args.prompt_len + args.decode_steps / 2
 
     rows = []
     for b in args.batches:
-        engine_round(engine, prompts[b], min(args.decode_steps, 4), sync, f"warm{b}")
-        ours = engine_round(engine, prompts[b], args.decode_steps, sync, f"b{b}")
+        measured = {}
+        for name, engine in [("graphs", graphed), *([("eager", eager)] if eager else [])]:
+            engine_round(engine, prompts[b], min(args.decode_steps, 4), sync, f"warm{b}")
+            measured[name] = engine_round(engine, prompts[b], args.decode_steps, sync,
+                                          f"{name}{b}")
+        measured.setdefault("eager", measured["graphs"])
         theirs, hf_note = None, "-"
         if hf is not None:
             try:
@@ -429,44 +400,43 @@ def run(args, path: Path, config: dict, device: torch.device, dtype: torch.dtype
                 hf_note = "OOM"
                 torch.cuda.empty_cache()
         step_bytes = sizes.step_bytes(b, context)
-        rows.append(Row(b, ours, theirs, step_bytes / hbm, step_bytes, args.prompt_len,
-                        hf_note))
+        rows.append(Row(b, measured["graphs"], theirs, step_bytes / hbm, step_bytes,
+                        args.prompt_len, hf_note, eager=measured["eager"], graphs=graphs))
         print(" | ".join(rows[-1].cells()), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    buckets = [f"{kind.value} {n}" for kind, n in step_graphs.captured] if graphs else []
+    del graphed, eager, hf
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
-    text = report(rows, args, device_name, hbm, parity, config, sizes)
+    prefill = None
+    if args.prefill_tokens:
+        engine = engine_for(model, args, args.prefill_tokens + 1, 1, eager=True)
+        prompt = torch.randint(5, vocab, (args.prefill_tokens,), generator=gen).tolist()
+        prefill_round(engine, prompt, sync, "prefill-warm")
+        times = sorted(prefill_round(engine, prompt, sync, f"prefill{i}")
+                       for i in range(1 if args.smoke else 3))
+        prefill = PrefillRow(args.prefill_tokens, times[len(times) // 2],
+                             prefill_flops(model, args.prefill_tokens), gemm_peak)
+        print(" | ".join(prefill.cells()), flush=True)
+
+    info = Run(device_name, hbm, gemm_peak, parity, against, limit, graphs, buckets)
+    text = report(rows, prefill, args, info, config, sizes)
     slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-    out = args.out / f"{datetime.date.today().isoformat()}-{slug}-engine.md"
-    failed = not parity <= PARITY_LIMIT if hf is not None else False
+    suffix = "" if args.weights == "bf16" else f"-{args.weights}"
+    out = args.out / f"{datetime.date.today().isoformat()}-{slug}-engine{suffix}.md"
+    failed = not parity <= limit if not math.isnan(parity) else False
     if failed:
-        text += (f"\nFAILED CHECK: logits parity {parity:.2e} > {PARITY_LIMIT:g}: the two "
-                 "sides do not run the same model.\n")
+        text += (f"\nFAILED CHECK: logits parity {parity:.2e} > {limit:g}: the engine and "
+                 f"{against} do not run the same model.\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     out.with_suffix(".json").write_text(json.dumps(figures(
-        rows, device_name, hbm, parity, config, args), indent=1, allow_nan=True) + "\n")
+        rows, prefill, info, config, args), indent=1, allow_nan=True) + "\n")
     print(text)
     print(f"written to {out} and .json")
     return 1 if failed else 0
-
-
-def figures(rows: list[Row], device_name: str, hbm: float, parity: float, config: dict,
-            args) -> dict:
-    """Every measured figure, in base units, for other tools (e.g. a replica profile)."""
-    def phases(p: Phases | None) -> dict | None:
-        return None if p is None else {"prefill_seconds": p.prefill_s,
-                                       "decode_step_seconds": p.decode_step_s}
-
-    return {
-        "device": device_name, "hbm_bytes_per_second": hbm, "logits_parity": parity,
-        "pattern": config["hybrid_override_pattern"], "dtype": args.dtype,
-        "prompt_len": args.prompt_len, "decode_steps": args.decode_steps,
-        "rows": [{"batch": r.batch, "engine": phases(r.engine), "transformers": phases(r.hf),
-                  "transformers_note": r.hf_note if r.hf is None else None,
-                  "step_bytes": r.step_bytes, "roofline_step_seconds": r.roofline_s}
-                 for r in rows],
-    }
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""The decode-step roofline: the bytes one step must move, and the bandwidth that moves them.
+"""The decode-step roofline: the bytes one step must move, and the bandwidth that moves them;
+the prefill's flops, and the GEMM rate that bounds them.
 
 Sizes reads the loaded model (every parameter and buffer, the routed expert stacks apart)
 and the engine's cache (bytes per Mamba state slot, per KV token); `step_bytes` turns them
 into the bytes of one decode step at a batch size (the formula is in bench_engine.py's
-docstring). measure_hbm times a large device-to-device copy.
+docstring). measure_hbm times a large device-to-device copy, measure_gemm_peak a large bf16
+matmul; prefill_flops counts a prompt's multiply-adds from the modules.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from shapes import expected_distinct_experts
 
-from baton.kernels import QuantExperts
+from baton.kernels import QuantExperts, QuantLinear
 from baton.workers.engine import Engine
 
 
@@ -87,3 +89,49 @@ def measure_hbm(device: torch.device, smoke: bool, reps: int = 10) -> float:
             dst.copy_(src)
             times.append(time.perf_counter() - start_s)
     return 2 * src.numel() * src.element_size() / statistics.median(times)
+
+
+def measure_gemm_peak(device: torch.device, smoke: bool, reps: int = 10) -> float:
+    """bf16 matmul rate in flop/s: a square n x n x n product (n = 8192; 256 in smoke runs)."""
+    n = 256 if smoke else 8192
+    a = torch.randn(n, n, device=device).bfloat16()
+    b = torch.randn(n, n, device=device).bfloat16()
+    a @ b
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            a @ b
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            start_s = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start_s)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def prefill_flops(model, tokens: int) -> float:
+    """2 x the multiply-adds of one prompt of `tokens` tokens through the main model: every
+    linear layer (the lm_head for the one row that samples), the routers, each MoE layer's
+    top-k experts, and attention's QK and PV over the causal half. The Mamba scan, norms and
+    activations are left out (about 1% at Nano shapes)."""
+    config = model.config
+    flops = 0.0
+    for name, module in model.named_modules():
+        if name.startswith("mtp"):
+            continue
+        if isinstance(module, QuantLinear):
+            rows = 1 if name == "lm_head" else tokens
+            flops += 2 * rows * module.in_features * module.out_features
+        elif isinstance(module, QuantExperts):
+            flops += 2 * 2 * tokens * config.num_experts_per_tok * module.in_features * \
+                module.intermediate
+    kinds = config.layer_kinds
+    flops += kinds.count("moe") * 2 * tokens * config.n_routed_experts * config.hidden_size
+    causal_pairs = tokens * (tokens + 1) / 2
+    flops += kinds.count("attention") * 2 * 2 * causal_pairs * config.num_attention_heads * \
+        config.head_dim
+    return flops

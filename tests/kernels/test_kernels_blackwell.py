@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from baton.kernels import QuantLinear, blackwell, nvfp4, set_backend
+from baton.kernels.linear import Nvfp4NativeLinear
 
 
 def to_blocked(scale: torch.Tensor) -> torch.Tensor:
@@ -102,7 +103,8 @@ def test_quant_linear_takes_the_native_path_on_blackwell(monkeypatch, fmt):
     w = torch.randn(32, 64, generator=gen)
     layer = QuantLinear.from_float(w, fmt, input_amax=8.0)
     x = torch.randn(2, 3, 64, generator=gen).bfloat16()
-    set_backend(layer, "triton")
+    layer = set_backend(layer, "triton")
+    assert isinstance(layer, Nvfp4NativeLinear) and layer.backend == "triton"
     out = layer(x)
     assert calls == [torch.float4_e2m1fn_x2] and out.shape == (2, 3, 32)
     x_gs = (layer.input_scale if fmt == "nvfp4" else nvfp4.global_scale_ref(x.reshape(6, 64)))
@@ -110,10 +112,12 @@ def test_quant_linear_takes_the_native_path_on_blackwell(monkeypatch, fmt):
                              layer.weight_scale_2, x_gs)
     torch.testing.assert_close(out.reshape(6, 32).double(), expected, rtol=2e-2,
                                atol=2e-2 * expected.abs().max())
-    # The swizzled weight scales are made once and reused.
-    cached = layer._swizzled_weight_scale()
+    # The swizzled weight scales are made once, at the swap, and reused by every call.
+    swizzled = layer.swizzled_weight_scale
+    assert torch.equal(swizzled, blackwell.swizzle_block_scales(layer.weight_scale))
     layer(x)
-    assert layer._swizzled_weight_scale() is cached
+    assert layer.swizzled_weight_scale is swizzled
+    assert "swizzled_weight_scale" not in layer.state_dict()
 
 
 @pytest.mark.gpu

@@ -7,6 +7,12 @@ import torch
 from torch import nn
 
 from baton.kernels import QuantLinear, WeightFormat, fp8, nvfp4, set_backend
+from baton.kernels.linear import (
+    Bf16Linear,
+    Fp8Linear,
+    Nvfp4Linear,
+    Nvfp4W4A16Linear,
+)
 
 E4M3 = torch.float8_e4m3fn
 
@@ -97,13 +103,35 @@ def test_from_float_per_channel_fp8_and_input_amax():
     assert layer.input_scale.item() == pytest.approx(0.01)
 
 
-def test_set_backend_walks_the_tree_and_auto_keeps_cpu_on_torch():
+def linears(model):
+    return [type(m) for m in model.modules() if isinstance(m, QuantLinear)]
+
+
+def test_quant_linear_builds_the_storage_module_of_its_format():
+    assert [type(QuantLinear(32, 16, f)) for f in ("bf16", "fp8", "nvfp4", "w4a16_nvfp4")] == [
+        Bf16Linear, Fp8Linear, Nvfp4Linear, Nvfp4Linear]
+    assert type(QuantLinear.from_float(torch.randn(8, 32), "fp8")) is Fp8Linear
+    assert all(QuantLinear(32, 16, f).backend == "torch" for f in EXPECTED)
+    with pytest.raises(ValueError, match="Fp8Linear stores fp8"):
+        Fp8Linear(32, 16, "bf16")
+
+
+def test_set_backend_swaps_in_each_formats_module_sharing_its_tensors():
     model = nn.Sequential(QuantLinear(32, 16, "nvfp4"), nn.ReLU(),
-                          nn.Sequential(QuantLinear(16, 16, "bf16")))
-    set_backend(model, "triton")
-    assert [m.backend for m in model.modules() if isinstance(m, QuantLinear)] == ["triton"] * 2
+                          nn.Sequential(QuantLinear(16, 16, "bf16")),
+                          QuantLinear(32, 16, "fp8"))
+    weight = model[0].weight
+    assert set_backend(model, "triton") is model
+    # On the CPU: NVFP4 takes the Triton W4A16 GEMM (the interpreter), bf16 keeps the library
+    # GEMM, FP8 has no _scaled_mm here and keeps its reference module.
+    assert linears(model) == [Nvfp4W4A16Linear, Bf16Linear, Fp8Linear]
+    assert model[0].backend == "triton" and model[0].weight is weight
+    assert model[0].state_dict().keys() == QuantLinear(32, 16, "nvfp4").state_dict().keys()
     set_backend(model, "auto")
-    assert [m.backend for m in model.modules() if isinstance(m, QuantLinear)] == ["torch"] * 2
+    assert linears(model) == [Nvfp4Linear, Bf16Linear, Fp8Linear]
+    assert model[0].weight is weight
+    bare = QuantLinear(32, 16, "nvfp4")
+    assert type(set_backend(bare, "triton")) is Nvfp4W4A16Linear and type(bare) is Nvfp4Linear
     with pytest.raises(ValueError, match="kernels='cuda'"):
         set_backend(model, "cuda")
 

@@ -77,8 +77,8 @@ def test_quant_linear_triton_backend_matches_torch(fmt):
                                    bias=torch.randn(40, generator=gen).to(DEVICE))
     x = torch.randn(2, 3, 64, generator=gen).bfloat16().to(DEVICE)
     ref = layer(x)
-    set_backend(layer, "triton")
-    assert layer.backend == "triton"
+    layer = set_backend(layer, "triton")
+    assert layer.backend == ("torch" if fmt == "fp8" and DEVICE != "cuda" else "triton")
     out = layer(x)
     assert out.shape == (2, 3, 40) and out.dtype == torch.bfloat16
     if fmt == "fp8" and DEVICE == "cuda":  # W8A8: activations are quantized too

@@ -147,20 +147,21 @@ def test_bad_autoscaler_status_names_the_field():
 
 
 def test_worker_config_shape_and_round_trip(tmp_path):
-    obj = resource(router={"apiKeysSecret": "nano-keys", "transferTimeoutSeconds": 10},
+    obj = resource(router={"apiKeysSecret": "nano-keys", "transferTimeoutSeconds": 10,
+                           "maxRequestBodyBytes": 1048576},
                    engine={"maxModelLen": 8192, "cacheMemoryFraction": "0.85"})
     cfg = worker_config(Model.from_resource(obj), "/models/source")
     expected = {
         "model": "nano", "namespace": "llm", "servedModelName": "nano",
         "modelPath": "/models/source", "quantization": "auto",
         "engine": {"maxModelLen": 8192, "kvPageSize": 16, "cacheMemoryFraction": 0.85,
-                   "dtype": "auto"},
+                   "dtype": "auto", "cudaGraphs": True},
         "prefill": {"maxBatchTokens": 8192, "expertParallel": 1, "gpusPerReplica": 1},
         "decode": {"maxConcurrency": 64, "speculativeTokens": 2, "expertParallel": 1,
                    "gpusPerReplica": 1},
         "router": {"routing": "least-loaded", "maxQueuedRequests": 256,
                    "requestTimeoutSeconds": 600, "transferTimeoutSeconds": 10,
-                   "apiKeysFile": "/etc/baton/api-keys/keys"},
+                   "apiKeysFile": "/etc/baton/api-keys/keys", "maxRequestBodyBytes": 1048576},
         "pools": {"prefill": [{"name": "blackwell", "fp4Path": "native"},
                               {"name": "hopper", "fp4Path": "w4a16"}],
                   "decode": [{"name": "hopper", "fp4Path": "w4a16"}]},
@@ -174,6 +175,16 @@ def test_worker_config_shape_and_round_trip(tmp_path):
     assert loaded.pool("prefill", "blackwell").fp4_path == "native"
     with pytest.raises(ValueError, match="known: hopper"):
         loaded.pool("decode", "blackwell")
+
+
+def test_cuda_graphs_default_on_and_reach_the_worker_config():
+    assert Model.from_resource(resource()).spec.engine.cuda_graphs is True
+    off = Model.from_resource(resource(engine={"cudaGraphs": False}))
+    assert off.spec.engine.cuda_graphs is False
+    assert worker_config(off, "/m").to_dict()["engine"]["cudaGraphs"] is False
+    assert WorkerConfig.from_dict({"model": "tiny", "modelPath": "/m"}).engine.cuda_graphs
+    with pytest.raises(SpecError, match=r"^spec.engine.cudaGraphs: must be true or false"):
+        Model.from_resource(resource(engine={"cudaGraphs": "no"}))
 
 
 def test_worker_config_from_dict_minimal_and_errors():

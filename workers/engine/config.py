@@ -38,6 +38,10 @@ class EngineConfig:
     Expert-parallel ranks, which must sample alike, share one."""
     ssm_dtype: object | None = None
     """SSM state dtype (a torch.dtype); None: the model's mamba_ssm_cache_dtype (float32)."""
+    enforce_eager: bool = False
+    """True: every forward runs eagerly. False: decode and MTP-verify steps run from
+    preallocated buffers per batch-size bucket, replayed as CUDA graphs on a GPU
+    (workers/model/graphs.py; only with the kernels' path, without expert parallelism)."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -62,6 +66,10 @@ class EngineConfig:
         check_int("base_seed", self.base_seed, 0, allow_none=True)
         if self.base_seed is not None and self.base_seed >= 1 << 64:
             raise ValueError(f"EngineConfig.base_seed={self.base_seed} is invalid: < 2**64")
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(
+                f"EngineConfig.enforce_eager={self.enforce_eager!r} is invalid: True or False"
+            )
         if self.spec_sampling not in ("coupled", "rejection"):
             raise ValueError(
                 f"EngineConfig.spec_sampling={self.spec_sampling!r} is invalid: "

@@ -101,7 +101,13 @@ class Engine:
         self.scheduler = Scheduler(
             self.pages, self.slots, config.max_num_seqs, config.max_batch_tokens, self.k
         )
-        self.runner = ModelRunner(model, self.cache, self.k, config.spec_sampling)
+        from baton.workers.model.graphs import StepGraphs  # torch/triton: not for the router
+
+        graphs = None
+        if not config.enforce_eager and StepGraphs.supports(model):
+            graphs = StepGraphs(model, self.cache, config.max_num_seqs,
+                                max_model_len=self.max_model_len)
+        self.runner = ModelRunner(model, self.cache, self.k, config.spec_sampling, graphs)
         self.reservations: dict[str, Reservation] = {}
         self._by_id: dict[str, Sequence] = {}
         self._deferred: list[TokenEvent] = []

@@ -72,12 +72,14 @@ class StepOutput:
 class ModelRunner:
     """Builds ForwardBatch objects for the model and samples from its logits."""
 
-    def __init__(self, model, cache, speculative_tokens: int, spec_sampling: str = "coupled"):
+    def __init__(self, model, cache, speculative_tokens: int, spec_sampling: str = "coupled",
+                 step_graphs=None):
         from baton.workers.model.batch import ForwardBatch
 
         self._batch_cls = ForwardBatch
         self.model = model
         self.cache = cache
+        self.step_graphs = step_graphs
         self.k = speculative_tokens
         self.spec_sampling = spec_sampling
         self.device = model.device
@@ -100,21 +102,38 @@ class ModelRunner:
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(1, max(len(s.pages) for s in seqs))
         rows = [s.pages + [-1] * (width - len(s.pages)) for s in seqs]
-        return torch.tensor(rows, dtype=torch.int32).to(self.device)
+        return torch.tensor(rows, dtype=torch.int32)
 
     def _batch(self, seqs, ids, starts, lens, spec_verify=False):
+        # Host tensors: the model checks them and copies them over without waiting on the
+        # device (ForwardBatch).
         positions = torch.tensor(
             [p for s, n in zip(starts, lens) for p in range(s, s + n)], dtype=torch.int64
         )
         return self._batch_cls(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
-            positions=positions.to(self.device),
+            input_ids=torch.tensor(ids, dtype=torch.int64),
+            positions=positions,
             seq_lens=list(lens),
             cached_lens=list(starts),
             block_tables=self._block_tables(seqs),
-            state_slots=torch.tensor([s.slot for s in seqs], dtype=torch.int64, device=self.device),
+            state_slots=torch.tensor([s.slot for s in seqs], dtype=torch.int64),
             spec_verify=spec_verify,
         )
+
+    def forward_batch(self, batch, cache, on_layer_done=None) -> torch.Tensor:
+        """The main model's forward of a batch: decode and verify batches replay their
+        batch-size bucket's CUDA graph when the engine made StepGraphs
+        (workers/model/graphs.py); everything else runs eagerly."""
+        if self.step_graphs is not None:
+            return self.step_graphs.forward_batch(batch, cache, on_layer_done=on_layer_done)
+        return self.model.forward_batch(batch, cache, on_layer_done=on_layer_done)
+
+    def mtp_forward(self, prev_hidden, next_ids, batch, cache) -> torch.Tensor:
+        """One MTP depth for the drafts, from its bucket's CUDA graph when the engine made
+        StepGraphs; else eagerly."""
+        if self.step_graphs is not None:
+            return self.step_graphs.mtp_forward(prev_hidden, next_ids, batch, cache)
+        return self.model.mtp_forward(prev_hidden, next_ids, batch, cache)
 
     def needs_mtp(self, seq: Sequence) -> bool:
         # A prefill for another engine always sends the MTP state: the decoder may speculate.
@@ -155,7 +174,7 @@ class ModelRunner:
         if streaming:
             callback = self._layer_streamer(chunks, streaming, batch.block_tables, out)
         t0 = time.perf_counter()
-        hidden = self.model.forward_batch(batch, self.cache, on_layer_done=callback)
+        hidden = self.forward_batch(batch, self.cache, on_layer_done=callback)
         ends = torch.tensor([c.length for c in chunks]).cumsum(0) - 1
         sampling = [i for i, c in enumerate(chunks) if c.samples]
         logits = None
@@ -284,7 +303,7 @@ class ModelRunner:
         next_ids = [t for s, m in zip(seqs, lens) for t in s.tokens[s.mtp_cached + 1 :][:m]]
         batch = self._batch(seqs, next_ids, starts, lens)
         prev = torch.cat([s.pending_hidden for s in seqs])
-        g = self.model.mtp_forward(prev, batch.input_ids, batch, self.cache)
+        g = self.mtp_forward(prev, batch.input_ids, batch, self.cache)
         g = g[torch.tensor(lens).cumsum(0).to(self.device) - 1]
         for s, m in zip(seqs, lens):
             s.mtp_cached += m
@@ -301,7 +320,7 @@ class ModelRunner:
                 act = [seqs[i] for i in active]
                 pos = [n_tokens[i] - 2 + depth for i in active]
                 batch = self._batch(act, [drafts[i][-1] for i in active], pos, [1] * len(act))
-                g = self.model.mtp_forward(g, batch.input_ids, batch, self.cache)
+                g = self.mtp_forward(g, batch.input_ids, batch, self.cache)
             logits = self.model.compute_logits(g)
             act = [seqs[i] for i in active]
             positions = [n_tokens[i] + depth for i in active]
@@ -332,7 +351,7 @@ class ModelRunner:
         ids = [t for s, d in zip(seqs, drafts) for t in [s.tokens[-1], *d]]
         lens = [1 + len(d) for d in drafts]
         batch = self._batch(seqs, ids, [s.cached_len for s in seqs], lens, spec_verify=True)
-        hidden = self.model.forward_batch(batch, self.cache)
+        hidden = self.forward_batch(batch, self.cache)
         logits = self.model.compute_logits(hidden)
         out.forward_seconds += time.perf_counter() - t0
         t0 = time.perf_counter()

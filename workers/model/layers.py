@@ -16,7 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baton.kernels import QuantExperts, QuantLinear, WeightFormat, route
+from baton.kernels import (
+    QuantExperts,
+    QuantLinear,
+    WeightFormat,
+    paged_attention,
+    prefill_attention,
+    route,
+    store_kv,
+)
 
 from .cache import KVSpec
 from .config import NemotronHConfig
@@ -185,6 +193,8 @@ class Attention(nn.Module):
     def forward_cached(self, x: torch.Tensor, plan, cache, layer: int) -> torch.Tensor:
         """x [T, H]: writes the new tokens' K/V into the layer's pages, attends over each
         sequence's cached + new tokens."""
+        if plan.uses_kernels:  # the one place the path is chosen (model.set_kernels)
+            return self._forward_kernels(x, plan, cache, layer)
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
@@ -218,4 +228,23 @@ class Attention(nn.Module):
                 attn_mask=None if fresh else group.causal_mask, is_causal=fresh,
                 scale=self.scale, enable_gqa=gqa)
             out[group.rows] = attended.transpose(1, 2)
+        return self.o_proj(out.reshape(t, -1))
+
+    def _forward_kernels(self, x: torch.Tensor, plan, cache, layer: int) -> torch.Tensor:
+        """The cached step through baton.kernels (a KernelPlan), reading the pages in place:
+        decode and verification split over the context, longer sequences take the prefill
+        kernel. Inert rows (kv slot -1, context 0) write and read nothing."""
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        k_pages, v_pages = cache.kv_pages(layer)  # [num_pages, page_size, KV, D]
+        store_kv(k, v, k_pages, v_pages, plan.kv_slots)
+        if plan.decode:
+            out = paged_attention(q, k_pages, v_pages, plan.block_tables, plan.context_lens,
+                                  cu_seqlens=plan.cu_seqlens, max_queries=plan.max_tokens,
+                                  scale=self.scale, split_tokens=plan.split_tokens)
+        else:
+            out = prefill_attention(q, k_pages, v_pages, plan.block_tables, plan.context_lens,
+                                    plan.cu_seqlens, plan.max_tokens, scale=self.scale)
         return self.o_proj(out.reshape(t, -1))

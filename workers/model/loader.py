@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from baton.kernels import QuantExperts, set_backend
+from baton.kernels import QuantExperts
+from baton.kernels.formats import BACKEND_CHOICES, check_backend
 
 from .config import NemotronHConfig
 from .model import NemotronHModel
@@ -48,11 +49,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16,
     """Loads a Nemotron-H checkpoint.
 
     dtype: the model dtype (activations, 16-bit weights, KV cache). kernels: "auto" |
-    "torch" | "triton" for the quantized modules (baton.kernels.set_backend). ep_group: a
+    "torch" | "triton": the cached path's Mamba2 and attention kernels and the quantized
+    modules' (NemotronHModel.set_kernels; "auto" = triton on CUDA). ep_group: a
     torch.distributed group; each rank then holds and loads only its share of every expert
     stack (baton.kernels.ep.shard_experts). max_model_len: the longest sequence served
     (default and upper bound: max_position_embeddings).
     """
+    check_backend(kernels, field="kernels", choices=BACKEND_CHOICES)
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
@@ -74,7 +77,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16,
     _check_no_non_persistent(model)
     load_weights(model, path, ignore_kv_scales=getattr(formats, "kv_cache_quant_algo", None))
     model.tie_weights()
-    set_backend(model, kernels)
+    model.set_kernels(kernels)
     model.eval()
     model.requires_grad_(False)
     return model

@@ -15,6 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from baton.kernels import (
+    causal_conv1d,
+    causal_conv1d_update,
+    mamba_chunk_scan,
+    ssm_state_update,
+)
+
 from .cache import MambaStateSpec
 from .config import NemotronHConfig
 from .layers import FormatPlan, GatedRMSNorm, quant_linear
@@ -183,6 +190,8 @@ class Mamba2Mixer(nn.Module):
     # ------------------------------------------------------------------ cache-aware forward
     def forward_cached(self, hidden: torch.Tensor, plan, cache, layer: int) -> torch.Tensor:
         """hidden [T, H] of a ForwardBatch; reads and writes each sequence's slot state."""
+        if plan.uses_kernels:  # the one place the path is chosen (model.set_kernels)
+            return self._forward_kernels(hidden, plan, cache, layer)
         z, xbc, dt = self._split(self.in_proj(hidden))
         conv_states, ssm_states = cache.mamba_state(layer)  # [S*, W, k-1], [S*, h, p, n]
         y = torch.empty(hidden.shape[0], self.heads, self.head_dim, dtype=torch.float32,
@@ -196,6 +205,39 @@ class Mamba2Mixer(nn.Module):
             for group in plan.chunk_groups:
                 self._chunk(group, xbc, dt, y, x_all, conv_states, ssm_states)
         return self._output(y, x_all, z, hidden.dtype)
+
+    def _forward_kernels(self, hidden: torch.Tensor, plan, cache, layer: int) -> torch.Tensor:
+        """The cached step through baton.kernels (a KernelPlan): the slot states are read and
+        written in place through the slot ids, inert rows (slot -1) left alone. One path per
+        step kind: verification (per-token snapshots), decode (one token per sequence), and
+        the varlen chunked scan for anything longer (prompt chunks beside decode tokens)."""
+        z, xbc, dt = self._split(self.in_proj(hidden))
+        conv_states, ssm_states = cache.mamba_state(layer)  # [S*, W, k-1], [S*, h, p, n]
+        weight, bias, slots = self.conv1d.weight, self.conv1d.bias, plan.slot_ids
+        flags = plan.has_initial_state
+        args = dict(D=self.D, dt_bias=self.dt_bias, dt_limit=self.time_step_limit,
+                    has_initial_state=flags)
+        if plan.spec_verify:
+            conv_spec, ssm_spec = cache.spec_state(layer)
+            xbc = causal_conv1d_update(xbc, conv_states, weight, bias, slots,
+                                       has_initial_state=flags, cu_seqlens=plan.cu_seqlens,
+                                       max_tokens=plan.max_tokens, conv_windows=conv_spec)
+            x, b, c = self._split_xbc(xbc)
+            y = ssm_state_update(ssm_states, x, dt, self._a(), b, c, slots,
+                                 cu_seqlens=plan.cu_seqlens, max_tokens=plan.max_tokens,
+                                 snapshots=ssm_spec, **args)
+        elif plan.max_tokens == 1:
+            xbc = causal_conv1d_update(xbc, conv_states, weight, bias, slots,
+                                       has_initial_state=flags)
+            x, b, c = self._split_xbc(xbc)
+            y = ssm_state_update(ssm_states, x, dt, self._a(), b, c, slots, **args)
+        else:
+            xbc = causal_conv1d(xbc, weight, bias, plan.chunks, conv_states, slots,
+                                has_initial_state=flags)
+            x, b, c = self._split_xbc(xbc)
+            y = mamba_chunk_scan(x, dt, self._a(), b, c, plan.chunks, ssm_states, slots, **args)
+        # The kernels add the D skip: the gated norm and out_proj remain.
+        return self.out_proj(self.norm(y.flatten(-2), z).to(hidden.dtype))
 
     def _slot_state(self, states: torch.Tensor, slots: torch.Tensor,
                     fresh: torch.Tensor) -> torch.Tensor:

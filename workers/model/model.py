@@ -15,9 +15,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from baton.kernels import QuantLinear
+from baton.kernels import QuantLinear, set_backend
+from baton.kernels.attention_decode import split_tokens_for
+from baton.kernels.formats import BACKEND_CHOICES, check_backend
 
-from .batch import BatchPlan, ForwardBatch
+from .batch import BatchPlan, ForwardBatch, KernelPlan
 from .cache import ModelCache
 from .config import NemotronHConfig
 from .layers import MLP, Attention, FormatPlan, MoE, RMSNorm
@@ -52,7 +54,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mixer(self.norm(x))
 
-    def forward_cached(self, x: torch.Tensor, plan: BatchPlan, cache: ModelCache,
+    def forward_cached(self, x: torch.Tensor, plan: BatchPlan | KernelPlan, cache: ModelCache,
                        layer: int) -> torch.Tensor:
         return x + self.mixer.forward_cached(self.norm(x), plan, cache, layer)
 
@@ -108,6 +110,9 @@ class NemotronHModel(nn.Module):
         if not isinstance(max_model_len, int) or max_model_len < 1:
             raise ValueError(f"max_model_len: must be a positive integer, got {max_model_len!r}")
         self.max_model_len = max_model_len
+        # paged_attention's split size, fixed once from the longest context (never per batch).
+        self.split_tokens = split_tokens_for(max_model_len)
+        self.kernels = "torch"
         self.backbone = Backbone(config, formats, dtype)
         lm_fmt = formats.format_for("lm_head")[0]
         self.lm_head = QuantLinear(config.hidden_size, config.vocab_size, lm_fmt, dtype)
@@ -195,10 +200,27 @@ class NemotronHModel(nn.Module):
             num_slots=num_slots, spec_tokens=spec_tokens, dtype=self.dtype,
             ssm_dtype=ssm_dtype or self.config.ssm_cache_torch_dtype, device=self.device)
 
-    def plan(self, batch: ForwardBatch, cache: ModelCache) -> BatchPlan:
-        return BatchPlan(batch, page_size=cache.page_size, num_pages=cache.num_pages,
-                         num_slots=cache.num_slots, max_len=self.max_model_len,
-                         spec_tokens=cache.spec_tokens, device=self.device)
+    def set_kernels(self, kernels: str = "auto") -> None:
+        """Chooses the cached path's kernels once (load_model does): "torch", the reference
+        everywhere; "triton", the Mamba2 and paged-attention kernels of baton.kernels (and the
+        quantized modules' kernels); "auto", triton on a CUDA device, torch elsewhere."""
+        check_backend(kernels, field="kernels", choices=BACKEND_CHOICES)
+        set_backend(self, kernels)
+        if kernels == "auto":
+            kernels = "triton" if self.device.type == "cuda" else "torch"
+        self.kernels = kernels
+
+    def plan(self, batch: ForwardBatch, cache: ModelCache) -> BatchPlan | KernelPlan:
+        """The step's checked indices (on the host, before anything is launched) in the form
+        the chosen kernels read."""
+        limits = dict(page_size=cache.page_size, num_pages=cache.num_pages,
+                      num_slots=cache.num_slots, max_len=self.max_model_len,
+                      spec_tokens=cache.spec_tokens, device=self.device,
+                      vocab_size=self.config.vocab_size)
+        if self.kernels == "triton":
+            return KernelPlan.build(batch, chunk_size=self.config.chunk_size,
+                                    split_tokens=self.split_tokens, **limits)
+        return BatchPlan(batch, **limits)
 
     @torch.inference_mode()
     def forward_batch(self, batch: ForwardBatch, cache: ModelCache,
@@ -208,11 +230,24 @@ class NemotronHModel(nn.Module):
         per-token snapshots that cache.accept chooses from). on_layer_done(i) runs as soon as
         main layer i has finished for the whole batch."""
         plan = self.plan(batch, cache)
-        self._check_ids(batch.input_ids)
-        if not plan.spec_verify:
-            # A plain step moves these slots on: snapshots of an earlier verification are stale.
-            cache.mark_pending(plan.slots, [0] * len(plan.slots))
-        x = self.backbone.embeddings(batch.input_ids.to(self.device))
+        self.mark_pending(plan, cache)
+        return self.forward_planned(batch.input_ids.to(self.device), plan, cache, on_layer_done)
+
+    @staticmethod
+    def mark_pending(plan: BatchPlan | KernelPlan, cache: ModelCache) -> None:
+        """The cache's host bookkeeping of a step: a verification leaves each slot's 1 + K
+        snapshots to accept; a plain step moves the slots on, so earlier snapshots are
+        stale."""
+        verified = plan.seq_lens if plan.spec_verify else [0] * len(plan.slots)
+        cache.mark_pending(plan.slots, verified)
+
+    def forward_planned(self, input_ids: torch.Tensor, plan: BatchPlan | KernelPlan,
+                        cache: ModelCache,
+                        on_layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
+        """The device part of a step: input_ids [T] on the model's device, the plan made by
+        plan() -> hidden after norm_f [T, H]. With a KernelPlan nothing here reads back to
+        the host (a CUDA graph captures it)."""
+        x = self.backbone.embeddings(input_ids)
         for index, block in enumerate(self.backbone.layers):
             x = block.forward_cached(x, plan, cache, index)
             if on_layer_done is not None:
@@ -228,13 +263,20 @@ class NemotronHModel(nn.Module):
         sublayers keep their K/V in the cache's layers L + j."""
         self._require_mtp()
         plan = self.plan(batch, cache)
-        n = plan.kv_page_ids.shape[0]
+        n = sum(plan.seq_lens)
         if prev_hidden.shape != (n, self.config.hidden_size) or next_ids.shape != (n,):
             raise ValueError(
                 f"prev_hidden/next_ids: expected [{n}, {self.config.hidden_size}] and [{n}] "
                 f"for a batch of {n} tokens, got {tuple(prev_hidden.shape)} and "
                 f"{tuple(next_ids.shape)}")
-        self._check_ids(next_ids)
+        if next_ids is not batch.input_ids:
+            self._check_ids(next_ids)
+        return self.mtp_planned(prev_hidden.to(self.device), next_ids.to(self.device), plan,
+                                cache)
+
+    def mtp_planned(self, prev_hidden: torch.Tensor, next_ids: torch.Tensor,
+                    plan: BatchPlan | KernelPlan, cache: ModelCache) -> torch.Tensor:
+        """mtp_forward's device part (prev_hidden and next_ids on the model's device)."""
         x = self._mtp_input(prev_hidden, next_ids)
         base = self.config.num_hidden_layers
         for j, sublayer in enumerate(self.mtp.layers):

@@ -195,11 +195,13 @@ def engine_config(config: WorkerConfig, role: str, num_pages: int):
     """The EngineConfig of a worker of `role` with num_pages KV pages."""
     from baton.workers.engine import EngineConfig
 
+    eager = not config.engine.cuda_graphs
     if role == "prefill":
         return EngineConfig(page_size=config.engine.kv_page_size, num_pages=max(num_pages, 1),
                             max_num_seqs=PREFILL_MAX_SEQS,
                             max_batch_tokens=config.prefill.max_batch_tokens,
-                            max_model_len=config.engine.max_model_len, speculative_tokens=0)
+                            max_model_len=config.engine.max_model_len, speculative_tokens=0,
+                            enforce_eager=eager)
     k = config.decode.speculative_tokens
     seqs = config.decode.max_concurrency
     # Decode steps take 1 + k tokens per sequence; a preempted sequence recomputes its prompt
@@ -207,7 +209,8 @@ def engine_config(config: WorkerConfig, role: str, num_pages: int):
     return EngineConfig(page_size=config.engine.kv_page_size, num_pages=max(num_pages, 1),
                         max_num_seqs=seqs,
                         max_batch_tokens=max(config.prefill.max_batch_tokens, seqs * (1 + k)),
-                        max_model_len=config.engine.max_model_len, speculative_tokens=k)
+                        max_model_len=config.engine.max_model_len, speculative_tokens=k,
+                        enforce_eager=eager)
 
 
 def max_num_seqs(config: WorkerConfig, role: str) -> int:

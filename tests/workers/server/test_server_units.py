@@ -61,6 +61,17 @@ def test_kv_pages_never_exceed_what_sequences_can_use():
     assert settings.num_kv_pages(10, 10, 5, 4, 100, 1, 16) == 0
 
 
+def test_engine_config_takes_cuda_graphs_from_the_worker_config():
+    from baton.operator.spec import WorkerConfig
+
+    on = WorkerConfig.from_dict({"model": "m", "modelPath": "/m"})
+    off = WorkerConfig.from_dict({"model": "m", "modelPath": "/m",
+                                  "engine": {"cudaGraphs": False}})
+    for role in ("prefill", "decode"):
+        assert settings.engine_config(on, role, 8).enforce_eager is False
+        assert settings.engine_config(off, role, 8).enforce_eager is True
+
+
 def test_sampling_conversion_validates():
     def request(prompt, **sampling):
         return decode_pb2.GenerateRequest(request_id="r", prompt_token_ids=prompt,
