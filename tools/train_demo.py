@@ -84,6 +84,11 @@ DEMO_CONFIG = {
     "tie_word_embeddings": True,
     "layer_norm_epsilon": 1e-5,
     "mamba_ssm_cache_dtype": "float32",
+    # transformers' NemotronH clamps dt from below at time_step_min (an initialisation bound
+    # there, 1e-3 by default), where the Mamba2 kernels and baton clamp at time_step_limit
+    # ((0, inf)): a trained model has heads with dt below 1e-3, and the two would differ. With
+    # 0 here both compute the same model.
+    "time_step_min": 0.0,
     "bos_token_id": 1,
     "eos_token_id": 4,
     "pad_token_id": 0,
@@ -329,10 +334,13 @@ def sequence_losses(model: NemotronHModel, ids: torch.Tensor, mask: torch.Tensor
 
 @torch.no_grad()
 def evaluate(model: NemotronHModel, code: tuple[torch.Tensor, torch.Tensor],
-             chats: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
-    """Held-out code loss, held-out chat loss (assistant tokens), and the share of held-out
-    chats' assistant turns whose every token is the model's argmax (teacher forced): a proxy
-    for greedy tool use on numbers never trained on."""
+             chats: tuple[torch.Tensor, torch.Tensor], digit_ids: list[int]
+             ) -> dict[str, float]:
+    """Held-out code loss, held-out chat loss (assistant tokens), and, teacher forced, over the
+    held-out chats' assistant turns: the share whose every token is the model's argmax
+    (turn_exact) and the share of turns with numbers whose every digit is (digits_exact: the
+    copying of numbers never trained on, which the agent loop needs; the wording around them
+    is the model's free choice)."""
     out = {}
     ids, mask = code
     out["code_loss"] = float(masked_ce(model, model.hidden_states(ids)[:, :-1], ids[:, 1:],
@@ -344,14 +352,23 @@ def evaluate(model: NemotronHModel, code: tuple[torch.Tensor, torch.Tensor],
     right = torch.zeros_like(target_mask)
     right[target_mask] = model.compute_logits(hidden[target_mask]).argmax(-1) == (
         targets[target_mask])
-    turns = exact = 0
-    for row_mask, row_right in zip(target_mask.tolist(), right.tolist()):
+    is_digit = torch.isin(targets, torch.tensor(digit_ids, device=targets.device))
+    turns = exact = numbered = digits_exact = 0
+    for row_mask, row_right, row_digit in zip(target_mask.tolist(), right.tolist(),
+                                              is_digit.tolist()):
         # Each run of consecutive targets is one assistant turn.
-        for is_target, run in itertools.groupby(zip(row_mask, row_right), key=lambda p: p[0]):
+        for is_target, run in itertools.groupby(zip(row_mask, row_right, row_digit),
+                                                key=lambda p: p[0]):
             if is_target:
+                run = list(run)
                 turns += 1
-                exact += all(r for _, r in run)
+                exact += all(r for _, r, _ in run)
+                digits = [r for _, r, d in run if d]
+                if digits:
+                    numbered += 1
+                    digits_exact += all(digits)
     out["turn_exact"] = exact / max(1, turns)
+    out["digits_exact"] = digits_exact / max(1, numbered)
     return out
 
 
@@ -389,8 +406,10 @@ def plot(history: list[dict], evals: list[dict], path: Path, title: str) -> None
                   label="code (held-out modules)")
         left.plot([e["step"] for e in evals], [e["chat_loss"] for e in evals], "s-",
                   label="chat (held-out numbers)")
-        right.plot([e["step"] for e in evals], [e["turn_exact"] for e in evals], "o-",
-                   color="tab:green")
+        for key, label in (("turn_exact", "every token right"),
+                           ("digits_exact", "every digit right")):
+            right.plot([e["step"] for e in evals], [e[key] for e in evals], "o-", label=label)
+        right.legend()
     left.set_xlabel("step")
     left.set_ylabel("cross-entropy (nats/token)")
     left.set_yscale("log")
@@ -402,7 +421,7 @@ def plot(history: list[dict], evals: list[dict], path: Path, title: str) -> None
     right.set_ylim(-0.02, 1.02)
     right.set_xlim(0, max(steps) + 1)
     right.grid(alpha=0.3)
-    right.set_title("every assistant token right (teacher forced)")
+    right.set_title("held-out assistant turns, teacher forced")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -424,21 +443,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, help="loss curve PNG (default OUT/training.png)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, help="override the recipe's step count")
+    for name in ("code_batch", "code_len", "chat_batch", "warmup", "eval_every"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int,
+                            help=f"override the recipe's {name}")
+    parser.add_argument("--lr", type=float, help="override the recipe's peak learning rate")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a CPU shared with other work, "
                         "more threads than free cores make every step several times slower)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        parser.error(f"--steps: must be >= 1, got {args.steps}")
+    for name in ("steps", "code_batch", "code_len", "chat_batch", "eval_every"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+    if args.warmup is not None and args.warmup < 0:
+        parser.error(f"--warmup: must be >= 0, got {args.warmup}")
+    if args.lr is not None and not args.lr > 0:
+        parser.error(f"--lr: must be > 0, got {args.lr}")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     recipe = RECIPES[args.config]
-    if args.steps is not None:
-        recipe = Recipe(**{**recipe.__dict__, "steps": args.steps})
+    overrides = {name: getattr(args, name) for name in
+                 ("steps", "code_batch", "code_len", "chat_batch", "warmup", "eval_every", "lr")
+                 if getattr(args, name) is not None}
+    recipe = Recipe(**{**recipe.__dict__, **overrides})
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     started = time.monotonic()
@@ -454,6 +485,7 @@ def main(argv: list[str] | None = None) -> dict:
                                              recipe.model["vocab_size"])
     tokenizer = chat_tokenizer(backend)
     pad_id = backend.token_to_id("<pad>")
+    digit_ids = [backend.token_to_id(str(d)) for d in range(10)]
     code = CodeWindows(backend, texts, recipe.code_len, seed=args.seed + 1)
     eval_code = held_out_code_windows(backend, recipe.code_len, EVAL_CODE_WINDOWS)
     context = recipe.model["max_position_embeddings"]
@@ -530,7 +562,7 @@ def main(argv: list[str] | None = None) -> dict:
                         tok_s=f"{(code_ids.numel() + chat_ids.numel()) / entry['seconds']:.0f}")
         if (step + 1) % recipe.eval_every == 0 or step + 1 == recipe.steps:
             model.eval()
-            result = {"step": step + 1, **evaluate(model, eval_code, eval_chats)}
+            result = {"step": step + 1, **evaluate(model, eval_code, eval_chats, digit_ids)}
             model.train()
             evals.append(result)
             print(f"eval at step {step + 1}: " + ", ".join(

@@ -1,9 +1,6 @@
 """examples/agent.py against `baton up examples/demo.yaml` (real processes, the official openai
 client): ten arithmetic questions with numbers the demo model never saw in training, each
 answered through a calculator call the client runs, at least nine right.
-
-Needs tool calling in the router (the agent API: `tools` in the request, `tool_calls` in the
-answer). A router that refuses `tools` skips this test and says so; any other failure fails.
 """
 
 from __future__ import annotations
@@ -68,15 +65,6 @@ def served():
 @pytest.mark.slow
 def test_agent_answers_unseen_arithmetic_through_the_calculator(served):
     agent = load_agent()
-    try:
-        served.chat.completions.create(
-            model="demo", messages=[{"role": "user", "content": "What is 1 plus 2?"}],
-            tools=[agent.CALCULATOR], max_tokens=1)
-    except openai.BadRequestError as err:
-        if "tool calling is not supported" in str(err):
-            pytest.skip("the router does not take `tools` yet (tool calling: the agent API "
-                        "issue); this test runs once it does")
-        raise
     right, log = 0, []
     for question in demo_chats.held_out_questions(seed=11, count=10):
         answer, messages = agent.run_agent(served, "demo", question.text)
