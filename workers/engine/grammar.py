@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -276,12 +277,11 @@ class MaskComputer:
         batch._pending.append(self._thread.submit(self._fill, batch.words, list(jobs)))
 
     def _fill(self, words: torch.Tensor, jobs: list[tuple[Any, int]]) -> None:
-        import time
-
-        from llguidance.torch import fill_next_token_bitmask_par
-
+        # What llguidance.torch.fill_next_token_bitmask_par does, without importing that
+        # module (it compiles a torch kernel at import).
         t0 = time.perf_counter()
-        fill_next_token_bitmask_par(self._executor, jobs, words)
+        rows, width = words.shape
+        self._executor.unsafe_compute_mask_ptr(jobs, words.data_ptr(), width * 4, rows)
         self.seconds_total += time.perf_counter() - t0
 
     def allowed_tokens(self, words: torch.Tensor) -> torch.Tensor:
