@@ -256,7 +256,11 @@ class MaskComputer:
         self.device = torch.device(device)
         self._executor = None
         self._thread: ThreadPoolExecutor | None = None
-        self._shifts = torch.arange(32, dtype=torch.int32, device=self.device)
+        # Bits of every byte value, [256, 8] bool: mask words unpack by table lookup (the
+        # words are little-endian, so token v is bit v % 8 of byte v // 8).
+        byte = torch.arange(256, dtype=torch.int32)
+        self._bits = ((byte.unsqueeze(1) >> torch.arange(8, dtype=torch.int32)) & 1).bool().to(
+            self.device)
         self.seconds_total = 0.0
         """Time spent filling masks (on the helper thread), for the per-token cost report."""
 
@@ -287,9 +291,8 @@ class MaskComputer:
     def allowed_tokens(self, words: torch.Tensor) -> torch.Tensor:
         """[n, W] int32 mask words (host) -> [n, V] bool on the device."""
         n = words.shape[0]
-        w = words.to(self.device, non_blocking=True)
-        bits = (w.unsqueeze(-1) >> self._shifts) & 1
-        return bits.view(n, self.num_words * 32)[:, : self.vocab_size].bool()
+        w = words.to(self.device, non_blocking=True).view(torch.uint8)
+        return self._bits[w.long()].view(n, self.num_words * 32)[:, : self.vocab_size]
 
     def close(self) -> None:
         if self._thread is not None:

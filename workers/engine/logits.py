@@ -234,13 +234,25 @@ class LogitsProcessor:
         return self.masks.new_batch(rows)
 
     def apply(self, logits: torch.Tensor, plan: RowPlan | None) -> torch.Tensor:
-        """Processed fp32 logits [n, V] (logits itself when nothing applies)."""
+        """Processed fp32 logits [n, V] (logits itself when nothing applies; never changed)."""
         if plan is None:
             return logits
-        x = logits.to(torch.float32, copy=True)
-        dev = x.device
+        n = logits.shape[0]
+        dev = logits.device
+        rows = sorted({*plan.penalty_rows, *plan.grammar_rows, *plan.min_rows})
+        local = {r: j for j, r in enumerate(rows)}
+        every_row = len(rows) == n
+        # Only the rows that need it, in fp32: [m, V].
+        x = (logits.to(torch.float32, copy=True) if every_row else
+             logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=dev)).float())
+
+        def select(batch_rows: list[int]) -> torch.Tensor | None:
+            # Local indices of batch_rows, None when they are all of x (no gather needed).
+            if len(batch_rows) == len(rows):
+                return None
+            return torch.tensor([local[r] for r in batch_rows], dtype=torch.long, device=dev)
+
         if plan.penalty_rows:
-            idx = torch.tensor(plan.penalty_rows, dtype=torch.long, device=dev)
             counts, seen, bias = self._table.gather(plan.table_rows, plan.extra)
             sps = [plan.seqs[i].sampling for i in plan.penalty_rows]
 
@@ -248,27 +260,41 @@ class LogitsProcessor:
                 return torch.tensor([getattr(sp, name) for sp in sps], dtype=torch.float32,
                                     device=dev)
 
-            x[idx] = apply_penalties(
-                x.index_select(0, idx), counts, seen, bias, per_row("presence_penalty"),
-                per_row("frequency_penalty"), per_row("repetition_penalty"))
+            idx = select(plan.penalty_rows)
+            part = x if idx is None else x.index_select(0, idx)
+            part = apply_penalties(part, counts, seen, bias, per_row("presence_penalty"),
+                                   per_row("frequency_penalty"), per_row("repetition_penalty"))
+            if idx is None:
+                x = part
+            else:
+                x.index_copy_(0, idx, part)
         if plan.grammar_rows:
             plan.masks.wait()
-            idx = torch.tensor(plan.grammar_rows, dtype=torch.long, device=dev)
-            rows = torch.tensor(plan.mask_rows, dtype=torch.long)
-            allowed = self.masks.allowed_tokens(plan.masks.words.index_select(0, rows))
-            x[idx] = x.index_select(0, idx).masked_fill(~allowed, float("-inf"))
+            words = plan.masks.words
+            if plan.mask_rows != list(range(words.shape[0])):
+                words = words.index_select(0, torch.tensor(plan.mask_rows, dtype=torch.long))
+            forbidden = ~self.masks.allowed_tokens(words)
+            idx = select(plan.grammar_rows)
+            if idx is None:
+                x.masked_fill_(forbidden, float("-inf"))
+            else:
+                x.index_copy_(0, idx, x.index_select(0, idx).masked_fill(forbidden,
+                                                                         float("-inf")))
         if plan.min_rows:
             unique = sorted(set(plan.min_rows))
-            local = {r: j for j, r in enumerate(unique)}
-            idx = torch.tensor(unique, dtype=torch.long, device=dev)
+            at = {r: j for j, r in enumerate(unique)}
+            idx = torch.tensor([local[r] for r in unique], dtype=torch.long, device=dev)
             before = x.index_select(0, idx)
             held = before.clone()
-            r = torch.tensor([local[i] for i in plan.min_rows], dtype=torch.long, device=dev)
+            r = torch.tensor([at[i] for i in plan.min_rows], dtype=torch.long, device=dev)
             t = torch.tensor(plan.min_tokens, dtype=torch.long, device=dev)
             held[r, t] = float("-inf")
             alive = torch.isfinite(held).any(dim=1, keepdim=True)
-            x[idx] = torch.where(alive, held, before)
-        return x
+            x.index_copy_(0, idx, torch.where(alive, held, before))
+        if every_row:
+            return x
+        out = logits.to(torch.float32, copy=True)
+        return out.index_copy_(0, torch.tensor(rows, dtype=torch.long, device=dev), x)
 
     # ---- moving the grammar on -----------------------------------------------------------
 
