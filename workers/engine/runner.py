@@ -22,6 +22,13 @@ only decide how many come per step); for greedy requests this is the longest mat
 "rejection": drafts are drawn from the MTP distribution q with a noise stream of their own and
 kept by the standard rule (sampling.rejection_verify): the same distribution, usually more
 accepted drafts, but tokens differ from non-speculative decoding with the same seed.
+
+Every sampled row (a prompt's first token, a decode token, a draft, a verification row) first
+goes through logits.LogitsProcessor: penalties, logit_bias, min_tokens and the grammar mask of
+its request, computed from the tokens before the row's position (drafts included), so both
+modes keep their guarantees for constrained and penalized requests. The grammar masks are
+started before each forward (they fill on a helper thread while the model runs); a draft is
+pushed into its request's matcher, and verification settles the matcher on what it accepted.
 """
 
 from __future__ import annotations
