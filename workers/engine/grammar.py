@@ -13,8 +13,8 @@ JSON Schemas: '{"grammars": [{"lark_grammar": "start: ..."}]}'). Its life in one
    rebuilt from tokens and nothing grammar-related crosses the wire.
 3. Every step: MaskComputer fills the token bitmasks of all constrained rows in one call of
    llguidance's parallel executor (it drops the GIL) on a helper thread, started before the
-   forward pass, so the masks are computed while the model runs; `allowed_tokens` unpacks the
-   words into a [n, V] bool on the device.
+   forward pass, so the masks are computed while the model runs; `forbidden_tokens` unpacks
+   the words into a [n, V] bool on the device.
 4. Speculation: each MTP draft is pushed into the matcher (`push`: refused drafts are not
    consumed and leave the matcher as it was), so the mask of draft depth d, which is also the
    mask of verification row d, is the grammar's after drafts[:d]; `settle` rolls the matcher
@@ -256,11 +256,11 @@ class MaskComputer:
         self.device = torch.device(device)
         self._executor = None
         self._thread: ThreadPoolExecutor | None = None
-        # Bits of every byte value, [256, 8] bool: mask words unpack by table lookup (the
-        # words are little-endian, so token v is bit v % 8 of byte v // 8).
+        # The cleared bits of every byte value, [256, 8] bool: mask words unpack by table
+        # lookup (little-endian words: token v is bit v % 8 of byte v // 8).
         byte = torch.arange(256, dtype=torch.int32)
-        self._bits = ((byte.unsqueeze(1) >> torch.arange(8, dtype=torch.int32)) & 1).bool().to(
-            self.device)
+        bits = (byte.unsqueeze(1) >> torch.arange(8, dtype=torch.int32)) & 1
+        self._cleared = (bits == 0).to(self.device)
         self.seconds_total = 0.0
         """Time spent filling masks (on the helper thread), for the per-token cost report."""
 
@@ -288,11 +288,11 @@ class MaskComputer:
         self._executor.unsafe_compute_mask_ptr(jobs, words.data_ptr(), width * 4, rows)
         self.seconds_total += time.perf_counter() - t0
 
-    def allowed_tokens(self, words: torch.Tensor) -> torch.Tensor:
-        """[n, W] int32 mask words (host) -> [n, V] bool on the device."""
+    def forbidden_tokens(self, words: torch.Tensor) -> torch.Tensor:
+        """[n, W] int32 mask words (host) -> [n, V] bool on the device, True = forbidden."""
         n = words.shape[0]
         w = words.to(self.device, non_blocking=True).view(torch.uint8)
-        return self._bits[w.long()].view(n, self.num_words * 32)[:, : self.vocab_size]
+        return self._cleared[w.long()].view(n, self.num_words * 32)[:, : self.vocab_size]
 
     def close(self) -> None:
         if self._thread is not None:

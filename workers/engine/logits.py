@@ -3,7 +3,7 @@
 For every sampled row (the prefill's first token, a decode token, an MTP draft, a verification
 row) of a request that asks for any of it, in this order:
 
-    1. logit_bias, repetition_penalty, presence_penalty, frequency_penalty (penalties.py)
+    1. logit_bias, then repetition_penalty, frequency_penalty, presence_penalty (penalties.py)
     2. the grammar's token mask: tokens it forbids get -inf (grammar.py)
     3. min_tokens: eos and stop_token_ids get -inf while fewer than min_tokens output tokens
        exist, unless that leaves nothing (a grammar that must end now wins over min_tokens)
@@ -42,7 +42,10 @@ class SamplerState:
     stop_ids: list[int]
     """Token ids min_tokens holds back: the sequence's eos ids and stop_token_ids."""
     penalty_row: int | None = None
-    """Its row in the PenaltyTable (None: no penalty or bias)."""
+    """Its row in the PenaltyTable (None: no penalty)."""
+    bias_ids: torch.Tensor | None = None
+    bias_values: torch.Tensor | None = None
+    """logit_bias as device tensors (None: none)."""
     counted: int = 0
     """tokens[:counted] are in the penalty row."""
     grammar: GrammarState | None = None
@@ -57,6 +60,7 @@ class RowPlan:
     """One batch of rows to process: which rows need what (indices into the batch)."""
 
     seqs: list[Sequence]
+    bias_rows: list[int] = field(default_factory=list)
     penalty_rows: list[int] = field(default_factory=list)
     table_rows: list[int] = field(default_factory=list)
     extra: list[list[int]] = field(default_factory=list)
@@ -71,7 +75,7 @@ class RowPlan:
 
     @property
     def empty(self) -> bool:
-        return not (self.penalty_rows or self.min_rows or self.grammar_rows)
+        return not (self.bias_rows or self.penalty_rows or self.min_rows or self.grammar_rows)
 
 
 class LogitsProcessor:
@@ -148,7 +152,7 @@ class LogitsProcessor:
 
     def _new_state(self, seq: Sequence) -> SamplerState:
         sp = seq.sampling
-        if not (sp.has_penalties or sp.min_tokens or sp.grammar):
+        if not (sp.has_penalties or sp.logit_bias or sp.min_tokens or sp.grammar):
             return _NOTHING
         stops = sorted({t for t in (*seq.eos_ids, *sp.stop_token_ids) if t < self.vocab_size})
         st = SamplerState(stop_ids=stops)
@@ -157,9 +161,12 @@ class LogitsProcessor:
             if self._table is None:
                 self._table = PenaltyTable(self.vocab_size, self.device)
             st.counted = len(seq.tokens)
-            st.penalty_row = self._table.add(
-                seq, seq.tokens[:start], seq.tokens[start:], sp.logit_bias
-            )
+            st.penalty_row = self._table.add(seq, seq.tokens[:start], seq.tokens[start:])
+        if sp.logit_bias:
+            ids = sorted(sp.logit_bias)
+            st.bias_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+            st.bias_values = torch.tensor([sp.logit_bias[t] for t in ids],
+                                          dtype=torch.float32, device=self.device)
         if sp.grammar:
             st.grammar = self.grammars.new_state(sp.grammar, start)
         return st
@@ -200,6 +207,8 @@ class LogitsProcessor:
             if st is _NOTHING:
                 continue
             extra = list(drafts[i]) if drafts is not None else []
+            if st.bias_ids is not None:
+                plan.bias_rows.append(i)
             if st.penalty_row is not None:
                 if st.counted < len(seq.tokens):
                     new_counts.append((st.penalty_row, seq.tokens[st.counted :]))
@@ -239,7 +248,7 @@ class LogitsProcessor:
             return logits
         n = logits.shape[0]
         dev = logits.device
-        rows = sorted({*plan.penalty_rows, *plan.grammar_rows, *plan.min_rows})
+        rows = sorted({*plan.bias_rows, *plan.penalty_rows, *plan.grammar_rows, *plan.min_rows})
         local = {r: j for j, r in enumerate(rows)}
         every_row = len(rows) == n
         # Only the rows that need it, in fp32: [m, V].
@@ -252,18 +261,27 @@ class LogitsProcessor:
                 return None
             return torch.tensor([local[r] for r in batch_rows], dtype=torch.long, device=dev)
 
+        if plan.bias_rows:
+            states = [plan.seqs[i].sampler_state for i in plan.bias_rows]
+            r = torch.cat([torch.full_like(st.bias_ids, local[i])
+                           for i, st in zip(plan.bias_rows, states)])
+            x.index_put_((r, torch.cat([st.bias_ids for st in states])),
+                         torch.cat([st.bias_values for st in states]), accumulate=True)
         if plan.penalty_rows:
-            counts, seen, bias = self._table.gather(plan.table_rows, plan.extra)
+            counts, appeared = self._table.gather(plan.table_rows, plan.extra)
             sps = [plan.seqs[i].sampling for i in plan.penalty_rows]
 
-            def per_row(name: str) -> torch.Tensor:
-                return torch.tensor([getattr(sp, name) for sp in sps], dtype=torch.float32,
-                                    device=dev)
+            def per_row(name: str, off: float) -> torch.Tensor | None:
+                values = [getattr(sp, name) for sp in sps]
+                if all(v == off for v in values):
+                    return None  # off for every row: skip its passes over the vocabulary
+                return torch.tensor(values, dtype=torch.float32, device=dev)
 
             idx = select(plan.penalty_rows)
             part = x if idx is None else x.index_select(0, idx)
-            part = apply_penalties(part, counts, seen, bias, per_row("presence_penalty"),
-                                   per_row("frequency_penalty"), per_row("repetition_penalty"))
+            part = apply_penalties(part, counts, appeared, per_row("presence_penalty", 0.0),
+                                   per_row("frequency_penalty", 0.0),
+                                   per_row("repetition_penalty", 1.0))
             if idx is None:
                 x = part
             else:
@@ -273,7 +291,7 @@ class LogitsProcessor:
             words = plan.masks.words
             if plan.mask_rows != list(range(words.shape[0])):
                 words = words.index_select(0, torch.tensor(plan.mask_rows, dtype=torch.long))
-            forbidden = ~self.masks.allowed_tokens(words)
+            forbidden = self.masks.forbidden_tokens(words)
             idx = select(plan.grammar_rows)
             if idx is None:
                 x.masked_fill_(forbidden, float("-inf"))

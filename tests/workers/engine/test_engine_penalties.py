@@ -87,21 +87,23 @@ def test_apply_penalties_matches_the_per_token_reference():
     n, vocab = 5, 40
     logits = torch.randn(n, vocab) * 3
     counts = torch.randint(0, 4, (n, vocab), dtype=torch.int32) * (torch.rand(n, vocab) < 0.3)
-    seen = torch.rand(n, vocab) < 0.2
-    bias = torch.zeros(n, vocab)
-    bias[:, 7] = 5.0
+    appeared = (torch.rand(n, vocab) < 0.2) | (counts > 0)
     presence = torch.tensor([0.0, 0.5, -1.0, 2.0, 1.5])
     frequency = torch.tensor([0.0, 1.0, 0.25, -2.0, 0.5])
     repetition = torch.tensor([1.0, 1.3, 0.7, 2.0, 1.1])
-    got = apply_penalties(logits, counts, seen, bias, presence, frequency, repetition)
+    got = apply_penalties(logits.clone(), counts, appeared, presence, frequency, repetition)
     for i in range(n):
         for v in range(vocab):
-            x = float(logits[i, v]) + float(bias[i, v])
+            x = float(logits[i, v])
             c = int(counts[i, v])
-            if c > 0 or bool(seen[i, v]):
+            if bool(appeared[i, v]):
                 x = x / float(repetition[i]) if x > 0 else x * float(repetition[i])
             x -= float(frequency[i]) * c + (float(presence[i]) if c > 0 else 0.0)
             assert abs(float(got[i, v]) - x) <= 1e-5 * max(1.0, abs(x)), (i, v)
+    # A penalty off for every row (None) leaves its term out.
+    only_rep = apply_penalties(logits.clone(), counts, appeared, None, None, repetition)
+    assert torch.equal(only_rep, apply_penalties(logits.clone(), counts, appeared,
+                                                 torch.zeros(n), torch.zeros(n), repetition))
 
 
 def test_penalty_table_keeps_counts_incrementally():
@@ -110,25 +112,26 @@ def test_penalty_table_keeps_counts_incrementally():
 
     table = PenaltyTable(10, "cpu", rows=2)
     a, b, c = Owner(), Owner(), Owner()
-    ra = table.add(a, [1, 1, 2], [3, 3], {9: -4.0})
-    rb = table.add(b, [5], [], {})
-    rc = table.add(c, [], [4], {})  # a third row: the table grows
+    ra = table.add(a, [1, 1, 2], [3, 3])
+    rb = table.add(b, [5], [])
+    rc = table.add(c, [], [4])  # a third row: the table grows
     assert table.num_rows == 4 and len({ra, rb, rc}) == 3
     table.count([ra, rb], [[3, 4], [5, 5, 5]])
-    counts, seen, bias = table.gather([ra, rb, rc], [[], [6], [4, 4]])
+    counts, appeared = table.gather([ra, rb, rc], [[], [6], [4, 4]])
     assert counts[0].tolist() == torch.bincount(torch.tensor([3, 3, 3, 4]), minlength=10).tolist()
     assert counts[1].tolist() == torch.bincount(torch.tensor([5, 5, 5, 6]), minlength=10).tolist()
     assert counts[2].tolist() == torch.bincount(torch.tensor([4, 4, 4]), minlength=10).tolist()
     # The extras (drafts) are not written down.
     assert table.output_counts[rc].tolist() == torch.bincount(torch.tensor([4]), minlength=10
                                                                ).tolist()
-    assert seen[0].nonzero().flatten().tolist() == [1, 2] and seen[2].sum() == 0
-    assert bias[0, 9] == -4.0 and bias[0].abs().sum() == 4.0 and bias[1].abs().sum() == 0
+    assert appeared[0].nonzero().flatten().tolist() == [1, 2, 3, 4]
+    assert appeared[1].nonzero().flatten().tolist() == [5, 6]
+    assert not table.appeared[rb, 6]
     # A row goes back to the table with its owner and is cleared for the next one.
     del a
     gc.collect()
-    rd = table.add(Owner(), [], [], {})
-    assert rd == ra and table.output_counts[rd].sum() == 0 and table.bias[rd].abs().sum() == 0
+    rd = table.add(Owner(), [], [])
+    assert rd == ra and table.output_counts[rd].sum() == 0 and not table.appeared[rd].any()
 
 
 PENALTIES = {
