@@ -292,7 +292,9 @@ class MaskComputer:
         """[n, W] int32 mask words (host) -> [n, V] bool on the device, True = forbidden."""
         n = words.shape[0]
         w = words.to(self.device, non_blocking=True).view(torch.uint8)
-        return self._cleared[w.long()].view(n, self.num_words * 32)[:, : self.vocab_size]
+        # index_select, not advanced indexing: several times faster on the CPU.
+        cleared = self._cleared.index_select(0, w.reshape(-1).long())
+        return cleared.view(n, self.num_words * 32)[:, : self.vocab_size]
 
     def close(self) -> None:
         if self._thread is not None:

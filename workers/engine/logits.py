@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from baton.workers.engine.grammar import GrammarCompiler, GrammarState, MaskBatch, MaskComputer
-from baton.workers.engine.penalties import PenaltyTable, apply_penalties
+from baton.workers.engine.penalties import PenaltyRow, PenaltyTable, apply_penalties
 from baton.workers.engine.request import Request, Sequence
 
 
@@ -41,8 +41,8 @@ class SamplerState:
 
     stop_ids: list[int]
     """Token ids min_tokens holds back: the sequence's eos ids and stop_token_ids."""
-    penalty_row: int | None = None
-    """Its row in the PenaltyTable (None: no penalty)."""
+    penalty_row: PenaltyRow | None = None
+    """Its token counts (None: no penalty)."""
     bias_ids: torch.Tensor | None = None
     bias_values: torch.Tensor | None = None
     """logit_bias as device tensors (None: none)."""
@@ -62,7 +62,7 @@ class RowPlan:
     seqs: list[Sequence]
     bias_rows: list[int] = field(default_factory=list)
     penalty_rows: list[int] = field(default_factory=list)
-    table_rows: list[int] = field(default_factory=list)
+    table_rows: list[PenaltyRow] = field(default_factory=list)
     extra: list[list[int]] = field(default_factory=list)
     """The drafts before each penalized row (counted as output there)."""
     min_rows: list[int] = field(default_factory=list)
@@ -201,7 +201,7 @@ class LogitsProcessor:
         already, e.g. while drafting). None when no row needs anything."""
         plan = RowPlan(list(seqs))
         jobs = []
-        new_counts: list[tuple[int, list[int]]] = []
+        new_counts: list[tuple[PenaltyRow, list[int]]] = []
         for i, (seq, pos) in enumerate(zip(seqs, positions)):
             st = self.state(seq)
             if st is _NOTHING:
@@ -268,7 +268,7 @@ class LogitsProcessor:
             x.index_put_((r, torch.cat([st.bias_ids for st in states])),
                          torch.cat([st.bias_values for st in states]), accumulate=True)
         if plan.penalty_rows:
-            counts, appeared = self._table.gather(plan.table_rows, plan.extra)
+            rows_, tokens, counts = self._table.entries(plan.table_rows, plan.extra)
             sps = [plan.seqs[i].sampling for i in plan.penalty_rows]
 
             def per_row(name: str, off: float) -> torch.Tensor | None:
@@ -279,7 +279,8 @@ class LogitsProcessor:
 
             idx = select(plan.penalty_rows)
             part = x if idx is None else x.index_select(0, idx)
-            part = apply_penalties(part, counts, appeared, per_row("presence_penalty", 0.0),
+            part = apply_penalties(part, rows_, tokens, counts,
+                                   per_row("presence_penalty", 0.0),
                                    per_row("frequency_penalty", 0.0),
                                    per_row("repetition_penalty", 1.0))
             if idx is None:

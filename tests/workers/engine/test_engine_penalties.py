@@ -91,7 +91,13 @@ def test_apply_penalties_matches_the_per_token_reference():
     presence = torch.tensor([0.0, 0.5, -1.0, 2.0, 1.5])
     frequency = torch.tensor([0.0, 1.0, 0.25, -2.0, 0.5])
     repetition = torch.tensor([1.0, 1.3, 0.7, 2.0, 1.1])
-    got = apply_penalties(logits.clone(), counts, appeared, presence, frequency, repetition)
+    rows, tokens = appeared.nonzero(as_tuple=True)
+    entry_counts = counts[rows, tokens]
+
+    def penalized(*params):
+        return apply_penalties(logits.clone(), rows, tokens, entry_counts, *params)
+
+    got = penalized(presence, frequency, repetition)
     for i in range(n):
         for v in range(vocab):
             x = float(logits[i, v])
@@ -101,9 +107,8 @@ def test_apply_penalties_matches_the_per_token_reference():
             x -= float(frequency[i]) * c + (float(presence[i]) if c > 0 else 0.0)
             assert abs(float(got[i, v]) - x) <= 1e-5 * max(1.0, abs(x)), (i, v)
     # A penalty off for every row (None) leaves its term out.
-    only_rep = apply_penalties(logits.clone(), counts, appeared, None, None, repetition)
-    assert torch.equal(only_rep, apply_penalties(logits.clone(), counts, appeared,
-                                                 torch.zeros(n), torch.zeros(n), repetition))
+    assert torch.equal(penalized(None, None, repetition),
+                       penalized(torch.zeros(n), torch.zeros(n), repetition))
 
 
 def test_penalty_table_keeps_counts_incrementally():
@@ -114,24 +119,32 @@ def test_penalty_table_keeps_counts_incrementally():
     a, b, c = Owner(), Owner(), Owner()
     ra = table.add(a, [1, 1, 2], [3, 3])
     rb = table.add(b, [5], [])
-    rc = table.add(c, [], [4])  # a third row: the table grows
-    assert table.num_rows == 4 and len({ra, rb, rc}) == 3
+    rc = table.add(c, [2], [4])  # a third row: the table grows
+    assert table.num_rows == 4 and len({ra.row, rb.row, rc.row}) == 3
     table.count([ra, rb], [[3, 4], [5, 5, 5]])
-    counts, appeared = table.gather([ra, rb, rc], [[], [6], [4, 4]])
-    assert counts[0].tolist() == torch.bincount(torch.tensor([3, 3, 3, 4]), minlength=10).tolist()
-    assert counts[1].tolist() == torch.bincount(torch.tensor([5, 5, 5, 6]), minlength=10).tolist()
-    assert counts[2].tolist() == torch.bincount(torch.tensor([4, 4, 4]), minlength=10).tolist()
+    for step in range(12):  # more chunks than are kept apart: they are concatenated
+        table.count([rc], [[4 if step % 2 else 9 - step % 3]])
+    rows, tokens, counts = table.entries([ra, rb, rc, ra], [[], [6], [4, 4], [9, 3, 9]])
+    got = sorted(zip(rows.tolist(), tokens.tolist(), counts.tolist()))
+    # Row 0: prompt 1, 2 (count 0), output 3, 3, 3, 4; row 1: prompt 5 = output 5, 5, 5, and
+    # a draft 6; row 2: prompt 2, output 4 + 6 x 4, 9 x 2, 8 x 2, 7 x 2, two drafts 4; row 3
+    # (row a again): drafts 9, 3, 9 on top.
+    assert got == [(0, 1, 0), (0, 2, 0), (0, 3, 3), (0, 4, 1), (1, 5, 3), (1, 6, 1),
+                   (2, 2, 0), (2, 4, 9), (2, 7, 2), (2, 8, 2), (2, 9, 2),
+                   (3, 1, 0), (3, 2, 0), (3, 3, 4), (3, 4, 1), (3, 9, 2)]
+    assert len(rc.chunks) <= 8
     # The extras (drafts) are not written down.
-    assert table.output_counts[rc].tolist() == torch.bincount(torch.tensor([4]), minlength=10
-                                                               ).tolist()
-    assert appeared[0].nonzero().flatten().tolist() == [1, 2, 3, 4]
-    assert appeared[1].nonzero().flatten().tolist() == [5, 6]
-    assert not table.appeared[rb, 6]
+    assert table.output_counts[ra.row].tolist() == torch.bincount(
+        torch.tensor([3, 3, 3, 4]), minlength=10).tolist()
+    assert 6 not in rb.index and 9 not in ra.index
     # A row goes back to the table with its owner and is cleared for the next one.
-    del a
+    row_a = ra.row
+    del a, ra
     gc.collect()
-    rd = table.add(Owner(), [], [])
-    assert rd == ra and table.output_counts[rd].sum() == 0 and not table.appeared[rd].any()
+    rd = table.add(Owner(), [7], [])
+    assert rd.row == row_a and table.output_counts[rd.row].sum() == 0
+    rows, tokens, counts = table.entries([rd], [[]])
+    assert (tokens.tolist(), counts.tolist()) == ([7], [0])
 
 
 PENALTIES = {
