@@ -242,8 +242,10 @@ class LogitsProcessor:
     def new_masks(self, rows: int) -> MaskBatch:
         return self.masks.new_batch(rows)
 
-    def apply(self, logits: torch.Tensor, plan: RowPlan | None) -> torch.Tensor:
-        """Processed fp32 logits [n, V] (logits itself when nothing applies; never changed)."""
+    def apply(self, logits: torch.Tensor, plan: RowPlan | None,
+              in_place: bool = False) -> torch.Tensor:
+        """Processed fp32 logits [n, V] (logits itself when nothing applies). logits is left
+        as it was unless in_place (nobody reads the raw logits afterwards: no logprobs)."""
         if plan is None:
             return logits
         n = logits.shape[0]
@@ -252,8 +254,11 @@ class LogitsProcessor:
         local = {r: j for j, r in enumerate(rows)}
         every_row = len(rows) == n
         # Only the rows that need it, in fp32: [m, V].
-        x = (logits.to(torch.float32, copy=True) if every_row else
-             logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=dev)).float())
+        reuse = in_place and logits.dtype == torch.float32
+        if every_row:
+            x = logits if reuse else logits.to(torch.float32, copy=True)
+        else:
+            x = logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=dev)).float()
 
         def select(batch_rows: list[int]) -> torch.Tensor | None:
             # Local indices of batch_rows, None when they are all of x (no gather needed).
@@ -312,7 +317,7 @@ class LogitsProcessor:
             x.index_copy_(0, idx, torch.where(alive, held, before))
         if every_row:
             return x
-        out = logits.to(torch.float32, copy=True)
+        out = logits if reuse else logits.to(torch.float32, copy=True)
         return out.index_copy_(0, torch.tensor(rows, dtype=torch.long, device=dev), x)
 
     # ---- moving the grammar on -----------------------------------------------------------

@@ -136,9 +136,14 @@ class ModelRunner:
     # ---- sampling ------------------------------------------------------------------------
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], positions: list[int],
-                plan: RowPlan | None = None):
+                plan: RowPlan | None = None, keep_raw: bool = True):
         rows = [SampleRow(s.sampling, s.seed, p) for s, p in zip(seqs, positions)]
-        return sample_tokens(self.logits.apply(logits, plan), rows)
+        return sample_tokens(self.logits.apply(logits, plan, in_place=not keep_raw), rows)
+
+    def _raw_wanted(self, seqs: list[Sequence]) -> bool:
+        # The raw logits are read after sampling for logprobs and by the debugging hook;
+        # otherwise the logits processing may work in them instead of a copy.
+        return self.logits_observer is not None or any(s.sampling.wants_logprobs for s in seqs)
 
     def _with_logprobs(self, logits, seqs, tokens) -> list[SampledToken]:
         ids = tokens.tolist()
@@ -207,7 +212,7 @@ class ModelRunner:
 
         if sampling:
             t0 = time.perf_counter()
-            tokens = self._sample(logits, seqs_s, positions, plan)
+            tokens = self._sample(logits, seqs_s, positions, plan, self._raw_wanted(seqs_s))
             if plan is not None and plan.grammar_rows:
                 self.logits.accept(seqs_s, tokens.tolist())
             if self.logits_observer is not None:
@@ -346,11 +351,12 @@ class ModelRunner:
             positions = [n_tokens[i] + depth for i in active]
             if self.draft_observer is not None:
                 self.draft_observer([s.request_id for s in act], positions, logits)
+            # Draft logits are not read after sampling (the observer has seen them).
             if self.spec_sampling == "coupled":
-                toks = self._sample(logits, act, positions, plan).tolist()
+                toks = self._sample(logits, act, positions, plan, keep_raw=False).tolist()
             else:
                 rows = [SampleRow(s.sampling, s.seed, p) for s, p in zip(act, positions)]
-                tokens, q = draft_tokens(self.logits.apply(logits, plan), rows)
+                tokens, q = draft_tokens(self.logits.apply(logits, plan, in_place=True), rows)
                 toks = tokens.tolist()
                 for i, q_row in zip(active, q):
                     self._draft_probs[i].append(q_row)
@@ -390,8 +396,9 @@ class ModelRunner:
             masks=self._verify_masks, mask_rows=list(range(len(row_seqs))),
             compute_masks=False)
         emitted: list[list[int]] = []
+        keep_raw = self._raw_wanted(seqs)
         if self.spec_sampling == "coupled":
-            target = self._sample(logits, row_seqs, row_pos, plan).tolist()
+            target = self._sample(logits, row_seqs, row_pos, plan, keep_raw).tolist()
             row = 0
             for d, n in zip(drafts, lens):
                 j = 0
@@ -400,7 +407,7 @@ class ModelRunner:
                 emitted.append(target[row : row + j + 1])
                 row += n
         else:
-            processed = self.logits.apply(logits, plan)
+            processed = self.logits.apply(logits, plan, in_place=not keep_raw)
             row = 0
             for i, (s, n) in enumerate(zip(seqs, lens)):
                 rows = [SampleRow(s.sampling, s.seed, p) for p in row_pos[row : row + n]]

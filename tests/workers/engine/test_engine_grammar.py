@@ -140,7 +140,7 @@ def test_drafts_the_grammar_refuses_are_rejected(tiny, monkeypatch):
     engine = engine_for(tiny, k=3)
     real_draft, real_apply = engine.runner.draft, engine.runner.logits.apply
 
-    def unmasked(logits, plan):
+    def unmasked(logits, plan, in_place=False):
         if plan is not None and plan.masks is not None:
             plan.masks.wait()  # the matchers are the helper thread's until then
         return logits
