@@ -313,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize(device)
 
     gen = torch.Generator().manual_seed(1)
+    load_before = os.getloadavg()[0]
     rows = []
     for batch in args.batches:
         prompts = torch.randint(5, vocab, (batch, args.prompt_len), generator=gen).tolist()
@@ -335,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         f"# Constrained decoding cost on {device_name}",
         "",
         f"Date: {datetime.date.today().isoformat()}. {versions()}. CPU threads: torch "
-        f"{torch.get_num_threads()}, {os.cpu_count()} cores.",
+        f"{torch.get_num_threads()}, {os.cpu_count()} cores; load average (1 min) "
+        f"{load_before:.1f} before the timed rounds, {os.getloadavg()[0]:.1f} after (other "
+        "processes' work on a shared machine shows as noise in the ratios).",
         f"Command: `python benchmarks/engine/bench_constrained.py {shown_argv(args.argv)}`.",
         "",
         f"Model: random {'smoke' if args.smoke else args.shapes} checkpoint (pattern "

@@ -157,8 +157,9 @@ class PenaltyTable:
         lengths = [e.size for e in rows]
         chunks = [c for e in rows for c in e.chunks]
         tokens = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.long, device=dev)
+        # output_size: the length is known here, so the device needs no sync to find it.
         i = torch.repeat_interleave(torch.arange(len(rows), device=dev),
-                                    torch.tensor(lengths, device=dev))
+                                    torch.tensor(lengths, device=dev), output_size=sum(lengths))
         table_rows = torch.tensor([e.row for e in rows], dtype=torch.long, device=dev)
         counts = self.output_counts[table_rows[i], tokens]
         # Drafts: one more occurrence of a token the row has (at its entry), or a new entry.
