@@ -109,7 +109,7 @@ def load_engine(cfg: WorkerConfig, device: torch.device, cache_memory: int | Non
     del probe
     engine_cfg = settings.engine_config(cfg, "decode", num_pages)
     engine_cfg.eos_token_ids = list(tokenizer.eos_token_ids or []) or None
-    engine = Engine(model, engine_cfg)
+    engine = Engine(model, engine_cfg, grammar_tokenizer=tokenizer)  # as the workers
     st = engine.stats()
     log.info("loaded %s on %s (%s): %d KV pages of %d tokens, %d state slots, steps of %d "
              "tokens", cfg.model_path, device, dtype, st.num_pages, page_size, st.num_slots,

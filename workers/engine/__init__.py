@@ -8,7 +8,8 @@
 
 Modules: engine (schedule -> execute -> update), scheduler (StepPlan, admission, preemption),
 runner (forward passes, MTP drafting and verification), sampling (counter-based seeded
-sampling), allocator (KV pages, state slots), handoff + reservation (prefill on one engine,
+sampling), logits (what changes a row's logits before sampling: penalties.py, grammar.py with
+llguidance), allocator (KV pages, state slots), handoff + reservation (prefill on one engine,
 decode on another), loop (EngineLoop, RequestStream), tokenizer (tokenizer.json, chat
 templates, byte fallback, incremental detokenizer, stop strings), config (EngineConfig,
 EngineStats), request (Request, TokenEvent, per-sequence state).

@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 class Engine:
     """Continuous-batching engine for one model on one device."""
 
-    def __init__(self, model: Any, config: EngineConfig, tokenizer: Any | None = None) -> None:
+    def __init__(self, model: Any, config: EngineConfig, tokenizer: Any | None = None,
+                 grammar_tokenizer: Any | None = None) -> None:
+        """tokenizer: detokenize and match stop strings in the engine (None: the caller does);
+        grammar_tokenizer: what grammars compile against (default: tokenizer)."""
         config.validate()
         self.model = model
         self.config = config
@@ -107,7 +110,8 @@ class Engine:
         if not config.enforce_eager and StepGraphs.supports(model):
             graphs = StepGraphs(model, self.cache, config.max_num_seqs,
                                 max_model_len=self.max_model_len)
-        self.runner = ModelRunner(model, self.cache, self.k, config.spec_sampling, graphs)
+        self.runner = ModelRunner(model, self.cache, self.k, config.spec_sampling, graphs,
+                                  tokenizer=grammar_tokenizer or tokenizer, eos_ids=self.eos_ids)
         self.reservations: dict[str, Reservation] = {}
         self._by_id: dict[str, Sequence] = {}
         self._deferred: list[TokenEvent] = []
@@ -121,6 +125,7 @@ class Engine:
         if request.request_id in self._by_id or request.request_id in self.reservations:
             raise ValueError(f"request_id={request.request_id!r} is already in this engine")
         request.sampling.validate()
+        self.runner.logits.check_request(request)
         ids = request.prompt_ids
         if not ids:
             raise ValueError(f"prompt_ids of {request.request_id!r} is empty")
@@ -160,6 +165,11 @@ class Engine:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.tokens)
             seq.stop_matcher = StopMatcher(sp.stop)
         return seq
+
+    def prepare(self, request: Request) -> None:
+        """Compiles the request's grammar on the caller's thread, so that the engine's thread
+        finds it compiled (EngineLoop calls this before queueing); ValueError if it cannot."""
+        self.runner.logits.prepare(request)
 
     def add_request(self, request: Request) -> None:
         """Queue a request; it joins the running batch when the caches have room."""
@@ -370,6 +380,8 @@ class Engine:
 
     def _finish_reason(self, seq: Sequence, token: int, length: int) -> str | None:
         if token in seq.eos_ids or token in seq.sampling.stop_token_ids:
+            return "stop"
+        if self.runner.logits.grammar_complete(seq, token, length):
             return "stop"
         if length >= seq.max_len:
             return "length"

@@ -289,6 +289,7 @@ class EngineLoop:
         Bad requests raise ValueError here (validated on the loop thread).
         """
         self._admit_check()
+        self.engine.prepare(request)
         stream = RequestStream(self, request.request_id)
 
         def add() -> None:
@@ -305,6 +306,7 @@ class EngineLoop:
     def run_prefill(self, request: Request, sink: PrefillSink) -> Future:
         """Prefill for another engine; Future[PrefillResult]. Batched with the other work."""
         self._admit_check()
+        self.engine.prepare(request)
         result: Future = Future()
 
         def done(outcome: PrefillResult | BaseException) -> None:
@@ -324,6 +326,7 @@ class EngineLoop:
     def reserve(self, request: Request, n_tokens: int) -> LoopReservation:
         """Room for a request prefilled elsewhere; raises CacheFull when there is none."""
         self._admit_check()
+        self.engine.prepare(request)
         return LoopReservation(
             self, self._call(lambda: self.engine.reserve(request, n_tokens)).result()
         )

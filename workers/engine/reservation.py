@@ -9,6 +9,7 @@ the engine steps: it only touches this reservation's own pages and slot.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import TYPE_CHECKING
 
@@ -167,11 +168,7 @@ class Reservation:
         seq = self._seq
         engine._end_reservation(self)
         if sampling is not None:
-            fresh = engine._new_sequence(
-                type(seq.request)(
-                    seq.request_id, seq.request.prompt_ids, sampling, seq.request.arrival_time
-                )
-            )
+            fresh = engine._new_sequence(dataclasses.replace(seq.request, sampling=sampling))
             seq.request, seq.max_len, seq.eos_ids = fresh.request, fresh.max_len, fresh.eos_ids
             seq.detokenizer, seq.stop_matcher = fresh.detokenizer, fresh.stop_matcher
             seq.seed = fresh.seed

@@ -225,7 +225,8 @@ class DisaggregatedBackend:
         decode, call, confirmed = await self._reserve(
             decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
                                        sampling=sampling,
-                                       deadline=_timestamp(request.deadline)),
+                                       deadline=_timestamp(request.deadline),
+                                       num_output_tokens=len(emitted)),
             request.deadline, metadata, avoid)
         prefill_task: asyncio.Task | None = None
         read: asyncio.Future | None = None
@@ -240,7 +241,8 @@ class DisaggregatedBackend:
             transfer_deadline = time.time() + self.transfer_timeout_s
             prefill_request = prefill_pb2.PrefillRequest(
                 request_id=request_id, prompt_token_ids=prompt, sampling=sampling,
-                decode_target=decode.address, deadline=_timestamp(transfer_deadline))
+                decode_target=decode.address, deadline=_timestamp(transfer_deadline),
+                num_output_tokens=len(emitted))
 
             def start_prefill() -> asyncio.Task:
                 task = asyncio.create_task(self._prefill(prefill, prefill_request, metadata))

@@ -103,8 +103,9 @@ def build_engine(config: WorkerConfig, role: str, device: torch.device, dtype: t
     if ranks is not None:
         engine_cfg.num_pages = ranks.agree_min(engine_cfg.num_pages)
         engine_cfg.base_seed = ranks.agree_from_rank0(fresh_seed())
-    # The engine gets no tokenizer: text (detokenization, stop strings) is the router's.
-    return Engine(model, engine_cfg), engine_cfg
+    # The engine detokenizes nothing (text and stop strings are the router's); grammars
+    # compile against the checkpoint's tokenizer.
+    return Engine(model, engine_cfg, grammar_tokenizer=tokenizer), engine_cfg
 
 
 class Ranks:

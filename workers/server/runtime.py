@@ -220,7 +220,13 @@ def request_from_proto(message) -> Request:
     prompt = [int(t) for t in message.prompt_token_ids]
     if not prompt:
         raise ValueError(f"prompt_token_ids of {request_id!r} is empty")
-    return Request(request_id, prompt, SamplingParams.from_proto(message.sampling))
+    num_output = int(message.num_output_tokens)
+    if num_output >= len(prompt):
+        raise ValueError(
+            f"num_output_tokens={num_output} of {request_id!r} is invalid: an earlier "
+            f"attempt's output must leave at least one of the {len(prompt)} prompt tokens")
+    return Request(request_id, prompt, SamplingParams.from_proto(message.sampling),
+                   num_output_tokens=num_output)
 
 
 def admitted_request(message) -> Request:

@@ -293,6 +293,8 @@ async def test_decode_death_mid_stream_continues_on_the_other_worker(cluster):
     emitted = list(text[:3].encode())
     assert list(retry.prompt_token_ids) == list(b"abcdef") + emitted
     assert retry.sampling.max_tokens == 7 and retry.sampling.seed == 5
+    # The emitted tokens count as output on the retry (penalties, min_tokens, grammar).
+    assert retry.num_output_tokens == 3
     assert retry.request_id.endswith(".retry1")
     assert await until(lambda: all(d.used == 0 for d in decodes))
 

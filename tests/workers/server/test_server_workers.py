@@ -137,19 +137,22 @@ def _sampling(max_tokens: int, **extra) -> worker_pb2.SamplingParams:
                                      **extra)
 
 
-def _run(cluster, prompt: list[int], max_tokens: int, request_id: str | None = None):
+def _run(cluster, prompt: list[int], max_tokens: int, request_id: str | None = None,
+         sampling: worker_pb2.SamplingParams | None = None, num_output_tokens: int = 0):
     """Router-like: Generate on decode, then Prefill naming that decode worker."""
     request_id = request_id or uuid.uuid4().hex
+    sampling = sampling or _sampling(max_tokens)
     decode = decode_pb2_grpc.DecodeServiceStub(cluster["decode"].channel)
     prefill = prefill_pb2_grpc.PrefillServiceStub(cluster["prefill"].channel)
     stream = decode.Generate(decode_pb2.GenerateRequest(
-        request_id=request_id, prompt_token_ids=prompt, sampling=_sampling(max_tokens)),
-        timeout=120)
+        request_id=request_id, prompt_token_ids=prompt, sampling=sampling,
+        num_output_tokens=num_output_tokens), timeout=120)
     metadata = dict(stream.initial_metadata())
     assert metadata.get("baton-reserved") == "true", metadata
     answer = prefill.Prefill(prefill_pb2.PrefillRequest(
-        request_id=request_id, prompt_token_ids=prompt, sampling=_sampling(max_tokens),
-        decode_target=cluster["decode"].address), timeout=120)
+        request_id=request_id, prompt_token_ids=prompt, sampling=sampling,
+        decode_target=cluster["decode"].address, num_output_tokens=num_output_tokens),
+        timeout=120)
     tokens, logprobs, finish = [], [], None
     for message in stream:
         for token in message.tokens:
@@ -501,6 +504,60 @@ def test_bad_requests_get_clear_statuses(cluster):
     _wait_until(lambda: prefill_worker.load().ssm_state_slots_usage_ratio == 0.0)
     assert prefill_worker.load().kv_cache_usage_ratio == 0.0
     assert prefill_worker.metric("baton_requests_total", role="prefill", outcome="error") >= 2
+
+
+def test_a_constrained_request_over_grpc(cluster):
+    """A JSON Schema grammar through Prefill + Generate: the prefill worker samples the first
+    token under it, the decode worker rebuilds the matcher from it and continues (with
+    speculation); a retry's num_output_tokens resumes the grammar on both workers; a grammar
+    that cannot compile is INVALID_ARGUMENT on both, naming the problem."""
+    import jsonschema
+    from llguidance import LLMatcher
+
+    from baton.workers.engine.tokenizer import load_tokenizer
+
+    schema = {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 5},
+        "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        "kind": {"enum": ["a", "b"]},
+        "list": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
+                 "maxItems": 3}},
+        "required": ["name", "n", "kind", "list"], "additionalProperties": False}
+    grammar = LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+    tokenizer = load_tokenizer(TINY)
+    prompt = tokenizer.encode("Describe something:")
+
+    def sampling(seed: int, max_tokens: int = 100) -> worker_pb2.SamplingParams:
+        return worker_pb2.SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed,
+                                         grammar=grammar, frequency_penalty=0.5)
+
+    for seed in range(3):
+        answer, tokens, _, finish = _run(cluster, prompt, 0, sampling=sampling(seed))
+        assert finish == decode_pb2.FINISH_REASON_STOP
+        assert tokens[0] == answer.first_token.token_id
+        jsonschema.validate(json.loads(tokenizer.decode(tokens)), schema)
+        m = len(tokens) // 2
+        _, rest, _, finish = _run(cluster, prompt + tokens[:m], 0,
+                                  sampling=sampling(seed, 100 - m), num_output_tokens=m)
+        assert (rest, finish) == (tokens[m:], decode_pb2.FINISH_REASON_STOP)
+
+    bad = worker_pb2.SamplingParams(max_tokens=4, grammar=json.dumps(
+        {"grammars": [{"lark_grammar": "start: foo"}]}))
+    decode = decode_pb2_grpc.DecodeServiceStub(cluster["decode"].channel)
+    prefill = prefill_pb2_grpc.PrefillServiceStub(cluster["prefill"].channel)
+    with pytest.raises(grpc.RpcError) as err:
+        list(decode.Generate(decode_pb2.GenerateRequest(
+            request_id="g1", prompt_token_ids=prompt, sampling=bad), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "SamplingParams.grammar is invalid" in err.value.details()
+    assert "foo" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        prefill.Prefill(prefill_pb2.PrefillRequest(
+            request_id="g2", prompt_token_ids=prompt, sampling=bad,
+            decode_target=cluster["decode"].address), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "SamplingParams.grammar is invalid" in err.value.details()
+    _wait_until(lambda: cluster["decode"].load().kv_cache_usage_ratio == 0.0)
 
 
 def _make_pki(folder: Path) -> Path:
