@@ -116,7 +116,7 @@ class DecodeServicer:
                                 time.time() + rt.config.router.transfer_timeout_seconds)
         n = len(req.prompt_ids)
         try:
-            reservation = rt.loop.reserve(req, n)
+            reservation = rt.loop.reserve(req)
         except CacheFull as e:
             raise CallEnded("rejected", grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
         except EngineDraining as e:

@@ -111,13 +111,14 @@ def test_followers_replay_every_call_in_lockstep(models):
         # A prefill whose transfer fails in its first chunk (of three: 64 tokens a step):
         # rank 0 gets the sink's error and the request is gone from both engines.
         broken = loop.run_prefill(Request("broken", _prompt(150, 7), sampling), FailingSink(3))
+        # The state of a prompt this replica never saw (another prefill worker's) goes into a
+        # reservation (as TransferState would), then commit.
         capture = Capture()
-        handed = loop.run_prefill(Request("handed", _prompt(19, 8), sampling), capture)
+        result = _engine(models[0]).prefill(Request("handed", _prompt(19, 8), sampling), capture)
         with pytest.raises(ConnectionError):
             broken.result(timeout=60)
-        result = handed.result(timeout=60)
-        # The captured state goes into a reservation (as TransferState would), then commit.
-        reservation = loop.reserve(Request("handed", _prompt(19, 8), sampling), 19)
+        reservation = loop.reserve(Request("handed", _prompt(19, 8), sampling))
+        assert reservation.cached_tokens == 0 and not reservation.local_prefill
         for state in capture.states:
             reservation.write(state)
         with pytest.raises(StateTransferError):
@@ -126,10 +127,16 @@ def test_followers_replay_every_call_in_lockstep(models):
         handed_stream = reservation.commit(result.first_token, sampling, result.logprob,
                                            result.top_logprobs)
         # A refused reservation counts on no rank: the next one has the same serial on both.
-        with pytest.raises(ValueError, match="n_tokens=4"):
-            loop.reserve(Request("refused", _prompt(5, 9), sampling), 4)
-        dropped = loop.reserve(Request("dropped", _prompt(5, 9), sampling), 5)
+        with pytest.raises(ValueError, match="local_prefill_max_tokens"):
+            loop.reserve(Request("refused", _prompt(5, 9), sampling), -1)
+        dropped = loop.reserve(Request("dropped", _prompt(5, 9), sampling))
         dropped.release()
+        # A prompt the replica's prefix cache holds but a few tokens of: prefilled locally, in
+        # lockstep (the cache decides the same on every rank).
+        extended = Request("local", _prompt(26, 2) + [5, 6, 7], sampling)
+        local = loop.reserve(extended, 8)
+        assert local.local_prefill and local.cached_tokens >= 26
+        streams.append(local.stream)
         aborted = loop.submit(Request("aborted", _prompt(40, 10), sampling))
         aborted.close()
         tokens = {s.request_id: [e.token_id for e in s if e.token_id is not None]
@@ -148,7 +155,9 @@ def test_followers_replay_every_call_in_lockstep(models):
     assert (a.free_pages, a.free_slots, a.requests_finished_total, a.prompt_tokens_total) == (
         b.free_pages, b.free_slots, b.requests_finished_total, b.prompt_tokens_total)
     assert a.free_slots == 6 and a.free_pages == 160
-    assert a.requests_finished_total == {"prefilled": 1, "length": 4, "abort": 2}
+    assert a.requests_finished_total == {"length": 5, "abort": 2}
+    assert a.local_prefills_total == b.local_prefills_total == 1
+    assert (a.prefix_hit_tokens_total, a.snapshots) == (b.prefix_hit_tokens_total, b.snapshots)
 
 
 def test_a_call_inside_a_step_is_refused_or_deferred(models):

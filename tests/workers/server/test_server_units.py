@@ -192,7 +192,7 @@ def test_a_generate_call_that_ended_before_its_handler_ran_frees_its_reservation
         metrics=None,
         config=SimpleNamespace(router=SimpleNamespace(transfer_timeout_seconds=60.0)),
         deadline_of=lambda message, context: time.time() + 60.0,
-        loop=SimpleNamespace(reserve=lambda req, n: reservation))
+        loop=SimpleNamespace(reserve=lambda req, *local: reservation))
     servicer = DecodeServicer(runtime)
     servicer.receiver.fingerprint = "f" * 64
     context = SimpleNamespace(add_callback=lambda callback: False,
