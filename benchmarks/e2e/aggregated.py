@@ -30,14 +30,12 @@ from baton.workers.engine import (
     EngineDraining,
     EngineLoop,
     Request,
-    SamplingParams,
 )
 from baton.workers.metrics import BatonMetrics, MetricLabels
 from baton.workers.router.backend import (
     BackendStatus,
     GenerationRequest,
     NoReadyWorker,
-    Sampling,
     TokenOutput,
     WorkerFailure,
 )
@@ -47,19 +45,6 @@ from baton.workers.server import settings
 
 log = logging.getLogger("baton.bench.aggregated")
 ROLE = "aggregated"
-
-
-def engine_sampling(sampling: Sampling) -> SamplingParams:
-    """The router's sampling options as the engine takes them (as the workers convert)."""
-    logprobs: bool | int = False
-    if sampling.logprobs is not None:
-        logprobs = sampling.logprobs if sampling.logprobs > 0 else True
-    return SamplingParams(
-        max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-        top_p=sampling.top_p, top_k=sampling.top_k,
-        seed=None if sampling.seed is None else sampling.seed % 2**64,
-        stop_token_ids=list(sampling.stop_token_ids), logprobs=logprobs,
-        ignore_eos=sampling.ignore_eos)
 
 
 class EngineBackend:
@@ -85,8 +70,10 @@ class EngineBackend:
             "kvCacheUsage": round(st.kv_cache_usage, 4)}]})
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenOutput]:
+        # The router's SamplingParams is the engine's: no conversion (the workers' is the
+        # proto round trip, SamplingParams.to_proto / from_proto).
         engine_request = Request(request.request_id, list(request.prompt_ids),
-                                 engine_sampling(request.sampling))
+                                 request.sampling)
         try:
             # submit waits for the engine thread to take the request: not on the event loop.
             stream = await asyncio.to_thread(self.loop.submit, engine_request)

@@ -121,23 +121,6 @@ def test_a_mode_that_dies_is_reported_and_fails_the_run(bench, tmp_path, monkeyp
     assert json.loads(report.with_suffix(".json").read_text())["failures"]
 
 
-def test_aggregated_backend_maps_sampling_like_the_workers(bench):
-    from aggregated import engine_sampling
-
-    from baton.workers.router.backend import Sampling
-
-    plain = engine_sampling(Sampling(max_tokens=7, temperature=0.0))
-    assert (plain.max_tokens, plain.temperature, plain.logprobs, plain.seed) == (7, 0.0, False,
-                                                                                None)
-    assert engine_sampling(Sampling(max_tokens=1, logprobs=0)).logprobs is True
-    assert engine_sampling(Sampling(max_tokens=1, logprobs=3)).logprobs == 3
-    seeded = engine_sampling(Sampling(max_tokens=1, seed=-1, stop_token_ids=(4, 9),
-                                      ignore_eos=True, top_k=5, top_p=0.5))
-    assert seeded.seed == 2**64 - 1 and seeded.stop_token_ids == [4, 9]
-    assert seeded.ignore_eos and seeded.top_k == 5 and seeded.top_p == 0.5
-    seeded.validate()
-
-
 async def test_run_load_reads_sse_chunks_and_cuts_off_stragglers(bench):
     """Against a fake OpenAI server: token counts come from the chunks' logprobs (two tokens
     in one chunk count twice), HTTP and stream errors are reported, and a request that never
@@ -231,7 +214,8 @@ async def test_engine_backend_streams_and_frees_a_closed_request(bench, tmp_path
     from baton.workers.engine import Engine, EngineConfig, EngineLoop
     from baton.workers.model import load_model
     from baton.workers.model.checkpoint import write_random_checkpoint
-    from baton.workers.router.backend import GenerationRequest, Sampling
+    from baton.workers.router.backend import GenerationRequest
+    from baton.workers.sampling_params import SamplingParams
 
     path = write_random_checkpoint(tmp_path / "ckpt", SMOKE, dtype=torch.float32,
                                    tokenizer=False)
@@ -243,7 +227,7 @@ async def test_engine_backend_streams_and_frees_a_closed_request(bench, tmp_path
         backend.check_ready()
 
         def request(rid: str, n: int) -> GenerationRequest:
-            return GenerationRequest(rid, tuple(range(5, 17)), Sampling(
+            return GenerationRequest(rid, tuple(range(5, 17)), SamplingParams(
                 max_tokens=n, temperature=0.0, ignore_eos=True), deadline=time.time() + 60)
 
         outs = [o async for o in backend.generate(request("full", 4))]

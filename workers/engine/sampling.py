@@ -1,4 +1,4 @@
-"""Sampling parameters and a sampler whose randomness is a pure function of (seed, position).
+"""A sampler whose randomness is a pure function of (seed, position).
 
 Seeded sampling must give the same token wherever it is sampled: on a prefill worker or a
 decode worker, in a batch of 1 or 64, with speculation on or off (DESIGN.md, Seams). So there is
@@ -9,6 +9,10 @@ hashed from (s, p, token id). A token is drawn with the Gumbel-max trick,
 
 which samples exactly from softmax(logits / temperature) restricted to the top-k / top-p set.
 
+The parameters (SamplingParams) live in baton.workers.sampling_params, torch-free for the
+router; what changes the logits before this sampler sees them (penalties, logit_bias,
+min_tokens, grammar masks) is baton.workers.engine.logits.
+
 Shapes: [n, V]  n rows (one per token to sample), V vocabulary.
 """
 
@@ -17,83 +21,17 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+
+from baton.workers.sampling_params import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
 # Two odd 32-bit constants of the "lowbias32" integer hash (Wellons' hash prospector).
 _MUL_A = 0x7FEB352D
 _MUL_B = 0x846CA68B
 _GOLDEN = 0x9E3779B9
-
-
-@dataclass
-class SamplingParams:
-    """How one request's tokens are chosen and when it stops."""
-
-    max_tokens: int = 16
-    """Most tokens to generate (the first token included)."""
-    temperature: float = 1.0
-    """Softmax temperature; 0 means greedy (argmax)."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
-    top_k: int = 0
-    """Keep only the k most likely tokens; 0 (or -1) keeps all."""
-    seed: int | None = None
-    """Seed of the counter-based noise; None draws a fresh one when the request is added."""
-    stop: list[str] = field(default_factory=list)
-    """Strings that end generation; the text is cut before the stop string."""
-    stop_token_ids: list[int] = field(default_factory=list)
-    """Token ids that end generation (besides the tokenizer's eos unless ignore_eos)."""
-    logprobs: bool | int = False
-    """True: logprob of each chosen token; an int n: also the n most likely alternatives."""
-    ignore_eos: bool = False
-    """Keep generating past the eos token."""
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first field that is out of range."""
-
-        def bad(name: str, value: object, allowed: str) -> ValueError:
-            return ValueError(f"SamplingParams.{name}={value!r} is invalid: {allowed}")
-
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
-            raise bad("max_tokens", self.max_tokens, "must be an integer >= 1")
-        if self.max_tokens < 1:
-            raise bad("max_tokens", self.max_tokens, "must be an integer >= 1")
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-            raise bad("temperature", self.temperature, "must be a number >= 0 (0 = greedy)")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise bad("top_p", self.top_p, "must be in (0, 1]")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
-            raise bad("top_k", self.top_k, "must be an integer >= 0 (0 or -1 = no limit)")
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0
-        ):
-            raise bad("seed", self.seed, "must be None or an integer >= 0")
-        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
-            raise bad("stop", self.stop, "must be a list of non-empty strings")
-        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
-            raise bad("stop_token_ids", self.stop_token_ids, "must be a list of token ids >= 0")
-        if not isinstance(self.logprobs, (bool, int)) or (
-            not isinstance(self.logprobs, bool) and not 0 <= self.logprobs <= 20
-        ):
-            raise bad("logprobs", self.logprobs, "must be a bool or an integer in [0, 20]")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    @property
-    def num_top_logprobs(self) -> int:
-        """How many alternatives to report beside the chosen token's logprob."""
-        if isinstance(self.logprobs, bool):
-            return 0
-        return int(self.logprobs)
-
-    @property
-    def wants_logprobs(self) -> bool:
-        return self.logprobs is not False
 
 
 def fresh_seed() -> int:

@@ -1,9 +1,10 @@
 """The seam between the HTTP front end and whatever produces tokens.
 
 The front end (server.py) turns an OpenAI request into a `GenerationRequest` of token ids
-and sampling options, and asks a `Backend` for a stream of `TokenOutput`. The production
-backend (disaggregated.py) drives a prefill and a decode worker over gRPC; tests plug in a
-fake behind the same interface so validation, error shapes and queueing run without workers.
+and SamplingParams (the one sampling type: baton.workers.sampling_params), and asks a
+`Backend` for a stream of `TokenOutput`. The production backend (disaggregated.py) drives a
+prefill and a decode worker over gRPC; tests plug in a fake behind the same interface so
+validation, error shapes and queueing run without workers.
 
 A backend signals conditions the front end turns into HTTP answers:
   NoCapacity     every decode worker refused (full): the request waits in the router's queue
@@ -18,26 +19,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-
-@dataclass(frozen=True)
-class Sampling:
-    """Token-level sampling options; the workers apply them."""
-
-    max_tokens: int  # tokens to generate at most (the first token included)
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    seed: int | None = None  # seeded sampling is keyed on (seed, position) in the workers
-    logprobs: int | None = None  # None = no logprobs; k >= 0: chosen token plus k alternatives
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
+from baton.workers.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
     request_id: str  # the client's x-request-id, or one the router made
     prompt_ids: tuple[int, ...]
-    sampling: Sampling
+    sampling: SamplingParams  # max_tokens resolved against the context (server.py)
     deadline: float  # time.time() by which the request must have finished
     # Session affinity for prefix-aware routing (OpenAI's prompt_cache_key); None: none given.
     cache_key: str | None = None

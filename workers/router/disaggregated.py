@@ -23,20 +23,19 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from baton.proto.baton.decode.v1 import decode_pb2
 from baton.proto.baton.prefill.v1 import prefill_pb2
-from baton.proto.baton.worker.v1 import worker_pb2
 from baton.workers import headers
 from baton.workers.router.backend import (
     BackendStatus,
     GenerationRequest,
     NoCapacity,
     NoReadyWorker,
-    Sampling,
     TokenOutput,
     WorkerFailure,
 )
@@ -69,17 +68,6 @@ class AttemptFailed(Exception):
     def __init__(self, message: str, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
-
-
-def sampling_proto(sampling: Sampling, max_tokens: int) -> worker_pb2.SamplingParams:
-    params = worker_pb2.SamplingParams(
-        max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-        top_k=sampling.top_k, stop_token_ids=list(sampling.stop_token_ids),
-        logprobs=sampling.logprobs is not None, top_logprobs=sampling.logprobs or 0,
-        ignore_eos=sampling.ignore_eos)
-    if sampling.seed is not None:
-        params.seed = sampling.seed % 2**64  # OpenAI seeds may be negative; the wire is uint64
-    return params
 
 
 def _timestamp(t: float) -> Timestamp:
@@ -230,7 +218,7 @@ class DisaggregatedBackend:
                        avoid: set[str]) -> AsyncIterator[TokenOutput]:
         prompt = [*request.prompt_ids, *emitted]
         budget = request.sampling.max_tokens - len(emitted)
-        sampling = sampling_proto(request.sampling, budget)
+        sampling = replace(request.sampling, max_tokens=budget).to_proto()
         request_id = request.request_id if attempt == 0 else (
             f"{request.request_id}.retry{attempt}")
         metadata = (("x-request-id", request.request_id),)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from baton.workers.router.errors import bad_request
+from baton.workers.sampling_params import SamplingParams, seed_from_openai
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
@@ -34,14 +35,9 @@ class ParsedRequest:
     messages: list[dict[str, Any]] | None = None  # chat
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     max_tokens: int | None = None  # None: the endpoint's default
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: int | None = None  # None: off; k: chosen token plus k alternatives
+    # Everything the workers apply; its max_tokens is set once the prompt length is known
+    # (server.py: max_tokens above, or the endpoint's default).
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = False
     include_usage: bool = False
     tokens_as_ids: bool = False  # logprobs name tokens "token_id:<id>" (exact, for tooling)
@@ -196,14 +192,16 @@ def _common(body: dict, endpoint: str) -> ParsedRequest:
         endpoint=endpoint,
         model=model,
         max_tokens=_int(body, "max_tokens", 1),
-        temperature=_float(body, "temperature", 0.0, 2.0, 1.0),
-        top_p=_float(body, "top_p", 0.0, 1.0, 1.0, lo_open=True),
-        top_k=_int(body, "top_k", 0) or 0,
-        seed=seed,
-        stop=_stop(body),
-        stop_token_ids=[] if stop_token_ids is None else _token_ids(
-            "stop_token_ids", stop_token_ids),
-        ignore_eos=_bool(body, "ignore_eos"),
+        sampling=SamplingParams(
+            temperature=_float(body, "temperature", 0.0, 2.0, 1.0),
+            top_p=_float(body, "top_p", 0.0, 1.0, 1.0, lo_open=True),
+            top_k=_int(body, "top_k", 0) or 0,
+            seed=None if seed is None else seed_from_openai(seed),
+            stop=_stop(body),
+            stop_token_ids=[] if stop_token_ids is None else _token_ids(
+                "stop_token_ids", stop_token_ids),
+            ignore_eos=_bool(body, "ignore_eos"),
+        ),
         stream=stream,
         include_usage=include_usage,
         tokens_as_ids=_bool(body, "return_tokens_as_token_ids"),
@@ -224,7 +222,7 @@ def parse_completion(body: Any) -> ParsedRequest:
     _neutral(body, "echo", (False,), "echo")
     _neutral(body, "best_of", (1,), "best_of other than 1")
     _neutral(body, "suffix", ("",), "suffix")
-    req.logprobs = _int(body, "logprobs", 0, MAX_LOGPROBS)
+    req.sampling.logprobs = _int(body, "logprobs", 0, MAX_LOGPROBS)
     if "prompt" not in body or body["prompt"] is None:
         raise bad_request("prompt: required", param="prompt", code="missing_required_parameter")
     prompt = body["prompt"]
@@ -304,7 +302,7 @@ def parse_chat(body: Any) -> ParsedRequest:
     if top is not None and top > 0 and not want_logprobs:
         raise bad_request("top_logprobs: requires logprobs to be true", param="top_logprobs",
                           code="invalid_value")
-    req.logprobs = (top or 0) if want_logprobs else None
+    req.sampling.logprobs = (top or 0) if want_logprobs else None
     kwargs = body.get("chat_template_kwargs")
     if kwargs is not None:
         if not isinstance(kwargs, dict):

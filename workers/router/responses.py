@@ -30,7 +30,7 @@ class Generation:
         self.client_request_id = client_request_id
         self._decode = decode
         self._metrics = metrics
-        self.text = TextAssembler(decode, parsed.stop, gen.prompt_ids)
+        self.text = TextAssembler(decode, parsed.sampling.stop, gen.prompt_ids)
         self.completion_tokens = 0
         self.cached_tokens = 0  # prompt tokens served from a prefix cache
         self.finish_reason: str | None = None
@@ -39,7 +39,7 @@ class Generation:
         if its connection closes before the response is finished off."""
 
     def token_entry(self, out: TokenOutput) -> dict[str, Any] | None:
-        if self.parsed.logprobs is None:
+        if self.parsed.sampling.logprobs is None:
             return None
         if self.parsed.tokens_as_ids:
             def name(t: int) -> str:
@@ -50,7 +50,7 @@ class Generation:
         return {
             "token": name(out.token_id),
             "logprob": out.logprob,
-            "top": [(name(t), lp) for t, lp in out.top_logprobs[: self.parsed.logprobs]],
+            "top": [(name(t), lp) for t, lp in out.top_logprobs[: self.parsed.sampling.logprobs]],
         }
 
     async def events(

@@ -23,7 +23,7 @@ import re
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -35,7 +35,6 @@ from baton.workers.router.backend import (
     Backend,
     GenerationRequest,
     NoReadyWorker,
-    Sampling,
     WorkerFailure,
 )
 from baton.workers.router.errors import (
@@ -291,15 +290,13 @@ class Router:
                     raise model_not_found(parsed.model)
                 prompt_ids = await self._prompt_ids(parsed)
                 vocab = self.tokenizer.vocab_size
-                if any(t >= vocab for t in parsed.stop_token_ids):
+                stop_ids = parsed.sampling.stop_token_ids
+                if any(t >= vocab for t in stop_ids):
                     raise bad_request(f"stop_token_ids: ids must be below the vocabulary size "
-                                      f"{vocab}, got {parsed.stop_token_ids}",
+                                      f"{vocab}, got {stop_ids}",
                                       param="stop_token_ids", code="invalid_value")
-                sampling = Sampling(
-                    max_tokens=self._max_tokens(parsed, len(prompt_ids)),
-                    temperature=parsed.temperature, top_p=parsed.top_p, top_k=parsed.top_k,
-                    seed=parsed.seed, logprobs=parsed.logprobs,
-                    stop_token_ids=tuple(parsed.stop_token_ids), ignore_eos=parsed.ignore_eos)
+                sampling = replace(parsed.sampling,
+                                   max_tokens=self._max_tokens(parsed, len(prompt_ids)))
                 gen = GenerationRequest(request_id=self._worker_request_id(request[REQUEST_ID]),
                                         prompt_ids=tuple(prompt_ids), sampling=sampling,
                                         deadline=time.time() + timeout_s)
@@ -372,7 +369,7 @@ class Router:
             if entry is not None:
                 entries.append(entry)
         text = "".join(parts)
-        want_logprobs = generation.parsed.logprobs is not None
+        want_logprobs = generation.parsed.sampling.logprobs is not None
         if generation.parsed.endpoint == "chat":
             body = self._envelope(generation, "chat.completion")
             body["choices"] = [{

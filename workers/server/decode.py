@@ -60,7 +60,7 @@ class ReservationTarget:
         self.reservation.write(state)
 
     def complete(self, first_token: FirstToken) -> None:
-        wants_logprobs = bool(self.sampling.logprobs)
+        wants_logprobs = self.sampling.wants_logprobs
         self.stream = self.reservation.commit(
             first_token.token_id, self.sampling,
             logprob=first_token.logprob if wants_logprobs else None,

@@ -212,37 +212,21 @@ class WorkerRuntime:
         return min(candidates)
 
 
-def sampling_from_proto(message: worker_pb2.SamplingParams) -> SamplingParams:
-    """Engine sampling parameters of a request (validated; ValueError names the field)."""
-    logprobs: bool | int = bool(message.logprobs)
-    if message.top_logprobs:
-        logprobs = int(message.top_logprobs)
-    params = SamplingParams(
-        max_tokens=int(message.max_tokens), temperature=float(message.temperature),
-        top_p=float(message.top_p) if message.top_p else 1.0, top_k=int(message.top_k),
-        seed=int(message.seed) if message.HasField("seed") else None,
-        stop_token_ids=[int(t) for t in message.stop_token_ids], logprobs=logprobs,
-        ignore_eos=bool(message.ignore_eos))
-    params.validate()
-    return params
-
-
-def request_from_proto(request_id: str, prompt_token_ids, sampling) -> Request:
+def request_from_proto(message) -> Request:
+    """The engine Request of a Generate/Prefill message (ValueError names the bad field)."""
+    request_id = message.request_id
     if not request_id:
         raise ValueError("request_id must be a non-empty string")
-    prompt = [int(t) for t in prompt_token_ids]
+    prompt = [int(t) for t in message.prompt_token_ids]
     if not prompt:
         raise ValueError(f"prompt_token_ids of {request_id!r} is empty")
-    if not sampling.max_tokens:
-        raise ValueError(f"sampling.max_tokens of {request_id!r} must be >= 1")
-    return Request(request_id, prompt, sampling_from_proto(sampling))
+    return Request(request_id, prompt, SamplingParams.from_proto(message.sampling))
 
 
 def admitted_request(message) -> Request:
     """The engine Request of a Generate/Prefill message; CallEnded(rejected) if it is bad."""
     try:
-        return request_from_proto(message.request_id, message.prompt_token_ids,
-                                  message.sampling)
+        return request_from_proto(message)
     except ValueError as e:
         raise CallEnded("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
 

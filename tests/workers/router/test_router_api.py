@@ -134,7 +134,7 @@ async def test_sampling_options_reach_the_backend(router_url, fake_backend):
         extra_body={"top_k": 5, "stop_token_ids": [7], "ignore_eos": True})
     s = fake_backend.requests[-1].sampling
     assert (s.max_tokens, s.temperature, s.top_p, s.seed, s.top_k) == (3, 0.7, 0.5, 42, 5)
-    assert s.stop_token_ids == (7,) and s.ignore_eos and s.logprobs is None
+    assert s.stop_token_ids == [7] and s.ignore_eos and s.logprobs is None
 
 
 async def test_completion_logprobs(router_url):

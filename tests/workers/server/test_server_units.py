@@ -9,8 +9,10 @@ import grpc
 import pytest
 import torch
 
+from baton.proto.baton.decode.v1 import decode_pb2
 from baton.proto.baton.worker.v1 import worker_pb2
 from baton.proto.grpc.health.v1 import health_pb2, health_pb2_grpc
+from baton.workers.sampling_params import SamplingParams
 from baton.workers.server import runtime, settings
 from baton.workers.server.health import HealthServicer
 
@@ -60,21 +62,26 @@ def test_kv_pages_never_exceed_what_sequences_can_use():
 
 
 def test_sampling_conversion_validates():
-    params = runtime.sampling_from_proto(worker_pb2.SamplingParams(
+    def request(prompt, **sampling):
+        return decode_pb2.GenerateRequest(request_id="r", prompt_token_ids=prompt,
+                                          sampling=worker_pb2.SamplingParams(**sampling))
+
+    params = SamplingParams.from_proto(worker_pb2.SamplingParams(
         max_tokens=5, temperature=0.5, top_p=0.9, top_k=3, seed=7, stop_token_ids=[2],
         logprobs=True, top_logprobs=2))
     assert (params.max_tokens, params.temperature, params.top_k, params.seed) == (5, 0.5, 3, 7)
     assert params.logprobs == 2 and params.stop_token_ids == [2]
-    unseeded = runtime.sampling_from_proto(worker_pb2.SamplingParams(max_tokens=1))
-    assert unseeded.seed is None and unseeded.top_p == 1.0 and unseeded.logprobs is False
+    unseeded = SamplingParams.from_proto(worker_pb2.SamplingParams(max_tokens=1))
+    assert unseeded.seed is None and unseeded.top_p == 1.0 and unseeded.logprobs is None
     with pytest.raises(ValueError, match="temperature"):
-        runtime.sampling_from_proto(worker_pb2.SamplingParams(max_tokens=1, temperature=-1))
+        SamplingParams.from_proto(worker_pb2.SamplingParams(max_tokens=1, temperature=-1))
     with pytest.raises(ValueError, match="max_tokens"):
-        runtime.request_from_proto("r", [1, 2], worker_pb2.SamplingParams(max_tokens=0))
+        runtime.request_from_proto(request([1, 2], max_tokens=0))
     with pytest.raises(ValueError, match="empty"):
-        runtime.request_from_proto("r", [], worker_pb2.SamplingParams(max_tokens=3))
+        runtime.request_from_proto(request([], max_tokens=3))
     with pytest.raises(ValueError, match="request_id"):
-        runtime.request_from_proto("", [1], worker_pb2.SamplingParams(max_tokens=3))
+        runtime.request_from_proto(decode_pb2.GenerateRequest(
+            prompt_token_ids=[1], sampling=worker_pb2.SamplingParams(max_tokens=3)))
 
 
 def test_health_check_and_watch_follow_the_status():
