@@ -408,9 +408,12 @@ def run(args, path: Path, config: dict, device: torch.device, dtype: torch.dtype
     max_model_len = args.prompt_len + 1 + args.decode_steps + prefill_slack(
         largest, args.prompt_len, args.max_batch_tokens)
     pages_per_seq = -(-max_model_len // 16)
+    # The warm-up round runs the timed round's prompts: without the prefix cache, so that the
+    # timed prefill computes them instead of finding them cached.
     engine = Engine(model, EngineConfig(
         page_size=16, num_pages=largest * pages_per_seq + pages_per_seq, max_num_seqs=largest,
-        max_batch_tokens=args.max_batch_tokens, max_model_len=max_model_len, base_seed=0))
+        max_batch_tokens=args.max_batch_tokens, max_model_len=max_model_len, base_seed=0,
+        prefix_cache=False))
     sizes = model_sizes(model, engine)
     context = args.prompt_len + args.decode_steps / 2
 

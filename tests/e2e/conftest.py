@@ -33,7 +33,7 @@ def worker_config(model_path: Path, speculative_tokens: int = 2, **router) -> di
         "prefill": {"maxBatchTokens": 1024, "expertParallel": 1, "gpusPerReplica": 1},
         "decode": {"maxConcurrency": 8, "speculativeTokens": speculative_tokens,
                    "expertParallel": 1, "gpusPerReplica": 1},
-        "router": {"routing": "least-loaded", "maxQueuedRequests": 64,
+        "router": {"routing": "prefix-aware", "maxQueuedRequests": 64,
                    "requestTimeoutSeconds": 120, "transferTimeoutSeconds": 30,
                    "apiKeysFile": None, **router},
         "pools": {"prefill": [{"name": "local", "fp4Path": "w4a16"}],

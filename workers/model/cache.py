@@ -111,6 +111,24 @@ class ModelCache:
                     for t in (*self._conv.values(), *self._ssm.values()))
         return mamba + hidden_size * torch.empty((), dtype=self.dtype).element_size()
 
+    def transfer_bytes(self, hidden_size: int) -> dict[str, int]:
+        """Bytes a handoff carries of each state kind: kv and mtp_kv per token (main / MTP
+        attention layers), conv and ssm per request (all Mamba layers), hidden per request."""
+        main = [layer for layer in self._k if layer < self.num_main_layers]
+        mtp = [layer for layer in self._k if layer >= self.num_main_layers]
+
+        def per_token(layers: list[int]) -> int:
+            return sum(2 * self._k[layer][0, 0].numel() * self._k[layer].element_size()
+                       for layer in layers)
+
+        return {
+            "kv": per_token(main),
+            "mtp_kv": per_token(mtp),
+            "conv": sum(t[0].numel() * t.element_size() for t in self._conv.values()),
+            "ssm": sum(t[0].numel() * t.element_size() for t in self._ssm.values()),
+            "hidden": hidden_size * torch.empty((), dtype=self.dtype).element_size(),
+        }
+
     # ------------------------------------------------------------------ snapshots
     def allocate_snapshots(self, count: int, hidden_size: int) -> None:
         """Adds `count` snapshot rows (see the module docstring); 0 removes them."""

@@ -16,7 +16,6 @@ import re
 import signal
 import sys
 import threading
-import uuid
 from pathlib import Path
 
 import pytest
@@ -34,10 +33,8 @@ from baton.workers.engine import (
 from baton.workers.engine.replicated import ReplicatedEngine, follow
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_server_workers import TINY, Worker, _prompt
+from test_server_workers import TINY, Worker, _prompt, serve
 
-from baton.proto.baton.decode.v1 import decode_pb2, decode_pb2_grpc
-from baton.proto.baton.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 from baton.proto.baton.worker.v1 import worker_pb2
 
 
@@ -264,22 +261,10 @@ def _config(tmp: Path, name: str, ranks: int) -> Path:
 
 
 def _complete(prefill: Worker, decode: Worker, prompt: list[int]):
-    request_id = uuid.uuid4().hex
     sampling = worker_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
                                          logprobs=True, ignore_eos=True)
-    stream = decode_pb2_grpc.DecodeServiceStub(decode.channel).Generate(
-        decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
-                                   sampling=sampling), timeout=120)
-    assert dict(stream.initial_metadata()).get("baton-reserved") == "true"
-    prefill_pb2_grpc.PrefillServiceStub(prefill.channel).Prefill(prefill_pb2.PrefillRequest(
-        request_id=request_id, prompt_token_ids=prompt, sampling=sampling,
-        decode_target=decode.address), timeout=120)
-    tokens, logprobs = [], []
-    for message in stream:
-        for token in message.tokens:
-            tokens.append(token.token_id)
-            logprobs.append(token.logprob)
-    return tokens, logprobs
+    out = serve(prefill, decode, prompt, sampling)
+    return out.tokens, out.logprobs
 
 
 def _concurrently(prefill: Worker, decode: Worker, prompts: list[list[int]]):
