@@ -24,12 +24,13 @@ CHECKPOINT = REPO / "examples" / "tiny"
 MAX_MODEL_LEN = 4096
 
 
-def worker_config(model_path: Path, speculative_tokens: int = 2, **router) -> dict:
+def worker_config(model_path: Path, speculative_tokens: int = 2, engine: dict | None = None,
+                  **router) -> dict:
     return {
         "model": "tiny", "namespace": "e2e", "servedModelName": "tiny",
         "modelPath": str(model_path), "quantization": "auto",
         "engine": {"maxModelLen": MAX_MODEL_LEN, "kvPageSize": 16, "cacheMemoryFraction": 0.5,
-                   "dtype": "float32"},
+                   "dtype": "float32", **(engine or {})},
         "prefill": {"maxBatchTokens": 1024, "expertParallel": 1, "gpusPerReplica": 1},
         "decode": {"maxConcurrency": 8, "speculativeTokens": speculative_tokens,
                    "expertParallel": 1, "gpusPerReplica": 1},

@@ -66,7 +66,8 @@ class TransferTls:
             raise ValueError(f"--tls-{which}={str(path)!r} cannot be read: {e}") from None
 
 
-def _size(text: str) -> int:
+def parse_size(text: str) -> int:
+    """Bytes of a size such as 512Mi, 2Gi or 1048576."""
     units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
     for suffix, factor in units.items():
         if text.endswith(suffix):
@@ -88,7 +89,7 @@ def parse_args(argv: list[str]) -> WorkerArgs:
     parser.add_argument("--metrics-port", type=int, default=9400)
     parser.add_argument("--drain-seconds", type=float, default=60.0,
                         help="longest a SIGTERM drain waits for in-flight work")
-    parser.add_argument("--cache-memory", type=_size, default=None,
+    parser.add_argument("--cache-memory", type=parse_size, default=None,
                         help="bytes for KV pages and state slots (e.g. 512Mi); default: "
                              "cacheMemoryFraction of free GPU memory, or on a CPU at most 2Gi")
     parser.add_argument("--device", default=None,
