@@ -216,19 +216,18 @@ class BatonMetrics:
 
     def state_transfer_bytes(self, kind: str, nbytes: int) -> None:
         """Counts state bytes sent (sender side only) under kind (kv|conv|ssm|mtp_kv|hidden)."""
-        if kind not in STATE_KINDS:
-            raise ValueError(f"kind={kind!r} is not one of {', '.join(STATE_KINDS)}")
-        if nbytes < 0:
-            raise ValueError(f"nbytes={nbytes} must be >= 0")
-        self._transfer_bytes.labels(*self.labels.values(), kind).inc(nbytes)
+        self._count_bytes(self._transfer_bytes, kind, nbytes)
 
     def state_transfer_saved_bytes(self, kind: str, nbytes: int) -> None:
         """Counts state bytes a prefix-cache hit kept off the wire (decode side) under kind."""
+        self._count_bytes(self._saved_bytes, kind, nbytes)
+
+    def _count_bytes(self, counter: Counter, kind: str, nbytes: int) -> None:
         if kind not in STATE_KINDS:
             raise ValueError(f"kind={kind!r} is not one of {', '.join(STATE_KINDS)}")
         if nbytes < 0:
             raise ValueError(f"nbytes={nbytes} must be >= 0")
-        self._saved_bytes.labels(*self.labels.values(), kind).inc(nbytes)
+        counter.labels(*self.labels.values(), kind).inc(nbytes)
 
     def exposition(self) -> bytes:
         """The text exposition format of every series (what /metrics serves)."""

@@ -12,10 +12,7 @@ runs prefill-only requests for another engine (`prefill(request, sink)`) and tak
 prefilled elsewhere (`reserve(request)` -> Reservation; see handoff.py), or prefills their
 uncached rest itself when its prefix cache holds all but a few tokens (a local prefill).
 
-Prefix-cache snapshots (prefix_cache.py) are taken from committed state after each step: at
-prefill chunk ends on multiples of snapshot_interval, at the end of every prompt (a committed
-handoff included), and at the end of every finished request (its state after prompt + output
-minus the last sampled token: exactly what a next turn extends).
+What goes into the prefix cache (prefix_cache.py), and when, is snapshots.py's.
 """
 
 from __future__ import annotations
@@ -36,6 +33,7 @@ from baton.workers.engine.runner import ModelRunner, SampledToken, StepOutput
 from baton.workers.engine.sampling import fresh_seed, request_seed
 from baton.workers.engine.scheduler import Scheduler
 from baton.workers.engine.sizing import size_caches
+from baton.workers.engine.snapshots import SnapshotKeeper
 from baton.workers.engine.tokenizer import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger(__name__)
@@ -93,6 +91,9 @@ class Engine:
             self.prefix, config.snapshot_interval
         )
         self.runner = ModelRunner(model, self.cache, self.k, config.spec_sampling)
+        self.keeper: SnapshotKeeper | None = None
+        if self.prefix is not None:
+            self.keeper = SnapshotKeeper(self.prefix, self.runner, config.snapshot_interval)
         self.reservations: dict[str, Reservation] = {}
         self._by_id: dict[str, Sequence] = {}
         self._deferred: list[TokenEvent] = []
@@ -296,8 +297,8 @@ class Engine:
         self._by_id[seq.request_id] = seq
         self.scheduler.start_running(seq)
         # The state at the prompt's end arrived whole: publish it and snapshot it.
-        self._publish(seq)
-        self._snapshot(seq)
+        if self.keeper is not None:
+            self.keeper.prompt_arrived(seq)
         event = self._append(seq, first)
         self._deferred.append(event)
         if event.finished:
@@ -347,8 +348,8 @@ class Engine:
         events: list[TokenEvent] = []
         seqs = list({id(s): s for s in [c.seq for c in plan.chunks] + plan.speculative
                      + plan.hits}.values())
-        if self.prefix is not None:
-            self._cache_step(plan, seqs)
+        if self.keeper is not None:
+            self.keeper.after_step(plan, seqs)
         finished: list[tuple[Sequence, TokenEvent]] = []
         for seq in seqs:
             if seq.phase != Phase.RUNNING:
@@ -362,57 +363,13 @@ class Engine:
                 if event.finished:
                     finished.append((seq, event))
                     break
-        if self.prefix is not None:
-            self._snapshot_ends([s for s, e in finished if e.finish_reason in ("stop", "length")])
+        if self.keeper is not None:
+            self.keeper.requests_ended(
+                [s for s, e in finished if e.finish_reason in ("stop", "length")])
         for seq, event in finished:
             self._finish(seq)
             self._count_finish(event.finish_reason)
         return events
-
-    # ---- the prefix cache ----------------------------------------------------------------
-
-    def _committed(self, seq: Sequence) -> int:
-        """Tokens whose KV (and with MTP, MTP entries) are final in seq's pages."""
-        return min(seq.cached_len, seq.mtp_cached) if seq.needs_mtp else seq.cached_len
-
-    def _publish(self, seq: Sequence) -> None:
-        if self.prefix is not None:
-            self.prefix.publish(seq.cache_keys, seq.tokens, seq.pages, self._committed(seq),
-                                seq.needs_mtp)
-
-    def _snapshot(self, seq: Sequence) -> None:
-        """Snapshots seq's committed state at cached_len (its hidden state of the position
-        before it is last_hidden)."""
-        if self.prefix is None or seq.last_hidden is None:
-            return
-        p = seq.cached_len
-        mtp = seq.needs_mtp and seq.mtp_cached >= p - 1
-        self.prefix.snapshot(seq.cache_keys, seq.tokens, seq.pages, seq.slot, p,
-                             seq.last_hidden, mtp)
-
-    def _cache_step(self, plan, seqs: list[Sequence]) -> None:
-        """After a step: publish newly full pages, snapshot at chunk ends that end a prompt or
-        fall on a multiple of snapshot_interval."""
-        for seq in seqs:
-            if seq.phase == Phase.RUNNING:
-                self._publish(seq)
-        interval = self.config.snapshot_interval
-        for c in plan.chunks:
-            seq, end = c.seq, c.start + c.length
-            if c.decode or seq.phase != Phase.RUNNING or seq.cached_len != end:
-                continue
-            if end == len(seq.tokens) or (interval and end % interval == 0):
-                self._snapshot(seq)
-
-    def _snapshot_ends(self, seqs: list[Sequence]) -> None:
-        """Finished requests: snapshot their committed state, after prompt + output minus the
-        last sampled token (or after all of it, when a speculative step fed that token too);
-        a stop inside accepted drafts leaves the slot past the output: no snapshot then."""
-        ends = [s for s in seqs if s.cached_len <= len(s.tokens) and s.sink is None]
-        self.runner.flush_mtp([s for s in ends if s.needs_mtp])
-        for seq in ends:
-            self._publish(seq)
-            self._snapshot(seq)
 
     def _resolve_prefill(self, seq: Sequence, outcome: PrefillResult | BaseException) -> None:
         try:

@@ -296,3 +296,37 @@ def test_a_reservation_nobody_attaches_to_expires():
         assert time.monotonic() < deadline, "the reservation never expired"
         time.sleep(0.02)
     assert held == [1, -1] and servicer.held.attach(answer.reservation_id) is None
+
+
+def test_cache_sizes_that_cannot_fit_name_the_spec_field():
+    """The worker builds its engine through the engine's one sizing function and names the
+    Model field to change."""
+    from pathlib import Path
+
+    from baton.operator.spec import WorkerConfig
+    from baton.workers.server import replica
+
+    tiny = Path(__file__).resolve().parents[3] / "examples" / "tiny"
+
+    def config(**prefix):
+        return WorkerConfig.from_dict({
+            "model": "tiny", "modelPath": str(tiny),
+            "engine": {"maxModelLen": 256, "kvPageSize": 16, "prefixCache": prefix},
+            "decode": {"maxConcurrency": 2},
+            "pools": {"prefill": [{"name": "p"}], "decode": [{"name": "p"}]}})
+
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match=r"spec.engine.prefixCache.snapshotMemoryFraction: "
+                                         r"\d+ bytes of cache memory on this decode worker"):
+        replica.build_engine(config(snapshotMemoryFraction=0.001), "decode", cpu,
+                             torch.float32, 1 << 20)
+    with pytest.raises(ValueError, match=r"spec.engine.cacheMemoryFraction \(or "
+                                         r"--cache-memory\): 4096 bytes"):
+        replica.build_engine(config(), "prefill", cpu, torch.float32, 4096)
+    engine, engine_cfg = replica.build_engine(config(), "decode", cpu, torch.float32, 8 << 20)
+    st = engine.stats()
+    assert st.num_snapshots >= 1 and engine_cfg.snapshot_interval == 1024
+    sizes = engine.sizes
+    used = (st.num_pages * sizes.bytes_per_page + st.num_slots * sizes.bytes_per_slot
+            + st.num_snapshots * sizes.bytes_per_snapshot)
+    assert 0.9 * (8 << 20) < used <= 8 << 20
