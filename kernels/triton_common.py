@@ -1,6 +1,7 @@
-"""Pieces the Triton kernels share: the interpreter flag, device checks, and exact decoders /
-encoders for the E2M1 and E4M3 codes (built from integer bits, so they give the same values
-on every GPU generation and in the CPU interpreter)."""
+"""Pieces the Triton kernels share: the interpreter flag, device and argument checks, how
+products are taken (dot_in_f32, f32_precision), the rows of a sequence in a packed batch
+(seq_rows), and exact decoders / encoders for the E2M1 and E4M3 codes (built from integer
+bits, so they give the same values on every GPU generation and in the CPU interpreter)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,54 @@ def check_triton_device(*tensors: torch.Tensor) -> None:
                 f"a {t.device} tensor reached a Triton kernel: they need CUDA tensors, or "
                 "TRITON_INTERPRET=1 set before baton.kernels is imported"
             )
+
+
+def check_shape(name: str, t: torch.Tensor | None, shape: tuple, what: str) -> None:
+    """t has `shape` (None entries match anything)."""
+    if t is None:
+        return
+    if t.dim() != len(shape) or any(want is not None and got != want
+                                    for got, want in zip(t.shape, shape)):
+        want = ", ".join("*" if d is None else str(d) for d in shape)
+        raise ValueError(f"{name}: expected {what} [{want}], got {tuple(t.shape)}")
+
+
+def check_unit_stride(name: str, t: torch.Tensor) -> None:
+    """The innermost dimension is read as a vector: it must be contiguous."""
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: the last dimension must have stride 1, got strides "
+                         f"{tuple(t.stride())}")
+
+
+def dot_in_f32(dtype: torch.dtype, interpret: bool) -> bool:
+    """Tensor-core products take 16-bit operands as they are; fp32 operands (and bf16 ones
+    in the interpreter, whose bf16 tl.dot is wrong) go through an exact fp32 product."""
+    return dtype == torch.float32 or (interpret and dtype == torch.bfloat16)
+
+
+def f32_precision(device: torch.device) -> str:
+    """How tl.dot multiplies fp32 operands: three tf32 passes on a GPU (fp32 accuracy on
+    tensor cores; plain fp32 products there need so many registers that they spill), exact
+    in the interpreter."""
+    return "tf32x3" if device.type == "cuda" else "ieee"
+
+
+def pow2(n: int, low: int = 16) -> int:
+    return max(low, triton.next_power_of_2(max(1, n)))
+
+
+@triton.jit
+def seq_rows(cu_ptr, seq, MAX_ROWS: tl.constexpr, VARLEN: tl.constexpr):
+    """(first row, rows) of sequence `seq` of a packed batch: rows cu_seqlens[seq] ..
+    cu_seqlens[seq + 1] - 1, at most MAX_ROWS of them; without VARLEN one row per sequence
+    (row = seq)."""
+    if VARLEN:
+        first = tl.load(cu_ptr + seq)
+        rows = tl.minimum(tl.load(cu_ptr + seq + 1) - first, MAX_ROWS)
+    else:
+        first = seq
+        rows = first * 0 + 1
+    return first, rows
 
 
 @triton.jit

@@ -2,12 +2,15 @@
 
     baton operator [--namespace NS ...] [--kubeconfig FILE] [--worker-image IMAGE]
                    [--liveness URL] [--metrics-port PORT] [--peering NAME] [--priority N]
-                   [--resync-seconds S] [--no-scanning]
+                   [--require-peering | --standalone] [--resync-seconds S] [--no-scanning]
 
 Watches every namespace unless --namespace is given. Credentials: in-cluster when running in
-a pod, else the kubeconfig (--kubeconfig, $KUBECONFIG, ~/.kube/config). Kopf peering is on:
-replicas of the same priority freeze each other instead of acting twice (the chart runs one
-replica; HA replicas get distinct priorities, the highest one acts).
+a pod, else the kubeconfig (--kubeconfig, $KUBECONFIG, ~/.kube/config). Kopf peering is on
+when its object exists (the chart installs it): replicas of the same priority freeze each
+other instead of acting twice (the chart runs one replica; HA replicas get distinct
+priorities, the highest one acts). Without the object the operator runs standalone and says
+so, or with --require-peering waits for it and says what it waits for
+(baton.operator.peering).
 """
 
 from __future__ import annotations
@@ -39,6 +42,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "ClusterKopfPeering when watching all namespaces)")
     parser.add_argument("--priority", type=int, default=0,
                         help="peering priority: with several replicas the highest one acts")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--require-peering", action="store_true",
+                      help="when the peering object is missing, wait for it (saying so) "
+                           "instead of running standalone; for several replicas")
+    mode.add_argument("--standalone", action="store_true",
+                      help="run without Kopf peering (only ever one operator replica)")
     parser.add_argument("--resync-seconds", type=float, default=60.0,
                         help="periodic full reconcile of every Model")
     parser.add_argument("--no-scanning", dest="scanning", action="store_false",
@@ -67,11 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     import kopf
     from kubernetes.config import ConfigException
     from prometheus_client import start_http_server
+    from urllib3.exceptions import HTTPError
 
     # Importing the autoscaler registers its per-Model daemon with Kopf.
     import baton.operator.autoscaler.daemon  # noqa: F401
     from baton.operator import handlers
-    from baton.operator.kube import Kube
+    from baton.operator.kube import ApiError, Kube
     from baton.operator.metrics import record_build_info
     from baton.operator.reconcile import Reconciler
 
@@ -82,20 +92,61 @@ def main(argv: list[str] | None = None) -> int:
               f"({args.kubeconfig or os.environ.get('KUBECONFIG') or '~/.kube/config'}) "
               f"could not be used: {exc}", file=sys.stderr)
         return 2
-    reconciler = Reconciler(kube, args.worker_image, handlers.post_event,
-                            logging.getLogger("baton.operator"))
+    log = logging.getLogger("baton.operator")
+    try:
+        peering = choose_peering(kube, args, log)
+    except (ApiError, HTTPError, OSError) as exc:
+        # Kopf retries the API on its own; peering stays on as it would without the check
+        peering = args.peering
+        log.warning(f"Could not look for the peering object ({exc}); peering stays on: "
+                    f"until {args.peering!r} exists (KopfPeering per watched namespace, "
+                    f"ClusterKopfPeering when watching all), nothing is reconciled.")
+    reconciler = Reconciler(kube, args.worker_image, handlers.post_event, log)
     handlers.register(reconciler, resync_seconds=args.resync_seconds, scanning=args.scanning)
     if args.metrics_port:
         start_http_server(args.metrics_port)
     record_build_info()
     if not args.worker_image:
-        logging.getLogger("baton.operator").warning(
-            "No worker image configured (--worker-image or $%s): only Models with "
-            "spec.image can run.", WORKER_IMAGE_ENV)
+        log.warning("No worker image configured (--worker-image or $%s): only Models with "
+                    "spec.image can run.", WORKER_IMAGE_ENV)
+    # Kopf pauses for good when given a peering name it cannot use: standalone gets none
     kopf.run(clusterwide=not args.namespace, namespaces=args.namespace,
-             liveness_endpoint=args.liveness or None, peering_name=args.peering,
-             priority=args.priority, standalone=False)
+             liveness_endpoint=args.liveness or None,
+             peering_name=None if peering is None else args.peering,
+             priority=args.priority, standalone=peering is None)
     return 0
+
+
+def choose_peering(kube, args: argparse.Namespace, log: logging.Logger):
+    """The peering objects to coordinate through, or None to run standalone; says which,
+    and what to do when the objects are missing (module docstring of baton.operator.peering).
+    """
+    from baton.operator.peering import (
+        PeeringWait,
+        how_to_create,
+        missing_peerings,
+        peering_objects,
+    )
+
+    if args.standalone:
+        log.info("Peering is off (--standalone): run only one operator replica.")
+        return None
+    objects = peering_objects(args.peering, args.namespace)
+    absent, crds = missing_peerings(kube, objects)
+    names = ", ".join(o.describe() for o in absent)
+    if not absent:
+        log.info(f"Peering through {', '.join(o.describe() for o in objects)} with priority "
+                 f"{args.priority}.")
+        return objects
+    if args.require_peering:
+        log.warning(f"Waiting for {names} (--require-peering): nothing is reconciled until "
+                    f"it exists. Create it: {how_to_create(absent, crds)}")
+        PeeringWait(kube, objects, log).start()
+        return objects
+    log.warning(f"No {names}: running standalone, without peering. A second operator "
+                f"replica would act on the same Models; to run several, create it and start "
+                f"them with --require-peering: {how_to_create(absent, crds)}")
+    return None
 
 
 if __name__ == "__main__":

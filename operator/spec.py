@@ -192,6 +192,9 @@ class RouterSpec:
     api_keys_secret: str | None = spec_field(
         "apiKeysSecret", "A Secret whose key `keys` lists accepted API keys, one per line; "
         "unset: no API keys.", default=None, pattern=r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$")
+    max_request_body_bytes: int = spec_field(
+        "maxRequestBodyBytes", "Largest request body the router reads; larger ones get 413.",
+        default=16 * 1024**2, minimum=1024, maximum=1024**3)
 
 
 @dataclass(frozen=True)
@@ -357,6 +360,10 @@ class AutoscalingSpec:
     scale_down_stabilization_seconds: int = spec_field(
         "scaleDownStabilizationSeconds", "Seconds a lower size must hold before scaling "
         "down.", default=300, minimum=0, maximum=86400)
+    startup_seconds: int = spec_field(
+        "startupSeconds", "Seconds from adding a replica to its serving (scheduling, image "
+        "pull, loading weights): a rising load is projected this far ahead, so capacity is "
+        "ready when the load arrives.", default=90, minimum=0, maximum=3600)
     pending_timeout_seconds: int = spec_field(
         "pendingTimeoutSeconds", "Seconds a pod may stay Pending before its pool counts as "
         "full and capacity overflows to the next pool.", default=120, minimum=1,
@@ -580,6 +587,8 @@ class RouterConfig:
                                                  minimum=0, exclusive_minimum=True)
     api_keys_file: str | None = spec_field("apiKeysFile", "File of API keys, one per line; "
                                            "null: no keys.", default=None)
+    max_request_body_bytes: int = spec_field("maxRequestBodyBytes", "Body size limit (413).",
+                                             default=16 * 1024**2, minimum=1024)
 
 
 @dataclass(frozen=True)
@@ -693,7 +702,8 @@ def worker_config(model: Model, model_path: str) -> WorkerConfig:
                             local_prefill_max_tokens=spec.router.local_prefill_max_tokens,
                             request_timeout_seconds=spec.router.request_timeout_seconds,
                             transfer_timeout_seconds=spec.router.transfer_timeout_seconds,
-                            api_keys_file=api_keys),
+                            api_keys_file=api_keys,
+                            max_request_body_bytes=spec.router.max_request_body_bytes),
         pools=PoolsConfig(**{role: tuple(PoolConfig(name=p.name, fp4_path=p.fp4_path)
                                          for p in spec.role(role).pools) for role in ROLES}),
     )

@@ -288,21 +288,29 @@ def bench_gemm(name: str, n: int, k: int, tokens: int, device, clock: Clock, hbm
 
 
 def markdown(rows: list[Row], hbm: float, peak: float, device_name: str, args) -> str:
+    return markdown_report(f"MoE and W4A16 GEMM kernels on {device_name}", "bench_moe.py",
+                           hbm, peak, "the torch reference",
+                           HEADER, [row.cells(hbm, peak) for row in rows])
+
+
+def markdown_report(title: str, script: str, hbm: float, peak: float, reference: str,
+                    header: list[str], cells: list[list[str]]) -> str:
+    """A dated report: versions, the command, the ceilings measured in the run, the table."""
     lines = [
-        f"# MoE and W4A16 GEMM kernels on {device_name}",
+        f"# {title}",
         "",
         f"Date: {datetime.date.today().isoformat()}. torch {torch.__version__}, "
-        f"triton {_triton_version()}. Command: `python benchmarks/kernels/bench_moe.py "
+        f"triton {_triton_version()}. Command: `python benchmarks/kernels/{script} "
         f"{' '.join(sys.argv[1:])}`.",
         "",
         f"Measured in this run: HBM read {hbm / 1e9:,.1f} GB/s (a bf16 sum); bf16 GEMM "
         f"{peak / 1e12:,.1f} TFLOP/s (a square bf16 matmul). Formulas: see the script's "
-        "docstring. Every row was checked against the torch reference first (rel err).",
+        f"docstring. Every row was checked against {reference} first (rel err).",
         "",
-        "| " + " | ".join(HEADER) + " |",
-        "|" + "---|" * len(HEADER),
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
     ]
-    lines += ["| " + " | ".join(row.cells(hbm, peak)) + " |" for row in rows]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines) + "\n"
 
 
@@ -354,10 +362,17 @@ def main(argv: list[str] | None = None) -> int:
                     print(" | ".join(rows[-1].cells(hbm, peak)), flush=True)
                     _free(device)
 
-    report = markdown(rows, hbm, peak, device_name, args)
+    return write_report(markdown(rows, hbm, peak, device_name, args), failures, device_name,
+                        "moe", args.out)
+
+
+def write_report(report: str, failures: list[str], device_name: str, what: str,
+                 out: Path | None) -> int:
+    """Prints the report and writes it (failed checks appended) to `out` or to
+    benchmarks/results/<date>-<device>-<what>.md; the exit status: 1 if a check failed."""
     slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-    out = args.out or (Path(__file__).resolve().parents[1] / "results"
-                       / f"{datetime.date.today().isoformat()}-{slug}-moe.md")
+    out = out or (Path(__file__).resolve().parents[1] / "results"
+                  / f"{datetime.date.today().isoformat()}-{slug}-{what}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report + ("\nFAILED CHECKS:\n" + "\n".join(failures) + "\n"
                              if failures else ""))

@@ -11,6 +11,10 @@ fleet as prefill.
 
 - surging.csv (60 min): 10 req/s for 10 min, a 15 min linear ramp to 30 req/s (3x), 5 min
   there, a 15 min ramp back, 15 min at 10 req/s.
+- surges.csv (180 min): a surge every hour on a 10 req/s base, each an 8 min linear ramp to
+  30 req/s (3x), 8 min there and an 8 min ramp back, starting at minutes 20, 80 and 140, so
+  36 min of calm lie between them (20 before the first, 16 after the last): the autoscaler
+  must have capacity ready at each onset, and give it back in between.
 - diurnal.csv (60 min, a day compressed 24x): 3 req/s at the trough to 30 req/s at the peak
   (10x), rate(t) = trough + (peak - trough) * ((1 - cos(2 pi t / 60 min)) / 2) ** 2, so the
   peak is narrower than the trough, as in daily traffic.
@@ -44,12 +48,32 @@ def surging_rate(t: float) -> float:
     return base
 
 
+SURGE_STARTS = (1200.0, 4800.0, 8400.0)
+SURGE_RAMP, SURGE_TOP = 480.0, 480.0
+
+
+def surges_rate(t: float) -> float:
+    base, peak = 10.0, 30.0
+    for start in SURGE_STARTS:
+        into = t - start
+        if 0.0 <= into < SURGE_RAMP:
+            return base + (peak - base) * into / SURGE_RAMP
+        if SURGE_RAMP <= into < SURGE_RAMP + SURGE_TOP:
+            return peak
+        if SURGE_RAMP + SURGE_TOP <= into < 2 * SURGE_RAMP + SURGE_TOP:
+            return peak - (peak - base) * (into - SURGE_RAMP - SURGE_TOP) / SURGE_RAMP
+    return base
+
+
 def diurnal_rate(t: float) -> float:
     trough, peak, period = 3.0, 30.0, 3600.0
     return trough + (peak - trough) * ((1.0 - math.cos(2.0 * math.pi * t / period)) / 2.0) ** 2
 
 
-TRACES = {"surging": (surging_rate, 3600), "diurnal": (diurnal_rate, 3600)}
+# name -> (rate, seconds, seed offset); the offsets keep each trace's draws fixed when
+# traces are added
+TRACES = {"diurnal": (diurnal_rate, 3600, 0), "surging": (surging_rate, 3600, 1),
+          "surges": (surges_rate, 10800, 2)}
 
 
 def generate(rate, duration_s: int, rng: np.random.Generator) -> np.ndarray:
@@ -73,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    for offset, (name, (rate, duration)) in enumerate(sorted(TRACES.items())):
+    for name, (rate, duration, offset) in TRACES.items():
         rng = np.random.default_rng(args.seed + offset)
         times, prompts, outputs = generate(rate, duration, rng)
         path = args.out_dir / f"{name}.csv"

@@ -8,15 +8,20 @@ Every spec.autoscaling.intervalSeconds, for each Model with autoscaling enabled:
 3. run the policy (baton.operator.autoscaler.policy.decide);
 4. mark the pods to remove with controller.kubernetes.io/pod-deletion-cost (Pending pods
    first, then unready ones, then the least loaded, then the youngest) so the ReplicaSet
-   removes those; they drain on SIGTERM;
+   removes those; they drain on SIGTERM. Pods marked by an earlier round count (the
+   Deployment may not have been lowered yet), and marks of a scale-down called off are
+   cleared;
 5. write status.autoscaler, the only thing this daemon writes on the Model (the reconcile
    sets the Deployments' replicas from status.autoscaler.desired: DESIGN.md, Seams);
-6. post an Event when replicas change or metrics go missing, and export
+6. post an Event when replicas change (ScaledUp, ScaledDown or Scaled, explaining each
+   role that changes) or metrics go missing (MetricsUnavailable), and export
    baton_autoscaler_desired_replicas and baton_autoscaler_decisions_total.
 
 status.autoscaler: {lastScaleTime, lastDecisionTime, reason, held, desired, demand, limited,
 observed, memory}; `observed` is what the metrics said, `memory` the policy's state between
-runs (epoch seconds), kept in status so a restarted operator continues where it left off.
+runs (epoch seconds; `recent` rows are [time, arrivals/s, prefill queued, needed prefill,
+needed decode, projected prefill, projected decode]), kept in status so a restarted operator
+continues where it left off.
 
 Settings (environment of the operator): BATON_AUTOSCALER_PROFILE, a replica profile JSON
 file (default: the built-in H100 estimate, baton.operator.autoscaler.profile);
@@ -39,13 +44,20 @@ import kopf
 from prometheus_client import Counter, Gauge
 
 from baton.operator.autoscaler.metrics import read_observation, read_pod_load
-from baton.operator.autoscaler.policy import ROLES, Decision, Observation, PolicyState, decide
+from baton.operator.autoscaler.policy import (
+    ROLES,
+    Decision,
+    Observation,
+    PolicyState,
+    Recent,
+    decide,
+)
 from baton.operator.autoscaler.profile import ReplicaProfile, load_profile
 from baton.operator.autoscaler.prometheus import PrometheusClient, PrometheusError
-from baton.operator.kube import Kube, Resource
+from baton.operator.kube import ApiError, Kube, Resource
 from baton.operator.spec import GROUP, PLURAL, VERSION, Model, SpecError
 
-__all__ = ["autoscale", "run_once", "KubernetesCluster", "state_from_status",
+__all__ = ["autoscale", "run_once", "scale_event", "KubernetesCluster", "state_from_status",
            "status_from_decision", "pods_to_drain", "pending_pods", "min_rate_window_seconds",
            "DELETION_COST", "MIN_RATE_WINDOW_SECONDS", "DESIRED_REPLICAS", "DECISIONS"]
 
@@ -109,9 +121,13 @@ def state_from_status(status: Any) -> PolicyState:
             last_scale_time=_epoch(auto.get("lastScaleTime")),
             last_boost={r: float(t) for r, t in (memory.get("lastBoost") or {}).items()
                         if t is not None},
-            recent_demand=tuple(tuple(float(v) for v in entry)
-                                for entry in memory.get("recentDemand") or []
-                                if len(entry) == 5),
+            last_scale_up={r: float(t) for r, t in (memory.get("lastScaleUp") or {}).items()
+                           if t is not None},
+            # entries of another shape (an older operator's) are dropped: a fresh start
+            recent=tuple(Recent.from_list(entry) for entry in memory.get("recent") or []
+                         if len(entry) == 7),
+            mean_prompt_tokens=(None if memory.get("meanPromptTokens") is None
+                                else float(memory["meanPromptTokens"])),
             full_pools={str(k): (float(t), int(n)) for k, t, n in memory.get("fullPools") or []},
             observing_since=_epoch(memory.get("observingSince")),
         )
@@ -125,7 +141,7 @@ def _observed(observation: Observation | None) -> dict | None:
     def r(v: float | None) -> float | None:
         return None if v is None else round(v, 4)
     o = observation
-    return {"requestsPerSecond": r(o.request_rate),
+    return {"arrivalsPerSecond": r(o.arrivals), "requestsPerSecond": r(o.request_rate),
             "promptTokensPerSecond": r(o.prompt_tokens_per_second),
             "generationTokensPerSecond": r(o.generation_tokens_per_second),
             "prefillWaiting": r(o.prefill_waiting), "decodeRunning": r(o.decode_running),
@@ -149,7 +165,10 @@ def status_from_decision(decision: Decision, now: float,
         "limited": list(decision.limited),
         "memory": {
             "lastBoost": {r: state.last_boost.get(r) for r in ROLES},
-            "recentDemand": [[round(v, 3) for v in entry] for entry in state.recent_demand],
+            "lastScaleUp": {r: state.last_scale_up.get(r) for r in ROLES},
+            "recent": [[round(v, 3) for v in entry.as_list()] for entry in state.recent],
+            "meanPromptTokens": (None if state.mean_prompt_tokens is None
+                                 else round(state.mean_prompt_tokens, 3)),
             "fullPools": [[k, round(t, 3), n] for k, (t, n) in sorted(state.full_pools.items())],
             "observingSince": state.observing_since,
         },
@@ -200,6 +219,11 @@ def pending_pods(pods: list[dict], model: Model, now: float) -> dict[str, dict[s
     return out
 
 
+def _marked(pod: dict) -> bool:
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    return annotations.get(DELETION_COST) == DRAIN_COST
+
+
 def pods_to_drain(pods: list[dict], n: int, load: dict[str, float]) -> list[str]:
     """Names of the n pods to remove first: unscheduled, then unready, then the least
     loaded (pods without a load series count as idle), then the youngest."""
@@ -237,8 +261,14 @@ class KubernetesCluster:
                                        {"baton.dev/model": model})
 
     async def annotate_pod(self, namespace: str, name: str, annotations: dict) -> None:
-        await asyncio.to_thread(self._kube().merge_patch, PODS, namespace, name,
-                                {"metadata": {"annotations": annotations}})
+        """Sets (or with None removes) annotations; a pod that is already gone (the
+        ReplicaSet removed it since it was listed) needs none."""
+        try:
+            await asyncio.to_thread(self._kube().merge_patch, PODS, namespace, name,
+                                    {"metadata": {"annotations": annotations}})
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
 
     async def patch_model_status(self, namespace: str, name: str, status: dict) -> None:
         await asyncio.to_thread(self._kube().merge_patch, MODELS, namespace, name,
@@ -279,19 +309,11 @@ async def run_once(model: Model, body: Any, cluster: KubernetesCluster,
             missing = str(e)
     decision = decide(model.spec, observation, current, pending, state, now, profile, missing)
 
-    for role, pools in decision.drain.items():
-        for pool, n in pools.items():
-            members = _pool_pods(pods, model.name, role, pool)
-            load: dict[str, float] = {}
-            if prom is not None:
-                try:
-                    load = await read_pod_load(prom, model.namespace, model.name, role, pool)
-                except PrometheusError as e:
-                    logger.info(f"Per-pod load of {role}/{pool} was unavailable ({e}); "
-                                f"draining by readiness and age.")
-            for name in pods_to_drain(members, n, load):
-                await cluster.annotate_pod(model.namespace, name, {DELETION_COST: DRAIN_COST})
-                logger.info(f"Marked pod {name} ({role}/{pool}) for removal.")
+    for role in ROLES:
+        for pool, keep in decision.desired[role].items():
+            await _mark_for_removal(cluster, prom, model, role, pool, keep,
+                                    decision.drain.get(role, {}).get(pool, 0),
+                                    _pool_pods(pods, model.name, role, pool), logger)
 
     patch = status_from_decision(decision, now, observation)
     # a merge patch keeps keys it does not mention: null out pools no longer in the spec
@@ -309,13 +331,76 @@ async def run_once(model: Model, body: Any, cluster: KubernetesCluster,
             DESIRED_REPLICAS.labels(model.namespace, model.name, role, pool).set(n)
     outcome = "held" if decision.held else "scaled" if decision.changed else "unchanged"
     DECISIONS.labels(model.namespace, model.name, outcome).inc()
-    if decision.changed and not decision.held:
-        kopf.info(body, reason="Scaled", message=decision.reason[:1000])
-        logger.info(f"Scaled {model.namespace}/{model.name}: {decision.reason}")
+    event = scale_event(decision, current)
+    if event is not None:
+        kind, message = event
+        # kopf.event, not kopf.info: the operator posts Kopf's own log lines only from
+        # WARNING up (handlers.configure_kopf), which would drop an info Event too
+        kopf.event(body, type="Normal", reason=kind, message=message[:1000])
+        logger.info(f"{kind} {model.namespace}/{model.name}: {message}")
     elif decision.held and not was_held:
-        kopf.warn(body, reason="MetricsUnavailable", message=decision.reason[:1000])
+        kopf.event(body, type="Warning", reason="MetricsUnavailable",
+                   message=decision.reason[:1000])
         logger.warning(f"Held {model.namespace}/{model.name}: {decision.reason}")
     return decision
+
+
+def scale_event(decision: Decision, current: dict[str, dict[str, int]]) -> tuple[str, str] | None:
+    """The Event for a decision that changes replicas: reason ScaledUp (pools only grow),
+    ScaledDown (pools only shrink) or Scaled (both); the message explains each role that
+    changes, e.g. "prefill hopper 1 -> 3: sized for 137k prompt tokens/s expected 120 s
+    ahead, when replicas started now serve (arrivals 15.1/s rising 1.9/s per minute; now
+    104k)". None when nothing changes or metrics were missing."""
+    if decision.held or not decision.changed:
+        return None
+    grows = shrinks = False
+    roles = []
+    for role, pools in decision.desired.items():
+        before = current.get(role) or {}
+        deltas = [n - before.get(pool, 0) for pool, n in pools.items()]
+        if any(deltas):
+            roles.append(role)
+        grows |= any(d > 0 for d in deltas)
+        shrinks |= any(d < 0 for d in deltas)
+    if not roles:
+        return None
+    kind = "Scaled" if grows and shrinks else "ScaledUp" if grows else "ScaledDown"
+    return kind, "; ".join(decision.explanations.get(role, role) for role in roles)
+
+
+async def _mark_for_removal(cluster: KubernetesCluster, prom: PrometheusClient | None,
+                            model: Model, role: str, pool: str, keep: int, drain: int,
+                            members: list[dict],
+                            logger: logging.Logger | logging.LoggerAdapter) -> None:
+    """When the pool shrinks (`drain` > 0), marks for removal the pods beyond the `keep` it
+    keeps, counting those marked already: the ReplicaSet removes pods - replicas pods, lowest
+    deletion cost first, so a round that runs before the Deployment was lowered, or after
+    some marked pods went, marks no further pods. Marks left over from a scale-down that was
+    called off (the pool keeps all its pods) are cleared, so the next scale-down picks by
+    load again rather than by a stale mark."""
+    marked = [p for p in members if _marked(p)]
+    if drain <= 0:
+        if marked and len(members) <= keep:
+            for p in marked:
+                await cluster.annotate_pod(model.namespace, p["metadata"]["name"],
+                                           {DELETION_COST: None})
+                logger.info(f"Unmarked pod {p['metadata']['name']} ({role}/{pool}): the pool "
+                            f"keeps it.")
+        return
+    needed = len(members) - keep - len(marked)
+    if needed <= 0:
+        return
+    load: dict[str, float] = {}
+    if prom is not None:
+        try:
+            load = await read_pod_load(prom, model.namespace, model.name, role, pool)
+        except PrometheusError as e:
+            logger.info(f"Per-pod load of {role}/{pool} was unavailable ({e}); "
+                        f"draining by readiness and age.")
+    unmarked = [p for p in members if not _marked(p)]
+    for name in pods_to_drain(unmarked, needed, load):
+        await cluster.annotate_pod(model.namespace, name, {DELETION_COST: DRAIN_COST})
+        logger.info(f"Marked pod {name} ({role}/{pool}) for removal.")
 
 
 def _forget_pool(namespace: str, model: str, role: str, pool: str) -> None:

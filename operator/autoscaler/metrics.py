@@ -9,6 +9,10 @@ Series (DESIGN.md, Metrics; labels namespace, model, role, pool):
   from the decode workers' baton_generation_tokens_total (each token counted by one role).
 - queued requests: baton_requests_waiting of the router and the prefill workers (prefill),
   of the decode workers (decode); running sequences: decode's baton_requests_running.
+- arrivals: requests reaching the routers per second, the leading signal. A router counts a
+  request in baton_requests_running from its arrival to its end and in baton_requests_total
+  at its end, so arrivals = finished + growth of those in flight:
+  rate(requests_total) + delta(requests_running) / window (rejected requests are demand too).
 
 A series that is absent (the router or a role's workers export nothing yet) is
 MissingSeries: the autoscaler holds its last decision rather than read "no load".
@@ -99,6 +103,8 @@ async def read_observation(prom: PrometheusClient, namespace: str, model: str, *
                            f"{selector(namespace, model, 'router|prefill')})",
         "decode_waiting": f"sum(baton_requests_waiting{selector(namespace, model, 'decode')})",
         "decode_running": f"sum(baton_requests_running{selector(namespace, model, 'decode')})",
+        "finished": f"sum(rate(baton_requests_total{router}{w}))",
+        "in_flight_growth": f"sum(delta(baton_requests_running{router}{w}))",
     }
     names = list(queries)
     results = await asyncio.gather(*(prom.query(queries[n]) for n in names))
@@ -107,13 +113,15 @@ async def read_observation(prom: PrometheusClient, namespace: str, model: str, *
         if not samples:
             raise MissingSeries(queries[name])
 
-    def scalar(name: str) -> float:
+    def scalar(name: str, signed: bool = False) -> float:
         samples = got[name]
         if len(samples) != 1:
             raise PrometheusQueryError(queries[name], "cardinality",
                                        f"expected one series, got {len(samples)}")
         value = samples[0].value
-        return 0.0 if math.isnan(value) else max(0.0, value)
+        if math.isnan(value):
+            return 0.0
+        return value if signed else max(0.0, value)
 
     ttft_buckets, itl_buckets = _buckets(got["ttft"]), _buckets(got["itl"])
     for name, buckets in (("ttft", ttft_buckets), ("itl", itl_buckets)):
@@ -132,6 +140,9 @@ async def read_observation(prom: PrometheusClient, namespace: str, model: str, *
         ttft_attainment=attainment_from_buckets(ttft_buckets, ttft_target),
         itl_attainment=attainment_from_buckets(itl_buckets, itl_target),
         mean_itl_seconds=itl_sum / itl_count if itl_count > 0 else None,
+        arrival_rate=max(0.0, scalar("finished") + scalar("in_flight_growth", signed=True)
+                         / window_seconds),
+        window_seconds=float(window_seconds),
     )
 
 

@@ -2,41 +2,41 @@
 
     decision = decide(spec, observation, current, pending, state, now, profile)
 
-Each role's demand is measured in tokens per second: prefill in prompt tokens, decode in
-generated tokens (unlike concurrent sequences, a token rate does not grow when a fleet is
-consolidated and each sequence runs slower). One replica of a pool supplies a capacity from
-the reference profile scaled by the pool's relativeSpeed and held below the latency target:
-- prefill: profile tokens/s * relativeSpeed * a utilization cap rho. A request's TTFT is its
-  wait plus its own prefill time s (mean prompt / the replica's tokens/s). In an M/M/c queue
-  of c replicas the wait's tail is exponential with rate c (1 - rho) / s, so its 95th
-  percentile stays within TTFT target - s while 1 - rho >= ln(20) s / (c (target - s));
-  c is the role's current replica count (at least 1), and rho is at most
-  PREFILL_MAX_UTILIZATION. Requests already queued add the rate that clears them within
-  one TTFT target.
-- decode: the largest batch B whose step time stays within the ITL target (after a margin for
-  admission gaps) at the pool's speed, capped by maxConcurrency and the profile's max batch
-  (ReplicaProfile.decode_batch_limit); the replica then emits B * speed / step(B) tokens/s,
-  of which DECODE_HEADROOM is planned for. Demand is the larger of the generated tokens/s
-  and the concurrent sequences (running plus waiting) / ITL target: the tokens/s that gives
-  every sequence present its target gap (the token rate saturates when a fleet is full; the
-  sequence count does not).
-Scale-up anticipates the load at the time new replicas are ready: a token rate rising
-clearly (TREND_MIN_RISE) is extrapolated STARTUP_LEAD_SECONDS + intervalSeconds ahead from
-its slope over the last TREND_SECONDS. A role whose attainment is below the target gets at
-least its current capacity times a boost (the capacity model was wrong for this load), at
-most once per BOOST_COOLDOWN_SECONDS, long enough for the replicas of the last boost to show
-in metrics.
+Capacity ahead of the load. A replica added now serves only startupSeconds later, so sizing
+from latency (or from the tokens the workers finished, which stop growing once they are
+saturated) is late by a start-up at every surge. Each role is sized instead from where its
+load is going:
+- arrivals: requests reaching the router per second (not those finished), times the mean
+  prompt for prefill; for decode, the generated tokens/s (or the tokens/s that gives every
+  sequence present its target gap, whichever is larger), which follow the same arrivals;
+- trend: how fast the arrival rate rises, when it rises clearly above its noise
+  (baton.operator.autoscaler.trend); it is projected `lead` = startupSeconds + half the
+  rate window ahead (a rate is half a window old; replicas started now serve a start-up
+  later), at most TREND_MAX_GROWTH of the arrival rate. The capacity model's utilization
+  headroom covers the rise during the one interval until the next decision's replicas serve;
+- queue: prefill requests queued beyond one per replica, plus what the queue's growth adds
+  until new replicas are ready, are work to clear by the next decision (a queue means TTFT
+  is being spent already; what it asks for holds only for the window).
+- latency as a correction: a role whose attainment is below the target although no change
+  of its fleet is still starting (startupSeconds + the rate window since the last scale-up)
+  gets at least its current capacity times a boost: the capacity model was wrong for this
+  load.
 
-Placement: every pool starts at minReplicas; the rest of the demand goes to pools in order
-of cost per capacity (costPerHour / relativeSpeed), each up to maxReplicas, or up to the
-replicas it could schedule when its pods stayed Pending (the pool counts as full until a
-stabilization window has passed since Pending pods were last seen). Each role keeps at least
-one replica: a role without workers answers 503 and its demand would never show in metrics.
+Hysteresis. Scale-up is immediate. A demand that was really needed (arrivals, queue, boost)
+holds for the scaleDownStabilizationSeconds window (the HPA's rule), so no replica is removed
+inside the window after the load that needed it; a projection holds only for `lead`, until
+the replicas started for it are ready and the load it foresaw has shown up or not (a
+projection held for a whole window would be capacity for a rise that stopped). A flat load
+has no trend and the same demand every interval, so it adds nothing; noise within the rate
+window's deviation never counts as a rise.
 
-Scale-up is immediate. Scale-down follows the largest demand within the
-scaleDownStabilizationSeconds window (the HPA's rule), so no replica is removed inside the
-window after the demand that needed it; the trend's forecast is not held (capacity added
-ahead of a rise that stops was never needed). Missing metrics hold the last decision.
+The capacity model and placement across pools live in baton.operator.autoscaler.capacity;
+a pool whose pods stayed Pending counts as full until a stabilization window has passed since
+they were last seen. Missing metrics hold the last decision.
+
+Every decision says, per role and in words an operator reads, what it changed and why: the
+load now, what it will be when new replicas are ready, the queue, attainment, and what keeps
+replicas through the window.
 """
 
 from __future__ import annotations
@@ -45,41 +45,32 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from baton.operator.autoscaler.capacity import (
+    DECODE_HEADROOM,
+    ITL_STEP_MARGIN,
+    PREFILL_MAX_UTILIZATION,
+    PREFILL_TAIL_FACTOR,
+    place,
+    place_role,
+    pool_capacities,
+    pool_order,
+)
 from baton.operator.autoscaler.profile import ReplicaProfile
+from baton.operator.autoscaler.trend import TREND_INTERVALS, rising_slope
 
 if TYPE_CHECKING:
-    from baton.operator.spec import ModelSpec, PoolSpec
+    from baton.operator.spec import ModelSpec
 
-__all__ = ["ROLES", "Observation", "PolicyState", "Decision", "decide", "pool_order",
-           "pool_capacities", "place", "place_role", "PREFILL_MAX_UTILIZATION", "DECODE_HEADROOM",
-           "ITL_STEP_MARGIN", "BOOST_COOLDOWN_SECONDS"]
+__all__ = ["ROLES", "Observation", "Recent", "PolicyState", "Decision", "decide", "lead_seconds",
+           "pool_order", "pool_capacities", "place", "place_role", "PREFILL_MAX_UTILIZATION",
+           "PREFILL_TAIL_FACTOR", "DECODE_HEADROOM", "ITL_STEP_MARGIN", "TREND_MAX_GROWTH"]
 
 ROLES = ("prefill", "decode")
 
-PREFILL_MAX_UTILIZATION = 0.85
-"""Prefill utilization never planned above this, whatever the prompt length."""
-PREFILL_MIN_UTILIZATION = 0.2
-"""Floor of the TTFT-derived utilization cap (prompts nearly as long as the target)."""
-PREFILL_TAIL_FACTOR = 3.0
-"""ln 20: the 95th percentile of an exponential wait in units of its mean."""
-DECODE_HEADROOM = 0.95
-"""Share of a decode replica's tokens/s at its ITL-bounded batch that is planned for."""
-ITL_STEP_MARGIN = 0.9
-"""Share of the ITL target a decode step may take (admission and transfer gaps take the rest)."""
-BOOST_COOLDOWN_SECONDS = 180.0
-"""Between attainment boosts of one role: replica start-up (>= 90 s) plus a 60 s rate window."""
 BOOST_MIN, BOOST_MAX = 1.15, 1.5
 """Bounds of the capacity factor an attainment breach asks for."""
-STARTUP_LEAD_SECONDS = 90.0
-"""How far beyond the next decision a rising demand is extrapolated: a replica's start-up."""
-TREND_SECONDS = 180.0
-"""The span of recent demand the slope is fitted over."""
-TREND_MAX_GROWTH = 0.5
-"""The trend adds at most this share of the current token rate."""
-TREND_MIN_RISE = 0.1
-"""A slope counts only when it rises by this share of the token rate per TREND_SECONDS
-(below that it is the rate window's noise), and only once half of TREND_SECONDS of
-history has been seen."""
+TREND_MAX_GROWTH = 1.0
+"""The projection adds at most this share of the arrival rate."""
 _EPS = 1e-9
 
 
@@ -88,7 +79,7 @@ class Observation:
     """What the metrics said about one Model over the last rate window (rates per second)."""
 
     request_rate: float
-    """Requests per second reaching the router (TTFT observations per second)."""
+    """Requests per second that got their first token (TTFT observations per second)."""
     prompt_tokens_per_second: float
     generation_tokens_per_second: float
     prefill_waiting: float
@@ -101,6 +92,11 @@ class Observation:
     """Share of requests whose mean gap between tokens met the target; None without data."""
     mean_itl_seconds: float | None = None
     """Mean gap between output tokens over the window; None without data."""
+    arrival_rate: float | None = None
+    """Requests per second reaching the router (finished plus the growth of those in
+    flight); None when unknown: request_rate stands in."""
+    window_seconds: float = 60.0
+    """The rate window the rates were measured over."""
 
     def __post_init__(self) -> None:
         for name in ("request_rate", "prompt_tokens_per_second",
@@ -110,10 +106,46 @@ class Observation:
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"Observation.{name} must be a finite number >= 0, "
                                  f"got {value!r}")
+        if self.arrival_rate is not None and not (self.arrival_rate >= 0
+                                                  and math.isfinite(self.arrival_rate)):
+            raise ValueError(f"Observation.arrival_rate must be a finite number >= 0 or None, "
+                             f"got {self.arrival_rate!r}")
+        if not (self.window_seconds > 0 and math.isfinite(self.window_seconds)):
+            raise ValueError(f"Observation.window_seconds must be a finite number > 0, "
+                             f"got {self.window_seconds!r}")
         for name in ("ttft_attainment", "itl_attainment"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
                 raise ValueError(f"Observation.{name} must be in [0, 1] or None, got {value!r}")
+
+    @property
+    def arrivals(self) -> float:
+        """Requests per second reaching the router (request_rate when arrivals are unknown)."""
+        return self.request_rate if self.arrival_rate is None else self.arrival_rate
+
+
+@dataclass(frozen=True)
+class Recent:
+    """One earlier decision's inputs and demands, kept for the trend and the windows."""
+
+    time: float
+    arrivals: float
+    """Requests per second reaching the router."""
+    prefill_waiting: float
+    needed: tuple[float, float]
+    """Prefill, decode demand the load needed then (arrivals, queue, boost; no projection)."""
+    projected: tuple[float, float]
+    """Prefill, decode demand projected `lead` seconds ahead then."""
+
+    def as_list(self) -> list[float]:
+        return [self.time, self.arrivals, self.prefill_waiting, *self.needed, *self.projected]
+
+    @classmethod
+    def from_list(cls, values: list[float]) -> Recent:
+        if len(values) != 7:
+            raise ValueError(f"a recent entry has 7 numbers, got {len(values)}")
+        v = [float(x) for x in values]
+        return cls(v[0], v[1], v[2], (v[3], v[4]), (v[5], v[6]))
 
 
 @dataclass(frozen=True)
@@ -126,9 +158,13 @@ class PolicyState:
     """When a decision last changed replicas (seconds since the epoch)."""
     last_boost: dict[str, float] = field(default_factory=dict)
     """Per role, when an attainment breach last boosted it."""
-    recent_demand: tuple[tuple[float, float, float, float, float], ...] = ()
-    """(time, measured prefill and decode token rates, needed prefill and decode demand)
-    within the stabilization window (needed: with queued work and boost, without trend)."""
+    last_scale_up: dict[str, float] = field(default_factory=dict)
+    """Per role, when a decision last added replicas to it."""
+    recent: tuple[Recent, ...] = ()
+    """Earlier decisions within the stabilization window plus the trend's longest span,
+    oldest first."""
+    mean_prompt_tokens: float | None = None
+    """The last mean prompt length seen (for queued work while no prompt finishes)."""
     full_pools: dict[str, tuple[float, int]] = field(default_factory=dict)
     """"role/pool" -> (when Pending pods were last seen, replicas the pool could schedule)."""
     observing_since: float | None = None
@@ -143,7 +179,7 @@ class Decision:
     desired: dict[str, dict[str, int]]
     """Replicas per role and pool; the reconcile applies them."""
     reason: str
-    """One line for status and Events: what was measured and what it needs."""
+    """One line for status and Events: what changed, the load, and why."""
     drain: dict[str, dict[str, int]]
     """Replicas to remove per role and pool (pools that shrink)."""
     held: bool
@@ -155,127 +191,16 @@ class Decision:
     tokens/s (decode)."""
     state: PolicyState
     """What to remember for the next decision."""
-
     changed: bool
     """True when desired differs from the replicas the pools have now."""
+    explanations: dict[str, str] = field(default_factory=dict)
+    """Per role, its part of `reason` (empty when metrics were missing)."""
 
 
-def pool_order(pools: tuple[PoolSpec, ...]) -> list[PoolSpec]:
-    """Pools cheapest capacity first: costPerHour / relativeSpeed, then spec order."""
-    indexed = list(enumerate(pools))
-    indexed.sort(key=lambda ip: (ip[1].cost_per_hour / ip[1].relative_speed, ip[0]))
-    return [p for _, p in indexed]
-
-
-def pool_capacities(spec: ModelSpec, role: str, profile: ReplicaProfile,
-                    mean_prompt_tokens: float | None = None,
-                    replicas: int = 1) -> dict[str, float]:
-    """Capacity one replica of each pool plans for, in the role's demand unit (tokens/s).
-    replicas: how many replicas serve the role (the prefill queue's servers)."""
-    targets = spec.autoscaling.targets
-    capacities: dict[str, float] = {}
-    for pool in spec.role(role).pools:
-        speed = pool.relative_speed
-        if role == "prefill":
-            tokens_per_second = profile.prefill_tokens_per_second * speed
-            utilization = PREFILL_MAX_UTILIZATION
-            if mean_prompt_tokens:
-                service = mean_prompt_tokens / tokens_per_second
-                slack = targets.time_to_first_token_seconds - service
-                if slack <= 0:
-                    utilization = PREFILL_MIN_UTILIZATION
-                else:
-                    utilization = min(utilization, max(
-                        PREFILL_MIN_UTILIZATION,
-                        1.0 - PREFILL_TAIL_FACTOR * service / (max(1, replicas) * slack)))
-            capacities[pool.name] = tokens_per_second * utilization
-        else:
-            batch = profile.decode_batch_within(
-                targets.inter_token_latency_seconds * ITL_STEP_MARGIN, speed,
-                spec.decode.max_concurrency)
-            tokens_per_second = (batch / profile.decode_step(batch, speed)) if batch else 0.0
-            capacities[pool.name] = tokens_per_second * DECODE_HEADROOM
-    return capacities
-
-
-def place(demand: float, pools: list[PoolSpec], capacity: dict[str, float],
-          ceiling: dict[str, int]) -> tuple[dict[str, int], bool]:
-    """Replicas per pool covering `demand`: minReplicas everywhere, then pools in the given
-    order up to `ceiling`. Returns (replicas, limited: demand left uncovered)."""
-    replicas = {p.name: min(p.min_replicas, ceiling[p.name]) for p in pools}
-    remaining = demand - sum(replicas[p.name] * capacity[p.name] for p in pools)
-    for pool in pools:
-        if remaining <= _EPS:
-            break
-        if capacity[pool.name] <= 0:
-            continue
-        room = ceiling[pool.name] - replicas[pool.name]
-        add = min(room, math.ceil(remaining / capacity[pool.name] - _EPS))
-        if add > 0:
-            replicas[pool.name] += add
-            remaining -= add * capacity[pool.name]
-    if sum(replicas.values()) == 0:
-        for pool in pools:
-            if ceiling[pool.name] > 0:
-                replicas[pool.name] = 1
-                break
-    return replicas, remaining > _EPS
-
-
-def place_role(demand: float, spec: ModelSpec, role: str, profile: ReplicaProfile,
-               mean_prompt_tokens: float | None,
-               ceiling: dict[str, int]) -> tuple[dict[str, int], bool]:
-    """place() for one role with capacities that match the fleet placed: prefill capacity
-    grows with the number of replicas sharing the queue, so the replica count is iterated
-    from one replica to its fixed point (on a cycle the larger fleet wins). It does not
-    depend on the current fleet, so a fleet never shrinks only because it had grown."""
-    pools = pool_order(spec.role(role).pools)
-    n, tried = 1, {}
-    while True:
-        capacity = pool_capacities(spec, role, profile, mean_prompt_tokens, n)
-        replicas, short = place(demand, pools, capacity, ceiling)
-        total = sum(replicas.values())
-        if total == n or role == "decode":
-            return replicas, short
-        if total in tried:
-            visited = list(tried)
-            cycle = [tried[k] for k in visited[visited.index(total):]] + [(replicas, short)]
-            return max(cycle, key=lambda rs: sum(rs[0].values()))
-        tried[n] = (replicas, short)
-        n = total
-
-
-def _role_demand(role: str, obs: Observation, spec: ModelSpec,
-                 replicas: int) -> tuple[float, float]:
-    """(demand, its steady part): the steady part is the token rate alone, which the trend
-    is fitted to; the demand adds what queued work needs. The prefill token rate counts
-    finished prompts, so it stops growing when prefill is saturated; the queue does not: the
-    queue beyond one request per replica (normal at high utilization) asks for the rate
-    that clears it before the next decision."""
-    targets = spec.autoscaling.targets
-    if role == "prefill":
-        steady = demand = obs.prompt_tokens_per_second
-        excess = obs.prefill_waiting - max(1, replicas)
-        if obs.request_rate > 0 and excess > 0:
-            mean_prompt = obs.prompt_tokens_per_second / obs.request_rate
-            demand += excess * mean_prompt / spec.autoscaling.interval_seconds
-        return demand, steady
-    sequences = obs.decode_running + obs.decode_waiting
-    steady = obs.generation_tokens_per_second
-    return max(steady, sequences / targets.inter_token_latency_seconds), steady
-
-
-def _slope(points: list[tuple[float, float]]) -> float:
-    """Least-squares slope of (time, value) points; 0 with fewer than three."""
-    if len(points) < 3:
-        return 0.0
-    n = len(points)
-    mean_t = sum(t for t, _ in points) / n
-    mean_v = sum(v for _, v in points) / n
-    var = sum((t - mean_t) ** 2 for t, _ in points)
-    if var <= 0:
-        return 0.0
-    return sum((t - mean_t) * (v - mean_v) for t, v in points) / var
+def lead_seconds(spec: ModelSpec, window_seconds: float) -> float:
+    """How far ahead of its rate window a rising load is projected: a measured rate is half
+    a window old, and replicas started now serve one start-up later."""
+    return spec.autoscaling.startup_seconds + window_seconds / 2
 
 
 def _clamp_to_spec(spec: ModelSpec, replicas: dict[str, dict[str, int]] | None,
@@ -289,6 +214,22 @@ def _clamp_to_spec(spec: ModelSpec, replicas: dict[str, dict[str, int]] | None,
                 n = fallback.get(role, {}).get(pool.name, pool.min_replicas)
             out[role][pool.name] = max(pool.min_replicas, min(pool.max_replicas, int(n)))
     return out
+
+
+@dataclass
+class _RolePlan:
+    """How one role's demand came about, for the decision and its explanation."""
+
+    now: float = 0.0
+    """The load now: prompt tokens/s arriving (prefill), generated tokens/s (decode)."""
+    needed: float = 0.0
+    projected: float = 0.0
+    planned: float = 0.0
+    planned_from: str = "now"
+    """now | projection | window: which demand set `planned`."""
+    window_age: float = 0.0
+    """For planned_from == window: how long ago that demand was needed."""
+    notes: list[str] = field(default_factory=list)
 
 
 def decide(spec: ModelSpec, observation: Observation | None,
@@ -312,7 +253,10 @@ def decide(spec: ModelSpec, observation: Observation | None,
                         limited=(), demand={}, state=replace(state, desired=held),
                         changed=held != current_clamped)
 
+    obs = observation
     window = auto.scale_down_stabilization_seconds
+    rate_window = obs.window_seconds
+    lead = lead_seconds(spec, rate_window)
     full_pools = {key: seen for key, seen in state.full_pools.items()
                   if now - seen[0] < max(window, auto.interval_seconds)}
     for role in ROLES:
@@ -322,68 +266,109 @@ def decide(spec: ModelSpec, observation: Observation | None,
                 have = current_clamped[role][pool.name]
                 full_pools[f"{role}/{pool.name}"] = (now, max(0, have - stuck))
 
-    mean_prompt = (observation.prompt_tokens_per_second / observation.request_rate
-                   if observation.request_rate > 0 else None)
-    raw: dict[str, float] = {}
-    notes: dict[str, list[str]] = {role: [] for role in ROLES}
-    last_boost = dict(state.last_boost)
-    capacities = {role: pool_capacities(spec, role, profile, mean_prompt,
-                                        sum(current_clamped[role].values()))
-                  for role in ROLES}
-    attainments = {"prefill": ("ttft", observation.ttft_attainment),
-                   "decode": ("itl", observation.itl_attainment)}
-    recent = tuple(entry for entry in state.recent_demand if now - entry[0] < window)
-    measured: dict[str, float] = {}
-    forecast = {role: 0.0 for role in ROLES}
-    for index, role in enumerate(ROLES):
-        capacity = capacities[role]
-        demand, steady = _role_demand(role, observation, spec,
-                                      sum(current_clamped[role].values()))
-        measured[role] = steady
-        trend = [(e[0], e[1 + index]) for e in recent if now - e[0] <= TREND_SECONDS]
-        slope = _slope(trend + [(now, steady)])
-        enough = bool(trend) and now - trend[0][0] >= TREND_SECONDS / 2
-        if enough and slope * TREND_SECONDS > TREND_MIN_RISE * steady:
-            # what the load will be when replicas started now are ready, at most
-            # TREND_MAX_GROWTH of it (a fitted slope is noisy)
-            ahead = min(slope * (STARTUP_LEAD_SECONDS + auto.interval_seconds),
-                        TREND_MAX_GROWTH * steady)
-            if ahead > 0.01 * demand:
-                notes[role].append(f"rising {slope * 60:.3g}/min")
-            forecast[role] = ahead
-        label, attained = attainments[role]
-        if attained is not None and attained < auto.targets.attainment - _EPS:
-            notes[role].append(f"{label} attainment {attained:.3f} < "
-                               f"{auto.targets.attainment:g}")
-            since = now - last_boost.get(role, -math.inf)
-            if since >= BOOST_COOLDOWN_SECONDS:
-                shortfall = (auto.targets.attainment - attained) / max(
-                    1.0 - auto.targets.attainment, 0.01)
-                factor = min(BOOST_MAX, max(BOOST_MIN, 1.0 + 0.5 * shortfall))
-                have = sum(current_clamped[role][p] * capacity[p] for p in capacity)
-                if have * factor > demand:
-                    demand = have * factor
-                    last_boost[role] = now
-                    notes[role].append(f"boosted x{factor:.2f}")
-        raw[role] = demand
+    # the trend's spans and the level before them; the window; the projections' hold
+    keep = max(window, lead) + max(TREND_INTERVALS) * auto.interval_seconds
+    history = [e for e in state.recent if 0 <= now - e.time < keep]
+    arrivals = obs.arrivals
+    mean_prompt = (obs.prompt_tokens_per_second / obs.request_rate if obs.request_rate > 0
+                   else state.mean_prompt_tokens)
+    slope = rising_slope([(e.time, e.arrivals) for e in history], now, arrivals, rate_window,
+                         auto.interval_seconds)
+    ahead = min(slope * lead, TREND_MAX_GROWTH * arrivals)  # more requests/s by then
 
-    recent += ((now, measured["prefill"], measured["decode"], raw["prefill"], raw["decode"]),)
-    # the window holds what was needed; the forecast only leads a rise (it is not held)
-    stable = {"prefill": max(max(e[3] for e in recent), raw["prefill"] + forecast["prefill"]),
-              "decode": max(max(e[4] for e in recent), raw["decode"] + forecast["decode"])}
+    plans = {role: _RolePlan() for role in ROLES}
+    replicas_now = {role: sum(current_clamped[role].values()) for role in ROLES}
+
+    # prefill: prompt tokens arriving, and the queue to clear
+    p = plans["prefill"]
+    p.now = max(obs.prompt_tokens_per_second, arrivals * (mean_prompt or 0.0))
+    p.needed = p.now
+    excess = obs.prefill_waiting - max(1, replicas_now["prefill"])
+    previous = history[-1] if history else None
+    growth = 0.0
+    if previous is not None and now > previous.time:
+        growth = (obs.prefill_waiting - previous.prefill_waiting) / (now - previous.time)
+    backlog = excess + max(0.0, growth) * auto.startup_seconds
+    if mean_prompt and backlog > 0:
+        p.needed += backlog * mean_prompt / auto.interval_seconds
+        p.notes.append(f"{obs.prefill_waiting:.0f} queued" + (
+            f", growing {growth * 60:.3g}/min" if growth > 0 else ""))
+    p.projected = p.needed + ahead * (mean_prompt or 0.0)
+
+    # decode: generated tokens, or what every sequence present needs at the target gap
+    d = plans["decode"]
+    sequences = obs.decode_running + obs.decode_waiting
+    d.now = max(obs.generation_tokens_per_second,
+                sequences / auto.targets.inter_token_latency_seconds)
+    d.needed = d.now
+    if obs.decode_waiting >= 1:
+        d.notes.append(f"{obs.decode_waiting:.0f} sequences waiting for a batch slot")
+    per_request = d.now / arrivals if arrivals > _EPS else 0.0
+    d.projected = d.needed + ahead * per_request
+
+    # latency as a correction of the capacity model
+    last_boost = dict(state.last_boost)
+    last_scale_up = dict(state.last_scale_up)
+    attainments = {"prefill": ("TTFT", obs.ttft_attainment),
+                   "decode": ("ITL", obs.itl_attainment)}
+    for role in ROLES:
+        plan = plans[role]
+        label, attained = attainments[role]
+        if attained is None or attained >= auto.targets.attainment - _EPS:
+            continue
+        plan.notes.append(f"{label} attainment {attained:.3f} < {auto.targets.attainment:g}")
+        settle = auto.startup_seconds + rate_window
+        since = now - max(last_boost.get(role, -math.inf), last_scale_up.get(role, -math.inf))
+        if since < settle:
+            continue  # replicas added lately have not shown in the metrics yet
+        capacity = pool_capacities(spec, role, profile, mean_prompt, replicas_now[role])
+        have = sum(current_clamped[role][pool] * capacity[pool] for pool in capacity)
+        shortfall = (auto.targets.attainment - attained) / max(1.0 - auto.targets.attainment,
+                                                                0.01)
+        factor = min(BOOST_MAX, max(BOOST_MIN, 1.0 + 0.5 * shortfall))
+        if have * factor > plan.needed:
+            plan.needed = have * factor
+            plan.projected = max(plan.projected, plan.needed)
+            last_boost[role] = now
+            plan.notes.append(f"capacity x{factor:.2f}: the load needs more than its "
+                              "measure says")
+
+    entry = Recent(now, arrivals, obs.prefill_waiting,
+                   (plans["prefill"].needed, plans["decode"].needed),
+                   (plans["prefill"].projected, plans["decode"].projected))
+    led: dict[str, float] = {}
+    for index, role in enumerate(ROLES):
+        plan = plans[role]
+        # a projection holds until the replicas started for it are ready ...
+        led[role] = max([plan.needed, plan.projected] + [
+            e.projected[index] for e in history
+            if now - e.time < lead and e.projected[index] > e.needed[index] + _EPS])
+        plan.planned = led[role]
+        # ... what was needed holds for the whole window
+        for e in history:
+            if now - e.time < window and e.needed[index] > plan.planned + _EPS:
+                plan.planned, plan.window_age = e.needed[index], now - e.time
 
     observing_since = now if state.observing_since is None else state.observing_since
     desired: dict[str, dict[str, int]] = {}
     limited: list[str] = []
     for role in ROLES:
+        plan = plans[role]
         pools = pool_order(spec.role(role).pools)
         ceiling = {}
         for pool in pools:
             full = full_pools.get(f"{role}/{pool.name}")
             ceiling[pool.name] = pool.max_replicas if full is None else max(
                 pool.min_replicas, min(pool.max_replicas, full[1]))
-        desired[role], short = place_role(stable[role], spec, role, profile, mean_prompt,
+        desired[role], short = place_role(plan.planned, spec, role, profile, mean_prompt,
                                           ceiling)
+        # which demand the replicas are for, in the explanation
+        if plan.planned > led[role] + _EPS and place_role(
+                led[role], spec, role, profile, mean_prompt, ceiling)[0] != desired[role]:
+            plan.planned_from = "window"
+        elif led[role] > plan.needed + _EPS and place_role(
+                plan.needed, spec, role, profile, mean_prompt, ceiling)[0] != desired[role]:
+            plan.planned_from = "projection"
         if now - observing_since < window:
             held_back = False
             for pool in pools:
@@ -392,35 +377,36 @@ def decide(spec: ModelSpec, observation: Observation | None,
                     desired[role][pool.name] = floor
                     held_back = True
             if held_back:
-                notes[role].append(f"scale-down waits until {window} s of metrics have been "
-                                   "seen")
+                plan.notes.append(f"no scale-down until {window} s of metrics have been seen")
         if short:
             limited.append(role)
-            notes[role].append("demand exceeds maxReplicas of every pool")
+            plan.notes.append("demand exceeds maxReplicas of every pool")
+        capacity = pool_capacities(spec, role, profile, mean_prompt)
         for pool in pools:
-            if capacities[role][pool.name] <= 0:
-                notes[role].append(f"pool {pool.name} cannot meet the ITL target even at "
-                                   f"batch 1; it keeps minReplicas only")
-        if stable[role] > raw[role] + _EPS and any(
-                desired[role][p] > place_role(raw[role], spec, role, profile, mean_prompt,
-                                              ceiling)[0][p]
-                for p in desired[role]):
-            notes[role].append(f"scale-down waits for the {window} s stabilization window")
-        for key, (_, cap) in full_pools.items():
-            r, _, p = key.partition("/")
+            if capacity[pool.name] <= 0:
+                plan.notes.append(f"pool {pool.name} cannot meet the ITL target even at "
+                                  f"batch 1; it keeps minReplicas only")
+        for key, (_, cap) in sorted(full_pools.items()):
+            r, _, name = key.partition("/")
             if r == role:
-                notes[role].append(f"pool {p} is full at {cap} (pods Pending)")
+                plan.notes.append(f"pool {name} is full at {cap} (pods Pending)")
+        if any(desired[role][pool] > current_clamped[role][pool] for pool in desired[role]):
+            last_scale_up[role] = now
 
     changed = desired != current_clamped
-    reason = "; ".join(_describe(role, stable[role], desired[role], notes[role])
-                       for role in ROLES)
+    explanations = {role: _describe(role, plans[role], desired[role], current_clamped[role],
+                                    arrivals, slope, lead, window) for role in ROLES}
+    reason = "; ".join(explanations.values())
     new_state = PolicyState(desired=desired,
                             last_scale_time=now if changed else state.last_scale_time,
-                            last_boost=last_boost, recent_demand=recent, full_pools=full_pools,
+                            last_boost=last_boost, last_scale_up=last_scale_up,
+                            recent=tuple(history) + (entry,),
+                            mean_prompt_tokens=mean_prompt, full_pools=full_pools,
                             observing_since=observing_since)
     return Decision(desired=desired, reason=reason, drain=_drain(desired, current_clamped),
-                    held=False, limited=tuple(limited), demand=stable, state=new_state,
-                    changed=changed)
+                    held=False, limited=tuple(limited),
+                    demand={role: plans[role].planned for role in ROLES}, state=new_state,
+                    changed=changed, explanations=explanations)
 
 
 def _drain(desired: dict[str, dict[str, int]],
@@ -430,10 +416,33 @@ def _drain(desired: dict[str, dict[str, int]],
             for role, pools in desired.items()}
 
 
-def _describe(role: str, demand: float, replicas: dict[str, int], notes: list[str]) -> str:
+def _amount(value: float) -> str:
+    """A token rate as an operator reads it: 152k, 9.8k, 850."""
+    if value >= 9999.5:
+        return f"{value / 1000:.0f}k"
+    if value >= 999.5:
+        return f"{value / 1000:.1f}k"
+    return f"{value:.0f}"
+
+
+def _describe(role: str, plan: _RolePlan, desired: dict[str, int], current: dict[str, int],
+              arrivals: float, slope: float, lead: float, window: int) -> str:
     unit = "prompt tokens/s" if role == "prefill" else "generated tokens/s"
-    pools = ", ".join(f"{p} {n}" for p, n in replicas.items())
-    text = f"{role}: {demand:.4g} {unit} -> {pools}"
-    if notes:
-        text += " (" + "; ".join(notes) + ")"
+    pools = ", ".join(f"{pool} {current[pool]} -> {n}" if n != current[pool] else f"{pool} {n}"
+                      for pool, n in desired.items())
+    if plan.planned_from == "projection":
+        trend = (f"arrivals {arrivals:.3g}/s rising {slope * 60:.2g}/s per minute" if slope
+                 else f"a rise seen within {lead:.0f} s; arrivals {arrivals:.3g}/s")
+        why = (f"sized for {_amount(plan.planned)} {unit} expected {lead:.0f} s ahead, when "
+               f"replicas started now serve ({trend}; now {_amount(plan.now)})")
+    elif plan.planned_from == "window":
+        ago = (f"{plan.window_age / 60:.0f} min" if plan.window_age >= 90
+               else f"{plan.window_age:.0f} s")
+        why = (f"holding for the {window} s stabilization window: {_amount(plan.planned)} "
+               f"{unit} were needed {ago} ago, now {_amount(plan.needed)}")
+    else:
+        why = f"sized for {_amount(plan.planned)} {unit} (arrivals {arrivals:.3g}/s)"
+    text = f"{role} {pools}: {why}"
+    if plan.notes:
+        text += "; " + "; ".join(plan.notes)
     return text

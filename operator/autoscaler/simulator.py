@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from baton.operator.autoscaler.oracle import OracleFleet, oracle_fleet
 from baton.operator.autoscaler.policy import (
     ROLES,
     Observation,
@@ -43,6 +44,7 @@ from baton.operator.autoscaler.policy import (
     pool_order,
 )
 from baton.operator.autoscaler.profile import ReplicaProfile
+from baton.operator.autoscaler.windows import window_attainment, worst
 from baton.operator.spec import ModelSpec
 
 __all__ = ["Trace", "RunResult", "Simulator", "MIN_STARTUP_SECONDS", "RATE_WINDOW_SECONDS"]
@@ -126,10 +128,25 @@ class RunResult:
     """Per policy tick: time, load, replicas per role/pool, windowed latency."""
     decisions: int = 0
     scale_events: int = 0
+    windows: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    """"ttft" / "itl" -> (window ends, attainment of the requests arriving in the 5 minutes
+    before each end): baton.operator.autoscaler.windows."""
+
+    @property
+    def worst_window_ttft_attainment(self) -> float:
+        return worst(self.windows["ttft"][1]) if "ttft" in self.windows else math.nan
+
+    @property
+    def worst_window_itl_attainment(self) -> float:
+        return worst(self.windows["itl"][1]) if "itl" in self.windows else math.nan
 
     def summary(self) -> dict:
-        return {"ttft_slo_attainment": round(self.ttft_slo_attainment, 5),
-                "itl_slo_attainment": round(self.itl_slo_attainment, 5),
+        def r(value: float) -> float | None:
+            return None if math.isnan(value) else round(value, 5)
+        return {"ttft_slo_attainment": r(self.ttft_slo_attainment),
+                "itl_slo_attainment": r(self.itl_slo_attainment),
+                "worst_window_ttft_attainment": r(self.worst_window_ttft_attainment),
+                "worst_window_itl_attainment": r(self.worst_window_itl_attainment),
                 "gpu_hours": round(self.gpu_hours, 4), "cost": round(self.cost, 4)}
 
 
@@ -243,6 +260,14 @@ class Simulator:
         call the policy every intervalSeconds. roles: simulate only these; decode alone needs
         `first_token`, the first-token times of a prefill run."""
         return _Run(self, fleet, autoscale, roles, first_token).run()
+
+    def oracle(self) -> OracleFleet:
+        """The fleet that follows this trace's load exactly, with this start-up time and the
+        spec's scale-down window (baton.operator.autoscaler.oracle): a lower bound."""
+        t = self.trace
+        return oracle_fleet(self.spec, self.profile, t.time_s, t.prompt_tokens,
+                            t.output_tokens, t.duration, startup_seconds=self.startup,
+                            rate_window_seconds=self.window)
 
     def search_static(self) -> tuple[dict[str, dict[str, int]], RunResult, bool]:
         """The smallest fixed fleet meeting both attainment targets: bisection over each
@@ -439,7 +464,8 @@ class _Run:
             generation_tokens_per_second=max(0.0, generation_rate), prefill_waiting=waiting,
             decode_running=float(running), decode_waiting=float(queued),
             ttft_attainment=ttft_attained, itl_attainment=itl_attained,
-            mean_itl_seconds=float(gaps.mean()) if gaps.size else None)
+            mean_itl_seconds=float(gaps.mean()) if gaps.size else None,
+            arrival_rate=tl["request_rate"][-1], window_seconds=w)
 
     def tick(self, t: float) -> None:
         for rep in self.replicas["decode"]:
@@ -540,11 +566,15 @@ class _Run:
                 alive = max(0.0, gone - rep.created)
                 gpu_seconds += alive * rep.gpus
                 cost_seconds += alive * rep.cost
-        ttft_ok = (float(np.mean(self.ttft <= sim.ttft_target)) if self.do_prefill
-                   else math.nan)
-        itl_ok = float(np.mean(self.gap <= sim.itl_target)) if self.do_decode else math.nan
-        return RunResult(ttft_slo_attainment=ttft_ok, itl_slo_attainment=itl_ok,
-                         gpu_hours=gpu_seconds / 3600.0, cost=cost_seconds / 3600.0,
-                         ttft=self.ttft, mean_gap=self.gap, first_token=self.first,
-                         timeline=self.timeline, decisions=self.decisions,
-                         scale_events=self.scale_events)
+        met: dict[str, np.ndarray] = {}
+        if self.do_prefill:
+            met["ttft"] = self.ttft <= sim.ttft_target
+        if self.do_decode:
+            met["itl"] = self.gap <= sim.itl_target
+        windows = {key: window_attainment(sim.trace.time_s, ok, end) for key, ok in met.items()}
+        return RunResult(
+            ttft_slo_attainment=float(np.mean(met["ttft"])) if "ttft" in met else math.nan,
+            itl_slo_attainment=float(np.mean(met["itl"])) if "itl" in met else math.nan,
+            gpu_hours=gpu_seconds / 3600.0, cost=cost_seconds / 3600.0, ttft=self.ttft,
+            mean_gap=self.gap, first_token=self.first, timeline=self.timeline,
+            decisions=self.decisions, scale_events=self.scale_events, windows=windows)

@@ -121,7 +121,40 @@ def test_bad_requests_against_real_workers(client, e2e):
         client.completions.create(model="nope", prompt="hi")
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=[{"role": "user",
-                                                                "content": "x"}], n=2)
+                                                                "content": "x"}], n=200)
+
+
+def test_agent_api_against_real_workers(client, tokenizer, cluster):
+    """n > 1, several prompts, tools, the Responses API and /tokenize through real workers
+    (nothing here needs the workers to apply a grammar)."""
+    args = dict(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=1.0,
+                seed=7, extra_body={"ignore_eos": True})
+    single = client.completions.create(**args)
+    several = client.completions.create(n=3, **args)
+    assert [c.index for c in several.choices] == [0, 1, 2]
+    # Choice 0 keeps the request's seed; the others get their own.
+    assert several.choices[0].text == single.choices[0].text
+    assert len({c.text for c in several.choices}) > 1
+    assert several.usage.prompt_tokens == single.usage.prompt_tokens
+    assert several.usage.completion_tokens == 18
+    batch = client.completions.create(model="tiny", prompt=["The quick brown fox", "Hello"],
+                                      max_tokens=4, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert len(batch.choices) == 2 and batch.usage.completion_tokens == 8
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=[weather], max_completion_tokens=8,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    response = client.responses.create(model="tiny", input="Hello there", max_output_tokens=5,
+                                       reasoning={"effort": "none"})
+    assert response.status in ("completed", "incomplete") and response.usage.output_tokens <= 5
+    with httpx.Client() as http:
+        counted = http.post(cluster["url"] + "/tokenize",
+                            json={"prompt": "The quick brown fox"}).json()
+    assert counted["tokens"] == tokenizer.encode("The quick brown fox")
 
 
 def test_concurrent_requests_equal_the_single_process_engine(client, reference, e2e):

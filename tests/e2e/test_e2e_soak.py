@@ -100,7 +100,7 @@ def _request(rng: random.Random) -> tuple[str, dict, bool]:
     bad = rng.random() < 0.12
     if bad:
         key, value = rng.choice([("max_tokens", -3), ("temperature", -1), ("model", "nope"),
-                                 ("top_p", 2.0), ("n", 3), ("max_tokens", 10**7)])
+                                 ("top_p", 2.0), ("n", 0), ("max_tokens", 10**7)])
         body[key] = value
     return path, body, bad
 

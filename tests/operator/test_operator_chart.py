@@ -114,6 +114,8 @@ def test_operator_deployment_runs_the_operator_entry_point():
     args = parse_args(container["args"])  # the chart's flags are the CLI's flags
     assert args.namespace == [] and args.peering == "baton" and args.priority == 100
     assert args.scanning is True
+    # one replica may run standalone when the peering object is missing (and says so)
+    assert args.require_peering is False and args.standalone is False
     assert args.worker_image == "ghcr.io/baton-serving/baton-worker:0.1.0"
     assert container["image"] == "ghcr.io/baton-serving/baton-operator:0.1.0"
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -131,6 +133,9 @@ def test_ha_replicas_get_distinct_priorities():
     priorities = [parse_args(d["spec"]["template"]["spec"]["containers"][0]["args"]).priority
                   for d in deps]
     assert priorities == [200, 199]
+    # several replicas never act side by side: without the peering object they wait for it
+    assert all(parse_args(d["spec"]["template"]["spec"]["containers"][0]["args"])
+               .require_peering for d in deps)
     selectors = [d["spec"]["selector"]["matchLabels"] for d in deps]
     assert selectors[0] != selectors[1]
 

@@ -139,9 +139,12 @@ async def peers_announced(session: aiohttp.ClientSession, base: str,
 @contextlib.asynccontextmanager
 async def operator_process(kmock, tmp_path: Path, *, token: str = "operator",
                            priority: int = 0, existing_peers: int = 0,
-                           namespace: str | None = None):
+                           namespace: str | None = None, peering: bool = True,
+                           args: tuple[str, ...] = ()):
     """Runs `python -m baton.operator` against kmock; its requests carry `token`; with
-    `namespace`, it serves only that namespace (and peers through a KopfPeering there)."""
+    `namespace`, it serves only that namespace (and peers through a KopfPeering there).
+    peering: create the peering object the chart installs (and wait for the operator to
+    announce itself on it); args: more command-line arguments."""
     base = prepare_kmock(kmock)
     kubeconfig = tmp_path / f"kubeconfig-{token}.yaml"
     kubeconfig.write_text(yaml.safe_dump({
@@ -154,7 +157,7 @@ async def operator_process(kmock, tmp_path: Path, *, token: str = "operator",
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
     async with aiohttp.ClientSession() as session:
         api = Api(session, base)
-        if not existing_peers:
+        if peering and not existing_peers:
             # The peering object the chart installs: Kopf's peering is on.
             kind = "ClusterKopfPeering" if namespace is None else "KopfPeering"
             async with session.post(peering_url(base, namespace), json={
@@ -168,7 +171,7 @@ async def operator_process(kmock, tmp_path: Path, *, token: str = "operator",
                 "--resync-seconds", "3", "--priority", str(priority),
                 # kmock cannot serve the cluster-wide namespace list Kopf's scanning reads.
                 *(["--namespace", namespace, "--no-scanning"] if namespace else []),
-                "--liveness", f"http://127.0.0.1:{liveness_port}/healthz",
+                "--liveness", f"http://127.0.0.1:{liveness_port}/healthz", *args,
                 stdout=log, stderr=asyncio.subprocess.STDOUT, env=env, cwd=ROOT)
         try:
             async def alive():
@@ -179,6 +182,9 @@ async def operator_process(kmock, tmp_path: Path, *, token: str = "operator",
                 except aiohttp.ClientError:
                     return False
             await eventually(alive, 30, "the liveness endpoint")
+            if not peering:
+                yield api, log_path, proc, metrics_port
+                return
 
             async def announced():
                 peers = await peers_announced(session, base, namespace)
@@ -480,3 +486,70 @@ async def test_namespaced_operator_serves_only_its_namespace(kmock, tmp_path):
                                    kmock.action.UPDATE, kmock.action.DELETE)}
         assert served == {NS}
         assert_clean_log(log_path)
+
+
+async def test_without_a_peering_object_the_operator_runs_standalone_and_says_so(
+        kmock, tmp_path):
+    """Started without the KopfPeering the chart installs, the operator does not wait in
+    silence: it runs standalone, warns what that means, and says how to create the object."""
+    spec = two_pool_spec()
+    async with operator_process(kmock, tmp_path, namespace=NS, peering=False) as (
+            api, log_path, *_):
+        text = log_path.read_text()
+        assert f"No KopfPeering 'baton' in namespace '{NS}': running standalone" in text
+        assert "A second operator replica would act on the same Models" in text
+        assert ("kubectl apply -f - <<< '{\"apiVersion\": \"kopf.dev/v1\", \"kind\": "
+                f"\"KopfPeering\", \"metadata\": {{\"name\": \"baton\", \"namespace\": "
+                f"\"{NS}\"}}}}'") in text
+        await api.create(MODELS, model_body("nano", str(uuid.uuid4()), 1, spec))
+
+        async def created():
+            return len(owned_names(await api.list(DEPLOYMENTS), "nano")) == 5
+        await eventually(created, 20, "the Deployments of a standalone operator")
+        # standalone: it neither announced itself nor created a peering object
+        assert not [r for r in kmock if r.resource is not None
+                    and r.resource.plural == "kopfpeerings"
+                    and r.action in (kmock.action.CREATE, kmock.action.UPDATE)]
+        assert_clean_log(log_path)
+
+
+async def test_an_operator_that_requires_peering_says_what_it_waits_for(kmock, tmp_path):
+    """With --require-peering and no ClusterKopfPeering, the operator says at start-up what
+    it waits for and how to create it, reconciles nothing, and starts once it exists."""
+    spec = two_pool_spec()
+    async with operator_process(kmock, tmp_path, peering=False,
+                                args=("--require-peering",)) as (api, log_path, *_):
+        text = log_path.read_text()
+        assert ("Waiting for ClusterKopfPeering 'baton' (--require-peering): nothing is "
+                "reconciled until it exists. Create it: kubectl apply -f - <<< "
+                "'{\"apiVersion\": \"kopf.dev/v1\", \"kind\": \"ClusterKopfPeering\", "
+                "\"metadata\": {\"name\": \"baton\"}}'") in text
+        await api.create(MODELS, model_body("nano", str(uuid.uuid4()), 1, spec))
+        await asyncio.sleep(4)
+        assert owned_names(await api.list(DEPLOYMENTS), "nano") == set()
+        assert actions_by(kmock, "operator") == []
+
+        # the object the message named appears: the operator finds it and starts
+        async with api.session.post(peering_url(api.base, None), json={
+                "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
+                "metadata": {"name": "baton"}}) as r:
+            assert r.status < 300, await r.text()
+
+        async def created():
+            return len(owned_names(await api.list(DEPLOYMENTS), "nano")) == 5
+        await eventually(created, 30, "the Deployments once the peering object exists")
+
+        async def found():
+            return "Found ClusterKopfPeering 'baton': peering is on" in log_path.read_text()
+        await eventually(found, 15, "the operator saying it found the peering object")
+        assert_clean_log(log_path)
+
+
+def test_standalone_and_require_peering_exclude_each_other(tmp_path):
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "baton.operator", "--standalone",
+                          "--require-peering"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=60)
+    assert out.returncode == 2
+    assert "not allowed with argument" in out.stderr

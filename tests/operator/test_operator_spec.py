@@ -161,7 +161,8 @@ def test_bad_autoscaler_status_names_the_field():
 
 
 def test_worker_config_shape_and_round_trip(tmp_path):
-    obj = resource(router={"apiKeysSecret": "nano-keys", "transferTimeoutSeconds": 10},
+    obj = resource(router={"apiKeysSecret": "nano-keys", "transferTimeoutSeconds": 10,
+                           "maxRequestBodyBytes": 1048576},
                    engine={"maxModelLen": 8192, "cacheMemoryFraction": "0.85"})
     cfg = worker_config(Model.from_resource(obj), "/models/source")
     expected = {
@@ -177,7 +178,7 @@ def test_worker_config_shape_and_round_trip(tmp_path):
         "router": {"routing": "prefix-aware", "maxQueuedRequests": 256,
                    "localPrefillMaxTokens": 512,
                    "requestTimeoutSeconds": 600, "transferTimeoutSeconds": 10,
-                   "apiKeysFile": "/etc/baton/api-keys/keys"},
+                   "apiKeysFile": "/etc/baton/api-keys/keys", "maxRequestBodyBytes": 1048576},
         "pools": {"prefill": [{"name": "blackwell", "fp4Path": "native"},
                               {"name": "hopper", "fp4Path": "w4a16"}],
                   "decode": [{"name": "hopper", "fp4Path": "w4a16"}]},

@@ -5,14 +5,20 @@ tokenizer_config.json, and eos ids from config.json / generation_config.json. A 
 without tokenizer.json gets `ByteTokenizer`: token id b is the byte b (ids >= 256 are specials
 and decode to nothing), which every vocabulary of at least 256 entries can carry.
 
-`IncrementalDetokenizer` turns a stream of token ids into text deltas that never split a
-multi-byte character: text is only released once the decoded window no longer ends in the
-replacement character a partial UTF-8 sequence decodes to.
+Text assembly (the one implementation; the router's output processing and the engine's own
+text path both use it):
+- `IncrementalDetokenizer` turns a stream of token ids into text deltas that never split a
+  multi-byte character: text is only released once the decoded window no longer ends in the
+  replacement character a partial UTF-8 sequence decodes to, and a tokenizer that renders a
+  token differently after its neighbours (leading spaces) gets them as left context.
+- `StopMatcher` cuts text at the first stop string, holding back text that could still become
+  one; `partial_marker_len` is the hold-back rule it shares with the markup parsers.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -237,53 +243,46 @@ class IncrementalDetokenizer:
         return text[len(prefix) :] if len(text) > len(prefix) else ""
 
 
+def partial_marker_len(text: str, markers: Sequence[str]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of one of the markers:
+    text a streaming parser must hold back until the next delta says whether a marker (a stop
+    string, `</think>`, `<tool_call>`) begins there."""
+    best = 0
+    for marker in markers:
+        for n in range(min(len(marker) - 1, len(text)), best, -1):
+            if text.endswith(marker[:n]):
+                best = n
+                break
+    return best
+
+
 class StopMatcher:
-    """Accumulates generated text, finds stop strings, and holds back a possible stop prefix.
+    """Finds stop strings in generated text, holding back a possible stop prefix.
 
     `feed(delta)` returns (text safe to emit now, stopped). Text that could be the beginning of
     a stop string is held back until the next delta decides; when a stop string is found the
-    output is cut right before it.
+    output is cut right before it. Only the held-back text is kept (text already emitted can
+    never be part of a later match: it was not the start of any stop string), so a long
+    output costs no more per delta than a short one.
     """
 
     def __init__(self, stop: list[str]) -> None:
         self.stop = [s for s in stop if s]
-        self.text = ""
-        self.emitted = 0
-
-    def _held(self) -> int:
-        # Longest suffix of text that is a proper prefix of some stop string.
-        best = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:n]):
-                    best = n
-                    break
-        return best
+        self._held = ""
 
     def feed(self, delta: str) -> tuple[str, bool]:
         if not self.stop:
-            self.text += delta
-            self.emitted = len(self.text)
             return delta, False
-        start = max(0, len(self.text) - max(len(s) for s in self.stop) + 1)
-        self.text += delta
-        cut = -1
-        for s in self.stop:
-            i = self.text.find(s, start)
-            if i >= 0 and (cut < 0 or i < cut):
-                cut = i
-        if cut >= 0:
-            self.text = self.text[:cut]
-            out = self.text[self.emitted :]
-            self.emitted = len(self.text)
-            return out, True
-        end = len(self.text) - self._held()
-        out = self.text[self.emitted : end]
-        self.emitted = max(self.emitted, end)
-        return out, False
+        text = self._held + delta
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self._held = ""
+            return text[:min(hits)], True
+        keep = len(text) - partial_marker_len(text, self.stop)
+        self._held = text[keep:]
+        return text[:keep], False
 
     def flush(self) -> str:
         """Everything still held back (the request ended for another reason)."""
-        out = self.text[self.emitted :]
-        self.emitted = len(self.text)
+        out, self._held = self._held, ""
         return out

@@ -2,11 +2,15 @@
 
     baton router --config FILE --prefill SERVICE --decode SERVICE --port 8000
 
-server.py holds the HTTP API (params.py validates bodies, responses.py and text.py turn
-tokens into OpenAI responses, admission.py is the bounded queue, auth.py the API keys),
-backend.py the seam to whatever produces tokens, disaggregated.py the production backend
-(decode Generate + prefill Prefill over gRPC, with one retry), discovery.py and balancer.py
-the worker pools and the worker choice.
+server.py holds the HTTP app and a request's life (request_body.py reads and decodes
+bodies, params.py / tools.py / responses_request.py validate them, tokenization.py tokenizes
+bounded, grammar.py builds structured-output grammars, generation.py runs a request's
+choices, output.py turns each choice's tokens into content, reasoning (reasoning.py) and tool
+calls (tool_calls.py)); completions_api.py, responses_api.py and tokenize_api.py shape the
+endpoints' answers (bodies.py: the OpenAI chat / completion bodies); admission.py is the
+bounded queue, auth.py the API keys; backend.py the seam to whatever produces tokens,
+disaggregated.py the production backend (decode Generate + prefill Prefill over gRPC, with
+one retry), discovery.py and balancer.py the worker pools and the worker choice.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from aiohttp import web
+
 
 class ApiError(Exception):
     """A client-visible error with its HTTP status and OpenAI error fields."""
@@ -31,6 +33,14 @@ class ApiError(Exception):
         self.code = code
         self.headers = dict(headers or {})
 
+    def __reduce__(self):
+        # Picklable with its fields (request bodies are decoded in a child process too).
+        return (_rebuild, (self.status, self.message, self.type, self.param, self.code,
+                           self.headers))
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body(), status=self.status, headers=self.headers)
+
     def body(self) -> dict[str, Any]:
         return {
             "error": {
@@ -42,8 +52,18 @@ class ApiError(Exception):
         }
 
 
+def _rebuild(status, message, type, param, code, headers) -> ApiError:
+    return ApiError(status, message, type=type, param=param, code=code, headers=headers)
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+def invalid_type(name: str, value: Any, expected: str) -> ApiError:
+    """400 for a field of the wrong type (the value shown cut short: it may be huge)."""
+    return bad_request(f"{name}: expected {expected}, got {type(value).__name__} {value!r:.80}",
+                       param=name, code="invalid_type")
 
 
 def model_not_found(name: str) -> ApiError:

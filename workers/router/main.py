@@ -54,7 +54,8 @@ def build_router(cfg: WorkerConfig, prefill: str, decode: str,
         served_model_name=cfg.served_model_name, max_model_len=cfg.engine.max_model_len,
         request_timeout_s=cfg.router.request_timeout_seconds,
         max_queued_requests=cfg.router.max_queued_requests,
-        api_keys_file=cfg.router.api_keys_file)
+        api_keys_file=cfg.router.api_keys_file,
+        max_body_bytes=cfg.router.max_request_body_bytes)
     metrics = BatonMetrics(MetricLabels(namespace=cfg.namespace, model=cfg.model,
                                         role="router"))
     return Router(backend, CheckpointTokenizer(cfg.model_path), settings, metrics)

@@ -1,31 +1,37 @@
 """The router's HTTP front end: the OpenAI API on aiohttp.
 
     GET  /v1/models               the served model
-    POST /v1/completions          text or token-id prompt, streamed (SSE) or not
-    POST /v1/chat/completions     messages through the model's chat template, streamed or not
+    POST /v1/completions          text or token-id prompts (one or several), streamed (SSE) or not
+    POST /v1/chat/completions     messages through the model's chat template, streamed or not,
+                                  with tools, reasoning and structured output
+    POST /v1/responses            the Responses API (responses_api.py)
+    GET / DELETE /v1/responses/{id}   a stored response
+    POST /tokenize, /detokenize   the model's tokenizer (vLLM's shapes)
     GET  /health                  200 while the router serves (liveness), with its workers
     GET  /ready                   200 when every role has a ready worker, else 503 (readiness)
     GET  /metrics                 Prometheus exposition (client-visible TTFT / ITL, outcomes)
 
-One request's life: parse and validate (params.py) -> tokenize / render the chat template ->
-context check -> admission (the bounded wait queue, 429 when full) -> the backend streams
-token ids -> TextAssembler turns them into text and applies stop strings -> JSON or SSE.
-Errors before the first token are HTTP errors in OpenAI's shape; errors after it (the
-backend's one retry failed too, or the deadline passed) are an SSE error event.
+One request's life: read the body (413 past the size limit) -> decode and validate it off the
+event loop (request_body.py, params.py) -> render the chat template and tokenize, bounded
+(tokenization.py) -> context check -> the output grammar, if any (grammar.py) -> one choice
+per prompt and per n (generation.py): choice 0 through admission (the bounded wait queue,
+429 when full), the others after its first token -> each choice's tokens through output
+processing (output.py) -> OpenAI bodies (bodies.py), JSON or SSE. Errors before the first
+token are HTTP errors in OpenAI's shape; errors after it (the backend's one retry failed too,
+or the deadline passed) are an SSE error event.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any
 
+import jinja2
 from aiohttp import web
 
 from baton.workers.metrics import BatonMetrics
@@ -37,6 +43,7 @@ from baton.workers.router.backend import (
     NoReadyWorker,
     WorkerFailure,
 )
+from baton.workers.router.completions_api import CompletionsApi
 from baton.workers.router.errors import (
     ApiError,
     backend_failure,
@@ -46,36 +53,22 @@ from baton.workers.router.errors import (
     model_not_found,
     no_ready_worker,
 )
-from baton.workers.router.params import (
-    DEFAULT_COMPLETION_MAX_TOKENS,
-    ParsedRequest,
-    parse_chat,
-    parse_completion,
-)
-from baton.workers.router.responses import (
-    Generation,
-    chat_logprob,
-    completion_logprobs,
-    sse,
-)
+from baton.workers.router.generation import Choice, Generation, choice_seed
+from baton.workers.router.grammar import GrammarError
+from baton.workers.router.output import ChoiceOutput
+from baton.workers.router.params import DEFAULT_COMPLETION_MAX_TOKENS, ParsedRequest
+from baton.workers.router.request_body import BodyDecoder, read_body
+from baton.workers.router.responses_api import ResponsesApi
+from baton.workers.router.tokenization import PromptTooLong, RouterTokenizer, bounded_encode
+from baton.workers.router.tokenize_api import TokenizeApi
 
 log = logging.getLogger("baton.router")
 
 REQUEST_ID_HEADER = "x-request-id"
 REQUEST_ID = web.RequestKey("request_id", str)
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-
-
-class RouterTokenizer(Protocol):
-    """What the router needs of the model's tokenizer (tokenization.py adapts the engine's)."""
-
-    vocab_size: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def render_chat(self, messages: list[dict], template_kwargs: dict) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
+# Paths behind the API keys (the probes and /metrics stay open).
+_AUTHORIZED = ("/v1/", "/tokenize", "/detokenize")
 
 
 @dataclass(frozen=True)
@@ -86,10 +79,8 @@ class RouterSettings:
     max_queued_requests: int = 256
     api_keys_file: str | None = None
     owned_by: str = "baton"
-
-
-def _error_response(err: ApiError) -> web.Response:
-    return web.json_response(err.body(), status=err.status, headers=err.headers)
+    max_body_bytes: int = 16 * 1024**2  # larger request bodies are a 413
+    stored_responses: int = 1024  # Responses API: how many previous_response_id can name
 
 
 def _outcome(err: ApiError) -> str:
@@ -98,6 +89,15 @@ def _outcome(err: ApiError) -> str:
     if err.status < 500 or err.status == 503:
         return "rejected"
     return "error"
+
+
+@dataclass
+class PreparedPrompt:
+    """A prompt ready for the workers."""
+
+    ids: list[int]
+    text: str | None  # what was tokenized (echo; the reasoning check)
+    in_reasoning: bool | None  # chat: the prompt leaves `<think>` open; None: completions
 
 
 class Router:
@@ -114,21 +114,29 @@ class Router:
         self.created = int(time.time())
         self.running = 0
         self._worker_ids: set[str] = set()
+        # No array in a body may hold more items than the context has tokens.
+        self.bodies = BodyDecoder(settings.max_model_len + 1)
+        self.completions = CompletionsApi(self)
+        self.responses = ResponsesApi(self)
+        self.tokenize_api = TokenizeApi(self)
 
     # -- application -----------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024**2)
+        app = web.Application(middlewares=[self._middleware],
+                              client_max_size=self.settings.max_body_bytes)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model}", self.model)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        self.completions.add_routes(app)
+        self.responses.add_routes(app)
+        self.tokenize_api.add_routes(app)
         app.router.add_get("/health", self.health)
         app.router.add_get("/ready", self.ready)
         app.router.add_get("/metrics", self.metrics_page)
         app.on_response_prepare.append(self._add_request_id)
         app.on_startup.append(lambda _app: self.backend.start())
         app.on_cleanup.append(lambda _app: self.backend.close())
+        app.on_cleanup.append(self._close_decoder)
         return app
 
     @web.middleware
@@ -136,17 +144,20 @@ class Router:
         rid = request.headers.get(REQUEST_ID_HEADER, "")
         request[REQUEST_ID] = rid if _REQUEST_ID_OK.match(rid) else uuid.uuid4().hex
         try:
-            if request.path.startswith("/v1/"):
+            if request.path.startswith(_AUTHORIZED):
                 self._authorize(request)
             return await handler(request)
         except ApiError as err:
-            return _error_response(err)
+            return err.response()
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
             kind = "not_found" if exc.status == 404 else "invalid_request_error"
-            return _error_response(ApiError(exc.status, f"{exc.reason}: {request.method} "
-                                            f"{request.path}", type=kind))
+            return ApiError(exc.status, f"{exc.reason}: {request.method} {request.path}",
+                            type=kind).response()
+
+    async def _close_decoder(self, app: web.Application) -> None:
+        self.bodies.close()
 
     async def _add_request_id(self, request: web.Request, response: web.StreamResponse) -> None:
         if REQUEST_ID in request:
@@ -194,59 +205,107 @@ class Router:
         return web.Response(body=self.metrics.exposition(),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
-    # -- generation ------------------------------------------------------------------------
+    # -- request preparation (shared with the Responses API) -------------------------------
 
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, parse_completion)
+    async def read_request(self, request: web.Request, parse) -> Any:
+        """The body decoded and validated by parse, off the event loop (413 / 400 first)."""
+        raw = await read_body(request, self.settings.max_body_bytes)
+        body = await self.bodies.decode(raw)
+        return await asyncio.to_thread(parse, body)
 
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, parse_chat)
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.settings.served_model_name:
+            raise model_not_found(model)
 
-    async def _read_body(self, request: web.Request) -> Any:
+    def template_kwargs(self, parsed: ParsedRequest) -> dict[str, Any]:
+        kwargs = dict(parsed.chat_template_kwargs)
+        # tool_choice "none": the model is not shown the tools, so it answers in text.
+        if parsed.tools and parsed.tool_choice.mode != "none":
+            kwargs["tools"] = [t.template_dict() for t in parsed.tools]
+        return kwargs
+
+    async def render_chat(self, messages: list[dict], kwargs: dict[str, Any]) -> str:
         try:
-            return json.loads(await request.read())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise bad_request(f"The request body is not valid JSON: {exc}",
-                              code="invalid_json") from None
+            return await asyncio.to_thread(self.tokenizer.render_chat, messages, kwargs)
+        except (ValueError, TypeError, KeyError, jinja2.TemplateError) as exc:
+            raise bad_request(f"messages: the chat template failed: {exc}",
+                              param="messages", code="invalid_value") from None
 
-    async def _prompt_ids(self, parsed: ParsedRequest) -> list[int]:
-        if parsed.prompt_ids is not None:
-            vocab = self.tokenizer.vocab_size
-            bad = [t for t in parsed.prompt_ids if t >= vocab]
-            if bad:
-                raise bad_request(f"prompt: token id {bad[0]} is outside the vocabulary "
-                                  f"(size {vocab})", param="prompt", code="invalid_value")
-            return parsed.prompt_ids
-        if parsed.endpoint == "chat":
-            try:
-                ids = await asyncio.to_thread(self.tokenizer.render_chat, parsed.messages,
-                                              parsed.chat_template_kwargs)
-            except (ValueError, TypeError, KeyError) as exc:
-                raise bad_request(f"messages: the chat template failed: {exc}",
-                                  param="messages", code="invalid_value") from None
-        else:
-            ids = await asyncio.to_thread(self.tokenizer.encode, parsed.prompt_text)
+    def context_error(self, param: str, detail: str) -> ApiError:
+        return bad_request(f"This model's maximum context length is "
+                           f"{self.settings.max_model_len} tokens; {detail}.", param=param,
+                           code="context_length_exceeded")
+
+    async def encode(self, text: str, param: str, add_special_tokens: bool) -> list[int]:
+        try:
+            ids = await bounded_encode(self.tokenizer, text, self.settings.max_model_len,
+                                       add_special_tokens)
+        except PromptTooLong as exc:
+            raise self.context_error(param, f"the prompt has at least {exc.at_least} tokens, "
+                                     "leaving no room for output") from None
         if not ids:
-            raise bad_request("prompt: tokenizes to no tokens", param="prompt",
+            raise bad_request(f"{param}: tokenizes to no tokens", param=param,
                               code="invalid_value")
         return ids
 
+    def check_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.tokenizer.vocab_size
+        if ids and max(ids) >= vocab:
+            bad = next(t for t in ids if t >= vocab)
+            raise bad_request(f"{param}: token id {bad} is outside the vocabulary "
+                              f"(size {vocab})", param=param, code="invalid_value")
+
+    async def _prompts(self, parsed: ParsedRequest) -> list[PreparedPrompt]:
+        if parsed.endpoint == "completions":
+            prompts = []
+            for i, p in enumerate(parsed.prompts):
+                param = "prompt" if len(parsed.prompts) == 1 else f"prompt[{i}]"
+                if p.ids is not None:
+                    if len(p.ids) >= self.settings.max_model_len:
+                        raise self.context_error(param, f"the prompt has {len(p.ids)} tokens, "
+                                                 "leaving no room for output")
+                    self.check_ids(p.ids, param)
+                    text = self.tokenizer.decode(p.ids) if parsed.echo else None
+                    prompts.append(PreparedPrompt(p.ids, text, None))
+                else:
+                    ids = await self.encode(p.text, param, True)
+                    prompts.append(PreparedPrompt(ids, p.text, None))
+            return prompts
+        text = await self.render_chat(parsed.messages, self.template_kwargs(parsed))
+        ids = await self.encode(text, "messages", add_special_tokens=False)
+        return [PreparedPrompt(ids, text, text.rfind("<think>") > text.rfind("</think>"))]
+
+    async def _grammar(self, parsed: ParsedRequest, prompt: PreparedPrompt) -> str | None:
+        fmt = parsed.output_format
+        if fmt is None and parsed.tool_choice.mode not in ("required", "function"):
+            return None
+        tools_param = ("tools[{i}].function.parameters" if parsed.endpoint == "chat"
+                       else "tools[{i}].parameters")
+
+        def compile_grammar() -> str | None:
+            return self.tokenizer.grammar_compiler().compile(
+                fmt, parsed.tools, parsed.tool_choice, parsed.parallel_tool_calls,
+                bool(prompt.in_reasoning), tools_param)
+
+        try:
+            return await asyncio.to_thread(compile_grammar)
+        except GrammarError as exc:
+            raise bad_request(str(exc), param=exc.param, code="invalid_schema") from None
+
     def _max_tokens(self, parsed: ParsedRequest, prompt_len: int) -> int:
         limit = self.settings.max_model_len
-        param = "messages" if parsed.endpoint == "chat" else "prompt"
+        param = "prompt" if parsed.endpoint == "completions" else "messages"
         if prompt_len >= limit:
-            raise bad_request(
-                f"This model's maximum context length is {limit} tokens; the prompt has "
-                f"{prompt_len} tokens, leaving no room for output.",
-                param=param, code="context_length_exceeded")
+            raise self.context_error(param, f"the prompt has {prompt_len} tokens, leaving no "
+                                     "room for output")
         if parsed.max_tokens is None:
             default = DEFAULT_COMPLETION_MAX_TOKENS if parsed.endpoint == "completions" else None
             return min(default or limit, limit - prompt_len)
         if prompt_len + parsed.max_tokens > limit:
-            raise bad_request(
-                f"This model's maximum context length is {limit} tokens; the prompt has "
-                f"{prompt_len} tokens and max_tokens asks for {parsed.max_tokens} more.",
-                param="max_tokens", code="context_length_exceeded")
+            raise self.context_error(
+                "max_output_tokens" if parsed.endpoint == "responses" else "max_tokens",
+                f"the prompt has {prompt_len} tokens and the request asks for "
+                f"{parsed.max_tokens} more")
         return parsed.max_tokens
 
     def _worker_request_id(self, request_id: str) -> str:
@@ -258,6 +317,49 @@ class Router:
             unique = f"{request_id}.{n}"
         self._worker_ids.add(unique)
         return unique
+
+    async def _choices(self, parsed: ParsedRequest, client_request_id: str) -> list[Choice]:
+        prompts = await self._prompts(parsed)
+        vocab = self.tokenizer.vocab_size
+        sp = parsed.sampling
+        if any(t >= vocab for t in sp.stop_token_ids):
+            raise bad_request(f"stop_token_ids: ids must be below the vocabulary size "
+                              f"{vocab}, got {sp.stop_token_ids}",
+                              param="stop_token_ids", code="invalid_value")
+        outside = sorted(t for t in sp.logit_bias if t >= vocab)
+        if outside:
+            raise bad_request(f"logit_bias: token {outside[0]} is outside the vocabulary "
+                              f"(size {vocab})", param="logit_bias", code="invalid_value")
+        budgets = [self._max_tokens(parsed, len(p.ids)) for p in prompts]
+        if sp.min_tokens > min(budgets):
+            raise bad_request(f"min_tokens: {sp.min_tokens} is more than the {min(budgets)} "
+                              "tokens this request may generate (max_tokens / the context)",
+                              param="min_tokens", code="invalid_value")
+        grammar = await self._grammar(parsed, prompts[0])
+        functions = ({t.name: t.parameters for t in parsed.tools}
+                     if parsed.tools and parsed.tool_choice.parses_calls else None)
+        one_call = not parsed.parallel_tool_calls or parsed.tool_choice.mode == "function"
+        max_calls = 1 if one_call else parsed.max_tool_calls
+        deadline = time.time() + self.settings.request_timeout_s
+        choices = []
+        for p_index, (prompt, budget) in enumerate(zip(prompts, budgets)):
+            # n > 1: the choices share a cache key, so a prefix cache serves their prompt.
+            cache_key = parsed.cache_key or (f"{client_request_id}/{p_index}"
+                                             if parsed.n > 1 else None)
+            for j in range(parsed.n):
+                sampling = replace(sp, max_tokens=budget, seed=choice_seed(sp.seed, j),
+                                   grammar=grammar or "")
+                gen = GenerationRequest(
+                    request_id=self._worker_request_id(client_request_id),
+                    prompt_ids=tuple(prompt.ids), sampling=sampling, deadline=deadline,
+                    cache_key=cache_key)
+                output = ChoiceOutput(self.tokenizer, prompt.ids, stop=sp.stop,
+                                      reasoning=prompt.in_reasoning, tools=functions,
+                                      max_tool_calls=max_calls)
+                choices.append(Choice(index=len(choices), prompt_index=p_index, gen=gen,
+                                      output=output,
+                                      echo=prompt.text if parsed.echo else ""))
+        return choices
 
     async def _open(self, gen: GenerationRequest):
         async def start():
@@ -275,61 +377,61 @@ class Router:
         return await asyncio.wait_for(self.queue.admit(start, gen.deadline),
                                       max(0.0, gen.deadline - time.time()))
 
-    async def _generate(self, request: web.Request, parse) -> web.StreamResponse:
-        t_arrival = time.monotonic()
+    async def _open_later(self, gen: GenerationRequest):
+        """A choice after the first: its failure to start fails the request in flight."""
+        try:
+            return await self._open(gen)
+        except NoReadyWorker as exc:
+            raise WorkerFailure(f"no ready {exc.role} worker for another choice") from None
+        except ApiError as exc:
+            raise WorkerFailure(f"another choice could not start: {exc.message}") from None
+
+    def _token_name(self, parsed: ParsedRequest):  # logprob entries' token strings
+        if parsed.tokens_as_ids:
+            return lambda t: f"token_id:{t}"
+        return lambda t: self.tokenizer.decode([t])
+
+    async def start(self, request: web.Request, parsed: ParsedRequest,
+                    t_arrival: float) -> Generation:
+        """Choice 0 open up to its first token; ApiError for anything before that."""
+        self.check_model(parsed.model)
+        choices = await self._choices(parsed, request[REQUEST_ID])
+
+        def open_choice(gen: GenerationRequest):
+            return self._open(gen) if gen is choices[0].gen else self._open_later(gen)
+
+        generation = Generation(request[REQUEST_ID], choices, open_choice, self.metrics,
+                                parsed.sampling.logprobs, self._token_name(parsed))
+        request[_GENERATION] = generation
         timeout_s = self.settings.request_timeout_s
-        stream = None
-        gen: GenerationRequest | None = None
+        try:
+            self.backend.check_ready()
+            await generation.open(t_arrival)
+        except NoReadyWorker as exc:
+            raise no_ready_worker(exc.role) from None
+        except asyncio.TimeoutError:
+            raise deadline_exceeded(timeout_s) from None
+        except WorkerFailure as exc:
+            raise backend_failure(str(exc)) from None
+        return generation
+
+    async def serve(self, request: web.Request, parse, respond) -> web.StreamResponse:
+        """One generation request from body to answer, with its outcome counted.
+
+        respond(generation, parsed) -> (response, outcome) writes the answer.
+        """
+        t_arrival = time.monotonic()
         generation: Generation | None = None
         outcome = "error"
         self.running += 1
         try:
             try:
-                parsed = parse(await self._read_body(request))
-                if parsed.model != self.settings.served_model_name:
-                    raise model_not_found(parsed.model)
-                prompt_ids = await self._prompt_ids(parsed)
-                vocab = self.tokenizer.vocab_size
-                stop_ids = parsed.sampling.stop_token_ids
-                if any(t >= vocab for t in stop_ids):
-                    raise bad_request(f"stop_token_ids: ids must be below the vocabulary size "
-                                      f"{vocab}, got {stop_ids}",
-                                      param="stop_token_ids", code="invalid_value")
-                sampling = replace(parsed.sampling,
-                                   max_tokens=self._max_tokens(parsed, len(prompt_ids)))
-                gen = GenerationRequest(request_id=self._worker_request_id(request[REQUEST_ID]),
-                                        prompt_ids=tuple(prompt_ids), sampling=sampling,
-                                        deadline=time.time() + timeout_s)
-                try:
-                    self.backend.check_ready()
-                    stream, first = await self._open(gen)
-                except NoReadyWorker as exc:
-                    raise no_ready_worker(exc.role) from None
-                except asyncio.TimeoutError:
-                    raise deadline_exceeded(timeout_s) from None
-                except WorkerFailure as exc:
-                    raise backend_failure(str(exc)) from None
+                parsed = await self.read_request(request, parse)
+                generation = await self.start(request, parsed, t_arrival)
             except ApiError as err:
                 outcome = _outcome(err)
-                return _error_response(err)
-            generation = Generation(parsed, gen, request[REQUEST_ID], self.tokenizer.decode,
-                                    self.metrics)
-            events = generation.events(stream, first, t_arrival)
-            if parsed.stream:
-                response, outcome = await self._stream(request, generation, events)
-            else:
-                try:
-                    response = await self._complete(generation, events)
-                    outcome = "success"
-                except asyncio.TimeoutError:
-                    outcome = "timeout"
-                    response = _error_response(deadline_exceeded(timeout_s))
-                except WorkerFailure as exc:
-                    response = _error_response(backend_failure(str(exc)))
-                except Exception:
-                    log.exception("request %s failed", request[REQUEST_ID])
-                    response = _error_response(ApiError(500, "internal error in the router",
-                                                        type="server_error"))
+                return err.response()
+            response, outcome = await respond(request, generation, parsed)
             if outcome == "success":
                 self.metrics.request_duration.observe(time.monotonic() - t_arrival)
             return response
@@ -341,135 +443,25 @@ class Router:
             raise
         finally:
             self.running -= 1
-            if gen is not None:
-                self._worker_ids.discard(gen.request_id)
+            generation = request.get(_GENERATION)
+            if generation is not None:
+                for c in generation.choices:
+                    self._worker_ids.discard(c.gen.request_id)
             # Counted before the await below: a cancellation landing there (the client closed
             # as the answer ended) must not lose the count.
             self.metrics.request_finished(outcome)
             self.queue.notify()
             log.info("request %s %s %s: %d prompt + %d completion tokens in %.3f s",
                      request[REQUEST_ID], request.path, outcome,
-                     len(gen.prompt_ids) if gen is not None else 0,
+                     generation.usage()["prompt_tokens"] if generation is not None else 0,
                      generation.completion_tokens if generation is not None else 0,
                      time.monotonic() - t_arrival)
-            if stream is not None:
-                # Closing the backend's stream cancels whatever the workers still do for it
-                # (shielded: it completes even if this handler is being cancelled).
-                await asyncio.shield(stream.aclose())
+            if generation is not None:
+                # Closing the backend's streams cancels whatever the workers still do for
+                # them (shielded: it completes even if this handler is being cancelled).
+                await asyncio.shield(generation.close())
 
-    def _envelope(self, generation: Generation, object_name: str) -> dict[str, Any]:
-        prefix = "chatcmpl-" if generation.parsed.endpoint == "chat" else "cmpl-"
-        return {"id": prefix + generation.client_request_id, "object": object_name,
-                "created": int(time.time()), "model": self.settings.served_model_name}
-
-    async def _complete(self, generation: Generation, events) -> web.Response:
-        parts, entries = [], []
-        async for delta, entry in events:
-            parts.append(delta)
-            if entry is not None:
-                entries.append(entry)
-        text = "".join(parts)
-        want_logprobs = generation.parsed.sampling.logprobs is not None
-        if generation.parsed.endpoint == "chat":
-            body = self._envelope(generation, "chat.completion")
-            body["choices"] = [{
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": {"content": [chat_logprob(e) for e in entries]}
-                if want_logprobs else None,
-                "finish_reason": generation.finish_reason,
-            }]
-        else:
-            body = self._envelope(generation, "text_completion")
-            body["choices"] = [{
-                "index": 0, "text": text,
-                "logprobs": completion_logprobs(entries, 0) if want_logprobs else None,
-                "finish_reason": generation.finish_reason,
-            }]
-        body["usage"] = generation.usage()
-        return web.json_response(body)
-
-    async def _stream(self, request: web.Request, generation: Generation,
-                      events) -> tuple[web.StreamResponse, str]:
-        response = web.StreamResponse(headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no"})
-        try:
-            outcome = await self._write_stream(request, response, generation, events)
-        except ConnectionResetError:
-            # The client went away mid-stream: an ordinary end, not a router error (raised
-            # on, aiohttp would log it as one). The caller's finally closes the backend
-            # stream, which cancels the workers' share of the request.
-            log.debug("request %s: the client disconnected mid-stream",
-                      generation.gen.request_id)
-            return response, "cancelled"
-        try:
-            await response.write_eof()
-        except ConnectionResetError:
-            pass  # the client read the whole stream, [DONE] included, and closed first
-        return response, outcome
-
-    async def _write_stream(self, request: web.Request, response: web.StreamResponse,
-                            generation: Generation, events) -> str:
-        parsed = generation.parsed
-        chat = parsed.endpoint == "chat"
-        await response.prepare(request)
-        envelope = self._envelope(generation, "chat.completion.chunk" if chat
-                                  else "text_completion")
-
-        def chunk(choice: dict[str, Any] | None) -> bytes:
-            body = dict(envelope)
-            body["choices"] = [] if choice is None else [choice]
-            if parsed.include_usage:
-                body["usage"] = None
-            return sse(body)
-
-        if chat:
-            await response.write(chunk({"index": 0, "delta": {"role": "assistant",
-                                        "content": ""}, "logprobs": None,
-                                        "finish_reason": None}))
-        text_offset = 0
-        outcome = "success"
-        try:
-            async for delta, entry in events:
-                if not delta and entry is None:
-                    continue
-                if chat:
-                    choice = {"index": 0, "delta": {"content": delta},
-                              "logprobs": {"content": [chat_logprob(entry)]}
-                              if entry is not None else None, "finish_reason": None}
-                else:
-                    choice = {"index": 0, "text": delta,
-                              "logprobs": completion_logprobs([entry], text_offset)
-                              if entry is not None else None, "finish_reason": None}
-                    text_offset += len(entry["token"]) if entry is not None else 0
-                await response.write(chunk(choice))
-            final = {"index": 0, "logprobs": None, "finish_reason": generation.finish_reason}
-            final.update({"delta": {}} if chat else {"text": ""})
-            await response.write(chunk(final))
-            if parsed.include_usage:
-                body = dict(envelope)
-                body["choices"] = []
-                body["usage"] = generation.usage()
-                await response.write(sse(body))
-        except asyncio.TimeoutError:
-            outcome = "timeout"
-            await response.write(sse(deadline_exceeded(self.settings.request_timeout_s).body()))
-        except WorkerFailure as exc:
-            outcome = "error"
-            log.warning("request %s failed after its retry: %s", generation.gen.request_id, exc)
-            await response.write(sse(backend_failure(str(exc)).body()))
-        except (asyncio.CancelledError, ConnectionResetError):
-            raise
-        except Exception:
-            # The stream has begun: the client can only learn of a failure in the stream.
-            outcome = "error"
-            log.exception("request %s failed mid-stream", generation.gen.request_id)
-            await response.write(sse(ApiError(500, "internal error in the router",
-                                               type="server_error").body()))
-        await response.write(sse("[DONE]"))
-        generation.delivered = outcome == "success"
-        return outcome
+_GENERATION = web.RequestKey("generation", Generation)
 
 
 async def start_site(app: web.Application, host: str, port: int,

@@ -1,13 +1,97 @@
-"""The router's view of the checkpoint's tokenizer (baton.workers.engine.tokenizer)."""
+"""The router's view of the checkpoint's tokenizer (baton.workers.engine.tokenizer), and
+tokenizing prompts without letting one request stall the others.
+
+`bounded_encode` is how every prompt is tokenized: off the event loop (the `tokenizers`
+batch call releases the GIL, the single-text one does not), and bounded: a prompt that
+cannot fit the context is refused before it is tokenized in full (more bytes than the
+context's tokens could ever cover; or, for long texts, counted chunk by chunk until the count
+is past the limit).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from baton.workers.engine.tokenizer import load_tokenizer
+from baton.workers.engine.tokenizer import Tokenizer, load_tokenizer
+from baton.workers.router.grammar import GrammarCompiler
+
+# Markup the output processing reads; kept when decoding even where it is a special token.
+MARKUP_TOKENS = ("<think>", "</think>", "<tool_call>", "</tool_call>")
+# Long prompts are counted in chunks of this many characters per token of the limit...
+CHARS_PER_TOKEN_PROBE = 4
+# ...each cut counting at most this many tokens more than the whole text would.
+CUT_SLACK_TOKENS = 16
+
+
+class RouterTokenizer(Protocol):
+    """What the router needs of the model's tokenizer."""
+
+    vocab_size: int
+    max_token_bytes: int  # the longest token's UTF-8 length
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def render_chat(self, messages: list[dict], template_kwargs: dict) -> str: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+    def token_strs(self, ids: Sequence[int]) -> list[str]: ...
+
+    def grammar_compiler(self) -> GrammarCompiler: ...
+
+
+class PromptTooLong(Exception):
+    def __init__(self, at_least: int) -> None:
+        super().__init__(f"the prompt has at least {at_least} tokens")
+        self.at_least = at_least
+
+
+def _cut(text: str, at: int) -> int:
+    """A cut near `at` just before a whitespace that follows other text (where pre-tokenizers
+    split anyway), or at `at` when there is none nearby."""
+    for i in range(at, min(len(text), at + 256)):
+        if text[i].isspace() and i > 0 and not text[i - 1].isspace():
+            return i
+    return at
+
+
+def _count_exceeds(tokenizer: RouterTokenizer, text: str, limit: int,
+                   add_special_tokens: bool) -> int | None:
+    """A lower bound on text's token count once it reaches the limit, else None."""
+    chunk = CHARS_PER_TOKEN_PROBE * max(limit, 1024)
+    count, cuts, start = 0, 0, 0
+    while start < len(text):
+        end = len(text) if len(text) - start <= chunk else _cut(text, start + chunk)
+        count += len(tokenizer.encode(text[start:end], add_special_tokens and start == 0))
+        cuts += end < len(text)
+        if count - CUT_SLACK_TOKENS * cuts >= limit:
+            return count - CUT_SLACK_TOKENS * cuts
+        start = end
+    return None
+
+
+def _encode_within(tokenizer: RouterTokenizer, text: str, limit: int,
+                   add_special_tokens: bool) -> list[int]:
+    n_bytes = len(text.encode("utf-8"))
+    if n_bytes >= limit * tokenizer.max_token_bytes:
+        raise PromptTooLong(-(-n_bytes // tokenizer.max_token_bytes))
+    if len(text) > CHARS_PER_TOKEN_PROBE * max(limit, 1024):
+        at_least = _count_exceeds(tokenizer, text, limit, add_special_tokens)
+        if at_least is not None:
+            raise PromptTooLong(at_least)
+    return tokenizer.encode(text, add_special_tokens)
+
+
+async def bounded_encode(tokenizer: RouterTokenizer, text: str, limit: int,
+                         add_special_tokens: bool = True) -> list[int]:
+    """text's token ids; PromptTooLong when it has `limit` tokens or more (not always
+    tokenized in full to find out). Runs in a worker thread."""
+    return await asyncio.to_thread(_encode_within, tokenizer, text, limit, add_special_tokens)
 
 
 class CheckpointTokenizer:
@@ -18,17 +102,70 @@ class CheckpointTokenizer:
     """
 
     def __init__(self, model_path: str | Path) -> None:
+        self._path = Path(model_path)
         self._tokenizer = load_tokenizer(model_path)
-        config_path = Path(model_path) / "config.json"
+        config_path = self._path / "config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self.vocab_size = int(config.get("vocab_size") or self._tokenizer.vocab_size)
+        self._hidden: frozenset[int] = frozenset()  # specials decode drops
+        self.special_markup: frozenset[str] = frozenset()
+        self.max_token_bytes = 1
+        if isinstance(self._tokenizer, Tokenizer):
+            backend = self._tokenizer.backend
+            added = backend.get_added_tokens_decoder()
+            specials = {i: t.content for i, t in added.items() if t.special}
+            self.special_markup = frozenset(c for c in specials.values() if c in MARKUP_TOKENS)
+            self._hidden = frozenset(i for i, c in specials.items() if c not in MARKUP_TOKENS)
+            pieces = backend.decode_batch(
+                [[i] for i in range(backend.get_vocab_size(with_added_tokens=True))],
+                skip_special_tokens=False)
+            self.max_token_bytes = max((len(p.encode("utf-8")) for p in pieces), default=1)
+        self._compiler: GrammarCompiler | None = None
+        self._compiler_lock = threading.Lock()
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        tok = self._tokenizer
+        if not isinstance(tok, Tokenizer):
+            return list(tok.encode(text, add_special_tokens=add_special_tokens))
+        backend = tok.backend
+        # The batch call releases the GIL while it tokenizes (the single-text one holds it).
+        batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        ids = batch([text], add_special_tokens=add_special_tokens)[0].ids
+        if add_special_tokens and tok.add_bos_token and tok.bos_token_id is not None:
+            if not ids or ids[0] != tok.bos_token_id:
+                ids = [tok.bos_token_id, *ids]
+        return list(ids)
 
-    def render_chat(self, messages: list[dict], template_kwargs: dict[str, Any]) -> list[int]:
-        return list(self._tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, **template_kwargs))
+    def render_chat(self, messages: list[dict], template_kwargs: dict[str, Any]) -> str:
+        """The prompt text (tokenize with encode(..., add_special_tokens=False));
+        template_kwargs may turn add_generation_prompt off (/tokenize)."""
+        kwargs = dict(template_kwargs)
+        add = kwargs.pop("add_generation_prompt", True)
+        return self._tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add, tokenize=False, **kwargs)
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(ids))
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of ids; skipping special tokens keeps those that are output markup."""
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._hidden]
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def token_strs(self, ids: Sequence[int]) -> list[str]:
+        if isinstance(self._tokenizer, Tokenizer):
+            backend = self._tokenizer.backend
+            return [backend.id_to_token(i) or "" for i in ids]
+        return [self.decode([i], skip_special_tokens=False) for i in ids]
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The model's grammar compiler, built on first use (blocking: ~1 s for a large
+        vocabulary, so call it off the event loop)."""
+        with self._compiler_lock:
+            if self._compiler is None:
+                lltok = None
+                if isinstance(self._tokenizer, Tokenizer):
+                    from llguidance import LLTokenizer
+
+                    lltok = LLTokenizer(self._tokenizer.backend.to_str(),
+                                        n_vocab=self.vocab_size)
+                self._compiler = GrammarCompiler(lltok, self.special_markup)
+            return self._compiler

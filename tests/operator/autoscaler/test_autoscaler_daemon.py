@@ -4,6 +4,7 @@ reading (attainment from histogram buckets) without a cluster."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -74,8 +75,8 @@ def test_status_round_trips_the_policy_state():
     assert back.desired == d.desired
     assert back.last_scale_time == pytest.approx(math.floor(NOW))
     assert back.last_boost == pytest.approx(d.state.last_boost)
-    assert [v for e in back.recent_demand for v in e] == pytest.approx(
-        [v for e in d.state.recent_demand for v in e], rel=1e-6)
+    assert [v for e in back.recent for v in e.as_list()] == pytest.approx(
+        [v for e in d.state.recent for v in e.as_list()], rel=1e-6)
     assert back.full_pools == {"decode/b200": (pytest.approx(NOW), 0)}
     assert back.observing_since == pytest.approx(NOW)
     # a later decision from the restored state equals one from the original state
@@ -83,8 +84,7 @@ def test_status_round_trips_the_policy_state():
     same = decide(m.spec, obs, d.desired, {}, d.state, NOW + 30, DEFAULT_PROFILE)
     assert again.desired == same.desired
     # unreadable memory starts afresh instead of failing
-    assert state_from_status({"autoscaler": {"memory": {"recentDemand": "x"}}}) == \
-        PolicyState()
+    assert state_from_status({"autoscaler": {"memory": {"recent": "x"}}}) == PolicyState()
     assert state_from_status(None) == PolicyState()
 
 
@@ -198,3 +198,93 @@ async def test_run_once_holds_without_prometheus_and_clears_removed_pools():
     assert DESIRED_REPLICAS.labels("llm", "nano", "prefill", "b200")._value.get() == 3
     # nothing to drain: no held size is below its Deployment's
     assert cluster.annotated == []
+
+
+async def test_a_repeated_scale_down_marks_no_further_pods():
+    """Until the reconcile lowers the Deployment, every round sees the same excess; pods
+    marked by an earlier round count, so the ReplicaSet removes just what was decided."""
+    import logging
+
+    from baton.operator.autoscaler.daemon import DELETION_COST, DRAIN_COST, run_once
+
+    m = model()
+    marked = pod("p-old", pool="b200", age=900)
+    marked["metadata"]["annotations"] = {DELETION_COST: DRAIN_COST}
+    pods = [marked, pod("p-mid", pool="b200", age=600), pod("p-young", pool="b200", age=60)]
+    cluster = FakeCluster({"nano-prefill-b200": 3, "nano-decode-b200": 1}, pods)
+    last = {"prefill": {"b200": 1, "h100": 0}, "decode": {"b200": 1, "h100": 0}}
+    body = {"metadata": {"name": "nano", "namespace": "llm"},
+            "status": {"autoscaler": {"desired": last}}}
+    decision = await run_once(m, body, cluster, None, DEFAULT_PROFILE, NOW,
+                              logging.getLogger("test"), state_from_status(body["status"]),
+                              was_held=True)
+    assert decision.drain["prefill"] == {"b200": 2}
+    # one was marked already: only the youngest of the others joins it
+    assert cluster.annotated == [("p-young", {DELETION_COST: DRAIN_COST})]
+    again = FakeCluster({"nano-prefill-b200": 3, "nano-decode-b200": 1},
+                        pods[:2] + [dict(pods[2], metadata={
+                            **pods[2]["metadata"], "annotations": {DELETION_COST: DRAIN_COST}})])
+    await run_once(m, body, again, None, DEFAULT_PROFILE, NOW + 30, logging.getLogger("test"),
+                   decision.state, was_held=True)
+    assert again.annotated == []
+    # the scale-down called off (the pool keeps its 3 pods): the marks are cleared
+    kept = {"prefill": {"b200": 3, "h100": 0}, "decode": {"b200": 1, "h100": 0}}
+    body["status"]["autoscaler"]["desired"] = kept
+    off = FakeCluster({"nano-prefill-b200": 3, "nano-decode-b200": 1}, again.pods)
+    await run_once(m, body, off, None, DEFAULT_PROFILE, NOW + 60, logging.getLogger("test"),
+                   state_from_status(body["status"]), was_held=True)
+    assert sorted(off.annotated) == [("p-old", {DELETION_COST: None}),
+                                     ("p-young", {DELETION_COST: None})]
+
+
+def test_scale_events_say_which_way_and_explain_each_role_that_changes():
+    from baton.operator.autoscaler.daemon import scale_event
+
+    m = model()
+    busy = Observation(request_rate=20, prompt_tokens_per_second=120000,
+                       generation_tokens_per_second=4000, prefill_waiting=0,
+                       decode_running=60, decode_waiting=0, ttft_attainment=1.0,
+                       itl_attainment=1.0, mean_itl_seconds=0.02, arrival_rate=20)
+    small = {"prefill": {"b200": 1, "h100": 0}, "decode": {"b200": 1, "h100": 0}}
+    up = decide(m.spec, busy, small, {}, PolicyState(), NOW, DEFAULT_PROFILE)
+    kind, message = scale_event(up, small)
+    assert kind == "ScaledUp"
+    # only prefill grows: the message is prefill's explanation alone
+    assert up.desired["decode"] == small["decode"]
+    assert message == up.explanations["prefill"]
+    assert message.startswith("prefill b200 1 -> ") and "120k prompt tokens/s" in message
+    assert "arrivals 20/s" in message and "decode" not in message
+    # a shrink after the window is ScaledDown; both directions at once are Scaled
+    idle = Observation(request_rate=1, prompt_tokens_per_second=6000,
+                       generation_tokens_per_second=2000, prefill_waiting=0,
+                       decode_running=10, decode_waiting=0, ttft_attainment=1.0,
+                       itl_attainment=1.0, arrival_rate=1)
+    later = NOW + m.spec.autoscaling.scale_down_stabilization_seconds + 1
+    down = decide(m.spec, idle, up.desired, {}, replace(up.state, observing_since=NOW - 1e4),
+                  later, DEFAULT_PROFILE)
+    assert scale_event(down, up.desired)[0] == "ScaledDown"
+    mixed = replace(down, desired={"prefill": down.desired["prefill"],
+                                   "decode": {"b200": 2, "h100": 0}})
+    assert scale_event(mixed, up.desired)[0] == "Scaled"
+    # nothing changes, or metrics are missing: no Event (the latter has its own)
+    same = decide(m.spec, busy, up.desired, {}, up.state, NOW + 30, DEFAULT_PROFILE)
+    assert not same.changed and scale_event(same, up.desired) is None
+    held = decide(m.spec, None, small, {}, up.state, NOW + 30, DEFAULT_PROFILE, "down")
+    assert held.held and scale_event(held, small) is None
+
+
+async def test_marking_a_pod_the_replica_set_just_removed_is_no_failure():
+    from baton.operator.autoscaler.daemon import KubernetesCluster
+    from baton.operator.kube import ApiError
+
+    class GoneOrBroken:
+        def __init__(self, status):
+            self.status = status
+
+        def merge_patch(self, res, namespace, name, body):
+            raise ApiError(self.status, "PATCH", f"/api/v1/namespaces/{namespace}/pods/{name}",
+                           '{"message": "nope"}')
+
+    await KubernetesCluster(GoneOrBroken(404)).annotate_pod("llm", "p", {"a": "b"})
+    with pytest.raises(ApiError, match="HTTP 403"):
+        await KubernetesCluster(GoneOrBroken(403)).annotate_pod("llm", "p", {"a": "b"})

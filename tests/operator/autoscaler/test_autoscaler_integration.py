@@ -4,8 +4,9 @@ handlers and the autoscaler daemon) against the Kubernetes API served by kmock.
 
 The autoscaler must read the metrics through Prometheus's HTTP API, write
 status.autoscaler.desired as the policy says, and the reconcile must set the Deployments'
-replicas from it; a TTFT breach scales prefill only; a lower load drains marked pods; with
-Prometheus gone the last decision holds.
+replicas from it; a TTFT breach scales prefill only; a lower load drains marked pods;
+arrivals outrunning completions grow prefill before any breach; with Prometheus gone the
+last decision holds.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -51,7 +53,7 @@ PROFILE = {"prefill_tokens_per_second": 10000, "decode_step_seconds": {"1": 0.01
 BUCKETS = (0.005, 0.01, 0.02, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 LABELS = ("namespace", "model", "role", "pool")
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = pytest.mark.timeout(240)
 
 
 def free_port() -> int:
@@ -71,6 +73,7 @@ def model_spec(prometheus_url: str) -> dict:
             "decode": {"pools": pools, "maxConcurrency": 512},
             "autoscaling": {"enabled": True, "prometheusUrl": prometheus_url,
                             "intervalSeconds": 5, "scaleDownStabilizationSeconds": 5,
+                            "startupSeconds": 5,
                             "pendingTimeoutSeconds": 1,
                             "targets": {"timeToFirstTokenSeconds": "2",
                                         "interTokenLatencySeconds": "0.05",
@@ -92,12 +95,18 @@ class Load:
                               registry=r).labels(NS, NAME, "prefill", "fast")
         self.generation = Counter("baton_generation_tokens", "generated tokens", LABELS,
                                   registry=r).labels(NS, NAME, "decode", "fast")
+        # the router counts a request in flight from its arrival, finished at its end
+        self.finished = Counter("baton_requests", "finished", LABELS + ("outcome",),
+                                registry=r).labels(*router, "success")
         waiting = Gauge("baton_requests_waiting", "waiting", LABELS, registry=r)
         running = Gauge("baton_requests_running", "running", LABELS, registry=r)
         for role in ("router", "prefill", "decode"):
             waiting.labels(NS, NAME, role, "" if role == "router" else "fast").set(0)
         running.labels(NS, NAME, "decode", "fast").set(300)
         running.labels(NS, NAME, "prefill", "fast").set(2)
+        self.router_running = running.labels(*router)
+        self.router_running.set(300)
+        self.in_flight_growth = 0.0
         self.requests_per_second = 10.0
         self.prompt_tokens_per_second = 30000.0
         self.generation_tokens_per_second = 54000.0
@@ -113,9 +122,11 @@ class Load:
             step, last = now - last, now  # by the clock: the rates hold whatever the loop's lag
             self.prompt.inc(self.prompt_tokens_per_second * step)
             self.generation.inc(self.generation_tokens_per_second * step)
+            self.router_running.inc(self.in_flight_growth * step)
             self._owed += self.requests_per_second * step
             while self._owed >= 1:
                 self._owed -= 1
+                self.finished.inc()  # as many finish as arrive: a steady load
                 self._slow_owed += self.slow_ttft_share
                 if self._slow_owed >= 1:
                     self._slow_owed -= 1
@@ -131,7 +142,8 @@ def observation(load: Load) -> Observation:
                        generation_tokens_per_second=load.generation_tokens_per_second,
                        prefill_waiting=0.0, decode_running=300.0, decode_waiting=0.0,
                        ttft_attainment=1 - load.slow_ttft_share, itl_attainment=1.0,
-                       mean_itl_seconds=0.02)
+                       mean_itl_seconds=0.02, arrival_rate=load.requests_per_second,
+                       window_seconds=RATE_WINDOW)
 
 
 def steady_decision(spec, load: Load, tolerance: float = 0.09) -> dict:
@@ -297,14 +309,23 @@ async def test_autoscaler_sizes_pools_from_prometheus(kmock, tmp_path):
     removed: list[str] = []
 
     async def replica_set(api: Api) -> None:
-        """kmock runs no controllers: remove pods marked for removal, as a ReplicaSet
-        scaling down would (lowest pod-deletion-cost first)."""
+        """kmock runs no controllers: when a Deployment has fewer replicas than pods, remove
+        the excess, pods marked for removal (lowest pod-deletion-cost) first, as a
+        ReplicaSet scaling down does. (It creates no pods; the test does where it needs.)"""
         while True:
-            for item in await api.list(PODS):
-                meta = item["metadata"]
-                if (meta.get("annotations") or {}).get(DELETION_COST) == DRAIN_COST:
-                    await api.delete(PODS, meta["name"])
-                    removed.append(meta["name"])
+            pods = await api.list(PODS)
+            for dep in await api.list(DEPLOYMENTS):
+                labels = dep["spec"]["selector"]["matchLabels"]
+                members = [p for p in pods if all(
+                    (p["metadata"].get("labels") or {}).get(k) == v for k, v in labels.items())]
+                excess = len(members) - dep["spec"]["replicas"]
+                members.sort(key=lambda p: int((p["metadata"].get("annotations") or {})
+                                               .get(DELETION_COST, "0")))
+                for item in members[:max(0, excess)]:
+                    if (item["metadata"].get("annotations") or {}).get(DELETION_COST) \
+                            == DRAIN_COST:
+                        await api.delete(PODS, item["metadata"]["name"])
+                        removed.append(item["metadata"]["name"])
             await asyncio.sleep(0.2)
     log_path = tmp_path / "operator.log"
     with exporter(load.registry) as port, prometheus(tmp_path, port) as (prom_url, prom_proc):
@@ -373,14 +394,19 @@ async def test_autoscaler_sizes_pools_from_prometheus(kmock, tmp_path):
                 observed = status["observed"]
                 assert observed["promptTokensPerSecond"] == pytest.approx(30000, rel=0.1)
                 assert observed["ttftAttainment"] == pytest.approx(1.0)
-                assert "prefill:" in status["reason"] and "decode:" in status["reason"]
+                assert observed["arrivalsPerSecond"] == pytest.approx(10, rel=0.15)
+                # "<role> <pool> <n>" per pool ("<before> -> <n>" while the Deployment lags)
+                assert re.match(r"prefill fast (\d -> )?2, slow 0: sized for \S+ prompt "
+                                r"tokens/s \(arrivals ", status["reason"]), status["reason"]
+                assert re.search(r"; decode fast (\d -> )?3, slow (\d -> )?1: sized for ",
+                                 status["reason"]), status["reason"]
 
                 # 2. a TTFT breach: prefill grows, decode stays
                 load.slow_ttft_share = 0.3
                 boosted = {"prefill": {"fast": 3, "slow": 0},
                            "decode": expected["decode"]}
-                status = await eventually(lambda: settled(boosted), 30, "the TTFT boost")
-                assert "ttft attainment" in status["reason"]
+                status = await eventually(lambda: settled(boosted), 60, "the TTFT boost")
+                assert "TTFT attainment" in status["reason"]
 
                 # 3. less load: prefill shrinks after the window, pods chosen are marked
                 load.slow_ttft_share = 0.0
@@ -394,6 +420,34 @@ async def test_autoscaler_sizes_pools_from_prometheus(kmock, tmp_path):
                 # the youngest two of the three equally idle pods drain first
                 assert await eventually(replicas_removed, 10, "two pods removed") == [
                     f"{NAME}-prefill-fast-1", f"{NAME}-prefill-fast-2"]
+
+                # 3b. requests arrive faster than they finish (they pile up in flight at the
+                # router): prefill grows on the arrival rate alone, before any breach
+                load.in_flight_growth = 10.0
+
+                async def ahead_of_arrivals():
+                    status = seen["status"] = await autoscaler_status()
+                    desired = status.get("desired") or {}
+                    grown = sum((desired.get("prefill") or {}).values()) > 1
+                    arrivals = (status.get("observed") or {}).get("arrivalsPerSecond") or 0
+                    return status if grown and arrivals > 5 and not status.get("held") \
+                        else None
+                status = await eventually(ahead_of_arrivals, 30, "prefill sized for arrivals")
+                assert status["observed"]["ttftAttainment"] == pytest.approx(1.0)
+                assert "arrivals" in status["reason"]
+
+                async def scaled_up_event():
+                    events = [r.data for r in kmock[kmock.action.CREATE,
+                                                    kmock.resource("v1/events")]
+                              if isinstance(r.data, dict) and r.data.get("reason") == "ScaledUp"]
+                    return [e["message"] for e in events
+                            if re.match(r"prefill fast 1 -> \d", e.get("message", ""))]
+                # the Event says what grew, for what load, in the operator's words
+                [message, *_] = await eventually(scaled_up_event, 10, "a ScaledUp Event")
+                assert "prompt tokens/s" in message and "arrivals" in message
+                load.in_flight_growth = 0.0
+                # ... and returns once the projection and the window have passed
+                await eventually(lambda: settled(shrunk), 60, "back to the small fleet")
 
                 # 4. Prometheus gone: the last decision holds, and status says why
                 prom_proc.send_signal(signal.SIGTERM)

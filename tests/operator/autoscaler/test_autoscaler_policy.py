@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from baton.operator.autoscaler.policy import (
-    BOOST_COOLDOWN_SECONDS,
     DECODE_HEADROOM,
     ITL_STEP_MARGIN,
     PREFILL_MAX_UTILIZATION,
@@ -15,6 +16,7 @@ from baton.operator.autoscaler.policy import (
     Observation,
     PolicyState,
     decide,
+    lead_seconds,
     place,
     pool_capacities,
     pool_order,
@@ -28,8 +30,12 @@ PROFILE = ReplicaProfile(prefill_tokens_per_second=10000.0,
 T0 = 1_000_000.0
 
 
+def spec_dict(**kwargs) -> dict:
+    return make_spec(raw=True, **kwargs)
+
+
 def make_spec(*, prefill=None, decode=None, window=300, interval=30, ttft="2.0", itl="0.03",
-              attainment="0.95", max_concurrency=256):
+              attainment="0.95", max_concurrency=256, raw=False):
     default_pools = [
         {"name": "hopper", "minReplicas": 1, "maxReplicas": 8, "relativeSpeed": "1",
          "costPerHour": "4"},
@@ -48,7 +54,7 @@ def make_spec(*, prefill=None, decode=None, window=300, interval=30, ttft="2.0",
                                     "targets": {"timeToFirstTokenSeconds": ttft,
                                                 "interTokenLatencySeconds": itl,
                                                 "attainment": attainment}}}}
-    return Model.from_resource(obj).spec
+    return obj["spec"] if raw else Model.from_resource(obj).spec
 
 
 def obs(*, prompt=5000.0, rate=2.0, generation=2000.0, running=40.0, waiting=0.0,
@@ -95,7 +101,8 @@ def test_ttft_breach_scales_prefill_and_not_decode():
     d = decide(spec, obs(prompt=8000.0, ttft=0.80), current, {}, PolicyState(), T0, PROFILE)
     assert units(d.desired, "prefill") > units(current, "prefill")
     assert d.desired["decode"] == current["decode"]
-    assert "ttft attainment 0.800 < 0.95" in d.reason
+    assert "TTFT attainment 0.800 < 0.95" in d.reason
+    assert "capacity x1.50" in d.reason
     assert d.changed and d.state.last_scale_time == T0
 
 
@@ -106,10 +113,10 @@ def test_itl_breach_scales_decode_and_not_prefill():
                PolicyState(), T0, PROFILE)
     assert d.desired["prefill"] == current["prefill"]
     assert units(d.desired, "decode") > units(current, "decode")
-    assert "itl attainment 0.700" in d.reason
+    assert "ITL attainment 0.700" in d.reason
 
 
-def test_boost_waits_for_its_cooldown():
+def test_boost_waits_until_added_replicas_show():
     spec = make_spec()
     current = fleet(prefill=(2, 0))
     first = decide(spec, obs(prompt=8000.0, ttft=0.8), current, {}, PolicyState(), T0,
@@ -117,8 +124,10 @@ def test_boost_waits_for_its_cooldown():
     again = decide(spec, obs(prompt=8000.0, ttft=0.8), first.desired, {}, first.state,
                    T0 + 30, PROFILE)
     assert again.desired == first.desired  # no second boost while the first one starts
+    # the boost's replicas start (startupSeconds) and show in a rate window (60 s)
+    settle = spec.autoscaling.startup_seconds + 60
     later = decide(spec, obs(prompt=8000.0, ttft=0.8), first.desired, {}, again.state,
-                   T0 + BOOST_COOLDOWN_SECONDS + 1, PROFILE)
+                   T0 + settle + 1, PROFILE)
     assert units(later.desired, "prefill") > units(first.desired, "prefill")
 
 
@@ -241,6 +250,208 @@ def test_a_rising_load_is_met_ahead_of_time():
     flat = decide(spec, obs(prompt=20000.0, rate=8.0), fleet(), {}, PolicyState(), T0,
                   PROFILE)
     assert d.demand["prefill"] > flat.demand["prefill"]
+
+
+MEAN_PROMPT, MEAN_OUTPUT = 2500.0, 400.0
+
+
+def arriving(rate: float, *, finished: float | None = None, waiting: float = 0.0,
+             ttft: float | None = 1.0) -> Observation:
+    """A steady workload: `rate` requests/s arrive, `finished` of them (default all) get
+    their first token; latency within target unless ttft says otherwise."""
+    done = rate if finished is None else finished
+    return Observation(request_rate=done, prompt_tokens_per_second=done * MEAN_PROMPT,
+                       generation_tokens_per_second=rate * MEAN_OUTPUT,
+                       prefill_waiting=waiting, decode_running=rate * MEAN_OUTPUT * 0.02,
+                       decode_waiting=0.0, ttft_attainment=ttft, itl_attainment=1.0,
+                       mean_itl_seconds=0.02, arrival_rate=rate, window_seconds=60.0)
+
+
+def capacity_of(spec, replicas: dict, role: str) -> float:
+    caps = pool_capacities(spec, role, PROFILE, MEAN_PROMPT, sum(replicas[role].values()))
+    return sum(n * caps[pool] for pool, n in replicas[role].items())
+
+
+def replay(spec, rates, *, current=None, state=None, start=T0, step=30.0, **kwargs):
+    """Feeds the policy one observation per interval, applying each decision; returns the
+    decisions and the fleets they were made on."""
+    state, current = state or PolicyState(), current or fleet()
+    decisions, fleets = [], []
+    for k, rate in enumerate(rates):
+        d = decide(spec, arriving(rate, **kwargs), current, {}, state, start + step * k,
+                   PROFILE)
+        decisions.append(d)
+        fleets.append(current)
+        state, current = d.state, d.desired
+    return decisions, fleets
+
+
+def test_a_rising_arrival_rate_scales_up_before_any_latency_breach():
+    spec = make_spec()
+    # 10 minutes at 4 req/s, then +1.6 req/s per minute; every observation has TTFT and ITL
+    # within target and no queue: only the arrivals say what is coming
+    rates = [4.0] * 20 + [4.0 + 0.8 * k for k in range(1, 15)]
+    decisions, fleets = replay(spec, rates)
+    settled = fleets[20]
+    k, d = next((k, d) for k, d in enumerate(decisions)
+                if k >= 20 and units(d.desired, "prefill") > units(settled, "prefill"))
+    # prefill grew while the fleet it had still carried the load it measured
+    assert rates[k] * MEAN_PROMPT < capacity_of(spec, fleets[k], "prefill")
+    assert "rising" in d.reason and "expected 120 s ahead" in d.reason
+    # sized for the load when replicas started now serve: the measured rate is half a rate
+    # window old, and those replicas serve a start-up later
+    lead = spec.autoscaling.startup_seconds + 60 / 2
+    assert lead == lead_seconds(spec, 60.0) == 120
+    expected = (rates[k] + 1.6 * lead / 60) * MEAN_PROMPT
+    assert d.demand["prefill"] == pytest.approx(expected, rel=0.25)
+    assert capacity_of(spec, d.desired, "prefill") >= 0.95 * expected
+    # the level alone (no history) does not ask for that much
+    alone = decide(spec, arriving(rates[k]), fleets[k], {}, PolicyState(), T0, PROFILE)
+    assert alone.demand["prefill"] < 0.8 * d.demand["prefill"]
+    # decode follows the same arrivals
+    assert d.demand["decode"] > 1.2 * rates[k] * MEAN_OUTPUT
+
+
+def test_arrivals_not_finished_prompts_size_prefill():
+    # a saturated prefill finishes only what it can: the arrivals say what it needs
+    spec = make_spec()
+    current = fleet(prefill=(2, 0))
+    saturated = arriving(12.0, finished=8.0)
+    d = decide(spec, saturated, current, {}, PolicyState(), T0, PROFILE)
+    assert d.demand["prefill"] == pytest.approx(12.0 * MEAN_PROMPT)
+    assert capacity_of(spec, d.desired, "prefill") >= 12.0 * MEAN_PROMPT
+    assert "arrivals 12/s" in d.reason
+
+
+def test_the_projection_grows_with_the_start_up_time():
+    rates = [4.0] * 10 + [4.0 + 0.8 * k for k in range(1, 6)]
+    quick, _ = replay(make_spec(), rates)
+    slow_spec = Model.from_resource({"kind": "Model", "metadata": {"name": "m"}, "spec": {
+        **spec_dict(), "autoscaling": {**spec_dict()["autoscaling"], "startupSeconds": 300}}})
+    slow, _ = replay(slow_spec.spec, rates)
+    assert "expected 330 s ahead" in slow[-1].reason
+    assert slow[-1].demand["prefill"] > quick[-1].demand["prefill"] * 1.3
+
+
+def test_a_flat_high_load_does_not_keep_adding_replicas():
+    spec = make_spec()
+    rng = np.random.default_rng(5)
+    # 40 minutes at 20 req/s, each rate window with its Poisson noise
+    rates = (rng.poisson(20 * 60, size=80) / 60).tolist()
+    decisions, fleets = replay(spec, rates)
+    totals = [units(d.desired, "prefill") + units(d.desired, "decode") for d in decisions]
+    settled = totals[10]
+    assert max(totals[10:]) <= settled + 2  # a noise peak in the window, never a climb
+    increases = sum(1 for a, b in zip(totals[10:], totals[11:]) if b > a)
+    assert increases <= 2, totals
+    assert not any("rising" in d.reason for d in decisions)
+    # and without noise, nothing changes at all after the first decision
+    decisions, _ = replay(spec, [20.0] * 30)
+    assert all(d.desired == decisions[0].desired for d in decisions)
+    assert not any(d.changed for d in decisions[1:])
+
+
+def test_a_dip_and_its_recovery_is_no_rise():
+    spec = make_spec()
+    rates = [10.0] * 12 + [8.6, 9.5, 10.4, 10.8]
+    decisions, _ = replay(spec, rates)
+    assert not any("rising" in d.reason or "expected" in d.reason for d in decisions)
+    assert decisions[-1].demand["prefill"] == pytest.approx(10.8 * MEAN_PROMPT)
+
+
+def test_a_falling_load_scales_down_only_after_the_window_and_drains():
+    spec = make_spec(window=300)
+    high, low = 24.0, 4.0
+    # 10 minutes high, a 5-minute linear fall, then low
+    rates = [high] * 20 + [high - (high - low) * k / 10 for k in range(1, 11)] + [low] * 20
+    decisions, fleets = replay(spec, rates)
+    times = [T0 + 30 * k for k in range(len(rates))]
+    peak = units(decisions[19].desired, "prefill")
+    first_down = next(k for k, d in enumerate(decisions)
+                      if units(d.desired, "prefill") < units(fleets[k], "prefill"))
+    # nothing is removed inside the window after the last decision that needed the peak
+    assert times[first_down] - times[19] >= 300
+    for k in range(20, first_down):
+        assert units(decisions[k].desired, "prefill") == peak
+    assert any("holding for the 300 s stabilization window" in decisions[k].reason
+               for k in range(20, first_down))
+    for k, d in enumerate(decisions):
+        before, after = fleets[k], d.desired
+        for role in ("prefill", "decode"):
+            removed = {pool: before[role][pool] - n for pool, n in after[role].items()
+                       if n < before[role][pool]}
+            assert d.drain[role] == removed  # whatever shrinks is drained
+            if removed:
+                # every demand the window saw still fits in the smaller fleet
+                needed = max(e.needed[0 if role == "prefill" else 1]
+                             for e in d.state.recent if times[k] - e.time < 300)
+                assert capacity_of(spec, after, role) >= needed - 1e-6
+    assert units(decisions[-1].desired, "prefill") < peak
+    assert decisions[-1].desired == decisions[-2].desired  # settled at the low load
+
+
+def test_a_projection_holds_only_until_its_replicas_would_serve():
+    # a rise that stops: what was projected goes once the replicas started for it would be
+    # ready (lead), without waiting for the stabilization window
+    spec = make_spec(window=600)
+    rates = [4.0] * 12 + [4.0 + 1.0 * k for k in range(1, 7)] + [10.0] * 16
+    decisions, _ = replay(spec, rates)
+    demands = [d.demand["prefill"] for d in decisions]
+    top = max(range(len(demands)), key=demands.__getitem__)
+    assert demands[top] > 1.1 * 10.0 * MEAN_PROMPT  # the projection went beyond 10 req/s
+    settled = next(k for k in range(top, len(demands))
+                   if demands[k] == pytest.approx(10.0 * MEAN_PROMPT))
+    assert (settled - top) * 30 <= lead_seconds(spec, 60.0) + 30
+    assert "holding" not in decisions[settled].reason
+
+
+def test_a_growing_queue_asks_for_more_than_a_steady_one():
+    spec = make_spec()
+    current = fleet(prefill=(2, 0))
+    base = decide(spec, arriving(6.0, waiting=1.0), current, {}, PolicyState(), T0, PROFILE)
+    steady = decide(spec, arriving(6.0, waiting=20.0), current, {},
+                    replace(base.state, recent=base.state.recent[:-1] + (
+                        replace(base.state.recent[-1], prefill_waiting=20.0),)),
+                    T0 + 30, PROFILE)
+    growing = decide(spec, arriving(6.0, waiting=20.0), current, {}, base.state, T0 + 30,
+                     PROFILE)
+    # 18 queued beyond one per replica, cleared by the next decision (30 s)
+    assert steady.demand["prefill"] == pytest.approx(6.0 * MEAN_PROMPT + 18 * MEAN_PROMPT
+                                                     / 30)
+    assert growing.demand["prefill"] > steady.demand["prefill"]
+    assert "20 queued, growing 38/min" in growing.reason
+
+
+def test_a_breach_while_added_replicas_start_is_no_reason_to_boost():
+    spec = make_spec()
+    rates = [4.0] * 10 + [4.0 + 0.8 * k for k in range(1, 5)]
+    decisions, _ = replay(spec, rates)
+    up = decisions[-1]
+    assert units(up.desired, "prefill") > units(decisions[9].desired, "prefill")
+    # the latency breaches before those replicas serve: the projection already covers it
+    breach = decide(spec, arriving(rates[-1], ttft=0.8), up.desired, {}, up.state,
+                    T0 + 30 * len(rates), PROFILE)
+    assert "TTFT attainment 0.800 < 0.95" in breach.reason
+    assert "capacity x" not in breach.reason
+    assert units(breach.desired, "prefill") <= units(up.desired, "prefill") + 1
+
+
+def test_reasons_say_what_changed_and_why():
+    spec = make_spec()
+    rates = [4.0] * 10 + [4.0 + 0.8 * k for k in range(1, 5)]
+    decisions, fleets = replay(spec, rates)
+    k = next(k for k in range(10, len(rates))
+             if decisions[k].desired["prefill"] != fleets[k]["prefill"])
+    up, text = decisions[k], decisions[k].reason
+    # "<role> <pool> <before> -> <after>" for each changed pool, then the load and the lead
+    before, after = fleets[k], up.desired
+    changed = [f"{pool} {before['prefill'][pool]} -> {n}"
+               for pool, n in after["prefill"].items() if n != before["prefill"][pool]]
+    assert changed and all(c in text for c in changed)
+    assert text.startswith("prefill ")
+    assert "prompt tokens/s expected 120 s ahead, when replicas started now serve" in text
+    assert "rising" in text and "/s per minute" in text
+    assert "; decode " in text and "generated tokens/s" in text
 
 
 def test_decode_demand_counts_queued_sequences():

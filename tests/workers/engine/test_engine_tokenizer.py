@@ -87,6 +87,7 @@ def test_incremental_detokenizer_never_splits_a_character(checkpoint, text):
         deltas.append(detok.flush())
         assert "".join(deltas) == tok.decode(prompt + ids)[len(tok.decode(prompt)) :]
         assert all("\ufffd" not in d for d in deltas)
+        assert sum(1 for d in deltas if d) > 1  # it streams, not all at the end
         if any(ord(c) > 127 for c in text):
             # Some character spans several tokens: an empty delta was needed somewhere.
             assert "" in deltas[:-1]
@@ -99,7 +100,6 @@ def test_stop_matcher_cuts_and_holds_back():
     assert m.feed("x") == ("STx", False)  # not a stop after all
     assert m.feed(" end\n") == (" end", False)
     assert m.feed("\nmore") == ("", True)
-    assert m.text == "hello STx end"
     m = StopMatcher(["abc"])
     assert m.feed("xxab") == ("xx", False)
     assert m.flush() == "ab"
@@ -107,3 +107,18 @@ def test_stop_matcher_cuts_and_holds_back():
     assert m.feed("abc") == ("abc", False)
     m = StopMatcher(["ab"])
     assert m.feed("zzabyy") == ("zz", True)
+
+
+def test_stop_matcher_earliest_stop_and_characters_across_tokens():
+    m = StopMatcher(["three", "two"])
+    assert m.feed("one two three") == ("one ", True)
+    # Byte tokens: "→" spans three tokens, the stop string matches once it is complete.
+    tok = ByteTokenizer()
+    detok, m = IncrementalDetokenizer(tok), StopMatcher(["→"])
+    out, stopped = "", False
+    for i in tok.encode("résumé → done"):
+        piece, stopped = m.feed(detok.add(i))
+        out += piece
+        if stopped:
+            break
+    assert (out, stopped) == ("résumé ", True)

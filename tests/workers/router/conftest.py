@@ -21,6 +21,7 @@ from baton.workers.router.backend import (
     TokenOutput,
     WorkerFailure,
 )
+from baton.workers.router.grammar import GrammarCompiler
 from baton.workers.router.server import Router, RouterSettings, start_site
 
 EOS = 256
@@ -30,18 +31,27 @@ class ByteTokenizer:
     """Token id = UTF-8 byte; 256 = eos. Multi-byte characters span several tokens."""
 
     vocab_size = 257
+    max_token_bytes = 1
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
-    def render_chat(self, messages: list[dict], template_kwargs: dict) -> list[int]:
+    def token_strs(self, ids: Sequence[int]) -> list[str]:
+        return [self.decode([i]) for i in ids]
+
+    def render_chat(self, messages: list[dict], template_kwargs: dict) -> str:
         text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
         if template_kwargs.get("enable_thinking") is False:
             text += "<nothink>"
-        return self.encode(text)
+        elif template_kwargs.get("enable_thinking") is True:
+            text += "<think>\n"  # the output starts inside the reasoning, as Nemotron 3's does
+        return text
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        return GrammarCompiler(None)
 
 
 def script(prompt_ids: Sequence[int]) -> list[int]:

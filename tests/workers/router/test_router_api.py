@@ -178,10 +178,13 @@ async def test_chat_logprobs(router_url):
     ({"max_tokens": 0}, "max_tokens"),
     ({"temperature": -0.1}, "temperature"),
     ({"top_p": 0}, "top_p"),
-    ({"n": 2}, "n"),
+    ({"n": 0}, "n"),
+    ({"n": 129}, "n"),
+    ({"prompt": ["a"] * 65, "n": 2}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": []}, "prompt"),
-    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": ["a", 3]}, "prompt"),
+    ({"prompt": ["a", ""]}, "prompt"),
     ({"prompt": "x" * 128}, "prompt"),
     ({"prompt": "x" * 100, "max_tokens": 29}, "max_tokens"),
     ({"prompt": [300]}, "prompt"),
@@ -192,7 +195,13 @@ async def test_chat_logprobs(router_url):
     ({"extra_body": {"bogus": 1}}, "bogus"),
     ({"extra_body": {"stop_token_ids": [257]}}, "stop_token_ids"),
     ({"extra_body": {"stop_token_ids": [-1]}}, "stop_token_ids"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"extra_body": {"logit_bias": {"x": 1}}}, "logit_bias"),
+    ({"extra_body": {"logit_bias": {"300": 1}}}, "logit_bias"),
+    ({"extra_body": {"logit_bias": {"3": 101}}}, "logit_bias"),
+    ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
+    ({"extra_body": {"min_tokens": 20}, "max_tokens": 5}, "min_tokens"),
+    ({"extra_body": {"echo": True}, "logprobs": 1}, "echo"),
     ({"extra_body": {"stream_options": {"include_usage": True}}}, "stream_options"),
 ])
 async def test_bad_completion_parameters_are_400(router_url, kwargs, param):
@@ -212,7 +221,8 @@ async def test_bad_completion_parameters_are_400(router_url, kwargs, param):
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens"),
     ({"extra_body": {"chat_template_kwargs": "no"}}, "chat_template_kwargs"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]},
+     "tools[0].function.name"),
 ])
 async def test_bad_chat_parameters_are_400(router_url, kwargs, param):
     args = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]} | kwargs

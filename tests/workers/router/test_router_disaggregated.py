@@ -49,15 +49,16 @@ def reference(prompt: Sequence[int], n: int) -> list[int]:
 
 class Tokenizer:
     vocab_size = 256
+    max_token_bytes = 1
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode())
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return bytes(ids).decode(errors="replace")
 
-    def render_chat(self, messages, kwargs) -> list[int]:
-        return self.encode("".join(m["content"] for m in messages))
+    def render_chat(self, messages, kwargs) -> str:
+        return "".join(m["content"] for m in messages)
 
 
 class World:

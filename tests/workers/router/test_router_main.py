@@ -22,7 +22,8 @@ def config(tmp_path: Path, **router) -> Path:
         "model": "tiny", "servedModelName": "tiny-chat", "modelPath": str(TINY),
         "engine": {"maxModelLen": 256},
         "router": {"routing": "round-robin", "maxQueuedRequests": 3,
-                   "requestTimeoutSeconds": 42, "transferTimeoutSeconds": 7, **router}}))
+                   "requestTimeoutSeconds": 42, "transferTimeoutSeconds": 7,
+                   "maxRequestBodyBytes": 65536, **router}}))
     return path
 
 
@@ -31,7 +32,7 @@ def test_build_router_from_worker_config(tmp_path):
     router = build_router(cfg, "10.0.0.1:50051,10.0.0.2:50051", "tiny-decode.llm.svc:50051")
     s = router.settings
     assert (s.served_model_name, s.max_model_len, s.request_timeout_s,
-            s.max_queued_requests) == ("tiny-chat", 256, 42, 3)
+            s.max_queued_requests, s.max_body_bytes) == ("tiny-chat", 256, 42, 3, 65536)
     backend = router.backend
     assert backend.transfer_timeout_s == 7
     assert isinstance(backend.balancer, Balancer) and backend.balancer.routing == "round-robin"
@@ -44,10 +45,19 @@ def test_checkpoint_tokenizer_renders_the_chat_template():
     tok = CheckpointTokenizer(TINY)
     assert tok.vocab_size == 512
     messages = [{"role": "user", "content": "Hi"}]
-    assert tok.decode(tok.render_chat(messages, {})).endswith("assistant\n<think>\n")
-    without = tok.decode(tok.render_chat(messages, {"enable_thinking": False}))
+    assert tok.render_chat(messages, {}).endswith("assistant\n<think>\n")
+    without = tok.render_chat(messages, {"enable_thinking": False})
     assert without.endswith("assistant\n<think></think>") and "Hi" in without
     assert tok.decode(tok.encode("hello world")) == "hello world"
+    # The batch call it tokenizes with gives the engine tokenizer's ids.
+    text = tok.render_chat(messages, {})
+    assert tok.encode(text, add_special_tokens=False) == tok._tokenizer.encode(
+        text, add_special_tokens=False)
+    # Special tokens are dropped when decoding output, except the markup the output
+    # processing reads.
+    im_end = tok._tokenizer.token_to_id("<|im_end|>")
+    assert tok.decode([im_end]) == "" and tok.decode([im_end], False) == "<|im_end|>"
+    assert tok.max_token_bytes == max(len(tok.decode([i], False).encode()) for i in range(512))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,0 +1,77 @@
+"""Whether the arrival rate rises clearly, and how fast: the policy's leading signal.
+
+A rate measured over a window of w seconds carries Poisson noise; a slope fitted to a few
+such rates is noisy too, and a dip followed by its recovery looks like a rise. A slope counts
+only when it stands clear of all three (rising_slope), so a flat load projects nothing and
+noise never scales a fleet.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["rising_slope", "TREND_INTERVALS", "TREND_MIN_RISE", "TREND_Z"]
+
+TREND_INTERVALS = (2, 3, 4, 6, 8)
+"""The spans, in decision intervals, the arrival rate's slope is fitted over."""
+TREND_MIN_RISE = 0.05
+"""A slope counts only when it rises by this share of the arrival rate per minute ..."""
+TREND_Z = 3.0
+"""... and its rise over the span by this many standard deviations of the rate windows'
+Poisson noise."""
+_EPS = 1e-9
+
+
+def _slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (time, value) points; 0 with fewer than three."""
+    if len(points) < 3:
+        return 0.0
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_v = sum(v for _, v in points) / n
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    if var <= 0:
+        return 0.0
+    return sum((t - mean_t) * (v - mean_v) for t, v in points) / var
+
+
+def rising_slope(history: list[tuple[float, float]], now: float, arrivals: float,
+                 window: float, interval: float) -> float:
+    """The arrival rate's slope (requests/s per second) when it rises clearly, else 0.
+    history: earlier (time, arrival rate) points, oldest first, one per decision interval.
+
+    The slope is fitted over the last 2 to 8 intervals (TREND_INTERVALS); the steepest fit
+    whose rise stands clear of the noise counts: short spans see an onset first, long ones a
+    slow rise (their mean would overstate less at a surge's top, but lead less at its onset,
+    where a missed minute costs the worst window). Noise: two rate windows `span` apart
+    differ by the arrivals in two spans of min(span, window) seconds, Poisson:
+    sd = sqrt(2 rate min(span, window)) / window. The rate must also stand clear of its
+    level before the span, the mean of the windows before it (a recovery from a dip is no
+    rise), and still rise over the shortest span (a rise that has stopped is over)."""
+    clear, latest = [], None
+    rate = max(arrivals, 1.0 / window)
+    for intervals in TREND_INTERVALS:
+        span = intervals * interval
+        points = [(t, rate) for t, rate in history if now - t <= span + _EPS]
+        if len(points) < 2 or now - points[0][0] < span - interval / 2:
+            continue
+        slope = _slope(points + [(now, arrivals)])
+        if latest is None:
+            latest = slope
+        rise = slope * span
+        noise = math.sqrt(2 * rate * min(span, window)) / window
+        before = [(t, rate) for t, rate in history if now - t > span + _EPS]
+        if before:
+            # the level: the mean rate over the windows before the span, which cover
+            # (their spread + one window) seconds
+            level = sum(rate for _, rate in before) / len(before)
+            covered = before[-1][0] - before[0][0] + window
+            level_noise = math.sqrt(rate / window + rate / covered)
+        else:
+            level, level_noise = 0.0, 0.0
+        if (rise > TREND_Z * noise and slope * 60 > TREND_MIN_RISE * arrivals
+                and arrivals - level > TREND_Z * level_noise):
+            clear.append(slope)
+    if not clear or latest is None or latest <= 0:
+        return 0.0
+    return max(clear)
