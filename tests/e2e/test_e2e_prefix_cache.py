@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 import urllib.request
 from pathlib import Path
 
@@ -155,3 +156,57 @@ def test_ten_turns_hit_the_caches_equal_the_cache_off_run_and_move_little(tmp_pa
     print(f"prefix cache over 10 turns: transfer {hot_bytes} vs {cold_bytes} bytes "
           f"({hot_bytes / cold_bytes:.1%}); cached per turn {[t['cached'] for t in hot]}; "
           f"the remote 11th turn sent {remote['sent']} of {cold[10]['sent']} bytes")
+
+
+def test_choices_cost_one_prefill_and_sessions_keep_their_decode_worker(tmp_path):
+    """Two decode workers. n = 3: choice 0 is prefilled, and choices 1 and 2, sent after its
+    first token with the same cache key, find the whole prompt on choice 0's decode worker:
+    no prefill at all. A session's prompt_cache_key brings its next turn back to the decode
+    worker that served it even when nothing of the prompt is shared."""
+    spec = tmp_path / "two-decode.yaml"
+    spec.write_text(SPEC.format(checkpoint=CHECKPOINT, enabled="true").replace(
+        "maxConcurrency: 4\n    speculativeTokens: 1\n"
+        "    pools: [{name: local, minReplicas: 1, maxReplicas: 1}]",
+        "maxConcurrency: 4\n    speculativeTokens: 1\n"
+        "    pools: [{name: local, minReplicas: 2, maxReplicas: 2}]"))
+    up = LocalDeployment(spec, port=free_port(), run_dir=tmp_path / "run",
+                         cache_memory_bytes=64 << 20)
+    try:
+        up.start()
+        up.wait_ready(240)
+        client = openai.OpenAI(base_url=up.base_url + "/v1", api_key="none", max_retries=0)
+        rng = random.Random(7)
+
+        def served(total: float | None = None) -> dict[str, float]:
+            """Successes per decode worker (counted as their stream ends, a moment after the
+            client has the answer: with total, until they add up to it)."""
+            deadline = time.monotonic() + 10
+            while True:
+                counts = {c.name: metric(up, c.name, "baton_requests_total", outcome="success")
+                          for c in up.children if c.name.startswith("decode")}
+                if total is None or sum(counts.values()) >= total or (
+                        time.monotonic() > deadline):
+                    return counts
+                time.sleep(0.05)
+
+        prefilled = metric(up, "prefill", "baton_requests_total", outcome="success")
+        answer = client.completions.create(
+            model="tiny", prompt=[rng.randrange(3, 500) for _ in range(300)], max_tokens=4,
+            n=3, temperature=1.0, seed=5)
+        assert len(answer.choices) == 3
+        assert metric(up, "prefill", "baton_requests_total",
+                      outcome="success") == prefilled + 1
+        assert sum(metric(up, c.name, "baton_local_prefills_total") for c in up.children
+                   if c.name.startswith("decode")) == 2
+        before = served(3)
+        for session in ("agent-a", "agent-b", "agent-c"):
+            for _turn in range(2):
+                client.completions.create(
+                    model="tiny", prompt=[rng.randrange(3, 500) for _ in range(60)],
+                    max_tokens=2, temperature=0, extra_body={"prompt_cache_key": session})
+            after = served(sum(before.values()) + 2)
+            # Both turns on one decode worker, though the prompts share nothing.
+            assert sorted(after[n] - before[n] for n in after) == [0, 2], (session, after)
+            before = after
+    finally:
+        up.stop()
