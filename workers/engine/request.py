@@ -8,6 +8,7 @@ from enum import Enum
 
 import torch
 
+from baton.workers.engine.prefix_cache import CacheKeys
 from baton.workers.engine.sampling import SamplingParams
 from baton.workers.engine.tokenizer import IncrementalDetokenizer, StopMatcher
 
@@ -78,8 +79,19 @@ class Sequence:
     """Positions whose MTP KV entry is valid (entry i pairs hidden i with token i+1)."""
     pending_hidden: torch.Tensor | None = None
     """[m, H] main-model hidden states of positions mtp_cached .. cached_len - 1."""
+    last_hidden: torch.Tensor | None = None
+    """[H] hidden state (after norm_f) of position cached_len - 1: what a prefix-cache
+    snapshot keeps, and what the next token is sampled from after a whole-prompt hit."""
+    needs_mtp: bool = False
+    """This sequence keeps MTP state (MTP KV entries and pending hidden states)."""
+    cache_keys: CacheKeys = field(default_factory=CacheKeys)
+    """Its prefix-cache chain keys and how much of it is published."""
+    cached_tokens: int = 0
+    """Tokens its last admission took from the prefix cache instead of computing them."""
     sink: object | None = None
     """A PrefillSink: this is a prefill-only request whose state goes to another engine."""
+    sink_from: int = 0
+    """First prompt position whose state the sink needs (the receiver holds the rest)."""
     on_prefilled: object | None = None
     """Called with the PrefillResult when a prefill-only request has its first token."""
     spec_tokens: int = 0

@@ -29,6 +29,12 @@ its request, computed from the tokens before the row's position (drafts included
 modes keep their guarantees for constrained and penalized requests. The grammar masks are
 started before each forward (they fill on a helper thread while the model runs); a draft is
 pushed into its request's matcher, and verification settles the matcher on what it accepted.
+
+Prefix-cache hits (scheduler.py, prefix_cache.py): every sequence keeps the hidden state of its
+last cached position (`last_hidden`, what a snapshot stores); a sequence admitted with a hit
+that covers all its tokens samples from it without a forward (`run_hits`). A prefill for
+another engine sends only what the receiver lacks (positions from `seq.sink_from`): the part its
+own hit covered comes from the cache, the rest as the layers compute it.
 """
 
 from __future__ import annotations
@@ -148,8 +154,69 @@ class ModelRunner:
         return self.model.mtp_forward(prev_hidden, next_ids, batch, cache)
 
     def needs_mtp(self, seq: Sequence) -> bool:
-        # A prefill for another engine always sends the MTP state: the decoder may speculate.
+        """Whether seq keeps MTP state: when this engine speculates, and always for a prefill
+        for another engine (the decoder may speculate)."""
         return self.has_mtp and (self.k > 0 or seq.sink is not None)
+
+    # ---- prefix-cache hits ---------------------------------------------------------------
+
+    def run_hits(self, seqs: list[Sequence], out: StepOutput) -> None:
+        """Sequences admitted with a hit this step: a prefill sink gets the cached part of
+        its state; one whose every token was cached samples its next token now."""
+        done = [s for s in seqs if s.uncached == 0]
+        for seq in seqs:
+            if seq.sink is not None:
+                self._send_cached(seq, out, whole=seq.uncached == 0)
+        if not done:
+            return
+        t0 = time.perf_counter()
+        logits = self.model.compute_logits(torch.stack([s.last_hidden for s in done]))
+        out.forward_seconds += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        positions = [len(s.tokens) for s in done]
+        # The first output token: penalties, logit_bias, min_tokens and the grammar apply to
+        # it as to a prefill's (the masks are filled here: there is no forward to overlap).
+        plan = self.logits.begin(done, positions)
+        tokens = self._sample(logits, done, positions, plan, self._raw_wanted(done))
+        if plan is not None and plan.grammar_rows:
+            self.logits.accept(done, tokens.tolist())
+        if self.logits_observer is not None:
+            self.logits_observer([s.request_id for s in done], positions, logits)
+        for s, tok in zip(done, self._with_logprobs(logits, done, tokens)):
+            out.tokens.setdefault(id(s), []).append(tok)
+        out.sample_seconds += time.perf_counter() - t0
+
+    def _send_cached(self, seq: Sequence, out: StepOutput, whole: bool) -> None:
+        """State the sink needs that the hit took from the cache: KV [sink_from, hit), MTP KV
+        [sink_from - 1, hit - 1); with whole, also the Mamba state and the last hidden state."""
+        hit = seq.cached_len
+        table = torch.tensor(seq.pages, dtype=torch.int32)
+        start = seq.sink_from
+        if start < hit:
+            for layer, kind in enumerate(self.main_kinds):
+                if kind == "attention":
+                    kv = self.cache.read_state(layer, "kv", table, seq.slot, start, hit)
+                    self._send(seq, out, LayerState(layer, StateKind.KV, start, hit, kv))
+        mtp_start = max(start - 1, 0)
+        if seq.needs_mtp and mtp_start < hit - 1:
+            for layer in self.mtp_attention_layers:
+                kv = self.cache.read_state(layer, "mtp_kv", table, seq.slot, mtp_start, hit - 1)
+                self._send(seq, out, LayerState(layer, StateKind.MTP_KV, mtp_start, hit - 1, kv))
+        if whole:
+            for layer, kind in enumerate(self.main_kinds):
+                if kind == "mamba":
+                    self._send_mamba(seq, out, layer, table, hit)
+            self._send_hidden(seq, out, seq.last_hidden)
+
+    def _send_mamba(self, seq, out, layer: int, table, end: int) -> None:
+        for name, sk in (("conv", StateKind.CONV), ("ssm", StateKind.SSM)):
+            state = self.cache.read_state(layer, name, table, seq.slot, 0, end)
+            self._send(seq, out, LayerState(layer, sk, 0, end, state))
+
+    def _send_hidden(self, seq, out, hidden: torch.Tensor) -> None:
+        n = len(seq.tokens)
+        self._send(seq, out, LayerState(self.num_layers, StateKind.HIDDEN, n - 1, n,
+                                        hidden.clone()))
 
     # ---- sampling ------------------------------------------------------------------------
 
@@ -213,7 +280,10 @@ class ModelRunner:
         )
 
         starts = [int(e) - c.length + 1 for e, c in zip(ends, chunks)]
-        mtp_chunks = [i for i, c in enumerate(chunks) if self.needs_mtp(c.seq)]
+        last = hidden.index_select(0, ends.to(self.device))
+        for c, row in zip(chunks, last):
+            c.seq.last_hidden = row
+        mtp_chunks = [i for i, c in enumerate(chunks) if c.seq.needs_mtp]
         for i in mtp_chunks:
             seq, rows = chunks[i].seq, hidden[starts[i] : starts[i] + chunks[i].length]
             seq.pending_hidden = (
@@ -240,18 +310,8 @@ class ModelRunner:
             out.sample_seconds += time.perf_counter() - t0
         for i in streaming:
             c = chunks[i]
-            if c.samples and id(c.seq) not in out.sink_errors and self.has_mtp:
-                self._send(
-                    c.seq,
-                    out,
-                    LayerState(
-                        self.num_layers,
-                        StateKind.HIDDEN,
-                        c.start + c.length - 1,
-                        c.start + c.length,
-                        hidden[starts[i] + c.length - 1].clone(),
-                    ),
-                )
+            if c.samples and id(c.seq) not in out.sink_errors:
+                self._send_hidden(c.seq, out, c.seq.last_hidden)
 
     def _send(self, seq: Sequence, out: StepOutput, state: LayerState) -> None:
         if id(seq) in out.sink_errors:
@@ -267,24 +327,32 @@ class ModelRunner:
             for i in streaming:
                 c = chunks[i]
                 seq, end = c.seq, c.start + c.length
-                if kind == "attention":
-                    kv = self.cache.read_state(layer, "kv", tables[i], seq.slot, c.start, end)
-                    self._send(seq, out, LayerState(layer, StateKind.KV, c.start, end, kv))
+                start = max(c.start, seq.sink_from)  # the receiver holds what comes before
+                if kind == "attention" and start < end:
+                    kv = self.cache.read_state(layer, "kv", tables[i], seq.slot, start, end)
+                    self._send(seq, out, LayerState(layer, StateKind.KV, start, end, kv))
                 elif kind == "mamba" and end == len(seq.tokens):
-                    for name, sk in (("conv", StateKind.CONV), ("ssm", StateKind.SSM)):
-                        state = self.cache.read_state(layer, name, tables[i], seq.slot, 0, end)
-                        self._send(seq, out, LayerState(layer, sk, 0, end, state))
+                    self._send_mamba(seq, out, layer, tables[i], end)
 
         return on_layer_done
 
     # ---- MTP -----------------------------------------------------------------------------
 
-    def _run_mtp_entries(self, seqs: list[Sequence], out: StepOutput) -> None:
-        """Write the MTP KV of every pending entry whose next token is known."""
+    def flush_mtp(self, seqs: list[Sequence]) -> None:
+        """Finishing sequences: write the pending MTP entries of positions before
+        cached_len - 1, so a snapshot at cached_len finds MTP KV [0, cached_len - 1)."""
+        self._run_mtp_entries(seqs, StepOutput(), lambda s: s.cached_len - 1)
+
+    def _run_mtp_entries(self, seqs: list[Sequence], out: StepOutput, upto=None) -> None:
+        """Write the MTP KV of every pending entry whose next token is known (up to position
+        upto(seq), exclusive, when given)."""
         todo = []
         for s in seqs:
-            n = min(s.cached_len, len(s.tokens) - 1) - s.mtp_cached
-            if n > 0:
+            end = min(s.cached_len, len(s.tokens) - 1)
+            if upto is not None:
+                end = min(end, upto(s))
+            n = end - s.mtp_cached
+            if n > 0 and s.pending_hidden is not None:
                 todo.append((s, n))
         if not todo:
             return
@@ -296,21 +364,13 @@ class ModelRunner:
         prev = torch.cat([s.pending_hidden[:n] for s, n in todo])
         self.model.mtp_forward(prev, batch.input_ids, batch, self.cache)
         for i, (s, n) in enumerate(todo):
-            if s.sink is not None:
+            start, end = max(s.mtp_cached, s.sink_from - 1), s.mtp_cached + n
+            if s.sink is not None and start < end:
                 for layer in self.mtp_attention_layers:
                     kv = self.cache.read_state(
-                        layer,
-                        "mtp_kv",
-                        batch.block_tables[i],
-                        s.slot,
-                        s.mtp_cached,
-                        s.mtp_cached + n,
+                        layer, "mtp_kv", batch.block_tables[i], s.slot, start, end
                     )
-                    self._send(
-                        s,
-                        out,
-                        LayerState(layer, StateKind.MTP_KV, s.mtp_cached, s.mtp_cached + n, kv),
-                    )
+                    self._send(s, out, LayerState(layer, StateKind.MTP_KV, start, end, kv))
             s.pending_hidden = s.pending_hidden[n:]
             s.mtp_cached += n
 
@@ -455,6 +515,7 @@ class ModelRunner:
             out.tokens.setdefault(id(s), []).extend(sampled[at : at + j + 1])
             at += j + 1
             s.pending_hidden = hidden[starts[i] : starts[i] + j + 1].clone()
+            s.last_hidden = s.pending_hidden[-1]
             s.cached_len += 1 + j
             out.draft_tokens += len(drafts[i])
             out.accepted_tokens += j
