@@ -290,3 +290,17 @@ def test_cel_rules_evaluate_as_the_parser_decides():
     for rule, (path, value, _) in CEL_BAD.items():
         bad = apply_defaults(spec_schema, mutate(path, value)["spec"])
         assert failing_rules(spec_schema, bad, evaluate) == {rule}, rule
+
+
+def test_the_generator_writes_a_named_file_and_only_that(tmp_path, capsys, monkeypatch):
+    from baton.operator import crd
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "models.yaml"
+    assert crd.main([str(out)]) == 0
+    assert out.read_text() == crd.crd_yaml()
+    with pytest.raises(SystemExit) as e:
+        crd.main(["--help"])
+    assert e.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+    assert not (tmp_path / "--help").exists()
