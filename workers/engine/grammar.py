@@ -13,8 +13,8 @@ JSON Schemas: '{"grammars": [{"lark_grammar": "start: ..."}]}'). Its life in one
    rebuilt from tokens and nothing grammar-related crosses the wire.
 3. Every step: MaskComputer fills the token bitmasks of all constrained rows in one call of
    llguidance's parallel executor (it drops the GIL) on a helper thread, started before the
-   forward pass, so the masks are computed while the model runs; `forbidden_tokens` unpacks
-   the words into a [n, V] bool on the device.
+   forward pass, so the masks are computed while the model runs; `mask_bias` unpacks
+   the words into a [n, V] additive bias (0 allowed, -inf forbidden) on the device.
 4. Speculation: each MTP draft is pushed into the matcher (`push`: refused drafts are not
    consumed and leave the matcher as it was), so the mask of draft depth d, which is also the
    mask of verification row d, is the grammar's after drafts[:d]; `settle` rolls the matcher
@@ -256,11 +256,15 @@ class MaskComputer:
         self.device = torch.device(device)
         self._executor = None
         self._thread: ThreadPoolExecutor | None = None
-        # The cleared bits of every byte value, [256, 8] bool: mask words unpack by table
-        # lookup (little-endian words: token v is bit v % 8 of byte v // 8).
+        # The logit bias of every byte value's 8 bits, [256, 8] float32: -inf where a bit is
+        # cleared, 0 where set. Mask words unpack by table lookup (little-endian words: token v
+        # is bit v % 8 of byte v // 8) straight into an additive bias: adding it is several
+        # times faster on the CPU than masked_fill with a bool mask, and equal (x + 0 = x,
+        # x + -inf = -inf for every finite or -inf x).
         byte = torch.arange(256, dtype=torch.int32)
         bits = (byte.unsqueeze(1) >> torch.arange(8, dtype=torch.int32)) & 1
-        self._cleared = (bits == 0).to(self.device)
+        self._bias = torch.where(bits == 0, float("-inf"), 0.0).to(torch.float32).to(
+            self.device)
         self.seconds_total = 0.0
         """Time spent filling masks (on the helper thread), for the per-token cost report."""
 
@@ -288,13 +292,14 @@ class MaskComputer:
         self._executor.unsafe_compute_mask_ptr(jobs, words.data_ptr(), width * 4, rows)
         self.seconds_total += time.perf_counter() - t0
 
-    def forbidden_tokens(self, words: torch.Tensor) -> torch.Tensor:
-        """[n, W] int32 mask words (host) -> [n, V] bool on the device, True = forbidden."""
+    def mask_bias(self, words: torch.Tensor) -> torch.Tensor:
+        """[n, W] int32 mask words (host) -> [n, V] float32 on the device: 0 for an allowed
+        token, -inf for a forbidden one (added to fp32 logits)."""
         n = words.shape[0]
         w = words.to(self.device, non_blocking=True).view(torch.uint8)
         # index_select, not advanced indexing: several times faster on the CPU.
-        cleared = self._cleared.index_select(0, w.reshape(-1).long())
-        return cleared.view(n, self.num_words * 32)[:, : self.vocab_size]
+        bias = self._bias.index_select(0, w.reshape(-1).long())
+        return bias.view(n, self.num_words * 32)[:, : self.vocab_size]
 
     def close(self) -> None:
         if self._thread is not None:

@@ -297,13 +297,12 @@ class LogitsProcessor:
             words = plan.masks.words
             if plan.mask_rows != list(range(words.shape[0])):
                 words = words.index_select(0, torch.tensor(plan.mask_rows, dtype=torch.long))
-            forbidden = self.masks.forbidden_tokens(words)
+            bias = self.masks.mask_bias(words)
             idx = select(plan.grammar_rows)
             if idx is None:
-                x.masked_fill_(forbidden, float("-inf"))
+                x.add_(bias)
             else:
-                x.index_copy_(0, idx, x.index_select(0, idx).masked_fill(forbidden,
-                                                                         float("-inf")))
+                x.index_copy_(0, idx, x.index_select(0, idx).add_(bias))
         if plan.min_rows:
             unique = sorted(set(plan.min_rows))
             at = {r: j for j, r in enumerate(unique)}

@@ -15,7 +15,7 @@ import torch
 from llguidance import LLMatcher
 
 from baton.workers.engine import Engine, EngineConfig, EngineLoop, Request, SamplingParams
-from baton.workers.engine.grammar import GrammarCompiler, GrammarState
+from baton.workers.engine.grammar import GrammarCompiler, GrammarState, MaskComputer
 from baton.workers.engine.tokenizer import load_tokenizer
 
 TINY = Path(__file__).resolve().parents[3] / "examples" / "tiny"
@@ -350,3 +350,24 @@ def test_grammar_state_push_and_settle():
     (c,) = tokenizer.encode("c")
     state.consume(c)
     assert state.stopped_at == 13
+
+
+def test_mask_words_unpack_into_an_exact_additive_bias():
+    """Token v is bit v % 32 of word v // 32; its bias is 0 when set, -inf when cleared, and
+    adding it leaves allowed logits bit-exact (a vocabulary not a multiple of 32 too)."""
+    vocab = 1000
+    computer = MaskComputer(vocab, "cpu")
+    g = torch.Generator().manual_seed(3)
+    words = torch.randint(-(2**31), 2**31 - 1, (3, (vocab + 31) // 32), dtype=torch.int32,
+                          generator=g)
+    bias = computer.mask_bias(words)
+    assert bias.shape == (3, vocab) and bias.dtype == torch.float32
+    for row in range(3):
+        for v in range(vocab):
+            allowed = (int(words[row, v // 32]) >> (v % 32)) & 1
+            assert bias[row, v].item() == (0.0 if allowed else float("-inf")), (row, v)
+    logits = torch.randn(3, vocab, generator=g)
+    masked = logits + bias
+    keep = bias == 0
+    assert torch.equal(masked[keep], logits[keep])
+    assert torch.isneginf(masked[~keep]).all()
