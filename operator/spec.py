@@ -191,7 +191,9 @@ class RouterSpec:
     local_prefill_max_tokens: int = spec_field(
         "localPrefillMaxTokens", "A decode worker whose prefix cache holds all but at most "
         "this many tokens of a prompt prefills them itself (no prefill worker, no state "
-        "transfer); 0: never.", default=512, minimum=0, maximum=1048576)
+        "transfer); with prefix-aware routing up to 8 times as many where the prefill "
+        "workers' caches lag so far that they would compute over 1.3 times as much; 0: "
+        "never.", default=512, minimum=0, maximum=1048576)
     api_keys_secret: str | None = spec_field(
         "apiKeysSecret", "A Secret whose key `keys` lists accepted API keys, one per line; "
         "unset: no API keys.", default=None, pattern=r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$")

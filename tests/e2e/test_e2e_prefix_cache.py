@@ -1,8 +1,8 @@
 """Multi-turn sessions through `baton up` (real processes, the official openai client): a
 10-turn chat whose history grows by a few hundred tokens a turn is served from the prefix
 caches (the decode worker's, which then prefills the rest itself; and the prefill worker's
-when the decode worker lacks too much), equals the same chat with the cache off, and moves a
-fraction of the state; a history that re-renders differently still hits where it last agrees.
+when the decode worker lacks too much and the prefill worker is not far behind), equals the
+same chat with the cache off, and moves a fraction of the state; a history that re-renders differently still hits where it last agrees.
 
 Token-level turns: /v1/completions with token-id prompts, and the answer's token ids from
 `return_tokens_as_token_ids` (the chat template is irrelevant to what the caches hold).
@@ -26,10 +26,13 @@ REPO = Path(__file__).resolve().parents[2]
 CHECKPOINT = REPO / "examples" / "tiny"
 # Tokens appended each turn (a user message or a tool result): a few hundred, so the decode
 # worker, which holds the rest, prefills them itself (localPrefillMaxTokens is 512). An 11th
-# turn appends more than that: the prefill worker computes it and sends only what the decode
-# worker lacks.
+# turn appends more than that, but the prefill worker saw only turn 1 (it would compute over
+# 1.3x what the decode worker lacks): the decode worker prefills it too. A 12th request
+# branches off turn 1 with BRANCH new tokens: both hold turn 1, so the prefill worker computes
+# it from its own hit and sends only what the decode worker lacks.
 GROWTH = [300, 250, 400, 200, 350, 450, 300, 250, 400]
-REMOTE_TURN = 700
+LONG_TURN = 700
+BRANCH = 700
 FIRST_PROMPT = 200
 ANSWER = 8
 
@@ -86,8 +89,11 @@ def run_session(up: LocalDeployment):
     rng = random.Random(2026)
     history = [rng.randrange(3, 500) for _ in range(FIRST_PROMPT)]
     out = []
-    growth = [*GROWTH, REMOTE_TURN]
-    for t in range(len(growth) + 1):
+    growth = [*GROWTH, LONG_TURN]
+    first = list(history)
+    for t in range(len(growth) + 2):
+        if t == len(growth) + 1:  # the branch off turn 1
+            history = first + out[0]["ids"] + [rng.randrange(3, 500) for _ in range(BRANCH)]
         sent = metric(up, "prefill", "baton_state_transfer_bytes_total")
         answer = client.completions.create(
             model="tiny", prompt=history, max_tokens=ANSWER, temperature=0, logprobs=2,
@@ -111,7 +117,7 @@ def test_ten_turns_hit_the_caches_equal_the_cache_off_run_and_move_little(tmp_pa
         local = metric(up, "decode", "baton_local_prefills_total")
         # A re-rendered history: the last answer comes back different (a template that strips
         # reasoning, text that re-tokenizes otherwise). It still hits at that prompt's end.
-        last = hot[-1]
+        last = hot[10]
         rerendered = last["prompt"] + [(i + 1) % 500 or 3 for i in last["ids"]] + [7] * 40
         again = client.completions.create(model="tiny", prompt=rerendered, max_tokens=2,
                                           temperature=0)
@@ -123,18 +129,20 @@ def test_ten_turns_hit_the_caches_equal_the_cache_off_run_and_move_little(tmp_pa
         _, cold = run_session(up)
         assert metric(up, "decode", "baton_prefix_cache_hit_tokens_total") == 0
 
-    ten, remote = hot[:10], hot[10]
+    ten, remote = hot[:10], hot[11]
     # From turn 2 on, the caches served at least 90% of the previous turn's prompt + answer.
     for t in range(1, len(ten)):
         previous = len(ten[t - 1]["prompt"]) + len(ten[t - 1]["ids"])
         assert ten[t]["cached"] >= 0.9 * previous, (t, ten[t]["cached"], previous)
     assert ten[0]["cached"] == 0 and all(turn["cached"] == 0 for turn in cold)
-    # Turns 2..10 were prefilled by the decode worker itself, the 11th by the prefill worker,
-    # from its own cache (turn 1's prompt: it saw none of the others) and sending only the KV
-    # the decode worker lacked, with the Mamba state.
-    assert local == len(GROWTH)
+    # Turns 2..11 were prefilled by the decode worker itself (the 11th because the prefill
+    # worker, which saw only turn 1, lagged too far); the branch by the prefill worker, from
+    # its own cache (turn 1's prompt) and sending only the KV the decode worker lacked (from
+    # turn 1's prompt + answer on), with the Mamba state.
+    assert local == len(GROWTH) + 1
+    assert hot[10]["cached"] >= len(hot[9]["prompt"]) and hot[10]["sent"] == 0
     assert remote["cached"] == FIRST_PROMPT
-    assert 0 < remote["sent"] < 0.5 * cold[10]["sent"], (remote["sent"], cold[10]["sent"])
+    assert 0 < remote["sent"] < cold[11]["sent"], (remote["sent"], cold[11]["sent"])
     # Equal to the cache-off run: the same greedy tokens wherever the cache-off run's margin is
     # clear (until a near-tie lets them part), logprobs within 1e-4.
     compared = 0
@@ -155,7 +163,7 @@ def test_ten_turns_hit_the_caches_equal_the_cache_off_run_and_move_little(tmp_pa
     assert saved > 0
     print(f"prefix cache over 10 turns: transfer {hot_bytes} vs {cold_bytes} bytes "
           f"({hot_bytes / cold_bytes:.1%}); cached per turn {[t['cached'] for t in hot]}; "
-          f"the remote 11th turn sent {remote['sent']} of {cold[10]['sent']} bytes")
+          f"the branch off turn 1 sent {remote['sent']} of {cold[11]['sent']} bytes")
 
 
 def test_choices_cost_one_prefill_and_sessions_keep_their_decode_worker(tmp_path):

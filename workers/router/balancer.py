@@ -105,6 +105,19 @@ class Balancer:
         return sorted(ranked, key=lambda w: (w.address in avoid,
                                              self._lacks_room(w, need_tokens)))
 
+    def deepest_held(self, workers: list[Worker], prompt: Sequence[int],
+                     avoid: Collection[str] = ()) -> int | None:
+        """The deepest snapshot point of `prompt` that any of `workers` (none in avoid) is
+        believed to hold; None where this routing keeps no index (nothing is known)."""
+        if not workers:
+            return None
+        index = self.indexes.get(workers[0].role)
+        if index is None:
+            return None
+        held = index.lookup(prompt) if prompt else {}
+        return max((held.get(w.address, 0) for w in workers if w.address not in avoid),
+                   default=0)
+
     # ---- what the router learns (prefix-aware only) --------------------------------------
 
     def held(self, worker: Worker, prompt: Sequence[int], cached_tokens: int,

@@ -6,9 +6,12 @@ One attempt, as the router drives it:
   1. Pick a decode worker D (balancer.py) and call D.Reserve. D takes cache room, pinning the
      longest prefix of the prompt its prefix cache holds, and answers with a reservation id,
      its cached tokens d, and whether it prefills the rest itself (local prefill: at most
-     localPrefillMaxTokens are missing). A full D refuses with RESOURCE_EXHAUSTED and the next
-     D is tried; when every D refused, the request goes back to the router's queue
-     (NoCapacity). A D that answers nothing (hung) is left after a few failed health checks.
+     local_prefill_limit() tokens are missing: localPrefillMaxTokens, or more, up to
+     LOCAL_PREFILL_STRETCH times it, where the prefill workers' best hit is so far behind
+     that P would compute more than RECOMPUTE_BOUND times what D lacks). A full D refuses
+     with RESOURCE_EXHAUSTED and the next D is tried; when every D refused, the request goes
+     back to the router's queue (NoCapacity). A D that answers nothing (hung) is left after
+     a few failed health checks.
   2. Unless D prefills locally, pick a prefill worker P. (None ready: Release the reservation
      and answer 503.) Call D.Generate(reservation id), and P.Prefill(reservation id, d, D's
      address): P computes the prompt from its own best hit and streams only what D lacks
@@ -31,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import replace
 
 import grpc
@@ -65,6 +68,11 @@ WATCH_INTERVAL_S = 0.25
 # unreachable for this request (a hung one is left sooner, by its failed health checks).
 RESERVE_TIMEOUT_S = 10.0
 RELEASE_TIMEOUT_S = 5.0
+# Local prefill past localPrefillMaxTokens (local_prefill_limit): when a prefill worker would
+# compute more than this many times the tokens the decode worker lacks ...
+RECOMPUTE_BOUND = 1.3
+# ... and the decode worker lacks at most this many times localPrefillMaxTokens.
+LOCAL_PREFILL_STRETCH = 8
 _FULL = object()  # a decode worker that refused the reservation for lack of room
 _UNREACHABLE = object()  # a decode worker that did not answer the reservation
 _FINISH = {
@@ -248,6 +256,26 @@ class DisaggregatedBackend:
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 
+    def local_prefill_limit(self, prompt: Sequence[int], avoid: Collection[str] = ()) -> int:
+        """How many missing tokens the decode worker may prefill itself for `prompt`.
+
+        localPrefillMaxTokens always. Beyond it, a prefill worker computes from its own best
+        hit h_p, which lags a decode worker's whenever earlier turns of the session were
+        prefilled locally (P never saw them): sending the turn to P would compute n - h_p
+        tokens for the n - h_d that D lacks. Where that is more than RECOMPUTE_BOUND times as
+        many, D prefills the rest itself instead (up to LOCAL_PREFILL_STRETCH times
+        localPrefillMaxTokens, which bounds how long a local prefill holds D's decode batch):
+        the limit becomes (n - h_p) / RECOMPUTE_BOUND. Only with prefix-aware routing (the
+        index says where the prefill workers' hits are); 0 keeps local prefill off."""
+        limit = self.local_prefill_max_tokens
+        if limit == 0:
+            return 0
+        behind = self.balancer.deepest_held(self.prefill.ready_workers(), prompt, avoid)
+        if behind is None:
+            return limit
+        stretched = int((len(prompt) - behind) / RECOMPUTE_BOUND)
+        return max(limit, min(stretched, LOCAL_PREFILL_STRETCH * limit))
+
     async def _prefill(self, worker: Worker, req: prefill_pb2.PrefillRequest,
                        metadata: tuple) -> prefill_pb2.PrefillResponse:
         worker.inflight += 1
@@ -270,7 +298,7 @@ class DisaggregatedBackend:
             decode_pb2.ReserveRequest(
                 request_id=request_id, prompt_token_ids=prompt, sampling=sampling,
                 deadline=_timestamp(request.deadline), num_output_tokens=len(emitted),
-                local_prefill_max_tokens=self.local_prefill_max_tokens),
+                local_prefill_max_tokens=self.local_prefill_limit(prompt, avoid)),
             request.deadline, metadata, avoid, request.cache_key)
         self.balancer.held(decode, prompt, reserved.cached_tokens, request.cache_key)
         call: grpc.aio.UnaryStreamCall | None = None

@@ -642,3 +642,43 @@ async def test_decode_choice_skips_workers_reported_too_full(cluster):
     # A short prompt fits the idler worker again.
     await client.completions.create(model="tiny", prompt="y", max_tokens=2)
     assert len(decodes[0].requests) == 1
+
+
+async def test_local_prefill_stretches_where_the_prefill_workers_lag(cluster):
+    """D may prefill more than localPrefillMaxTokens itself where the prefill workers' best
+    hit is so far behind that P would compute over RECOMPUTE_BOUND times what D lacks (earlier
+    turns prefilled on D never reached P), up to LOCAL_PREFILL_STRETCH times the limit."""
+    from baton.workers.router.disaggregated import LOCAL_PREFILL_STRETCH, RECOMPUTE_BOUND
+
+    decodes, prefills, router = cluster
+    client, backend = await router(routing="prefix-aware", n_prefill=2)
+    assert await until(lambda: len(backend.prefill.ready_workers()) == 2)
+    p1, p2 = (w.address for w in backend.prefill.ready_workers())
+    index = backend.balancer.indexes["prefill"]
+    prompt = [(7 * i) % 251 + 3 for i in range(3000)]
+    limit = backend.local_prefill_max_tokens
+    assert limit == 512
+    # Nothing known on any P: it would compute all 3000 tokens.
+    assert backend.local_prefill_limit(prompt) == int(3000 / RECOMPUTE_BOUND)
+    index.record(p1, prompt, [1000])
+    assert backend.local_prefill_limit(prompt) == int(2000 / RECOMPUTE_BOUND)
+    index.record(p2, prompt, [2900])  # the best P is close behind: the plain limit
+    assert backend.local_prefill_limit(prompt) == limit
+    assert backend.local_prefill_limit(prompt, avoid={p2}) == int(2000 / RECOMPUTE_BOUND)
+    long = [(5 * i) % 241 + 3 for i in range(20000)]
+    assert backend.local_prefill_limit(long) == LOCAL_PREFILL_STRETCH * limit
+    backend.local_prefill_max_tokens = 0  # off stays off
+    assert backend.local_prefill_limit(prompt) == 0
+    # What D is sent: the limit for this prompt, stretched (no P holds any of it).
+    backend.local_prefill_max_tokens = 100
+    out = await client.completions.create(model="tiny", prompt="stretch " * 40, max_tokens=2)
+    assert out.choices[0].text
+    (reserve,) = [r for d in decodes for r in d.requests]
+    n = len(reserve.prompt_token_ids)
+    assert n == 320 and reserve.local_prefill_max_tokens == int(n / RECOMPUTE_BOUND) > 100
+
+
+async def test_least_loaded_keeps_the_plain_local_prefill_limit(cluster):
+    _, _, router = cluster
+    _, backend = await router(routing="least-loaded")
+    assert backend.local_prefill_limit(list(range(3, 3003))) == 512
