@@ -2,7 +2,8 @@
 10-turn chat whose history grows by a few hundred tokens a turn is served from the prefix
 caches (the decode worker's, which then prefills the rest itself; and the prefill worker's
 when the decode worker lacks too much and the prefill worker is not far behind), equals the
-same chat with the cache off, and moves a fraction of the state; a history that re-renders differently still hits where it last agrees.
+same chat with the cache off, and moves a fraction of the state; a history that re-renders
+differently still hits where it last agrees.
 
 Token-level turns: /v1/completions with token-id prompts, and the answer's token ids from
 `return_tokens_as_token_ids` (the chat template is irrelevant to what the caches hold).
