@@ -132,10 +132,17 @@ def crd_yaml() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m baton.operator.crd",
+        description="Write the Model CRD generated from operator/spec.py.")
+    parser.add_argument("out", nargs="?", type=Path,
+                        help="file to write (default: standard output)")
+    ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
     text = crd_yaml()
-    if argv:
-        Path(argv[0]).write_text(text)
+    if ns.out is not None:
+        ns.out.write_text(text)
     else:
         sys.stdout.write(text)
     return 0

@@ -26,7 +26,8 @@ import yaml
 from baton.operator.fields import CelRule, SpecError, dump, parse, spec_field
 
 __all__ = [
-    "ROLES", "SpecError", "Model", "ModelSpec", "SourceSpec", "EngineSpec", "RouterSpec",
+    "ROLES", "SpecError", "Model", "ModelSpec", "SourceSpec", "EngineSpec", "PrefixCacheSpec",
+    "RouterSpec", "PrefixCacheConfig",
     "PoolSpec", "ResourceRequests", "Toleration", "PrefillSpec", "DecodeSpec",
     "AutoscalingSpec", "TargetsSpec", "NetworkPolicySpec", "ModelStatus", "WorkerConfig",
     "EngineConfig", "PrefillConfig", "DecodeConfig", "RouterConfig", "PoolConfig", "PoolsConfig",
@@ -40,7 +41,7 @@ PLURAL = "models"
 
 ROLES = ("prefill", "decode")
 QUANTIZATIONS = ("auto", "nvfp4", "fp8", "bf16")
-ROUTINGS = ("least-loaded", "round-robin")
+ROUTINGS = ("prefix-aware", "least-loaded", "round-robin")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 FP4_PATHS = ("native", "w4a16")
 
@@ -115,6 +116,21 @@ class SourceSpec:
 
 
 @dataclass(frozen=True)
+class PrefixCacheSpec:
+    enabled: bool = spec_field(
+        "enabled", "Keep prompt prefixes on both roles for later requests to reuse: attention "
+        "KV pages and Mamba state snapshots (a hit needs both).", default=True)
+    snapshot_memory_fraction: float = spec_field(
+        "snapshotMemoryFraction", "Share of a worker's cache memory that holds Mamba state "
+        "snapshots (the rest holds KV pages), a decimal string in (0, 0.9].", default=0.25,
+        decimal=True, minimum=0, exclusive_minimum=True, maximum=0.9)
+    snapshot_interval_tokens: int = spec_field(
+        "snapshotIntervalTokens", "Also snapshot every this many tokens inside long prompts "
+        "(shared system prompts, documents), besides prompt and request ends; 0: only there. "
+        "A multiple of kvPageSize.", default=1024, minimum=0, maximum=1048576)
+
+
+@dataclass(frozen=True)
 class EngineSpec:
     max_model_len: int = spec_field(
         "maxModelLen", "Longest sequence (prompt + output tokens) a request may reach.",
@@ -131,23 +147,38 @@ class EngineSpec:
     cuda_graphs: bool = spec_field(
         "cudaGraphs", "Replay decode and MTP-verify steps as CUDA graphs per batch-size "
         "bucket; false runs every step eagerly.", default=True)
+    prefix_cache: PrefixCacheSpec = spec_field(
+        "prefixCache", "The prefix cache (KV pages and Mamba snapshots) of every worker.",
+        default_factory=PrefixCacheSpec)
 
     def check(self, path: str) -> None:
         if self.max_model_len % self.kv_page_size:
             raise SpecError(f"{path}.maxModelLen",
                             f"must be a multiple of kvPageSize ({self.kv_page_size}), "
                             f"got {self.max_model_len}")
+        interval = self.prefix_cache.snapshot_interval_tokens
+        if interval % self.kv_page_size:
+            raise SpecError(f"{path}.prefixCache.snapshotIntervalTokens",
+                            f"must be a multiple of kvPageSize ({self.kv_page_size}), got "
+                            f"{interval}")
 
     __rules__ = (CelRule("self.maxModelLen % self.kvPageSize == 0",
-                         "maxModelLen must be a multiple of kvPageSize"),)
+                         "maxModelLen must be a multiple of kvPageSize"),
+                 CelRule("!has(self.prefixCache) || "
+                         "self.prefixCache.snapshotIntervalTokens % self.kvPageSize == 0",
+                         "prefixCache.snapshotIntervalTokens must be a multiple of "
+                         "kvPageSize"))
 
 
 @dataclass(frozen=True)
 class RouterSpec:
     replicas: int = spec_field("replicas", "Router replicas.", default=1, minimum=0,
                                maximum=64)
-    routing: str = spec_field("routing", "How the router picks workers.",
-                              default="least-loaded", enum=ROUTINGS)
+    routing: str = spec_field(
+        "routing", "How the router picks workers: prefix-aware (by the deepest prompt prefix a "
+        "worker holds with a Mamba snapshot, balanced against load, and a session's "
+        "prompt_cache_key), least-loaded, or round-robin.", default="prefix-aware",
+        enum=ROUTINGS)
     request_timeout_seconds: int = spec_field(
         "requestTimeoutSeconds", "Deadline of a whole request.", default=600, minimum=1,
         maximum=86400)
@@ -157,6 +188,12 @@ class RouterSpec:
     max_queued_requests: int = spec_field(
         "maxQueuedRequests", "Requests the router queues before answering 429.",
         default=256, minimum=1, maximum=1000000)
+    local_prefill_max_tokens: int = spec_field(
+        "localPrefillMaxTokens", "A decode worker whose prefix cache holds all but at most "
+        "this many tokens of a prompt prefills them itself (no prefill worker, no state "
+        "transfer); with prefix-aware routing up to 8 times as many where the prefill "
+        "workers' caches lag so far that they would compute over 1.3 times as much; 0: "
+        "never.", default=512, minimum=0, maximum=1048576)
     api_keys_secret: str | None = spec_field(
         "apiKeysSecret", "A Secret whose key `keys` lists accepted API keys, one per line; "
         "unset: no API keys.", default=None, pattern=r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$")
@@ -494,6 +531,17 @@ def load_model_file(path: str | Path) -> tuple[Model, dict]:
 
 
 @dataclass(frozen=True)
+class PrefixCacheConfig:
+    enabled: bool = spec_field("enabled", "Keep prefixes for later requests.", default=True)
+    snapshot_memory_fraction: float = spec_field(
+        "snapshotMemoryFraction", "Share of cache memory for Mamba snapshots.", default=0.25,
+        minimum=0, exclusive_minimum=True, maximum=0.9)
+    snapshot_interval_tokens: int = spec_field(
+        "snapshotIntervalTokens", "Snapshot every this many prompt tokens; 0: only at ends.",
+        default=1024, minimum=0)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     max_model_len: int = spec_field("maxModelLen", "Longest sequence.", default=4096,
                                     minimum=1)
@@ -505,6 +553,8 @@ class EngineConfig:
     dtype: str = spec_field("dtype", "Activation dtype.", default="auto", enum=DTYPES)
     cuda_graphs: bool = spec_field("cudaGraphs", "Decode and verify steps as CUDA graphs.",
                                    default=True)
+    prefix_cache: PrefixCacheConfig = spec_field("prefixCache", "The prefix cache.",
+                                                 default_factory=PrefixCacheConfig)
 
 
 @dataclass(frozen=True)
@@ -529,10 +579,13 @@ class DecodeConfig:
 
 @dataclass(frozen=True)
 class RouterConfig:
-    routing: str = spec_field("routing", "Worker choice.", default="least-loaded",
+    routing: str = spec_field("routing", "Worker choice.", default="prefix-aware",
                               enum=ROUTINGS)
     max_queued_requests: int = spec_field("maxQueuedRequests", "Queue before 429.",
                                           default=256, minimum=1)
+    local_prefill_max_tokens: int = spec_field(
+        "localPrefillMaxTokens", "Uncached prompt tokens a decode worker prefills itself.",
+        default=512, minimum=0)
     request_timeout_seconds: float = spec_field("requestTimeoutSeconds", "Request deadline.",
                                                 default=600, minimum=0,
                                                 exclusive_minimum=True)
@@ -637,7 +690,13 @@ def worker_config(model: Model, model_path: str) -> WorkerConfig:
         engine=EngineConfig(max_model_len=spec.engine.max_model_len,
                             kv_page_size=spec.engine.kv_page_size,
                             cache_memory_fraction=spec.engine.cache_memory_fraction,
-                            dtype=spec.engine.dtype, cuda_graphs=spec.engine.cuda_graphs),
+                            dtype=spec.engine.dtype, cuda_graphs=spec.engine.cuda_graphs,
+                            prefix_cache=PrefixCacheConfig(
+                                enabled=spec.engine.prefix_cache.enabled,
+                                snapshot_memory_fraction=(
+                                    spec.engine.prefix_cache.snapshot_memory_fraction),
+                                snapshot_interval_tokens=(
+                                    spec.engine.prefix_cache.snapshot_interval_tokens))),
         prefill=PrefillConfig(max_batch_tokens=spec.prefill.max_batch_tokens,
                               expert_parallel=spec.prefill.expert_parallel,
                               gpus_per_replica=spec.prefill.gpus_per_replica),
@@ -647,6 +706,7 @@ def worker_config(model: Model, model_path: str) -> WorkerConfig:
                             gpus_per_replica=spec.decode.gpus_per_replica),
         router=RouterConfig(routing=spec.router.routing,
                             max_queued_requests=spec.router.max_queued_requests,
+                            local_prefill_max_tokens=spec.router.local_prefill_max_tokens,
                             request_timeout_seconds=spec.router.request_timeout_seconds,
                             transfer_timeout_seconds=spec.router.transfer_timeout_seconds,
                             api_keys_file=api_keys,

@@ -1,9 +1,5 @@
 """gRPC metadata keys that the workers and the router share (DESIGN.md, Seams: router semantics)."""
 
-# Initial metadata of a Generate call once the decode worker holds its reservation: the router
-# starts the Prefill then.
-RESERVED = "baton-reserved"
-
 # Trailing metadata of a Prefill that failed in its transfer to the decode worker (value:
 # "decode"): that worker is to blame, not the prefill worker, though both calls end
 # UNAVAILABLE when the decode worker died.

@@ -3,17 +3,19 @@
 Reads the same Model YAML a cluster gets (baton.operator.spec), resolves its checkpoint
 (`source.uri` may be a path relative to the YAML file, or file:///path), writes the worker
 configuration every process reads, and starts
-    a prefill worker  (baton worker prefill, gRPC + /metrics on free local ports),
-    a decode worker   (baton worker decode, likewise),
-    the router        (baton router, the OpenAI API on --host:--port),
-one process each, all in one process group owned by this command. On a machine with GPUs
-the prefill worker gets the first GPU and the decode worker the second; with one GPU they
-share it, and baton up splits its memory between their caches. Otherwise both run on the
-CPU. It waits until both workers answer grpc.health.v1 SERVING and the router's /ready is
-200, prints each worker's time to ready (start to first SERVING) and where everything
-serves, then runs until Ctrl-C / SIGTERM (or a child exits) and stops every process:
-SIGTERM to the group (workers drain), SIGKILL to whatever is left after the grace period.
-Children also get SIGTERM from the kernel if this command dies without cleaning up.
+    prefill workers  (baton worker prefill, gRPC + /metrics on free local ports),
+    decode workers   (baton worker decode, likewise),
+    the router       (baton router, the OpenAI API on --host:--port),
+as many workers per role as its pools' minReplicas add up to (at least one), all in one
+process group owned by this command. On a machine with GPUs the workers take the GPUs in turn
+(prefill first); workers that share a GPU share its memory, which baton up splits between their
+caches. Otherwise everything runs on the CPU, each worker with --cache-memory of cache (KV
+pages, state slots and prefix-cache snapshots). It waits until every worker answers
+grpc.health.v1 SERVING and the router's /ready is 200, prints each worker's time to ready
+(start to first SERVING) and where everything serves, then runs until Ctrl-C / SIGTERM (or a
+child exits) and stops every process: SIGTERM to the group (workers drain), SIGKILL to
+whatever is left after the grace period. Children also get SIGTERM from the kernel if this
+command dies without cleaning up.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ from baton.operator.spec import Model, SpecError, WorkerConfig, worker_config
 
 READY_TIMEOUT_S = 300.0
 STOP_GRACE_S = 20.0
+# A CPU worker's cache unless --cache-memory says otherwise: the machine is shared with the
+# other workers (a GPU worker sizes its cache from cacheMemoryFraction instead).
+CPU_CACHE_BYTES = 256 << 20
 _PR_SET_PDEATHSIG = 1
 
 
@@ -125,21 +130,31 @@ def checkpoint_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
+def gpu_cache_budgets(free_bytes: int, fraction: float, weights_bytes: int,
+                      roles: list[str]) -> list[int]:
+    """Cache bytes for the workers of `roles` sharing one GPU, in that order.
+
+    Of `fraction` of the free memory, every worker's weights come off first; the rest is
+    shared out with a decode worker counting twice (it holds every running sequence) and a
+    prefill worker once (only prompts in flight).
+    """
+    usable = int(free_bytes * fraction) - len(roles) * weights_bytes
+    if usable <= 0:
+        raise UpError(f"one GPU with {free_bytes} bytes free cannot hold {len(roles)} copies "
+                      f"of {weights_bytes} bytes of weights within engine.cacheMemoryFraction="
+                      f"{fraction}; use more GPUs, fewer replicas or a smaller model")
+    shares = [2 if role == "decode" else 1 for role in roles]
+    budgets = [usable * share // sum(shares) for share in shares]
+    budgets[-1] += usable - sum(budgets)
+    return budgets
+
+
 def shared_gpu_cache_budgets(free_bytes: int, fraction: float,
                              weights_bytes: int) -> dict[str, int]:
-    """Cache bytes for a prefill and a decode worker sharing one GPU.
-
-    Of `fraction` of the free memory, both workers' weights come off first; decode gets two
-    thirds of the rest (it holds every running sequence), prefill a third (only prompts in
-    flight).
-    """
-    usable = int(free_bytes * fraction) - 2 * weights_bytes
-    if usable <= 0:
-        raise UpError(f"one GPU with {free_bytes} bytes free cannot hold two copies of "
-                      f"{weights_bytes} bytes of weights within engine.cacheMemoryFraction="
-                      f"{fraction}; use a machine with two GPUs or a smaller model")
-    prefill = usable // 3
-    return {"prefill": prefill, "decode": usable - prefill}
+    """Cache bytes for a prefill and a decode worker sharing one GPU (gpu_cache_budgets)."""
+    prefill, decode = gpu_cache_budgets(free_bytes, fraction, weights_bytes,
+                                        ["prefill", "decode"])
+    return {"prefill": prefill, "decode": decode}
 
 
 def _child_setup(group: list[int]) -> None:
@@ -200,10 +215,11 @@ class LocalDeployment:
     """Router + prefill worker + decode worker of one Model as local processes."""
 
     def __init__(self, spec_path: Path, host: str = "127.0.0.1", port: int = 8000,
-                 run_dir: Path | None = None) -> None:
+                 run_dir: Path | None = None, cache_memory_bytes: int | None = None) -> None:
         self.spec_path = spec_path.resolve()
         self.host = host
         self.port = port
+        self.cache_memory_bytes = cache_memory_bytes
         self.model = load_model_spec(self.spec_path)
         self.checkpoint = resolve_checkpoint(self.model, self.spec_path)
         self.config = worker_config(self.model, str(self.checkpoint))
@@ -223,6 +239,10 @@ class LocalDeployment:
         shown = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return f"http://{shown}:{self.port}"
 
+    def replicas(self, role: str) -> int:
+        """Worker processes of a role: its pools' minReplicas, at least one."""
+        return max(1, sum(p.min_replicas for p in self.model.spec.role(role).pools))
+
     def _plan(self) -> list[Child]:
         if self.run_dir is None:
             self.run_dir = Path(tempfile.mkdtemp(prefix="baton-up-"))
@@ -230,39 +250,51 @@ class LocalDeployment:
         config_path = self.run_dir / "worker-config.json"
         config_path.write_text(self.config.to_json())
         python = [sys.executable, "-m", "baton.workers.cli"]
+        roles = [role for role in ("prefill", "decode") for _ in range(self.replicas(role))]
         devices = visible_gpus()
-        budgets: dict[str, int] = {}
-        if len(devices) == 1:
-            # Both workers on one GPU: each would size its cache as if alone (and the second
-            # would find no room), so baton up splits the memory between them.
-            budgets = shared_gpu_cache_budgets(
-                gpu_free_memory(devices[0]), self.config.engine.cache_memory_fraction,
-                checkpoint_bytes(self.checkpoint))
+        # Workers take the GPUs in turn; those on one GPU share it (see the module docstring).
+        placed = [devices[i % len(devices)] for i in range(len(roles))] if devices else []
+        budgets: list[int | None] = [self.cache_memory_bytes] * len(roles)
+        if devices and self.cache_memory_bytes is None:
+            for device in devices:
+                mine = [i for i, d in enumerate(placed) if d == device]
+                if len(mine) > 1:
+                    shares = gpu_cache_budgets(
+                        gpu_free_memory(device), self.config.engine.cache_memory_fraction,
+                        checkpoint_bytes(self.checkpoint), [roles[i] for i in mine])
+                    for i, budget in zip(mine, shares):
+                        budgets[i] = budget
+        elif not devices and self.cache_memory_bytes is None:
+            budgets = [CPU_CACHE_BYTES] * len(roles)
         children = []
-        for i, role in enumerate(("prefill", "decode")):
+        seen: dict[str, int] = {}
+        for i, role in enumerate(roles):
+            n = seen[role] = seen.get(role, -1) + 1
+            name = role if n == 0 else f"{role}{n}"
             env = dict(os.environ)
             if devices:
-                env["CUDA_VISIBLE_DEVICES"] = devices[min(i, len(devices) - 1)]
+                env["CUDA_VISIBLE_DEVICES"] = placed[i]
             else:
-                # Two workers share the cores: without a cap each would start a thread per
-                # core and they would slow each other down.
-                env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+                # Workers share the cores: without a cap each would start a thread per core
+                # and they would slow each other down.
+                env.setdefault("OMP_NUM_THREADS",
+                               str(max(1, (os.cpu_count() or 2) // len(roles))))
             pool = getattr(self.config.pools, role)[0].name
             grpc_port, metrics_port = free_port(), free_port()
             argv = python + ["worker", role, "--config", str(config_path), "--pool", pool,
                              "--grpc-port", str(grpc_port), "--metrics-port",
                              str(metrics_port), "--host", "127.0.0.1"]
-            if role in budgets:
-                argv += ["--cache-memory", str(budgets[role])]
+            if budgets[i] is not None:
+                argv += ["--cache-memory", str(budgets[i])]
             children.append(Child(
-                name=role, env=env, log_path=self.run_dir / f"{role}.log",
+                name=name, env=env, log_path=self.run_dir / f"{name}.log",
                 grpc_port=grpc_port, metrics_port=metrics_port, argv=argv))
-        prefill, decode = children
+        addresses = {role: ",".join(f"127.0.0.1:{c.grpc_port}" for c, r in zip(children, roles)
+                                    if r == role) for role in ("prefill", "decode")}
         children.append(Child(
             name="router", env=dict(os.environ), log_path=self.run_dir / "router.log",
             argv=python + ["router", "--config", str(config_path),
-                           "--prefill", f"127.0.0.1:{prefill.grpc_port}",
-                           "--decode", f"127.0.0.1:{decode.grpc_port}",
+                           "--prefill", addresses["prefill"], "--decode", addresses["decode"],
                            "--host", self.host, "--port", str(self.port),
                            "--discovery-interval", "0.5"]))
         return children
@@ -315,12 +347,12 @@ class LocalDeployment:
             f"  OpenAI API     {self.base_url}/v1",
             f"  metrics        router {self.base_url}/metrics",
         ]
-        for role in ("prefill", "decode"):
-            c = by[role]
-            lines.append(f"                 {role} http://127.0.0.1:{c.metrics_port}/metrics "
+        workers = [c for c in self.children if c.name != "router"]
+        for c in workers:
+            lines.append(f"                 {c.name} http://127.0.0.1:{c.metrics_port}/metrics "
                          f"(gRPC 127.0.0.1:{c.grpc_port})")
         lines.append("  time to ready  " + ", ".join(
-            f"{name} {by[name].ready_after_s:.1f} s" for name in ("prefill", "decode", "router"))
+            f"{c.name} {c.ready_after_s:.1f} s" for c in [*workers, by["router"]])
             + " (process start to first health SERVING)")
         lines.append(f"  logs           {self.run_dir}")
         lines.append("Ctrl-C stops every process.")
@@ -364,7 +396,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="where config and logs go (default: a temporary directory, removed "
                         "on a clean stop)")
     p.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S)
+    p.add_argument("--cache-memory", type=_size, default=None,
+                   help="cache bytes of every worker (e.g. 1Gi); default: on a CPU "
+                        f"{CPU_CACHE_BYTES >> 20}Mi, on GPUs from engine.cacheMemoryFraction")
     return p.parse_args(argv)
+
+
+def _size(text: str) -> int:
+    from baton.workers.server.settings import parse_size
+
+    try:
+        value = parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size (bytes, or with Ki/Mi/Gi)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -379,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        deployment = LocalDeployment(args.file, args.host, args.port, args.run_dir)
+        deployment = LocalDeployment(args.file, args.host, args.port, args.run_dir,
+                                     args.cache_memory)
     except UpError as exc:
         print(f"baton up: {exc}", file=sys.stderr)
         return 2

@@ -81,6 +81,15 @@ class WorkerStats:
     generation_tokens_total: int
     spec_decode_draft_tokens_total: int = 0
     spec_decode_accepted_tokens_total: int = 0
+    # Prefix cache (both roles): prompt tokens looked up, and those served from the cache.
+    prefix_cache_queried_tokens_total: int = 0
+    prefix_cache_hit_tokens_total: int = 0
+    # Share of the Mamba snapshot pool in use, 0..1.
+    prefix_cache_snapshot_usage_ratio: float = 0.0
+    prefix_cache_snapshot_evictions_total: int = 0
+    prefix_cache_page_evictions_total: int = 0
+    # Decode: reservations whose uncached rest this worker prefilled itself.
+    local_prefills_total: int = 0
 
 
 # name -> (help, is_counter); the series WorkerStats feeds, in its field order.
@@ -93,6 +102,16 @@ _STATS_SERIES: dict[str, tuple[str, bool]] = {
     "generation_tokens_total": ("Tokens generated.", True),
     "spec_decode_draft_tokens_total": ("Speculative draft tokens proposed.", True),
     "spec_decode_accepted_tokens_total": ("Speculative draft tokens accepted.", True),
+    "prefix_cache_queried_tokens_total": ("Prompt tokens looked up in the prefix cache.", True),
+    "prefix_cache_hit_tokens_total": (
+        "Prompt tokens served from the prefix cache (KV and a Mamba snapshot) instead of "
+        "computed.", True),
+    "prefix_cache_snapshot_usage_ratio": ("Share of the Mamba snapshot pool in use.", False),
+    "prefix_cache_snapshot_evictions_total": ("Mamba snapshots evicted for new ones.", True),
+    "prefix_cache_page_evictions_total": ("Cached KV pages reused for fresh ones.", True),
+    "local_prefills_total": (
+        "Reservations whose uncached rest the decode worker prefilled itself (no transfer).",
+        True),
 }
 
 
@@ -159,6 +178,13 @@ class BatonMetrics:
             LABEL_NAMES + ("kind",), registry=self.registry)
         for kind in STATE_KINDS:
             self._transfer_bytes.labels(*values, kind)
+        self._saved_bytes = Counter(
+            "baton_state_transfer_saved_bytes",
+            "State bytes a decode worker's prefix cache kept off the wire (its cached prefix, "
+            "or a whole local prefill), by state kind.",
+            LABEL_NAMES + ("kind",), registry=self.registry)
+        for kind in STATE_KINDS:
+            self._saved_bytes.labels(*values, kind)
         self.state_transfer_failures = Counter(
             "baton_state_transfer_failures", "State transfers that failed (either side).",
             LABEL_NAMES, registry=self.registry).labels(*values)
@@ -190,11 +216,18 @@ class BatonMetrics:
 
     def state_transfer_bytes(self, kind: str, nbytes: int) -> None:
         """Counts state bytes sent (sender side only) under kind (kv|conv|ssm|mtp_kv|hidden)."""
+        self._count_bytes(self._transfer_bytes, kind, nbytes)
+
+    def state_transfer_saved_bytes(self, kind: str, nbytes: int) -> None:
+        """Counts state bytes a prefix-cache hit kept off the wire (decode side) under kind."""
+        self._count_bytes(self._saved_bytes, kind, nbytes)
+
+    def _count_bytes(self, counter: Counter, kind: str, nbytes: int) -> None:
         if kind not in STATE_KINDS:
             raise ValueError(f"kind={kind!r} is not one of {', '.join(STATE_KINDS)}")
         if nbytes < 0:
             raise ValueError(f"nbytes={nbytes} must be >= 0")
-        self._transfer_bytes.labels(*self.labels.values(), kind).inc(nbytes)
+        counter.labels(*self.labels.values(), kind).inc(nbytes)
 
     def exposition(self) -> bytes:
         """The text exposition format of every series (what /metrics serves)."""

@@ -155,12 +155,9 @@ class SamplingParams:
 
     @property
     def has_penalties(self) -> bool:
-        """Whether sampling needs the request's token counts (penalties) or a bias row."""
+        """Whether sampling needs the request's token counts (a penalty is on)."""
         return bool(
-            self.presence_penalty
-            or self.frequency_penalty
-            or self.repetition_penalty != 1.0
-            or self.logit_bias
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
         )
 
     # ---- the wire ------------------------------------------------------------------------

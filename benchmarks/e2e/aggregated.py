@@ -100,16 +100,10 @@ def load_engine(cfg: WorkerConfig, device: torch.device, cache_memory: int | Non
                        max_model_len=cfg.engine.max_model_len)
     tokenizer = load_tokenizer(cfg.model_path)
     budget = settings.cache_budget(cfg, device, cache_memory)
-    k = settings.speculative_tokens(cfg, "decode")
     page_size = cfg.engine.kv_page_size
-    probe = model.allocate_cache(1, page_size, 1, spec_tokens=k, ssm_dtype=torch.float32)
-    num_pages = settings.num_kv_pages(
-        budget, probe.bytes_per_page(), probe.bytes_per_slot(),
-        settings.max_num_seqs(cfg, "decode"), cfg.engine.max_model_len, k, page_size)
-    del probe
-    engine_cfg = settings.engine_config(cfg, "decode", num_pages)
+    engine_cfg = settings.engine_config(cfg, "decode", budget)
     engine_cfg.eos_token_ids = list(tokenizer.eos_token_ids or []) or None
-    engine = Engine(model, engine_cfg)
+    engine = Engine(model, engine_cfg, grammar_tokenizer=tokenizer)  # as the workers
     st = engine.stats()
     log.info("loaded %s on %s (%s): %d KV pages of %d tokens, %d state slots, steps of %d "
              "tokens", cfg.model_path, device, dtype, st.num_pages, page_size, st.num_slots,

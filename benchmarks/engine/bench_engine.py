@@ -334,7 +334,7 @@ def engine_for(model, args, max_model_len: int, num_seqs: int, eager: bool) -> E
     return Engine(model, EngineConfig(
         page_size=16, num_pages=num_seqs * pages_per_seq + pages_per_seq,
         max_num_seqs=num_seqs, max_batch_tokens=args.max_batch_tokens,
-        max_model_len=max_model_len, base_seed=0, enforce_eager=eager))
+        max_model_len=max_model_len, base_seed=0, enforce_eager=eager, prefix_cache=False))
 
 
 def check_parity(args, model, path: Path, hf, prompt: list[int], device, dtype
@@ -373,6 +373,8 @@ def run(args, path: Path, hf_path: Path, config: dict, device: torch.device,
     largest = max(args.batches)
     max_model_len = args.prompt_len + 1 + args.decode_steps + prefill_slack(
         largest, args.prompt_len, args.max_batch_tokens)
+    # The warm-up round runs the timed round's prompts: without the prefix cache, so that the
+    # timed prefill computes them instead of finding them cached (engine_for turns it off).
     graphed = engine_for(model, args, max_model_len, largest, eager=False)
     step_graphs = graphed.runner.step_graphs
     graphs = step_graphs is not None and step_graphs.capture

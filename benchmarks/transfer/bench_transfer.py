@@ -97,7 +97,7 @@ def receiver_main(conn, device: str, chunk_bytes: int) -> None:
             dest[self.index].copy_(state.tensor, non_blocking=False)
             self.index += 1
 
-        def complete(self, first_token):
+        def complete(self, first_token, cached_tokens=0):
             if device == "cuda":
                 torch.cuda.synchronize()
             self.done.set()
@@ -160,7 +160,8 @@ def receiver_main(conn, device: str, chunk_bytes: int) -> None:
             targets = []
             for request_id in command[1]:
                 target = Target()
-                receiver.expect(request_id, PROMPT_TOKENS, target, time.time() + 600)
+                receiver.expect(request_id, request_id, PROMPT_TOKENS, 0, target,
+                                time.time() + 600)
                 targets.append(target)
             conn.send("ok")
         elif command[0] == "cpu":
@@ -177,7 +178,8 @@ def run_grpc(transport, address: str, states, request_ids, concurrency: int) -> 
     from baton.workers.transfer import FirstToken
 
     def one(request_id: str) -> None:
-        sender = transport.open(address, request_id, PROMPT_TOKENS, time.time() + 600)
+        sender = transport.open(address, request_id, request_id, PROMPT_TOKENS, 0,
+                                time.time() + 600)
         for state in states:
             sender.on_layer(state)
         sender.finish(FirstToken(1))

@@ -24,16 +24,17 @@ CHECKPOINT = REPO / "examples" / "tiny"
 MAX_MODEL_LEN = 4096
 
 
-def worker_config(model_path: Path, speculative_tokens: int = 2, **router) -> dict:
+def worker_config(model_path: Path, speculative_tokens: int = 2, engine: dict | None = None,
+                  **router) -> dict:
     return {
         "model": "tiny", "namespace": "e2e", "servedModelName": "tiny",
         "modelPath": str(model_path), "quantization": "auto",
         "engine": {"maxModelLen": MAX_MODEL_LEN, "kvPageSize": 16, "cacheMemoryFraction": 0.5,
-                   "dtype": "float32"},
+                   "dtype": "float32", **(engine or {})},
         "prefill": {"maxBatchTokens": 1024, "expertParallel": 1, "gpusPerReplica": 1},
         "decode": {"maxConcurrency": 8, "speculativeTokens": speculative_tokens,
                    "expertParallel": 1, "gpusPerReplica": 1},
-        "router": {"routing": "least-loaded", "maxQueuedRequests": 64,
+        "router": {"routing": "prefix-aware", "maxQueuedRequests": 64,
                    "requestTimeoutSeconds": 120, "transferTimeoutSeconds": 30,
                    "apiKeysFile": None, **router},
         "pools": {"prefill": [{"name": "local", "fp4Path": "w4a16"}],

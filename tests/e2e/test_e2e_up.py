@@ -14,10 +14,12 @@ import openai
 import pytest
 
 from baton.workers.local import (
+    CPU_CACHE_BYTES,
     LocalDeployment,
     UpError,
     check_port_free,
     free_port,
+    gpu_cache_budgets,
     shared_gpu_cache_budgets,
 )
 
@@ -130,5 +132,42 @@ def test_one_gpu_is_split_between_the_workers():
     budgets = shared_gpu_cache_budgets(80 * gib, 0.9, 10 * gib)
     assert budgets["prefill"] + budgets["decode"] == int(72 * gib) - 20 * gib
     assert budgets["decode"] > budgets["prefill"] > 0
-    with pytest.raises(UpError, match="two copies"):
+    with pytest.raises(UpError, match="2 copies"):
         shared_gpu_cache_budgets(16 * gib, 0.9, 8 * gib)
+    # Three workers on one GPU: decode workers count twice.
+    prefill, d0, d1 = gpu_cache_budgets(80 * gib, 0.9, 10 * gib, ["prefill", "decode", "decode"])
+    assert prefill + d0 + d1 == int(72 * gib) - 30 * gib and abs(d0 - 2 * prefill) <= 1
+
+
+def test_replicas_come_from_min_replicas_and_cpu_workers_get_a_budget(tmp_path):
+    spec = tmp_path / "m.yaml"
+    spec.write_text(TINY_YAML.read_text().replace("uri: tiny ", f"uri: {REPO}/examples/tiny ")
+                    .replace("""  decode:
+    maxConcurrency: 16
+    speculativeTokens: 1
+    pools:
+      - name: local
+        minReplicas: 1
+        maxReplicas: 1""", """  decode:
+    maxConcurrency: 16
+    speculativeTokens: 1
+    pools:
+      - name: local
+        minReplicas: 2
+        maxReplicas: 2"""))
+    up = LocalDeployment(spec, run_dir=tmp_path / "run")
+    assert (up.replicas("prefill"), up.replicas("decode")) == (1, 2)
+    children = up._plan()
+    assert [c.name for c in children] == ["prefill", "decode", "decode1", "router"]
+    router = children[-1].argv
+    decodes = router[router.index("--decode") + 1].split(",")
+    assert decodes == [f"127.0.0.1:{c.grpc_port}" for c in children[1:3]]
+    if not os.environ.get("CUDA_VISIBLE_DEVICES") and not _has_gpu():
+        for c in children[:3]:
+            assert c.argv[c.argv.index("--cache-memory") + 1] == str(CPU_CACHE_BYTES)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -242,8 +242,15 @@ def test_dashboard_queries_parse_and_cover_the_signals(tmp_path):
     for metric in ("baton_time_to_first_token_seconds", "baton_inter_token_latency_seconds",
                    "baton_requests_waiting", "baton_kv_cache_usage_ratio",
                    "baton_state_transfer_bytes_total", "baton_autoscaler_desired_replicas",
-                   "baton_autoscaler_decisions_total"):
+                   "baton_autoscaler_decisions_total", "baton_prefix_cache_hit_tokens_total",
+                   "baton_prefix_cache_queried_tokens_total",
+                   "baton_prefix_cache_snapshot_usage_ratio", "baton_local_prefills_total",
+                   "baton_state_transfer_saved_bytes_total"):
         assert metric in joined, metric
+    titles = [p["title"] for p in dashboard["panels"]]
+    assert "Prefix cache hit ratio" in titles and len(set(titles)) == len(titles)
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(set(ids)) == len(ids)
     assert "by (kind)" in joined and "by (role, pool)" in joined
     rules = {"groups": [{"name": "dashboard", "rules": [
         {"record": f"dashboard:query{i}", "expr": grafana_to_promql(e)}

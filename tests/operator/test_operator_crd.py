@@ -68,8 +68,16 @@ def test_crd_shape():
     spec = schema()["properties"]["spec"]
     assert spec["required"] == ["source", "prefill", "decode"]
     assert spec["properties"]["quantization"]["enum"] == ["auto", "nvfp4", "fp8", "bf16"]
-    assert spec["properties"]["router"]["properties"]["routing"]["enum"] == [
-        "least-loaded", "round-robin"]
+    router = spec["properties"]["router"]["properties"]
+    assert router["routing"]["enum"] == ["prefix-aware", "least-loaded", "round-robin"]
+    assert router["routing"]["default"] == "prefix-aware"
+    assert router["localPrefillMaxTokens"] == {
+        "type": "integer", "minimum": 0, "maximum": 1048576, "default": 512,
+        "description": router["localPrefillMaxTokens"]["description"]}
+    prefix = spec["properties"]["engine"]["properties"]["prefixCache"]["properties"]
+    assert prefix["enabled"]["default"] is True
+    assert prefix["snapshotMemoryFraction"]["default"] == "0.25"
+    assert prefix["snapshotIntervalTokens"]["default"] == 1024
     pool = spec["properties"]["prefill"]["properties"]["pools"]["items"]
     assert pool["properties"]["relativeSpeed"]["type"] == "string"
     rules = [r["rule"] for r in pool["x-kubernetes-validations"]]
@@ -152,6 +160,9 @@ CEL_BAD = {
         ("spec.prefill.expertParallel", 2, "spec.prefill.expertParallel"),
     "self.maxModelLen % self.kvPageSize == 0":
         ("spec.engine.maxModelLen", 1000, "spec.engine.maxModelLen"),
+    "!has(self.prefixCache) || self.prefixCache.snapshotIntervalTokens % self.kvPageSize == 0":
+        ("spec.engine.prefixCache", {"snapshotIntervalTokens": 1000},
+         "spec.engine.prefixCache.snapshotIntervalTokens"),
     "!self.enabled || has(self.prometheusUrl)":
         ("spec.autoscaling.prometheusUrl", REMOVE, "spec.autoscaling.prometheusUrl"),
     "self.operator != 'Exists' || !has(self.value)":
@@ -279,3 +290,17 @@ def test_cel_rules_evaluate_as_the_parser_decides():
     for rule, (path, value, _) in CEL_BAD.items():
         bad = apply_defaults(spec_schema, mutate(path, value)["spec"])
         assert failing_rules(spec_schema, bad, evaluate) == {rule}, rule
+
+
+def test_the_generator_writes_a_named_file_and_only_that(tmp_path, capsys, monkeypatch):
+    from baton.operator import crd
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "models.yaml"
+    assert crd.main([str(out)]) == 0
+    assert out.read_text() == crd.crd_yaml()
+    with pytest.raises(SystemExit) as e:
+        crd.main(["--help"])
+    assert e.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+    assert not (tmp_path / "--help").exists()

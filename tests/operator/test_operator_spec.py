@@ -45,7 +45,11 @@ def test_parses_design_example_with_defaults():
     assert hopper.relative_speed == 1.0 and hopper.min_replicas == 0
     assert (blackwell.fp4_path, hopper.fp4_path) == ("native", "w4a16")
     assert model.spec.engine.max_model_len == 4096
-    assert model.spec.router.routing == "least-loaded"
+    assert model.spec.router.routing == "prefix-aware"
+    assert model.spec.router.local_prefill_max_tokens == 512
+    prefix = model.spec.engine.prefix_cache
+    assert (prefix.enabled, prefix.snapshot_memory_fraction, prefix.snapshot_interval_tokens) == (
+        True, 0.25, 1024)
     assert model.spec.autoscaling.enabled is False
     assert model.spec.autoscaling.targets.attainment == 0.95
     assert model.served_model_name == "nano"
@@ -106,6 +110,16 @@ DELETE = object()
      "spec.engine.maxModelLen: must be a multiple of kvPageSize (16), got 4100"),
     ("spec.engine.cacheMemoryFraction", "1.5",
      "spec.engine.cacheMemoryFraction: must be <= 1"),
+    ("spec.engine.prefixCache", {"snapshotMemoryFraction": "0.95"},
+     "spec.engine.prefixCache.snapshotMemoryFraction: must be <= 0.9"),
+    ("spec.engine.prefixCache", {"snapshotMemoryFraction": "0"},
+     "spec.engine.prefixCache.snapshotMemoryFraction: must be > 0"),
+    ("spec.engine.prefixCache", {"snapshotIntervalTokens": 1000},
+     "spec.engine.prefixCache.snapshotIntervalTokens: must be a multiple of kvPageSize (16)"),
+    ("spec.engine.prefixCache", {"enabled": "yes"},
+     "spec.engine.prefixCache.enabled: must be true or false"),
+    ("spec.router.localPrefillMaxTokens", -1,
+     "spec.router.localPrefillMaxTokens: must be >= 0"),
     ("spec.autoscaling", {"enabled": True},
      "spec.autoscaling.prometheusUrl: is required when enabled is true"),
     ("spec.autoscaling.targets", {"attainment": "95%"}, "spec.autoscaling.targets.attainment"),
@@ -155,11 +169,14 @@ def test_worker_config_shape_and_round_trip(tmp_path):
         "model": "nano", "namespace": "llm", "servedModelName": "nano",
         "modelPath": "/models/source", "quantization": "auto",
         "engine": {"maxModelLen": 8192, "kvPageSize": 16, "cacheMemoryFraction": 0.85,
-                   "dtype": "auto", "cudaGraphs": True},
+                   "dtype": "auto", "cudaGraphs": True,
+                   "prefixCache": {"enabled": True, "snapshotMemoryFraction": 0.25,
+                                   "snapshotIntervalTokens": 1024}},
         "prefill": {"maxBatchTokens": 8192, "expertParallel": 1, "gpusPerReplica": 1},
         "decode": {"maxConcurrency": 64, "speculativeTokens": 2, "expertParallel": 1,
                    "gpusPerReplica": 1},
-        "router": {"routing": "least-loaded", "maxQueuedRequests": 256,
+        "router": {"routing": "prefix-aware", "maxQueuedRequests": 256,
+                   "localPrefillMaxTokens": 512,
                    "requestTimeoutSeconds": 600, "transferTimeoutSeconds": 10,
                    "apiKeysFile": "/etc/baton/api-keys/keys", "maxRequestBodyBytes": 1048576},
         "pools": {"prefill": [{"name": "blackwell", "fp4Path": "native"},

@@ -6,12 +6,16 @@
         for event in engine.step(): ...            # TokenEvent per request and step
     loop = EngineLoop(engine); stream = loop.submit(request)   # thread-safe wrapper
 
-Modules: engine (schedule -> execute -> update), scheduler (StepPlan, admission, preemption),
-runner (forward passes, MTP drafting and verification), sampling (counter-based seeded
-sampling), allocator (KV pages, state slots), handoff + reservation (prefill on one engine,
-decode on another), loop (EngineLoop, RequestStream), tokenizer (tokenizer.json, chat
-templates, byte fallback, incremental detokenizer, stop strings), config (EngineConfig,
-EngineStats), request (Request, TokenEvent, per-sequence state).
+Modules: engine (schedule -> execute -> update), scheduler (StepPlan, admission with prefix-cache
+hits, preemption), runner (forward passes, MTP drafting and verification, whole-prompt hits),
+sampling (counter-based seeded sampling), logits (what changes a row's logits before sampling:
+penalties.py, grammar.py with llguidance), allocator (refcounted KV pages with an LRU of cached
+ones, state slots), prefix_cache (the page trie and the Mamba snapshot pool), snapshots (when
+pages are published and snapshots taken), sizing (how many pages, slots and snapshots),
+handoff + reservation (prefill on one engine, decode on another), loop (EngineLoop,
+RequestStream), tokenizer (tokenizer.json, chat templates, byte fallback, incremental
+detokenizer, stop strings), config (EngineConfig, EngineStats), request (Request, TokenEvent,
+per-sequence state).
 """
 
 from baton.workers.engine.config import EngineConfig, EngineStats, StepTimings

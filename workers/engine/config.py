@@ -42,6 +42,16 @@ class EngineConfig:
     """True: every forward runs eagerly. False: decode and MTP-verify steps run from
     preallocated buffers per batch-size bucket, replayed as CUDA graphs on a GPU
     (workers/model/graphs.py; only with the kernels' path, without expert parallelism)."""
+    prefix_cache: bool = True
+    """Keep finished prefixes (KV pages and Mamba snapshots) for later requests to hit."""
+    num_snapshots: int | None = None
+    """Mamba snapshot rows of the prefix cache; None: snapshot_memory_fraction of
+    cache_memory_bytes, or num_slots when num_pages is given."""
+    snapshot_memory_fraction: float = 0.25
+    """Share of cache_memory_bytes the Mamba snapshots take (with num_snapshots None)."""
+    snapshot_interval: int = 1024
+    """Snapshot every this many tokens inside long prompts (prefill chunks end there), besides
+    prompt and request ends; 0: only at prompt and request ends. A multiple of page_size."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -64,6 +74,19 @@ class EngineConfig:
         check_int("max_model_len", self.max_model_len, 2, allow_none=True)
         check_int("speculative_tokens", self.speculative_tokens, 0)
         check_int("base_seed", self.base_seed, 0, allow_none=True)
+        check_int("num_snapshots", self.num_snapshots, 0, allow_none=True)
+        check_int("snapshot_interval", self.snapshot_interval, 0)
+        if not isinstance(self.prefix_cache, bool):
+            raise ValueError(f"EngineConfig.prefix_cache={self.prefix_cache!r} is invalid: "
+                             "true or false")
+        fraction = self.snapshot_memory_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
+                0 < fraction < 1):
+            raise ValueError(f"EngineConfig.snapshot_memory_fraction={fraction!r} is invalid: "
+                             "a number in (0, 1)")
+        if self.snapshot_interval % self.page_size:
+            raise ValueError(f"EngineConfig.snapshot_interval={self.snapshot_interval} is "
+                             f"invalid: a multiple of page_size ({self.page_size}), or 0")
         if self.base_seed is not None and self.base_seed >= 1 << 64:
             raise ValueError(f"EngineConfig.base_seed={self.base_seed} is invalid: < 2**64")
         if not isinstance(self.enforce_eager, bool):
@@ -120,6 +143,23 @@ class EngineStats:
     requests_finished_total: dict[str, int] = field(default_factory=dict)
     """Finished requests by finish reason."""
     preemptions_total: int = 0
+    prefix_queried_tokens_total: int = 0
+    """Prompt tokens looked up in the prefix cache (at admission and reservation)."""
+    prefix_hit_tokens_total: int = 0
+    """Of those, tokens served from the cache instead of computed."""
+    cached_pages: int = 0
+    """Published KV pages nobody holds (reusable by a later hit)."""
+    num_snapshots: int = 0
+    """Rows of the Mamba snapshot pool."""
+    snapshots: int = 0
+    """Snapshots held."""
+    snapshot_usage: float = 0.0
+    """snapshots / num_snapshots, 0..1."""
+    snapshot_evictions_total: int = 0
+    page_evictions_total: int = 0
+    """Cached pages reused for fresh ones."""
+    local_prefills_total: int = 0
+    """Reservations whose uncached rest this engine prefilled itself (no transfer)."""
     steps_total: int = 0
     last_step: StepTimings = field(default_factory=StepTimings)
     step_seconds_total: StepTimings = field(default_factory=StepTimings)

@@ -3,12 +3,16 @@
 `step()` is schedule -> execute -> update:
 - schedule (Scheduler): which sequences run, with how many tokens, on which pages and slots;
 - execute (ModelRunner): the forward passes and the sampling;
-- update (here): append tokens, detokenize, check stop conditions, emit TokenEvents, free the
-  cache of finished sequences, resolve finished prefills.
+- update (here): publish full pages and take snapshots for the prefix cache, append tokens,
+  detokenize, check stop conditions, emit TokenEvents, free the cache of finished sequences,
+  resolve finished prefills.
 
 Requests join and leave the running batch every step. Besides ordinary requests the engine
 runs prefill-only requests for another engine (`prefill(request, sink)`) and takes in requests
-prefilled elsewhere (`reserve(request, n_tokens)` -> Reservation; see handoff.py).
+prefilled elsewhere (`reserve(request)` -> Reservation; see handoff.py), or prefills their
+uncached rest itself when its prefix cache holds all but a few tokens (a local prefill).
+
+What goes into the prefix cache (prefix_cache.py), and when, is snapshots.py's.
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ from typing import Any
 from baton.workers.engine.allocator import PageAllocator, SlotPool
 from baton.workers.engine.config import EngineConfig, EngineStats, StepTimings
 from baton.workers.engine.handoff import CacheFull, PrefillAborted, PrefillResult, PrefillSink
+from baton.workers.engine.prefix_cache import PrefixCache
 from baton.workers.engine.request import Phase, Request, Sequence, TokenEvent
 from baton.workers.engine.reservation import Reservation
 from baton.workers.engine.runner import ModelRunner, SampledToken, StepOutput
 from baton.workers.engine.sampling import fresh_seed, request_seed
 from baton.workers.engine.scheduler import Scheduler
+from baton.workers.engine.sizing import size_caches
+from baton.workers.engine.snapshots import SnapshotKeeper
 from baton.workers.engine.tokenizer import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger(__name__)
@@ -35,7 +42,10 @@ log = logging.getLogger(__name__)
 class Engine:
     """Continuous-batching engine for one model on one device."""
 
-    def __init__(self, model: Any, config: EngineConfig, tokenizer: Any | None = None) -> None:
+    def __init__(self, model: Any, config: EngineConfig, tokenizer: Any | None = None,
+                 grammar_tokenizer: Any | None = None) -> None:
+        """tokenizer: detokenize and match stop strings in the engine (None: the caller does);
+        grammar_tokenizer: what grammars compile against (default: tokenizer)."""
         config.validate()
         self.model = model
         self.config = config
@@ -65,41 +75,23 @@ class Engine:
         self.eos_ids = frozenset(int(e) for e in eos)
         self.base_seed = config.base_seed if config.base_seed is not None else fresh_seed()
 
-        # None: the checkpoint's mamba_ssm_cache_dtype (float32 unless it says otherwise).
-        ssm_dtype = config.ssm_dtype
-        num_slots = config.num_slots or config.max_num_seqs
-        num_pages = config.num_pages
-        if num_pages is None:
-            probe = model.allocate_cache(
-                1, config.page_size, 1, spec_tokens=self.k, ssm_dtype=ssm_dtype
-            )
-            per_page, per_slot = probe.bytes_per_page(), probe.bytes_per_slot()
-            del probe
-            left = config.cache_memory_bytes - num_slots * per_slot
-            num_pages = left // per_page if per_page else 1 << 20
-            if left <= 0 or num_pages < 1:
-                raise ValueError(
-                    f"EngineConfig.cache_memory_bytes={config.cache_memory_bytes} is invalid: "
-                    f"{num_slots} state slots take {num_slots * per_slot} bytes, leaving no "
-                    f"room for KV pages of {per_page} bytes"
-                )
-        # One request of max_model_len tokens (plus drafts) must fit alone, so that admission
-        # and preemption always make progress.
-        need = -(-(self.max_model_len + self.k + 1) // config.page_size)
-        if num_pages < need:
-            raise ValueError(
-                f"EngineConfig: {num_pages} KV pages of {config.page_size} tokens cannot hold "
-                f"one sequence of max_model_len={self.max_model_len} tokens (+{self.k} drafts); "
-                f"give at least {need} pages (num_pages / cache_memory_bytes) or lower "
-                "max_model_len"
-            )
+        # ssm_dtype None: the checkpoint's mamba_ssm_cache_dtype (float32 unless it says
+        # otherwise), in the probe that sizes the caches and in the caches alike.
+        self.sizes = sizes = size_caches(model, config, self.max_model_len)
+        num_pages, num_slots = sizes.num_pages, sizes.num_slots
         self.cache = model.allocate_cache(
-            num_pages, config.page_size, num_slots, spec_tokens=self.k, ssm_dtype=ssm_dtype
+            num_pages, config.page_size, num_slots, spec_tokens=self.k,
+            ssm_dtype=config.ssm_dtype
         )
         self.pages = PageAllocator(num_pages, config.page_size)
         self.slots = SlotPool(num_slots)
+        self.prefix: PrefixCache | None = None
+        if config.prefix_cache:
+            self.prefix = PrefixCache(self.pages, self.cache, sizes.num_snapshots,
+                                      int(mcfg.hidden_size))
         self.scheduler = Scheduler(
-            self.pages, self.slots, config.max_num_seqs, config.max_batch_tokens, self.k
+            self.pages, self.slots, config.max_num_seqs, config.max_batch_tokens, self.k,
+            self.prefix, config.snapshot_interval
         )
         from baton.workers.model.graphs import StepGraphs  # torch/triton: not for the router
 
@@ -107,11 +99,16 @@ class Engine:
         if not config.enforce_eager and StepGraphs.supports(model):
             graphs = StepGraphs(model, self.cache, config.max_num_seqs,
                                 max_model_len=self.max_model_len)
-        self.runner = ModelRunner(model, self.cache, self.k, config.spec_sampling, graphs)
+        self.runner = ModelRunner(model, self.cache, self.k, config.spec_sampling, graphs,
+                                  tokenizer=grammar_tokenizer or tokenizer, eos_ids=self.eos_ids)
+        self.keeper: SnapshotKeeper | None = None
+        if self.prefix is not None:
+            self.keeper = SnapshotKeeper(self.prefix, self.runner, config.snapshot_interval)
         self.reservations: dict[str, Reservation] = {}
         self._by_id: dict[str, Sequence] = {}
         self._deferred: list[TokenEvent] = []
-        self._stats = EngineStats(num_pages=num_pages, num_slots=num_slots)
+        self._stats = EngineStats(num_pages=num_pages, num_slots=num_slots,
+                                  num_snapshots=sizes.num_snapshots if self.prefix else 0)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -121,6 +118,7 @@ class Engine:
         if request.request_id in self._by_id or request.request_id in self.reservations:
             raise ValueError(f"request_id={request.request_id!r} is already in this engine")
         request.sampling.validate()
+        self.runner.logits.check_request(request)
         ids = request.prompt_ids
         if not ids:
             raise ValueError(f"prompt_ids of {request.request_id!r} is empty")
@@ -141,7 +139,8 @@ class Engine:
                 f"stop={request.sampling.stop!r}: stop strings need an engine with a tokenizer"
             )
 
-    def _new_sequence(self, request: Request, sink=None, on_prefilled=None) -> Sequence:
+    def _new_sequence(self, request: Request, sink=None, on_prefilled=None,
+                      sink_from: int = 0) -> Sequence:
         sp = request.sampling
         seq = Sequence(
             request=request,
@@ -153,13 +152,20 @@ class Engine:
             max_len=min(self.max_model_len, len(request.prompt_ids) + sp.max_tokens),
             eos_ids=frozenset() if sp.ignore_eos else self.eos_ids,
             sink=sink,
+            sink_from=sink_from,
             on_prefilled=on_prefilled,
             added_at=time.monotonic(),
         )
+        seq.needs_mtp = self.runner.needs_mtp(seq)
         if self.tokenizer is not None and sink is None:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.tokens)
             seq.stop_matcher = StopMatcher(sp.stop)
         return seq
+
+    def prepare(self, request: Request) -> None:
+        """Compiles the request's grammar on the caller's thread, so that the engine's thread
+        finds it compiled (EngineLoop calls this before queueing); ValueError if it cannot."""
+        self.runner.logits.prepare(request)
 
     def add_request(self, request: Request) -> None:
         """Queue a request; it joins the running batch when the caches have room."""
@@ -214,20 +220,29 @@ class Engine:
         request: Request,
         sink: PrefillSink,
         on_done: Callable[[PrefillResult | BaseException], None],
+        sink_from: int = 0,
     ) -> None:
-        """Queue a prefill-only request: its state goes to sink, on_done gets the result."""
+        """Queue a prefill-only request: its state goes to sink, on_done gets the result.
+
+        sink_from: the receiver already holds prompt tokens [0, sink_from) (KV and a Mamba
+        snapshot there), so only the KV after them is sent, with the state at the end."""
         self._check_request(request)
-        seq = self._new_sequence(request, sink=sink, on_prefilled=on_done)
+        n = len(request.prompt_ids)
+        if isinstance(sink_from, bool) or not isinstance(sink_from, int) or not (
+                0 <= sink_from < n):
+            raise ValueError(f"sink_from={sink_from!r} is invalid: the receiver must lack at "
+                             f"least the last of the prompt's {n} tokens (0 <= sink_from < {n})")
+        seq = self._new_sequence(request, sink=sink, on_prefilled=on_done, sink_from=sink_from)
         self._by_id[request.request_id] = seq
         self.scheduler.add(seq)
 
-    def prefill(self, request: Request, sink: PrefillSink) -> PrefillResult:
+    def prefill(self, request: Request, sink: PrefillSink, sink_from: int = 0) -> PrefillResult:
         """Run a prompt for another engine (see handoff.py); steps until its first token.
 
         Other requests keep running meanwhile; their events come out of the next step().
         """
         box: list = []
-        self.add_prefill(request, sink, box.append)
+        self.add_prefill(request, sink, box.append, sink_from)
         while not box:
             self._deferred.extend(self._step())
         if isinstance(box[0], BaseException):
@@ -236,28 +251,52 @@ class Engine:
 
     # ---- a request prefilled elsewhere ---------------------------------------------------
 
-    def reserve(self, request: Request, n_tokens: int) -> Reservation:
-        """Take a slot and pages for a request whose n_tokens of prompt state will arrive."""
+    def reserve(self, request: Request, local_prefill_max_tokens: int = 0) -> Reservation:
+        """Room for a request whose prompt was (or will be) prefilled elsewhere.
+
+        The longest prefix of the prompt this engine's prefix cache holds (KV and a Mamba
+        snapshot) is pinned: `reservation.cached_tokens`. When it covers all but at most
+        local_prefill_max_tokens of the prompt (or all of it), this engine prefills the rest
+        itself at once (`reservation.local_prefill`: no state will arrive; the request is
+        running). Otherwise the reservation waits for the state of tokens [cached_tokens, n)
+        and the Mamba state at n (write / commit / release). CacheFull when there is no room.
+        """
         self._check_request(request)
-        if n_tokens != len(request.prompt_ids):
-            raise ValueError(
-                f"n_tokens={n_tokens} is invalid: the state covers the whole prompt of "
-                f"{len(request.prompt_ids)} tokens"
-            )
+        if isinstance(local_prefill_max_tokens, bool) or not isinstance(
+                local_prefill_max_tokens, int) or local_prefill_max_tokens < 0:
+            raise ValueError(f"local_prefill_max_tokens={local_prefill_max_tokens!r} is "
+                             "invalid: an integer >= 0 (0: never prefill locally)")
         sched = self.scheduler
         if len(sched.running) + sched.num_reserved >= self.config.max_num_seqs:
             raise CacheFull(f"{self.config.max_num_seqs} sequences are running or reserved")
-        pages = self.pages.pages_for(n_tokens + 1 + self.k)
-        if self.slots.num_free == 0 or pages > self.pages.num_free:
-            raise CacheFull(
-                f"no room for {n_tokens} tokens: {self.pages.num_free} free pages "
-                f"(need {pages}), {self.slots.num_free} free state slots"
-            )
         seq = self._new_sequence(request)
-        seq.slot = self.slots.allocate_one()
-        seq.pages = self.pages.allocate(pages)
+        n = len(request.prompt_ids)
+        hit = sched.lookup(seq)
+        local = hit is not None and n - hit.position <= local_prefill_max_tokens
+        if hit is not None and hit.position == n:
+            local = True  # nothing to prefill: no transfer at all
+        # A local prefill grows its pages as it decodes; a transfer writes the prompt, the
+        # first token and the drafts of a speculative step.
+        total = self.pages.pages_for(n + 1 + (0 if local else self.k))
+        need = sched.pages_to_admit(hit, total)
+        if hit is not None and need > self.pages.num_free >= total:
+            hit, local, need = None, False, total  # keeping the hit does not fit
+        if self.slots.num_free == 0 or need > self.pages.num_free:
+            raise CacheFull(
+                f"no room for {n} tokens: {self.pages.num_free} free pages "
+                f"(need {need}), {self.slots.num_free} free state slots"
+            )
+        sched.take_cache(seq, hit, total, restore_state=local)
+        cached = hit.position if hit is not None else 0
+        if local:
+            self._stats.local_prefills_total += 1
+            self._by_id[request.request_id] = seq
+            sched.start_running(seq)
+            if seq.uncached == 0:
+                sched.pending_hits.append(seq)  # sampled from the snapshot next step
+            return Reservation(self, seq, n, cached, local=True)
         sched.num_reserved += 1
-        res = Reservation(self, seq, n_tokens)
+        res = Reservation(self, seq, n, cached)
         self.reservations[request.request_id] = res
         return res
 
@@ -273,6 +312,9 @@ class Engine:
         seq.cached_len = seq.num_prompt
         self._by_id[seq.request_id] = seq
         self.scheduler.start_running(seq)
+        # The state at the prompt's end arrived whole: publish it and snapshot it.
+        if self.keeper is not None:
+            self.keeper.prompt_arrived(seq)
         event = self._append(seq, first)
         self._deferred.append(event)
         if event.finished:
@@ -292,6 +334,7 @@ class Engine:
         t_sched = time.perf_counter()
         out = StepOutput()
         if not plan.empty:
+            self.runner.run_hits(plan.hits, out)
             self.runner.run_chunks(plan.chunks, out)
             self.runner.run_speculative(plan.speculative, out)
         t_exec = time.perf_counter()
@@ -319,7 +362,11 @@ class Engine:
 
     def _update(self, plan, out: StepOutput) -> list[TokenEvent]:
         events: list[TokenEvent] = []
-        seqs = [c.seq for c in plan.chunks] + plan.speculative
+        seqs = list({id(s): s for s in [c.seq for c in plan.chunks] + plan.speculative
+                     + plan.hits}.values())
+        if self.keeper is not None:
+            self.keeper.after_step(plan, seqs)
+        finished: list[tuple[Sequence, TokenEvent]] = []
         for seq in seqs:
             if seq.phase != Phase.RUNNING:
                 continue
@@ -330,9 +377,14 @@ class Engine:
                 event = self._append(seq, sampled)
                 events.append(event)
                 if event.finished:
-                    self._finish(seq)
-                    self._count_finish(event.finish_reason)
+                    finished.append((seq, event))
                     break
+        if self.keeper is not None:
+            self.keeper.requests_ended(
+                [s for s, e in finished if e.finish_reason in ("stop", "length")])
+        for seq, event in finished:
+            self._finish(seq)
+            self._count_finish(event.finish_reason)
         return events
 
     def _resolve_prefill(self, seq: Sequence, outcome: PrefillResult | BaseException) -> None:
@@ -365,11 +417,14 @@ class Engine:
                 num_prompt_tokens=seq.num_prompt,
                 finish_reason=reason,
                 prefill_seconds=time.monotonic() - seq.added_at,
+                cached_tokens=seq.cached_tokens,
             ),
         )
 
     def _finish_reason(self, seq: Sequence, token: int, length: int) -> str | None:
         if token in seq.eos_ids or token in seq.sampling.stop_token_ids:
+            return "stop"
+        if self.runner.logits.grammar_complete(seq, token, length):
             return "stop"
         if length >= seq.max_len:
             return "length"
@@ -412,5 +467,14 @@ class Engine:
         st.free_pages = self.pages.num_free
         st.free_slots = self.slots.num_free
         st.preemptions_total = sched.preemptions_total
+        if self.prefix is not None:
+            pc = self.prefix.report()
+            st.prefix_queried_tokens_total = pc.queried_tokens_total
+            st.prefix_hit_tokens_total = pc.hit_tokens_total
+            st.cached_pages = pc.cached_pages
+            st.snapshots = pc.snapshots
+            st.snapshot_usage = self.prefix.snapshot_usage()
+            st.snapshot_evictions_total = pc.snapshot_evictions_total
+            st.page_evictions_total = pc.page_evictions_total
         # A copy: the exporter reads it on another thread while the engine keeps counting.
         return copy.deepcopy(st)

@@ -2,14 +2,19 @@
 
 A request's life across two engines (DESIGN.md, Seams: Engine <-> transfer):
 
-1. The decode engine D reserves room: `res = engine.reserve(request, n_tokens)` takes a state
-   slot and the KV pages for n_tokens prompt tokens, or raises CacheFull.
-2. The prefill engine P runs `engine.prefill(request, sink)`. As each layer finishes the prompt
-   it calls `sink.on_layer(LayerState)`: attention KV per chunk ([2, n, KVH, D], token-major),
-   each Mamba layer's conv and SSM state once the last chunk passed it, the MTP layers' KV
-   (layers L + j, positions 0..n-2: MTP entry i pairs hidden state i with token i+1), and the
-   hidden state of the last prompt position (kind hidden, layer L, [H]) which the decode
-   engine's MTP drafter needs. P samples the first token and frees its own cache.
+1. The decode engine D reserves room: `res = engine.reserve(request, local_prefill_max_tokens)`
+   takes a state slot and KV pages, and pins the longest prefix d = res.cached_tokens its
+   prefix cache holds (KV and a Mamba snapshot at d); or raises CacheFull. When d leaves at
+   most local_prefill_max_tokens (res.local_prefill), D prefills the rest itself and nothing
+   below happens.
+2. The prefill engine P runs `engine.prefill(request, sink, sink_from=d)`, from its own best
+   hit. As each layer finishes the prompt it calls `sink.on_layer(LayerState)`: attention KV
+   of positions >= d ([2, n, KVH, D], token-major; what P's own hit covered is read from its
+   cache), each Mamba layer's conv and SSM state at the prompt's end, the MTP layers' KV
+   (layers L + j, positions d-1..n-2: MTP entry i pairs hidden state i with token i+1), and
+   the hidden state of the last prompt position (kind hidden, layer L, [H]), which D's MTP
+   drafter and D's snapshot of the prompt need. P samples the first token and releases its
+   cache (into its own prefix cache).
 3. The transfer layer hands each LayerState to `res.write(state)` on D.
 4. `res.commit(first_token, sampling)` checks that every piece arrived and moves the request
    into D's running batch, which continues as if D had prefilled it; or `res.release()` frees
@@ -79,6 +84,8 @@ class PrefillResult:
     finish_reason: str | None = None
     """"stop" / "length" when the first token already ends the request (decoding may skip)."""
     prefill_seconds: float = 0.0
+    cached_tokens: int = 0
+    """Prompt tokens this engine's prefix cache served instead of computing them."""
 
 
 class StateTransferError(ValueError):

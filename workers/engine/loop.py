@@ -116,13 +116,20 @@ class RequestStream:
 
 
 class LoopReservation:
-    """A Reservation used from outside the loop thread."""
+    """A Reservation used from outside the loop thread.
 
-    def __init__(self, loop: EngineLoop, reservation: Reservation) -> None:
+    A local prefill's tokens arrive on `stream` (set at reserve time, as the request runs
+    at once); otherwise commit() returns the stream."""
+
+    def __init__(self, loop: EngineLoop, reservation: Reservation,
+                 stream: RequestStream | None = None) -> None:
         self._loop = loop
         self._reservation = reservation
         self.request_id = reservation.request_id
         self.n_tokens = reservation.n_tokens
+        self.cached_tokens = reservation.cached_tokens
+        self.local_prefill = reservation.local_prefill
+        self.stream = stream
 
     def write(self, state: LayerState) -> None:
         """Copy one piece of state in (on the caller's thread; see the module docstring)."""
@@ -289,6 +296,7 @@ class EngineLoop:
         Bad requests raise ValueError here (validated on the loop thread).
         """
         self._admit_check()
+        self.engine.prepare(request)
         stream = RequestStream(self, request.request_id)
 
         def add() -> None:
@@ -302,9 +310,11 @@ class EngineLoop:
         """Abort a request (queued, running, prefilling or reserved); no-op if unknown."""
         self._call(lambda: self.engine.abort(request_id))
 
-    def run_prefill(self, request: Request, sink: PrefillSink) -> Future:
-        """Prefill for another engine; Future[PrefillResult]. Batched with the other work."""
+    def run_prefill(self, request: Request, sink: PrefillSink, sink_from: int = 0) -> Future:
+        """Prefill for another engine (which holds tokens [0, sink_from) already);
+        Future[PrefillResult]. Batched with the other work."""
         self._admit_check()
+        self.engine.prepare(request)
         result: Future = Future()
 
         def done(outcome: PrefillResult | BaseException) -> None:
@@ -315,18 +325,28 @@ class EngineLoop:
                 result.set_result(outcome)
 
         def add() -> None:
-            self.engine.add_prefill(request, sink, done)
+            self.engine.add_prefill(request, sink, done, sink_from)
             self._prefills[request.request_id] = result
 
         self._call(add).result()
         return result
 
-    def reserve(self, request: Request, n_tokens: int) -> LoopReservation:
-        """Room for a request prefilled elsewhere; raises CacheFull when there is none."""
+    def reserve(self, request: Request, local_prefill_max_tokens: int = 0) -> LoopReservation:
+        """Room for a request prefilled elsewhere, or here when the prefix cache holds all but
+        local_prefill_max_tokens of it (see Engine.reserve); raises CacheFull when there is
+        none."""
         self._admit_check()
-        return LoopReservation(
-            self, self._call(lambda: self.engine.reserve(request, n_tokens)).result()
-        )
+        self.engine.prepare(request)
+
+        def reserve() -> LoopReservation:
+            reservation = self.engine.reserve(request, local_prefill_max_tokens)
+            stream = None
+            if reservation.local_prefill:
+                stream = self._streams[request.request_id] = RequestStream(
+                    self, request.request_id)
+            return LoopReservation(self, reservation, stream)
+
+        return self._call(reserve).result()
 
     def stats(self) -> EngineStats:
         """The stats after the latest step (never waits for the loop)."""

@@ -145,6 +145,8 @@ class ReplicatedReservation:
         self._serial = serial
         self.request_id = reservation.request_id
         self.n_tokens = reservation.n_tokens
+        self.cached_tokens = reservation.cached_tokens
+        self.local_prefill = reservation.local_prefill
 
     @property
     def state(self) -> str:
@@ -246,7 +248,8 @@ class ReplicatedEngine:
             return aborted
 
     def add_prefill(self, request: Request, sink: PrefillSink,
-                    on_done: Callable[[PrefillResult | BaseException], None]) -> None:
+                    on_done: Callable[[PrefillResult | BaseException], None],
+                    sink_from: int = 0) -> None:
         guard = _GuardedSink(sink)
         rid = request.request_id
 
@@ -258,18 +261,18 @@ class ReplicatedEngine:
 
         with self._lock:
             self._refuse_inside_step("add_prefill")
-            self._send((_Ops.ADD_PREFILL, request))
-            self.engine.add_prefill(request, guard, done)
+            self._send((_Ops.ADD_PREFILL, request, sink_from))
+            self.engine.add_prefill(request, guard, done, sink_from)
             self._guards[rid] = guard
 
-    def prefill(self, request: Request, sink: PrefillSink) -> PrefillResult:
+    def prefill(self, request: Request, sink: PrefillSink, sink_from: int = 0) -> PrefillResult:
         guard = _GuardedSink(sink)
         with self._lock:
             self._refuse_inside_step("prefill")
-            self._send((_Ops.PREFILL, request))
+            self._send((_Ops.PREFILL, request, sink_from))
             self._in_step = True
             try:
-                result = self.engine.prefill(request, guard)
+                result = self.engine.prefill(request, guard, sink_from)
             finally:
                 self._in_step = False
             self.digest.add(request.request_id, result.first_token, result.logprob)
@@ -278,11 +281,12 @@ class ReplicatedEngine:
             raise guard.error
         return result
 
-    def reserve(self, request: Request, n_tokens: int) -> ReplicatedReservation:
+    def reserve(self, request: Request, local_prefill_max_tokens: int = 0
+                ) -> ReplicatedReservation:
         with self._lock:
             self._refuse_inside_step("reserve")
-            self._send((_Ops.RESERVE, request, n_tokens))
-            reservation = self.engine.reserve(request, n_tokens)
+            self._send((_Ops.RESERVE, request, local_prefill_max_tokens))
+            reservation = self.engine.reserve(request, local_prefill_max_tokens)
             self._serial += 1
             wrapped = ReplicatedReservation(self, reservation, self._serial)
             self._reservations[request.request_id] = wrapped
@@ -355,11 +359,12 @@ def follow(engine: Engine, channel: Channel) -> TokenDigest:
                 engine.abort(args[0])
                 _forget_closed(reservations)
             elif op == _Ops.ADD_PREFILL:
-                request = args[0]
-                engine.add_prefill(request, _DroppingSink(), _prefill_recorder(digest, request))
+                request, sink_from = args
+                engine.add_prefill(request, _DroppingSink(), _prefill_recorder(digest, request),
+                                   sink_from)
             elif op == _Ops.PREFILL:
-                request = args[0]
-                result = engine.prefill(request, _DroppingSink())
+                request, sink_from = args
+                result = engine.prefill(request, _DroppingSink(), sink_from)
                 digest.add(request.request_id, result.first_token, result.logprob)
             elif op == _Ops.RESERVE:
                 reservation = engine.reserve(args[0], args[1])

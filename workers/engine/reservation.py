@@ -1,14 +1,21 @@
 """Reservation: room in a decode engine for a request whose prompt state arrives from elsewhere.
 
 The reservation owns a state slot and the KV pages of the prompt (plus the first token and the
-drafts of a speculative step). `write` copies each LayerState into them and records which token
-ranges of which layers arrived; `commit` refuses to start decoding from incomplete state, so a
-lost or mismatched chunk can never be decoded from. `write` may run on a transfer thread while
-the engine steps: it only touches this reservation's own pages and slot.
+drafts of a speculative step); the first `cached_tokens` of them are the engine's own prefix
+cache (shared pages, and a private copy of the page holding position cached_tokens - 1), so
+only the KV after them arrives, with the Mamba state at the prompt's end. `write` copies each
+LayerState into the reservation's own pages and slot and records which token ranges of which
+layers arrived; `commit` refuses to start decoding from incomplete state, so a lost or
+mismatched chunk can never be decoded from. `write` may run on a transfer thread while the
+engine steps: it only touches pages and a slot no other sequence holds.
+
+A local prefill (`local_prefill`) is born committed: the engine prefills the uncached rest
+itself, nothing arrives, and release() aborts the running request.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import TYPE_CHECKING
 
@@ -35,31 +42,42 @@ def _covers(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
 class Reservation:
     """Cache room for one request; see handoff.py for the life of a handed-off request."""
 
-    def __init__(self, engine: Engine, seq: Sequence, n_tokens: int) -> None:
+    def __init__(self, engine: Engine, seq: Sequence, n_tokens: int, cached_tokens: int = 0,
+                 local: bool = False) -> None:
         self._engine = engine
         self._seq = seq
         self.request_id = seq.request_id
         self.n_tokens = n_tokens
+        self.cached_tokens = cached_tokens
+        """Prompt tokens [0, cached_tokens) this engine already holds; state arrives for the
+        rest (or, with local_prefill, the engine computes it)."""
+        self.local_prefill = local
         self._lock = threading.Lock()
-        self._state = "open"  # open -> committed | released
+        self._state = "committed" if local else "open"  # open -> committed | released
         self._received: dict[tuple[int, StateKind], list[tuple[int, int]]] = {}
         self._hidden: torch.Tensor | None = None
         self._block_row = torch.tensor(seq.pages, dtype=torch.int32)
         kinds = engine.model.layer_kinds
         num_main = engine.model.num_layers
+        # What arrives: the KV after the cached prefix, MTP entries from the one the cached
+        # prefix could not pair (its last position's), the Mamba state at the end.
+        self._kv_start = cached_tokens
+        self._mtp_start = max(cached_tokens - 1, 0)
         self._required: list[tuple[int, StateKind, int, int]] = []
         for layer, kind in enumerate(kinds[:num_main]):
             if kind == "attention":
-                self._required.append((layer, StateKind.KV, 0, n_tokens))
+                self._required.append((layer, StateKind.KV, self._kv_start, n_tokens))
             elif kind == "mamba":
                 self._required.append((layer, StateKind.CONV, 0, n_tokens))
                 self._required.append((layer, StateKind.SSM, 0, n_tokens))
-        self._needs_mtp = engine.k > 0
+        self._needs_mtp = seq.needs_mtp
         if self._needs_mtp:
             for j, kind in enumerate(kinds[num_main:]):
                 if kind == "attention":
-                    self._required.append((num_main + j, StateKind.MTP_KV, 0, n_tokens - 1))
-            self._required.append((num_main, StateKind.HIDDEN, n_tokens - 1, n_tokens))
+                    self._required.append(
+                        (num_main + j, StateKind.MTP_KV, self._mtp_start, n_tokens - 1))
+        # The last position's hidden state: the MTP drafter's input and the prompt snapshot's.
+        self._required.append((num_main, StateKind.HIDDEN, n_tokens - 1, n_tokens))
 
     @property
     def state(self) -> str:
@@ -88,6 +106,15 @@ class Reservation:
                     f"{kind.value} of layer {state.layer}: tensor {tuple(state.tensor.shape)} "
                     f"does not hold tokens {state.token_start}..{state.token_end}"
                 )
+            # Positions this engine's own prefix cache holds are in pages it shares with other
+            # sequences: they are never written (the same tokens' state; a sender that did not
+            # know what is held sends them anyway).
+            first = self._kv_start if kind == StateKind.KV else self._mtp_start
+            if state.token_start < first:
+                if state.token_end <= first:
+                    return
+                state = LayerState(state.layer, kind, first, state.token_end,
+                                   state.tensor[:, first - state.token_start:])
         if kind == StateKind.HIDDEN:
             hidden = self._engine.model.config.hidden_size
             if (state.token_start, state.token_end) != (n - 1, n) or tuple(state.tensor.shape) != (
@@ -167,14 +194,11 @@ class Reservation:
         seq = self._seq
         engine._end_reservation(self)
         if sampling is not None:
-            fresh = engine._new_sequence(
-                type(seq.request)(
-                    seq.request_id, seq.request.prompt_ids, sampling, seq.request.arrival_time
-                )
-            )
+            fresh = engine._new_sequence(dataclasses.replace(seq.request, sampling=sampling))
             seq.request, seq.max_len, seq.eos_ids = fresh.request, fresh.max_len, fresh.eos_ids
             seq.detokenizer, seq.stop_matcher = fresh.detokenizer, fresh.stop_matcher
             seq.seed = fresh.seed
+        seq.last_hidden = self._hidden
         if self._needs_mtp:
             seq.mtp_cached = self.n_tokens - 1
             seq.pending_hidden = self._hidden.unsqueeze(0)

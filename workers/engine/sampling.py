@@ -103,9 +103,16 @@ def _token_hashes(vocab: int, device: torch.device | str) -> torch.Tensor:
 def uniform_noise(keys: Sequence[int], vocab: int, device: torch.device | str) -> torch.Tensor:
     """Uniforms in (0, 1), [n, V] float32: row i, column v is a pure function of (keys[i], v)."""
     k = torch.tensor([int(key) for key in keys], dtype=torch.int64, device=device).unsqueeze(1)
-    bits = _fmix32((_fmix32(_token_hashes(vocab, device) ^ k) + k) & _MASK32)
-    # 24 high bits: exactly representable in float32; +0.5 keeps u away from 0 and 1.
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return unit_interval(_fmix32((_fmix32(_token_hashes(vocab, device) ^ k) + k) & _MASK32))
+
+
+def unit_interval(bits: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes (int64) -> float32 uniforms in [2**-24, 1 - 2**-24]."""
+    # 23 high bits plus one half: 24 significant bits, exact in float32. (With 24 bits the top
+    # value rounded to 1.0, whose Gumbel noise is +inf: about one row in 128 of a 128k
+    # vocabulary took a token regardless of its logit, and a masked one, -inf + inf = nan,
+    # despite the mask.)
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def gumbel_noise(keys: Sequence[int], vocab: int, device: torch.device | str) -> torch.Tensor:

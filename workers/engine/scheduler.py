@@ -10,6 +10,12 @@ Policy (one step):
    their whole prompt plus a page of headroom per running sequence, and token budget. The head
    of the queue is never overtaken, so a long prompt cannot starve.
 KV pages for a prompt are taken at admission; decode pages are taken one at a time.
+
+With a prefix cache, admission first looks up the longest cached prefix (KV pages and a Mamba
+snapshot, prefix_cache.py): the sequence shares those pages, gets the snapshot's state in its
+slot and computes only the rest; a hit that covers every token needs no forward at all (the
+runner samples from the snapshot's hidden state). Prefill chunks end on multiples of
+snapshot_interval, so the slot's state at such a chunk end is the snapshot taken there.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from baton.workers.engine.allocator import PageAllocator, SlotPool
+from baton.workers.engine.prefix_cache import Hit, PrefixCache
 from baton.workers.engine.request import Phase, Sequence
 
 
@@ -30,6 +37,8 @@ class Chunk:
     """Position of the first token fed (== tokens already cached)."""
     length: int
     """Tokens fed: tokens[start : start + length]."""
+    decode: bool = False
+    """One generated token after the cached sequence (decoding), not a piece of a prompt."""
 
     @property
     def samples(self) -> bool:
@@ -49,10 +58,13 @@ class StepPlan:
     """Sequences whose cache was freed this step; they wait to be recomputed."""
     admitted: list[Sequence] = field(default_factory=list)
     """Sequences that left the queue this step."""
+    hits: list[Sequence] = field(default_factory=list)
+    """Admitted with a prefix-cache hit: a prefill sink gets the cached part of the state, and
+    a sequence whose every token was cached samples its next token without a forward."""
 
     @property
     def empty(self) -> bool:
-        return not self.chunks and not self.speculative
+        return not self.chunks and not self.speculative and not self.hits
 
     @property
     def num_tokens(self) -> int:
@@ -69,9 +81,13 @@ class Scheduler:
         max_num_seqs: int,
         max_batch_tokens: int,
         speculative_tokens: int,
+        prefix: PrefixCache | None = None,
+        snapshot_interval: int = 0,
     ) -> None:
         self.pages = pages
         self.slots = slots
+        self.prefix = prefix
+        self.snapshot_interval = snapshot_interval if prefix is not None else 0
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
         self.k = speculative_tokens
@@ -79,6 +95,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_reserved = 0
         """Handoff reservations: they hold a slot and pages and count against max_num_seqs."""
+        self.pending_hits: list[Sequence] = []
+        """Running sequences admitted outside schedule() (a local prefill) whose every token
+        was cached: the next plan samples them (plan.hits)."""
         self.preemptions_total = 0
         self._turn = 0
 
@@ -112,6 +131,58 @@ class Scheduler:
         seq.cached_len = 0
         seq.mtp_cached = 0
         seq.pending_hidden = None
+        seq.last_hidden = None
+        keys = seq.cache_keys
+        keys.node, keys.published, keys.broken = None, 0, False
+
+    # ---- the prefix cache ----------------------------------------------------------------
+
+    def lookup(self, seq: Sequence, limit: int | None = None) -> Hit | None:
+        """The sequence's longest cached prefix (None without a prefix cache)."""
+        if self.prefix is None:
+            return None
+        return self.prefix.lookup(seq.cache_keys, seq.tokens, seq.needs_mtp, limit)
+
+    def pages_to_admit(self, hit: Hit | None, total: int) -> int:
+        """Free pages that admitting a sequence of `total` pages with `hit` takes."""
+        return total if hit is None else self.prefix.pages_needed(hit, total)
+
+    def take_cache(self, seq: Sequence, hit: Hit | None, total: int,
+                   restore_state: bool = True) -> None:
+        """Gives seq a slot and `total` pages; with a hit, shares the cached prefix and (with
+        restore_state) puts the snapshot's Mamba state into the slot."""
+        seq.slot = self.slots.allocate_one()
+        if hit is None:
+            seq.pages = self.pages.allocate(total)
+            seq.cached_tokens = 0
+            if self.prefix is not None:
+                self.prefix.count_lookup(len(seq.tokens), 0)
+            return
+        prefix = self.prefix
+        seq.pages = prefix.take(hit, total - len(hit.pages))
+        prefix.attach(seq.cache_keys, hit)
+        prefix.count_lookup(len(seq.tokens), hit.position)
+        seq.cached_tokens = hit.position
+        if restore_state:
+            hidden = prefix.restore(hit, seq.slot)
+            seq.cached_len = hit.position
+            seq.last_hidden = hidden
+            if seq.needs_mtp:
+                # Entry position - 1 pairs this hidden state with the token after the hit:
+                # it is recomputed here (into the private tail copy), like any pending entry.
+                seq.mtp_cached = hit.position - 1
+                seq.pending_hidden = hidden[None]
+
+    def chunk_length(self, seq: Sequence, budget: int) -> int:
+        """Prompt tokens of seq to feed now: at most budget, ending at the next multiple of
+        snapshot_interval when one comes before the end (a snapshot is taken there)."""
+        n = min(seq.uncached, budget)
+        interval = self.snapshot_interval
+        if interval:
+            boundary = (seq.cached_len // interval + 1) * interval
+            if boundary < seq.cached_len + n:
+                n = boundary - seq.cached_len
+        return n
 
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
         self.running.remove(seq)
@@ -152,6 +223,8 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
+        plan.hits = [s for s in self.pending_hits if s.phase == Phase.RUNNING]
+        self.pending_hits = []
         budget = self.max_batch_tokens
         # Decodes start at a rotating offset: when the token budget cannot take every
         # sequence's 1 + K tokens, a different one waits each step (nobody starves).
@@ -171,35 +244,44 @@ class Scheduler:
             if k:
                 plan.speculative.append(seq)
             else:
-                plan.chunks.append(Chunk(seq, seq.cached_len, 1))
+                # The last prompt token, when it is all that is left, is not decoding.
+                decode = seq.cached_len >= seq.num_prompt
+                plan.chunks.append(Chunk(seq, seq.cached_len, 1, decode=decode))
         for seq in self.running:
             if budget == 0:
                 break
             if self.decode_ready(seq) or seq.uncached == 0:
                 continue
-            n = min(seq.uncached, budget)
+            n = self.chunk_length(seq, budget)
             plan.chunks.append(Chunk(seq, seq.cached_len, n))
             budget -= n
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             if len(self.running) + self.num_reserved >= self.max_num_seqs:
                 break
-            pages = self.pages.pages_for(len(seq.tokens) + 1)
+            total = self.pages.pages_for(len(seq.tokens) + 1)
+            hit = self.lookup(seq)
+            pages = self.pages_to_admit(hit, total)
             headroom = len(self.running)
             if self.slots.num_free == 0 or pages + headroom > self.pages.num_free:
                 # Alone it always fits (EngineConfig checks num_pages), so it can only wait
                 # for running sequences to finish.
-                if self.running or self.num_reserved:
+                if self.running or self.num_reserved or self.slots.num_free == 0:
                     break
                 if pages > self.pages.num_free:
-                    break
+                    if total > self.pages.num_free:
+                        break
+                    hit, pages = None, total  # keeping the hit's snapshot page does not fit
             self.waiting.popleft()
-            seq.slot = self.slots.allocate_one()
-            seq.pages = self.pages.allocate(pages)
+            self.take_cache(seq, hit, total)
             seq.phase = Phase.RUNNING
             self.running.append(seq)
             plan.admitted.append(seq)
-            n = min(seq.uncached, budget)
-            plan.chunks.append(Chunk(seq, 0, n))
+            if hit is not None:
+                plan.hits.append(seq)
+            if seq.uncached == 0:
+                continue  # every token was cached: the runner samples from the snapshot
+            n = self.chunk_length(seq, budget)
+            plan.chunks.append(Chunk(seq, seq.cached_len, n))
             budget -= n
         return plan

@@ -9,6 +9,12 @@ speculative verification, until `accept` makes one of them the slot's state.
 
 KV travels token-major in read_state/write_state (`[2, n_tokens, KV, D]`), so two caches with
 different page sizes or page ids exchange a sequence's state.
+
+For the prefix cache, `allocate_snapshots(count, hidden_size)` adds snapshot rows: per Mamba
+layer a conv and an SSM state `[count, ...]` shaped like a slot's, and a hidden state `[count, H]`
+(the last position's output after norm_f). `save_snapshot` copies a slot's state into a row,
+`restore_snapshot` copies a row into a slot, `copy_pages` duplicates whole KV pages (every
+attention layer): a sequence that continues a cached prefix writes only into its own copies.
 """
 
 from __future__ import annotations
@@ -81,6 +87,10 @@ class ModelCache:
                                               dtype=ssm_dtype)
         # Tokens of the last speculative verification per slot (0: nothing to accept).
         self._pending = [0] * num_slots
+        self.num_snapshots = 0
+        self._snap_conv: dict[int, torch.Tensor] = {}
+        self._snap_ssm: dict[int, torch.Tensor] = {}
+        self._snap_hidden: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ sizes
     def bytes_per_page(self) -> int:
@@ -93,6 +103,86 @@ class ModelCache:
         tensors = [*self._conv.values(), *self._ssm.values(), *self._conv_spec.values(),
                    *self._ssm_spec.values()]
         return sum(t[0].numel() * t.element_size() for t in tensors)
+
+    def bytes_per_snapshot(self, hidden_size: int) -> int:
+        """Bytes one prefix-cache snapshot takes: every Mamba layer's conv + SSM state (no
+        speculation buffers: snapshots hold committed state only) and one hidden state."""
+        mamba = sum(t[0].numel() * t.element_size()
+                    for t in (*self._conv.values(), *self._ssm.values()))
+        return mamba + hidden_size * torch.empty((), dtype=self.dtype).element_size()
+
+    def transfer_bytes(self, hidden_size: int) -> dict[str, int]:
+        """Bytes a handoff carries of each state kind: kv and mtp_kv per token (main / MTP
+        attention layers), conv and ssm per request (all Mamba layers), hidden per request."""
+        main = [layer for layer in self._k if layer < self.num_main_layers]
+        mtp = [layer for layer in self._k if layer >= self.num_main_layers]
+
+        def per_token(layers: list[int]) -> int:
+            return sum(2 * self._k[layer][0, 0].numel() * self._k[layer].element_size()
+                       for layer in layers)
+
+        return {
+            "kv": per_token(main),
+            "mtp_kv": per_token(mtp),
+            "conv": sum(t[0].numel() * t.element_size() for t in self._conv.values()),
+            "ssm": sum(t[0].numel() * t.element_size() for t in self._ssm.values()),
+            "hidden": hidden_size * torch.empty((), dtype=self.dtype).element_size(),
+        }
+
+    # ------------------------------------------------------------------ snapshots
+    def allocate_snapshots(self, count: int, hidden_size: int) -> None:
+        """Adds `count` snapshot rows (see the module docstring); 0 removes them."""
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"count: must be an integer >= 0, got {count!r}")
+        self.num_snapshots = count
+        self._snap_conv = {layer: torch.zeros((count, *t.shape[1:]), dtype=t.dtype,
+                                              device=self.device)
+                           for layer, t in self._conv.items()}
+        self._snap_ssm = {layer: torch.zeros((count, *t.shape[1:]), dtype=t.dtype,
+                                             device=self.device)
+                          for layer, t in self._ssm.items()}
+        self._snap_hidden = torch.zeros(count, hidden_size, dtype=self.dtype, device=self.device)
+
+    def _snapshot_row(self, index: int) -> int:
+        if not 0 <= int(index) < self.num_snapshots:
+            raise ValueError(f"index: snapshot {index!r} outside [0, {self.num_snapshots})")
+        return int(index)
+
+    @torch.inference_mode()
+    def save_snapshot(self, slot: int, index: int, hidden: torch.Tensor) -> None:
+        """Row `index` := slot's committed conv + SSM state of every Mamba layer, and hidden
+        [H]."""
+        slot, index = self._slot(slot), self._snapshot_row(index)
+        for layer, conv in self._conv.items():
+            self._snap_conv[layer][index] = conv[slot]
+            self._snap_ssm[layer][index] = self._ssm[layer][slot]
+        self._snap_hidden[index] = hidden.to(self._snap_hidden.device, self._snap_hidden.dtype)
+
+    @torch.inference_mode()
+    def restore_snapshot(self, index: int, slot: int) -> torch.Tensor:
+        """Slot's state := row `index`; returns a copy of the row's hidden state [H]."""
+        slot, index = self._slot(slot), self._snapshot_row(index)
+        for layer, conv in self._conv.items():
+            conv[slot] = self._snap_conv[layer][index]
+            self._ssm[layer][slot] = self._snap_ssm[layer][index]
+        self._pending[slot] = 0
+        return self._snap_hidden[index].clone()
+
+    @torch.inference_mode()
+    def copy_pages(self, src: list[int], dst: list[int]) -> None:
+        """KV pages dst[i] := src[i] in every attention layer (MTP layers included)."""
+        if len(src) != len(dst):
+            raise ValueError(f"dst: {len(dst)} pages for {len(src)} source pages")
+        if not src:
+            return
+        for pages in (src, dst):
+            if any(not 0 <= p < self.num_pages for p in pages):
+                raise ValueError(f"pages: {pages} has a page outside [0, {self.num_pages})")
+        s = torch.tensor(src, device=self.device)
+        d = torch.tensor(dst, device=self.device)
+        for layer in self._k:
+            self._k[layer][d] = self._k[layer][s]
+            self._v[layer][d] = self._v[layer][s]
 
     # ------------------------------------------------------------------ layer access
     def kv_pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,8 +46,10 @@ def build_router(cfg: WorkerConfig, prefill: str, decode: str,
     backend = DisaggregatedBackend(
         WorkerPool("prefill", resolver_for(prefill), interval_s=discovery_interval_s),
         WorkerPool("decode", resolver_for(decode), interval_s=discovery_interval_s),
-        Balancer(cfg.router.routing),
-        transfer_timeout_s=cfg.router.transfer_timeout_seconds)
+        Balancer(cfg.router.routing, block_size=cfg.engine.kv_page_size,
+                 snapshot_interval=cfg.engine.prefix_cache.snapshot_interval_tokens),
+        transfer_timeout_s=cfg.router.transfer_timeout_seconds,
+        local_prefill_max_tokens=cfg.router.local_prefill_max_tokens)
     settings = RouterSettings(
         served_model_name=cfg.served_model_name, max_model_len=cfg.engine.max_model_len,
         request_timeout_s=cfg.router.request_timeout_seconds,

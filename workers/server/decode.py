@@ -1,10 +1,19 @@
-"""The decode worker's gRPC services: Generate, TransferState, Load and Drain.
+"""The decode worker's gRPC services: Reserve, Generate, Release, TransferState (Load and Drain
+are WorkerService's).
 
-Generate reserves cache room at once, waits for the request's state to arrive over
-TransferState (from the prefill worker the router chose), commits the reservation and streams
-every token the engine's continuous batch produces, the prefill's first token included.
-Whatever ends the call early (the router cancelling, a failed or late transfer, a drain past
-its bound) releases the reservation or aborts the running request.
+A request in explicit steps (DESIGN.md, Round 2 seams: P/D with caches):
+- Reserve takes cache room at once, pinning the longest prefix of the prompt this worker's
+  prefix cache holds (KV and a Mamba snapshot), and answers with a reservation id, how many
+  tokens it holds, and whether it prefills the rest itself (at most the router's
+  localPrefillMaxTokens are missing): then the request is already running. Otherwise the
+  reservation waits for the rest of the state over TransferState, from the prefill worker
+  the router chose.
+- Generate(reservation_id) waits until the state is complete (a remote prefill), then streams
+  every token the engine's continuous batch produces, the first one included; its first
+  message says how many prompt tokens a prefix cache served.
+- Release frees a reservation no Generate attached to; one nobody attaches to expires.
+Whatever ends a Generate call early (the router cancelling, a failed or late transfer, a drain
+past its bound) releases the reservation or aborts the running request.
 """
 
 from __future__ import annotations
@@ -13,13 +22,13 @@ import logging
 import queue
 import threading
 import time
+import uuid
 
 import grpc
 
 from baton.proto.baton.decode.v1 import decode_pb2
-from baton.workers import headers
-from baton.workers.engine import CacheFull, EngineDraining, LoopReservation, RequestStream
-from baton.workers.engine import SamplingParams as EngineSampling
+from baton.workers.engine import CacheFull, EngineDraining
+from baton.workers.server.reservations import Held, HeldReservations, ReservationTarget
 from baton.workers.server.runtime import (
     CallEnded,
     WorkerRuntime,
@@ -29,9 +38,7 @@ from baton.workers.server.runtime import (
 from baton.workers.transfer import (
     REASON_TO_STATUS,
     FailureReason,
-    FirstToken,
     StateReceiver,
-    TransferError,
     TransferState,
     TransferStateHandler,
 )
@@ -39,6 +46,10 @@ from baton.workers.transfer import (
 log = logging.getLogger(__name__)
 
 SERVICE = "baton.decode.v1.DecodeService"
+# A router calls Generate as soon as Reserve answered; a reservation no Generate attached to
+# in this long (a router that went away, or cancelled its Reserve too late to be told) is
+# released. (The transfer deadline bounds it too.)
+ATTACH_TIMEOUT_S = 10.0
 
 _FINISH = {
     None: decode_pb2.FINISH_REASON_UNSPECIFIED,
@@ -48,44 +59,30 @@ _FINISH = {
 }
 
 
-class ReservationTarget:
-    """Delivers a transfer into an engine reservation (a ReceiveTarget)."""
-
-    def __init__(self, reservation: LoopReservation, sampling: EngineSampling):
-        self.reservation = reservation
-        self.sampling = sampling
-        self.stream: RequestStream | None = None
-
-    def write(self, state) -> None:
-        self.reservation.write(state)
-
-    def complete(self, first_token: FirstToken) -> None:
-        wants_logprobs = self.sampling.wants_logprobs
-        self.stream = self.reservation.commit(
-            first_token.token_id, self.sampling,
-            logprob=first_token.logprob if wants_logprobs else None,
-            top_logprobs=list(first_token.top_logprobs))
-
-    def fail(self, error: TransferError) -> None:
-        self.reservation.release()
-
-
 class DecodeServicer:
-    """Generate and TransferState over one WorkerRuntime."""
+    """Reserve, Generate, Release and TransferState over one WorkerRuntime."""
 
     def __init__(self, runtime: WorkerRuntime):
         self.runtime = runtime
         self.receiver = StateReceiver("", metrics=runtime.metrics)
         self.transfer_handler = TransferStateHandler(self.receiver)
+        self.held = HeldReservations(self.receiver.cancel, runtime.count_held)
 
     def on_loaded(self) -> None:
         self.receiver.fingerprint = self.runtime.fingerprint
 
     def generic_handler(self, transfers: bool = True) -> grpc.GenericRpcHandler:
         """The service's handlers; transfers=False leaves TransferState to a TLS listener."""
-        methods = {"Generate": grpc.unary_stream_rpc_method_handler(
-            self.Generate, request_deserializer=decode_pb2.GenerateRequest.FromString,
-            response_serializer=decode_pb2.GenerateResponse.SerializeToString)}
+        methods = {
+            "Reserve": grpc.unary_unary_rpc_method_handler(
+                self.Reserve, request_deserializer=decode_pb2.ReserveRequest.FromString,
+                response_serializer=decode_pb2.ReserveResponse.SerializeToString),
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                self.Generate, request_deserializer=decode_pb2.GenerateRequest.FromString,
+                response_serializer=decode_pb2.GenerateResponse.SerializeToString),
+            "Release": grpc.unary_unary_rpc_method_handler(
+                self.Release, request_deserializer=decode_pb2.ReleaseRequest.FromString,
+                response_serializer=decode_pb2.ReleaseResponse.SerializeToString)}
         if transfers:
             methods["TransferState"] = self.transfer_handler.method_handler()
         return grpc.method_handlers_generic_handler(SERVICE, methods)
@@ -94,13 +91,73 @@ class DecodeServicer:
         return grpc.method_handlers_generic_handler(
             SERVICE, {"TransferState": self.transfer_handler.method_handler()})
 
-    def Generate(self, request: decode_pb2.GenerateRequest, context: grpc.ServicerContext):
+    # ---- Reserve -------------------------------------------------------------------------
+
+    def Reserve(self, request: decode_pb2.ReserveRequest, context: grpc.ServicerContext):
         rt = self.runtime
         arrival = time.monotonic()
         with rt.admit(context):
+            try:
+                response = self._reserve(request)
+                if not context.is_active():
+                    # The router gave up while this Reserve waited for the engine: nobody
+                    # will learn of the reservation, so it goes now.
+                    self.held.end(response.reservation_id, "the Reserve call was cancelled")
+                    raise CallEnded("cancelled", grpc.StatusCode.CANCELLED,
+                                    f"request {request.request_id}: Reserve was cancelled")
+                return response
+            except CallEnded as ended:
+                # A refused reservation is the request's outcome on this worker; a granted one
+                # is counted when its Generate call ends.
+                rt.call_finished(ended.outcome, context, arrival)
+                context.abort(ended.code, ended.message)
+
+    def _reserve(self, request: decode_pb2.ReserveRequest) -> decode_pb2.ReserveResponse:
+        rt = self.runtime
+        req = admitted_request(request)
+        deadline = rt.deadline_of(request, None)
+        try:
+            reservation = rt.loop.reserve(req, int(request.local_prefill_max_tokens))
+        except CacheFull as e:
+            raise CallEnded("rejected", grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        except EngineDraining as e:
+            raise CallEnded("rejected", grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        except ValueError as e:
+            raise CallEnded("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        reservation_id = uuid.uuid4().hex
+        n, cached = len(req.prompt_ids), reservation.cached_tokens
+        target = ReservationTarget(reservation, req.sampling)
+        # The state must arrive within the transfer deadline, a Generate attach sooner.
+        transfer_by = min(deadline, time.time() + rt.config.router.transfer_timeout_seconds)
+        incoming = None
+        if not reservation.local_prefill:
+            incoming = self.receiver.expect(reservation_id, req.request_id, n, cached, target,
+                                            transfer_by)
+        self.held.hold(Held(reservation_id, req.request_id, target, incoming, deadline),
+                       min(transfer_by, time.time() + ATTACH_TIMEOUT_S))
+        rt.count_saved_transfer(n, cached, reservation.local_prefill)
+        log.debug("reserved %s for request %s: %d of %d prompt tokens cached%s",
+                  reservation_id, req.request_id, cached, n,
+                  ", prefilling the rest here" if reservation.local_prefill else "")
+        return decode_pb2.ReserveResponse(reservation_id=reservation_id, cached_tokens=cached,
+                                          local_prefill=reservation.local_prefill)
+
+    # ---- Release -------------------------------------------------------------------------
+
+    def Release(self, request: decode_pb2.ReleaseRequest, context: grpc.ServicerContext):
+        released = self.held.end(request.reservation_id, "released by the router")
+        return decode_pb2.ReleaseResponse(released=released)
+
+    # ---- Generate ------------------------------------------------------------------------
+
+    def Generate(self, request: decode_pb2.GenerateRequest, context: grpc.ServicerContext):
+        rt = self.runtime
+        arrival = time.monotonic()
+        # A reservation made before a drain began is still served: it is not new work.
+        with rt.admit(context, draining_ok=True):
             outcome = "error"
             try:
-                yield from self._generate(request, context, arrival)
+                yield from self._generate(request, context)
                 outcome = "success"
             except CallEnded as ended:
                 outcome = ended.outcome
@@ -108,56 +165,48 @@ class DecodeServicer:
             finally:
                 rt.call_finished(outcome, context, arrival)
 
-    def _generate(self, request, context, arrival: float):
+    def _generate(self, request, context):
         rt = self.runtime
-        req = admitted_request(request)
-        deadline = rt.deadline_of(request, context)
-        transfer_deadline = min(deadline,
-                                time.time() + rt.config.router.transfer_timeout_seconds)
-        n = len(req.prompt_ids)
-        try:
-            reservation = rt.loop.reserve(req, n)
-        except CacheFull as e:
-            raise CallEnded("rejected", grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
-        except EngineDraining as e:
-            raise CallEnded("rejected", grpc.StatusCode.UNAVAILABLE, str(e)) from None
-        except ValueError as e:
-            raise CallEnded("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        target = ReservationTarget(reservation, req.sampling)
-        try:
-            incoming = self.receiver.expect(req.request_id, n, target, transfer_deadline)
-        except ValueError as e:
-            reservation.release()
-            raise CallEnded("rejected", grpc.StatusCode.ALREADY_EXISTS, str(e)) from None
+        rid = request.reservation_id
+        if not rid:
+            raise CallEnded("rejected", grpc.StatusCode.INVALID_ARGUMENT,
+                            "reservation_id is required: call Reserve first")
+        held = self.held.attach(rid)
+        if held is None:
+            raise CallEnded("rejected", grpc.StatusCode.NOT_FOUND,
+                            f"no reservation {rid!r} to stream (unknown, released, expired or "
+                            "already streaming)")
         ended = threading.Event()
 
         def on_call_done() -> None:
             # The router cancelled (client gone, prefill failed) or the call finished: free
-            # whatever this request still holds. Both calls are no-ops once it is done.
+            # whatever this request still holds. A no-op once it is done.
             ended.set()
-            self.receiver.cancel(req.request_id, "the Generate call ended")
-            if target.stream is not None:
-                target.stream.close()
+            self.held.end(rid, "the Generate call ended")
 
         if not context.add_callback(on_call_done):
             # The call ended (the router gave up) before this handler got here: the callback
-            # will never run, so free the reservation now rather than at the transfer deadline.
+            # will never run, so free the reservation now rather than at its deadline.
             on_call_done()
-        # Tells the router the room is reserved: it starts the Prefill now.
-        context.send_initial_metadata(((headers.RESERVED, "true"),))
-        while not incoming.wait(timeout=0.5):
-            if ended.is_set():
-                raise CallEnded("cancelled", grpc.StatusCode.CANCELLED,
-                             f"request {req.request_id}: the call ended before its state came")
-        if incoming.state is TransferState.FAILED:
-            error = incoming.error
-            outcome = {FailureReason.DEADLINE_EXCEEDED: "timeout",
-                       FailureReason.CANCELLED: "cancelled"}.get(error.reason, "error")
-            raise CallEnded(outcome, REASON_TO_STATUS[error.reason], error.message)
-        stream = target.stream
+            raise CallEnded("cancelled", grpc.StatusCode.CANCELLED,
+                            f"request {held.request_id}: the call ended before it started")
+        incoming = held.incoming
+        if incoming is not None:
+            while not incoming.wait(timeout=0.5):
+                if ended.is_set():
+                    raise CallEnded("cancelled", grpc.StatusCode.CANCELLED,
+                                    f"request {held.request_id}: the call ended before its "
+                                    "state came")
+            if incoming.state is TransferState.FAILED:
+                error = incoming.error
+                outcome = {FailureReason.DEADLINE_EXCEEDED: "timeout",
+                           FailureReason.CANCELLED: "cancelled"}.get(error.reason, "error")
+                raise CallEnded(outcome, REASON_TO_STATUS[error.reason], error.message)
+        stream = held.target.stream
         last = None
+        first = True
         while True:
-            left = deadline - time.time()
+            left = held.deadline - time.time()
             try:
                 event = stream.get(timeout=max(left, 0.0))
             except StopIteration:
@@ -165,13 +214,13 @@ class DecodeServicer:
             except queue.Empty:
                 stream.close()
                 raise CallEnded("timeout", grpc.StatusCode.DEADLINE_EXCEEDED,
-                             f"request {req.request_id} passed its deadline") from None
+                                f"request {held.request_id} passed its deadline") from None
             except EngineDraining as e:
                 raise CallEnded("error", grpc.StatusCode.UNAVAILABLE, str(e)) from None
             now = time.monotonic()
             if event.token_id is not None:
                 if last is None:
-                    rt.metrics.time_to_first_token.observe(now - arrival)
+                    rt.metrics.time_to_first_token.observe(now - held.reserved_at)
                 else:
                     rt.metrics.inter_token_latency.observe(now - last)
                 last = now
@@ -179,8 +228,8 @@ class DecodeServicer:
                 tokens=[event_token(event)] if event.token_id is not None else [],
                 finish_reason=_FINISH[event.finish_reason],
                 num_prompt_tokens=event.num_prompt_tokens,
-                num_generated_tokens=event.num_generated)
+                num_generated_tokens=event.num_generated,
+                num_cached_tokens=held.cached_tokens if first else 0)
+            first = False
             if event.finished:
                 return
-
-

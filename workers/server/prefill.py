@@ -1,9 +1,11 @@
 """The prefill worker's gRPC service: Prefill.
 
 Prefill runs the prompt in the engine's batch (with other prompts, up to maxBatchTokens per
-step) with a StateSender as its sink, so every layer's state leaves for the decode worker
-as soon as the layer has finished the prompt; then it sends the first token and returns once
-the decode worker acknowledged the whole state.
+step), from the longest prefix its own prefix cache holds, with a StateSender as its sink, so
+every layer's state leaves for the decode worker as soon as the layer has finished the prompt.
+Only what the decode worker's reservation lacks travels (KV from its decode_cached_tokens,
+the Mamba state at the prompt's end). Then it sends the first token and returns once the
+decode worker acknowledged the whole state.
 """
 
 from __future__ import annotations
@@ -105,9 +107,14 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         rt = self.runtime
         req = admitted_request(request)
         deadline = rt.deadline_of(request, context)
+        start = int(request.decode_cached_tokens)
+        if start >= len(req.prompt_ids):
+            raise CallEnded("rejected", grpc.StatusCode.INVALID_ARGUMENT,
+                            f"decode_cached_tokens={start}: the decode worker must lack at least "
+                            f"the last of the prompt's {len(req.prompt_ids)} tokens")
         try:
-            sender = self.transport.open(request.decode_target, req.request_id,
-                                         len(req.prompt_ids), deadline)
+            sender = self.transport.open(request.decode_target, request.reservation_id,
+                                         req.request_id, len(req.prompt_ids), start, deadline)
         except ValueError as e:
             raise CallEnded("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except TransferError as e:
@@ -115,7 +122,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         with self._sending_lock:
             self._sending += 1
         try:
-            return self._run(req, sender, context, arrival, deadline)
+            return self._run(req, sender, context, arrival, deadline, start)
         except CallEnded as failed:
             if failed.code == grpc.StatusCode.UNAVAILABLE:
                 # The decode worker went away; a restarted one may listen elsewhere.
@@ -125,7 +132,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             with self._sending_lock:
                 self._sending -= 1
 
-    def _run(self, req, sender, context, arrival: float, deadline: float):
+    def _run(self, req, sender, context, arrival: float, deadline: float, start: int):
         rt = self.runtime
         if not context.add_callback(lambda: (rt.loop.abort(req.request_id),
                                              sender.abort("the Prefill call ended"))):
@@ -135,7 +142,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                             f"prefill of {req.request_id} was cancelled before it started")
         queued_for = time.monotonic() - arrival
         try:
-            future = rt.loop.run_prefill(req, sender)
+            future = rt.loop.run_prefill(req, sender, sink_from=start)
         except EngineDraining as e:
             sender.abort(str(e))
             raise CallEnded("rejected", grpc.StatusCode.UNAVAILABLE, str(e)) from None
@@ -170,7 +177,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         first = FirstToken(result.first_token, result.logprob or 0.0,
                            tuple(result.top_logprobs))
         try:
-            transfer = sender.finish(first)
+            transfer = sender.finish(first, result.cached_tokens)
         except TransferError as e:
             raise _transfer_failed(e) from None
         return prefill_pb2.PrefillResponse(
@@ -179,7 +186,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             queue_time=_duration(queued_for),
             prefill_time=_duration(result.prefill_seconds),
             transfer_time=_duration(transfer.tail_seconds),
-            transferred_bytes=transfer.total_bytes)
+            transferred_bytes=transfer.total_bytes,
+            cached_tokens=result.cached_tokens)
 
 
 def transfer_listener(target: str) -> str:

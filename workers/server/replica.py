@@ -78,10 +78,13 @@ def build_engine(config: WorkerConfig, role: str, device: torch.device, dtype: t
                  cache_memory_bytes: int | None, ranks: Ranks | None = None):
     """Loads the model and builds this rank's Engine (the same on every rank of a replica).
 
-    With ranks, the experts are sharded over them and the ranks agree on the KV page count
-    (the fewest any can hold) and the base seed, so their engines are equal."""
+    The engine sizes its caches from the budget (baton.workers.engine.sizing, the one place
+    that does). With ranks, the experts are sharded over them and the ranks agree on the KV
+    page and snapshot counts (the fewest any can hold) and the base seed, so their engines
+    are equal. A budget that cannot fit is a ValueError naming the spec field to change."""
     from baton.workers.engine import Engine
     from baton.workers.engine.sampling import fresh_seed
+    from baton.workers.engine.sizing import CacheSizeError, size_caches
     from baton.workers.engine.tokenizer import load_tokenizer
     from baton.workers.model import load_model
 
@@ -90,21 +93,21 @@ def build_engine(config: WorkerConfig, role: str, device: torch.device, dtype: t
                        max_model_len=config.engine.max_model_len,
                        ep_group=None if ranks is None else ranks.ep_group)
     tokenizer = load_tokenizer(path)
-    page_size = config.engine.kv_page_size
     budget = settings.cache_budget(config, device, cache_memory_bytes)
-    k = settings.speculative_tokens(config, role)
-    probe = model.allocate_cache(1, page_size, 1, spec_tokens=k, ssm_dtype=torch.float32)
-    num_pages = settings.num_kv_pages(
-        budget, probe.bytes_per_page(), probe.bytes_per_slot(),
-        settings.max_num_seqs(config, role), config.engine.max_model_len, k, page_size)
-    del probe
-    engine_cfg = settings.engine_config(config, role, num_pages)
+    engine_cfg = settings.engine_config(config, role, budget)
     engine_cfg.eos_token_ids = list(tokenizer.eos_token_ids or []) or None
-    if ranks is not None:
-        engine_cfg.num_pages = ranks.agree_min(engine_cfg.num_pages)
-        engine_cfg.base_seed = ranks.agree_from_rank0(fresh_seed())
-    # The engine gets no tokenizer: text (detokenization, stop strings) is the router's.
-    return Engine(model, engine_cfg), engine_cfg
+    try:
+        if ranks is not None:
+            sizes = size_caches(model, engine_cfg, config.engine.max_model_len)
+            engine_cfg.num_pages = ranks.agree_min(sizes.num_pages)
+            engine_cfg.num_snapshots = ranks.agree_min(sizes.num_snapshots)
+            engine_cfg.base_seed = ranks.agree_from_rank0(fresh_seed())
+        # The engine detokenizes nothing (text and stop strings are the router's); grammars
+        # compile against the checkpoint's tokenizer.
+        return Engine(model, engine_cfg, grammar_tokenizer=tokenizer), engine_cfg
+    except CacheSizeError as e:
+        raise ValueError(f"{settings.SPEC_FIELDS.get(e.field, e.field)}: {budget} bytes of "
+                         f"cache memory on this {role} worker do not fit: {e.detail}") from None
 
 
 class Ranks:

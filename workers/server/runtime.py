@@ -9,7 +9,6 @@ import threading
 import time
 
 import grpc
-import torch
 
 from baton.operator.spec import WorkerConfig
 from baton.proto.baton.worker.v1 import worker_pb2
@@ -56,6 +55,9 @@ class WorkerRuntime:
         self._ready = False
         self._in_flight = 0
         self._cond = threading.Condition()
+        self.state_bytes: dict[str, int] = {}
+        """Bytes of each state kind a transfer carries: per token for kv / mtp_kv, per request
+        for conv / ssm / hidden (what a prefix-cache hit saves)."""
 
     # -- loading -------------------------------------------------------------------------
 
@@ -78,18 +80,19 @@ class WorkerRuntime:
             self.ranks = ranks
         engine, engine_cfg = replica.build_engine(cfg, self.role, self.device, self.dtype,
                                                   self.args.cache_memory_bytes, ranks)
+        self.state_bytes = engine.cache.transfer_bytes(int(engine.model.config.hidden_size))
         self.fingerprint = model_fingerprint(path, {
-            "dtype": str(self.dtype), "ssm_dtype": str(engine_cfg.ssm_dtype or torch.float32),
+            "dtype": str(self.dtype), "ssm_dtype": str(engine.cache.ssm_dtype),
             "max_model_len": engine.max_model_len,
             "eos_token_ids": sorted(engine.eos_ids)})
         st = engine.stats()
         if ranks is not None:
             engine = self.replicated = ReplicatedEngine(engine, ranks.channel)
         self.loop = EngineLoop(engine, name=f"baton-{self.role}-engine")
-        log.info("loaded %s on %s (%s): %d KV pages of %d tokens, %d state slots, "
-                 "%d expert-parallel rank(s), fingerprint %s", path, self.device, self.dtype,
-                 st.num_pages, self.page_size, st.num_slots, world_size,
-                 self.fingerprint[:16])
+        log.info("loaded %s on %s (%s): %d KV pages of %d tokens, %d state slots, %d prefix-"
+                 "cache snapshots, %d expert-parallel rank(s), fingerprint %s", path,
+                 self.device, self.dtype, st.num_pages, self.page_size, st.num_slots,
+                 st.num_snapshots, world_size, self.fingerprint[:16])
 
     def close(self) -> int:
         """Stops the engine loop and the follower ranks; 0, or 1 when the ranks had parted
@@ -136,12 +139,13 @@ class WorkerRuntime:
     # -- admission -----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def admit(self, context: grpc.ServicerContext):
-        """Counts one in-flight call; refuses new ones while loading or draining."""
+    def admit(self, context: grpc.ServicerContext, draining_ok: bool = False):
+        """Counts one in-flight call; refuses new ones while loading or (unless draining_ok:
+        work admitted before the drain began) draining."""
         with self._cond:
             if not self._ready:
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.role} worker is loading")
-            if self.draining:
+            if self.draining and not draining_ok:
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.role} worker is draining")
             self._in_flight += 1
         try:
@@ -151,9 +155,29 @@ class WorkerRuntime:
                 self._in_flight -= 1
                 self._cond.notify_all()
 
+    def count_held(self, delta: int) -> None:
+        """A reservation held between calls (+1) or let go (-1): a drain waits for it."""
+        with self._cond:
+            self._in_flight += delta
+            self._cond.notify_all()
+
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    def count_saved_transfer(self, num_prompt: int, cached: int, local: bool) -> None:
+        """State bytes a reservation kept off the wire: the KV (and MTP KV) of its cached
+        prefix; with a local prefill, everything a transfer would have carried."""
+        sizes = self.state_bytes
+        kv_tokens = num_prompt if local else cached
+        mtp_tokens = num_prompt - 1 if local else max(cached - 1, 0)
+        saved = {"kv": kv_tokens * sizes.get("kv", 0),
+                 "mtp_kv": mtp_tokens * sizes.get("mtp_kv", 0)}
+        if local:
+            saved.update({kind: sizes.get(kind, 0) for kind in ("conv", "ssm", "hidden")})
+        for kind, nbytes in saved.items():
+            if nbytes:
+                self.metrics.state_transfer_saved_bytes(kind, nbytes)
 
     def start_draining(self) -> None:
         with self._cond:
@@ -185,7 +209,13 @@ class WorkerRuntime:
             prompt_tokens_total=st.prompt_tokens_total,
             generation_tokens_total=st.generation_tokens_total,
             spec_decode_draft_tokens_total=st.spec_draft_tokens_total,
-            spec_decode_accepted_tokens_total=st.spec_accepted_tokens_total)
+            spec_decode_accepted_tokens_total=st.spec_accepted_tokens_total,
+            prefix_cache_queried_tokens_total=st.prefix_queried_tokens_total,
+            prefix_cache_hit_tokens_total=st.prefix_hit_tokens_total,
+            prefix_cache_snapshot_usage_ratio=st.snapshot_usage,
+            prefix_cache_snapshot_evictions_total=st.snapshot_evictions_total,
+            prefix_cache_page_evictions_total=st.page_evictions_total,
+            local_prefills_total=st.local_prefills_total)
 
     def load_response(self, transfers_in_flight: int,
                       transfer_port: int = 0) -> worker_pb2.LoadResponse:
@@ -201,12 +231,13 @@ class WorkerRuntime:
 
     # -- deadlines -----------------------------------------------------------------------
 
-    def deadline_of(self, message, context: grpc.ServicerContext) -> float:
-        """Absolute time.time() deadline: the message's, the call's, or the default."""
+    def deadline_of(self, message, context: grpc.ServicerContext | None) -> float:
+        """Absolute time.time() deadline: the message's, the call's (unless None: a Reserve
+        call ends long before its request), or the default."""
         candidates = [time.time() + self.config.router.request_timeout_seconds]
         if message.HasField("deadline"):
             candidates.append(message.deadline.ToNanoseconds() / 1e9)
-        remaining = context.time_remaining()
+        remaining = context.time_remaining() if context is not None else None
         if remaining is not None:
             candidates.append(time.time() + remaining)
         return min(candidates)
@@ -220,7 +251,13 @@ def request_from_proto(message) -> Request:
     prompt = [int(t) for t in message.prompt_token_ids]
     if not prompt:
         raise ValueError(f"prompt_token_ids of {request_id!r} is empty")
-    return Request(request_id, prompt, SamplingParams.from_proto(message.sampling))
+    num_output = int(message.num_output_tokens)
+    if num_output >= len(prompt):
+        raise ValueError(
+            f"num_output_tokens={num_output} of {request_id!r} is invalid: an earlier "
+            f"attempt's output must leave at least one of the {len(prompt)} prompt tokens")
+    return Request(request_id, prompt, SamplingParams.from_proto(message.sampling),
+                   num_output_tokens=num_output)
 
 
 def admitted_request(message) -> Request:

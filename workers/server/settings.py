@@ -66,7 +66,8 @@ class TransferTls:
             raise ValueError(f"--tls-{which}={str(path)!r} cannot be read: {e}") from None
 
 
-def _size(text: str) -> int:
+def parse_size(text: str) -> int:
+    """Bytes of a size such as 512Mi, 2Gi or 1048576."""
     units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
     for suffix, factor in units.items():
         if text.endswith(suffix):
@@ -88,7 +89,7 @@ def parse_args(argv: list[str]) -> WorkerArgs:
     parser.add_argument("--metrics-port", type=int, default=9400)
     parser.add_argument("--drain-seconds", type=float, default=60.0,
                         help="longest a SIGTERM drain waits for in-flight work")
-    parser.add_argument("--cache-memory", type=_size, default=None,
+    parser.add_argument("--cache-memory", type=parse_size, default=None,
                         help="bytes for KV pages and state slots (e.g. 512Mi); default: "
                              "cacheMemoryFraction of free GPU memory, or on a CPU at most 2Gi")
     parser.add_argument("--device", default=None,
@@ -179,38 +180,39 @@ def _available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def num_kv_pages(budget: int, bytes_per_page: int, bytes_per_slot: int, max_num_seqs: int,
-                 max_model_len: int, speculative_tokens: int, page_size: int) -> int:
-    """KV pages for a cache budget: what the budget holds after the state slots, but never
-    more than max_num_seqs sequences of max_model_len tokens can use."""
-    per_seq = -(-(max_model_len + speculative_tokens + 1) // page_size)
-    usable = max_num_seqs * per_seq
-    left = budget - max_num_seqs * bytes_per_slot
-    if bytes_per_page <= 0:
-        return usable
-    return max(0, min(usable, left // bytes_per_page))
-
-
-def engine_config(config: WorkerConfig, role: str, num_pages: int):
-    """The EngineConfig of a worker of `role` with num_pages KV pages."""
+def engine_config(config: WorkerConfig, role: str, cache_memory_bytes: int):
+    """The EngineConfig of a worker of `role` with a cache budget of cache_memory_bytes (the
+    engine sizes its KV pages, state slots and prefix-cache snapshots from it)."""
     from baton.workers.engine import EngineConfig
 
-    eager = not config.engine.cuda_graphs
+    engine = config.engine
+    prefix = engine.prefix_cache
+    shared = dict(page_size=engine.kv_page_size, cache_memory_bytes=cache_memory_bytes,
+                  max_model_len=engine.max_model_len, prefix_cache=prefix.enabled,
+                  snapshot_memory_fraction=prefix.snapshot_memory_fraction,
+                  snapshot_interval=prefix.snapshot_interval_tokens,
+                  enforce_eager=not engine.cuda_graphs)
     if role == "prefill":
-        return EngineConfig(page_size=config.engine.kv_page_size, num_pages=max(num_pages, 1),
-                            max_num_seqs=PREFILL_MAX_SEQS,
+        return EngineConfig(**shared, max_num_seqs=PREFILL_MAX_SEQS,
                             max_batch_tokens=config.prefill.max_batch_tokens,
-                            max_model_len=config.engine.max_model_len, speculative_tokens=0,
-                            enforce_eager=eager)
+                            speculative_tokens=0)
     k = config.decode.speculative_tokens
     seqs = config.decode.max_concurrency
-    # Decode steps take 1 + k tokens per sequence; a preempted sequence recomputes its prompt
-    # in chunks of the prefill budget.
-    return EngineConfig(page_size=config.engine.kv_page_size, num_pages=max(num_pages, 1),
-                        max_num_seqs=seqs,
+    # Decode steps take 1 + k tokens per sequence; a preempted sequence (or a local prefill)
+    # computes its prompt in chunks of the prefill budget.
+    return EngineConfig(**shared, max_num_seqs=seqs,
                         max_batch_tokens=max(config.prefill.max_batch_tokens, seqs * (1 + k)),
-                        max_model_len=config.engine.max_model_len, speculative_tokens=k,
-                        enforce_eager=eager)
+                        speculative_tokens=k)
+
+
+# The EngineConfig fields a cache-size error can name, as the Model's spec spells them.
+SPEC_FIELDS = {
+    "cache_memory_bytes": "spec.engine.cacheMemoryFraction (or --cache-memory)",
+    "snapshot_memory_fraction": "spec.engine.prefixCache.snapshotMemoryFraction",
+    "num_snapshots": "spec.engine.prefixCache.snapshotMemoryFraction",
+    "num_pages": "spec.engine.cacheMemoryFraction (or --cache-memory)",
+    "snapshot_interval": "spec.engine.prefixCache.snapshotIntervalTokens",
+}
 
 
 def max_num_seqs(config: WorkerConfig, role: str) -> int:

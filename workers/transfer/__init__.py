@@ -2,27 +2,33 @@
 
 One request's life (DESIGN.md, The request path):
 
-1. The router calls Generate on decode worker D. D reserves cache room (engine.reserve) and
-   registers what will receive the state: `receiver.expect(request_id, n_prompt, target,
-   deadline)` -> IncomingTransfer, state PENDING. If nothing arrives by the deadline, the
-   transfer fails and the target releases the reservation.
-2. The router calls Prefill on prefill worker P with D's address. P opens the transfer:
-   `transport.open(D, request_id, n_prompt, deadline)` -> StateSender, which starts a
-   TransferState call whose first message is a handshake (protocol version, fingerprint of
-   weights + model config + state dtypes). D checks it (IncomingTransfer.accept_handshake);
-   a mismatched peer is refused with FAILED_PRECONDITION and D releases. State STREAMING.
-3. P's engine runs the prompt with the sender as its PrefillSink. As each layer finishes, the
-   engine calls `sender.on_layer(LayerState)`; the sender brings the tensor to host
-   memory and queues it (bounded in bytes: backpressure). gRPC's thread cuts each state into
-   chunks of at most chunk_bytes, each with a ChunkDescription (request, state index, layer,
-   kind, token range, shape, dtype, offset, XXH3-64 checksum), and counts the bytes per kind.
+1. The router calls Reserve on decode worker D. D reserves cache room, pinning the prefix d of
+   the prompt it already holds (engine.reserve), and registers what will receive the rest of
+   the state: `receiver.expect(reservation_id, request_id, n_prompt, d, target, deadline)` ->
+   IncomingTransfer, state PENDING. If nothing arrives by the deadline, the transfer fails and
+   the target releases the reservation.
+2. The router calls Prefill on prefill worker P with D's address, the reservation id and d.
+   P opens the transfer: `transport.open(D, reservation_id, request_id, n_prompt, d,
+   deadline)` -> StateSender, which starts a TransferState call whose first message is a
+   handshake (protocol version, fingerprint of weights + model config + state dtypes, the
+   reservation, the request, the prompt length and the start position d). D checks it
+   (IncomingTransfer.accept_handshake); a mismatched peer or a handshake that does not match
+   the reservation is refused with FAILED_PRECONDITION and D releases. State STREAMING.
+3. P's engine runs the prompt (from its own best prefix-cache hit) with the sender as its
+   PrefillSink. As each layer finishes, the engine calls `sender.on_layer(LayerState)` with
+   the state D lacks (KV from d, the Mamba state at the prompt's end); the sender brings the
+   tensor to host memory and queues it (bounded in bytes: backpressure). gRPC's thread cuts
+   each state into chunks of at most chunk_bytes, each with a ChunkDescription (request,
+   state index, layer, kind, token range, shape, dtype, offset, XXH3-64 checksum), and counts
+   the bytes per kind.
 4. D checks every chunk (checksum, order, sizes) and, when a layer state is whole, writes it
    into the reservation (ReceiveTarget.write). A bad chunk fails the transfer with DATA_LOSS:
    D releases and P's Prefill fails, so the router re-prefills elsewhere.
-5. P samples the first token and calls `sender.finish(first_token)`, which sends the
-   completion (first token, number of states and bytes) and waits for D's acknowledgement.
-   D checks the totals and commits the reservation (ReceiveTarget.complete): state COMPLETE,
-   the request joins D's batch and the first token goes out on the Generate stream.
+5. P samples the first token and calls `sender.finish(first_token, cached_tokens)`, which
+   sends the completion (first token, P's cached prompt tokens, number of states and bytes)
+   and waits for D's acknowledgement. D checks the totals and commits the reservation
+   (ReceiveTarget.complete): state COMPLETE, the request joins D's batch and the first token
+   goes out on the Generate stream the router opened for the reservation.
    Any failure on either side (deadline, a dead peer, a cancelled Generate) ends in FAILED
    with the reservation released exactly once.
 """

@@ -19,7 +19,8 @@ import xxhash
 from baton.workers.engine import LayerState, StateKind
 
 # Bumped whenever the meaning of anything on the wire changes; peers must agree exactly.
-PROTOCOL_VERSION = 2
+# 3: transfers name a reservation and start at the decode worker's cached prefix.
+PROTOCOL_VERSION = 3
 
 # Chunk payloads are bounded so one message never holds a whole long-prompt KV layer, and so a
 # corrupted chunk costs one small retry unit. Large enough that per-message costs amortize.
@@ -66,7 +67,7 @@ class FailureReason(str, Enum):
     REFUSED = "refused"
     """The handshake did not match (protocol version, weights/config fingerprint, prompt)."""
     NOT_FOUND = "not_found"
-    """No reservation waits for this request on the receiver."""
+    """No reservation of that id waits for state on the receiver."""
     INVALID = "invalid"
     """A message or state that cannot belong to this request (the reservation rejected it)."""
     UNAVAILABLE = "unavailable"
@@ -162,8 +163,9 @@ class StateSender(Protocol):
     def on_layer(self, state: LayerState) -> None:
         """Queues one layer state; blocks while too many bytes wait (backpressure)."""
 
-    def finish(self, first_token: FirstToken) -> TransferResult:
-        """Sends the first token, waits for the receiver's acknowledgement; TransferError."""
+    def finish(self, first_token: FirstToken, cached_tokens: int = 0) -> TransferResult:
+        """Sends the first token (and how many prompt tokens the sender's prefix cache
+        served), waits for the receiver's acknowledgement; TransferError."""
 
     def abort(self, reason: str) -> None:
         """Gives up; the receiver releases the reservation. Idempotent."""
@@ -172,9 +174,11 @@ class StateSender(Protocol):
 class StateTransport(Protocol):
     """Opens outgoing transfers to decode workers."""
 
-    def open(self, target: str, request_id: str, num_prompt_tokens: int,
-             deadline: float) -> StateSender:
-        """deadline: absolute time.time() by which the transfer must be acknowledged."""
+    def open(self, target: str, reservation_id: str, request_id: str, num_prompt_tokens: int,
+             token_start: int, deadline: float) -> StateSender:
+        """A transfer into reservation_id on target, of KV from prompt position token_start
+        (what the decode worker lacks) to num_prompt_tokens. deadline: absolute time.time()
+        by which the transfer must be acknowledged."""
 
     def close(self) -> None: ...
 
@@ -185,8 +189,9 @@ class ReceiveTarget(Protocol):
     def write(self, state: LayerState) -> None:
         """Copies one complete layer state into the reservation (may raise ValueError)."""
 
-    def complete(self, first_token: FirstToken) -> None:
-        """Everything arrived: commit the reservation and start decoding."""
+    def complete(self, first_token: FirstToken, cached_tokens: int) -> None:
+        """Everything arrived: commit the reservation and start decoding. cached_tokens: prompt
+        tokens the sender's prefix cache served."""
 
     def fail(self, error: TransferError) -> None:
         """The transfer failed: release the reservation and end the request."""

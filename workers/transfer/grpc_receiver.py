@@ -59,7 +59,7 @@ class TransferStateHandler:
             if not isinstance(first, wire.Handshake):
                 raise TransferError(FailureReason.INVALID,
                                     "a transfer must start with a handshake")
-            incoming = self.receiver.incoming(first.request_id)
+            incoming = self.receiver.incoming(first.reservation_id)
             # A failure from elsewhere (deadline, Generate cancelled) ends this call too; one
             # raised on this thread ends it below with its own status. The client's
             # disconnect fails the transfer.
@@ -70,13 +70,14 @@ class TransferStateHandler:
                     incoming, "the sender went away before completing the transfer"))):
                 raise _ended_early(incoming, "the sender went away before the transfer began")
             incoming.accept_handshake(first.protocol_version, first.fingerprint,
-                                      first.num_prompt_tokens)
+                                      first.request_id, first.num_prompt_tokens,
+                                      first.token_start)
             for message in request_iterator:
                 if isinstance(message, wire.Chunk):
                     incoming.accept_chunk(message.description, message.data)
                 elif isinstance(message, wire.Complete):
                     incoming.accept_complete(message.first_token, message.num_states,
-                                             message.total_bytes)
+                                             message.total_bytes, message.cached_tokens)
                     return decode_pb2.TransferStateResponse(
                         received_bytes=incoming.bytes_received,
                         received_states=incoming.states_received)

@@ -86,8 +86,10 @@ class GrpcStateSender:
     """One request's outgoing transfer over DecodeService.TransferState."""
 
     def __init__(self, transport: GrpcTransport, channel: grpc.Channel, target: str,
-                 request_id: str, num_prompt_tokens: int, deadline: float):
+                 reservation_id: str, request_id: str, num_prompt_tokens: int,
+                 token_start: int, deadline: float):
         self.request_id = request_id
+        self.reservation_id = reservation_id
         self.target = target
         self.state = TransferState.PENDING
         self.handed: list[tuple[int, str, float]] = []
@@ -113,8 +115,9 @@ class GrpcStateSender:
         call = channel.stream_unary(TRANSFER_METHOD, request_serializer=None,
                                     response_deserializer=decode_pb2.TransferStateResponse
                                     .FromString)
-        handshake = wire.encode_handshake(PROTOCOL_VERSION, transport.fingerprint, request_id,
-                                          num_prompt_tokens)
+        handshake = wire.encode_handshake(PROTOCOL_VERSION, transport.fingerprint,
+                                          reservation_id, request_id, num_prompt_tokens,
+                                          token_start)
         self._future = call.future(self._messages(handshake), timeout=timeout,
                                    metadata=(("x-request-id", request_id),))
         self._future.add_done_callback(lambda _: self._wake())
@@ -155,11 +158,11 @@ class GrpcStateSender:
 
     # -- StateSender -------------------------------------------------------------------------
 
-    def finish(self, first_token: FirstToken) -> TransferResult:
+    def finish(self, first_token: FirstToken, cached_tokens: int = 0) -> TransferResult:
         finished_at = time.monotonic()
         with self._cond:
             self._queue.append(wire.encode_complete(first_token, self._num_states,
-                                                    self._total_bytes))
+                                                    self._total_bytes, cached_tokens))
             self._queue.append(_END)
             self._cond.notify_all()
         try:
@@ -317,10 +320,13 @@ class GrpcTransport:
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
 
-    def open(self, target: str, request_id: str, num_prompt_tokens: int,
-             deadline: float) -> GrpcStateSender:
-        return GrpcStateSender(self, self._channel(target), target, request_id,
-                               num_prompt_tokens, deadline)
+    def open(self, target: str, reservation_id: str, request_id: str, num_prompt_tokens: int,
+             token_start: int, deadline: float) -> GrpcStateSender:
+        if not reservation_id:
+            raise ValueError("reservation_id is required: the decode worker's Reserve answer "
+                             "names the reservation the state is for")
+        return GrpcStateSender(self, self._channel(target), target, reservation_id,
+                               request_id, num_prompt_tokens, token_start, deadline)
 
     def close(self) -> None:
         with self._lock:

@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,10 +65,13 @@ class IncomingTransfer:
     reservation through the target exactly once).
     """
 
-    def __init__(self, receiver: StateReceiver, request_id: str, num_prompt_tokens: int,
-                 target: ReceiveTarget, deadline: float):
+    def __init__(self, receiver: StateReceiver, reservation_id: str, request_id: str,
+                 num_prompt_tokens: int, token_start: int, target: ReceiveTarget,
+                 deadline: float):
+        self.reservation_id = reservation_id
         self.request_id = request_id
         self.num_prompt_tokens = num_prompt_tokens
+        self.token_start = token_start
         self.deadline = deadline
         self.state = TransferState.PENDING
         self.error: TransferError | None = None
@@ -96,8 +100,8 @@ class IncomingTransfer:
             else:
                 self._on_fail.append(callback)
 
-    def accept_handshake(self, protocol_version: int, fingerprint: str,
-                         num_prompt_tokens: int) -> None:
+    def accept_handshake(self, protocol_version: int, fingerprint: str, request_id: str,
+                         num_prompt_tokens: int, token_start: int) -> None:
         with self._lock:
             self._expect_state(TransferState.PENDING, "handshake")
             if protocol_version != PROTOCOL_VERSION:
@@ -107,9 +111,15 @@ class IncomingTransfer:
                 self._raise(FailureReason.REFUSED, f"peer fingerprint {fingerprint[:16]}... "
                             f"differs from this worker's {self._receiver.fingerprint[:16]}... "
                             "(different weights, model config or state dtypes)")
+            if request_id != self.request_id:
+                self._raise(FailureReason.REFUSED, f"peer sends request {request_id!r}, the "
+                            f"reservation holds {self.request_id!r}")
             if num_prompt_tokens != self.num_prompt_tokens:
                 self._raise(FailureReason.REFUSED, f"peer prefilled {num_prompt_tokens} tokens, "
                             f"the reservation holds {self.num_prompt_tokens}")
+            if token_start != self.token_start:
+                self._raise(FailureReason.REFUSED, f"peer sends state from token {token_start}, "
+                            f"the reservation holds the first {self.token_start} tokens")
             self.state = TransferState.STREAMING
 
     def accept_chunk(self, chunk: ChunkDescription, data: memoryview) -> None:
@@ -160,8 +170,8 @@ class IncomingTransfer:
             if assembly.received == desc.nbytes:
                 self._deliver(assembly)
 
-    def accept_complete(self, first_token: FirstToken, num_states: int,
-                        total_bytes: int) -> None:
+    def accept_complete(self, first_token: FirstToken, num_states: int, total_bytes: int,
+                        cached_tokens: int = 0) -> None:
         with self._lock:
             self._expect_state(TransferState.STREAMING, "completion")
             if self._assembly is not None:
@@ -173,7 +183,7 @@ class IncomingTransfer:
                             f"{total_bytes} bytes, {self.states_received} / "
                             f"{self.bytes_received} arrived")
             try:
-                self._target.complete(first_token)
+                self._target.complete(first_token, cached_tokens)
             except ValueError as e:
                 self._raise(FailureReason.INVALID, f"the reservation refused the state: {e}")
             except Exception as e:  # the receiving engine stopped or failed
@@ -248,7 +258,7 @@ class IncomingTransfer:
 
     def _finish(self) -> None:
         self._timer.cancel()
-        self._receiver.forget(self.request_id, self)
+        self._receiver.forget(self.reservation_id, self)
         self._done.set()
 
 
@@ -267,58 +277,72 @@ def bytes_as_tensor(data: memoryview) -> torch.Tensor:
 
 
 class StateReceiver:
-    """The decode side's registry of transfers it waits for, by request id."""
+    """The decode side's registry of transfers it waits for, by reservation id.
 
-    def __init__(self, fingerprint: str, metrics: BatonMetrics | None = None,
-                 arrival_grace_seconds: float = 2.0):
+    The reservation exists before the router starts the prefill (DecodeService.Reserve), so a
+    transfer that finds none is refused at once: there is nothing to wait for."""
+
+    # Ended transfers remembered, so that a sender arriving after its reservation ended (the
+    # request was cancelled on both workers at once) hears why instead of NOT_FOUND.
+    ENDED_REMEMBERED = 4096
+
+    def __init__(self, fingerprint: str, metrics: BatonMetrics | None = None):
         self.fingerprint = fingerprint
         self.metrics = metrics
-        # A transfer may overtake the Generate call that reserves for it (two connections);
-        # it waits this long for the reservation before NOT_FOUND.
-        self.arrival_grace_seconds = arrival_grace_seconds
         self._incoming: dict[str, IncomingTransfer] = {}
-        self._cond = threading.Condition()
+        self._ended: OrderedDict[str, TransferError | None] = OrderedDict()
+        self._lock = threading.Lock()
 
-    def expect(self, request_id: str, num_prompt_tokens: int, target: ReceiveTarget,
-               deadline: float) -> IncomingTransfer:
-        """Registers a reservation that waits for its state until deadline (time.time())."""
-        with self._cond:
-            if request_id in self._incoming:
-                raise ValueError(f"request_id={request_id!r} already waits for a transfer")
-            incoming = IncomingTransfer(self, request_id, num_prompt_tokens, target, deadline)
-            self._incoming[request_id] = incoming
-            self._cond.notify_all()
+    def expect(self, reservation_id: str, request_id: str, num_prompt_tokens: int,
+               token_start: int, target: ReceiveTarget, deadline: float) -> IncomingTransfer:
+        """Registers a reservation that waits for the state of tokens [token_start,
+        num_prompt_tokens) until deadline (time.time())."""
+        with self._lock:
+            if reservation_id in self._incoming:
+                raise ValueError(f"reservation_id={reservation_id!r} already waits for a "
+                                 "transfer")
+            incoming = IncomingTransfer(self, reservation_id, request_id, num_prompt_tokens,
+                                        token_start, target, deadline)
+            self._incoming[reservation_id] = incoming
             return incoming
 
-    def incoming(self, request_id: str) -> IncomingTransfer:
-        """The waiting transfer of request_id; TransferError(NOT_FOUND) if none waits."""
-        end = time.monotonic() + self.arrival_grace_seconds
-        with self._cond:
-            while request_id not in self._incoming:
-                left = end - time.monotonic()
-                if left <= 0:
-                    raise TransferError(FailureReason.NOT_FOUND,
-                                        f"no reservation waits for request {request_id!r}")
-                self._cond.wait(left)
-            return self._incoming[request_id]
+    def incoming(self, reservation_id: str) -> IncomingTransfer:
+        """The waiting transfer of a reservation; TransferError(NOT_FOUND) if none waits."""
+        with self._lock:
+            incoming = self._incoming.get(reservation_id)
+            ended = reservation_id in self._ended
+            error = self._ended.get(reservation_id)
+        if incoming is not None:
+            return incoming
+        if ended and error is None:
+            raise TransferError(FailureReason.INVALID, f"reservation {reservation_id!r} "
+                                "already received its state")
+        if ended:
+            raise TransferError(error.reason, f"reservation {reservation_id!r} ended before "
+                                f"this transfer: {error.message}")
+        raise TransferError(FailureReason.NOT_FOUND, f"no reservation {reservation_id!r} "
+                            "waits for state (unknown, released or expired)")
 
-    def cancel(self, request_id: str, message: str) -> bool:
-        """Fails the waiting transfer of request_id (if any); returns whether one was failed."""
-        with self._cond:
-            incoming = self._incoming.get(request_id)
+    def cancel(self, reservation_id: str, message: str) -> bool:
+        """Fails the waiting transfer of a reservation (if any); whether one was failed."""
+        with self._lock:
+            incoming = self._incoming.get(reservation_id)
         if incoming is None:
             return False
         return incoming.fail(TransferError(FailureReason.CANCELLED,
-                                           f"request {request_id}: {message}"))
+                                           f"request {incoming.request_id}: {message}"))
 
     def in_flight(self) -> int:
-        with self._cond:
+        with self._lock:
             return len(self._incoming)
 
-    def forget(self, request_id: str, incoming: IncomingTransfer) -> None:
-        with self._cond:
-            if self._incoming.get(request_id) is incoming:
-                del self._incoming[request_id]
+    def forget(self, reservation_id: str, incoming: IncomingTransfer) -> None:
+        with self._lock:
+            if self._incoming.get(reservation_id) is incoming:
+                del self._incoming[reservation_id]
+                self._ended[reservation_id] = incoming.error
+                while len(self._ended) > self.ENDED_REMEMBERED:
+                    self._ended.popitem(last=False)
 
     def count_failure(self) -> None:
         if self.metrics is not None:

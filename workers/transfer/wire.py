@@ -132,14 +132,16 @@ def encode_chunk(chunk: ChunkDescription, data: memoryview) -> bytes:
     return b"".join((_CHUNK_TAG, _varint(inner_len), head, pad_field, tail, data))
 
 
-def encode_handshake(protocol_version: int, fingerprint: str, request_id: str,
-                     num_prompt_tokens: int) -> bytes:
+def encode_handshake(protocol_version: int, fingerprint: str, reservation_id: str,
+                     request_id: str, num_prompt_tokens: int, token_start: int) -> bytes:
     return decode_pb2.TransferStateRequest(handshake=transfer_pb2.Handshake(
         protocol_version=protocol_version, fingerprint=fingerprint, request_id=request_id,
-        num_prompt_tokens=num_prompt_tokens)).SerializeToString()
+        num_prompt_tokens=num_prompt_tokens, reservation_id=reservation_id,
+        token_start=token_start)).SerializeToString()
 
 
-def encode_complete(first_token: FirstToken, num_states: int, total_bytes: int) -> bytes:
+def encode_complete(first_token: FirstToken, num_states: int, total_bytes: int,
+                    cached_tokens: int = 0) -> bytes:
     from baton.proto.baton.worker.v1 import worker_pb2
 
     token = worker_pb2.GeneratedToken(
@@ -147,7 +149,8 @@ def encode_complete(first_token: FirstToken, num_states: int, total_bytes: int) 
         top_logprobs=[worker_pb2.TokenLogprob(token_id=t, logprob=lp)
                       for t, lp in first_token.top_logprobs])
     return decode_pb2.TransferStateRequest(complete=transfer_pb2.TransferComplete(
-        first_token=token, num_states=num_states, total_bytes=total_bytes)).SerializeToString()
+        first_token=token, num_states=num_states, total_bytes=total_bytes,
+        cached_tokens=cached_tokens)).SerializeToString()
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,8 @@ class Handshake:
     fingerprint: str
     request_id: str
     num_prompt_tokens: int
+    reservation_id: str = ""
+    token_start: int = 0
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,7 @@ class Complete:
     first_token: FirstToken
     num_states: int
     total_bytes: int
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -230,12 +236,13 @@ def decode_message(message: bytes) -> Handshake | Chunk | Complete:
     which = request.WhichOneof("message")
     if which == "handshake":
         h = request.handshake
-        return Handshake(h.protocol_version, h.fingerprint, h.request_id, h.num_prompt_tokens)
+        return Handshake(h.protocol_version, h.fingerprint, h.request_id, h.num_prompt_tokens,
+                         h.reservation_id, h.token_start)
     if which == "complete":
         c = request.complete
         first = FirstToken(c.first_token.token_id, c.first_token.logprob,
                            tuple((t.token_id, t.logprob) for t in c.first_token.top_logprobs))
-        return Complete(first, c.num_states, c.total_bytes)
+        return Complete(first, c.num_states, c.total_bytes, c.cached_tokens)
     if which == "chunk":
         return Chunk(chunk_description(request.chunk.header, len(request.chunk.data)),
                      memoryview(request.chunk.data))

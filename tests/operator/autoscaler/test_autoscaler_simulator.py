@@ -184,7 +184,7 @@ def run_simulate(name: str, tmp_path: Path) -> tuple[dict, Path]:
         assert isinstance(report["static"][key], float)
     assert isinstance(report["oracle"]["gpu_hours"], float)
     assert report["worst_window_seconds"] == 300
-    assert report["scale_down_stabilization_seconds"] == 300
+    assert report["scale_down_stabilization_seconds"] == 180  # examples/traces/model.yaml
     static = report["static"]
     assert static["meets_targets"]
     assert static["ttft_slo_attainment"] >= 0.95 and static["itl_slo_attainment"] >= 0.95
@@ -200,12 +200,13 @@ def run_simulate(name: str, tmp_path: Path) -> tuple[dict, Path]:
     return report, png
 
 
-@pytest.mark.parametrize("name", ["surges", "diurnal"])
+@pytest.mark.parametrize("name", ["surges", "surging", "diurnal"])
 def test_simulate_leads_the_load_in_every_window_for_at_most_70_percent_of_static(
         name, tmp_path):
-    """The acceptance bar on a surging trace with calm periods and on a diurnal one:
-    attainment >= 0.95 over the whole trace and >= 0.90 in every 5-minute window for both
-    targets, with at most 0.70x the static fleet's GPU hours and 1.15x the oracle's."""
+    """The acceptance bar on the example traces (surges: a surge an hour with calm between;
+    surging: one 35-minute surge; diurnal): attainment >= 0.95 over the whole trace and
+    >= 0.90 in every 5-minute window for both targets, with at most 0.70x the static fleet's
+    GPU hours and 1.15x the oracle's (the example Model stabilizes scale-downs 180 s)."""
     report, _ = run_simulate(name, tmp_path)
     assert report["ttft_slo_attainment"] >= 0.95
     assert report["itl_slo_attainment"] >= 0.95
@@ -213,19 +214,7 @@ def test_simulate_leads_the_load_in_every_window_for_at_most_70_percent_of_stati
     assert report["worst_window_itl_attainment"] >= 0.90
     assert report["gpu_hours"] <= 0.70 * report["static"]["gpu_hours"]
     assert report["gpu_hours"] <= 1.15 * report["oracle"]["gpu_hours"]
-
-
-def test_simulate_on_one_long_surge_without_calm(tmp_path):
-    """surging.csv is one 35-minute surge with 10 and 15 minutes of calm around it: even the
-    oracle needs 0.68x the static fleet there (little time to give capacity back), so the
-    bound against the static fleet is looser; latency and the oracle bound are the same."""
-    report, _ = run_simulate("surging", tmp_path)
-    assert report["ttft_slo_attainment"] >= 0.95 and report["itl_slo_attainment"] >= 0.95
-    assert report["worst_window_ttft_attainment"] >= 0.90
-    assert report["worst_window_itl_attainment"] >= 0.90
-    assert report["oracle"]["gpu_hours"] >= 0.65 * report["static"]["gpu_hours"]
-    assert report["gpu_hours"] <= 0.75 * report["static"]["gpu_hours"]
-    assert report["gpu_hours"] <= 1.15 * report["oracle"]["gpu_hours"]
+    assert report["meets_targets"]
 
 
 def test_window_attainment_counts_the_requests_arriving_in_each_window():

@@ -207,15 +207,23 @@ def helpers_model_without_mtp():
 
 def test_memory_budget_sizes_the_caches(tiny_model):
     probe = tiny_model.allocate_cache(1, 4, 1)
-    budget = 8 * probe.bytes_per_slot() + 100 * probe.bytes_per_page()
-    engine = Engine(
-        tiny_model,
-        EngineConfig(page_size=4, cache_memory_bytes=budget, max_num_seqs=8, max_model_len=100),
-    )
-    stats = engine.stats()
-    assert stats.num_slots == 8 and stats.num_pages == 100
+    per_page, per_slot = probe.bytes_per_page(), probe.bytes_per_slot()
+    per_snapshot = probe.bytes_per_snapshot(tiny_model.config.hidden_size)
+    budget = 8 * per_slot + 100 * per_page
+    sized = dict(page_size=4, cache_memory_bytes=budget, max_num_seqs=8, max_model_len=100)
+    stats = Engine(tiny_model, EngineConfig(**sized, prefix_cache=False)).stats()
+    assert stats.num_slots == 8 and stats.num_pages == 100 and stats.num_snapshots == 0
+    # The prefix cache's snapshots take their share of the budget first.
+    stats = Engine(tiny_model, EngineConfig(**sized, snapshot_memory_fraction=0.2)).stats()
+    snapshots = int(budget * 0.2) // per_snapshot
+    assert stats.num_snapshots == snapshots > 0
+    assert stats.num_pages == (budget - 8 * per_slot - snapshots * per_snapshot) // per_page
     with pytest.raises(ValueError, match="cache_memory_bytes"):
         Engine(tiny_model, EngineConfig(page_size=4, cache_memory_bytes=10, max_num_seqs=8))
+    with pytest.raises(ValueError, match="snapshot_memory_fraction: 0.001 of .* less than one"):
+        Engine(tiny_model, EngineConfig(**sized, snapshot_memory_fraction=0.001))
+    with pytest.raises(ValueError, match="snapshot_interval=6 is invalid: a multiple of"):
+        Engine(tiny_model, EngineConfig(**sized, snapshot_interval=6))
 
 
 def test_eos_and_stop_token_ids_finish_with_stop(tiny_model):
@@ -332,10 +340,11 @@ def test_pure_mamba_and_pure_attention_models(tmp_path, helpers, pattern):
     out, _ = run(engine, {0: requests[:2], 3: requests[2:]})
     for r in requests:
         helpers.check(model, recorder, r.request_id, out[r.request_id], len(r.prompt_ids))
-    # The handoff carries only what the layers have.
+    # The handoff carries only what the layers have, and the last hidden state (which the
+    # decode engine's snapshot of the prompt keeps).
     p, d = (Engine(model, EngineConfig(page_size=4, num_pages=64)) for _ in range(2))
     request = Request("h", prompt(99, 14), greedy(5))
-    res = d.reserve(request, 14)
+    res = d.reserve(request)
     kinds = []
 
     class Sink:
@@ -345,6 +354,6 @@ def test_pure_mamba_and_pure_attention_models(tmp_path, helpers, pattern):
 
     result = p.prefill(request, Sink())
     res.commit(result.first_token, request.sampling)
-    assert set(kinds) == ({"conv", "ssm"} if pattern == "M-M" else {"kv"})
+    assert set(kinds) == ({"conv", "ssm"} if pattern == "M-M" else {"kv"}) | {"hidden"}
     while d.has_work():
         d.step()

@@ -87,7 +87,7 @@ def handoff(model, request: Request, k: int, recorder=None, busy=(), drafts=None
     if recorder is not None:
         p.runner.logits_observer = recorder
         d.runner.logits_observer = recorder
-    res = d.reserve(request, len(request.prompt_ids))
+    res = d.reserve(request)
     early = d.step()  # D keeps decoding its own requests while the state arrives
     sink = ForwardingSink(res)
     result = p.prefill(request, sink)
@@ -165,13 +165,13 @@ def test_seeded_sampling_is_the_same_across_batches_and_handoff(tiny_model):
 
 def test_reserve_refuses_when_full_and_release_frees(tiny_model):
     d = engine_for(tiny_model, num_slots=2, max_model_len=60, num_pages=40)
-    a = d.reserve(Request("a", prompt(1, 50)), 50)
-    b = d.reserve(Request("b", prompt(2, 10)), 10)
+    a = d.reserve(Request("a", prompt(1, 50)))
+    b = d.reserve(Request("b", prompt(2, 10)))
     with pytest.raises(CacheFull):
-        d.reserve(Request("c", prompt(3, 10)), 10)
+        d.reserve(Request("c", prompt(3, 10)))
     assert d.stats().reserved == 2 and d.stats().ssm_slot_usage == 1.0
-    with pytest.raises(ValueError, match="n_tokens"):
-        d.reserve(Request("c", prompt(3, 10)), 9)
+    with pytest.raises(ValueError, match="local_prefill_max_tokens"):
+        d.reserve(Request("c", prompt(3, 10)), -1)
     a.release()
     a.release()  # idempotent
     with pytest.raises(StateTransferError, match="released"):
@@ -195,7 +195,7 @@ def test_commit_after_release_and_abort_after_commit(tiny_model):
     request = Request(
         "r", prompt(4, 8), SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     )
-    res = d.reserve(request, 8)
+    res = d.reserve(request)
     result = p.prefill(request, ForwardingSink(res))
     res.commit(result.first_token)
     d.step()
@@ -256,7 +256,7 @@ def test_handed_off_request_survives_preemption(tiny_model, helpers):
     request = Request(
         "moved", prompt(81, 20), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     )
-    res = d.reserve(request, 20)
+    res = d.reserve(request)
     result = p.prefill(request, ForwardingSink(res))
     res.commit(result.first_token, request.sampling)
     events = drain(d)
@@ -271,23 +271,27 @@ def test_handed_off_request_survives_preemption(tiny_model, helpers):
 def test_first_token_that_finishes_the_request(tiny_model):
     p, d = engine_for(tiny_model), engine_for(tiny_model)
     one = Request("one", prompt(7, 12), SamplingParams(max_tokens=1, temperature=0))
-    res = d.reserve(one, 12)
+    res = d.reserve(one)
     result = p.prefill(one, ForwardingSink(res))
     assert result.finish_reason == "length"
     res.commit(result.first_token, one.sampling)
     events = drain(d)["one"]
     assert [(e.token_id, e.finish_reason) for e in events] == [(result.first_token, "length")]
-    # A first token that is a stop token ends the request with "stop" on both sides.
+    # A first token that is a stop token ends the request with "stop" on both sides. Both
+    # engines now hold this prompt whole (snapshots at its end): P samples from its snapshot
+    # without a forward, and D serves it alone (a local prefill of nothing).
     stop = Request(
         "stop",
         prompt(7, 12),
         SamplingParams(max_tokens=5, temperature=0, stop_token_ids=[result.first_token]),
     )
-    res = d.reserve(stop, 12)
-    result = p.prefill(stop, ForwardingSink(res))
-    assert result.finish_reason == "stop"
-    res.commit(result.first_token, stop.sampling)
-    assert [e.finish_reason for e in drain(d)["stop"]] == ["stop"]
+    again = p.prefill(stop, ListSink())
+    assert again.finish_reason == "stop" and again.cached_tokens == 12
+    res = d.reserve(stop)
+    assert res.local_prefill and res.cached_tokens == 12
+    assert [(e.token_id, e.finish_reason) for e in drain(d)["stop"]] == [
+        (result.first_token, "stop")
+    ]
     assert d.stats().kv_cache_usage == 0 and d.stats().ssm_slot_usage == 0
 
 

@@ -85,7 +85,7 @@ def test_prefill_and_reserve_through_loops(tiny_model):
     requests = [Request(f"h{i}", prompt(30 + i, 9 + 6 * i), greedy(5)) for i in range(3)]
     expect = reference(tiny_model, requests)
     with make_loop(tiny_model) as prefill, make_loop(tiny_model) as decode:
-        reservations = [decode.reserve(r, len(r.prompt_ids)) for r in requests]
+        reservations = [decode.reserve(r) for r in requests]
 
         class Sink:
             def __init__(self, res):
@@ -102,7 +102,7 @@ def test_prefill_and_reserve_through_loops(tiny_model):
         for r, stream in zip(requests, streams):
             assert [ev.token_id for ev in stream] == expect[r.request_id]
         # A prefill aborted while queued fails its future; a released reservation frees.
-        res = decode.reserve(Request("gone", prompt(9, 9)), 9)
+        res = decode.reserve(Request("gone", prompt(9, 9)))
         res.release()
         assert decode.drain(timeout=10) and prefill.drain(timeout=10)
         assert decode.stats().reserved == 0 and decode.stats().kv_cache_usage == 0

@@ -15,6 +15,7 @@ from baton.workers.engine.sampling import (
     sample_tokens,
     token_logprobs,
     uniform_noise,
+    unit_interval,
 )
 
 
@@ -161,3 +162,15 @@ def test_rejection_rule_greedy_is_argmax_matching():
     assert rejection_verify(target, None, [1, 0], rows) == [1, 0, 2]
     assert rejection_verify(target, None, [1, 2], rows) == [1, 0]
     assert rejection_verify(target, None, [2, 0], rows) == [1]
+
+
+def test_noise_never_reaches_0_or_1_so_gumbel_stays_finite():
+    u = unit_interval(torch.tensor([0, 1, 2**31, 2**32 - 2, 2**32 - 1], dtype=torch.int64))
+    assert u.dtype == torch.float32
+    assert float(u[0]) == 2**-24 and float(u[-1]) == 1 - 2**-24
+    assert torch.isfinite(-torch.log(-torch.log(u))).all()
+    # A masked row over a 128k vocabulary: only token 3 is allowed, and only it is drawn.
+    logits = torch.full((64, 1 << 17), float("-inf"))
+    logits[:, 3] = 0.0
+    rows = [SampleRow(SamplingParams(temperature=1.0, seed=9), 9, p) for p in range(64)]
+    assert sample_tokens(logits, rows).tolist() == [3] * 64

@@ -62,7 +62,8 @@ class Tokenizer:
 
 
 class World:
-    """Reservations shared by the fake workers: (decode address, request id) -> first token."""
+    """Reservations shared by the fake workers: (decode address, reservation id) -> the first
+    token, set by the prefill (or at once for a local prefill)."""
 
     def __init__(self) -> None:
         self.reservations: dict[tuple[str, str], asyncio.Future] = {}
@@ -113,31 +114,75 @@ class FakeDecode(FakeWorker, decode_pb2_grpc.DecodeServiceServicer):
         self.used = 0
         self.die_after: int | None = None  # tokens streamed before the worker "dies"
         self.hang_after: int | None = None  # tokens streamed before the worker hangs
+        self.hang_reserve = False  # Reserve never answers (a stuck worker)
         self.token_delay = 0.0
         self.streamed = 0
         self.free_kv_tokens = 100_000
-        self.send_headers = True  # confirm the reservation with response headers
-        self.reserve_delay = 0.0  # seconds before the reservation is registered
+        self.cached_tokens = 0  # what its prefix cache holds of every prompt
+        self.remembers = False  # a prefix cache: it holds what it served (but the last token)
+        self.served: list[list[int]] = []
+        self.local_prefill = False  # prefill every request itself
+        self.held: dict[str, decode_pb2.ReserveRequest] = {}
+        self.released: list[str] = []
+        self.generates: list = []
 
     def load(self) -> dict:
         return {"running": self.used, "free_slots": max(0, self.capacity - self.used),
                 "free_kv_tokens": self.free_kv_tokens}
 
-    async def Generate(self, request, context):
+    async def Reserve(self, request, context):
+        if self.hang_reserve:
+            self.hung.clear()
+        await self.hung.wait()
         if self.used >= self.capacity:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no free slot")
         self.used += 1
         self.requests.append(request)
         self.metadata.append(dict(context.invocation_metadata()))
-        key = (self.address, request.request_id)
+        rid = f"{self.address}/{len(self.requests)}"
+        self.held[rid] = request
+        first = self.world.reservations[(self.address, rid)] = (
+            asyncio.get_running_loop().create_future())
+        cached = self._cached(list(request.prompt_token_ids))
+        local = self.local_prefill or cached == len(request.prompt_token_ids)
+        if local:
+            first.set_result(next_token(request.prompt_token_ids))
+        return decode_pb2.ReserveResponse(reservation_id=rid, cached_tokens=cached,
+                                          local_prefill=local)
+
+    async def Release(self, request, context):
+        released = self._free(request.reservation_id)
+        self.released.append(request.reservation_id)
+        return decode_pb2.ReleaseResponse(released=released)
+
+    def _cached(self, prompt: list[int]) -> int:
+        if not self.remembers:
+            return min(self.cached_tokens, len(prompt))
+        best = 0
+        for seen in self.served:
+            n = 0
+            while n < min(len(seen), len(prompt)) and seen[n] == prompt[n]:
+                n += 1
+            best = max(best, n)
+        return best
+
+    def _free(self, rid: str) -> bool:
+        if self.held.pop(rid, None) is None:
+            return False
+        self.used -= 1
+        self.world.reservations.pop((self.address, rid), None)
+        return True
+
+    async def Generate(self, request, context):
+        self.generates.append(request)
+        held = self.held.get(request.reservation_id)
+        if held is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such reservation")
         try:
-            await asyncio.sleep(self.reserve_delay)
-            first = self.world.reservations[key] = asyncio.get_running_loop().create_future()
-            if self.send_headers:
-                await context.send_initial_metadata(())
-            token = await asyncio.wait_for(first, 5)
-            ids = list(request.prompt_token_ids)
-            for n in range(request.sampling.max_tokens):
+            token = await asyncio.wait_for(
+                self.world.reservations[(self.address, request.reservation_id)], 5)
+            ids = list(held.prompt_token_ids)
+            for n in range(held.sampling.max_tokens):
                 if self.die_after is not None and self.streamed >= self.die_after:
                     self.serving = False
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "worker died")
@@ -149,13 +194,16 @@ class FakeDecode(FakeWorker, decode_pb2_grpc.DecodeServiceServicer):
                     await asyncio.sleep(self.token_delay)
                 ids.append(token)
                 self.streamed += 1
-                last = n + 1 == request.sampling.max_tokens
+                last = n + 1 == held.sampling.max_tokens
+                if last:
+                    self.served.append(ids[:-1])
                 yield decode_pb2.GenerateResponse(
                     tokens=[worker_pb2.GeneratedToken(token_id=token, logprob=-0.5)],
-                    finish_reason=decode_pb2.FINISH_REASON_LENGTH if last else 0)
+                    finish_reason=decode_pb2.FINISH_REASON_LENGTH if last else 0,
+                    num_cached_tokens=self._cached(list(held.prompt_token_ids))
+                    if n == 0 else 0)
         finally:
-            self.used -= 1
-            self.world.reservations.pop(key, None)
+            self._free(request.reservation_id)
 
 
 class FakePrefill(FakeWorker, prefill_pb2_grpc.PrefillServiceServicer):
@@ -181,7 +229,7 @@ class FakePrefill(FakeWorker, prefill_pb2_grpc.PrefillServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"request {request.request_id} to {request.decode_target}: "
                                 "Stream removed (recvmsg:Connection reset by peer (104))")
-        future = self.world.reservations.get((request.decode_target, request.request_id))
+        future = self.world.reservations.get((request.decode_target, request.reservation_id))
         if future is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no reservation")
         token = next_token(request.prompt_token_ids)
@@ -208,7 +256,7 @@ async def cluster():
                        interval_s=0.05, check_timeout_s=check_timeout_s),
             WorkerPool("decode", StaticResolver(tuple(d.address for d in decodes[:n_decode])),
                        interval_s=0.05, check_timeout_s=check_timeout_s),
-            Balancer(routing), transfer_timeout_s=5.0, headers_grace_s=0.05)
+            Balancer(routing), transfer_timeout_s=5.0, reserve_timeout_s=2.0)
         settings = RouterSettings(served_model_name="tiny", max_model_len=512,
                                   request_timeout_s=10.0, max_queued_requests=max_queued)
         metrics = BatonMetrics(MetricLabels(namespace="t", model="tiny", role="router"))
@@ -293,18 +341,108 @@ async def test_decode_death_mid_stream_continues_on_the_other_worker(cluster):
     emitted = list(text[:3].encode())
     assert list(retry.prompt_token_ids) == list(b"abcdef") + emitted
     assert retry.sampling.max_tokens == 7 and retry.sampling.seed == 5
+    # The emitted tokens count as output on the retry (penalties, min_tokens, grammar).
+    assert retry.num_output_tokens == 3
     assert retry.request_id.endswith(".retry1")
     assert await until(lambda: all(d.used == 0 for d in decodes))
 
 
-async def test_decode_without_early_headers_gets_the_prefill_reissued(cluster):
+async def test_steps_name_the_reservation_and_what_the_decode_worker_holds(cluster):
+    """Reserve -> Prefill(reservation, D's cached tokens) beside Generate(reservation); the
+    usage reports the cached tokens D's first message carries."""
     decodes, prefills, router = cluster
     client, backend = await router(n_decode=1, n_prefill=1)
-    decodes[0].send_headers = False
-    decodes[0].reserve_delay = 0.2  # the prefill arrives before the reservation exists
-    out = await client.completions.create(model="tiny", prompt="late", max_tokens=4)
-    assert out.choices[0].text == ref_text("late", 4)
-    assert len(prefills[0].requests) > 1 and backend.retries == 0
+    decodes[0].cached_tokens = 3
+    out = await client.completions.create(model="tiny", prompt="steps!", max_tokens=4)
+    assert out.choices[0].text == ref_text("steps!", 4)
+    assert out.usage.prompt_tokens_details.cached_tokens == 3
+    (reserve,) = decodes[0].requests
+    (generate,) = decodes[0].generates
+    (prefill,) = prefills[0].requests
+    assert generate.reservation_id == prefill.reservation_id != ""
+    assert prefill.decode_cached_tokens == 3 and reserve.local_prefill_max_tokens == 512
+    assert list(reserve.prompt_token_ids) == list(prefill.prompt_token_ids) == list(b"steps!")
+    assert await until(lambda: decodes[0].used == 0)
+
+
+async def test_a_local_prefill_needs_no_prefill_worker(cluster):
+    decodes, prefills, router = cluster
+    client, backend = await router(n_decode=1, n_prefill=1)
+    decodes[0].cached_tokens, decodes[0].local_prefill = 4, True
+    stream = await client.completions.create(model="tiny", prompt="local", max_tokens=5,
+                                             stream=True, stream_options={"include_usage": True})
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == ref_text("local", 5)
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 4
+    assert not prefills[0].requests and backend.local_prefills == 1
+    assert await until(lambda: decodes[0].used == 0)
+
+
+async def test_giving_up_between_reserve_and_generate_releases_the_reservation(cluster):
+    """The decode worker reserved, but no prefill worker is ready: the router releases the
+    reservation (no Generate will come) and answers 503."""
+    decodes, prefills, router = cluster
+    client, backend = await router(n_decode=1, n_prefill=1)
+    prefills[0].serving = False
+    await backend.prefill.wait_refreshed()
+    backend.check_ready = lambda: None  # let the request reach the backend anyway
+    with pytest.raises(openai.InternalServerError) as info:
+        await client.completions.create(model="tiny", prompt="nobody", max_tokens=2)
+    assert info.value.status_code == 503 and "prefill" in info.value.message
+    assert await until(lambda: decodes[0].released and decodes[0].used == 0)
+    assert not decodes[0].generates
+
+
+async def test_a_decode_worker_hung_in_reserve_is_left_for_another(cluster):
+    decodes, prefills, router = cluster
+    client, backend = await router(check_timeout_s=0.1)
+    first = min(decodes, key=lambda d: d.address)  # idle workers tie: the lower address
+    first.hang_reserve = True
+    started = asyncio.get_running_loop().time()
+    out = await client.completions.create(model="tiny", prompt="stuck", max_tokens=3)
+    assert out.choices[0].text == ref_text("stuck", 3)
+    assert asyncio.get_running_loop().time() - started < 2.0  # before the Reserve timeout
+    second = next(d for d in decodes if d is not first)
+    assert len(second.generates) == 1 and not first.generates
+
+
+async def test_prefix_aware_sends_the_next_turn_to_the_worker_holding_the_history(cluster):
+    decodes, prefills, router = cluster
+    client, backend = await router(routing="prefix-aware")
+    for d in decodes:
+        d.remembers = True
+    history = "you are a helpful agent. " * 3
+    for turn in range(4):
+        out = await client.completions.create(model="tiny", prompt=history, max_tokens=4)
+        history += out.choices[0].text + f" tool result {turn}."
+        if turn == 0:
+            (holder,) = [d for d in decodes if d.generates]
+            other = next(d for d in decodes if d is not holder)
+        else:
+            # Back to the worker that holds the history, which reported the cache hit.
+            assert len(holder.generates) == turn + 1 and not other.generates
+            assert out.usage.prompt_tokens_details.cached_tokens > len(history) // 2
+    # A session's cache key keeps a prompt that shares nothing on the same worker; an
+    # unknown session goes where its key hashes (and stays there).
+    import time
+
+    from baton.workers.router.backend import GenerationRequest
+    from baton.workers.sampling_params import SamplingParams
+
+    async def one(prompt: bytes, key: str) -> None:
+        async for _ in backend.generate(GenerationRequest(
+                request_id=f"{key}-{len(prompt)}", prompt_ids=tuple(prompt),
+                sampling=SamplingParams(max_tokens=2), deadline=time.time() + 10,
+                cache_key=key)):
+            pass
+
+    for key in ("s-1", "s-2", "s-3"):
+        before = {d.address: len(d.generates) for d in decodes}
+        await one(b"first " + key.encode(), key)
+        (first,) = [d for d in decodes if len(d.generates) > before[d.address]]
+        await one(b"unrelated prompt for " + key.encode(), key)
+        assert len(first.generates) == before[first.address] + 2, key
+    assert await until(lambda: all(d.used == 0 for d in decodes))
 
 
 async def test_second_failure_is_an_sse_error(cluster):
@@ -504,3 +642,43 @@ async def test_decode_choice_skips_workers_reported_too_full(cluster):
     # A short prompt fits the idler worker again.
     await client.completions.create(model="tiny", prompt="y", max_tokens=2)
     assert len(decodes[0].requests) == 1
+
+
+async def test_local_prefill_stretches_where_the_prefill_workers_lag(cluster):
+    """D may prefill more than localPrefillMaxTokens itself where the prefill workers' best
+    hit is so far behind that P would compute over RECOMPUTE_BOUND times what D lacks (earlier
+    turns prefilled on D never reached P), up to LOCAL_PREFILL_STRETCH times the limit."""
+    from baton.workers.router.disaggregated import LOCAL_PREFILL_STRETCH, RECOMPUTE_BOUND
+
+    decodes, prefills, router = cluster
+    client, backend = await router(routing="prefix-aware", n_prefill=2)
+    assert await until(lambda: len(backend.prefill.ready_workers()) == 2)
+    p1, p2 = (w.address for w in backend.prefill.ready_workers())
+    index = backend.balancer.indexes["prefill"]
+    prompt = [(7 * i) % 251 + 3 for i in range(3000)]
+    limit = backend.local_prefill_max_tokens
+    assert limit == 512
+    # Nothing known on any P: it would compute all 3000 tokens.
+    assert backend.local_prefill_limit(prompt) == int(3000 / RECOMPUTE_BOUND)
+    index.record(p1, prompt, [1000])
+    assert backend.local_prefill_limit(prompt) == int(2000 / RECOMPUTE_BOUND)
+    index.record(p2, prompt, [2900])  # the best P is close behind: the plain limit
+    assert backend.local_prefill_limit(prompt) == limit
+    assert backend.local_prefill_limit(prompt, avoid={p2}) == int(2000 / RECOMPUTE_BOUND)
+    long = [(5 * i) % 241 + 3 for i in range(20000)]
+    assert backend.local_prefill_limit(long) == LOCAL_PREFILL_STRETCH * limit
+    backend.local_prefill_max_tokens = 0  # off stays off
+    assert backend.local_prefill_limit(prompt) == 0
+    # What D is sent: the limit for this prompt, stretched (no P holds any of it).
+    backend.local_prefill_max_tokens = 100
+    out = await client.completions.create(model="tiny", prompt="stretch " * 40, max_tokens=2)
+    assert out.choices[0].text
+    (reserve,) = [r for d in decodes for r in d.requests]
+    n = len(reserve.prompt_token_ids)
+    assert n == 320 and reserve.local_prefill_max_tokens == int(n / RECOMPUTE_BOUND) > 100
+
+
+async def test_least_loaded_keeps_the_plain_local_prefill_limit(cluster):
+    _, _, router = cluster
+    _, backend = await router(routing="least-loaded")
+    assert backend.local_prefill_limit(list(range(3, 3003))) == 512

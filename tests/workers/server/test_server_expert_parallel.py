@@ -16,7 +16,6 @@ import re
 import signal
 import sys
 import threading
-import uuid
 from pathlib import Path
 
 import pytest
@@ -34,10 +33,8 @@ from baton.workers.engine import (
 from baton.workers.engine.replicated import ReplicatedEngine, follow
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_server_workers import TINY, Worker, _prompt
+from test_server_workers import TINY, Worker, _prompt, _wait_until, serve
 
-from baton.proto.baton.decode.v1 import decode_pb2, decode_pb2_grpc
-from baton.proto.baton.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 from baton.proto.baton.worker.v1 import worker_pb2
 
 
@@ -111,13 +108,14 @@ def test_followers_replay_every_call_in_lockstep(models):
         # A prefill whose transfer fails in its first chunk (of three: 64 tokens a step):
         # rank 0 gets the sink's error and the request is gone from both engines.
         broken = loop.run_prefill(Request("broken", _prompt(150, 7), sampling), FailingSink(3))
+        # The state of a prompt this replica never saw (another prefill worker's) goes into a
+        # reservation (as TransferState would), then commit.
         capture = Capture()
-        handed = loop.run_prefill(Request("handed", _prompt(19, 8), sampling), capture)
+        result = _engine(models[0]).prefill(Request("handed", _prompt(19, 8), sampling), capture)
         with pytest.raises(ConnectionError):
             broken.result(timeout=60)
-        result = handed.result(timeout=60)
-        # The captured state goes into a reservation (as TransferState would), then commit.
-        reservation = loop.reserve(Request("handed", _prompt(19, 8), sampling), 19)
+        reservation = loop.reserve(Request("handed", _prompt(19, 8), sampling))
+        assert reservation.cached_tokens == 0 and not reservation.local_prefill
         for state in capture.states:
             reservation.write(state)
         with pytest.raises(StateTransferError):
@@ -126,10 +124,16 @@ def test_followers_replay_every_call_in_lockstep(models):
         handed_stream = reservation.commit(result.first_token, sampling, result.logprob,
                                            result.top_logprobs)
         # A refused reservation counts on no rank: the next one has the same serial on both.
-        with pytest.raises(ValueError, match="n_tokens=4"):
-            loop.reserve(Request("refused", _prompt(5, 9), sampling), 4)
-        dropped = loop.reserve(Request("dropped", _prompt(5, 9), sampling), 5)
+        with pytest.raises(ValueError, match="local_prefill_max_tokens"):
+            loop.reserve(Request("refused", _prompt(5, 9), sampling), -1)
+        dropped = loop.reserve(Request("dropped", _prompt(5, 9), sampling))
         dropped.release()
+        # A prompt the replica's prefix cache holds but a few tokens of: prefilled locally, in
+        # lockstep (the cache decides the same on every rank).
+        extended = Request("local", _prompt(26, 2) + [5, 6, 7], sampling)
+        local = loop.reserve(extended, 8)
+        assert local.local_prefill and local.cached_tokens >= 26
+        streams.append(local.stream)
         aborted = loop.submit(Request("aborted", _prompt(40, 10), sampling))
         aborted.close()
         tokens = {s.request_id: [e.token_id for e in s if e.token_id is not None]
@@ -148,7 +152,9 @@ def test_followers_replay_every_call_in_lockstep(models):
     assert (a.free_pages, a.free_slots, a.requests_finished_total, a.prompt_tokens_total) == (
         b.free_pages, b.free_slots, b.requests_finished_total, b.prompt_tokens_total)
     assert a.free_slots == 6 and a.free_pages == 160
-    assert a.requests_finished_total == {"prefilled": 1, "length": 4, "abort": 2}
+    assert a.requests_finished_total == {"length": 5, "abort": 2}
+    assert a.local_prefills_total == b.local_prefills_total == 1
+    assert (a.prefix_hit_tokens_total, a.snapshots) == (b.prefix_hit_tokens_total, b.snapshots)
 
 
 def test_a_call_inside_a_step_is_refused_or_deferred(models):
@@ -255,22 +261,10 @@ def _config(tmp: Path, name: str, ranks: int) -> Path:
 
 
 def _complete(prefill: Worker, decode: Worker, prompt: list[int]):
-    request_id = uuid.uuid4().hex
     sampling = worker_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
                                          logprobs=True, ignore_eos=True)
-    stream = decode_pb2_grpc.DecodeServiceStub(decode.channel).Generate(
-        decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
-                                   sampling=sampling), timeout=120)
-    assert dict(stream.initial_metadata()).get("baton-reserved") == "true"
-    prefill_pb2_grpc.PrefillServiceStub(prefill.channel).Prefill(prefill_pb2.PrefillRequest(
-        request_id=request_id, prompt_token_ids=prompt, sampling=sampling,
-        decode_target=decode.address), timeout=120)
-    tokens, logprobs = [], []
-    for message in stream:
-        for token in message.tokens:
-            tokens.append(token.token_id)
-            logprobs.append(token.logprob)
-    return tokens, logprobs
+    out = serve(prefill, decode, prompt, sampling)
+    return out.tokens, out.logprobs
 
 
 def _concurrently(prefill: Worker, decode: Worker, prompts: list[list[int]]):
@@ -309,7 +303,8 @@ def test_two_rank_workers_complete_like_one_rank_workers(tmp_path, models):
         assert [len(_followers(w)) for w in workers[2]] == [1, 1]
         for worker in workers[2]:
             assert "2 expert-parallel rank(s)" in worker.log()
-            assert "expert-parallel rank 1 of 2 loaded" in worker.log()
+            # Rank 1 logs once its own engine is built, which may end after rank 0 serves.
+            _wait_until(lambda w=worker: "expert-parallel rank 1 of 2 loaded" in w.log(), 60)
         two = _concurrently(*workers[2], prompts)
         one = _concurrently(*workers[1], prompts)
         # Batches form by timing, so a near-tie (reference top-1/top-2 margin <= 1e-3) may

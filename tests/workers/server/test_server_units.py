@@ -52,13 +52,24 @@ def test_dtype_auto_follows_the_device():
         settings.pick_dtype("fp4", torch.device("cpu"))
 
 
-def test_kv_pages_never_exceed_what_sequences_can_use():
-    # Room for 1000 pages, but 4 sequences of 100 tokens (+2 drafts/first) need 4 * 7.
-    assert settings.num_kv_pages(1000 * 10 + 4 * 5, 10, 5, 4, 100, 1, 16) == 28
-    # A small budget bounds it: (300 - 4 * 5) // 10.
-    assert settings.num_kv_pages(300, 10, 5, 4, 100, 1, 16) == 28
-    assert settings.num_kv_pages(250, 10, 5, 4, 100, 1, 16) == 23
-    assert settings.num_kv_pages(10, 10, 5, 4, 100, 1, 16) == 0
+def test_engine_config_carries_the_prefix_cache_and_the_budget():
+    from baton.operator.spec import WorkerConfig
+
+    config = WorkerConfig.from_dict({
+        "model": "m", "modelPath": "/m", "engine": {"kvPageSize": 16, "prefixCache": {
+            "snapshotMemoryFraction": 0.3, "snapshotIntervalTokens": 512}},
+        "decode": {"maxConcurrency": 4, "speculativeTokens": 2},
+        "pools": {"prefill": [{"name": "p"}], "decode": [{"name": "p"}]}})
+    decode = settings.engine_config(config, "decode", 1 << 20)
+    assert (decode.cache_memory_bytes, decode.num_pages, decode.prefix_cache) == (
+        1 << 20, None, True)
+    assert (decode.snapshot_memory_fraction, decode.snapshot_interval) == (0.3, 512)
+    assert decode.speculative_tokens == 2 and decode.max_num_seqs == 4
+    prefill = settings.engine_config(config, "prefill", 1 << 20)
+    assert prefill.speculative_tokens == 0 and prefill.max_num_seqs == settings.PREFILL_MAX_SEQS
+    off = WorkerConfig.from_dict({**config.to_dict(), "engine": {
+        **config.to_dict()["engine"], "prefixCache": {"enabled": False}}})
+    assert settings.engine_config(off, "decode", 1 << 20).prefix_cache is False
 
 
 def test_engine_config_takes_cuda_graphs_from_the_worker_config():
@@ -74,7 +85,7 @@ def test_engine_config_takes_cuda_graphs_from_the_worker_config():
 
 def test_sampling_conversion_validates():
     def request(prompt, **sampling):
-        return decode_pb2.GenerateRequest(request_id="r", prompt_token_ids=prompt,
+        return decode_pb2.ReserveRequest(request_id="r", prompt_token_ids=prompt,
                                           sampling=worker_pb2.SamplingParams(**sampling))
 
     params = SamplingParams.from_proto(worker_pb2.SamplingParams(
@@ -91,7 +102,7 @@ def test_sampling_conversion_validates():
     with pytest.raises(ValueError, match="empty"):
         runtime.request_from_proto(request([], max_tokens=3))
     with pytest.raises(ValueError, match="request_id"):
-        runtime.request_from_proto(decode_pb2.GenerateRequest(
+        runtime.request_from_proto(decode_pb2.ReserveRequest(
             prompt_token_ids=[1], sampling=worker_pb2.SamplingParams(max_tokens=3)))
 
 
@@ -162,7 +173,8 @@ def _prefill_servicer_with(future, aborted: list):
 
     from baton.workers.server.prefill import PrefillServicer
 
-    loop = SimpleNamespace(run_prefill=lambda req, sender: future, abort=aborted.append)
+    loop = SimpleNamespace(run_prefill=lambda req, sender, sink_from=0: future,
+                           abort=aborted.append)
     return PrefillServicer(SimpleNamespace(loop=loop, metrics=None))
 
 
@@ -186,42 +198,146 @@ def test_a_prefill_its_caller_cancelled_ends_cancelled_without_an_error_log(star
     context = type("Context", (), {"add_callback": lambda self, callback: started})()
     with caplog.at_level(logging.DEBUG), pytest.raises(CallEnded) as ended:
         servicer._run(Request("gone", [1, 2, 3]), sender, context, time.monotonic(),
-                      time.time() + 30)
+                      time.time() + 30, 0)
     assert ended.value.outcome == "cancelled"
     assert ended.value.code == grpc.StatusCode.CANCELLED
     assert len(sender_aborts) == 1
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def test_a_generate_call_that_ended_before_its_handler_ran_frees_its_reservation_at_once():
-    """Under load the router may give up on a Generate before the worker's handler runs; the
-    handler then cannot register its done-callback (add_callback is False). The reservation
-    must be released at once, not held until the transfer deadline."""
+class _Reservation:
+    """A LoopReservation stand-in: records releases."""
+
+    def __init__(self, local: bool = False, cached: int = 0):
+        self.local_prefill, self.cached_tokens = local, cached
+        self.stream = None
+        self.released: list[bool] = []
+
+    def release(self) -> None:
+        self.released.append(True)
+
+
+def _decode_servicer(reservation, transfer_timeout: float = 60.0):
     import time
     from types import SimpleNamespace
 
-    from baton.proto.baton.decode.v1 import decode_pb2
     from baton.workers.server.decode import DecodeServicer
-    from baton.workers.server.runtime import CallEnded
 
-    released = []
-    reservation = SimpleNamespace(release=lambda: released.append(True))
+    held: list[int] = []
+    saved: list[tuple] = []
     runtime = SimpleNamespace(
-        metrics=None,
-        config=SimpleNamespace(router=SimpleNamespace(transfer_timeout_seconds=60.0)),
+        metrics=None, count_held=held.append,
+        config=SimpleNamespace(router=SimpleNamespace(
+            transfer_timeout_seconds=transfer_timeout)),
         deadline_of=lambda message, context: time.time() + 60.0,
-        loop=SimpleNamespace(reserve=lambda req, n: reservation))
+        count_saved_transfer=lambda *a: saved.append(a),
+        loop=SimpleNamespace(reserve=lambda req, local_max=0: reservation))
     servicer = DecodeServicer(runtime)
     servicer.receiver.fingerprint = "f" * 64
-    context = SimpleNamespace(add_callback=lambda callback: False,
-                              send_initial_metadata=lambda metadata: None)
-    request = decode_pb2.GenerateRequest(
-        request_id="late", prompt_token_ids=[1, 2, 3],
-        sampling=worker_pb2.SamplingParams(max_tokens=4))
+    return servicer, held, saved
+
+
+def _reserve_request(local_max: int = 0) -> decode_pb2.ReserveRequest:
+    return decode_pb2.ReserveRequest(
+        request_id="r1", prompt_token_ids=[1, 2, 3],
+        sampling=worker_pb2.SamplingParams(max_tokens=4), local_prefill_max_tokens=local_max)
+
+
+def test_a_generate_call_that_ended_before_its_handler_ran_frees_its_reservation_at_once():
+    """Under load the router may give up on a Generate before the worker's handler runs; the
+    handler then cannot register its done-callback (add_callback is False). The reservation
+    must be released at once, not held until its attach deadline."""
+    import time
+    from types import SimpleNamespace
+
+    from baton.workers.server.runtime import CallEnded
+
+    reservation = _Reservation(cached=2)
+    servicer, held, saved = _decode_servicer(reservation)
+    answer = servicer._reserve(_reserve_request())
+    assert answer.cached_tokens == 2 and not answer.local_prefill and answer.reservation_id
+    assert servicer.receiver.in_flight() == 1 and held == [1] and saved == [(3, 2, False)]
+    context = SimpleNamespace(add_callback=lambda callback: False)
     started = time.monotonic()
     with pytest.raises(CallEnded) as ended:
-        list(servicer._generate(request, context, started))
+        list(servicer._generate(decode_pb2.GenerateRequest(
+            request_id="r1", reservation_id=answer.reservation_id), context))
     assert time.monotonic() - started < 5
     assert ended.value.outcome == "cancelled"
-    assert released == [True]
-    assert servicer.receiver.in_flight() == 0
+    assert reservation.released and held == [1, -1]
+    assert servicer.receiver.in_flight() == 0 and len(servicer.held) == 0
+
+
+def test_generate_needs_a_held_reservation_and_release_frees_one():
+    from types import SimpleNamespace
+
+    from baton.workers.server.runtime import CallEnded
+
+    reservation = _Reservation()
+    servicer, held, _ = _decode_servicer(reservation)
+    context = SimpleNamespace(add_callback=lambda callback: True)
+    for rid, code in (("", grpc.StatusCode.INVALID_ARGUMENT),
+                      ("nobody", grpc.StatusCode.NOT_FOUND)):
+        with pytest.raises(CallEnded) as ended:
+            list(servicer._generate(decode_pb2.GenerateRequest(reservation_id=rid), context))
+        assert ended.value.code == code and ended.value.outcome == "rejected"
+    answer = servicer._reserve(_reserve_request())
+    release = decode_pb2.ReleaseRequest(reservation_id=answer.reservation_id)
+    assert servicer.Release(release, context).released
+    assert not servicer.Release(release, context).released  # idempotent
+    assert reservation.released == [True] and held == [1, -1]
+    with pytest.raises(CallEnded) as ended:  # released: nothing to stream any more
+        list(servicer._generate(decode_pb2.GenerateRequest(
+            reservation_id=answer.reservation_id), context))
+    assert ended.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_reservation_nobody_attaches_to_expires():
+    """A router that went away between Reserve and Generate: the reservation is released at
+    its attach deadline (the transfer deadline), and a late Generate finds nothing."""
+    import time
+
+    reservation = _Reservation(local=True, cached=3)
+    servicer, held, saved = _decode_servicer(reservation, transfer_timeout=0.2)
+    answer = servicer._reserve(_reserve_request(local_max=8))
+    assert answer.local_prefill and servicer.receiver.in_flight() == 0
+    assert saved == [(3, 3, True)]
+    deadline = time.monotonic() + 5
+    while not reservation.released:
+        assert time.monotonic() < deadline, "the reservation never expired"
+        time.sleep(0.02)
+    assert held == [1, -1] and servicer.held.attach(answer.reservation_id) is None
+
+
+def test_cache_sizes_that_cannot_fit_name_the_spec_field():
+    """The worker builds its engine through the engine's one sizing function and names the
+    Model field to change."""
+    from pathlib import Path
+
+    from baton.operator.spec import WorkerConfig
+    from baton.workers.server import replica
+
+    tiny = Path(__file__).resolve().parents[3] / "examples" / "tiny"
+
+    def config(**prefix):
+        return WorkerConfig.from_dict({
+            "model": "tiny", "modelPath": str(tiny),
+            "engine": {"maxModelLen": 256, "kvPageSize": 16, "prefixCache": prefix},
+            "decode": {"maxConcurrency": 2},
+            "pools": {"prefill": [{"name": "p"}], "decode": [{"name": "p"}]}})
+
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match=r"spec.engine.prefixCache.snapshotMemoryFraction: "
+                                         r"\d+ bytes of cache memory on this decode worker"):
+        replica.build_engine(config(snapshotMemoryFraction=0.001), "decode", cpu,
+                             torch.float32, 1 << 20)
+    with pytest.raises(ValueError, match=r"spec.engine.cacheMemoryFraction \(or "
+                                         r"--cache-memory\): 4096 bytes"):
+        replica.build_engine(config(), "prefill", cpu, torch.float32, 4096)
+    engine, engine_cfg = replica.build_engine(config(), "decode", cpu, torch.float32, 8 << 20)
+    st = engine.stats()
+    assert st.num_snapshots >= 1 and engine_cfg.snapshot_interval == 1024
+    sizes = engine.sizes
+    used = (st.num_pages * sizes.bytes_per_page + st.num_slots * sizes.bytes_per_slot
+            + st.num_snapshots * sizes.bytes_per_snapshot)
+    assert 0.9 * (8 << 20) < used <= 8 << 20

@@ -20,6 +20,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -58,7 +59,7 @@ class Worker:
             [sys.executable, "-m", "baton.workers.cli", "worker", role, "--config", str(config),
              "--pool", "local", "--host", "127.0.0.1", "--grpc-port", str(self.grpc_port),
              "--metrics-port", str(self.metrics_port), "--log-level", "DEBUG",
-             "--drain-seconds", "20", *extra],
+             "--drain-seconds", "20", "--cache-memory", "64Mi", *extra],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         self.channel = grpc.insecure_channel(self.address)
         self.ready_seconds: float | None = None
@@ -137,27 +138,63 @@ def _sampling(max_tokens: int, **extra) -> worker_pb2.SamplingParams:
                                      **extra)
 
 
-def _run(cluster, prompt: list[int], max_tokens: int, request_id: str | None = None):
-    """Router-like: Generate on decode, then Prefill naming that decode worker."""
+def _reserve(decode: Worker, prompt: list[int], sampling, request_id: str | None = None,
+             local_max: int = 0, num_output_tokens: int = 0):
     request_id = request_id or uuid.uuid4().hex
-    decode = decode_pb2_grpc.DecodeServiceStub(cluster["decode"].channel)
-    prefill = prefill_pb2_grpc.PrefillServiceStub(cluster["prefill"].channel)
-    stream = decode.Generate(decode_pb2.GenerateRequest(
-        request_id=request_id, prompt_token_ids=prompt, sampling=_sampling(max_tokens)),
-        timeout=120)
-    metadata = dict(stream.initial_metadata())
-    assert metadata.get("baton-reserved") == "true", metadata
-    answer = prefill.Prefill(prefill_pb2.PrefillRequest(
-        request_id=request_id, prompt_token_ids=prompt, sampling=_sampling(max_tokens),
-        decode_target=cluster["decode"].address), timeout=120)
-    tokens, logprobs, finish = [], [], None
+    reserved = decode_pb2_grpc.DecodeServiceStub(decode.channel).Reserve(
+        decode_pb2.ReserveRequest(request_id=request_id, prompt_token_ids=prompt,
+                                  sampling=sampling, local_prefill_max_tokens=local_max,
+                                  num_output_tokens=num_output_tokens),
+        timeout=30)
+    return request_id, reserved
+
+
+def _generate(decode: Worker, request_id: str, reserved, timeout: float = 120):
+    return decode_pb2_grpc.DecodeServiceStub(decode.channel).Generate(
+        decode_pb2.GenerateRequest(request_id=request_id,
+                                   reservation_id=reserved.reservation_id), timeout=timeout)
+
+
+def _prefill_request(decode: Worker, request_id: str, prompt: list[int], sampling, reserved,
+                     num_output_tokens: int = 0):
+    return prefill_pb2.PrefillRequest(
+        request_id=request_id, prompt_token_ids=prompt, sampling=sampling,
+        decode_target=decode.address, reservation_id=reserved.reservation_id,
+        decode_cached_tokens=reserved.cached_tokens, num_output_tokens=num_output_tokens)
+
+
+def serve(prefill: Worker, decode: Worker, prompt: list[int], sampling,
+          request_id: str | None = None, local_max: int = 0,
+          num_output_tokens: int = 0) -> SimpleNamespace:
+    """Router-like: Reserve on decode, then Generate beside the Prefill (unless the decode
+    worker prefills locally)."""
+    request_id, reserved = _reserve(decode, prompt, sampling, request_id, local_max,
+                                    num_output_tokens)
+    stream = _generate(decode, request_id, reserved)
+    answer = None
+    if not reserved.local_prefill:
+        answer = prefill_pb2_grpc.PrefillServiceStub(prefill.channel).Prefill(
+            _prefill_request(decode, request_id, prompt, sampling, reserved,
+                             num_output_tokens), timeout=120)
+    tokens, logprobs, finish, cached = [], [], None, None
     for message in stream:
+        if cached is None:
+            cached = message.num_cached_tokens
         for token in message.tokens:
             tokens.append(token.token_id)
             logprobs.append(token.logprob)
         if message.finish_reason:
             finish = message.finish_reason
-    return answer, tokens, logprobs, finish
+    return SimpleNamespace(answer=answer, tokens=tokens, logprobs=logprobs, finish=finish,
+                           reserved=reserved, cached=cached, request_id=request_id)
+
+
+def _run(cluster, prompt: list[int], max_tokens: int, request_id: str | None = None,
+         sampling: worker_pb2.SamplingParams | None = None, num_output_tokens: int = 0):
+    out = serve(cluster["prefill"], cluster["decode"], prompt,
+                sampling or _sampling(max_tokens), request_id,
+                num_output_tokens=num_output_tokens)
+    return out.answer, out.tokens, out.logprobs, out.finish
 
 
 @pytest.fixture(scope="module")
@@ -293,9 +330,11 @@ _STALLED_SENDER = textwrap.dedent("""
     import sys, time, torch
     from baton.workers.engine import LayerState, StateKind
     from baton.workers.transfer import GrpcTransport
-    address, request_id, fingerprint, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    sender = GrpcTransport(fingerprint).open(address, request_id, n, time.time() + 60)
-    sender.on_layer(LayerState(1, StateKind.KV, 0, n, torch.zeros(2, n, 2, 16)))
+    address, reservation_id, request_id, fingerprint = sys.argv[1:5]
+    n, start = int(sys.argv[5]), int(sys.argv[6])
+    sender = GrpcTransport(fingerprint).open(address, reservation_id, request_id, n, start,
+                                             time.time() + 60)
+    sender.on_layer(LayerState(1, StateKind.KV, start, n, torch.zeros(2, n - start, 2, 16)))
     print("sent", flush=True)
     time.sleep(60)
 """)
@@ -303,15 +342,14 @@ _STALLED_SENDER = textwrap.dedent("""
 
 def test_killed_sender_mid_transfer_releases_everything(cluster):
     decode = cluster["decode"]
-    request_id = "killed-" + uuid.uuid4().hex
     prompt = _prompt(200, 5)
-    stream = decode_pb2_grpc.DecodeServiceStub(decode.channel).Generate(
-        decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
-                                   sampling=_sampling(4)), timeout=60)
-    _wait_until(lambda: decode.load().ssm_state_slots_usage_ratio > 0)
+    request_id, reserved = _reserve(decode, prompt, _sampling(4), "killed-" + uuid.uuid4().hex)
+    stream = _generate(decode, request_id, reserved, timeout=60)
+    assert decode.load().ssm_state_slots_usage_ratio > 0
     fingerprint = cluster["decode"].load().fingerprint
     sender = subprocess.Popen([sys.executable, "-c", _STALLED_SENDER, decode.address,
-                               request_id, fingerprint, str(len(prompt))],
+                               reserved.reservation_id, request_id, fingerprint,
+                               str(len(prompt)), str(reserved.cached_tokens)],
                               stdout=subprocess.PIPE, cwd=REPO)
     try:
         assert sender.stdout.readline().strip() == b"sent"
@@ -341,16 +379,12 @@ def test_killed_prefill_worker_mid_transfer_releases_everything(cluster):
     prefill = Worker("prefill", slow_config, cluster["tmp"])
     try:
         prefill.wait_serving()
-        request_id = "victim-" + uuid.uuid4().hex
         prompt = _prompt(MAX_MODEL_LEN - 8, 13)
-        stream = decode_pb2_grpc.DecodeServiceStub(decode.channel).Generate(
-            decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
-                                       sampling=_sampling(4)), timeout=120)
-        stream.initial_metadata()
+        request_id, reserved = _reserve(decode, prompt, _sampling(4),
+                                        "victim-" + uuid.uuid4().hex)
+        stream = _generate(decode, request_id, reserved)
         answer = prefill_pb2_grpc.PrefillServiceStub(prefill.channel).Prefill.future(
-            prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,
-                                       sampling=_sampling(4), decode_target=decode.address),
-            timeout=120)
+            _prefill_request(decode, request_id, prompt, _sampling(4), reserved), timeout=120)
         _wait_until(lambda: re.search(f"state arrived request={request_id}", decode.log()))
         prefill.proc.send_signal(signal.SIGKILL)
         prefill.proc.wait(10)
@@ -382,14 +416,12 @@ def test_corrupted_chunk_is_detected_by_the_decode_worker(cluster):
             return bytes(corrupted)
 
     decode = cluster["decode"]
-    request_id = "corrupt-" + uuid.uuid4().hex
     prompt = _prompt(40, 6)
-    stream = decode_pb2_grpc.DecodeServiceStub(decode.channel).Generate(
-        decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
-                                   sampling=_sampling(4)), timeout=60)
-    _wait_until(lambda: decode.load().ssm_state_slots_usage_ratio > 0)
-    sender = Corrupting(cluster["decode"].load().fingerprint).open(decode.address, request_id,
-                                                         len(prompt), time.time() + 30)
+    request_id, reserved = _reserve(decode, prompt, _sampling(4),
+                                    "corrupt-" + uuid.uuid4().hex)
+    stream = _generate(decode, request_id, reserved, timeout=60)
+    sender = Corrupting(cluster["decode"].load().fingerprint).open(
+        decode.address, reserved.reservation_id, request_id, len(prompt), 0, time.time() + 30)
     with pytest.raises(TransferError) as err:
         sender.on_layer(LayerState(1, StateKind.KV, 0, len(prompt),
                                    torch.randn(2, len(prompt), 2, 16)))
@@ -407,14 +439,12 @@ def test_fingerprint_mismatch_refused_by_the_decode_worker(cluster):
     from baton.workers.transfer import FailureReason, FirstToken, GrpcTransport, TransferError
 
     decode = cluster["decode"]
-    request_id = "stranger-" + uuid.uuid4().hex
     prompt = _prompt(10, 7)
-    stream = decode_pb2_grpc.DecodeServiceStub(decode.channel).Generate(
-        decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
-                                   sampling=_sampling(4)), timeout=60)
-    _wait_until(lambda: decode.load().ssm_state_slots_usage_ratio > 0)
-    sender = GrpcTransport("0" * 64).open(decode.address, request_id, len(prompt),
-                                          time.time() + 30)
+    request_id, reserved = _reserve(decode, prompt, _sampling(4),
+                                    "stranger-" + uuid.uuid4().hex)
+    stream = _generate(decode, request_id, reserved, timeout=60)
+    sender = GrpcTransport("0" * 64).open(decode.address, reserved.reservation_id, request_id,
+                                          len(prompt), 0, time.time() + 30)
     with pytest.raises(TransferError) as err:
         sender.finish(FirstToken(5))
     assert err.value.reason is FailureReason.REFUSED
@@ -428,26 +458,19 @@ def test_cancelled_generate_frees_its_room(cluster):
     """The router cancels D's Generate (client gone, prefill failed): before the state came
     and in the middle of the token stream. Either way every slot and page is free again."""
     decode = cluster["decode"]
-    stub = decode_pb2_grpc.DecodeServiceStub(decode.channel)
-    waiting = stub.Generate(decode_pb2.GenerateRequest(
-        request_id="cancel-early", prompt_token_ids=_prompt(100, 11), sampling=_sampling(4)),
-        timeout=60)
-    assert dict(waiting.initial_metadata()).get("baton-reserved") == "true"
+    request_id, reserved = _reserve(decode, _prompt(100, 11), _sampling(4), "cancel-early")
+    waiting = _generate(decode, request_id, reserved, timeout=60)
     assert decode.load().kv_cache_usage_ratio > 0
     waiting.cancel()
     _wait_until(lambda: decode.load().kv_cache_usage_ratio == 0.0)
     assert decode.load().ssm_state_slots_usage_ratio == 0.0
 
-    request_id = "cancel-mid-" + uuid.uuid4().hex
     prompt = _prompt(50, 12)
     sampling = _sampling(300, ignore_eos=True)
-    stream = stub.Generate(decode_pb2.GenerateRequest(
-        request_id=request_id, prompt_token_ids=prompt, sampling=sampling), timeout=60)
-    stream.initial_metadata()
+    request_id, reserved = _reserve(decode, prompt, sampling, "cancel-mid-" + uuid.uuid4().hex)
+    stream = _generate(decode, request_id, reserved, timeout=60)
     prefill_pb2_grpc.PrefillServiceStub(cluster["prefill"].channel).Prefill(
-        prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,
-                                   sampling=sampling, decode_target=decode.address),
-        timeout=60)
+        _prefill_request(decode, request_id, prompt, sampling, reserved), timeout=60)
     got = 0
     for message in stream:
         got += len(message.tokens)
@@ -464,43 +487,172 @@ def test_bad_requests_get_clear_statuses(cluster):
     decode = decode_pb2_grpc.DecodeServiceStub(cluster["decode"].channel)
     prefill = prefill_pb2_grpc.PrefillServiceStub(cluster["prefill"].channel)
     with pytest.raises(grpc.RpcError) as err:
-        list(decode.Generate(decode_pb2.GenerateRequest(request_id="e1", prompt_token_ids=[],
-                                                        sampling=_sampling(4)), timeout=10))
+        decode.Reserve(decode_pb2.ReserveRequest(request_id="e1", prompt_token_ids=[],
+                                                 sampling=_sampling(4)), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "empty" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
-        list(decode.Generate(decode_pb2.GenerateRequest(
+        decode.Reserve(decode_pb2.ReserveRequest(
             request_id="e2", prompt_token_ids=[1] * MAX_MODEL_LEN, sampling=_sampling(4)),
-            timeout=10))
+            timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    with pytest.raises(grpc.RpcError) as err:
-        prefill.Prefill(prefill_pb2.PrefillRequest(
-            request_id="e3", prompt_token_ids=[1, 2], sampling=_sampling(4, top_p=2.0),
-            decode_target=cluster["decode"].address), timeout=10)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "top_p" in err.value.details()
-    with pytest.raises(grpc.RpcError) as err:
-        prefill.Prefill(prefill_pb2.PrefillRequest(
-            request_id="e4", prompt_token_ids=[1, 2], sampling=_sampling(4),
-            decode_target="nowhere"), timeout=10)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    # A decode worker that is not there: the router retries elsewhere on UNAVAILABLE.
-    with pytest.raises(grpc.RpcError) as err:
-        prefill.Prefill(prefill_pb2.PrefillRequest(
-            request_id="e4b", prompt_token_ids=[1, 2], sampling=_sampling(4),
-            decode_target=f"127.0.0.1:{_free_port()}"), timeout=20)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    # No Generate reserved this request: the decode worker does not know it.
-    with pytest.raises(grpc.RpcError) as err:
-        prefill.Prefill(prefill_pb2.PrefillRequest(
-            request_id="e5", prompt_token_ids=[1, 2], sampling=_sampling(4),
-            decode_target=cluster["decode"].address), timeout=10)
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # Generate streams a reservation: none named, or none held under that name.
+    for rid, code in (("", grpc.StatusCode.INVALID_ARGUMENT),
+                      ("nobody", grpc.StatusCode.NOT_FOUND)):
+        with pytest.raises(grpc.RpcError) as err:
+            list(decode.Generate(decode_pb2.GenerateRequest(request_id="e", reservation_id=rid),
+                                 timeout=10))
+        assert err.value.code() == code
+    assert not decode.Release(decode_pb2.ReleaseRequest(reservation_id="nobody"),
+                              timeout=10).released
+
+    def prefill_call(request_id, sampling=None, target=None, reservation="some", cached=0):
+        return prefill.Prefill(prefill_pb2.PrefillRequest(
+            request_id=request_id, prompt_token_ids=[1, 2], sampling=sampling or _sampling(4),
+            decode_target=target or cluster["decode"].address, reservation_id=reservation,
+            decode_cached_tokens=cached), timeout=20)
+
+    for call, code, needle in (
+            (lambda: prefill_call("e3", sampling=_sampling(4, top_p=2.0)),
+             grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+            (lambda: prefill_call("e4", target="nowhere"),
+             grpc.StatusCode.INVALID_ARGUMENT, "host:port"),
+            (lambda: prefill_call("e4r", reservation=""),
+             grpc.StatusCode.INVALID_ARGUMENT, "reservation_id is required"),
+            (lambda: prefill_call("e4c", cached=2),
+             grpc.StatusCode.INVALID_ARGUMENT, "decode_cached_tokens=2"),
+            # A decode worker that is not there: the router retries elsewhere.
+            (lambda: prefill_call("e4b", target=f"127.0.0.1:{_free_port()}"),
+             grpc.StatusCode.UNAVAILABLE, ""),
+            # The decode worker holds no such reservation.
+            (lambda: prefill_call("e5", reservation="nobody"),
+             grpc.StatusCode.NOT_FOUND, "no reservation 'nobody'")):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == code and needle in err.value.details()
     # Failed prefills hold nothing afterwards.
     prefill_worker = cluster["prefill"]
     _wait_until(lambda: prefill_worker.load().ssm_state_slots_usage_ratio == 0.0)
     assert prefill_worker.load().kv_cache_usage_ratio == 0.0
     assert prefill_worker.metric("baton_requests_total", role="prefill", outcome="error") >= 2
+
+
+def test_a_constrained_request_over_grpc(cluster):
+    """A JSON Schema grammar through Prefill + Generate: the prefill worker samples the first
+    token under it, the decode worker rebuilds the matcher from it and continues (with
+    speculation); a retry's num_output_tokens resumes the grammar on both workers; a grammar
+    that cannot compile is INVALID_ARGUMENT on both, naming the problem."""
+    import jsonschema
+    from llguidance import LLMatcher
+
+    from baton.workers.engine.tokenizer import load_tokenizer
+
+    schema = {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 5},
+        "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        "kind": {"enum": ["a", "b"]},
+        "list": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
+                 "maxItems": 3}},
+        "required": ["name", "n", "kind", "list"], "additionalProperties": False}
+    grammar = LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+    tokenizer = load_tokenizer(TINY)
+    prompt = tokenizer.encode("Describe something:")
+
+    def sampling(seed: int, max_tokens: int = 100) -> worker_pb2.SamplingParams:
+        return worker_pb2.SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed,
+                                         grammar=grammar, frequency_penalty=0.5)
+
+    for seed in range(3):
+        # A prompt of its own per seed: the decode worker holds none of it, so the prefill
+        # worker runs it and samples the first token.
+        seeded = prompt + tokenizer.encode(f" {seed}")
+        answer, tokens, _, finish = _run(cluster, seeded, 0, sampling=sampling(seed))
+        assert finish == decode_pb2.FINISH_REASON_STOP
+        assert tokens[0] == answer.first_token.token_id
+        jsonschema.validate(json.loads(tokenizer.decode(tokens)), schema)
+        m = len(tokens) // 2
+        _, rest, _, finish = _run(cluster, seeded + tokens[:m], 0,
+                                  sampling=sampling(seed, 100 - m), num_output_tokens=m)
+        assert (rest, finish) == (tokens[m:], decode_pb2.FINISH_REASON_STOP)
+    # The same prompt again: a whole-prompt hit on the decode worker (its snapshot at the
+    # prompt's end), whose first token is sampled without a forward, under the grammar too.
+    again = serve(cluster["prefill"], cluster["decode"], seeded, sampling(7))
+    assert again.answer is None and again.cached == len(seeded)
+    assert again.finish == decode_pb2.FINISH_REASON_STOP
+    jsonschema.validate(json.loads(tokenizer.decode(again.tokens)), schema)
+
+    bad = worker_pb2.SamplingParams(max_tokens=4, grammar=json.dumps(
+        {"grammars": [{"lark_grammar": "start: foo"}]}))
+    decode = decode_pb2_grpc.DecodeServiceStub(cluster["decode"].channel)
+    prefill = prefill_pb2_grpc.PrefillServiceStub(cluster["prefill"].channel)
+    with pytest.raises(grpc.RpcError) as err:
+        decode.Reserve(decode_pb2.ReserveRequest(
+            request_id="g1", prompt_token_ids=prompt, sampling=bad), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "SamplingParams.grammar is invalid" in err.value.details()
+    assert "foo" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        prefill.Prefill(prefill_pb2.PrefillRequest(
+            request_id="g2", prompt_token_ids=prompt, sampling=bad,
+            decode_target=cluster["decode"].address, reservation_id="r-g2"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "SamplingParams.grammar is invalid" in err.value.details()
+    _wait_until(lambda: cluster["decode"].load().kv_cache_usage_ratio == 0.0)
+def test_turns_of_a_session_hit_both_caches_and_prefill_locally(cluster, reference_model):
+    """Turn 2 of a chat: the decode worker holds turn 1 but its last token, the prefill
+    worker turn 1's prompt; only the KV after the decode worker's hit travels. Turn 3 adds a
+    few tokens: the decode worker prefills them itself. Every token matches the reference."""
+    prefill, decode = cluster["prefill"], cluster["decode"]
+    sampling = _sampling(6, ignore_eos=True)
+    turn1 = _prompt(90, 31)
+    first = serve(prefill, decode, turn1, sampling)
+    cold_bytes = first.answer.transferred_bytes
+    assert first.cached == 0 and first.reserved.cached_tokens == 0
+    turn2 = turn1 + first.tokens + _prompt(70, 32)
+    second = serve(prefill, decode, turn2, sampling)
+    assert second.reserved.cached_tokens >= len(turn1) + len(first.tokens) - 1
+    assert not second.reserved.local_prefill
+    assert second.answer.cached_tokens == len(turn1)  # P's snapshot of turn 1's prompt
+    assert second.cached == second.answer.cached_tokens  # what the client is told
+    # Only the 70-odd tokens D lacked moved (turn 2 is twice as long as turn 1).
+    assert second.answer.transferred_bytes < cold_bytes
+    turn3 = turn2 + second.tokens + [7, 8, 9]
+    prefills = prefill.metric("baton_requests_total", role="prefill", outcome="success")
+    third = serve(prefill, decode, turn3, sampling, local_max=16)
+    assert third.reserved.local_prefill and third.answer is None
+    assert third.cached == third.reserved.cached_tokens >= len(turn2) + 5
+    assert prefill.metric("baton_requests_total", role="prefill", outcome="success") == prefills
+    for prompt, out in ((turn1, first), (turn2, second), (turn3, third)):
+        ids = torch.tensor([prompt + out.tokens])
+        with torch.no_grad():
+            logp = torch.log_softmax(reference_model(ids)[0].float(), dim=-1)
+        for step, (token, lp) in enumerate(zip(out.tokens, out.logprobs)):
+            row = logp[len(prompt) - 1 + step]
+            top2 = torch.topk(row, 2).values
+            if top2[0] - top2[1] > 1e-3:
+                assert token == int(row.argmax()), (len(prompt), step)
+            assert abs(lp - float(row[token])) <= 1e-4, (len(prompt), step, lp)
+    assert decode.metric("baton_local_prefills_total", role="decode") >= 1
+    assert decode.metric("baton_prefix_cache_hit_tokens_total", role="decode") >= len(turn2)
+    assert prefill.metric("baton_prefix_cache_hit_tokens_total", role="prefill") >= len(turn1)
+    assert decode.metric("baton_state_transfer_saved_bytes_total", role="decode",
+                         kind="ssm") > 0
+    assert decode.metric("baton_state_transfer_saved_bytes_total", role="decode",
+                         kind="kv") > 0
+    assert 0 < decode.metric("baton_prefix_cache_snapshot_usage_ratio", role="decode") <= 1
+    _wait_until(lambda: decode.load().kv_cache_usage_ratio == 0.0)
+
+
+def test_released_reservations_free_their_room(cluster):
+    decode = cluster["decode"]
+    stub = decode_pb2_grpc.DecodeServiceStub(decode.channel)
+    _, reserved = _reserve(decode, _prompt(60, 41), _sampling(4))
+    assert decode.load().ssm_state_slots_usage_ratio > 0
+    release = decode_pb2.ReleaseRequest(reservation_id=reserved.reservation_id)
+    assert stub.Release(release, timeout=10).released
+    assert not stub.Release(release, timeout=10).released
+    _wait_until(lambda: decode.load().ssm_state_slots_usage_ratio == 0.0)
+    assert decode.load().kv_cache_usage_ratio == 0.0
 
 
 def _make_pki(folder: Path) -> Path:
@@ -550,7 +702,7 @@ def test_transfers_over_mutual_tls(cluster, reference_model):
         from baton.workers.transfer import TransferError as Err
 
         sender = GrpcTransport(decode.load().fingerprint).open(
-            decode.address, "plain", 3, time.time() + 10)
+            decode.address, "plain", "plain", 3, 0, time.time() + 10)
         with pytest.raises(Err) as err:
             sender.finish(FirstToken(1))
         assert err.value.reason is FailureReason.REFUSED  # UNIMPLEMENTED on that port
@@ -561,12 +713,10 @@ def test_transfers_over_mutual_tls(cluster, reference_model):
 
 def test_sigterm_drains_in_flight_streams_then_exits_zero(cluster):
     decode, prefill = cluster["decode"], cluster["prefill"]
-    request_id = "drain-" + uuid.uuid4().hex
     prompt = _prompt(30, 8)
-    stream = decode_pb2_grpc.DecodeServiceStub(decode.channel).Generate(
-        decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
-                                   sampling=_sampling(200, ignore_eos=True)), timeout=60)
-    _wait_until(lambda: decode.load().ssm_state_slots_usage_ratio > 0)
+    sampling = _sampling(200, ignore_eos=True)
+    request_id, reserved = _reserve(decode, prompt, sampling, "drain-" + uuid.uuid4().hex)
+    stream = _generate(decode, request_id, reserved, timeout=60)
     decode.proc.send_signal(signal.SIGTERM)
     health = health_pb2_grpc.HealthStub(decode.channel)
     _wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
@@ -574,13 +724,10 @@ def test_sigterm_drains_in_flight_streams_then_exits_zero(cluster):
     assert decode.load().draining
     # New work is refused while the reserved request still gets its state and finishes.
     with pytest.raises(grpc.RpcError) as err:
-        list(decode_pb2_grpc.DecodeServiceStub(decode.channel).Generate(
-            decode_pb2.GenerateRequest(request_id="late", prompt_token_ids=prompt,
-                                       sampling=_sampling(4)), timeout=10))
+        _reserve(decode, _prompt(30, 9), _sampling(4), "late")
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    prefill_pb2_grpc.PrefillServiceStub(prefill.channel).Prefill(prefill_pb2.PrefillRequest(
-        request_id=request_id, prompt_token_ids=prompt,
-        sampling=_sampling(200, ignore_eos=True), decode_target=decode.address), timeout=60)
+    prefill_pb2_grpc.PrefillServiceStub(prefill.channel).Prefill(
+        _prefill_request(decode, request_id, prompt, sampling, reserved), timeout=60)
     tokens = [t.token_id for m in stream for t in m.tokens]
     assert len(tokens) == 200
     assert decode.proc.wait(30) == 0

@@ -44,8 +44,9 @@ class RecordingTarget:
         self.states.append(LayerState(state.layer, state.kind, state.token_start,
                                       state.token_end, state.tensor.clone()))
 
-    def complete(self, first_token: FirstToken) -> None:
+    def complete(self, first_token: FirstToken, cached_tokens: int = 0) -> None:
         self.first_token = first_token
+        self.cached_tokens = cached_tokens
         self.completed.set()
 
     def fail(self, error: TransferError) -> None:
@@ -55,7 +56,7 @@ class RecordingTarget:
 
 @pytest.fixture
 def decode_side():
-    receiver = StateReceiver(FINGERPRINT, arrival_grace_seconds=0.2)
+    receiver = StateReceiver(FINGERPRINT)
     server = grpc.server(futures.ThreadPoolExecutor(4), options=CHANNEL_OPTIONS)
     handler = grpc.method_handlers_generic_handler(
         "baton.decode.v1.DecodeService",
@@ -106,10 +107,10 @@ def _read_counter(metrics: BatonMetrics, name: str, **labels: str) -> float:
 def test_round_trip_is_exact_and_metered(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
-    incoming = receiver.expect("r1", 37, target, _deadline())
+    incoming = receiver.expect("r1", "r1", 37, 0, target, _deadline())
     metrics = _metrics()
     transport = GrpcTransport(FINGERPRINT, metrics=metrics, chunk_bytes=64 << 10)
-    sender = transport.open(address, "r1", 37, _deadline())
+    sender = transport.open(address, "r1", "r1", 37, 0, _deadline())
     sent = _states()
     for state in sent:
         sender.on_layer(state)
@@ -137,11 +138,34 @@ def test_round_trip_is_exact_and_metered(decode_side):
     assert _read_counter(metrics, "baton_state_transfer_failures_total") == 0
 
 
+def test_a_transfer_into_a_cached_prefix_names_its_reservation_and_start(decode_side):
+    """The decode worker holds the first 20 tokens: the transfer of reservation "res-9"
+    starts there, and its completion carries the prefill side's own cached tokens."""
+    receiver, address = decode_side
+    target = RecordingTarget()
+    incoming = receiver.expect("res-9", "r9x", 37, 20, target, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "res-9", "r9x", 37, 20, _deadline())
+    g = torch.Generator().manual_seed(3)
+    sender.on_layer(LayerState(1, StateKind.KV, 20, 37, torch.randn(2, 17, 4, 8, generator=g)))
+    result = sender.finish(FirstToken(5), cached_tokens=31)
+    assert incoming.wait(5) and incoming.state is TransferState.COMPLETE
+    assert target.cached_tokens == 31 and result.num_states == 1
+    assert [(s.token_start, s.token_end) for s in target.states] == [(20, 37)]
+    # A sender that does not know what the reservation holds is refused at the handshake.
+    other = RecordingTarget()
+    receiver.expect("res-10", "r10x", 37, 20, other, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "res-10", "r10x", 37, 0, _deadline())
+    with pytest.raises(TransferError) as err:
+        sender.finish(FirstToken(5))
+    assert err.value.reason is FailureReason.REFUSED and "first 20 tokens" in err.value.message
+    assert other.released.is_set()
+
+
 def test_states_stream_before_the_prefill_ends(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
-    incoming = receiver.expect("r2", 37, target, _deadline())
-    sender = GrpcTransport(FINGERPRINT).open(address, "r2", 37, _deadline())
+    incoming = receiver.expect("r2", "r2", 37, 0, target, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "r2", "r2", 37, 0, _deadline())
     states = _states()
     sender.on_layer(states[0])
     # Layer 0's state must be whole on the receiver before the sender has seen layer 1.
@@ -172,11 +196,11 @@ class CorruptingTransport(GrpcTransport):
 def test_corrupted_chunk_is_data_loss_and_released(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
-    incoming = receiver.expect("r3", 37, target, _deadline())
+    incoming = receiver.expect("r3", "r3", 37, 0, target, _deadline())
     metrics = _metrics()
     transport = CorruptingTransport(FINGERPRINT, metrics=metrics, chunk_bytes=64 << 10,
                                     corrupt_chunk=(2, 64 << 10))
-    sender = transport.open(address, "r3", 37, _deadline())
+    sender = transport.open(address, "r3", "r3", 37, 0, _deadline())
     with pytest.raises(TransferError) as err:
         # Once the receiver refused the chunk, the next on_layer raises (the engine then
         # stops the prefill), else finish does.
@@ -197,9 +221,9 @@ def test_corrupted_chunk_is_data_loss_and_released(decode_side):
 def test_stall_past_deadline_fails_and_releases(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
-    incoming = receiver.expect("r4", 37, target, _deadline(0.8))
+    incoming = receiver.expect("r4", "r4", 37, 0, target, _deadline(0.8))
     # The sender would wait longer: the receiver's own deadline must end it.
-    sender = GrpcTransport(FINGERPRINT).open(address, "r4", 37, _deadline(3.0))
+    sender = GrpcTransport(FINGERPRINT).open(address, "r4", "r4", 37, 0, _deadline(3.0))
     sender.on_layer(_states()[0])
     # The prefill stalls here: no more layers, no finish.
     assert incoming.wait(5)
@@ -215,8 +239,8 @@ def test_stall_past_deadline_fails_and_releases(decode_side):
 def test_sender_deadline_first_still_reads_as_deadline(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
-    incoming = receiver.expect("r4b", 37, target, _deadline(0.6))
-    sender = GrpcTransport(FINGERPRINT).open(address, "r4b", 37, _deadline(0.6))
+    incoming = receiver.expect("r4b", "r4b", 37, 0, target, _deadline(0.6))
+    sender = GrpcTransport(FINGERPRINT).open(address, "r4b", "r4b", 37, 0, _deadline(0.6))
     sender.on_layer(_states()[0])
     assert incoming.wait(5) and target.released.is_set()
     assert target.error.reason is FailureReason.DEADLINE_EXCEEDED
@@ -225,8 +249,8 @@ def test_sender_deadline_first_still_reads_as_deadline(decode_side):
 def test_fingerprint_mismatch_is_refused(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
-    receiver.expect("r5", 37, target, _deadline())
-    sender = GrpcTransport("0" * 64).open(address, "r5", 37, _deadline())
+    receiver.expect("r5", "r5", 37, 0, target, _deadline())
+    sender = GrpcTransport("0" * 64).open(address, "r5", "r5", 37, 0, _deadline())
     assert target.released.wait(5) and target.states == []
     assert target.error.reason is FailureReason.REFUSED
     _wait_for(lambda: sender._call_done())
@@ -242,8 +266,8 @@ def test_fingerprint_mismatch_is_refused(decode_side):
 def test_prompt_length_mismatch_is_refused(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
-    receiver.expect("r5b", 37, target, _deadline())
-    sender = GrpcTransport(FINGERPRINT).open(address, "r5b", 36, _deadline())
+    receiver.expect("r5b", "r5b", 37, 0, target, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "r5b", "r5b", 36, 0, _deadline())
     with pytest.raises(TransferError) as err:
         sender.finish(FirstToken(1))
     assert err.value.reason is FailureReason.REFUSED
@@ -252,7 +276,7 @@ def test_prompt_length_mismatch_is_refused(decode_side):
 
 def test_unknown_request_is_not_found(decode_side):
     _, address = decode_side
-    sender = GrpcTransport(FINGERPRINT).open(address, "nobody", 37, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "nobody", "nobody", 37, 0, _deadline())
     with pytest.raises(TransferError) as err:
         sender.finish(FirstToken(1))
     assert err.value.reason is FailureReason.NOT_FOUND
@@ -261,8 +285,8 @@ def test_unknown_request_is_not_found(decode_side):
 def test_sender_abort_releases_the_receiver(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
-    incoming = receiver.expect("r6", 37, target, _deadline())
-    sender = GrpcTransport(FINGERPRINT).open(address, "r6", 37, _deadline())
+    incoming = receiver.expect("r6", "r6", 37, 0, target, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "r6", "r6", 37, 0, _deadline())
     sender.on_layer(_states()[0])
     _wait_for(lambda: incoming.arrivals)  # mid-transfer: the receiver holds a layer
     sender.abort("prefill failed")
@@ -273,8 +297,8 @@ def test_sender_abort_releases_the_receiver(decode_side):
 def test_receiver_cancel_releases_and_ends_the_call(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
-    receiver.expect("r7", 37, target, _deadline())
-    sender = GrpcTransport(FINGERPRINT).open(address, "r7", 37, _deadline())
+    receiver.expect("r7", "r7", 37, 0, target, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "r7", "r7", 37, 0, _deadline())
     sender.on_layer(_states()[0])
     assert receiver.cancel("r7", "client disconnected")
     assert target.error.reason is FailureReason.CANCELLED
@@ -287,9 +311,9 @@ def test_backpressure_blocks_the_engine_thread(decode_side):
     receiver, address = decode_side
     unblock = threading.Event()
     target = RecordingTarget(block_writes=unblock)
-    receiver.expect("r8", 64, target, _deadline())
+    receiver.expect("r8", "r8", 64, 0, target, _deadline())
     transport = GrpcTransport(FINGERPRINT, chunk_bytes=1 << 20, max_queued_bytes=1 << 20)
-    sender = transport.open(address, "r8", 64, _deadline())
+    sender = transport.open(address, "r8", "r8", 64, 0, _deadline())
     big = [LayerState(i, StateKind.KV, 0, 64, torch.full((2, 64, 16, 256), float(i)))
            for i in range(48)]  # 1 MiB each
     handed = threading.Event()
@@ -328,8 +352,8 @@ class TruncatingTransport(GrpcTransport):
 def test_malformed_message_is_data_loss(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
-    receiver.expect("r10", 37, target, _deadline())
-    sender = TruncatingTransport(FINGERPRINT).open(address, "r10", 37, _deadline())
+    receiver.expect("r10", "r10", 37, 0, target, _deadline())
+    sender = TruncatingTransport(FINGERPRINT).open(address, "r10", "r10", 37, 0, _deadline())
     with pytest.raises(TransferError) as err:
         for state in _states():
             sender.on_layer(state)
@@ -342,21 +366,21 @@ def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="chunk_bytes=16"):
         GrpcTransport(FINGERPRINT, chunk_bytes=16)
     with pytest.raises(ValueError, match="decode_target='nowhere'"):
-        GrpcTransport(FINGERPRINT).open("nowhere", "r", 1, _deadline())
+        GrpcTransport(FINGERPRINT).open("nowhere", "r", "r", 1, 0, _deadline())
 
 
 class StoppedEngineTarget(RecordingTarget):
     """A receiver whose engine stopped between the last state and the commit."""
 
-    def complete(self, first_token):
+    def complete(self, first_token, cached_tokens=0):
         raise RuntimeError("the engine loop is stopped")
 
 
 def test_receiver_failure_on_commit_releases_and_tells_the_sender(decode_side):
     receiver, address = decode_side
     target = StoppedEngineTarget()
-    incoming = receiver.expect("r9", 37, target, _deadline())
-    sender = GrpcTransport(FINGERPRINT).open(address, "r9", 37, _deadline())
+    incoming = receiver.expect("r9", "r9", 37, 0, target, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "r9", "r9", 37, 0, _deadline())
     sender.on_layer(_states()[0])
     with pytest.raises(TransferError) as err:
         sender.finish(FirstToken(1))
@@ -371,9 +395,9 @@ def test_backpressure_never_outlives_the_deadline(decode_side):
     receiver, address = decode_side
     unblock = threading.Event()
     target = RecordingTarget(block_writes=unblock)
-    receiver.expect("r11", 64, target, _deadline(30))
+    receiver.expect("r11", "r11", 64, 0, target, _deadline(30))
     transport = GrpcTransport(FINGERPRINT, chunk_bytes=1 << 20, max_queued_bytes=1 << 20)
-    sender = transport.open(address, "r11", 64, _deadline(1.0))
+    sender = transport.open(address, "r11", "r11", 64, 0, _deadline(1.0))
     big = [LayerState(i, StateKind.KV, 0, 64, torch.full((2, 64, 16, 256), float(i)))
            for i in range(48)]
     outcome: list = []
@@ -408,13 +432,14 @@ def test_a_sender_that_ends_its_stream_without_completing_cancels_the_transfer(d
 
     receiver, address = decode_side
     target = RecordingTarget()
-    receiver.expect("r-stop", 37, target, _deadline())
+    receiver.expect("r-stop", "r-stop", 37, 0, target, _deadline())
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel, \
             caplog.at_level(logging.DEBUG):
         call = channel.stream_unary("/baton.decode.v1.DecodeService/TransferState")
         with pytest.raises(grpc.RpcError) as err:
-            call(iter([wire.encode_handshake(PROTOCOL_VERSION, FINGERPRINT, "r-stop", 37)]),
-                 timeout=10)
+            handshake = wire.encode_handshake(PROTOCOL_VERSION, FINGERPRINT, "r-stop", "r-stop",
+                                              37, 0)
+            call(iter([handshake]), timeout=10)
     assert err.value.code() == grpc.StatusCode.CANCELLED
     assert target.released.wait(5) and target.error.reason is FailureReason.CANCELLED
     # Closed before even the handshake: the same ordinary end.

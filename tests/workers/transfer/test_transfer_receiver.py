@@ -34,7 +34,7 @@ class Target:
             raise ValueError("layer 99 is not in this model")
         self.written.append(state)
 
-    def complete(self, first_token):
+    def complete(self, first_token, cached_tokens=0):
         self.completed.append(first_token)
 
     def fail(self, error):
@@ -43,8 +43,8 @@ class Target:
 
 def _open(n: int = 4):
     target = Target()
-    incoming = StateReceiver(FP).expect("r", n, target, time.time() + 30)
-    incoming.accept_handshake(PROTOCOL_VERSION, FP, n)
+    incoming = StateReceiver(FP).expect("r", "r", n, 0, target, time.time() + 30)
+    incoming.accept_handshake(PROTOCOL_VERSION, FP, "r", n, 0)
     return incoming, target
 
 
@@ -112,7 +112,7 @@ def test_bad_chunks_fail_once(case):
             ChunkDescription(wrong, 0, chunk.length, chunk.checksum), piece)
         reason = FailureReason.DATA_LOSS
     else:
-        call = lambda: incoming.accept_handshake(PROTOCOL_VERSION, FP, 4)  # noqa: E731
+        call = lambda: incoming.accept_handshake(PROTOCOL_VERSION, FP, "r", 4, 0)  # noqa: E731
         reason = FailureReason.INVALID
     _fails(incoming, target, reason, call)
     # Anything after the failure is refused with the same error, and nothing is released twice.
@@ -145,29 +145,38 @@ def test_reservation_refusing_a_state_is_invalid():
     assert "layer 99" in err.message
 
 
-@pytest.mark.parametrize("version, fingerprint, n, needle", [
-    (PROTOCOL_VERSION + 1, FP, 4, "protocol version"),
-    (PROTOCOL_VERSION, "b" * 64, 4, "fingerprint"),
-    (PROTOCOL_VERSION, FP, 5, "reservation holds 4"),
+@pytest.mark.parametrize("version, fingerprint, request_id, n, start, needle", [
+    (PROTOCOL_VERSION + 1, FP, "r", 4, 2, "protocol version"),
+    (PROTOCOL_VERSION, "b" * 64, "r", 4, 2, "fingerprint"),
+    (PROTOCOL_VERSION, FP, "other", 4, 2, "reservation holds 'r'"),
+    (PROTOCOL_VERSION, FP, "r", 5, 2, "reservation holds 4"),
+    # The decode worker holds the first 2 tokens: state from 0 (or 3) is not what it waits for.
+    (PROTOCOL_VERSION, FP, "r", 4, 0, "holds the first 2 tokens"),
+    (PROTOCOL_VERSION, FP, "r", 4, 3, "holds the first 2 tokens"),
 ])
-def test_handshake_mismatches_are_refused(version, fingerprint, n, needle):
+def test_handshake_mismatches_are_refused(version, fingerprint, request_id, n, start, needle):
     target = Target()
-    incoming = StateReceiver(FP).expect("r", 4, target, time.time() + 30)
+    incoming = StateReceiver(FP).expect("res-1", "r", 4, 2, target, time.time() + 30)
     err = _fails(incoming, target, FailureReason.REFUSED,
-                 lambda: incoming.accept_handshake(version, fingerprint, n))
+                 lambda: incoming.accept_handshake(version, fingerprint, request_id, n, start))
     assert needle in err.message
 
 
 def test_receiver_registry():
-    receiver = StateReceiver(FP, arrival_grace_seconds=0.05)
+    receiver = StateReceiver(FP)
     target = Target()
-    incoming = receiver.expect("r", 4, target, time.time() + 30)
+    incoming = receiver.expect("r", "r", 4, 0, target, time.time() + 30)
     assert receiver.incoming("r") is incoming and receiver.in_flight() == 1
-    with pytest.raises(ValueError, match="request_id='r' already waits"):
-        receiver.expect("r", 4, Target(), time.time() + 30)
+    with pytest.raises(ValueError, match="reservation_id='r' already waits"):
+        receiver.expect("r", "r", 4, 0, Target(), time.time() + 30)
     with pytest.raises(TransferError) as err:
         receiver.incoming("nobody")
     assert err.value.reason is FailureReason.NOT_FOUND
     assert receiver.cancel("r", "client left") and target.failures[0].reason is \
         FailureReason.CANCELLED
     assert receiver.in_flight() == 0 and not receiver.cancel("r", "again")
+    # A sender that comes after its reservation ended (the request was cancelled on both
+    # workers at once) hears why, not NOT_FOUND.
+    with pytest.raises(TransferError) as err:
+        receiver.incoming("r")
+    assert err.value.reason is FailureReason.CANCELLED and "client left" in err.value.message

@@ -57,7 +57,7 @@ class Target:
     def write(self, state):
         self.states.append(state.tensor.clone())
 
-    def complete(self, first_token):
+    def complete(self, first_token, cached_tokens=0):
         self.first_token = first_token
 
     def fail(self, error):
@@ -66,7 +66,7 @@ class Target:
 
 @pytest.fixture
 def tls_decode_side(pki):
-    receiver = StateReceiver(FINGERPRINT, arrival_grace_seconds=0.2)
+    receiver = StateReceiver(FINGERPRINT)
     server = grpc.server(futures.ThreadPoolExecutor(4), options=CHANNEL_OPTIONS)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "baton.decode.v1.DecodeService",
@@ -82,7 +82,7 @@ def tls_decode_side(pki):
 
 def _send(transport: GrpcTransport, address: str, request_id: str) -> torch.Tensor:
     state = torch.randn(2, 9, 2, 16)
-    sender = transport.open(address, request_id, 9, time.time() + 10)
+    sender = transport.open(address, request_id, request_id, 9, 0, time.time() + 10)
     sender.on_layer(LayerState(1, StateKind.KV, 0, 9, state))
     sender.finish(FirstToken(3))
     return state
@@ -91,7 +91,7 @@ def _send(transport: GrpcTransport, address: str, request_id: str) -> torch.Tens
 def test_mutual_tls_round_trip(tls_decode_side, pki):
     receiver, address = tls_decode_side
     target = Target()
-    receiver.expect("tls1", 9, target, time.time() + 10)
+    receiver.expect("tls1", "tls1", 9, 0, target, time.time() + 10)
     transport = GrpcTransport(FINGERPRINT, server_name=SERVER_NAME,
                               channel_credentials=grpc.ssl_channel_credentials(
                                   pki["ca.pem"], pki["client.key"], pki["client.pem"]))
@@ -104,7 +104,7 @@ def test_mutual_tls_round_trip(tls_decode_side, pki):
 def test_unauthenticated_peers_cannot_send(tls_decode_side, pki, case):
     receiver, address = tls_decode_side
     target = Target()
-    receiver.expect("tls2", 9, target, time.time() + 10)
+    receiver.expect("tls2", "tls2", 9, 0, target, time.time() + 10)
     if case == "no client certificate":
         transport = GrpcTransport(FINGERPRINT, server_name=SERVER_NAME,
                                   channel_credentials=grpc.ssl_channel_credentials(

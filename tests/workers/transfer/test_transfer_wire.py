@@ -44,10 +44,11 @@ def test_messages_written_by_protobuf_decode_too():
         header=header)).SerializeToString()
     decoded = wire.decode_message(message)
     assert decoded.description.state.layer == 5 and bytes(decoded.data) == b"\x01" * 4000
-    complete = wire.decode_message(wire.encode_complete(FirstToken(7, -0.5, ((7, -0.5),)), 3, 99))
-    assert complete == wire.Complete(FirstToken(7, -0.5, ((7, -0.5),)), 3, 99)
-    handshake = wire.decode_message(wire.encode_handshake(1, "ab", "r", 12))
-    assert handshake == wire.Handshake(1, "ab", "r", 12)
+    first = FirstToken(7, -0.5, ((7, -0.5),))
+    complete = wire.decode_message(wire.encode_complete(first, 3, 99, cached_tokens=40))
+    assert complete == wire.Complete(first, 3, 99, 40)
+    handshake = wire.decode_message(wire.encode_handshake(1, "ab", "res", "r", 12, 8))
+    assert handshake == wire.Handshake(1, "ab", "r", 12, "res", 8)
 
 
 @pytest.mark.parametrize("bad", [

@@ -72,10 +72,10 @@ class DecodeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request, context):
-        """Step 2 (after a Prefill whose transfer completed, or at once for a local prefill):
-        streams every token of a reservation, the first one included. Cancelling the call
-        releases everything. Without reservation_id (the round-1 form) it reserves by itself,
-        sends initial metadata `baton-reserved: true` and waits for the state.
+        """Step 2 (right after Reserve, beside the Prefill, or alone for a local prefill): streams
+        every token of a reservation, the first one included, once its state is complete.
+        Cancelling the call releases everything. NOT_FOUND: no such reservation (unknown,
+        released, expired, or already attached); INVALID_ARGUMENT without reservation_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -91,9 +91,10 @@ class DecodeServiceServicer:
 
     def TransferState(self, request_iterator, context):
         """A prefill worker streams one request's state: Handshake, StateChunk..., TransferComplete.
-        Errors: FAILED_PRECONDITION (fingerprint or protocol mismatch), NOT_FOUND (no
-        reservation for this request), DATA_LOSS (checksum or size mismatch), DEADLINE_EXCEEDED.
-        Any error releases the request's reservation and ends its Generate stream.
+        Errors: FAILED_PRECONDITION (fingerprint or protocol mismatch, or a handshake that does
+        not match its reservation), NOT_FOUND (no such reservation waits for state), DATA_LOSS
+        (checksum or size mismatch), DEADLINE_EXCEEDED. Any error releases the reservation and
+        ends its Generate stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -46,16 +46,20 @@ DTYPE_INT32: DType
 DTYPE_INT64: DType
 
 class Handshake(_message.Message):
-    __slots__ = ("protocol_version", "fingerprint", "request_id", "num_prompt_tokens")
+    __slots__ = ("protocol_version", "fingerprint", "request_id", "num_prompt_tokens", "reservation_id", "token_start")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_START_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     fingerprint: str
     request_id: str
     num_prompt_tokens: int
-    def __init__(self, protocol_version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., request_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ...) -> None: ...
+    reservation_id: str
+    token_start: int
+    def __init__(self, protocol_version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., request_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., reservation_id: _Optional[str] = ..., token_start: _Optional[int] = ...) -> None: ...
 
 class ChunkHeader(_message.Message):
     __slots__ = ("request_id", "state_index", "layer", "kind", "token_start", "token_end", "shape", "dtype", "state_nbytes", "offset", "xxh3_64")
@@ -94,11 +98,13 @@ class StateChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[ChunkHeader, _Mapping]] = ..., padding: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class TransferComplete(_message.Message):
-    __slots__ = ("first_token", "num_states", "total_bytes")
+    __slots__ = ("first_token", "num_states", "total_bytes", "cached_tokens")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     NUM_STATES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     first_token: _worker_pb2.GeneratedToken
     num_states: int
     total_bytes: int
-    def __init__(self, first_token: _Optional[_Union[_worker_pb2.GeneratedToken, _Mapping]] = ..., num_states: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, first_token: _Optional[_Union[_worker_pb2.GeneratedToken, _Mapping]] = ..., num_states: _Optional[int] = ..., total_bytes: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
