@@ -18,6 +18,11 @@ from baton.workers.model import load_model
 
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo"
 
+AGENT_GAP = ("the shipped demo model (250 training steps) calls the calculator in the right "
+             "format but does not yet copy the question's numbers into it: 0/10 (issue 12 "
+             "stays open); strict: this fails once a retrained model passes, and the marker "
+             "goes")
+
 
 @pytest.fixture(scope="module")
 def demo():
@@ -33,6 +38,7 @@ def test_parse_tool_calls():
     assert demo_eval.parse_tool_calls("The answer is 4.") == []
 
 
+@pytest.mark.xfail(strict=True, reason=AGENT_GAP)
 def test_calculator_agent_on_unseen_numbers(demo):
     model, tokenizer = demo
     engine = demo_eval.make_engine(model, tokenizer)
