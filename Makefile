@@ -1,11 +1,12 @@
 # The two entry points of the README: `make demo` and `make test`.
+# `make demo-model` retrains the shipped demo model (examples/demo/; about an hour on 2 CPUs).
 # Both create the virtual environment at .venv and install baton into it (editable).
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.baton-installed
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test install tools lint protos
+.PHONY: demo demo-model test install tools lint protos
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,7 +18,10 @@ $(STAMP): pyproject.toml setup.py
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/baton up examples/tiny.yaml
+	$(VENV)/bin/baton up examples/demo.yaml
+
+demo-model: install
+	$(PY) tools/train_demo.py --out examples/demo --plot benchmarks/results/2026-12-01-demo-model-loss.png
 
 # Binaries the tests use for real (a Prometheus server, helm); installed, never assumed.
 tools:

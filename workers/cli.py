@@ -8,6 +8,8 @@ operator image no torch, so importing this module must stay cheap.
     baton router --config FILE --prefill SERVICE --decode SERVICE --port 8000
     baton operator [--namespace NS]               the operator (python -m baton.operator)
     baton simulate --model FILE --trace TRACE.csv --out OUT.json   autoscaler trace replay
+    baton quantize IN_DIR OUT_DIR --format nvfp4|fp8    a ModelOpt-convention checkpoint
+    baton perplexity --model DIR FILE...          perplexity on text files (JSON)
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "router": ("baton.workers.router", "main", "run the OpenAI-compatible router"),
     "operator": ("baton.operator.__main__", "main", "run the Kubernetes operator"),
     "simulate": ("baton.operator.simulate", "main", "replay a trace through the autoscaler"),
+    "quantize": ("baton.workers.quantize", "main", "quantize a checkpoint to NVFP4 or FP8"),
+    "perplexity": ("baton.workers.perplexity", "main", "a checkpoint's perplexity on files"),
 }
 
 

@@ -1,4 +1,5 @@
-"""write_random_checkpoint: a complete random Nemotron-H checkpoint for tests and demos.
+"""write_random_checkpoint: a complete random Nemotron-H checkpoint for tests and demos;
+save_model: a trained model's weights in the same layout.
 
 It writes what a released checkpoint holds: config.json, model.safetensors with the hub
 tensor names (`backbone.`, per-expert `experts.{e}.up_proj.weight`), hf_quant_config.json and
@@ -78,11 +79,7 @@ def write_random_checkpoint(path: str | Path, config: dict[str, Any], seed: int 
     parsed = NemotronHConfig.from_dict(raw)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    # Weights and quantization files of an earlier checkpoint in this folder would be read
-    # together with the new ones.
-    for stale in [*path.glob("*.safetensors"), path / "model.safetensors.index.json",
-                  path / "hf_quant_config.json"]:
-        stale.unlink(missing_ok=True)
+    _remove_weights(path)
 
     # The structure only: each tensor is drawn on its own (module by module), so even a
     # full-size architecture never sits in memory in fp32 at once.
@@ -94,9 +91,7 @@ def write_random_checkpoint(path: str | Path, config: dict[str, Any], seed: int 
     tensors = _checkpoint_tensors(model, formats, dtype, seed)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
-    out_config = {"architectures": ["NemotronHForCausalLM"], **raw,
-                  "torch_dtype": str(dtype).removeprefix("torch.")}
-    (path / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n")
+    _write_config(path, raw, dtype)
     if quant_section:
         hf_quant = {"producer": {"name": "modelopt", "version": "0.0.0"},
                     "quantization": quant_section}
@@ -181,10 +176,7 @@ def _checkpoint_tensors(model: NemotronHModel, formats: FormatPlan, dtype: torch
             stack = QuantExperts.from_float(up, down, fmt, dtype, fp8_per_channel=per_channel)
             del up, down
             _set_expert_input_scales(stack)
-            for key, value in stack.state_dict().items():
-                proj, _, tensor_name = key.partition("_")
-                for e in range(value.shape[0]):
-                    tensors[f"{module_name}.{e}.{proj}_proj.{tensor_name}"] = value[e].clone()
+            tensors.update(per_expert_tensors(module_name, stack.state_dict()))
     for name, meta in model.state_dict().items():
         if name in handled:
             continue
@@ -192,6 +184,60 @@ def _checkpoint_tensors(model: NemotronHModel, formats: FormatPlan, dtype: torch
         value = random_tensor(name, meta.shape, seed)
         tensors[name] = value.to(torch.float32 if keep_fp32 else dtype)
     return {name: t.contiguous() for name, t in sorted(tensors.items())}
+
+
+def per_expert_tensors(module_name: str, stack: dict[str, torch.Tensor]
+                       ) -> dict[str, torch.Tensor]:
+    """A QuantExperts state dict (`up_weight` [E, ...]) under its hub names, one tensor per
+    expert (`{module_name}.{e}.up_proj.weight`)."""
+    tensors = {}
+    for key, value in stack.items():
+        proj, _, tensor_name = key.partition("_")
+        for e in range(value.shape[0]):
+            tensors[f"{module_name}.{e}.{proj}_proj.{tensor_name}"] = value[e].clone()
+    return tensors
+
+
+def save_model(model: NemotronHModel, path: str | Path, config: dict[str, Any],
+               dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Writes a (trained, unquantized) model as a checkpoint: model.safetensors with the hub
+    names in `dtype` (the router's correction bias stays fp32; a tied lm_head is written as
+    well) and config.json from `config` (a config.json dictionary describing `model`)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _remove_weights(path)
+    experts = {name for name, module in model.named_modules() if isinstance(module, QuantExperts)}
+    tensors: dict[str, torch.Tensor] = {}
+    stacks: dict[str, dict[str, torch.Tensor]] = {}
+    for name, value in model.state_dict().items():
+        module_name, _, key = name.rpartition(".")
+        if module_name in experts:
+            stacks.setdefault(module_name, {})[key] = value.detach().to(dtype)
+        else:
+            # lm_head.weight too when it is tied to the embedding: transformers' NemotronH
+            # never ties (it would start the head from random weights).
+            keep_fp32 = name.endswith("e_score_correction_bias")
+            tensors[name] = value.detach().to(torch.float32 if keep_fp32 else dtype)
+    for module_name, stack in stacks.items():
+        tensors.update(per_expert_tensors(module_name, stack))
+    tensors = {name: t.contiguous() for name, t in sorted(tensors.items())}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    _write_config(path, {"model_type": "nemotron_h", **config}, dtype)
+    return path
+
+
+def _remove_weights(path: Path) -> None:
+    # Weights and quantization files of an earlier checkpoint in this folder would be read
+    # together with the new ones.
+    for stale in [*path.glob("*.safetensors"), path / "model.safetensors.index.json",
+                  path / "hf_quant_config.json"]:
+        stale.unlink(missing_ok=True)
+
+
+def _write_config(path: Path, raw: dict[str, Any], dtype: torch.dtype) -> None:
+    out_config = {"architectures": ["NemotronHForCausalLM"], **raw,
+                  "torch_dtype": str(dtype).removeprefix("torch.")}
+    (path / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n")
 
 
 def _set_expert_input_scales(stack: QuantExperts) -> None:

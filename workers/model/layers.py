@@ -106,7 +106,9 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
-        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        # fp32 even under autocast (mixed-precision training).
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())  # [T, E]
         return route(logits, self.e_score_correction_bias.float(), c.num_experts_per_tok,
                      n_group=c.n_group, topk_group=c.topk_group,
                      norm_topk_prob=c.norm_topk_prob,

@@ -154,6 +154,8 @@ class NemotronHModel(nn.Module):
                 f"{low}..{high}")
 
     # ------------------------------------------------------------------ full forward
+    # The full-sequence path is differentiable (training runs through it: tools/train_demo.py);
+    # a loaded model has requires_grad off, so inference builds no graph here.
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] -> hidden after norm_f [B, T, H], from empty state, no cache."""
         if input_ids.dim() != 2:
@@ -168,7 +170,6 @@ class NemotronHModel(nn.Module):
             x = block(x)
         return self.backbone.norm_f(x)
 
-    @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] LongTensor -> logits [B, T, V] float32 (full forward, no cache)."""
         return self.compute_logits(self.hidden_states(input_ids))
@@ -177,10 +178,10 @@ class NemotronHModel(nn.Module):
         """hidden [..., H] (after norm_f or MTP final_layernorm) -> logits [..., V] float32."""
         return self.lm_head(hidden.to(self.dtype)).float()
 
-    @torch.inference_mode()
     def mtp_forward_full(self, prev_hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
         """The MTP depth over whole sequences, no cache: prev_hidden [B, T, H] (main hidden at
-        positions 0..T-1), next_ids [B, T] (tokens at 1..T) -> [B, T, H]."""
+        positions 0..T-1, or this depth's own output for the next draft), next_ids [B, T]
+        (tokens at 1..T) -> [B, T, H] for compute_logits (predicting tokens 2..T+1)."""
         self._require_mtp()
         x = self._mtp_input(prev_hidden, next_ids)
         for sublayer in self.mtp.layers:

@@ -1,0 +1,33 @@
+"""The demo model benchmark runs end to end on the tiny model (perplexity in three formats,
+speculation at 0/1/2 drafts, parity, agent loop, completions) and writes its report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "demo" / "bench_demo.py"
+
+
+def test_bench_demo_smoke_writes_the_report(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_demo_smoke", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    results = module.main(["--smoke", "--out", str(tmp_path)])
+    (report,) = tmp_path.glob("*-demo-model.md")
+    saved = json.loads(report.with_suffix(".json").read_text())
+    assert saved["perplexity"].keys() == {"bf16", "nvfp4", "fp8"}
+    assert all(saved["perplexity"][f]["tokens"] > 100 for f in ("bf16", "nvfp4", "fp8"))
+    assert saved["perplexity"]["nvfp4"]["size_bytes"] < saved["perplexity"]["bf16"]["size_bytes"]
+    spec_figures = results["speculation"]
+    assert set(spec_figures) == {0, 1, 2}
+    # Greedy output is the same with speculation on and off (coupled verification).
+    assert all(s["outputs_identical"] for s in spec_figures.values())
+    assert spec_figures[0]["acceptance"] is None and spec_figures[2]["drafted"] > 0
+    text = report.read_text()
+    for heading in ("Held-out perplexity", "MTP speculative decoding", "transformers parity",
+                    "Calculator agent loop", "Greedy Python completions"):
+        assert heading in text

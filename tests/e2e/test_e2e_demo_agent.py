@@ -1,0 +1,84 @@
+"""examples/agent.py against `baton up examples/demo.yaml` (real processes, the official openai
+client): ten arithmetic questions with numbers the demo model never saw in training, each
+answered through a calculator call the client runs, at least nine right.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+
+from baton.workers.local import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_YAML = REPO / "examples" / "demo.yaml"
+sys.path.insert(0, str(REPO / "tools"))
+
+import demo_chats  # noqa: E402
+import demo_eval  # noqa: E402
+
+pytestmark = pytest.mark.timeout(420)
+
+AGENT_GAP = ("the shipped demo model (250 training steps) calls the calculator in the right "
+             "format but does not yet copy the question's numbers into it: 0/10 (issue 12 "
+             "stays open); strict: this fails once a retrained model passes, and the marker "
+             "goes")
+
+
+def load_agent():
+    spec = importlib.util.spec_from_file_location("agent_example", REPO / "examples" / "agent.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def served():
+    port = free_port()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "baton.workers.cli", "up", str(DEMO_YAML), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    output = []
+    try:
+        ready = None
+        for line in up.stdout:
+            output.append(line)
+            if line.startswith("{") and '"ready"' in line:
+                ready = json.loads(line)
+                break
+        assert ready is not None, "".join(output)
+        yield openai.OpenAI(base_url=ready["url"], api_key="none", max_retries=0, timeout=120)
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGTERM)
+            try:
+                up.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(up.pid, signal.SIGKILL)
+                up.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=AGENT_GAP)
+def test_agent_answers_unseen_arithmetic_through_the_calculator(served):
+    agent = load_agent()
+    right, log = 0, []
+    for question in demo_chats.held_out_questions(seed=11, count=10):
+        answer, messages = agent.run_agent(served, "demo", question.text)
+        calls = [c["function"] for m in messages for c in m.get("tool_calls", [])]
+        result = demo_chats.calculator(question.expression)
+        called = any(c["name"] == "calculator" and demo_chats.calculator(
+            json.loads(c["arguments"]).get("expression", "")) == result for c in calls)
+        ok = called and demo_eval.states_result(answer, result)
+        right += ok
+        log.append((question.text, calls, answer, ok))
+    assert right >= 9, log

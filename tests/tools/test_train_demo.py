@@ -1,0 +1,78 @@
+"""The demo model's training script: a few steps of the smoke recipe give a loadable
+checkpoint with the committed chat template, the same history from the same seed, and a loss
+curve; chats are trained on their assistant tokens only."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import demo_chats
+import demo_tokenizer
+import pytest
+import torch
+import train_demo
+
+from baton.workers.engine.tokenizer import load_tokenizer
+from baton.workers.model import load_model
+from baton.workers.model.chat_template import NEMOTRON3_CHAT_TEMPLATE
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    first = tmp_path_factory.mktemp("smoke_a")
+    second = tmp_path_factory.mktemp("smoke_b")
+    record = train_demo.main(["--config", "smoke", "--steps", "3", "--seed", "5",
+                              "--out", str(first)])
+    again = train_demo.main(["--config", "smoke", "--steps", "2", "--seed", "5",
+                             "--out", str(second)])
+    return first, record, second, again
+
+
+def test_same_seed_same_history_and_tokenizer(smoke_runs):
+    first, record, second, again = smoke_runs
+    keys = ("code", "chat", "code_mtp1", "code_mtp2", "grad_norm", "expert_load_max")
+    assert [{k: h[k] for k in keys} for h in record["history"][:2]] == [
+        {k: h[k] for k in keys} for h in again["history"]]
+    assert (first / "tokenizer.json").read_bytes() == (second / "tokenizer.json").read_bytes()
+    assert record["history"][-1]["chat"] < record["history"][0]["chat"]
+
+
+def test_checkpoint_loads_with_every_layer_kind_and_the_template(smoke_runs):
+    path, record, _, _ = smoke_runs
+    model = load_model(path, dtype=torch.float32)
+    assert set(model.layer_kinds) == {"mamba", "attention", "moe"}
+    assert model.num_mtp_layers == 2 and model.config.moe_latent_size
+    assert model.config.n_shared_experts == 1
+    saved = json.loads((path / "training.json").read_text())
+    assert saved["steps"] == 3 and len(saved["history"]) == 3 and saved["evals"]
+    assert (path / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    tokenizer = load_tokenizer(path)
+    assert tokenizer.chat_template == NEMOTRON3_CHAT_TEMPLATE
+    im_end = tokenizer.token_to_id("<|im_end|>")
+    assert im_end in tokenizer.eos_token_ids and tokenizer.token_to_id("</s>") in (
+        tokenizer.eos_token_ids)
+    for marker in demo_tokenizer.MARKUP_TOKENS:
+        ids = tokenizer.encode(f"x{marker}y")
+        assert tokenizer.token_to_id(marker) in ids
+        # Not special: the markup stays in decoded text for the router's parsers.
+        assert marker in tokenizer.decode(ids)
+    assert tokenizer.decode(tokenizer.encode("<|im_start|>user")) == "user"
+    digits = tokenizer.encode("12345")
+    assert [tokenizer.decode([i]) for i in digits] == list("12345")
+
+
+def test_chats_train_on_assistant_tokens_only(smoke_runs):
+    path = smoke_runs[0]
+    tokenizer = train_demo.chat_tokenizer(load_tokenizer(path).backend)
+    chat = demo_chats.make_chat(random.Random(11))
+    ids, mask = train_demo.encode_chat(tokenizer, chat)
+    text = train_demo.render(tokenizer, chat)
+    assert tokenizer.decode(ids, skip_special_tokens=False) == text
+    # The masked tokens are exactly the assistant turns, each through its <|im_end|>.
+    trained = tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
+    turns = [part.split("<|im_end|>")[0] + "<|im_end|>"
+             for part in text.split("<|im_start|>assistant\n")[1:]]
+    assert trained == "".join(turns)
+    assert sum(mask) < len(ids) / 2
