@@ -170,6 +170,36 @@ class Reference:
         return self._cache[key]
 
 
+def start_baton_up(spec: Path, port: int) -> tuple[subprocess.Popen, dict, list[str]]:
+    """`baton up spec --port port` in its own session, read until its ready line: (the
+    process, the ready summary, the output lines so far). The caller stops it."""
+    up = subprocess.Popen(
+        [sys.executable, "-m", "baton.workers.cli", "up", str(spec), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    output: list[str] = []
+    try:
+        for line in up.stdout:
+            output.append(line)
+            if line.startswith("{") and '"ready"' in line:
+                return up, json.loads(line), output
+        raise AssertionError("baton up ended before it was ready:\n" + "".join(output))
+    except BaseException:
+        stop_baton_up(up)
+        raise
+
+
+def stop_baton_up(up: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL to its process group if it has not exited within a minute."""
+    if up.poll() is None:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+
+
 @pytest.fixture(scope="session")
 def e2e():
     """These helpers (test modules cannot import a conftest under --import-mode=importlib)."""

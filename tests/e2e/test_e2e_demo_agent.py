@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -41,30 +38,12 @@ def load_agent():
 
 
 @pytest.fixture(scope="module")
-def served():
-    port = free_port()
-    up = subprocess.Popen(
-        [sys.executable, "-m", "baton.workers.cli", "up", str(DEMO_YAML), "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    output = []
+def served(e2e):
+    up, ready, _ = e2e.start_baton_up(DEMO_YAML, free_port())
     try:
-        ready = None
-        for line in up.stdout:
-            output.append(line)
-            if line.startswith("{") and '"ready"' in line:
-                ready = json.loads(line)
-                break
-        assert ready is not None, "".join(output)
         yield openai.OpenAI(base_url=ready["url"], api_key="none", max_retries=0, timeout=120)
     finally:
-        if up.poll() is None:
-            up.send_signal(signal.SIGTERM)
-            try:
-                up.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(up.pid, signal.SIGKILL)
-                up.wait()
+        e2e.stop_baton_up(up)
 
 
 @pytest.mark.slow

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -52,22 +49,11 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_baton_up_serves_tiny_and_sigterm_stops_everything(tmp_path):
+def test_baton_up_serves_tiny_and_sigterm_stops_everything(tmp_path, e2e):
     port = free_port()
     t0 = time.monotonic()
-    up = subprocess.Popen(
-        [sys.executable, "-m", "baton.workers.cli", "up", str(TINY_YAML), "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    output = []
+    up, ready, output = e2e.start_baton_up(TINY_YAML, port)
     try:
-        ready = None
-        for line in up.stdout:
-            output.append(line)
-            if line.startswith("{") and '"ready"' in line:
-                ready = json.loads(line)
-                break
-        assert ready is not None, "".join(output)
         client = openai.OpenAI(base_url=ready["url"], api_key="none", max_retries=0)
         out = client.completions.create(model="tiny", prompt="Hello", max_tokens=5,
                                         temperature=0)
