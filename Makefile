@@ -21,7 +21,7 @@ demo: install
 	$(VENV)/bin/baton up examples/demo.yaml
 
 demo-model: install
-	$(PY) tools/train_demo.py --out examples/demo --plot benchmarks/results/2026-12-01-demo-model-loss.png
+	$(PY) tools/train_demo.py --out examples/demo --threads 2 --plot benchmarks/results/2026-12-02-demo-model-loss.png
 
 # Binaries the tests use for real (a Prometheus server, helm); installed, never assumed.
 tools:

@@ -13,6 +13,10 @@ into the answer. Results are computed by the real tool (examples/agent.py's calc
 Integers whose hash falls in a fixed bucket (is_held_out) never appear in a training chat, as
 an operand or as an integer result; evaluation questions use only those as operands, so they
 test the copying of numbers the model never saw.
+
+Echo chats (make_echo_chat) are the third part of the mix: a user asks, in varied wording, to
+have one to three numbers repeated, and the assistant writes them back. No tool, a few dozen
+tokens each: the copying alone, many times per step.
 """
 
 from __future__ import annotations
@@ -187,6 +191,35 @@ def make_chat(rng: random.Random, held_out: bool = False) -> Chat:
         messages += _exchange(rng, make_question(rng, held_out), index, thinking,
                               keep_call_reasoning=rng.random() < 0.7)
     return Chat(messages, [CALCULATOR], thinking)
+
+
+ECHO_WORDINGS = [
+    "Repeat after me: {x}", "Say {x}.", "Please write {x} back to me.", "Echo {x}",
+    "Copy this exactly: {x}", "Type {x}", "Can you repeat {x}?", "Write down {x} for me.",
+    "Read back {x}", "My number is {x}. Say it back.",
+]
+
+
+def make_echo_chat(rng: random.Random, held_out: bool = False) -> Chat:
+    """A short chat without tools in which the assistant repeats what the user wrote: one to
+    three numbers, some joined by operators. Dense copying (a few tokens of context per copied
+    digit) that the tool chats need and rarely give: the model learns to copy from these in
+    a few hundred steps and then copies the operands into calls."""
+    numbers = [str(draw_number(rng, held_out)) for _ in range(rng.randint(1, 3))]
+    x = numbers[0]
+    for number in numbers[1:]:
+        x += rng.choice([" ", ", ", " + ", " - ", " * ", " / "]) + number
+    wording = rng.choice(ECHO_WORDINGS)
+    answer = rng.choice(["{x}", "{x}", "{x}.", "Sure: {x}"]).format(x=x)
+    return Chat([{"role": "user", "content": wording.format(x=x)},
+                 {"role": "assistant", "content": answer}], [], rng.random() < 0.8)
+
+
+def echo_chats(seed: int, held_out: bool = False):
+    """An endless, reproducible stream of echo chats."""
+    rng = random.Random(seed)
+    while True:
+        yield make_echo_chat(rng, held_out)
 
 
 def chats(seed: int, held_out: bool = False):

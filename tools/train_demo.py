@@ -10,8 +10,10 @@ The model is baton's own (baton.workers.model.NemotronHModel) run through its fu
 forward; nothing here re-implements a layer. Everything follows from --seed: the tokenizer,
 the initial weights, the order of code windows and the chats.
 
-Losses, per step: next-token cross-entropy on a batch of code windows (every token) and on a
-batch of chats (assistant tokens only: the user's and the tool's turns are context), plus the
+Losses, per step: next-token cross-entropy on a batch of code windows (every token), on a
+batch of calculator chats and on a batch of short echo chats (both on assistant tokens only:
+the user's and the tool's turns are context; in an echo chat the assistant repeats the user's
+numbers, dense copying that the tool chats need and give little of), plus the
 MTP depth's own losses on the code: next-next token from the main model's hidden state, and,
 as the engine chains drafts (the depth's output fed back as the hidden state), the token after
 that from its own output. The forward runs under bf16 autocast (fp32 master weights). The
@@ -115,6 +117,7 @@ class Recipe:
     code_batch: int
     code_len: int
     chat_batch: int
+    echo_batch: int  # short chats in which the assistant repeats the user's numbers
     lr: float
     warmup: int
     eval_every: int
@@ -124,13 +127,20 @@ class Recipe:
 
 
 RECIPES = {
-    "demo": Recipe(DEMO_CONFIG, steps=250, code_batch=1, code_len=1024, chat_batch=6, lr=3e-3,
-                   warmup=10, eval_every=50, code_bytes=None, tokenizer_chats=3000,
-                   eval_chats=16),
-    "smoke": Recipe(SMOKE_CONFIG, steps=3, code_batch=2, code_len=64, chat_batch=2, lr=3e-3,
+    "demo": Recipe(DEMO_CONFIG, steps=900, code_batch=1, code_len=1024, chat_batch=4,
+                   echo_batch=16, lr=1e-3, warmup=20, eval_every=100, code_bytes=None,
+                   tokenizer_chats=3000, eval_chats=16),
+    "smoke": Recipe(SMOKE_CONFIG, steps=3, code_batch=2, code_len=64, chat_batch=2,
+                    echo_batch=2, lr=3e-3,
                     warmup=1, eval_every=2, code_bytes=100_000, tokenizer_chats=50,
                     eval_chats=4),
 }
+# The (tied) embeddings start at 0.3, not the 0.02 of the other weights. At 0.02 the demo
+# model does not learn to copy: benchmarks/demo/copy_probe.py (a bare digit-copying task)
+# stays at chance where 0.3 learns it in a few hundred steps, and copying the question's
+# numbers into the call and the tool's result into the answer is the agent loop. (At much
+# smaller widths the probe learns from 0.02 too: the scale is this width's choice.)
+EMBED_STD = 0.3
 MTP_WEIGHT = 0.3  # each of the two MTP losses, relative to the main losses
 BALANCE_RATE = 1e-3  # correction-bias step per training step (aux-loss-free balancing)
 EVAL_CODE_WINDOWS = 4
@@ -239,7 +249,8 @@ def held_out_code_windows(backend, length: int, count: int) -> tuple[torch.Tenso
 # ---------------------------------------------------------------------- model
 def initialize(model: NemotronHModel, seed: int) -> None:
     """Trainable weights with the usual small-model initialisation (output projections scaled
-    down with depth; Mamba's A and dt as in Mamba2), every floating tensor trainable."""
+    down with depth; Mamba's A and dt as in Mamba2; embeddings at EMBED_STD), every floating
+    tensor trainable."""
     gen = torch.Generator().manual_seed(seed)
     depth = len(model.layer_kinds)
     out_std = 0.02 / math.sqrt(2 * depth)
@@ -253,6 +264,8 @@ def initialize(model: NemotronHModel, seed: int) -> None:
                 low, high = math.log(1e-3), math.log(1e-1)
                 dt = torch.exp(low + (high - low) * torch.rand(param.shape, generator=gen))
                 param.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            elif name.endswith("embeddings.weight"):
+                param.normal_(0.0, EMBED_STD, generator=gen)
             elif leaf == "D" or "norm" in module or leaf == "weight" and param.dim() == 1:
                 param.fill_(1.0)
             elif leaf == "bias":
@@ -397,6 +410,7 @@ def plot(history: list[dict], evals: list[dict], path: Path, title: str) -> None
         return out
 
     for key, label in (("code", "code (train)"), ("chat", "chat, assistant tokens (train)"),
+                       ("echo", "echo chats (train)"),
                        ("code_mtp1", "code, MTP next-next token (train)"),
                        ("code_mtp2", "code, MTP chained (train)")):
         if key in history[0]:
@@ -443,7 +457,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, help="loss curve PNG (default OUT/training.png)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, help="override the recipe's step count")
-    for name in ("code_batch", "code_len", "chat_batch", "warmup", "eval_every"):
+    for name in ("code_batch", "code_len", "chat_batch", "echo_batch", "warmup", "eval_every"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int,
                             help=f"override the recipe's {name}")
     parser.add_argument("--lr", type=float, help="override the recipe's peak learning rate")
@@ -467,7 +481,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     recipe = RECIPES[args.config]
     overrides = {name: getattr(args, name) for name in
-                 ("steps", "code_batch", "code_len", "chat_batch", "warmup", "eval_every", "lr")
+                 ("steps", "code_batch", "code_len", "chat_batch", "echo_batch", "warmup",
+                  "eval_every", "lr")
                  if getattr(args, name) is not None}
     recipe = Recipe(**{**recipe.__dict__, **overrides})
     torch.set_num_threads(args.threads)
@@ -478,6 +493,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Tokenizer on the training mix (code + rendered chats), all from the seed.
     texts = code_texts(recipe.code_bytes)
     stream = demo_chats.chats(args.seed)
+    echoes = demo_chats.echo_chats(args.seed + 3)
     # Rendering needs only the template (the BPE vocabulary does not exist yet).
     renderer = ByteTokenizer(chat_template=NEMOTRON3_CHAT_TEMPLATE)
     sample_chats = [render(renderer, next(stream)) for _ in range(recipe.tokenizer_chats)]
@@ -531,10 +547,15 @@ def main(argv: list[str] | None = None) -> dict:
         chat_ids, chat_mask = pad_batch(
             [fit_chat(tokenizer, next(stream), context) for _ in range(recipe.chat_batch)],
             pad_id)
+        batches = [("code", code_ids, code_mask), ("chat", chat_ids, chat_mask)]
+        if recipe.echo_batch:
+            batches.append(("echo", *pad_batch(
+                [encode_chat(tokenizer, next(echoes)) for _ in range(recipe.echo_batch)],
+                pad_id)))
         balancer.active = True
         entry = {"step": step + 1}
         total = 0.0
-        for kind, ids, mask in (("code", code_ids, code_mask), ("chat", chat_ids, chat_mask)):
+        for kind, ids, mask in batches:
             # MTP losses on code only: drafting pays off on long outputs, and the chats' long
             # system turn would double their cost for a handful of assistant tokens.
             with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -559,7 +580,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise RuntimeError(f"step {step + 1}: the loss is {total} ({entry})")
         progress.update(1, code=entry["code"], chat=entry["chat"],
                         mtp=entry.get("code_mtp1", 0.0),
-                        tok_s=f"{(code_ids.numel() + chat_ids.numel()) / entry['seconds']:.0f}")
+                        tok_s=f"{sum(b[1].numel() for b in batches) / entry['seconds']:.0f}")
         if (step + 1) % recipe.eval_every == 0 or step + 1 == recipe.steps:
             model.eval()
             result = {"step": step + 1, **evaluate(model, eval_code, eval_chats, digit_ids)}

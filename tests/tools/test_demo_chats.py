@@ -86,3 +86,22 @@ def test_chats_render_as_nemotron3_tool_calls():
                 f"{expression}\n</parameter>\n</function>\n</tool_call>\n<|im_end|>") in text
         assert result["content"] == demo_chats.calculator(expression)
         assert f"<tool_response>\n{result['content']}\n</tool_response>" in text
+
+
+def test_echo_chats_repeat_the_users_numbers_and_hold_no_held_out_one():
+    first = list(itertools.islice(demo_chats.echo_chats(seed=2), 300))
+    assert [c.messages for c in first] == [
+        c.messages for c in itertools.islice(demo_chats.echo_chats(seed=2), 300)]
+    seen = set()
+    for chat in first:
+        user, assistant = chat.messages
+        assert (user["role"], assistant["role"]) == ("user", "assistant") and not chat.tools
+        numbers = re.findall(r"\d+", user["content"])
+        assert 1 <= len(numbers) <= 3
+        # The answer writes the user's numbers (and operators) in order: a copy, nothing else.
+        assert re.findall(r"\d+", assistant["content"]) == numbers
+        seen |= {int(n) for n in numbers}
+    assert not [n for n in seen if demo_chats.is_held_out(n)]
+    held = itertools.islice(demo_chats.echo_chats(seed=2, held_out=True), 100)
+    assert all(demo_chats.is_held_out(int(n)) for c in held
+               for n in re.findall(r"\d+", c.messages[0]["content"]))

@@ -16,6 +16,8 @@ import train_demo
 from baton.workers.engine.tokenizer import load_tokenizer
 from baton.workers.model import load_model
 from baton.workers.model.chat_template import NEMOTRON3_CHAT_TEMPLATE
+from baton.workers.model.config import NemotronHConfig
+from baton.workers.model.model import NemotronHModel
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def smoke_runs(tmp_path_factory):
 
 def test_same_seed_same_history_and_tokenizer(smoke_runs):
     first, record, second, again = smoke_runs
-    keys = ("code", "chat", "code_mtp1", "code_mtp2", "grad_norm", "expert_load_max")
+    keys = ("code", "chat", "echo", "code_mtp1", "code_mtp2", "grad_norm", "expert_load_max")
     assert [{k: h[k] for k in keys} for h in record["history"][:2]] == [
         {k: h[k] for k in keys} for h in again["history"]]
     assert (first / "tokenizer.json").read_bytes() == (second / "tokenizer.json").read_bytes()
@@ -76,3 +78,14 @@ def test_chats_train_on_assistant_tokens_only(smoke_runs):
              for part in text.split("<|im_start|>assistant\n")[1:]]
     assert trained == "".join(turns)
     assert sum(mask) < len(ids) / 2
+
+
+
+def test_initialize_scales_the_tied_embeddings_apart_from_the_other_weights():
+    config = NemotronHConfig.from_dict({"model_type": "nemotron_h", **train_demo.DEMO_CONFIG})
+    model = NemotronHModel(config, dtype=torch.float32)
+    train_demo.initialize(model, seed=0)
+    embeddings = model.backbone.embeddings.weight
+    assert model.lm_head.weight is embeddings
+    assert abs(float(embeddings.std()) - train_demo.EMBED_STD) < 0.01
+    assert abs(float(model.backbone.layers[1].mixer.q_proj.weight.std()) - 0.02) < 0.002
