@@ -1,6 +1,7 @@
 """Trains baton's demo model: a small Nemotron-H (Mamba2, attention, LatentMoE with a shared
 expert, one MTP depth) on the Python standard library and synthetic calculator chats, on the
-CPU of a laptop in under an hour (51 minutes on 2 cores), and writes it as a Hugging Face checkpoint.
+CPU of a laptop in under an hour (51 minutes on 2 cores), and writes it as a Hugging Face
+checkpoint.
 
     .venv/bin/python tools/train_demo.py --out examples/demo --threads 2 \\
         --plot benchmarks/results/2026-12-02-demo-model-loss.png
