@@ -82,7 +82,7 @@ def probe(config: dict, embed_std: float, steps: int, lr: float, seed: int) -> l
                 hidden = model.hidden_states(ids)[:, :-1]
                 targets, mask = ids[:, 1:], mask[:, 1:]
                 right = model.compute_logits(hidden[mask]).argmax(-1) == targets[mask]
-            curve.append({"step": step, "loss": round(float(loss), 4),
+            curve.append({"step": step, "loss": round(float(loss.detach()), 4),
                           "accuracy": round(float(right.float().mean()), 4),
                           "seconds": round(time.monotonic() - started, 1)})
     return curve
