@@ -473,8 +473,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
-    if args.warmup is not None and args.warmup < 0:
-        parser.error(f"--warmup: must be >= 0, got {args.warmup}")
+    for name in ("warmup", "echo_batch"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            parser.error(f"--{name.replace('_', '-')}: must be >= 0, got {value}")
     if args.lr is not None and not args.lr > 0:
         parser.error(f"--lr: must be > 0, got {args.lr}")
     return args
