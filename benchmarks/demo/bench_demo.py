@@ -51,11 +51,14 @@ from baton.workers import perplexity, quantize  # noqa: E402
 from baton.workers.engine.tokenizer import load_tokenizer  # noqa: E402
 from baton.workers.model import load_model  # noqa: E402
 
+# Prompts end where a token ends in the training text. The tokenizer merges a newline with the
+# indentation after it ("):" + "\n   " + " return"), so a prompt ending in a bare newline is a
+# token the model saw only before unindented lines, and it answers with a new top-level `def`.
 PYTHON_PROMPTS = [
-    "def fibonacci(n):\n",
-    "import os\n\n\ndef list_python_files(path):\n",
-    "class Stack:\n    def __init__(self):\n",
-    "def read_lines(filename):\n    with open(filename) as f:\n",
+    "def fibonacci(n):",
+    "import os\n\n\ndef list_python_files(path):",
+    "class Stack:\n    def __init__(self):",
+    "def read_lines(filename):\n    with open(filename) as f:",
 ]
 
 
