@@ -97,17 +97,21 @@ WORDINGS = {
         "A rope of {a} meters is cut into {b} equal pieces. How long is each piece?",
     ],
 }
-OPERATION_NAMES = {"+": "add", "-": "subtract", "*": "multiply", "/": "divide"}
 OPENINGS = ["", "", "", "", "Hi! ", "Hello, ", "Quick question: ", "Hey, ", "Please help: "]
 CLOSINGS = ["", "", "", "", " Thanks!", " Thank you.", " Use the calculator."]
 SYSTEM_PROMPTS = [None, None, "You are a helpful assistant.",
                   "You are a helpful assistant with access to a calculator.",
                   "Answer briefly."]
-# Reasoning stays short (a few tokens of every exchange) and names the operation first.
+# Reasoning stays short (a few tokens of every exchange) and does not name the operation: the
+# model decides it in the call, right after copying the first operand, where the question's
+# operator (a symbol, or the word next to the numbers) is at hand. Reasoning that named it
+# ("I will call the calculator to divide.") moved the decision to where nothing in the
+# question lines up with it, and the model trained that way called `50501 / 7523` for
+# "Compute 50501+7523": the call copied the reasoning's operation, not the question's.
 CALL_REASONING = [
-    "I need to {name} two numbers.",
-    "Let me {name} them with the calculator.",
-    "I will call the calculator to {name}.",
+    "I need the calculator for this.",
+    "Let me use the calculator.",
+    "I will call the calculator.",
 ]
 ANSWER_REASONING = ["I have the result.", "The tool answered."]
 ANSWERS = [
@@ -154,13 +158,12 @@ def _call(index: int, expression: str) -> dict:
 def _exchange(rng: random.Random, question: Question, index: int, thinking: bool,
               keep_call_reasoning: bool) -> list[dict]:
     """The user turn, the call, the tool result and the answer of one question."""
-    name = OPERATION_NAMES[question.op]
     call = {"role": "assistant", "content": None, "tool_calls": [_call(index, question.expression)]}
     answer = {"role": "assistant",
               "content": rng.choice(ANSWERS).format(e=question.expression, r=question.result)}
     if thinking:
         if keep_call_reasoning:
-            call["reasoning_content"] = rng.choice(CALL_REASONING).format(name=name)
+            call["reasoning_content"] = rng.choice(CALL_REASONING)
         answer["reasoning_content"] = rng.choice(ANSWER_REASONING)
     return [{"role": "user", "content": question.text}, call,
             {"role": "tool", "tool_call_id": f"call_{index}", "content": question.result},

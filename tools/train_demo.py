@@ -1,6 +1,6 @@
 """Trains baton's demo model: a small Nemotron-H (Mamba2, attention, LatentMoE with a shared
 expert, one MTP depth) on the Python standard library and synthetic calculator chats, on the
-CPU of a laptop in under an hour (51 minutes on 2 cores), and writes it as a Hugging Face
+CPU of a laptop in under an hour (58 minutes on 2 cores), and writes it as a Hugging Face
 checkpoint.
 
     .venv/bin/python tools/train_demo.py --out examples/demo --threads 2 \\
@@ -128,8 +128,8 @@ class Recipe:
 
 
 RECIPES = {
-    "demo": Recipe(DEMO_CONFIG, steps=900, code_batch=1, code_len=1024, chat_batch=4,
-                   echo_batch=16, lr=1e-3, warmup=20, eval_every=100, code_bytes=None,
+    "demo": Recipe(DEMO_CONFIG, steps=900, code_batch=2, code_len=1024, chat_batch=4,
+                   echo_batch=8, lr=1e-3, warmup=20, eval_every=100, code_bytes=None,
                    tokenizer_chats=3000, eval_chats=16),
     "smoke": Recipe(SMOKE_CONFIG, steps=3, code_batch=2, code_len=64, chat_batch=2,
                     echo_batch=2, lr=3e-3,

@@ -105,3 +105,17 @@ def test_echo_chats_repeat_the_users_numbers_and_hold_no_held_out_one():
     held = itertools.islice(demo_chats.echo_chats(seed=2, held_out=True), 100)
     assert all(demo_chats.is_held_out(int(n)) for c in held
                for n in re.findall(r"\d+", c.messages[0]["content"]))
+
+
+def test_call_reasoning_leaves_the_operation_to_the_call():
+    # The operation is decided in the call, after the first operand is copied; reasoning that
+    # named it taught the call to copy the reasoning's operation instead of the question's.
+    words = re.compile(r"add|plus|sum|subtract|minus|differen|multipl|times|product|divid|"
+                       r"quotient|over|[-+*/]")
+    reasoned = 0
+    for chat in itertools.islice(demo_chats.chats(seed=4), 200):
+        for message in chat.messages:
+            if message.get("tool_calls") and message.get("reasoning_content"):
+                reasoned += 1
+                assert not words.search(message["reasoning_content"]), message
+    assert reasoned > 100
