@@ -469,7 +469,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "more threads than free cores make every step several times slower)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    for name in ("steps", "code_batch", "code_len", "chat_batch", "eval_every"):
+    for name in ("steps", "code_batch", "code_len", "chat_batch", "eval_every", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')}: must be >= 1, got {value}")

@@ -89,3 +89,20 @@ def test_initialize_scales_the_tied_embeddings_apart_from_the_other_weights():
     assert model.lm_head.weight is embeddings
     assert abs(float(embeddings.std()) - train_demo.EMBED_STD) < 0.01
     assert abs(float(model.backbone.layers[1].mixer.q_proj.weight.std()) - 0.02) < 0.002
+
+
+@pytest.mark.parametrize("flag, value, allowed", [
+    ("--steps", "0", ">= 1"), ("--code-batch", "0", ">= 1"), ("--threads", "0", ">= 1"),
+    ("--echo-batch", "-1", ">= 0"), ("--warmup", "-2", ">= 0"), ("--lr", "0", "> 0"),
+])
+def test_bad_flags_name_the_flag_the_value_and_what_is_allowed(flag, value, allowed, tmp_path,
+                                                               capsys):
+    with pytest.raises(SystemExit) as stop:
+        train_demo.parse_args(["--config", "smoke", "--out", str(tmp_path), flag, value])
+    assert stop.value.code == 2
+    assert f"{flag}: must be {allowed}, got {value}" in capsys.readouterr().err
+
+
+def test_zero_echo_chats_is_allowed():
+    args = train_demo.parse_args(["--out", "unused", "--echo-batch", "0"])
+    assert args.echo_batch == 0
