@@ -91,7 +91,7 @@ def probe(config: dict, embed_std: float, steps: int, lr: float, seed: int) -> l
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--stds", type=float, nargs="+", default=[0.02, train_demo.EMBED_STD])
+    parser.add_argument("--stds", type=float, nargs="+", default=[0.02, 0.3])
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--pattern", help="hybrid_override_pattern (default: the demo's)")
     parser.add_argument("--seed", type=int, default=0)

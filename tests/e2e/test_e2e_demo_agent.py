@@ -24,12 +24,6 @@ import demo_eval  # noqa: E402
 
 pytestmark = pytest.mark.timeout(420)
 
-AGENT_GAP = ("the shipped demo model (900 training steps) mostly copies the question's numbers "
-             "into the calculator call and the tool's result into the answer, and still picks "
-             "the wrong operator for some wordings or drops a digit: 7/10 (issue 12 stays open); "
-             "strict: this fails once a retrained model passes, and the marker goes")
-
-
 def load_agent():
     spec = importlib.util.spec_from_file_location("agent_example", REPO / "examples" / "agent.py")
     module = importlib.util.module_from_spec(spec)
@@ -47,7 +41,6 @@ def served(e2e):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=AGENT_GAP)
 def test_agent_answers_unseen_arithmetic_through_the_calculator(served):
     agent = load_agent()
     right, log = 0, []

@@ -18,12 +18,6 @@ from baton.workers.model import load_model
 
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo"
 
-AGENT_GAP = ("the shipped demo model (900 training steps) mostly copies the question's numbers "
-             "into the calculator call and the tool's result into the answer, and still picks "
-             "the wrong operator for some wordings or drops a digit: 8/10 (issue 12 stays open); "
-             "strict: this fails once a retrained model passes, and the marker goes")
-
-
 @pytest.fixture(scope="module")
 def demo():
     return load_model(DEMO, dtype=torch.float32), load_tokenizer(DEMO)
@@ -38,7 +32,6 @@ def test_parse_tool_calls():
     assert demo_eval.parse_tool_calls("The answer is 4.") == []
 
 
-@pytest.mark.xfail(strict=True, reason=AGENT_GAP)
 def test_calculator_agent_on_unseen_numbers(demo):
     model, tokenizer = demo
     engine = demo_eval.make_engine(model, tokenizer)
