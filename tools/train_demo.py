@@ -252,11 +252,10 @@ def held_out_code_windows(backend, length: int, count: int) -> tuple[torch.Tenso
 
 
 # ---------------------------------------------------------------------- model
-def initialize(model: NemotronHModel, seed: int, embed_std: float | None = None) -> None:
+def initialize(model: NemotronHModel, seed: int, embed_std: float = EMBED_STD) -> None:
     """Trainable weights with the usual small-model initialisation (output projections scaled
-    down with depth; Mamba's A and dt as in Mamba2; embeddings at embed_std, EMBED_STD by
-    default), every floating tensor trainable."""
-    embed_std = EMBED_STD if embed_std is None else embed_std
+    down with depth; Mamba's A and dt as in Mamba2; embeddings at embed_std), every floating
+    tensor trainable."""
     gen = torch.Generator().manual_seed(seed)
     depth = len(model.layer_kinds)
     out_std = 0.02 / math.sqrt(2 * depth)
@@ -467,7 +466,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int,
                             help=f"override the recipe's {name}")
     parser.add_argument("--lr", type=float, help="override the recipe's peak learning rate")
-    parser.add_argument("--embed-std", type=float,
+    parser.add_argument("--embed-std", type=float, default=EMBED_STD,
                         help=f"initial std of the tied embeddings (default {EMBED_STD})")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a CPU shared with other work, "
@@ -484,7 +483,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')}: must be >= 0, got {value}")
     if args.lr is not None and not args.lr > 0:
         parser.error(f"--lr: must be > 0, got {args.lr}")
-    if args.embed_std is not None and not args.embed_std > 0:
+    if not args.embed_std > 0:
         parser.error(f"--embed-std: must be > 0, got {args.embed_std}")
     return args
 
@@ -525,8 +524,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     config = NemotronHConfig.from_dict({"model_type": "nemotron_h", **recipe.model})
     model = NemotronHModel(config, dtype=torch.float32).to(device)
-    embed_std = EMBED_STD if args.embed_std is None else args.embed_std
-    initialize(model, args.seed, embed_std)
+    initialize(model, args.seed, args.embed_std)
     model.train()
     balancer = ExpertBalancer(model, BALANCE_RATE)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -544,7 +542,7 @@ def main(argv: list[str] | None = None) -> dict:
     record = {
         "config": args.config, "seed": args.seed, "steps": recipe.steps,
         "recipe": {k: v for k, v in recipe.__dict__.items() if k != "model"},
-        "embed_std": embed_std, "parameters": n_params, "code_files": len(texts),
+        "embed_std": args.embed_std, "parameters": n_params, "code_files": len(texts),
         "code_tokens": len(code.tokens),
         "held_out_modules": list(demo_corpus.HELD_OUT),
         "python": platform.python_version(), "torch": torch.__version__,

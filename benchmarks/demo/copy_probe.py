@@ -58,11 +58,7 @@ def probe(config: dict, embed_std: float, steps: int, lr: float, seed: int) -> l
     torch.manual_seed(seed)
     model = NemotronHModel(NemotronHConfig.from_dict({"model_type": "nemotron_h", **config}),
                            dtype=torch.float32)
-    saved, train_demo.EMBED_STD = train_demo.EMBED_STD, embed_std
-    try:
-        train_demo.initialize(model, seed)
-    finally:
-        train_demo.EMBED_STD = saved
+    train_demo.initialize(model, seed, embed_std)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95))

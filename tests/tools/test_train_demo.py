@@ -85,9 +85,8 @@ def test_initialize_scales_the_tied_embeddings_apart_from_the_other_weights():
     config = NemotronHConfig.from_dict({"model_type": "nemotron_h", **train_demo.DEMO_CONFIG})
     model = NemotronHModel(config, dtype=torch.float32)
     embeddings = model.backbone.embeddings.weight
-    for embed_std in (None, 0.3):
-        train_demo.initialize(model, seed=0, embed_std=embed_std)
-        expected = train_demo.EMBED_STD if embed_std is None else embed_std
+    for expected, kwargs in ((train_demo.EMBED_STD, {}), (0.3, {"embed_std": 0.3})):
+        train_demo.initialize(model, seed=0, **kwargs)
         assert model.lm_head.weight is embeddings
         assert abs(float(embeddings.detach().std()) - expected) < 0.05 * expected
         assert abs(float(model.backbone.layers[1].mixer.q_proj.weight.detach().std()) - 0.02
