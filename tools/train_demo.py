@@ -17,7 +17,9 @@ the user's and the tool's turns are context; in an echo chat the assistant repea
 numbers, dense copying that the tool chats need and give little of), plus the
 MTP depth's own losses on the code: next-next token from the main model's hidden state, and,
 as the engine chains drafts (the depth's output fed back as the hidden state), the token after
-that from its own output. The forward runs under bf16 autocast (fp32 master weights). The
+that from its own output. The forward runs under bf16 autocast (fp32 master weights) where
+the device computes bf16 natively (CUDA; CPUs with AVX512-BF16 or AMX) and in fp32 elsewhere:
+on an AVX2-only CPU a bf16 step is emulated and takes 10 times as long (--precision). The
 MoE routers are balanced without an auxiliary loss: after every step each router's correction
 bias moves toward under-used experts.
 
@@ -390,6 +392,34 @@ def evaluate(model: NemotronHModel, code: tuple[torch.Tensor, torch.Tensor],
     return out
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls natively on this CPU (AVX512-BF16 or AMX)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check is not None and torch.backends.mkldnn.is_available() and check())
+
+
+def autocast_dtype(device: torch.device, precision: str,
+                   cpu_bf16: bool | None = None) -> torch.dtype:
+    """The forward's compute dtype for --precision: bf16 or fp32 as asked; auto takes bf16
+    where the device computes it natively and fp32 elsewhere (on an AVX2-only CPU one step of
+    the demo recipe takes 36 s under bf16 autocast and 3.5 s in fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp32":
+        return torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        native = cpu_has_native_bf16() if cpu_bf16 is None else cpu_bf16
+        return torch.bfloat16 if native else torch.float32
+    return torch.float32
+
+
 def lr_at(step: int, recipe: Recipe) -> float:
     if step < recipe.warmup:
         return recipe.lr * (step + 1) / recipe.warmup
@@ -472,6 +502,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="torch CPU threads (default 1: on a CPU shared with other work, "
                         "more threads than free cores make every step several times slower)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="forward compute dtype (default auto: bf16 autocast where the "
+                        "device has native bf16, else fp32; weights are fp32 either way)")
     args = parser.parse_args(argv)
     for name in ("steps", "code_batch", "code_len", "chat_batch", "eval_every", "threads"):
         value = getattr(args, name)
@@ -498,6 +531,7 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = Recipe(**{**recipe.__dict__, **overrides})
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    compute_dtype = autocast_dtype(device, args.precision)
     started = time.monotonic()
     log = sys.stderr
 
@@ -535,15 +569,17 @@ def main(argv: list[str] | None = None) -> dict:
                                   lr=recipe.lr, betas=(0.9, 0.95), eps=1e-8)
     n_params = sum(p.numel() for p in params)
     print(f"model: {n_params / 1e6:.2f} M parameters, layers {config.layer_kinds}, MTP "
-          f"{config.mtp_layer_kinds}", file=log)
+          f"{config.mtp_layer_kinds}, compute {str(compute_dtype).removeprefix('torch.')} "
+          f"on {device}", file=log)
 
     history: list[dict] = []
     evals: list[dict] = []
     record = {
         "config": args.config, "seed": args.seed, "steps": recipe.steps,
         "recipe": {k: v for k, v in recipe.__dict__.items() if k != "model"},
-        "embed_std": args.embed_std, "parameters": n_params, "code_files": len(texts),
-        "code_tokens": len(code.tokens),
+        "embed_std": args.embed_std, "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "device": str(device), "threads": args.threads, "parameters": n_params,
+        "code_files": len(texts), "code_tokens": len(code.tokens),
         "held_out_modules": list(demo_corpus.HELD_OUT),
         "python": platform.python_version(), "torch": torch.__version__,
         "history": history, "evals": evals,
@@ -570,7 +606,8 @@ def main(argv: list[str] | None = None) -> dict:
         for kind, ids, mask in batches:
             # MTP losses on code only: drafting pays off on long outputs, and the chats' long
             # system turn would double their cost for a handful of assistant tokens.
-            with torch.autocast(device.type, dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=compute_dtype,
+                                enabled=compute_dtype != torch.float32):
                 losses = sequence_losses(model, ids.to(device), mask.to(device),
                                          mtp=kind == "code")
             loss = losses["main"] + MTP_WEIGHT * (losses.get("mtp1", 0) + losses.get("mtp2", 0))

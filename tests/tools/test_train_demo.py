@@ -38,6 +38,8 @@ def test_same_seed_same_history_and_tokenizer(smoke_runs):
         {k: h[k] for k in keys} for h in again["history"]]
     assert (first / "tokenizer.json").read_bytes() == (second / "tokenizer.json").read_bytes()
     assert record["history"][-1]["chat"] < record["history"][0]["chat"]
+    expected = train_demo.autocast_dtype(torch.device("cpu"), "auto")
+    assert record["compute_dtype"] == str(expected).removeprefix("torch.")
 
 
 def test_checkpoint_loads_with_every_layer_kind_and_the_template(smoke_runs):
@@ -109,3 +111,24 @@ def test_bad_flags_name_the_flag_the_value_and_what_is_allowed(flag, value, allo
 def test_zero_echo_chats_is_allowed():
     args = train_demo.parse_args(["--out", "unused", "--echo-batch", "0"])
     assert args.echo_batch == 0
+
+
+def test_precision_auto_takes_bf16_only_where_the_device_has_it_natively():
+    cpu = torch.device("cpu")
+    assert train_demo.autocast_dtype(cpu, "auto", cpu_bf16=True) == torch.bfloat16
+    assert train_demo.autocast_dtype(cpu, "auto", cpu_bf16=False) == torch.float32
+    assert train_demo.autocast_dtype(cpu, "auto") == (
+        torch.bfloat16 if train_demo.cpu_has_native_bf16() else torch.float32)
+    # An explicit choice is taken as given, whatever the CPU.
+    assert train_demo.autocast_dtype(cpu, "bf16", cpu_bf16=False) == torch.bfloat16
+    assert train_demo.autocast_dtype(cpu, "fp32", cpu_bf16=True) == torch.float32
+    with pytest.raises(ValueError, match="precision: 'fp16' is not one of auto, bf16, fp32"):
+        train_demo.autocast_dtype(cpu, "fp16")
+
+
+def test_bad_precision_is_refused_with_the_choices(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train_demo.parse_args(["--out", str(tmp_path), "--precision", "fp16"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--precision" in err and "'fp16'" in err and "'auto', 'bf16', 'fp32'" in err
