@@ -194,10 +194,9 @@ class Followers:
                 if code is not None and not self._closing.is_set():
                     log.error("expert-parallel rank %d (pid %d) exited with status %d; the "
                               "replica cannot run without it: exiting", rank, proc.pid, code)
-                    logging.shutdown()
                     # The engine may be blocked in a collective with the dead rank: only a
                     # process exit gets the replica restarted reliably.
-                    os._exit(FOLLOWER_DIED_EXIT)
+                    _exit_now(FOLLOWER_DIED_EXIT)
 
     def expect_exit(self) -> None:
         """From here on a follower that exits is stopping, not dying."""
@@ -231,14 +230,21 @@ def _timedelta(seconds: float):
     return datetime.timedelta(seconds=seconds)
 
 
+def _exit_now(status: int) -> None:
+    """Exits the process at once, without the interpreter's teardown, logs flushed."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def _watch_parent(parent_pid: int) -> None:
     """Exits this follower when rank 0 is gone (it would wait for messages forever)."""
     while True:
         time.sleep(0.5)
         if os.getppid() != parent_pid:
             log.error("rank 0 (pid %d) is gone; exiting", parent_pid)
-            logging.shutdown()
-            os._exit(1)
+            _exit_now(1)
 
 
 def follower_main(argv: list[str]) -> int:
@@ -283,10 +289,6 @@ def follower_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    status = follower_main(sys.argv[1:])
     # Shut down cleanly, with nothing left to release: the interpreter's teardown would only
     # destroy the model's and engine's references to the groups, where gloo can abort.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    _exit_now(follower_main(sys.argv[1:]))
