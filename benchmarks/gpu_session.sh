@@ -10,6 +10,8 @@
 #   bash benchmarks/gpu_session.sh engine-nvfp4  # engine/bench_engine.py --weights nvfp4
 #   bash benchmarks/gpu_session.sh disagg        # e2e/bench_disagg.py
 #   bash benchmarks/gpu_session.sh transfer      # transfer/bench_transfer.py --device cuda
+#   bash benchmarks/gpu_session.sh demo-model    # tools/train_demo.py --config demo-gpu, then
+#                                                # demo/bench_demo.py on what it trained
 #
 # Reports go to $OUT when it is set (a folder that is collected after the run), else to
 # benchmarks/results/. The engine steps keep their random checkpoints in
@@ -22,13 +24,15 @@ set -uo pipefail
 
 usage() {
     echo "usage: bash benchmarks/gpu_session.sh" \
-        "check|hotpath|moe|engine|engine-nvfp4|disagg|transfer" >&2
+        "check|hotpath|moe|engine|engine-nvfp4|disagg|transfer|demo-model" >&2
     exit 2
 }
 
 [ $# -eq 1 ] || usage
 step=$1
-case "$step" in check|hotpath|moe|engine|engine-nvfp4|disagg|transfer) ;; *) usage ;; esac
+case "$step" in check|hotpath|moe|engine|engine-nvfp4|disagg|transfer|demo-model) ;;
+    *) usage ;;
+esac
 
 cd "$(dirname "$0")/.." || exit 1
 out=${OUT:-benchmarks/results}
@@ -60,7 +64,8 @@ EOF
 case "$step" in
 check)
     "$python" -m pytest tests/kernels tests/workers/model/test_model_gpu.py \
-        tests/workers/model/test_model_graphs.py -m gpu -q -p no:cacheprovider 2>&1 |
+        tests/workers/model/test_model_graphs.py tests/tools/test_train_demo.py -m gpu -q \
+        -p no:cacheprovider 2>&1 |
         tee "$out/gpu-tests.log"
     ;;
 hotpath|moe)
@@ -86,5 +91,21 @@ disagg)
     ;;
 transfer)
     "$python" benchmarks/transfer/bench_transfer.py --device cuda --out "$out"
+    ;;
+demo-model)
+    # The demo model trained on the GPU for BATON_DEMO_MINUTES (default 6: the step count
+    # follows from the first steps' time and is in the log and training.json), then the demo
+    # figures of it (perplexity, MTP, parity, 30 agent questions, completions; on the CPU,
+    # about 2 minutes). The checkpoint comes back as one tar (a folder of files would be
+    # over the files a run returns).
+    checkpoint=${BATON_DEMO_CHECKPOINT:-/tmp/baton-demo-gpu}
+    rm -rf "$checkpoint"
+    "$python" tools/train_demo.py --config demo-gpu --device cuda \
+        --minutes "${BATON_DEMO_MINUTES:-6}" --out "$checkpoint" \
+        --plot "$out/$(date -u +%F)-demo-gpu-loss.png" 2>&1 | tr '\r' '\n' |
+        grep -v '^training \[' | tee "$out/demo-gpu-train.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
+    tar -C "$checkpoint" -cf "$out/demo-gpu-checkpoint.tar" .
+    "$python" benchmarks/demo/bench_demo.py --model "$checkpoint" --questions 30 --out "$out"
     ;;
 esac

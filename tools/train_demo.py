@@ -6,6 +6,7 @@ checkpoint.
     .venv/bin/python tools/train_demo.py --out examples/demo --threads 2 \\
         --plot benchmarks/results/2026-12-02-demo-model-loss.png
     .venv/bin/python tools/train_demo.py --config smoke --steps 3 --out /tmp/smoke   # seconds
+    python3 tools/train_demo.py --config demo-gpu --device cuda --minutes 6 --out /tmp/demo-gpu
 
 The model is baton's own (baton.workers.model.NemotronHModel) run through its full-sequence
 forward; nothing here re-implements a layer. Everything follows from --seed: the tokenizer,
@@ -133,6 +134,11 @@ RECIPES = {
     "demo": Recipe(DEMO_CONFIG, steps=1200, code_batch=2, code_len=1024, chat_batch=4,
                    echo_batch=8, lr=1e-3, warmup=20, eval_every=100, code_bytes=None,
                    tokenizer_chats=3000, eval_chats=16),
+    # The same model on a GPU: 8x the tokens of a CPU step, as many steps as --minutes allows
+    # (steps is the ceiling). The learning rate stays the CPU recipe's (the copying needs it).
+    "demo-gpu": Recipe(DEMO_CONFIG, steps=20_000, code_batch=16, code_len=1024, chat_batch=32,
+                       echo_batch=64, lr=1e-3, warmup=50, eval_every=250, code_bytes=None,
+                       tokenizer_chats=3000, eval_chats=16),
     "smoke": Recipe(SMOKE_CONFIG, steps=3, code_batch=2, code_len=64, chat_batch=2,
                     echo_batch=2, lr=3e-3,
                     warmup=1, eval_every=2, code_bytes=100_000, tokenizer_chats=50,
@@ -151,6 +157,9 @@ EMBED_STD = 0.02
 MTP_WEIGHT = 0.3  # each of the two MTP losses, relative to the main losses
 BALANCE_RATE = 1e-3  # correction-bias step per training step (aux-loss-free balancing)
 EVAL_CODE_WINDOWS = 4
+# --minutes times these steps (inside the warmup, whose learning rates do not depend on the
+# step count) and then fixes the step count, so `--steps N` with the recorded N repeats the run.
+TIMED_STEPS = range(5, 25)
 
 
 # ---------------------------------------------------------------------- data
@@ -302,7 +311,10 @@ class ExpertBalancer:
         self.counts: dict[Router, torch.Tensor] = {}
         for module in model.modules():
             if isinstance(module, Router):
-                self.counts[module] = torch.zeros(module.config.n_routed_experts)
+                # On the router's device: its choices are counted where they are made.
+                self.counts[module] = torch.zeros(
+                    module.config.n_routed_experts,
+                    device=module.e_score_correction_bias.device)
                 module.register_forward_hook(self._count)
 
     def _count(self, router: Router, _inputs, output) -> None:
@@ -362,10 +374,10 @@ def evaluate(model: NemotronHModel, code: tuple[torch.Tensor, torch.Tensor],
     copying of numbers never trained on, which the agent loop needs; the wording around them
     is the model's free choice)."""
     out = {}
-    ids, mask = code
+    ids, mask = (t.to(model.device) for t in code)
     out["code_loss"] = float(masked_ce(model, model.hidden_states(ids)[:, :-1], ids[:, 1:],
                                        mask[:, 1:]))
-    ids, mask = chats
+    ids, mask = (t.to(model.device) for t in chats)
     hidden = model.hidden_states(ids)[:, :-1]
     targets, target_mask = ids[:, 1:], mask[:, 1:]
     out["chat_loss"] = float(masked_ce(model, hidden, targets, target_mask))
@@ -419,6 +431,20 @@ def autocast_dtype(device: torch.device, precision: str,
         native = cpu_has_native_bf16() if cpu_bf16 is None else cpu_bf16
         return torch.bfloat16 if native else torch.float32
     return torch.float32
+
+
+def budget_steps(recipe: Recipe, history: list[dict], budget_s: float, elapsed_s: float,
+                 log) -> Recipe:
+    """The recipe with as many steps as fit in what is left of budget_s at the mean time of
+    the TIMED_STEPS steps (at least one more than done, at most recipe.steps)."""
+    timed = [h["seconds"] for h in history[TIMED_STEPS.start:TIMED_STEPS.stop]]
+    per_step = sum(timed) / len(timed)
+    done = len(history)
+    steps = min(recipe.steps, max(done + 1, done + int((budget_s - elapsed_s) / per_step)))
+    print(f"--minutes {budget_s / 60:g}: {per_step:.3f} s a step over steps "
+          f"{TIMED_STEPS.start + 1}-{TIMED_STEPS.stop}, {elapsed_s:.0f} s gone: {steps} steps "
+          f"(repeat the run with --steps {steps})", file=log)
+    return Recipe(**{**recipe.__dict__, "steps": steps})
 
 
 def lr_at(step: int, recipe: Recipe) -> float:
@@ -492,7 +518,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     parser.add_argument("--plot", type=Path, help="loss curve PNG (default OUT/training.png)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, help="override the recipe's step count")
+    parser.add_argument("--steps", type=int, help="override the recipe's step count (with "
+                        "--minutes: the most steps)")
     for name in ("code_batch", "code_len", "chat_batch", "echo_batch", "warmup", "eval_every"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int,
                             help=f"override the recipe's {name}")
@@ -502,7 +529,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a CPU shared with other work, "
                         "more threads than free cores make every step several times slower)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--minutes", type=float,
+                        help="train about this long: the step count (at most the recipe's) "
+                        f"is set from the time of steps {TIMED_STEPS.start + 1}-"
+                        f"{TIMED_STEPS.stop} and recorded; needs a warmup over "
+                        f"{TIMED_STEPS.stop} steps")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device to train on: cpu (default), cuda, cuda:N")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="forward compute dtype (default auto: bf16 autocast where the "
                         "device has native bf16, else fp32; weights are fp32 either way)")
@@ -519,6 +552,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--lr: must be > 0, got {args.lr}")
     if not args.embed_std > 0:
         parser.error(f"--embed-std: must be > 0, got {args.embed_std}")
+    if args.minutes is not None:
+        if not args.minutes > 0:
+            parser.error(f"--minutes: must be > 0, got {args.minutes}")
+        recipe = RECIPES[args.config]
+        warmup = recipe.warmup if args.warmup is None else args.warmup
+        steps = recipe.steps if args.steps is None else args.steps
+        if warmup <= TIMED_STEPS.stop:
+            parser.error(f"--minutes: needs a warmup of more than {TIMED_STEPS.stop} steps "
+                         f"(the timed steps must not depend on the step count), got {warmup}")
+        if steps <= TIMED_STEPS.stop:
+            parser.error(f"--minutes: needs a ceiling of more than {TIMED_STEPS.stop} steps "
+                         f"(--steps or the recipe's), got {steps}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: {args.device!r}: allowed: cpu, cuda, cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device: {args.device!r}, but this torch sees no CUDA device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        parser.error(f"--device: {args.device!r}, but this torch sees "
+                     f"{torch.cuda.device_count()} CUDA device(s)")
     return args
 
 
@@ -588,7 +644,8 @@ def main(argv: list[str] | None = None) -> dict:
     plot_path = args.plot or args.out / "training.png"
     tokens_seen = 0
     progress = Progress(recipe.steps, "training", unit="step")
-    for step in range(recipe.steps):
+    step = 0
+    while step < recipe.steps:  # --minutes may change recipe.steps at step TIMED_STEPS.stop
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, recipe)
         t0 = time.monotonic()
@@ -628,6 +685,13 @@ def main(argv: list[str] | None = None) -> dict:
         history.append(entry)
         if not math.isfinite(total):
             raise RuntimeError(f"step {step + 1}: the loss is {total} ({entry})")
+        if args.minutes is not None and step + 1 == TIMED_STEPS.stop:
+            recipe = budget_steps(recipe, history, args.minutes * 60,
+                                  time.monotonic() - started, log)
+            progress.total = recipe.steps
+            record["steps"] = recipe.steps
+            record["recipe"]["steps"] = recipe.steps
+            record["minutes"] = args.minutes
         progress.update(1, code=entry["code"], chat=entry["chat"],
                         mtp=entry.get("code_mtp1", 0.0),
                         tok_s=f"{sum(b[1].numel() for b in batches) / entry['seconds']:.0f}")
@@ -642,6 +706,7 @@ def main(argv: list[str] | None = None) -> dict:
             record["train_seconds"] = round(time.monotonic() - started, 1)
             write_checkpoint(model, backend, args.out, recipe, record)
             plot(history, evals, plot_path, f"demo model ({args.config}, seed {args.seed})")
+        step += 1
     progress.close()
     print(f"wrote {args.out} and {plot_path} after {time.monotonic() - started:.0f} s",
           file=log)

@@ -24,12 +24,12 @@ def test_unknown_or_missing_step_prints_usage(args, tmp_path):
     out = run(*args, tmp_path=tmp_path)
     assert out.returncode == 2
     assert ("usage: bash benchmarks/gpu_session.sh "
-            "check|hotpath|moe|engine|engine-nvfp4|disagg|transfer") in out.stderr
+            "check|hotpath|moe|engine|engine-nvfp4|disagg|transfer|demo-model") in out.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 @pytest.mark.parametrize("step", ["check", "hotpath", "moe", "engine", "engine-nvfp4",
-                                  "disagg", "transfer"])
+                                  "disagg", "transfer", "demo-model"])
 def test_every_step_says_it_needs_a_gpu(step, tmp_path):
     out = run(step, tmp_path=tmp_path)
     assert out.returncode == 3, out.stderr

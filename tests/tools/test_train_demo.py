@@ -132,3 +132,71 @@ def test_bad_precision_is_refused_with_the_choices(tmp_path, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "--precision" in err and "'fp16'" in err and "'auto', 'bf16', 'fp32'" in err
+
+
+def _history(record: dict) -> list[dict]:
+    keys = ("code", "chat", "echo", "code_mtp1", "grad_norm", "expert_load_max")
+    return [{k: h[k] for k in keys} for h in record["history"]]
+
+
+def test_minutes_sets_the_step_count_from_timed_steps_and_records_it(tmp_path, capsys):
+    timed_end = train_demo.TIMED_STEPS.stop
+    common = ["--config", "smoke", "--warmup", str(timed_end + 1), "--eval-every", "1000",
+              "--seed", "3"]
+    # Too short a budget for more: one step after the timed ones.
+    short = train_demo.main(common + ["--steps", "60", "--minutes", "0.001",
+                                      "--out", str(tmp_path / "short")])
+    assert short["steps"] == timed_end + 1 == len(short["history"])
+    assert short["recipe"]["steps"] == timed_end + 1 and short["minutes"] == 0.001
+    saved = json.loads((tmp_path / "short" / "training.json").read_text())
+    assert saved["steps"] == timed_end + 1 and saved["minutes"] == 0.001
+    err = capsys.readouterr().err
+    assert f"repeat the run with --steps {timed_end + 1}" in err
+    # A long budget stops at the ceiling (--steps).
+    long = train_demo.main(common + ["--steps", str(timed_end + 4), "--minutes", "600",
+                                     "--out", str(tmp_path / "long")])
+    assert long["steps"] == timed_end + 4 == len(long["history"])
+    # The recorded count repeats the run: the timed steps' learning rates are the warmup's.
+    again = train_demo.main(common + ["--steps", str(timed_end + 1),
+                                      "--out", str(tmp_path / "again")])
+    assert _history(again) == _history(short)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--minutes", "0"], "--minutes: must be > 0, got 0.0"),
+    (["--minutes", "5", "--warmup", "10"], "--minutes: needs a warmup of more than 25 steps"),
+    (["--minutes", "5", "--warmup", "40", "--steps", "20"],
+     "--minutes: needs a ceiling of more than 25 steps (--steps or the recipe's), got 20"),
+    (["--device", "tpu"], "--device: 'tpu': allowed: cpu, cuda, cuda:N"),
+    (["--device", "gpu0"], "--device: 'gpu0': allowed: cpu, cuda, cuda:N"),
+    (["--device", "xla"], "--device: 'xla': allowed: cpu, cuda, cuda:N"),
+])
+def test_bad_budget_and_device_flags_are_refused_clearly(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train_demo.parse_args(["--config", "smoke", "--out", str(tmp_path), *flags])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_without_a_device_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train_demo.parse_args(["--config", "smoke", "--out", str(tmp_path), "--device", "cuda"])
+    assert stop.value.code == 2
+    assert "--device: 'cuda', but this torch sees no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_smoke_recipe_trains_on_cuda_and_matches_the_cpu_run(tmp_path):
+    """The GPU path of the script end to end (routers' counts, evaluation and checkpoint on the
+    device), fp32 so the first step compares with the CPU run's."""
+    cuda = train_demo.main(["--config", "smoke", "--steps", "3", "--seed", "5", "--device",
+                            "cuda", "--precision", "fp32", "--out", str(tmp_path / "cuda")])
+    cpu = train_demo.main(["--config", "smoke", "--steps", "3", "--seed", "5",
+                           "--precision", "fp32", "--out", str(tmp_path / "cpu")])
+    assert cuda["device"] == "cuda" and len(cuda["evals"]) == 2
+    first_cuda, first_cpu = cuda["history"][0], cpu["history"][0]
+    for key in ("code", "chat", "echo", "code_mtp1", "code_mtp2"):
+        assert first_cuda[key] == pytest.approx(first_cpu[key], rel=1e-3), key
+    model = load_model(tmp_path / "cuda", dtype=torch.float32)
+    assert set(model.layer_kinds) == {"mamba", "attention", "moe"}
