@@ -3,7 +3,7 @@
 # about ten minutes on an H100 (run the steps in this order; README.md in this folder says what
 # each one reports):
 #
-#   bash benchmarks/gpu_session.sh check         # GPU kernel, model and CUDA-graph tests
+#   bash benchmarks/gpu_session.sh check         # GPU kernel, model, CUDA-graph, demo tests
 #   bash benchmarks/gpu_session.sh hotpath       # kernels/bench_hot_path.py (Mamba2, attention)
 #   bash benchmarks/gpu_session.sh moe           # kernels/bench_moe.py
 #   bash benchmarks/gpu_session.sh engine        # engine/bench_engine.py, bf16 weights
@@ -64,7 +64,8 @@ EOF
 case "$step" in
 check)
     "$python" -m pytest tests/kernels tests/workers/model/test_model_gpu.py \
-        tests/workers/model/test_model_graphs.py tests/tools/test_train_demo.py -m gpu -q \
+        tests/workers/model/test_model_graphs.py tests/tools/test_train_demo.py \
+        tests/benchmarks/test_bench_demo.py -m gpu -q \
         -p no:cacheprovider 2>&1 |
         tee "$out/gpu-tests.log"
     ;;
@@ -95,8 +96,8 @@ transfer)
 demo-model)
     # The demo model trained on the GPU for BATON_DEMO_MINUTES (default 6: the step count
     # follows from the first steps' time and is in the log and training.json), then the demo
-    # figures of it (perplexity, MTP, parity, 30 agent questions, completions; on the CPU,
-    # about 2 minutes). The checkpoint comes back as one tar (a folder of files would be
+    # figures of it (perplexity, parity, 30 agent questions, completions on the CPU, MTP
+    # speculation on the GPU; about 2 minutes). The checkpoint comes back as one tar (a folder of files would be
     # over the files a run returns).
     checkpoint=${BATON_DEMO_CHECKPOINT:-/tmp/baton-demo-gpu}
     rm -rf "$checkpoint"
@@ -106,6 +107,7 @@ demo-model)
         grep -v '^training \[' | tee "$out/demo-gpu-train.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
     tar -C "$checkpoint" -cf "$out/demo-gpu-checkpoint.tar" .
-    "$python" benchmarks/demo/bench_demo.py --model "$checkpoint" --questions 30 --out "$out"
+    "$python" benchmarks/demo/bench_demo.py --model "$checkpoint" --questions 30 \
+        --spec-device cuda --out "$out"
     ;;
 esac

@@ -16,6 +16,8 @@ Method:
               one request at a time, with speculative_tokens 0, 1 and 2. Acceptance =
               accepted / drafted MTP tokens; decode tokens/s counts the tokens after the first
               over the time after it (prefill excluded). The outputs must be identical.
+              On the CPU in fp32 by default; --spec-device cuda: in bf16 through the Triton
+              kernels (the rest of the benchmark stays on the CPU).
   parity      fp32 logits of transformers' NemotronHForCausalLM (which ignores mtp.*) and
               baton's on a held-out code window and a chat; max |diff| / max |logit|.
   agent       --questions held-out calculator questions (numbers no training chat holds)
@@ -32,6 +34,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -127,7 +130,11 @@ def run(args) -> dict:
 
     print("speculation ...", file=sys.stderr)
     prompts = code_prompts(tokenizer, texts, args.prompts, args.prompt_len)
-    spec = demo_eval.speculation_figures(model, tokenizer, prompts, args.max_tokens)
+    # On a GPU the model serves in bf16 through the Triton kernels, as a worker runs it.
+    spec_model = model if args.spec_device == "cpu" else load_model(
+        model_path, dtype=torch.bfloat16, device=args.spec_device)
+    spec = demo_eval.speculation_figures(spec_model, tokenizer, prompts, args.max_tokens)
+    del spec_model
     base = spec[0]
     results["speculation"] = {
         k: {"acceptance": v["acceptance"], "drafted": v["drafted"], "accepted": v["accepted"],
@@ -136,7 +143,8 @@ def run(args) -> dict:
             "outputs_identical": v["outputs"] == base["outputs"]}
         for k, v in spec.items()}
     results["speculation_setup"] = {"prompts": len(prompts), "prompt_len": args.prompt_len,
-                                    "max_tokens": args.max_tokens}
+                                    "max_tokens": args.max_tokens,
+                                    "device": spec_device_name(args.spec_device)}
 
     print("agent ...", file=sys.stderr)
     engine = demo_eval.make_engine(model, tokenizer, speculative_tokens=2)
@@ -161,6 +169,12 @@ def run(args) -> dict:
     return results
 
 
+def spec_device_name(device: str) -> str:
+    if device == "cpu":
+        return f"CPU, fp32, {torch.get_num_threads()} torch threads"
+    return f"{torch.cuda.get_device_name(torch.device(device))}, bf16, Triton kernels"
+
+
 def report(r: dict) -> str:
     p = r["perplexity"]
     lines = [
@@ -181,6 +195,7 @@ def report(r: dict) -> str:
     verdict = "met" if r["nvfp4_ppl_ratio"] <= 1.05 else "NOT met"
     lines += ["", f"NVFP4 within 5% of bf16: {verdict} ({r['nvfp4_ppl_ratio']:.4f}x).", "",
               "## MTP speculative decoding, batch 1, greedy", "",
+              f"On {r['speculation_setup']['device']}. "
               f"{r['speculation_setup']['prompts']} held-out code prompts of "
               f"{r['speculation_setup']['prompt_len']} tokens, "
               f"{r['speculation_setup']['max_tokens']} output tokens each.", "",
@@ -220,9 +235,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--completion-tokens", type=int, default=64)
     parser.add_argument("--calibration-files", type=int, default=8)
     parser.add_argument("--ppl-bytes", type=int, help="score only this much of one file")
+    parser.add_argument("--spec-device", default="cpu",
+                        help="where the speculation figures run: cpu (fp32, default) or cuda "
+                        "(bf16, Triton kernels); everything else runs on the CPU")
     parser.add_argument("--smoke", action="store_true",
                         help="examples/tiny, a little of everything (seconds)")
     args = parser.parse_args(argv)
+    if args.spec_device != "cpu" and not (args.spec_device == "cuda" or re.fullmatch(
+            r"cuda:\d+", args.spec_device)):
+        parser.error(f"--spec-device: {args.spec_device!r}: allowed: cpu, cuda, cuda:N")
+    if args.spec_device != "cpu" and not torch.cuda.is_available():
+        parser.error(f"--spec-device: {args.spec_device!r}, but this torch sees no CUDA device")
     if args.smoke:
         args.model = REPO / "examples" / "tiny"
         args.prompts, args.prompt_len, args.max_tokens = 2, 16, 6

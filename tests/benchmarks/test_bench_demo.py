@@ -8,6 +8,9 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "demo" / "bench_demo.py"
 
 
@@ -31,3 +34,38 @@ def test_bench_demo_smoke_writes_the_report(tmp_path):
     for heading in ("Held-out perplexity", "MTP speculative decoding", "transformers parity",
                     "Calculator agent loop", "Greedy Python completions"):
         assert heading in text
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("bench_demo_flags", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("value, message", [
+    ("tpu", "--spec-device: 'tpu': allowed: cpu, cuda, cuda:N"),
+    ("cuda:x", "--spec-device: 'cuda:x': allowed: cpu, cuda, cuda:N"),
+])
+def test_bad_spec_device_is_refused_with_what_is_allowed(value, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        _module().main(["--smoke", "--spec-device", value])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_spec_device_cuda_without_a_device_is_refused(capsys):
+    with pytest.raises(SystemExit) as stop:
+        _module().main(["--smoke", "--spec-device", "cuda"])
+    assert stop.value.code == 2
+    assert "--spec-device: 'cuda', but this torch sees no CUDA device" in (
+        capsys.readouterr().err)
+
+
+@pytest.mark.gpu
+def test_bench_demo_smoke_speculates_on_the_gpu(tmp_path):
+    results = _module().main(["--smoke", "--spec-device", "cuda", "--out", str(tmp_path)])
+    assert "bf16, Triton kernels" in results["speculation_setup"]["device"]
+    assert all(s["outputs_identical"] for s in results["speculation"].values())
+    assert results["speculation"][2]["drafted"] > 0
