@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import demo_chats
@@ -24,6 +26,22 @@ from baton.workers.engine import Engine, EngineConfig, Request, SamplingParams
 TOOL_CALL = re.compile(r"<tool_call>\s*<function=([^>\s]+)>\s*(.*?)</function>\s*</tool_call>",
                        re.S)
 PARAMETER = re.compile(r"<parameter=([^>\s]+)>\n?(.*?)\n?</parameter>", re.S)
+
+
+def device_error(value: str) -> str | None:
+    """Why `value` cannot be the device of the demo scripts (cpu, cuda, cuda:N with such a
+    device present), or None when it can."""
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        return f"{value!r}: allowed: cpu, cuda, cuda:N"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"{value!r}, but this torch sees no CUDA device"
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return f"{value!r}, but this torch sees {torch.cuda.device_count()} CUDA device(s)"
+    return None
 
 
 def make_engine(model, tokenizer, speculative_tokens: int = 0, max_num_seqs: int = 4

@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import demo_chats
 import demo_corpus
+import demo_eval
 import demo_tokenizer
 
 from baton.workers.engine.tokenizer import ByteTokenizer, Tokenizer
@@ -564,17 +565,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if steps <= TIMED_STEPS.stop:
             parser.error(f"--minutes: needs a ceiling of more than {TIMED_STEPS.stop} steps "
                          f"(--steps or the recipe's), got {steps}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        parser.error(f"--device: {args.device!r}: allowed: cpu, cuda, cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device: {args.device!r}, but this torch sees no CUDA device")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        parser.error(f"--device: {args.device!r}, but this torch sees "
-                     f"{torch.cuda.device_count()} CUDA device(s)")
+    problem = demo_eval.device_error(args.device)
+    if problem:
+        parser.error(f"--device: {problem}")
     return args
 
 

@@ -34,7 +34,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -241,11 +240,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true",
                         help="examples/tiny, a little of everything (seconds)")
     args = parser.parse_args(argv)
-    if args.spec_device != "cpu" and not (args.spec_device == "cuda" or re.fullmatch(
-            r"cuda:\d+", args.spec_device)):
-        parser.error(f"--spec-device: {args.spec_device!r}: allowed: cpu, cuda, cuda:N")
-    if args.spec_device != "cpu" and not torch.cuda.is_available():
-        parser.error(f"--spec-device: {args.spec_device!r}, but this torch sees no CUDA device")
+    problem = demo_eval.device_error(args.spec_device)
+    if problem:
+        parser.error(f"--spec-device: {problem}")
     if args.smoke:
         args.model = REPO / "examples" / "tiny"
         args.prompts, args.prompt_len, args.max_tokens = 2, 16, 6
