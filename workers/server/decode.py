@@ -57,6 +57,8 @@ _FINISH = {
     "length": decode_pb2.FINISH_REASON_LENGTH,
     "abort": decode_pb2.FINISH_REASON_ABORT,
 }
+# Finish reasons of a whole answer (an abort is not one).
+_ANSWERED = frozenset({decode_pb2.FINISH_REASON_STOP, decode_pb2.FINISH_REASON_LENGTH})
 
 
 class DecodeServicer:
@@ -156,13 +158,21 @@ class DecodeServicer:
         # A reservation made before a drain began is still served: it is not new work.
         with rt.admit(context, draining_ok=True):
             outcome = "error"
+            answered = False  # the answer's last message is with gRPC
             try:
-                yield from self._generate(request, context)
+                for response in self._generate(request, context):
+                    answered = response.finish_reason in _ANSWERED
+                    yield response
                 outcome = "success"
             except CallEnded as ended:
                 outcome = ended.outcome
                 context.abort(ended.code, ended.message)
             finally:
+                # A caller with the last message may end the call before gRPC resumes this
+                # generator past it (the router cancels its call once it has the finish):
+                # that request was served, not cancelled.
+                if answered and outcome == "error":
+                    outcome = "success"
                 rt.call_finished(outcome, context, arrival)
 
     def _generate(self, request, context):

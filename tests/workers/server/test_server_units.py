@@ -3,6 +3,7 @@ proto -> engine conversions."""
 
 from __future__ import annotations
 
+import contextlib
 from concurrent import futures
 
 import grpc
@@ -14,6 +15,7 @@ from baton.proto.baton.worker.v1 import worker_pb2
 from baton.proto.grpc.health.v1 import health_pb2, health_pb2_grpc
 from baton.workers.sampling_params import SamplingParams
 from baton.workers.server import runtime, settings
+from baton.workers.server.decode import DecodeServicer
 from baton.workers.server.health import HealthServicer
 
 
@@ -341,3 +343,68 @@ def test_cache_sizes_that_cannot_fit_name_the_spec_field():
     used = (st.num_pages * sizes.bytes_per_page + st.num_slots * sizes.bytes_per_slot
             + st.num_snapshots * sizes.bytes_per_snapshot)
     assert 0.9 * (8 << 20) < used <= 8 << 20
+
+
+class _Counted:
+    """What DecodeServicer.Generate needs of its runtime, counting through the runtime's own
+    call_finished (an error on a call its caller left is a cancellation)."""
+
+    def __init__(self):
+        self.outcomes: list[str] = []
+        self.metrics = self
+
+    def request_finished(self, outcome: str) -> None:
+        self.outcomes.append(outcome)
+
+    @property
+    def request_duration(self):
+        return self
+
+    def observe(self, _seconds: float) -> None:
+        pass
+
+    def admit(self, _context, draining_ok: bool = False):
+        return contextlib.nullcontext()
+
+    def call_finished(self, outcome, context, arrival):
+        runtime.WorkerRuntime.call_finished(self, outcome, context, arrival)
+
+
+class _LeftContext:
+    """A call whose caller has gone (as after the router's cancel)."""
+
+    def is_active(self) -> bool:
+        return False
+
+
+def _generate_messages(finish_last: int):
+    servicer = object.__new__(DecodeServicer)
+    servicer.runtime = _Counted()
+    messages = [decode_pb2.GenerateResponse(tokens=[worker_pb2.GeneratedToken(token_id=7)]),
+                decode_pb2.GenerateResponse(tokens=[worker_pb2.GeneratedToken(token_id=8)],
+                                            finish_reason=finish_last)]
+    servicer._generate = lambda request, context: iter(messages)
+    return servicer, servicer.Generate(decode_pb2.GenerateRequest(), _LeftContext())
+
+
+@pytest.mark.parametrize("finish, outcome", [
+    (decode_pb2.FINISH_REASON_LENGTH, "success"), (decode_pb2.FINISH_REASON_STOP, "success"),
+    (decode_pb2.FINISH_REASON_ABORT, "cancelled")])
+def test_generate_served_to_its_last_message_counts_once_the_caller_ends_the_call(finish,
+                                                                                   outcome):
+    """The router cancels its Generate call as soon as it has the finish; gRPC then closes the
+    handler at its last yield. The request was served (an aborted one was not)."""
+    servicer, stream = _generate_messages(finish)
+    assert [m.finish_reason for m in (next(stream), next(stream))][-1] == finish
+    stream.close()  # what gRPC does to the handler of a cancelled call
+    assert servicer.runtime.outcomes == [outcome]
+
+
+def test_generate_left_before_its_last_message_is_a_cancellation():
+    servicer, stream = _generate_messages(decode_pb2.FINISH_REASON_LENGTH)
+    next(stream)
+    stream.close()
+    assert servicer.runtime.outcomes == ["cancelled"]
+    servicer, stream = _generate_messages(decode_pb2.FINISH_REASON_LENGTH)
+    assert len(list(stream)) == 2  # read to its end
+    assert servicer.runtime.outcomes == ["success"]
