@@ -94,15 +94,16 @@ transfer)
     "$python" benchmarks/transfer/bench_transfer.py --device cuda --out "$out"
     ;;
 demo-model)
-    # The demo model trained on the GPU for BATON_DEMO_MINUTES (default 6: the step count
+    # The demo model trained on the GPU for BATON_DEMO_MINUTES (default 5: the step count
     # follows from the first steps' time and is in the log and training.json), then the demo
     # figures of it (perplexity, parity, 30 agent questions, completions on the CPU, MTP
-    # speculation on the GPU; about 2 minutes). The checkpoint comes back as one tar (a folder of files would be
-    # over the files a run returns).
+    # speculation on the GPU, with the Triton kernels' first compiles: a few minutes). The
+    # checkpoint comes back as one tar, written before the figures (a folder of files would be
+    # over the number of files a run returns).
     checkpoint=${BATON_DEMO_CHECKPOINT:-/tmp/baton-demo-gpu}
     rm -rf "$checkpoint"
     "$python" tools/train_demo.py --config demo-gpu --device cuda \
-        --minutes "${BATON_DEMO_MINUTES:-6}" --out "$checkpoint" \
+        --minutes "${BATON_DEMO_MINUTES:-5}" --out "$checkpoint" \
         --plot "$out/$(date -u +%F)-demo-gpu-loss.png" 2>&1 | tr '\r' '\n' |
         grep -v '^training \[' | tee "$out/demo-gpu-train.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
