@@ -6,7 +6,8 @@ checkpoint.
     .venv/bin/python tools/train_demo.py --out examples/demo --threads 2 \\
         --plot benchmarks/results/2026-12-02-demo-model-loss.png
     .venv/bin/python tools/train_demo.py --config smoke --steps 3 --out /tmp/smoke   # seconds
-    python3 tools/train_demo.py --config demo-gpu --device cuda --minutes 5 --out /tmp/demo-gpu
+    python3 tools/train_demo.py --config demo-gpu --device cuda --precision fp32 --minutes 5 \\
+        --out /tmp/demo-gpu
 
 The model is baton's own (baton.workers.model.NemotronHModel) run through its full-sequence
 forward; nothing here re-implements a layer. Everything follows from --seed: the tokenizer,
