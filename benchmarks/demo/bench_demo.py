@@ -133,7 +133,6 @@ def run(args) -> dict:
     spec_model = model if args.spec_device == "cpu" else load_model(
         model_path, dtype=torch.bfloat16, device=args.spec_device)
     spec = demo_eval.speculation_figures(spec_model, tokenizer, prompts, args.max_tokens)
-    del spec_model
     base = spec[0]
     results["speculation"] = {
         k: {"acceptance": v["acceptance"], "drafted": v["drafted"], "accepted": v["accepted"],

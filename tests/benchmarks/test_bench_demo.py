@@ -14,12 +14,17 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "demo" / "bench_demo.py"
 
 
-def test_bench_demo_smoke_writes_the_report(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_demo_smoke", SCRIPT)
+def _module():
+    """The benchmark script as a module (registered, as an import would be)."""
+    spec = importlib.util.spec_from_file_location("bench_demo", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    results = module.main(["--smoke", "--out", str(tmp_path)])
+    return module
+
+
+def test_bench_demo_smoke_writes_the_report(tmp_path):
+    results = _module().main(["--smoke", "--out", str(tmp_path)])
     (report,) = tmp_path.glob("*-demo-model.md")
     saved = json.loads(report.with_suffix(".json").read_text())
     assert saved["perplexity"].keys() == {"bf16", "nvfp4", "fp8"}
@@ -34,13 +39,6 @@ def test_bench_demo_smoke_writes_the_report(tmp_path):
     for heading in ("Held-out perplexity", "MTP speculative decoding", "transformers parity",
                     "Calculator agent loop", "Greedy Python completions"):
         assert heading in text
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("bench_demo_flags", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("value, message", [
