@@ -30,12 +30,9 @@ tools:
 lint: install
 	$(VENV)/bin/ruff check .
 
-# Two test processes, one test file each at a time (a file's tests share their fixtures): much
-# of the suite waits on processes and sockets, so two overlap even on 2 cores (11.5 minutes
-# against 18 in one process); one torch thread each, or the two fight over the cores.
 # pytest exits 5 when it collected nothing; that is not a failure of the suite.
 test: install tools lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra -n 2 --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q -ra; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 protos: install
 	$(PY) proto/generate.py
