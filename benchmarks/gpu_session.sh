@@ -39,6 +39,9 @@ out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+# Run from the repository root: keep it off sys.path (its kernels/ folder would shadow the
+# `kernels` package transformers imports; README.md, "Python in the repository root").
+export PYTHONSAFEPATH=1
 
 if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "gpu_session: no CUDA device visible to torch here; these steps need a GPU" >&2

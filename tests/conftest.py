@@ -7,9 +7,23 @@ time, and only when no CUDA device exists (DESIGN.md, Seams: Tests).
 from __future__ import annotations
 
 import os
+import pathlib
+import sys
 
-import pytest
-import torch
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# The repository root must never be on sys.path: its kernels/, operator/, workers/ and proto/
+# folders would shadow top-level packages (transformers imports Hugging Face's `kernels`
+# whenever that name is importable). `make test` runs the venv's pytest with PYTHONSAFEPATH=1;
+# `python -m pytest` from the root prepends it, so it is taken off here, before torch or
+# transformers load, and the tests' subprocesses inherit PYTHONSAFEPATH (Python >= 3.11).
+# tests/test_packaging.py fails if a shadow is importable anyway.
+sys.path[:] = [p for p in sys.path
+               if pathlib.Path(p or os.getcwd()).resolve() != REPO]
+os.environ["PYTHONSAFEPATH"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

@@ -1,5 +1,6 @@
 """The `baton` namespace maps the top-level folders, and the CLI imports nothing heavy."""
 
+import os
 import subprocess
 import sys
 
@@ -46,6 +47,7 @@ def test_checkout_root_on_sys_path_does_not_shadow_stdlib_operator():
     root = pathlib.Path(__file__).resolve().parents[1]
     code = ("import operator, collections, contextlib; "
             "assert operator.itemgetter(1)([0, 7]) == 7; assert not hasattr(operator, '__path__')")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}  # the root on sys.path
     out = subprocess.run([sys.executable, "-S", "-c", code], cwd=root, capture_output=True,
-                         text=True)
+                         text=True, env=env)
     assert out.returncode == 0, out.stderr
