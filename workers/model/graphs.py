@@ -81,6 +81,18 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
     return [*buckets, max_num_seqs]
 
 
+def check_buckets(buckets: list[int], max_num_seqs: int) -> list[int]:
+    """Batch sizes given explicitly: ascending integers in [1, max_num_seqs] (a batch above
+    the largest runs eagerly)."""
+    ok = isinstance(buckets, (list, tuple)) and len(buckets) > 0 and all(
+        isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= max_num_seqs
+        for b in buckets) and list(buckets) == sorted(set(buckets))
+    if not ok:
+        raise ValueError(f"buckets: must be ascending distinct integers in [1, max_num_seqs="
+                         f"{max_num_seqs}], got {buckets!r}")
+    return list(buckets)
+
+
 def bucket_for(num_seqs: int, buckets: list[int]) -> int | None:
     """The smallest bucket holding num_seqs sequences (None: more than the largest)."""
     return next((b for b in buckets if b >= num_seqs), None)
@@ -152,7 +164,8 @@ class StepGraphs:
     from buckets: replayed as CUDA graphs on a GPU, compiled with torch.compile on request."""
 
     def __init__(self, model, cache, max_num_seqs: int, capture: bool | None = None,
-                 max_model_len: int | None = None, compile: bool = False):
+                 max_model_len: int | None = None, compile: bool = False,
+                 buckets: list[int] | None = None):
         kernels = getattr(model, "kernels", "torch")
         if kernels not in ("triton", "torch"):
             raise ValueError(f"kernels: {kernels!r} is not 'triton' or 'torch'")
@@ -167,19 +180,20 @@ class StepGraphs:
         self.compile = compile
         if compile:
             compile_cache_dir()
-            # Every bucket of every kind is a graph of the same traced function: dynamo must
-            # keep them all (its default keeps 8 per function, then falls back to eager).
-            limit = 4 * len(batch_buckets(max_num_seqs)) + 4
-            config = torch._dynamo.config
-            config.recompile_limit = max(config.recompile_limit, limit)
-            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, limit)
+        if self.static:
+            from .layers import Attention
+
+            for module in model.modules():
+                if isinstance(module, Attention):
+                    module.fuse_qkv()
         self.compiles = 0
         """Graphs inductor built (each bucket's step once; more is a recompile)."""
         self.warm = False
         """Set by warm_up(): from then on every compile is a recompile."""
         self.recompiles = 0
         self.spec_tokens = cache.spec_tokens
-        self.buckets = batch_buckets(max_num_seqs)
+        self.buckets = batch_buckets(max_num_seqs) if buckets is None else \
+            check_buckets(buckets, max_num_seqs)
         # Page tables as wide as the engine's longest sequence (and its drafts) can use.
         longest = max_model_len or model.max_model_len
         self.pages_per_seq = -(-(longest + self.spec_tokens + 1) // cache.page_size)
@@ -239,7 +253,10 @@ class StepGraphs:
         if self.warm:
             self.recompiles += 1
             log.warning("recompiled a step after warm-up (%d so far)", self.recompiles)
-        return compile_fx(graph, example_inputs)
+        # Without the generated code's shape and alignment asserts (one call per buffer per
+        # step): the shapes are the bucket's, fixed by construction.
+        return compile_fx(graph, example_inputs, config_patches={
+            "size_asserts": False, "alignment_asserts": False, "scalar_asserts": False})
 
     @property
     def captured(self) -> list[tuple[StepKind, int]]:
@@ -416,8 +433,15 @@ class StepGraphs:
         if self.compile:
             # dynamic=False: each bucket its own graph, specialized on its shapes (the width
             # of the page tables is the one dimension marked dynamic, _with_dynamic_width).
+            # Its own code object per bucket: dynamo keeps its graphs per code object, so
+            # each bucket holds one graph and checks only its own guards at each call. Only
+            # the tensor guards (shapes, dtypes, strides) stay: the rest (the module tree,
+            # grad mode, the closure's ints) cannot change for a bucket's step, always called
+            # under inference_mode, and checking them cost more than a small step's kernels.
+            step.__code__ = step.__code__.replace(co_name=f"step_{kind.value}_{bucket}")
+            options = {"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe}
             compiled = torch.compile(step, backend=self._inductor, fullgraph=True,
-                                     dynamic=False)
+                                     dynamic=False, options=options)
             self._steps[key] = self._with_dynamic_width(compiled)
         else:
             self._steps[key] = step
@@ -452,7 +476,7 @@ class StepGraphs:
 
         def run(tables: torch.Tensor) -> torch.Tensor:
             if first[0] and self.static and self.pages_per_seq > 2:
-                torch._dynamo.mark_dynamic(tables, 1, min=2, max=self.pages_per_seq)
+                torch._dynamo.mark_dynamic(tables, 1, min=2)
             first[0] = False
             # Grad and inference mode are part of a graph's guards: one mode for all calls.
             with torch.inference_mode():

@@ -209,6 +209,16 @@ class Attention(nn.Module):
         self.k_proj = quant_linear(c.hidden_size, kv_width, f"{name}.k_proj", formats, dtype, bias)
         self.v_proj = quant_linear(c.hidden_size, kv_width, f"{name}.v_proj", formats, dtype, bias)
         self.o_proj = quant_linear(q_width, c.hidden_size, f"{name}.o_proj", formats, dtype, bias)
+        self.qkv_weight: torch.Tensor | None = None
+        """q/k/v's weights as one [Q + 2 KV, H] matrix for the fixed-shape step (fuse_qkv)."""
+
+    def fuse_qkv(self) -> None:
+        """Keeps q/k/v's weights as one matrix, so that the fixed-shape step runs one GEMM
+        where the eager path runs three: when all three are unquantized and without bias
+        (a copy of the layer's q/k/v weights; quantized weights keep three calls)."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if all(p.fmt is WeightFormat.BF16 and p.bias is None for p in projs):
+            self.qkv_weight = torch.cat([p.weight for p in projs])
 
     def cache_spec(self) -> KVSpec:
         """What this layer keeps per token in the paged KV cache."""
@@ -270,9 +280,14 @@ class Attention(nn.Module):
     def _forward_static(self, x: torch.Tensor, plan, cache, layer: int) -> torch.Tensor:
         """The fixed-shape step (static_step.py): the KernelPlan's step in plain torch."""
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.qkv_weight is not None and x.dtype == self.qkv_weight.dtype:
+            q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = F.linear(x, self.qkv_weight).split([q_width, kv_width, kv_width], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
         k_pages, v_pages = cache.step_tensors(layer)  # [num_pages + 1, page_size, KV, D]
         rows = plan.static_rows
         store_kv_rows(k, v, k_pages, v_pages, rows.kv_rows)
