@@ -151,8 +151,13 @@ def compile_cache_dir() -> Path:
     set, else ~/.cache/baton/inductor (XDG_CACHE_HOME respected). An entry is keyed on the
     traced graph (model shapes, bucket, step kind), the torch version, inductor's settings
     and the machine's compiler and CPU; anything else is a new entry, never a wrong one."""
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # Inductor writes its own default (under the temporary directory) into the variable
+    # the first time it looks: that one is replaced, a value set by the user is kept.
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return Path(chosen)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     path = Path(base) / "baton" / "inductor"
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
@@ -471,12 +476,15 @@ class StepGraphs:
 
     def _with_dynamic_width(self, compiled: Callable) -> Callable:
         """The compiled step, its page-table width marked dynamic on the first call (one
-        graph for every width >= 2; the kernels' path always reads every column)."""
+        graph for every width >= 2; the kernels' path always reads every column). Not a
+        strict range: a graph inductor finds in its on-disk cache brings the bound it was
+        compiled with, which would contradict a strict one; a width beyond such a bound is
+        a counted recompile."""
         first = [True]
 
         def run(tables: torch.Tensor) -> torch.Tensor:
             if first[0] and self.static and self.pages_per_seq > 2:
-                torch._dynamo.mark_dynamic(tables, 1, min=2)
+                torch._dynamo.maybe_mark_dynamic(tables, 1)
             first[0] = False
             # Grad and inference mode are part of a graph's guards: one mode for all calls.
             with torch.inference_mode():
