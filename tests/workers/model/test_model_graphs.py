@@ -222,11 +222,11 @@ def test_engine_knob_and_the_torch_path_turn_buckets_off(checkpoint, model):
         EngineConfig(**config, enforce_eager="yes").validate()
 
 
-def greedy_run(model, enforce_eager, speculative_tokens):
+def greedy_run(model, enforce_eager, speculative_tokens, **config):
     engine = Engine(model, EngineConfig(page_size=PAGE, num_pages=48, max_num_seqs=4,
                                         max_batch_tokens=32, max_model_len=64,
                                         speculative_tokens=speculative_tokens,
-                                        enforce_eager=enforce_eager, base_seed=0))
+                                        enforce_eager=enforce_eager, base_seed=0, **config))
     gen = torch.Generator().manual_seed(11)
     for i, n in enumerate((7, 12, 3)):
         engine.add_request(Request(f"r{i}", torch.randint(3, 64, (n,), generator=gen).tolist(),
@@ -355,34 +355,14 @@ def test_a_step_needing_a_new_graph_after_warm_up_counts_as_a_recompile(torch_mo
 
 def test_engine_compiles_at_start_and_gives_the_eager_greedy_tokens(torch_model):
     """EngineConfig.compile: every bucket of every kind compiled when the Engine is built
-    (one bucket here, step_buckets=[2]: a single sequence runs padded in it); greedy output
-    with MTP (k=2) equal to the eager engine's, with no recompile."""
-    runs = []
-    for compile_ in (False, True):
-        engine = Engine(torch_model, EngineConfig(
-            page_size=PAGE, num_pages=48, max_num_seqs=2, max_batch_tokens=32,
-            max_model_len=64, speculative_tokens=SPEC, base_seed=0, compile=compile_,
-            step_buckets=[2]))
-        graphs = engine.runner.step_graphs
-        if compile_:
-            assert graphs.compile and graphs.warm and graphs.compiles == 4
-        else:
-            assert graphs is None
-        gen = torch.Generator().manual_seed(11)
-        for i, n in enumerate((7, 12)):
-            engine.add_request(Request(f"r{i}", torch.randint(3, 64, (n,),
-                                                              generator=gen).tolist(),
-                                       SamplingParams(max_tokens=12, temperature=0,
-                                                      ignore_eos=True)))
-        out: dict[str, list[int]] = {}
-        while engine.has_work():
-            for ev in engine.step():
-                if ev.token_id is not None:
-                    out.setdefault(ev.request_id, []).append(ev.token_id)
-        runs.append(out)
-        if compile_:
-            assert graphs.replays > 0 and graphs.recompiles == 0
-    assert runs[0] == runs[1] and all(len(t) == 12 for t in runs[1].values())
+    (one bucket here, step_buckets=[4]: three sequences run in it with a padded row); greedy
+    output with MTP (k=2) equal to the eager engine's, with no recompile."""
+    eager, _ = greedy_run(torch_model, False, SPEC)
+    out, engine = greedy_run(torch_model, False, SPEC, compile=True, step_buckets=[4])
+    graphs = engine.runner.step_graphs
+    assert graphs.compile and graphs.warm and graphs.compiles == 4
+    assert graphs.replays > 0 and graphs.recompiles == 0
+    assert out == eager and all(len(t) == 12 for t in out.values())
 
 
 def test_compiled_steps_are_cached_under_the_users_cache_dir(tmp_path, monkeypatch):

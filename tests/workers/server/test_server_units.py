@@ -88,8 +88,8 @@ def test_engine_config_takes_cuda_graphs_from_the_worker_config():
 def test_engine_config_takes_compile_from_the_worker_config():
     from baton.operator.spec import WorkerConfig
 
-    on = WorkerConfig.from_dict({"model": "m", "modelPath": "/m"})
-    off = WorkerConfig.from_dict({"model": "m", "modelPath": "/m", "engine": {"compile": False}})
+    off = WorkerConfig.from_dict({"model": "m", "modelPath": "/m"})
+    on = WorkerConfig.from_dict({"model": "m", "modelPath": "/m", "engine": {"compile": True}})
     for role in ("prefill", "decode"):
         assert settings.engine_config(on, role, 8).compile is True
         assert settings.engine_config(off, role, 8).compile is False
