@@ -10,9 +10,12 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from baton.workers.model.checkpoint import write_random_checkpoint
+
+pytestmark = pytest.mark.timeout(1800)  # compiles 5 graphs; bounds a hang only
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "engine" / "bench_cpu.py"
 
