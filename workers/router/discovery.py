@@ -143,6 +143,10 @@ class WorkerPool:
         self.check_timeout_s = check_timeout_s
         self.workers: dict[str, Worker] = {}
         self._task: asyncio.Task | None = None
+        # Refreshes numbered as they begin; the latest that completed, and an event set (and
+        # replaced) at every completion: wait_refreshed() waits for one that began after it.
+        self._refreshes_begun = 0
+        self._refreshed_through = 0
         self._refreshed = asyncio.Event()
 
     def ready_workers(self) -> list[Worker]:
@@ -167,9 +171,11 @@ class WorkerPool:
         self.workers.clear()
 
     async def wait_refreshed(self) -> None:
-        """Waits for the next completed refresh (tests, start-up)."""
-        self._refreshed.clear()
-        await self._refreshed.wait()
+        """Waits for a refresh that began after this call to complete, so it saw whatever
+        changed before the call (tests, start-up)."""
+        target = self._refreshes_begun + 1
+        while self._refreshed_through < target:
+            await self._refreshed.wait()
 
     async def _loop(self) -> None:
         while True:
@@ -180,6 +186,8 @@ class WorkerPool:
                 log.exception("refreshing %s workers failed", self.role)
 
     async def refresh(self) -> None:
+        self._refreshes_begun += 1
+        number = self._refreshes_begun
         addresses = set(await self.resolver.resolve())
         for address in addresses - set(self.workers):
             channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
@@ -192,7 +200,9 @@ class WorkerPool:
                 await worker.channel.close()
                 log.info("forgot %s worker %s: no longer resolved", self.role, address)
         await asyncio.gather(*(self._check(w) for w in list(self.workers.values())))
-        self._refreshed.set()
+        self._refreshed_through = max(self._refreshed_through, number)
+        done, self._refreshed = self._refreshed, asyncio.Event()
+        done.set()
 
     async def _check(self, worker: Worker) -> None:
         was_ready = worker.ready
