@@ -26,11 +26,11 @@ import yaml
 from baton.operator.fields import CelRule, SpecError, dump, parse, spec_field
 
 __all__ = [
-    "ROLES", "SpecError", "Model", "ModelSpec", "SourceSpec", "EngineSpec", "PrefixCacheSpec",
-    "RouterSpec", "PrefixCacheConfig",
-    "PoolSpec", "ResourceRequests", "Toleration", "PrefillSpec", "DecodeSpec",
+    "ROLES", "ROUTINGS", "SpecError", "Model", "ModelSpec", "SourceSpec", "EngineSpec",
+    "PrefixCacheSpec", "RouterSpec", "PoolSpec", "ResourceRequests", "Toleration",
+    "PrefillSpec", "DecodeSpec",
     "AutoscalingSpec", "TargetsSpec", "NetworkPolicySpec", "ModelStatus", "WorkerConfig",
-    "EngineConfig", "PrefillConfig", "DecodeConfig", "RouterConfig", "PoolConfig", "PoolsConfig",
+    "PrefillConfig", "DecodeConfig", "RouterConfig", "PoolConfig", "PoolsConfig",
     "worker_config", "default_fp4_path", "load_model_file",
 ]
 
@@ -531,33 +531,6 @@ def load_model_file(path: str | Path) -> tuple[Model, dict]:
 
 
 @dataclass(frozen=True)
-class PrefixCacheConfig:
-    enabled: bool = spec_field("enabled", "Keep prefixes for later requests.", default=True)
-    snapshot_memory_fraction: float = spec_field(
-        "snapshotMemoryFraction", "Share of cache memory for Mamba snapshots.", default=0.25,
-        minimum=0, exclusive_minimum=True, maximum=0.9)
-    snapshot_interval_tokens: int = spec_field(
-        "snapshotIntervalTokens", "Snapshot every this many prompt tokens; 0: only at ends.",
-        default=1024, minimum=0)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_model_len: int = spec_field("maxModelLen", "Longest sequence.", default=4096,
-                                    minimum=1)
-    kv_page_size: int = spec_field("kvPageSize", "Tokens per KV page.", default=16,
-                                   minimum=1)
-    cache_memory_fraction: float = spec_field(
-        "cacheMemoryFraction", "Share of device memory for weights and caches.", default=0.9,
-        minimum=0, exclusive_minimum=True, maximum=1)
-    dtype: str = spec_field("dtype", "Activation dtype.", default="auto", enum=DTYPES)
-    cuda_graphs: bool = spec_field("cudaGraphs", "Decode and verify steps as CUDA graphs.",
-                                   default=True)
-    prefix_cache: PrefixCacheConfig = spec_field("prefixCache", "The prefix cache.",
-                                                 default_factory=PrefixCacheConfig)
-
-
-@dataclass(frozen=True)
 class PrefillConfig:
     max_batch_tokens: int = spec_field("maxBatchTokens", "Prompt tokens per batch.",
                                        default=8192, minimum=1)
@@ -626,7 +599,8 @@ class WorkerConfig:
                                         default="")
     quantization: str = spec_field("quantization", "Expected weight format.", default="auto",
                                    enum=QUANTIZATIONS)
-    engine: EngineConfig = spec_field("engine", "Engine knobs.", default_factory=EngineConfig)
+    # The Model's own engine settings, the one declaration (the CRD is generated from it too).
+    engine: EngineSpec = spec_field("engine", "Engine knobs.", default_factory=EngineSpec)
     prefill: PrefillConfig = spec_field("prefill", "Prefill worker knobs.",
                                         default_factory=PrefillConfig)
     decode: DecodeConfig = spec_field("decode", "Decode worker knobs.",
@@ -687,16 +661,7 @@ def worker_config(model: Model, model_path: str) -> WorkerConfig:
         served_model_name=model.served_model_name,
         model_path=model_path,
         quantization=spec.quantization,
-        engine=EngineConfig(max_model_len=spec.engine.max_model_len,
-                            kv_page_size=spec.engine.kv_page_size,
-                            cache_memory_fraction=spec.engine.cache_memory_fraction,
-                            dtype=spec.engine.dtype, cuda_graphs=spec.engine.cuda_graphs,
-                            prefix_cache=PrefixCacheConfig(
-                                enabled=spec.engine.prefix_cache.enabled,
-                                snapshot_memory_fraction=(
-                                    spec.engine.prefix_cache.snapshot_memory_fraction),
-                                snapshot_interval_tokens=(
-                                    spec.engine.prefix_cache.snapshot_interval_tokens))),
+        engine=spec.engine,
         prefill=PrefillConfig(max_batch_tokens=spec.prefill.max_batch_tokens,
                               expert_parallel=spec.prefill.expert_parallel,
                               gpus_per_replica=spec.prefill.gpus_per_replica),

@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from baton.workers.model.chat_template import NEMOTRON3_CHAT_TEMPLATE
+from baton.workers.text.chat_template import NEMOTRON3_CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 MARKUP_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>",

@@ -52,13 +52,13 @@ import demo_corpus
 import demo_eval
 import demo_tokenizer
 
-from baton.workers.engine.tokenizer import ByteTokenizer, Tokenizer
-from baton.workers.model.chat_template import NEMOTRON3_CHAT_TEMPLATE
 from baton.workers.model.checkpoint import save_model
 from baton.workers.model.config import NemotronHConfig
 from baton.workers.model.layers import Router
 from baton.workers.model.model import NemotronHModel
 from baton.workers.progress import Progress
+from baton.workers.text.chat_template import NEMOTRON3_CHAT_TEMPLATE
+from baton.workers.text.tokenizer import ByteTokenizer, Tokenizer
 
 # Every layer kind of Nemotron 3 (Mamba2, attention, LatentMoE with a shared expert) and an MTP
 # depth ("*E"), attention after every Mamba layer (copying numbers is attention's job): about

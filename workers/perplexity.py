@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{path}: no such file")
     import torch
 
-    from baton.workers.engine.tokenizer import load_tokenizer
     from baton.workers.model import load_model
+    from baton.workers.text.tokenizer import load_tokenizer
 
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device,
                        kernels=args.kernels)

@@ -109,8 +109,8 @@ def calibrate(in_dir: Path, files: list[Path], max_tokens: int, linears: set[str
     """Runs the 16-bit model over up to max_tokens tokens of `files`; returns input amaxes."""
     import torch
 
-    from baton.workers.engine.tokenizer import load_tokenizer
     from baton.workers.model import load_model
+    from baton.workers.text.tokenizer import load_tokenizer
 
     model = load_model(in_dir, dtype=torch.float32, kernels="torch")
     tokenizer = load_tokenizer(in_dir)

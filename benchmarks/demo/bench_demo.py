@@ -50,8 +50,8 @@ import demo_corpus  # noqa: E402
 import demo_eval  # noqa: E402
 
 from baton.workers import perplexity, quantize  # noqa: E402
-from baton.workers.engine.tokenizer import load_tokenizer  # noqa: E402
 from baton.workers.model import load_model  # noqa: E402
+from baton.workers.text.tokenizer import load_tokenizer  # noqa: E402
 
 # Prompts end where a token ends in the training text. The tokenizer merges a newline with the
 # indentation after it ("):" + "\n   " + " return"), so a prompt ending in a bare newline is a

@@ -92,8 +92,8 @@ class EngineBackend:
 
 def load_engine(cfg: WorkerConfig, device: torch.device, cache_memory: int | None) -> EngineLoop:
     """The decode worker's engine (same sizing rules) on one device."""
-    from baton.workers.engine.tokenizer import load_tokenizer
     from baton.workers.model import load_model
+    from baton.workers.text.tokenizer import load_tokenizer
 
     dtype = settings.pick_dtype(cfg.engine.dtype, device)
     model = load_model(cfg.model_path, dtype=dtype, device=device, kernels="auto",

@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                       moe_shared_expert_intermediate_size=16)
     t0 = time.perf_counter()
     backend = synthetic_tokenizer(vocab)
-    from baton.workers.engine.tokenizer import Tokenizer
+    from baton.workers.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(backend, eos_token="<|im_end|>")
     tokenizer_s = time.perf_counter() - t0

@@ -29,7 +29,7 @@ def worker_config(model_path: Path, speculative_tokens: int = 2, engine: dict | 
     return {
         "model": "tiny", "namespace": "e2e", "servedModelName": "tiny",
         "modelPath": str(model_path), "quantization": "auto",
-        "engine": {"maxModelLen": MAX_MODEL_LEN, "kvPageSize": 16, "cacheMemoryFraction": 0.5,
+        "engine": {"maxModelLen": MAX_MODEL_LEN, "kvPageSize": 16, "cacheMemoryFraction": "0.5",
                    "dtype": "float32", **(engine or {})},
         "prefill": {"maxBatchTokens": 1024, "expertParallel": 1, "gpusPerReplica": 1},
         "decode": {"maxConcurrency": 8, "speculativeTokens": speculative_tokens,

@@ -19,7 +19,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from baton.workers.engine.tokenizer import load_tokenizer
+from baton.workers.text.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 CHECKPOINT = REPO / "examples" / "tiny"

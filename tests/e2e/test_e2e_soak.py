@@ -213,7 +213,7 @@ def test_a_snapshot_pool_under_pressure_loses_nothing(tmp_path, e2e):
     """The same traffic with room for three Mamba snapshots per worker: snapshots are
     evicted all the time, and still every answer is whole, nothing stays held, nothing is
     logged as an error or a warning."""
-    with _cluster(tmp_path, e2e, engine={"prefixCache": {"snapshotMemoryFraction": 0.001}}
+    with _cluster(tmp_path, e2e, engine={"prefixCache": {"snapshotMemoryFraction": "0.001"}}
                   ) as fresh:
         seen = asyncio.run(_soak(fresh["url"]))
         print("soak with three snapshots:", dict(seen))

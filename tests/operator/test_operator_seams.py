@@ -70,3 +70,33 @@ def test_operator_process_imports_neither_torch_nor_workers():
             "assert not bad, bad\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_engine_settings_are_declared_once():
+    """The worker configuration file embeds the Model's EngineSpec (and its PrefixCacheSpec):
+    one declaration feeds the CRD, the parser of both files and their bounds."""
+    import dataclasses
+
+    import pytest
+
+    from baton.operator.fields import openapi_schema
+    from baton.operator.spec import EngineSpec, ModelSpec, SpecError, WorkerConfig
+
+    types = {f.name: f.type for f in dataclasses.fields(WorkerConfig)}
+    assert types["engine"] in ("EngineSpec", EngineSpec)
+    model_engine = openapi_schema(ModelSpec)["properties"]["engine"]
+    worker_engine = openapi_schema(WorkerConfig)["properties"]["engine"]
+    assert worker_engine["properties"] == model_engine["properties"]
+    # The bound the Model always had now holds for the worker file too (it took >= 1 before).
+    with pytest.raises(SpecError, match=r"workerConfig.engine.maxModelLen: .*16"):
+        WorkerConfig.from_dict({"model": "m", "modelPath": "/m", "engine": {"maxModelLen": 8}})
+    with pytest.raises(SpecError, match="multiple of kvPageSize"):
+        WorkerConfig.from_dict({"model": "m", "modelPath": "/m",
+                                "engine": {"maxModelLen": 100, "kvPageSize": 16}})
+
+
+def test_routing_names_are_declared_once():
+    from baton.operator import spec
+    from baton.workers.router import balancer
+
+    assert balancer.ROUTINGS is spec.ROUTINGS

@@ -168,9 +168,9 @@ def test_worker_config_shape_and_round_trip(tmp_path):
     expected = {
         "model": "nano", "namespace": "llm", "servedModelName": "nano",
         "modelPath": "/models/source", "quantization": "auto",
-        "engine": {"maxModelLen": 8192, "kvPageSize": 16, "cacheMemoryFraction": 0.85,
+        "engine": {"maxModelLen": 8192, "kvPageSize": 16, "cacheMemoryFraction": "0.85",
                    "dtype": "auto", "cudaGraphs": True,
-                   "prefixCache": {"enabled": True, "snapshotMemoryFraction": 0.25,
+                   "prefixCache": {"enabled": True, "snapshotMemoryFraction": "0.25",
                                    "snapshotIntervalTokens": 1024}},
         "prefill": {"maxBatchTokens": 8192, "expertParallel": 1, "gpusPerReplica": 1},
         "decode": {"maxConcurrency": 64, "speculativeTokens": 2, "expertParallel": 1,

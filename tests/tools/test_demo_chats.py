@@ -10,8 +10,8 @@ import re
 import demo_chats
 import pytest
 
-from baton.workers.engine.tokenizer import ByteTokenizer
-from baton.workers.model.chat_template import NEMOTRON3_CHAT_TEMPLATE
+from baton.workers.text.chat_template import NEMOTRON3_CHAT_TEMPLATE
+from baton.workers.text.tokenizer import ByteTokenizer
 
 
 @pytest.mark.parametrize("expression, value", [

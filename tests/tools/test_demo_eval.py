@@ -13,8 +13,8 @@ import demo_eval
 import pytest
 import torch
 
-from baton.workers.engine.tokenizer import load_tokenizer
 from baton.workers.model import load_model
+from baton.workers.text.tokenizer import load_tokenizer
 
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo"
 

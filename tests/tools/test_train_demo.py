@@ -13,11 +13,11 @@ import pytest
 import torch
 import train_demo
 
-from baton.workers.engine.tokenizer import load_tokenizer
 from baton.workers.model import load_model
-from baton.workers.model.chat_template import NEMOTRON3_CHAT_TEMPLATE
 from baton.workers.model.config import NemotronHConfig
 from baton.workers.model.model import NemotronHModel
+from baton.workers.text.chat_template import NEMOTRON3_CHAT_TEMPLATE
+from baton.workers.text.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

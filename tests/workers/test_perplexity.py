@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from baton.workers import perplexity
-from baton.workers.engine.tokenizer import load_tokenizer
 from baton.workers.model import load_model
+from baton.workers.text.tokenizer import load_tokenizer
 
 TINY = Path(__file__).resolve().parents[2] / "examples" / "tiny"
 TEXTS = ["The model reads a prompt one token at a time and writes an answer. " * 6,

@@ -13,9 +13,9 @@ penalties.py, grammar.py with llguidance), allocator (refcounted KV pages with a
 ones, state slots), prefix_cache (the page trie and the Mamba snapshot pool), snapshots (when
 pages are published and snapshots taken), sizing (how many pages, slots and snapshots),
 handoff + reservation (prefill on one engine, decode on another), loop (EngineLoop,
-RequestStream), tokenizer (tokenizer.json, chat templates, byte fallback, incremental
-detokenizer, stop strings), config (EngineConfig, EngineStats), request (Request, TokenEvent,
-per-sequence state).
+RequestStream), config (EngineConfig, EngineStats), request (Request, TokenEvent,
+per-sequence state). Text (tokenizers, chat templates, detokenizer, stop strings) is
+baton.workers.text, which imports no torch.
 """
 
 from baton.workers.engine.config import EngineConfig, EngineStats, StepTimings

@@ -34,7 +34,7 @@ from baton.workers.engine.sampling import fresh_seed, request_seed
 from baton.workers.engine.scheduler import Scheduler
 from baton.workers.engine.sizing import size_caches
 from baton.workers.engine.snapshots import SnapshotKeeper
-from baton.workers.engine.tokenizer import IncrementalDetokenizer, StopMatcher
+from baton.workers.text.streaming import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import torch
 
 from baton.workers.engine.prefix_cache import CacheKeys
 from baton.workers.engine.sampling import SamplingParams
-from baton.workers.engine.tokenizer import IncrementalDetokenizer, StopMatcher
+from baton.workers.text.streaming import IncrementalDetokenizer, StopMatcher
 
 
 @dataclass

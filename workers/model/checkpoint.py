@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import save_file
 
 from baton.kernels import QuantExperts, QuantLinear, WeightFormat
+from baton.workers.text.chat_template import NEMOTRON3_CHAT_TEMPLATE
 
-from .chat_template import NEMOTRON3_CHAT_TEMPLATE
 from .config import NemotronHConfig
 from .layers import FormatPlan
 from .model import NemotronHModel

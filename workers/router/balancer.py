@@ -21,10 +21,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Collection, Iterable, Sequence
 
+from baton.operator.spec import ROUTINGS
 from baton.workers.router.discovery import Worker
 from baton.workers.router.prefix_index import PrefixIndex, rendezvous
 
-ROUTINGS = ("prefix-aware", "least-loaded", "round-robin")
 # A session's worker wins unless another holds much more of the prompt or is much less loaded.
 AFFINITY = 0.3
 # A worker that reported no capacity yet is taken to hold this many requests at most.

@@ -26,9 +26,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from baton.workers.engine.tokenizer import IncrementalDetokenizer, StopMatcher
 from baton.workers.router.reasoning import REASONING, ReasoningSplitter
 from baton.workers.router.tool_calls import ToolCallDelta, ToolCallParser, new_call_id
+from baton.workers.text.streaming import IncrementalDetokenizer, StopMatcher
 
 
 @dataclass(frozen=True)

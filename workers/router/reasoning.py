@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 
-from baton.workers.engine.tokenizer import partial_marker_len
+from baton.workers.text.streaming import partial_marker_len
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"

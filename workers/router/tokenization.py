@@ -1,4 +1,4 @@
-"""The router's view of the checkpoint's tokenizer (baton.workers.engine.tokenizer), and
+"""The router's view of the checkpoint's tokenizer (baton.workers.text.tokenizer), and
 tokenizing prompts without letting one request stall the others.
 
 `bounded_encode` is how every prompt is tokenized: off the event loop (the `tokenizers`
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from baton.workers.engine.tokenizer import Tokenizer, load_tokenizer
 from baton.workers.router.grammar import GrammarCompiler
+from baton.workers.text.tokenizer import Tokenizer, load_tokenizer
 
 # Markup the output processing reads; kept when decoding even where it is a special token.
 MARKUP_TOKENS = ("<think>", "</think>", "<tool_call>", "</tool_call>")

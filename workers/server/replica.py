@@ -85,8 +85,8 @@ def build_engine(config: WorkerConfig, role: str, device: torch.device, dtype: t
     from baton.workers.engine import Engine
     from baton.workers.engine.sampling import fresh_seed
     from baton.workers.engine.sizing import CacheSizeError, size_caches
-    from baton.workers.engine.tokenizer import load_tokenizer
     from baton.workers.model import load_model
+    from baton.workers.text.tokenizer import load_tokenizer
 
     path = config.model_path
     model = load_model(path, dtype=dtype, device=device, kernels="auto",

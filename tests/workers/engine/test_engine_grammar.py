@@ -16,7 +16,7 @@ from llguidance import LLMatcher
 
 from baton.workers.engine import Engine, EngineConfig, EngineLoop, Request, SamplingParams
 from baton.workers.engine.grammar import GrammarCompiler, GrammarState, MaskComputer
-from baton.workers.engine.tokenizer import load_tokenizer
+from baton.workers.text.tokenizer import load_tokenizer
 
 TINY = Path(__file__).resolve().parents[3] / "examples" / "tiny"
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from baton.workers.engine import Engine, EngineConfig, Request, SamplingParams
-from baton.workers.engine.tokenizer import load_tokenizer
 from baton.workers.model import load_model
 from baton.workers.model.checkpoint import write_random_checkpoint
+from baton.workers.text.tokenizer import load_tokenizer
 
 CONFIG = dict(
     vocab_size=320,

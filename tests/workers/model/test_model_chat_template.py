@@ -8,8 +8,8 @@ import json
 import jinja2
 import pytest
 
-from baton.workers.engine.tokenizer import _compile_template
-from baton.workers.model.chat_template import NEMOTRON3_CHAT_TEMPLATE, TOOLS_FOOTER
+from baton.workers.text.chat_template import NEMOTRON3_CHAT_TEMPLATE, TOOLS_FOOTER
+from baton.workers.text.tokenizer import _compile_template
 
 CALCULATOR = {
     "type": "function",

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from baton.workers.engine.tokenizer import load_tokenizer
 from baton.workers.model import load_model
-from baton.workers.model.chat_template import NEMOTRON3_CHAT_TEMPLATE
+from baton.workers.text.chat_template import NEMOTRON3_CHAT_TEMPLATE
+from baton.workers.text.tokenizer import load_tokenizer
 
 DEMO = Path(__file__).resolve().parents[3] / "examples" / "demo"
 CALCULATOR = {"type": "function", "function": {

@@ -11,8 +11,6 @@ import pytest
 from llguidance import LLMatcher, LLTokenizer
 from tokenizers import Tokenizer as Backend
 
-from baton.workers.engine.tokenizer import _compile_template
-from baton.workers.model.chat_template import NEMOTRON3_CHAT_TEMPLATE
 from baton.workers.router.grammar import (
     GrammarCompiler,
     GrammarError,
@@ -20,6 +18,8 @@ from baton.workers.router.grammar import (
     build_grammar,
 )
 from baton.workers.router.tools import ToolChoice, parse_tools
+from baton.workers.text.chat_template import NEMOTRON3_CHAT_TEMPLATE
+from baton.workers.text.tokenizer import _compile_template
 
 TINY = Path(__file__).resolve().parents[3] / "examples" / "tiny"
 

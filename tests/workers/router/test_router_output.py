@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from baton.workers.engine.tokenizer import ByteTokenizer, load_tokenizer
 from baton.workers.router.output import ChoiceOutput, Delta, Message
 from baton.workers.router.tool_calls import typed_argument
+from baton.workers.text.tokenizer import ByteTokenizer, load_tokenizer
 
 TINY = Path(__file__).resolve().parents[3] / "examples" / "tiny"
 

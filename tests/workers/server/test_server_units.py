@@ -59,7 +59,7 @@ def test_engine_config_carries_the_prefix_cache_and_the_budget():
 
     config = WorkerConfig.from_dict({
         "model": "m", "modelPath": "/m", "engine": {"kvPageSize": 16, "prefixCache": {
-            "snapshotMemoryFraction": 0.3, "snapshotIntervalTokens": 512}},
+            "snapshotMemoryFraction": "0.3", "snapshotIntervalTokens": 512}},
         "decode": {"maxConcurrency": 4, "speculativeTokens": 2},
         "pools": {"prefill": [{"name": "p"}], "decode": [{"name": "p"}]}})
     decode = settings.engine_config(config, "decode", 1 << 20)
@@ -331,7 +331,7 @@ def test_cache_sizes_that_cannot_fit_name_the_spec_field():
     cpu = torch.device("cpu")
     with pytest.raises(ValueError, match=r"spec.engine.prefixCache.snapshotMemoryFraction: "
                                          r"\d+ bytes of cache memory on this decode worker"):
-        replica.build_engine(config(snapshotMemoryFraction=0.001), "decode", cpu,
+        replica.build_engine(config(snapshotMemoryFraction="0.001"), "decode", cpu,
                              torch.float32, 1 << 20)
     with pytest.raises(ValueError, match=r"spec.engine.cacheMemoryFraction \(or "
                                          r"--cache-memory\): 4096 bytes"):

@@ -290,7 +290,7 @@ def test_disaggregated_equals_full_recompute(cluster, reference_model):
 
 
 def _eos_ids() -> list[int]:
-    from baton.workers.engine.tokenizer import load_tokenizer
+    from baton.workers.text.tokenizer import load_tokenizer
 
     return list(load_tokenizer(TINY).eos_token_ids)
 
@@ -545,7 +545,7 @@ def test_a_constrained_request_over_grpc(cluster):
     import jsonschema
     from llguidance import LLMatcher
 
-    from baton.workers.engine.tokenizer import load_tokenizer
+    from baton.workers.text.tokenizer import load_tokenizer
 
     schema = {"type": "object", "properties": {
         "name": {"type": "string", "maxLength": 5},

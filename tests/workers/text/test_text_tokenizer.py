@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from baton.workers.engine.tokenizer import (
+from baton.workers.text import (
     ByteTokenizer,
     IncrementalDetokenizer,
     StopMatcher,
