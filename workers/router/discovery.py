@@ -32,6 +32,9 @@ from baton.proto.grpc.health.v1 import health_pb2, health_pb2_grpc
 log = logging.getLogger("baton.router.discovery")
 
 ROLES = ("prefill", "decode")
+# Health checks that miss their deadline in a row before a worker gets no new work (a worker
+# that refuses the connection is out at once).
+SLOW_CHECKS_BEFORE_UNREADY = 3
 # Transfer payloads go worker to worker; router <-> worker messages are small, but a long
 # prompt's token ids can exceed gRPC's 4 MiB default.
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 * 1024**2),
@@ -215,10 +218,20 @@ class WorkerPool:
                                                         timeout=self.check_timeout_s)
             worker.failures = 0
         except grpc.aio.AioRpcError as exc:
-            worker.mark_failed()
-            if was_ready:
-                log.warning("%s worker %s failed its health check: %s", self.role,
-                            worker.address, exc.code().name)
+            if (exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+                    and worker.failures + 1 < SLOW_CHECKS_BEFORE_UNREADY):
+                # Slow, not gone: a busy host can miss one deadline. The worker keeps its
+                # work until SLOW_CHECKS_BEFORE_UNREADY in a row (a hung one is left then);
+                # an unreachable one (any other code) is taken out at once.
+                worker.failures += 1
+                log.info("%s worker %s: health check %s (%d in a row; out at %d)", self.role,
+                         worker.address, exc.code().name, worker.failures,
+                         SLOW_CHECKS_BEFORE_UNREADY)
+            else:
+                worker.mark_failed()
+                if was_ready:
+                    log.warning("%s worker %s failed its health check: %s", self.role,
+                                worker.address, exc.code().name)
         worker.checked_at = time.monotonic()
         if worker.ready != was_ready:
             log.info("%s worker %s is %s", self.role, worker.address,

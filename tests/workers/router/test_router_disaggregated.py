@@ -626,6 +626,45 @@ async def test_pool_follows_the_resolver(cluster):
         await pool.close()
 
 
+async def test_a_slow_health_check_keeps_the_worker_until_several_in_a_row(cluster, caplog):
+    """A busy host can miss one health-check deadline: the worker keeps its work (logged at
+    INFO) until SLOW_CHECKS_BEFORE_UNREADY in a row; one that refuses connections is out at
+    the first check."""
+    import logging
+
+    from baton.workers.router.discovery import SLOW_CHECKS_BEFORE_UNREADY
+
+    decodes, _, _ = cluster
+    pool = WorkerPool("decode", MutableResolver([decodes[0].address, decodes[1].address]),
+                      interval_s=3600, check_timeout_s=0.2)  # refreshed by hand below
+    await pool.refresh()
+    try:
+        slow, gone = (pool.workers[d.address] for d in decodes)
+        assert slow.ready and gone.ready
+        decodes[0].hung.clear()  # answers nothing: every check misses its deadline
+        await decodes[1].server.stop(0)  # refuses connections
+        with caplog.at_level(logging.INFO, logger="baton.router.discovery"):
+            await pool.refresh()
+            assert slow.ready and slow.failures == 1
+            assert not gone.ready
+            for _ in range(SLOW_CHECKS_BEFORE_UNREADY - 2):
+                await pool.refresh()
+            assert slow.ready
+            await pool.refresh()
+            assert not slow.ready and slow.failures == SLOW_CHECKS_BEFORE_UNREADY
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert warnings == [f"decode worker {decodes[1].address} failed its health check: "
+                            "UNAVAILABLE",
+                            f"decode worker {decodes[0].address} failed its health check: "
+                            "DEADLINE_EXCEEDED"], warnings
+        decodes[0].hung.set()  # answers again: back in at the next check
+        await pool.refresh()
+        assert slow.ready and slow.failures == 0
+    finally:
+        decodes[0].hung.set()
+        await pool.close()
+
+
 async def test_decode_choice_skips_workers_reported_too_full(cluster):
     decodes, prefills, router = cluster
     client, backend = await router()
