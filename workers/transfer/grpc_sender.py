@@ -94,6 +94,8 @@ class GrpcStateSender:
         self.state = TransferState.PENDING
         self.handed: list[tuple[int, str, float]] = []
         """(layer, kind, time.time()) as the engine handed each state over."""
+        self.backpressure_waits = 0
+        """States whose on_layer had to wait for room in the queue (tests, logs)."""
         self._transport = transport
         self._chunk_bytes = transport.chunk_bytes
         self._max_queued = transport.max_queued_bytes
@@ -149,8 +151,12 @@ class GrpcStateSender:
         with self._cond:
             # Backpressure: wait while the queue is over its byte budget (an empty queue
             # always takes one state, however large).
+            waited = False
             while (self._queue and self._queued_bytes + desc.nbytes > self._max_queued
                    and not self._call_done()):
+                if not waited:
+                    waited = True
+                    self.backpressure_waits += 1
                 self._cond.wait(timeout=0.1)
             self._queue.append(_Queued(desc, host))
             self._queued_bytes += desc.nbytes

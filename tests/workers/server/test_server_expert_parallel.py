@@ -205,18 +205,19 @@ rank, init, barrier = int(sys.argv[1]), sys.argv[2], pathlib.Path(sys.argv[3])
 # Both processes meet here first, so start-up skew does not eat the short timeout.
 (barrier / str(rank)).touch()
 while len(list(barrier.glob("[01]"))) < 2:
-    time.sleep(0.01)
+    time.sleep(0.01)  # a bounded poll: the test's join bounds it
 ranks = replica.Ranks(rank, 2, init, torch.device("cpu"))
 if rank == 0:
-    time.sleep(4.0)  # an idle replica: no engine call for longer than that timeout
+    # What is tested is time itself: a replica idle for longer than the group's timeout (no
+    # clock to inject into gloo). Load can only lengthen the idle time, which is the point.
+    time.sleep(4.0)
     ranks.channel.send(("step",))
 else:
     print("received", ranks.channel.recv())
 ranks.channel.gather(rank)  # as at shutdown: the last message before the ranks close
 if rank == 0:
     while not (barrier / "closed").exists():  # as in a worker: followers go first
-        time.sleep(0.01)
-    time.sleep(0.2)
+        time.sleep(0.01)  # a bounded poll: the test's join bounds it
 ranks.close()
 if rank == 1:
     (barrier / "closed").touch()
