@@ -330,6 +330,8 @@ class DisaggregatedBackend:
                     decode_target=decode.address,
                     deadline=_timestamp(time.time() + self.transfer_timeout_s),
                     reservation_id=reserved.reservation_id,
+                    reservation_token=reserved.reservation_token,
+                    prompt_chain_hash=reserved.prompt_chain_hash,
                     decode_cached_tokens=reserved.cached_tokens,
                     num_output_tokens=len(emitted))
                 prefill_task = asyncio.create_task(
