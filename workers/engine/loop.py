@@ -269,6 +269,16 @@ class EngineLoop:
         self._wake.set()
         return future
 
+    def _run_call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the loop thread between steps and wait for its result."""
+        if threading.current_thread() is self._thread and self._in_step:
+            # A callback inside a step (a sink, a prefill result): waiting for the loop would
+            # wait on this very thread, and on an expert-parallel replica the followers are
+            # inside the same step and cannot take the call.
+            raise RuntimeError("a call that waits for the engine was made inside an engine "
+                               "step")
+        return self._call(fn).result()
+
     def _admit_check(self) -> None:
         if self.error is not None:
             raise EngineDraining(f"the engine loop failed: {self.error!r}") from self.error
@@ -353,7 +363,7 @@ class EngineLoop:
                 self.engine.add_request(request)
             self._streams[request.request_id] = stream
 
-        self._call(add).result()
+        self._run_call(add)
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -388,7 +398,7 @@ class EngineLoop:
                 self._guards[rid] = guard
             self._prefills[rid] = result
 
-        self._call(add).result()
+        self._run_call(add)
         return result
 
     def reserve(self, request: Request, local_prefill_max_tokens: int = 0) -> DecodeReservation:
@@ -416,7 +426,7 @@ class EngineLoop:
                     self, request.request_id)
             return reservation
 
-        return self._call(reserve).result()
+        return self._run_call(reserve)
 
     def commit(self, reservation: DecodeReservation, first_token: int,
                sampling: SamplingParams | None = None, logprob: float | None = None,
@@ -442,7 +452,7 @@ class EngineLoop:
             reservation.stream = stream
             reservation.mark_started()
 
-        self._call(commit).result()
+        self._run_call(commit)
         return stream
 
     def release(self, reservation: DecodeReservation, reason: EndReason = EndReason.RELEASED,

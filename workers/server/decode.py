@@ -89,7 +89,8 @@ class DecodeServicer:
     """Reserve, Generate, Release and TransferState over one WorkerRuntime."""
 
     def __init__(self, runtime: WorkerRuntime, attach_timeout_s: float = ATTACH_TIMEOUT_S,
-                 max_open: int | None = None, reclaim_after_s: float = RECLAIM_AFTER_S):
+                 max_open: int | None = None, reclaim_after_s: float = RECLAIM_AFTER_S,
+                 deadlines: Deadlines | None = None):
         if attach_timeout_s <= 0:
             raise ValueError(f"attach_timeout_s={attach_timeout_s} must be > 0")
         if max_open is not None and max_open < 1:
@@ -99,7 +100,7 @@ class DecodeServicer:
         self.max_open = max_open if max_open is not None else default_max_open(
             runtime.config.decode.max_concurrency)
         self.reclaim_after_s = reclaim_after_s
-        self.deadlines = Deadlines("baton-decode-deadlines")
+        self.deadlines = Deadlines("baton-decode-deadlines") if deadlines is None else deadlines
         self.receiver = StateReceiver("", metrics=runtime.metrics, deadlines=self.deadlines)
         self.transfer_handler = TransferStateHandler(self.receiver)
         self._lock = threading.Lock()
@@ -163,10 +164,10 @@ class DecodeServicer:
             self.runtime.count_held(-1)
 
     def end(self, res: DecodeReservation, reason: EndReason, message: str) -> None:
-        """Ends a reservation whatever its state: a transfer under way fails (and its failure
-        releases the room), else the loop releases it (or aborts its running request)."""
-        if not self.receiver.cancel(res.reservation_id, message):
-            self.runtime.loop.release(res, reason, message)
+        """Ends a reservation whatever its state: the loop releases its room (or aborts its
+        running request), and a transfer under way fails (its sender hears why)."""
+        self.runtime.loop.release(res, reason, message)
+        self.receiver.cancel(res.reservation_id, message)
 
     def _expire(self, res: DecodeReservation) -> None:
         # On the deadline thread: ending only queues work for the loop.
@@ -193,10 +194,10 @@ class DecodeServicer:
             del self._unattached[rid]
         log.info("reservation %s of request %s reclaimed: no Generate call attached, and "
                  "%d others wait", victim.reservation_id, victim.request_id, self.max_open)
-        if not self.receiver.cancel(rid, "reclaimed: no Generate call attached"):
-            # Wait for the room to be free before reserving anew.
-            self.runtime.loop.release(victim, EndReason.RECLAIMED,
-                                      "no Generate call attached").result()
+        released = self.runtime.loop.release(victim, EndReason.RECLAIMED,
+                                             "no Generate call attached")
+        self.receiver.cancel(rid, "reclaimed: no Generate call attached")
+        released.result()  # the room is free before the new Reserve takes some
 
     # ---- Reserve -------------------------------------------------------------------------
 
@@ -367,7 +368,7 @@ class DecodeServicer:
     def _ended_before_start(res: DecodeReservation) -> CallEnded:
         """Why a reservation ended before its request ran, as the Generate call's status."""
         error = res.transfer_error
-        if isinstance(error, TransferError):
+        if res.ended is EndReason.TRANSFER_FAILED and isinstance(error, TransferError):
             outcome = {FailureReason.DEADLINE_EXCEEDED: "timeout",
                        FailureReason.CANCELLED: "cancelled"}.get(error.reason, "error")
             return CallEnded(outcome, REASON_TO_STATUS[error.reason], error.message)

@@ -303,7 +303,8 @@ class StateReceiver:
                  deadlines: Deadlines | None = None):
         self.fingerprint = fingerprint
         self.metrics = metrics
-        self.deadlines = deadlines or Deadlines("baton-transfer-deadlines")
+        self.deadlines = (Deadlines("baton-transfer-deadlines") if deadlines is None
+                          else deadlines)
         """The one heap every transfer's deadline is on (shared with the reservations')."""
         self._incoming: dict[str, IncomingTransfer] = {}
         self._ended: OrderedDict[str, TransferError | None] = OrderedDict()

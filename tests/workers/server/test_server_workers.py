@@ -160,7 +160,16 @@ def _prefill_request(decode: Worker, request_id: str, prompt: list[int], samplin
     return prefill_pb2.PrefillRequest(
         request_id=request_id, prompt_token_ids=prompt, sampling=sampling,
         decode_target=decode.address, reservation_id=reserved.reservation_id,
+        reservation_token=reserved.reservation_token,
+        prompt_chain_hash=reserved.prompt_chain_hash,
         decode_cached_tokens=reserved.cached_tokens, num_output_tokens=num_output_tokens)
+
+
+def _binding(reserved):
+    """What a Prefill presents: the Reserve answer's token and the prompt's chain hash."""
+    from baton.workers.transfer import ReservationBinding
+
+    return ReservationBinding(reserved.reservation_token, reserved.prompt_chain_hash)
 
 
 def serve(prefill: Worker, decode: Worker, prompt: list[int], sampling,
@@ -329,11 +338,12 @@ def test_layer_states_stream_while_prefill_runs(cluster):
 _STALLED_SENDER = textwrap.dedent("""
     import sys, time, torch
     from baton.workers.engine import LayerState, StateKind
-    from baton.workers.transfer import GrpcTransport
+    from baton.workers.transfer import GrpcTransport, ReservationBinding
     address, reservation_id, request_id, fingerprint = sys.argv[1:5]
     n, start = int(sys.argv[5]), int(sys.argv[6])
+    binding = ReservationBinding(sys.argv[7], bytes.fromhex(sys.argv[8]))
     sender = GrpcTransport(fingerprint).open(address, reservation_id, request_id, n, start,
-                                             time.time() + 60)
+                                             time.time() + 60, binding)
     sender.on_layer(LayerState(1, StateKind.KV, start, n, torch.zeros(2, n - start, 2, 16)))
     print("sent", flush=True)
     time.sleep(60)
@@ -349,7 +359,8 @@ def test_killed_sender_mid_transfer_releases_everything(cluster):
     fingerprint = cluster["decode"].load().fingerprint
     sender = subprocess.Popen([sys.executable, "-c", _STALLED_SENDER, decode.address,
                                reserved.reservation_id, request_id, fingerprint,
-                               str(len(prompt)), str(reserved.cached_tokens)],
+                               str(len(prompt)), str(reserved.cached_tokens),
+                               reserved.reservation_token, reserved.prompt_chain_hash.hex()],
                               stdout=subprocess.PIPE, cwd=REPO)
     try:
         assert sender.stdout.readline().strip() == b"sent"
@@ -421,7 +432,8 @@ def test_corrupted_chunk_is_detected_by_the_decode_worker(cluster):
                                     "corrupt-" + uuid.uuid4().hex)
     stream = _generate(decode, request_id, reserved, timeout=60)
     sender = Corrupting(cluster["decode"].load().fingerprint).open(
-        decode.address, reserved.reservation_id, request_id, len(prompt), 0, time.time() + 30)
+        decode.address, reserved.reservation_id, request_id, len(prompt), 0, time.time() + 30,
+        _binding(reserved))
     with pytest.raises(TransferError) as err:
         sender.on_layer(LayerState(1, StateKind.KV, 0, len(prompt),
                                    torch.randn(2, len(prompt), 2, 16)))
@@ -444,7 +456,7 @@ def test_fingerprint_mismatch_refused_by_the_decode_worker(cluster):
                                     "stranger-" + uuid.uuid4().hex)
     stream = _generate(decode, request_id, reserved, timeout=60)
     sender = GrpcTransport("0" * 64).open(decode.address, reserved.reservation_id, request_id,
-                                          len(prompt), 0, time.time() + 30)
+                                          len(prompt), 0, time.time() + 30, _binding(reserved))
     with pytest.raises(TransferError) as err:
         sender.finish(FirstToken(5))
     assert err.value.reason is FailureReason.REFUSED
@@ -702,7 +714,8 @@ def test_transfers_over_mutual_tls(cluster, reference_model):
         from baton.workers.transfer import TransferError as Err
 
         sender = GrpcTransport(decode.load().fingerprint).open(
-            decode.address, "plain", "plain", 3, 0, time.time() + 10)
+            decode.address, "plain", "plain", 3, 0, time.time() + 10,
+            _binding(SimpleNamespace(reservation_token="t" * 32, prompt_chain_hash=b"")))
         with pytest.raises(Err) as err:
             sender.finish(FirstToken(1))
         assert err.value.reason is FailureReason.REFUSED  # UNIMPLEMENTED on that port
