@@ -20,12 +20,14 @@ engine/reservation.py) from Reserve to its end. Their deadlines (attach, transfe
 on one heap serviced by one thread (baton.workers.deadlines), shared with the transfers'.
 
 Reservations no Generate attached to (un-attached) are what a caller that reserves and never
-comes back holds: a Reserve flood. Two bounds keep them from holding every slot: the attach
+comes back holds: a Reserve flood. They cannot hold the worker's slots for long: the attach
 deadline (--attach-timeout-seconds, 2 s by default: a router calls Generate as soon as Reserve
-answered), and a cap on un-attached reservations (--max-open-reservations, half the decode
-slots by default). At the cap, a new Reserve takes back the oldest un-attached reservation
-once it has waited reclaim_after_s (a router's Generate comes within milliseconds; younger ones
-are a burst of real requests, and the new Reserve is refused as full instead).
+answered) releases them, and before that a Reserve that finds no room takes back the oldest
+un-attached reservation once it has waited reclaim_after_s (1 s; a router's Generate comes
+within milliseconds, so a younger one is a real request on its way, and the new Reserve is
+refused as full instead: the router queues it and tries again). --max-open-reservations caps
+how many may be un-attached at once (default: every slot, so the cap alone never refuses a
+burst of real requests); a Reserve at the cap reclaims the same way.
 """
 
 from __future__ import annotations
@@ -67,8 +69,8 @@ SERVICE = "baton.decode.v1.DecodeService"
 # A router calls Generate as soon as Reserve answered; a reservation no Generate attached to
 # in this long is released (a router that went away, or a Reserve flood).
 ATTACH_TIMEOUT_S = 2.0
-# At the un-attached cap, an un-attached reservation this old may be taken back for a new one.
-RECLAIM_AFTER_S = 0.25
+# An un-attached reservation this old may be taken back for a new Reserve that finds no room.
+RECLAIM_AFTER_S = 1.0
 
 _FINISH = {
     None: decode_pb2.FINISH_REASON_UNSPECIFIED,
@@ -80,9 +82,6 @@ _FINISH = {
 _ANSWERED = frozenset({decode_pb2.FINISH_REASON_STOP, decode_pb2.FINISH_REASON_LENGTH})
 
 
-def default_max_open(max_concurrency: int) -> int:
-    """Half the decode slots (at least one): the other half stays for attached requests."""
-    return max(1, max_concurrency // 2)
 
 
 class DecodeServicer:
@@ -97,8 +96,8 @@ class DecodeServicer:
             raise ValueError(f"max_open={max_open} must be >= 1")
         self.runtime = runtime
         self.attach_timeout_s = attach_timeout_s
-        self.max_open = max_open if max_open is not None else default_max_open(
-            runtime.config.decode.max_concurrency)
+        self.max_open = (max_open if max_open is not None
+                         else max(1, runtime.config.decode.max_concurrency))
         self.reclaim_after_s = reclaim_after_s
         self.deadlines = Deadlines("baton-decode-deadlines") if deadlines is None else deadlines
         self.receiver = StateReceiver("", metrics=runtime.metrics, deadlines=self.deadlines)
@@ -179,25 +178,39 @@ class DecodeServicer:
         self.end(res, EndReason.ATTACH_EXPIRED, "no Generate call attached to the reservation "
                  "in time")
 
-    def _make_room(self) -> None:
-        """At the un-attached cap: takes back the oldest un-attached reservation if it waited
-        reclaim_after_s, else refuses the new Reserve as full (see the module docstring)."""
+    def _reclaim(self, why: str) -> bool:
+        """Takes back the oldest un-attached reservation if it waited reclaim_after_s (see the
+        module docstring); whether one was."""
         with self._lock:
-            if len(self._unattached) < self.max_open:
-                return
+            if not self._unattached:
+                return False
             rid, (reserved_at, _) = next(iter(self._unattached.items()))
             if time.monotonic() - reserved_at < self.reclaim_after_s:
-                raise CallEnded("rejected", grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"{len(self._unattached)} reservations wait for their Generate "
-                                f"call (at most {self.max_open})")
+                return False
             victim = self._reservations[rid]
             del self._unattached[rid]
-        log.info("reservation %s of request %s reclaimed: no Generate call attached, and "
-                 "%d others wait", victim.reservation_id, victim.request_id, self.max_open)
+        log.info("reservation %s of request %s reclaimed: no Generate call attached, and %s",
+                 victim.reservation_id, victim.request_id, why)
         released = self.runtime.loop.release(victim, EndReason.RECLAIMED,
                                              "no Generate call attached")
         self.receiver.cancel(rid, "reclaimed: no Generate call attached")
         released.result()  # the room is free before the new Reserve takes some
+        return True
+
+    def _reserve_room(self, req, local_prefill_max_tokens: int) -> DecodeReservation:
+        """The engine's reservation, reclaiming an un-attached one at the cap or when the
+        engine is full."""
+        if self.unattached() >= self.max_open and not self._reclaim(
+                f"{self.max_open} reservations wait for their Generate call"):
+            raise CallEnded("rejected", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"{self.max_open} reservations wait for their Generate call (the "
+                            "most this worker holds)")
+        try:
+            return self.runtime.loop.reserve(req, local_prefill_max_tokens)
+        except CacheFull:
+            if not self._reclaim("the engine is full"):
+                raise
+        return self.runtime.loop.reserve(req, local_prefill_max_tokens)
 
     # ---- Reserve -------------------------------------------------------------------------
 
@@ -225,9 +238,8 @@ class DecodeServicer:
         rt = self.runtime
         req = admitted_request(request)
         deadline = rt.deadline_of(request, None)
-        self._make_room()
         try:
-            res = rt.loop.reserve(req, int(request.local_prefill_max_tokens))
+            res = self._reserve_room(req, int(request.local_prefill_max_tokens))
         except CacheFull as e:
             raise CallEnded("rejected", grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
         except EngineDraining as e:

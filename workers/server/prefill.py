@@ -72,6 +72,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         self.runtime = runtime
         self.tls = tls
         self.decode_targets = tuple(decode_targets)
+        self._peers: set[str] | None = None
         self.transport: GrpcTransport | None = None
         self._sending = 0
         self._sending_lock = threading.Lock()
@@ -172,9 +173,23 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         host = host.strip("[]")
         if not self.decode_targets or host in self.decode_targets:
             return
-        if not _addresses(host) & set().union(*map(_addresses, self.decode_targets)):
+        addresses = _addresses(host)
+        if addresses & self._peer_addresses(fresh=False):
+            return
+        # A decode worker that started since the last look: resolve the names again.
+        if not addresses & self._peer_addresses(fresh=True):
             raise CallEnded("rejected", grpc.StatusCode.PERMISSION_DENIED,
                             f"decode_target={target!r} is not a decode worker of this model")
+
+    def _peer_addresses(self, fresh: bool) -> set[str]:
+        """The addresses the --decode-target names resolve to (cached; fresh: look again)."""
+        with self._sending_lock:
+            cached = self._peers
+        if cached is None or fresh:
+            cached = set().union(*map(_addresses, self.decode_targets))
+            with self._sending_lock:
+                self._peers = cached
+        return cached
 
     def _run(self, req, sender, context, arrival: float, deadline: float, start: int):
         rt = self.runtime

@@ -41,7 +41,7 @@ class WorkerArgs:
     attach_timeout_seconds: float = 2.0
     """Decode: a reservation no Generate call attached to in this long is released."""
     max_open_reservations: int | None = None
-    """Decode: most reservations without a Generate call at once (None: half the slots)."""
+    """Decode: most reservations without a Generate call at once (None: every slot)."""
     decode_targets: tuple[str, ...] = ()
     """Prefill: the decode workers' host names (their Service's DNS name) or addresses; a
     Prefill whose decode_target's host is not one of them, and does not resolve to one of
@@ -110,7 +110,7 @@ def parse_args(argv: list[str]) -> WorkerArgs:
                              "this long (a router calls Generate right after Reserve)")
     parser.add_argument("--max-open-reservations", type=int, default=None,
                         help="decode: most reservations waiting for their Generate call at "
-                             "once; default: half of decode.maxConcurrency")
+                             "once; default: decode.maxConcurrency")
     parser.add_argument("--decode-target", action="append", default=[],
                         dest="decode_targets", metavar="HOST",
                         help="prefill: a decode workers' host (a Service's DNS name or an "

@@ -8,9 +8,9 @@ import torch
 
 from baton.workers.engine import (
     BindingRefused,
+    EndReason,
     Engine,
     EngineConfig,
-    EndReason,
     LayerState,
     Request,
     ReservationState,

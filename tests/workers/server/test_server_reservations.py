@@ -284,27 +284,50 @@ def test_generate_needs_a_held_reservation_and_release_frees_one(decode):
 
 
 def test_unattached_reservations_are_capped_and_the_oldest_is_reclaimed(decode):
-    """Half the slots (2 of 4) may wait for a Generate call: a third Reserve takes back the
-    oldest, so reservations nobody attaches to can never hold every slot."""
+    """With --max-open-reservations 2, a third Reserve takes back the oldest un-attached
+    reservation: reservations nobody attaches to cannot pile up."""
     d = decode
-    assert d.servicer.max_open == 2
+    assert d.servicer.max_open == 4  # the default: every slot
+    d.servicer.max_open = 2
     first, _ = _reserve(d, "f1", 1)
     second, _ = _reserve(d, "f2", 2)
     third, _ = _reserve(d, "f3", 3)
     assert first.state is ReservationState.ENDED and first.ended is EndReason.RECLAIMED
     assert d.servicer.unattached() == 2 and d.runtime.held == 2
+    with pytest.raises(CallEnded) as ended:  # its Generate comes too late
+        list(d.servicer._generate(decode_pb2.GenerateRequest(
+            reservation_id=first.reservation_id), _Context()))
+    assert ended.value.code == grpc.StatusCode.NOT_FOUND
     # An attached reservation is not counted: two more may wait beside it.
     assert d.servicer._attach(second.reservation_id) is second
     fourth, _ = _reserve(d, "f4", 4)
     assert second.state is ReservationState.OPEN and third.state is ReservationState.OPEN
     assert d.servicer.unattached() == 2 and d.runtime.held == 3
-    # Reservations younger than reclaim_after_s are a burst of real requests: a Reserve past
-    # the cap is refused as full instead.
+    # Reservations younger than reclaim_after_s are real requests on their way: a Reserve
+    # past the cap is refused as full instead (the router queues it and tries again).
     d.servicer.reclaim_after_s = 3600.0
     with pytest.raises(CallEnded) as ended:
         _reserve(d, "f5", 5)
     assert ended.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     for res in (second, third, fourth):
+        d.servicer.end(res, EndReason.RELEASED, "test")
+    _nothing_held(d)
+
+
+def test_a_full_engine_takes_back_the_oldest_unattached_reservation(decode):
+    """Every slot reserved, one attached: a new Reserve reclaims the oldest un-attached one
+    (never the attached one) instead of waiting for its attach deadline."""
+    d = decode
+    held = [_reserve(d, f"u{i}", 10 + i)[0] for i in range(4)]
+    assert d.servicer._attach(held[0].reservation_id) is held[0]
+    fresh, _ = _reserve(d, "fresh", 20)
+    assert held[1].state is ReservationState.ENDED and held[1].ended is EndReason.RECLAIMED
+    assert held[0].state is ReservationState.OPEN and fresh.state is ReservationState.OPEN
+    d.servicer.reclaim_after_s = 3600.0  # all young now: full is full
+    with pytest.raises(CallEnded) as ended:
+        _reserve(d, "late", 21)
+    assert ended.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for res in (held[0], held[2], held[3], fresh):
         d.servicer.end(res, EndReason.RELEASED, "test")
     _nothing_held(d)
 

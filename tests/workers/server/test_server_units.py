@@ -26,6 +26,15 @@ def test_flags_parse_and_bad_ones_are_named(capsys, tmp_path):
     assert (args.role, args.pool, args.grpc_port, args.metrics_port) == ("decode", "hopper", 5, 6)
     assert args.cache_memory_bytes == 512 << 20 and args.host == "0.0.0.0"
     assert args.tls is None
+    # The reservation bounds' defaults (a Reserve flood), and the prefill side's decode peers.
+    assert args.attach_timeout_seconds == 2.0 and args.max_open_reservations is None
+    bounded = settings.parse_args(["decode", "--config", "c", "--pool", "p",
+                                   "--attach-timeout-seconds", "0.5",
+                                   "--max-open-reservations", "3"])
+    assert (bounded.attach_timeout_seconds, bounded.max_open_reservations) == (0.5, 3)
+    peers = settings.parse_args(["prefill", "--config", "c", "--pool", "p", "--decode-target",
+                                 "decode.ns.svc", "--decode-target", "10.0.0.7"])
+    assert peers.decode_targets == ("decode.ns.svc", "10.0.0.7")
     tls = settings.parse_args(["decode", "--config", "c", "--pool", "p", "--tls-cert", "c.pem",
                                "--tls-key", "k.pem", "--transfer-port", "50052"]).tls
     assert tls.transfer_port == 50052 and tls.ca is None
@@ -40,7 +49,11 @@ def test_flags_parse_and_bad_ones_are_named(capsys, tmp_path):
                          (["prefill", "--config", "c", "--pool", "p", "--tls-cert", "a",
                            "--tls-key", "b"], "--tls-ca"),
                          (["prefill", "--config", "c", "--pool", "p", "--tls-ca", "a",
-                           "--tls-cert", "b"], "go together")):
+                           "--tls-cert", "b"], "go together"),
+                         (["decode", "--config", "c", "--pool", "p",
+                           "--attach-timeout-seconds", "0"], "--attach-timeout-seconds=0.0"),
+                         (["decode", "--config", "c", "--pool", "p",
+                           "--max-open-reservations", "0"], "--max-open-reservations=0")):
         with pytest.raises(SystemExit):
             settings.parse_args(bad)
         assert message in capsys.readouterr().err
@@ -178,6 +191,31 @@ def _prefill_servicer_with(future, aborted: list):
     loop = SimpleNamespace(run_prefill=lambda req, sender, sink_from=0: future,
                            abort=aborted.append)
     return PrefillServicer(SimpleNamespace(loop=loop, metrics=None))
+
+
+def test_decode_target_must_be_a_told_decode_worker():
+    """A Prefill names the decode worker to send state to: with --decode-target, only those
+    hosts (or what they resolve to) are dialled; a bad target is refused before any dial."""
+    from types import SimpleNamespace
+
+    from baton.workers.server.prefill import PrefillServicer
+    from baton.workers.server.runtime import CallEnded
+
+    runtime = SimpleNamespace(loop=None, metrics=None)
+    told = PrefillServicer(runtime, decode_targets=("localhost", "10.0.0.7"))
+    told._check_target("10.0.0.7:50051")
+    told._check_target("127.0.0.1:50051")  # what localhost resolves to
+    for target, code in (("10.0.0.8:50051", grpc.StatusCode.PERMISSION_DENIED),
+                         ("169.254.169.254:80", grpc.StatusCode.PERMISSION_DENIED),
+                         ("nowhere.invalid:1", grpc.StatusCode.PERMISSION_DENIED),
+                         ("10.0.0.7", grpc.StatusCode.INVALID_ARGUMENT),
+                         ("10.0.0.7:http", grpc.StatusCode.INVALID_ARGUMENT),
+                         (":50051", grpc.StatusCode.INVALID_ARGUMENT)):
+        with pytest.raises(CallEnded) as ended:
+            told._check_target(target)
+        assert ended.value.code == code and ended.value.outcome == "rejected", target
+    # Not told (the default): any host:port, still well formed.
+    PrefillServicer(runtime)._check_target("10.0.0.8:50051")
 
 
 @pytest.mark.parametrize("started", [True, False])
