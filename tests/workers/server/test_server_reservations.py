@@ -340,3 +340,15 @@ def test_request_conversion_keeps_the_prompt_the_chain_hash_names(decode):
     assert answer.prompt_chain_hash == prompt_chain_hash(req.prompt_ids)
     decode.servicer.end(res, EndReason.RELEASED, "test")
     _nothing_held(decode)
+
+
+def test_reservations_start_no_thread_of_their_own(decode):
+    """Attach and transfer deadlines are entries on the servicer's one heap."""
+    d = decode
+    before = threading.active_count()
+    held = [_reserve(d, f"t{i}", 30 + i)[0] for i in range(4)]
+    assert threading.active_count() == before
+    assert len(d.servicer.deadlines) == 8  # an attach and a transfer deadline each
+    for res in held:
+        d.servicer.end(res, EndReason.RELEASED, "test")
+    _nothing_held(d)
