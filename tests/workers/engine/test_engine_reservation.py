@@ -3,8 +3,10 @@ release from every state leaving no slot or page behind."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
-import torch
 
 from baton.workers.engine import (
     BindingRefused,
@@ -19,14 +21,12 @@ from baton.workers.engine import (
     prompt_chain_hash,
 )
 
+sys.path.insert(0, str(Path(__file__).parent))
+from test_engine_handoff import drain, prompt
+
 OPEN, RECEIVING, COMMITTED, STREAMING, ENDED = (
     ReservationState.OPEN, ReservationState.RECEIVING, ReservationState.COMMITTED,
     ReservationState.STREAMING, ReservationState.ENDED)
-
-
-def prompt(seed: int, n: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 97, (n,), generator=g).tolist()
 
 
 def engine_for(model) -> Engine:
@@ -52,14 +52,6 @@ def prefilled(model, req: Request):
     sink = Sink()
     result = engine_for(model).prefill(req, sink)
     return sink.states, result.first_token
-
-
-def drain(engine: Engine) -> dict[str, list]:
-    events: dict[str, list] = {}
-    while engine.has_work():
-        for ev in engine.step():
-            events.setdefault(ev.request_id, []).append(ev)
-    return events
 
 
 def assert_nothing_held(engine: Engine) -> None:

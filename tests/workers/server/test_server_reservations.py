@@ -221,15 +221,29 @@ def test_a_generate_call_that_ended_before_its_handler_ran_frees_its_reservation
     _nothing_held(d)
 
 
-def test_generate_waits_on_the_reservation_and_streams_once_the_state_arrived(decode):
-    d = decode
-    res, answer = _reserve(d, "r2")
-    context = _Context()
+def _generate_in_thread(d, res, context: _Context):
+    """A Generate call's handler on a thread, attached: (thread, its messages, its failure)."""
     out: list = []
-    gen = threading.Thread(target=lambda: out.extend(d.servicer._generate(
-        decode_pb2.GenerateRequest(reservation_id=answer.reservation_id), context)))
+    failure: list[CallEnded] = []
+
+    def generate() -> None:
+        try:
+            out.extend(d.servicer._generate(decode_pb2.GenerateRequest(
+                reservation_id=res.reservation_id), context))
+        except CallEnded as e:
+            failure.append(e)
+
+    gen = threading.Thread(target=generate)
     gen.start()
     _wait(lambda: res.attached, "the Generate call attached")
+    return gen, out, failure
+
+
+def test_generate_waits_on_the_reservation_and_streams_once_the_state_arrived(decode):
+    d = decode
+    res, _ = _reserve(d, "r2")
+    context = _Context()
+    gen, out, _ = _generate_in_thread(d, res, context)
     assert res.state is ReservationState.OPEN and not out  # waiting, nothing streamed
     _drive(d, res, ReservationState.COMMITTED)
     gen.join(60)
@@ -243,20 +257,9 @@ def test_generate_waits_on_the_reservation_and_streams_once_the_state_arrived(de
 
 def test_a_generate_waiting_for_its_state_ends_when_its_call_ends(decode):
     d = decode
-    res, answer = _reserve(d, "r3")
+    res, _ = _reserve(d, "r3")
     context = _Context()
-    failure: list = []
-
-    def generate():
-        try:
-            list(d.servicer._generate(decode_pb2.GenerateRequest(
-                reservation_id=answer.reservation_id), context))
-        except CallEnded as e:
-            failure.append(e)
-
-    gen = threading.Thread(target=generate)
-    gen.start()
-    _wait(lambda: res.attached, "the Generate call attached")
+    gen, _, failure = _generate_in_thread(d, res, context)
     context.end()  # the router cancelled: the wait wakes (no poll)
     gen.join(60)
     assert not gen.is_alive() and failure[0].code == grpc.StatusCode.CANCELLED

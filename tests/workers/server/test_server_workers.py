@@ -417,9 +417,19 @@ def test_killed_prefill_worker_mid_transfer_releases_everything(cluster):
         prefill.stop()
 
 
-def test_corrupted_chunk_is_detected_by_the_decode_worker(cluster):
+def _send_kv(sender, n: int):
+    """Sends one layer's KV of n tokens and the first token; the TransferError it ends with."""
     from baton.workers.engine import LayerState, StateKind
-    from baton.workers.transfer import FailureReason, FirstToken, GrpcTransport, TransferError
+    from baton.workers.transfer import FirstToken, TransferError
+
+    with pytest.raises(TransferError) as err:
+        sender.on_layer(LayerState(1, StateKind.KV, 0, n, torch.randn(2, n, 2, 16)))
+        sender.finish(FirstToken(5))
+    return err.value
+
+
+def test_corrupted_chunk_is_detected_by_the_decode_worker(cluster):
+    from baton.workers.transfer import FailureReason, GrpcTransport
 
     class Corrupting(GrpcTransport):
         def tamper(self, chunk, message):
@@ -435,11 +445,7 @@ def test_corrupted_chunk_is_detected_by_the_decode_worker(cluster):
     sender = Corrupting(cluster["decode"].load().fingerprint).open(
         decode.address, reserved.reservation_id, request_id, len(prompt), 0, time.time() + 30,
         _binding(reserved))
-    with pytest.raises(TransferError) as err:
-        sender.on_layer(LayerState(1, StateKind.KV, 0, len(prompt),
-                                   torch.randn(2, len(prompt), 2, 16)))
-        sender.finish(FirstToken(5))
-    assert err.value.reason is FailureReason.DATA_LOSS
+    assert _send_kv(sender, len(prompt)).reason is FailureReason.DATA_LOSS
     with pytest.raises(grpc.RpcError) as gen_err:
         list(stream)
     assert gen_err.value.code() == grpc.StatusCode.DATA_LOSS
@@ -753,7 +759,7 @@ def test_a_prefill_of_another_prompt_into_a_reservation_is_refused_and_caches_no
     """The cache-poisoning sequence: reserve prompt P, Prefill a different prompt Q into that
     reservation. Refused every way it can be tried, nothing of Q reaches the decode worker's
     prefix cache, and P is then served as a cache-free recompute would."""
-    from baton.workers.transfer import FailureReason, FirstToken, GrpcTransport, TransferError
+    from baton.workers.transfer import FailureReason, GrpcTransport
 
     decode, prefill = cluster["decode"], cluster["prefill"]
     stub = prefill_pb2_grpc.PrefillServiceStub(prefill.channel)
@@ -789,18 +795,13 @@ def test_a_prefill_of_another_prompt_into_a_reservation_is_refused_and_caches_no
     assert "another prompt" in gen_err.value.details()
     # 3. Straight to TransferState, without the token (a guessed one), P's chain hash and Q's
     #    state: refused at the handshake; nothing written.
-    from baton.workers.engine import LayerState, StateKind
     from baton.workers.transfer import ReservationBinding
 
     request_id, reserved, stream = reserved_p("poison-guess")
     sender = GrpcTransport(decode.load().fingerprint).open(
         decode.address, reserved.reservation_id, request_id, len(p_prompt), 0,
         time.time() + 30, ReservationBinding("0" * 32, reserved.prompt_chain_hash))
-    with pytest.raises(TransferError) as err:
-        sender.on_layer(LayerState(1, StateKind.KV, 0, len(p_prompt),
-                                   torch.randn(2, len(p_prompt), 2, 16)))
-        sender.finish(FirstToken(5))
-    assert err.value.reason is FailureReason.REFUSED
+    assert _send_kv(sender, len(p_prompt)).reason is FailureReason.REFUSED
     with pytest.raises(grpc.RpcError) as gen_err:
         list(stream)
     assert "token" in gen_err.value.details()
