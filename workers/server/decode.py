@@ -82,8 +82,6 @@ _FINISH = {
 _ANSWERED = frozenset({decode_pb2.FINISH_REASON_STOP, decode_pb2.FINISH_REASON_LENGTH})
 
 
-
-
 class DecodeServicer:
     """Reserve, Generate, Release and TransferState over one WorkerRuntime."""
 
