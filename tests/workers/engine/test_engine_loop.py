@@ -87,6 +87,8 @@ def test_prefill_and_reserve_through_loops(tiny_model):
     expect = reference(tiny_model, requests)
     with make_loop(tiny_model) as prefill, make_loop(tiny_model) as decode:
         reservations = [decode.reserve(r) for r in requests]
+        for res in reservations:
+            res.bind(res.token, res.chain_hash)
 
         class Sink:
             def __init__(self, res):
@@ -99,12 +101,12 @@ def test_prefill_and_reserve_through_loops(tiny_model):
         streams = []
         for r, res, fut in zip(requests, reservations, futures):
             result = fut.result(timeout=30)
-            streams.append(res.commit(result.first_token, r.sampling, result.logprob))
+            streams.append(decode.commit(res, result.first_token, r.sampling, result.logprob))
         for r, stream in zip(requests, streams):
             assert [ev.token_id for ev in stream] == expect[r.request_id]
         # A prefill aborted while queued fails its future; a released reservation frees.
         res = decode.reserve(Request("gone", prompt(9, 9)))
-        res.release()
+        decode.release(res).result(timeout=30)
         assert decode.drain(timeout=10) and prefill.drain(timeout=10)
         assert decode.stats().reserved == 0 and decode.stats().kv_cache_usage == 0
 

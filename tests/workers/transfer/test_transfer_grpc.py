@@ -17,6 +17,7 @@ from baton.workers.transfer import (
     FailureReason,
     FirstToken,
     GrpcTransport,
+    ReservationBinding,
     StateReceiver,
     TransferError,
     TransferState,
@@ -24,6 +25,8 @@ from baton.workers.transfer import (
 )
 
 FINGERPRINT = "f" * 64
+# What a Prefill presents (the reservation's token and its prompt's chain hash).
+BINDING = ReservationBinding("t" * 32, b"h" * 32)
 
 
 class RecordingTarget:
@@ -36,6 +39,10 @@ class RecordingTarget:
         self.released = threading.Event()
         self.completed = threading.Event()
         self._block = block_writes
+        self.bound: tuple[str, bytes] | None = None
+
+    def bind(self, token: str, chain_hash: bytes) -> None:
+        self.bound = (token, chain_hash)
 
     def write(self, state: LayerState) -> None:
         if self._block is not None:
@@ -110,7 +117,7 @@ def test_round_trip_is_exact_and_metered(decode_side):
     incoming = receiver.expect("r1", "r1", 37, 0, target, _deadline())
     metrics = _metrics()
     transport = GrpcTransport(FINGERPRINT, metrics=metrics, chunk_bytes=64 << 10)
-    sender = transport.open(address, "r1", "r1", 37, 0, _deadline())
+    sender = transport.open(address, "r1", "r1", 37, 0, _deadline(), BINDING)
     sent = _states()
     for state in sent:
         sender.on_layer(state)
@@ -144,7 +151,7 @@ def test_a_transfer_into_a_cached_prefix_names_its_reservation_and_start(decode_
     receiver, address = decode_side
     target = RecordingTarget()
     incoming = receiver.expect("res-9", "r9x", 37, 20, target, _deadline())
-    sender = GrpcTransport(FINGERPRINT).open(address, "res-9", "r9x", 37, 20, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "res-9", "r9x", 37, 20, _deadline(), BINDING)
     g = torch.Generator().manual_seed(3)
     sender.on_layer(LayerState(1, StateKind.KV, 20, 37, torch.randn(2, 17, 4, 8, generator=g)))
     result = sender.finish(FirstToken(5), cached_tokens=31)
@@ -154,18 +161,18 @@ def test_a_transfer_into_a_cached_prefix_names_its_reservation_and_start(decode_
     # A sender that does not know what the reservation holds is refused at the handshake.
     other = RecordingTarget()
     receiver.expect("res-10", "r10x", 37, 20, other, _deadline())
-    sender = GrpcTransport(FINGERPRINT).open(address, "res-10", "r10x", 37, 0, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "res-10", "r10x", 37, 0, _deadline(), BINDING)
     with pytest.raises(TransferError) as err:
         sender.finish(FirstToken(5))
-    assert err.value.reason is FailureReason.REFUSED and "first 20 tokens" in err.value.message
-    assert other.released.is_set()
+    assert err.value.reason is FailureReason.REFUSED
+    assert other.released.is_set() and "first 20 tokens" in other.error.message
 
 
 def test_states_stream_before_the_prefill_ends(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
     incoming = receiver.expect("r2", "r2", 37, 0, target, _deadline())
-    sender = GrpcTransport(FINGERPRINT).open(address, "r2", "r2", 37, 0, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "r2", "r2", 37, 0, _deadline(), BINDING)
     states = _states()
     sender.on_layer(states[0])
     # Layer 0's state must be whole on the receiver before the sender has seen layer 1.
@@ -200,7 +207,7 @@ def test_corrupted_chunk_is_data_loss_and_released(decode_side):
     metrics = _metrics()
     transport = CorruptingTransport(FINGERPRINT, metrics=metrics, chunk_bytes=64 << 10,
                                     corrupt_chunk=(2, 64 << 10))
-    sender = transport.open(address, "r3", "r3", 37, 0, _deadline())
+    sender = transport.open(address, "r3", "r3", 37, 0, _deadline(), BINDING)
     with pytest.raises(TransferError) as err:
         # Once the receiver refused the chunk, the next on_layer raises (the engine then
         # stops the prefill), else finish does.
@@ -208,9 +215,8 @@ def test_corrupted_chunk_is_data_loss_and_released(decode_side):
             sender.on_layer(state)
         sender.finish(FirstToken(1))
     assert err.value.reason is FailureReason.DATA_LOSS
-    assert "checksum" in err.value.message
     assert target.released.wait(60)
-    assert target.error.reason is FailureReason.DATA_LOSS
+    assert target.error.reason is FailureReason.DATA_LOSS and "checksum" in target.error.message
     assert target.first_token is None and incoming.state is TransferState.FAILED
     # Only the states before the corrupted one were written.
     assert [s.layer for s in target.states] == [0, 0]
@@ -223,7 +229,7 @@ def test_stall_past_deadline_fails_and_releases(decode_side):
     target = RecordingTarget()
     incoming = receiver.expect("r4", "r4", 37, 0, target, _deadline(0.8))
     # The sender would wait longer: the receiver's own deadline must end it.
-    sender = GrpcTransport(FINGERPRINT).open(address, "r4", "r4", 37, 0, _deadline(3.0))
+    sender = GrpcTransport(FINGERPRINT).open(address, "r4", "r4", 37, 0, _deadline(3.0), BINDING)
     sender.on_layer(_states()[0])
     # The prefill stalls here: no more layers, no finish.
     assert incoming.wait(60)
@@ -240,7 +246,7 @@ def test_sender_deadline_first_still_reads_as_deadline(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
     incoming = receiver.expect("r4b", "r4b", 37, 0, target, _deadline(0.6))
-    sender = GrpcTransport(FINGERPRINT).open(address, "r4b", "r4b", 37, 0, _deadline(0.6))
+    sender = GrpcTransport(FINGERPRINT).open(address, "r4b", "r4b", 37, 0, _deadline(0.6), BINDING)
     sender.on_layer(_states()[0])
     assert incoming.wait(60) and target.released.is_set()
     assert target.error.reason is FailureReason.DEADLINE_EXCEEDED
@@ -250,14 +256,14 @@ def test_fingerprint_mismatch_is_refused(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
     receiver.expect("r5", "r5", 37, 0, target, _deadline())
-    sender = GrpcTransport("0" * 64).open(address, "r5", "r5", 37, 0, _deadline())
+    sender = GrpcTransport("0" * 64).open(address, "r5", "r5", 37, 0, _deadline(), BINDING)
     assert target.released.wait(60) and target.states == []
     assert target.error.reason is FailureReason.REFUSED
     _wait_for(lambda: sender._call_done())
     with pytest.raises(TransferError) as err:
         sender.on_layer(_states()[0])
     assert err.value.reason is FailureReason.REFUSED
-    assert "fingerprint" in err.value.message
+    assert "fingerprint" in target.error.message
     with pytest.raises(TransferError) as err:
         sender.finish(FirstToken(1))
     assert err.value.reason is FailureReason.REFUSED
@@ -267,7 +273,7 @@ def test_prompt_length_mismatch_is_refused(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
     receiver.expect("r5b", "r5b", 37, 0, target, _deadline())
-    sender = GrpcTransport(FINGERPRINT).open(address, "r5b", "r5b", 36, 0, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "r5b", "r5b", 36, 0, _deadline(), BINDING)
     with pytest.raises(TransferError) as err:
         sender.finish(FirstToken(1))
     assert err.value.reason is FailureReason.REFUSED
@@ -276,7 +282,8 @@ def test_prompt_length_mismatch_is_refused(decode_side):
 
 def test_unknown_request_is_not_found(decode_side):
     _, address = decode_side
-    sender = GrpcTransport(FINGERPRINT).open(address, "nobody", "nobody", 37, 0, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "nobody", "nobody", 37, 0, _deadline(),
+                                             BINDING)
     with pytest.raises(TransferError) as err:
         sender.finish(FirstToken(1))
     assert err.value.reason is FailureReason.NOT_FOUND
@@ -286,7 +293,7 @@ def test_sender_abort_releases_the_receiver(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
     incoming = receiver.expect("r6", "r6", 37, 0, target, _deadline())
-    sender = GrpcTransport(FINGERPRINT).open(address, "r6", "r6", 37, 0, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "r6", "r6", 37, 0, _deadline(), BINDING)
     sender.on_layer(_states()[0])
     _wait_for(lambda: incoming.arrivals)  # mid-transfer: the receiver holds a layer
     sender.abort("prefill failed")
@@ -298,7 +305,7 @@ def test_receiver_cancel_releases_and_ends_the_call(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
     receiver.expect("r7", "r7", 37, 0, target, _deadline())
-    sender = GrpcTransport(FINGERPRINT).open(address, "r7", "r7", 37, 0, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "r7", "r7", 37, 0, _deadline(), BINDING)
     sender.on_layer(_states()[0])
     assert receiver.cancel("r7", "client disconnected")
     assert target.error.reason is FailureReason.CANCELLED
@@ -313,7 +320,7 @@ def test_backpressure_blocks_the_engine_thread(decode_side):
     target = RecordingTarget(block_writes=unblock)
     receiver.expect("r8", "r8", 64, 0, target, _deadline())
     transport = GrpcTransport(FINGERPRINT, chunk_bytes=1 << 20, max_queued_bytes=1 << 20)
-    sender = transport.open(address, "r8", "r8", 64, 0, _deadline())
+    sender = transport.open(address, "r8", "r8", 64, 0, _deadline(), BINDING)
     big = [LayerState(i, StateKind.KV, 0, 64, torch.full((2, 64, 16, 256), float(i)))
            for i in range(48)]  # 1 MiB each
     handed = threading.Event()
@@ -350,7 +357,8 @@ def test_malformed_message_is_data_loss(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
     receiver.expect("r10", "r10", 37, 0, target, _deadline())
-    sender = TruncatingTransport(FINGERPRINT).open(address, "r10", "r10", 37, 0, _deadline())
+    sender = TruncatingTransport(FINGERPRINT).open(address, "r10", "r10", 37, 0, _deadline(),
+                                                   BINDING)
     with pytest.raises(TransferError) as err:
         for state in _states():
             sender.on_layer(state)
@@ -363,7 +371,7 @@ def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="chunk_bytes=16"):
         GrpcTransport(FINGERPRINT, chunk_bytes=16)
     with pytest.raises(ValueError, match="decode_target='nowhere'"):
-        GrpcTransport(FINGERPRINT).open("nowhere", "r", "r", 1, 0, _deadline())
+        GrpcTransport(FINGERPRINT).open("nowhere", "r", "r", 1, 0, _deadline(), BINDING)
 
 
 class StoppedEngineTarget(RecordingTarget):
@@ -377,13 +385,13 @@ def test_receiver_failure_on_commit_releases_and_tells_the_sender(decode_side):
     receiver, address = decode_side
     target = StoppedEngineTarget()
     incoming = receiver.expect("r9", "r9", 37, 0, target, _deadline())
-    sender = GrpcTransport(FINGERPRINT).open(address, "r9", "r9", 37, 0, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "r9", "r9", 37, 0, _deadline(), BINDING)
     sender.on_layer(_states()[0])
     with pytest.raises(TransferError) as err:
         sender.finish(FirstToken(1))
     assert err.value.reason is FailureReason.UNAVAILABLE
-    assert "could not commit" in err.value.message
     assert target.released.is_set() and incoming.state is TransferState.FAILED
+    assert "could not commit" in incoming.error.message
 
 
 def test_backpressure_never_outlives_the_deadline(decode_side):
@@ -396,7 +404,7 @@ def test_backpressure_never_outlives_the_deadline(decode_side):
     transport = GrpcTransport(FINGERPRINT, chunk_bytes=1 << 20, max_queued_bytes=1 << 20)
     # The transfer's deadline is what this test is about: short, but far longer than it
     # takes the engine thread to fill the queue and block (asserted below).
-    sender = transport.open(address, "r11", "r11", 64, 0, _deadline(3.0))
+    sender = transport.open(address, "r11", "r11", 64, 0, _deadline(3.0), BINDING)
     big = [LayerState(i, StateKind.KV, 0, 64, torch.full((2, 64, 16, 256), float(i)))
            for i in range(48)]
     outcome: list = []
@@ -436,7 +444,7 @@ def test_a_sender_that_ends_its_stream_without_completing_cancels_the_transfer(d
         call = channel.stream_unary("/baton.decode.v1.DecodeService/TransferState")
         with pytest.raises(grpc.RpcError) as err:
             handshake = wire.encode_handshake(PROTOCOL_VERSION, FINGERPRINT, "r-stop", "r-stop",
-                                              37, 0)
+                                              37, 0, BINDING)
             call(iter([handshake]), timeout=10)
     assert err.value.code() == grpc.StatusCode.CANCELLED
     assert target.released.wait(60) and target.error.reason is FailureReason.CANCELLED
