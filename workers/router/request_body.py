@@ -5,7 +5,8 @@
 - JSON is decoded strictly: NaN and Infinity (Python's json accepts them) and numbers that
   overflow to infinity are a 400 naming the field, nesting deeper than MAX_JSON_DEPTH is a
   400 (found from the raw brackets before decoding, not a RecursionError deep in the
-  parser), and invalid UTF-8 or syntax is a 400.
+  parser), and invalid UTF-8 or syntax is a 400. So is a lone UTF-16 surrogate in any
+  string (`"\ud800"` is valid JSON but no text: nothing downstream can encode it).
 - No JSON array or object in a request may have more items than the model's context has
   tokens (no field needs more): a longer one is a 400 before anything walks it.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import re
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -117,6 +119,47 @@ def _walk(value: Any, max_items: int, non_finite: bool) -> None:
                                   f"numbers only)", param=where, code="invalid_value")
 
 
+# A surrogate escape, or a surrogate's bytes (Python's json decodes bytes with surrogatepass);
+# only a body that has one is walked for a lone one (a pair is one character once decoded).
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def _find_lone_surrogate(value: Any) -> None:
+    stack: list[tuple[Any, list[Any]]] = [(value, [])]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                where = _path(path)
+                raise bad_request(f"{where}: holds a lone UTF-16 surrogate "
+                                  f"({node[exc.start]!r}); text must be valid Unicode",
+                                  param=where, code="invalid_value") from None
+        elif isinstance(node, dict):
+            for key, item in node.items():
+                stack.append((key, [*path, key]))
+                stack.append((item, [*path, key]))
+        elif isinstance(node, list):
+            stack.extend((item, [*path, i]) for i, item in enumerate(node))
+
+
+def decode_json_text(text: str, where: str) -> Any:
+    """A JSON document held in a string field (tool-call arguments), decoded with the same
+    depth bound as a body; ApiError 400 naming where for anything else."""
+    if _depth_exceeded(text.encode("utf-8", "surrogatepass")):
+        raise bad_request(f"{where}: nests deeper than {MAX_JSON_DEPTH} levels", param=where,
+                          code="invalid_value")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise bad_request(f"{where}: nests deeper than {MAX_JSON_DEPTH} levels", param=where,
+                          code="invalid_value") from None
+    except ValueError as exc:
+        raise bad_request(f"{where}: not valid JSON ({exc})", param=where,
+                          code="invalid_value") from None
+
+
 def decode_json_body(raw: bytes, max_items: int) -> Any:
     """The decoded body (blocking); ApiError 400 for anything that is not plain JSON or
     has a container of more than max_items items."""
@@ -146,6 +189,8 @@ def decode_json_body(raw: bytes, max_items: int) -> Any:
                           code="invalid_body")
     if isinstance(value, (dict, list)):
         _walk(value, max_items, bool(non_finite))
+    if _SURROGATE.search(raw):
+        _find_lone_surrogate(value)
     return value
 
 
