@@ -49,16 +49,74 @@ def too_large(size: int | None, limit: int) -> ApiError:
                     f"bytes (router.maxRequestBodyBytes).", code="request_too_large")
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The raw body, or 413 once it is known to exceed limit bytes."""
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large(request.content_length, limit)
-    chunks, size = [], 0
-    async for chunk in request.content.iter_chunked(_READ_CHUNK):
-        size += len(chunk)
-        if size > limit:
-            raise too_large(None, limit)
-        chunks.append(chunk)
+class BodyBudget:
+    """The bytes of request bodies the router holds at once (read, not yet decoded), across
+    all requests. A body that would take it past its limit is refused before it is read in
+    full: at once when its Content-Length says so, else as its chunks arrive."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.held = 0
+        self.peak = 0  # the most ever held at once
+        self.refused = 0
+
+    def reserve(self) -> BodyReservation:
+        return BodyReservation(self)
+
+
+class BodyReservation:
+    """One body's share of a BodyBudget; release() gives it back."""
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget = budget
+        self.bytes = 0
+
+    def grow(self, n: int) -> None:
+        budget = self.budget
+        if budget.held + n > budget.limit_bytes:
+            budget.refused += 1
+            raise ApiError(503, f"The router holds {budget.held} bytes of request bodies in "
+                           f"flight and takes at most {budget.limit_bytes} "
+                           f"(router.requestBodyBudgetBytes); retry later.",
+                           type="service_unavailable", code="body_budget_exhausted",
+                           headers={"Retry-After": "1"})
+        budget.held += n
+        budget.peak = max(budget.peak, budget.held)
+        self.bytes += n
+
+    def release(self) -> None:
+        self.budget.held -= self.bytes
+        self.bytes = 0
+
+
+async def read_body(request: web.Request, limit: int, reservation: BodyReservation,
+                    timeout_s: float) -> bytes:
+    """The raw body, held within reservation: 413 once it is known to exceed limit bytes,
+    503 when the budget has no room for it, 408 (and the connection closed) when it has not
+    arrived in full within timeout_s."""
+    if request.content_length is not None:
+        if request.content_length > limit:
+            raise too_large(request.content_length, limit)
+        reservation.grow(request.content_length)
+    chunks: list[bytes] = []
+    size = 0
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.content.iter_chunked(_READ_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise too_large(None, limit)
+            if size > reservation.bytes:
+                reservation.grow(size - reservation.bytes)
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"The request body did not arrive within {timeout_s:g} s "
+                       f"({size} bytes came).", code="request_timeout",
+                       close_connection=True) from None
     return b"".join(chunks)
 
 
