@@ -15,6 +15,7 @@ import pytest
 
 from baton.workers.router.params import UINT32_MAX
 from baton.workers.router.server import RouterSettings
+from baton.workers.router.tool_calls import typed_argument
 
 DEADLINE_S = 60.0  # bounds a hang only
 
@@ -174,6 +175,12 @@ async def test_bad_values_on_other_endpoints_are_shaped_400s(serve, path, body, 
                             headers={"Content-Type": "application/json"})
     assert r.status_code == 400, r.text
     assert _shaped(r.content)["param"] == param
+
+
+@pytest.mark.parametrize("schema", [{}, {"type": "array"}])
+def test_a_model_argument_nested_past_the_parser_stays_text(schema):
+    # The model's own output: no request to refuse, so the deep value stays its text.
+    assert typed_argument(DEEP_ARGS, schema) == DEEP_ARGS
 
 
 async def test_raw_surrogate_bytes_in_a_body_are_a_400(serve):
