@@ -367,3 +367,32 @@ async def test_24_bodies_of_15_mb_stay_within_the_body_budget(serve, until):
     assert all(answers[i] == (400, "context_length_exceeded") for i in rest), answers
     assert router.body_budget.peak <= budget
     assert router.body_budget.held == 0
+
+
+async def test_chunked_bodies_are_held_to_the_budget_as_they_arrive(serve, until):
+    """Without a Content-Length a body takes its share chunk by chunk: the one that would
+    pass the budget is refused 503 while the first goes on to be served."""
+    router, port = await serve(_settings(body_budget_bytes=1024**2))
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+
+    def chunk(data: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(data), data)
+
+    first = await asyncio.open_connection("127.0.0.1", port)
+    opening = b'{"model": "tiny", "max_tokens": 2, "prompt": "hi", "user": "'
+    first[1].write(head + chunk(opening + b"u" * (700 * 1024)))
+    assert await until(lambda: router.body_budget.held >= 700 * 1024)
+
+    second = await asyncio.open_connection("127.0.0.1", port)
+    second[1].write(head + chunk(opening + b"u" * (700 * 1024)))
+    status, _, payload = await _read_response(second[0])
+    assert status == 503 and _shaped(payload)["code"] == "body_budget_exhausted"
+    assert router.body_budget.peak <= 1024**2
+
+    first[1].write(chunk(b'"}') + b"0\r\n\r\n")
+    status, _, payload = await _read_response(first[0])
+    assert status == 200, payload
+    assert router.body_budget.held == 0
+    for _, writer in (first, second):
+        writer.close()
