@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -45,9 +46,20 @@ class _Handler(RequestHandler):
     def __init__(self, manager: web.Server, *, max_connections: int, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._max_connections = max_connections
+        self.saw_request = False  # a complete request head arrived (set by _Server)
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def _close_if_silent(self) -> None:
+        if not self.saw_request:
+            self.force_close()
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        # The first request head must arrive within the keep-alive timeout (aiohttp starts
+        # its own idle timer only after a first response in releases before 3.14).
+        if self.keepalive_timeout > 0:
+            self._head_timer = asyncio.get_running_loop().call_later(
+                self.keepalive_timeout, self._close_if_silent)
         open_now = len(self._manager.connections) if self._manager is not None else 0
         if open_now > self._max_connections:
             log.warning("refused a connection from %s: %d open, the cap is %d",
@@ -55,6 +67,11 @@ class _Handler(RequestHandler):
                         self._max_connections)
             self.force_close()
             transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
 
     def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -74,6 +91,13 @@ class _Server(web.Server):
     def __init__(self, *args: Any, max_connections: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._max_connections = max_connections
+        make_request = self.request_factory
+
+        def request_factory(message, payload, protocol, *args: Any, **kwargs: Any):
+            protocol.saw_request = True
+            return make_request(message, payload, protocol, *args, **kwargs)
+
+        self.request_factory = request_factory
 
     def __call__(self) -> RequestHandler:
         return _Handler(self, loop=self._loop, max_connections=self._max_connections,
