@@ -343,7 +343,10 @@ def router_deployment(model: Model, *, has_monitoring_api: bool, image: str,
                  "--port", str(ROUTER_PORT)],
         "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
         "env": _common_env(model) + [{"name": "BATON_ROLE", "value": "router"}],
-        "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}},
+        # The limit bounds what request bodies in flight (requestBodyBudgetBytes) and their
+        # decoding may take: past it the container restarts instead of starving the node.
+        "resources": {"requests": {"cpu": "500m", "memory": "512Mi"},
+                      "limits": {"memory": router.memory_limit}},
         "volumeMounts": mounts,
         "readinessProbe": {**ready_probe, "periodSeconds": 5, "failureThreshold": 2},
         "livenessProbe": {**live_probe, "periodSeconds": 10, "failureThreshold": 6,

@@ -200,6 +200,26 @@ class RouterSpec:
     max_request_body_bytes: int = spec_field(
         "maxRequestBodyBytes", "Largest request body the router reads; larger ones get 413.",
         default=16 * 1024**2, minimum=1024, maximum=1024**3)
+    request_body_budget_bytes: int = spec_field(
+        "requestBodyBudgetBytes", "Bytes of request bodies one router holds at once (read, "
+        "not yet decoded); a request whose body would pass it gets 503 before its body is "
+        "read. At least maxRequestBodyBytes; keep it well under memoryLimit.",
+        default=128 * 1024**2, minimum=1024, maximum=16 * 1024**3)
+    memory_limit: str = spec_field(
+        "memoryLimit", "Memory limit of a router container (\"2Gi\").", default="2Gi",
+        pattern=QUANTITY_PATTERN)
+
+    def check(self, path: str) -> None:
+        if self.request_body_budget_bytes < self.max_request_body_bytes:
+            raise SpecError(f"{path}.requestBodyBudgetBytes",
+                            f"must be at least maxRequestBodyBytes "
+                            f"({self.max_request_body_bytes}), got "
+                            f"{self.request_body_budget_bytes}")
+
+    __rules__ = (
+        CelRule("self.requestBodyBudgetBytes >= self.maxRequestBodyBytes",
+                "requestBodyBudgetBytes must be at least maxRequestBodyBytes"),
+    )
 
 
 @dataclass(frozen=True)
@@ -569,6 +589,9 @@ class RouterConfig:
                                            "null: no keys.", default=None)
     max_request_body_bytes: int = spec_field("maxRequestBodyBytes", "Body size limit (413).",
                                              default=16 * 1024**2, minimum=1024)
+    request_body_budget_bytes: int = spec_field(
+        "requestBodyBudgetBytes", "Bodies in flight at once (503 past it).",
+        default=128 * 1024**2, minimum=1024)
 
 
 @dataclass(frozen=True)
@@ -675,7 +698,8 @@ def worker_config(model: Model, model_path: str) -> WorkerConfig:
                             request_timeout_seconds=spec.router.request_timeout_seconds,
                             transfer_timeout_seconds=spec.router.transfer_timeout_seconds,
                             api_keys_file=api_keys,
-                            max_request_body_bytes=spec.router.max_request_body_bytes),
+                            max_request_body_bytes=spec.router.max_request_body_bytes,
+                            request_body_budget_bytes=spec.router.request_body_budget_bytes),
         pools=PoolsConfig(**{role: tuple(PoolConfig(name=p.name, fp4_path=p.fp4_path)
                                          for p in spec.role(role).pools) for role in ROLES}),
     )

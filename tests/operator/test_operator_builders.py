@@ -151,6 +151,8 @@ def test_services_router_and_config():
     router_container = router["spec"]["template"]["spec"]["containers"][0]
     assert router_container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert router_container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    # A memory limit bounds what request bodies in flight can take (router.memoryLimit).
+    assert router_container["resources"]["limits"] == {"memory": "2Gi"}
     assert objects[("Service", "nano-router")]["spec"]["ports"][0]["port"] == 8000
     cfg = WorkerConfig.from_dict(json.loads(
         objects[("ConfigMap", "nano-config")]["data"]["worker-config.json"]))

@@ -18,6 +18,7 @@ from typing import Any
 
 from baton.workers.router.errors import bad_request, invalid_type
 from baton.workers.router.grammar import OutputFormat
+from baton.workers.router.schema_check import check_schema
 from baton.workers.router.tools import (
     FunctionTool,
     ToolChoice,
@@ -39,6 +40,10 @@ MAX_CHOICES = 128
 MAX_CACHE_KEY_CHARS = 1024
 MAX_LOGIT_BIAS_TOKENS = 1024
 MAX_REPETITION_PENALTY = 10.0
+# The wire width of the workers' integer fields (proto/baton/worker/v1: uint32 max_tokens,
+# top_k, min_tokens, top_logprobs, token ids; uint64 seed): every integer a client sends is
+# checked against it, so none overflows on its way to a worker.
+UINT32_MAX = 2**32 - 1
 # OpenAI's default for the legacy completions endpoint; chat defaults to the rest of the context.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -86,15 +91,16 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def int_field(body: dict, name: str, lo: int | None = None, hi: int | None = None) -> int | None:
+def int_field(body: dict, name: str, lo: int = 0, hi: int = UINT32_MAX) -> int | None:
+    """body[name], an integer in [lo, hi] (by default what a uint32 on the wire holds)."""
     v = body.get(name)
     if v is None:
         return None
     if not _is_int(v):
         raise invalid_type(name, v, "an integer")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        allowed = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise bad_request(f"{name}: must be {allowed}, got {v}", param=name, code="invalid_value")
+    if not lo <= v <= hi:
+        raise bad_request(f"{name}: must be an integer between {lo} and {hi}, got {v!r:.40}",
+                          param=name, code="invalid_value")
     return v
 
 
@@ -202,10 +208,13 @@ def _logit_bias(body: dict) -> dict[int, float]:
                           param="logit_bias", code="invalid_value")
     bias = {}
     for key, value in v.items():
-        token = int(key) if isinstance(key, str) and key.isdigit() else None
-        if token is None:
+        # ASCII digits only: str.isdigit() also holds for "²" and "١", which int() refuses
+        # or reads as another number.
+        token = int(key) if key.isascii() and key.isdigit() and len(key) <= 10 else None
+        if token is None or token > UINT32_MAX:
             raise bad_request(f"logit_bias: {key!r:.40} is not a token id (a non-negative "
-                              f"integer)", param="logit_bias", code="invalid_value")
+                              f"integer in ASCII digits, at most {UINT32_MAX})",
+                              param="logit_bias", code="invalid_value")
         if not _is_number(value) or not -BIAS_RANGE <= value <= BIAS_RANGE:
             raise bad_request(f"logit_bias[{key}]: must be a number in [-{BIAS_RANGE:g}, "
                               f"{BIAS_RANGE:g}], got {value!r:.40}", param="logit_bias",
@@ -217,10 +226,8 @@ def _logit_bias(body: dict) -> dict[int, float]:
 def sampling_params(body: dict, **fields: Any) -> SamplingParams:
     """The SamplingParams fields every generation endpoint shares (max_tokens and logprobs
     are the endpoint's to set)."""
-    seed = int_field(body, "seed")
-    if seed is not None and not (-(2**63) <= seed < 2**64):
-        raise bad_request(f"seed: must fit in 64 bits, got {seed}", param="seed",
-                          code="invalid_value")
+    # int64 (OpenAI's) or uint64 (the wire's): either is taken.
+    seed = int_field(body, "seed", -(2**63), 2**64 - 1)
     return SamplingParams(
         temperature=_float(body, "temperature", 0.0, 2.0, 1.0),
         top_p=_float(body, "top_p", 0.0, 1.0, 1.0, lo_open=True),
@@ -412,6 +419,7 @@ def parse_json_schema_format(value: Any, param: str, flat: bool) -> OutputFormat
     schema = spec.get("schema")
     if not isinstance(schema, dict):
         raise invalid_type(f"{where}.schema", schema, "a JSON Schema object")
+    check_schema(schema, f"{where}.schema")
     name = optional_field(spec, "name", str, f"{where}.name")
     strict = spec.get("strict")
     if strict is not None and not isinstance(strict, bool):

@@ -142,17 +142,19 @@ def fake_backend() -> FakeBackend:
 async def start_router(fake_backend):
     """Starts routers over fake_backend with the given settings; returns each one's URL.
     `start_router.runners`: their aiohttp runners, in order (a test that looks at a
-    connection's transport)."""
-    runners = []
+    connection's transport); `start_router.routers`: the Router objects, in order."""
+    runners, routers = [], []
 
     async def start(settings: RouterSettings) -> str:
         metrics = BatonMetrics(MetricLabels(namespace="test", model="tiny", role="router"))
         router = Router(fake_backend, ByteTokenizer(), settings, metrics)
         runner, port = await start_site(router.app(), "127.0.0.1", 0)
         runners.append(runner)
+        routers.append(router)
         return f"http://127.0.0.1:{port}"
 
     start.runners = runners
+    start.routers = routers
     yield start
     for runner in runners:
         await runner.cleanup()

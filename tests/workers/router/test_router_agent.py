@@ -184,7 +184,7 @@ async def test_unconstrained_requests_carry_no_grammar(router_url, fake_backend)
 
 @pytest.mark.parametrize("response_format, param", [
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nothing"}}},
-     "response_format.json_schema.schema"),
+     "response_format.json_schema.schema.type"),
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}},
      "response_format.json_schema.schema"),

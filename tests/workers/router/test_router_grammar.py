@@ -17,7 +17,7 @@ from baton.workers.router.grammar import (
     OutputFormat,
     build_grammar,
 )
-from baton.workers.router.tools import ToolChoice, parse_tools
+from baton.workers.router.tools import FunctionTool, ToolChoice, parse_tools
 from baton.workers.text.chat_template import NEMOTRON3_CHAT_TEMPLATE
 from baton.workers.text.tokenizer import _compile_template
 
@@ -162,8 +162,9 @@ def test_special_token_markup_is_a_token_reference(backend):
      [], ToolChoice("none"), "response_format"),
     (OutputFormat("json_schema", {"type": "strange"}, param="text.format"), [],
      ToolChoice("none"), "text.format"),
-    (None, parse_tools([{"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"x": {"type": "integer", "minimum": "low"}}}}}]),
+    # A tool built directly: parse_tools refuses this schema before any grammar is built.
+    (None, [FunctionTool("f", None, {
+        "type": "object", "properties": {"x": {"type": "integer", "minimum": "low"}}})],
      ToolChoice("required"), "tools[0].parameters.properties.x"),
 ])
 def test_schemas_that_cannot_compile_name_their_field(lltok, fmt, tools, choice, param):

@@ -148,7 +148,7 @@ async def test_structured_output_and_limits(router_url, fake_backend):
     assert r.output_text == "a lo"
     for kwargs, param in [
         ({"text": {"format": {"type": "json_schema", "name": "x",
-                              "schema": {"type": "bogus"}}}}, "text.format.schema"),
+                              "schema": {"type": "bogus"}}}}, "text.format.schema.type"),
         ({"input": [{"type": "image_generation_call", "id": "x"}]}, "input[0].type"),
         ({"input": [{"type": "function_call", "call_id": "c", "name": "f",
                      "arguments": "not json"}]}, "input[0].arguments"),
