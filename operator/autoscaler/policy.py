@@ -56,7 +56,7 @@ from baton.operator.autoscaler.capacity import (
     pool_order,
 )
 from baton.operator.autoscaler.profile import ReplicaProfile
-from baton.operator.autoscaler.trend import TREND_INTERVALS, rising_slope
+from baton.operator.autoscaler.trend import TREND_INTERVALS, onset_slope, rising_slope
 
 if TYPE_CHECKING:
     from baton.operator.spec import ModelSpec
@@ -71,6 +71,10 @@ BOOST_MIN, BOOST_MAX = 1.15, 1.5
 """Bounds of the capacity factor an attainment breach asks for."""
 TREND_MAX_GROWTH = 1.0
 """The projection adds at most this share of the arrival rate."""
+RAMP_ABSORBED = 0.15
+"""The share of a rise the planned capacity takes within the targets already (prefill is
+planned at most at 85 % utilization, decode at 95 % of its ITL-bounded batch): spare
+capacity for rampPerMinute is kept only beyond it."""
 _EPS = 1e-9
 
 
@@ -97,6 +101,11 @@ class Observation:
     flight); None when unknown: request_rate stands in."""
     window_seconds: float = 60.0
     """The rate window the rates were measured over."""
+    short_arrival_rate: float | None = None
+    """Requests per second reaching the router over the last short_window_seconds (a window
+    of a few scrapes); None when unknown."""
+    short_window_seconds: float = 30.0
+    """The short window beside the rate window: the ramp detector compares the two."""
 
     def __post_init__(self) -> None:
         for name in ("request_rate", "prompt_tokens_per_second",
@@ -106,13 +115,16 @@ class Observation:
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"Observation.{name} must be a finite number >= 0, "
                                  f"got {value!r}")
-        if self.arrival_rate is not None and not (self.arrival_rate >= 0
-                                                  and math.isfinite(self.arrival_rate)):
-            raise ValueError(f"Observation.arrival_rate must be a finite number >= 0 or None, "
-                             f"got {self.arrival_rate!r}")
-        if not (self.window_seconds > 0 and math.isfinite(self.window_seconds)):
-            raise ValueError(f"Observation.window_seconds must be a finite number > 0, "
-                             f"got {self.window_seconds!r}")
+        for name in ("arrival_rate", "short_arrival_rate"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"Observation.{name} must be a finite number >= 0 or None, "
+                                 f"got {value!r}")
+        for name in ("window_seconds", "short_window_seconds"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"Observation.{name} must be a finite number > 0, "
+                                 f"got {value!r}")
         for name in ("ttft_attainment", "itl_attainment"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
@@ -272,8 +284,10 @@ def decide(spec: ModelSpec, observation: Observation | None,
     arrivals = obs.arrivals
     mean_prompt = (obs.prompt_tokens_per_second / obs.request_rate if obs.request_rate > 0
                    else state.mean_prompt_tokens)
-    slope = rising_slope([(e.time, e.arrivals) for e in history], now, arrivals, rate_window,
-                         auto.interval_seconds)
+    slope = max(rising_slope([(e.time, e.arrivals) for e in history], now, arrivals,
+                             rate_window, auto.interval_seconds),
+                onset_slope(obs.short_arrival_rate, arrivals, obs.short_window_seconds,
+                            rate_window))
     ahead = min(slope * lead, TREND_MAX_GROWTH * arrivals)  # more requests/s by then
 
     plans = {role: _RolePlan() for role in ROLES}
@@ -350,6 +364,7 @@ def decide(spec: ModelSpec, observation: Observation | None,
                 plan.planned, plan.window_age = e.needed[index], now - e.time
 
     observing_since = now if state.observing_since is None else state.observing_since
+    headroom = 1.0 + max(0.0, auto.ramp_headroom() - RAMP_ABSORBED)
     desired: dict[str, dict[str, int]] = {}
     limited: list[str] = []
     for role in ROLES:
@@ -360,14 +375,16 @@ def decide(spec: ModelSpec, observation: Observation | None,
             full = full_pools.get(f"{role}/{pool.name}")
             ceiling[pool.name] = pool.max_replicas if full is None else max(
                 pool.min_replicas, min(pool.max_replicas, full[1]))
-        desired[role], short = place_role(plan.planned, spec, role, profile, mean_prompt,
-                                          ceiling)
+        desired[role], short = place_role(plan.planned * headroom, spec, role, profile,
+                                          mean_prompt, ceiling)
         # which demand the replicas are for, in the explanation
         if plan.planned > led[role] + _EPS and place_role(
-                led[role], spec, role, profile, mean_prompt, ceiling)[0] != desired[role]:
+                led[role] * headroom, spec, role, profile, mean_prompt,
+                ceiling)[0] != desired[role]:
             plan.planned_from = "window"
         elif led[role] > plan.needed + _EPS and place_role(
-                plan.needed, spec, role, profile, mean_prompt, ceiling)[0] != desired[role]:
+                plan.needed * headroom, spec, role, profile, mean_prompt,
+                ceiling)[0] != desired[role]:
             plan.planned_from = "projection"
         if now - observing_since < window:
             held_back = False
