@@ -324,8 +324,8 @@ def test_simulate_command_reports_bad_input(tmp_path, capsys):
         (["--model", model, "--trace", str(bad_trace)], "bad.csv line 2"),
         (["--model", model, "--trace", str(TRACES / "surging.csv"), "--profile",
           str(bad_profile)], "decode_step_seconds is required"),
-        (["--model", model, "--trace", str(TRACES / "surging.csv"), "--startup-seconds", "30"],
-         "startup_seconds must be >= 90"),
+        (["--model", model, "--trace", str(TRACES / "surging.csv"), "--startup-seconds", "10"],
+         "startup_seconds must be >= 30"),
     ]
     for args, message in cases:
         # through the `baton` dispatcher, as a user runs it
