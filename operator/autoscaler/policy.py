@@ -77,12 +77,13 @@ BOOST_MIN, BOOST_MAX = 1.15, 1.5
 """Bounds of the capacity factor an attainment breach asks for."""
 TREND_MAX_GROWTH = 1.0
 """The projection adds at most this share of the arrival rate."""
-RAMP_ABSORBED = 0.2
-"""The share of a rise the planned capacity takes within the targets already (prefill is
-planned at most at 85 % utilization, decode at 95 % of its ITL-bounded batch and 90 % of the
-ITL target, replicas rounded up): spare capacity for rampPerMinute is kept only beyond it.
-On the feasible members of the family (seed 1), 0.15 gave 1.07-1.16x the oracle's GPU hours
-and 0.2 gave 1.03-1.09x with the same worst windows."""
+RAMP_ABSORBED = {"prefill": 0.2, "decode": 0.05}
+"""Per role, the share of a rise the planned capacity takes within the targets already:
+spare capacity for rampPerMinute is kept only beyond it. Prefill is planned at most at 85 %
+utilization and rounded up to whole replicas; on the feasible members of the family (seed
+1), 0.15 gave 1.07-1.16x the oracle's GPU hours and 0.2 gave 1.03-1.09x with the same
+worst windows. Decode is planned at 95 % of its ITL-bounded batch, and a batch past it
+misses the ITL target at once: it takes little."""
 _EPS = 1e-9
 
 
@@ -371,7 +372,8 @@ def decide(spec: ModelSpec, observation: Observation | None,
                 plan.planned, plan.window_age = e.needed[index], now - e.time
 
     observing_since = now if state.observing_since is None else state.observing_since
-    headroom = 1.0 + max(0.0, auto.ramp_headroom() - RAMP_ABSORBED)
+    spare = {role: 1.0 + max(0.0, auto.ramp_headroom() - RAMP_ABSORBED[role])
+             for role in ROLES}
     desired: dict[str, dict[str, int]] = {}
     limited: list[str] = []
     for role in ROLES:
@@ -382,6 +384,7 @@ def decide(spec: ModelSpec, observation: Observation | None,
             full = full_pools.get(f"{role}/{pool.name}")
             ceiling[pool.name] = pool.max_replicas if full is None else max(
                 pool.min_replicas, min(pool.max_replicas, full[1]))
+        headroom = spare[role]
         desired[role], short = place_role(plan.planned * headroom, spec, role, profile,
                                           mean_prompt, ceiling)
         # which demand the replicas are for, in the explanation
