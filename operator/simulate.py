@@ -16,7 +16,7 @@ bound: baton.operator.autoscaler.oracle); gpu_hours_vs_static and gpu_hours_vs_o
 plot shows load, replicas per role and pool (static and oracle fleets drawn over them),
 p95 latency over the last minute, and attainment over the last 5 minutes with the worst
 window marked. The model of the pools is described in baton.operator.autoscaler.simulator.
-Replica start-up defaults to the Model's autoscaling.startupSeconds (at least 90 s).
+Replica start-up defaults to the Model's autoscaling.startupSeconds (at least 30 s).
 """
 
 from __future__ import annotations

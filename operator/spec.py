@@ -384,7 +384,7 @@ class AutoscalingSpec:
         "startupSeconds plus one intervalSeconds; a steeper ramp is reported as infeasible "
         "(baton simulate), not absorbed. The rise over that time may be at most the load "
         "itself (spare capacity of 1x).",
-        default=0.1, decimal=True, minimum=0, maximum=10)
+        default=0.04, decimal=True, minimum=0, maximum=10)
 
     def ramp_headroom(self) -> float:
         """The spare capacity, as a share of the load, that rampPerMinute asks for: the rise
