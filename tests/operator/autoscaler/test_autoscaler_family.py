@@ -119,15 +119,19 @@ def test_every_feasible_member_of_40_meets_its_bars():
 def test_simulate_family_command_reports_each_trace_and_the_family(tmp_path, capsys):
     out, table = tmp_path / "family.json", tmp_path / "family.md"
     rc = simulate_main(["--family", "1", "--seed", str(SMALL_SEED), "--out", str(out),
-                        "--table", str(table)])
+                        "--table", str(table), "--static"])
     report = json.loads(out.read_text())
     (entry,) = report["traces"]
     summary = report["summary"]
     assert summary["traces"] == 1 and summary["seed"] == SMALL_SEED
     for key in ("ttft_slo_attainment", "itl_slo_attainment", "worst_window_ttft_attainment",
                 "worst_window_itl_attainment", "gpu_hours", "oracle_gpu_hours",
-                "gpu_hours_vs_oracle", "scale_events", "feasible", "feasibility"):
+                "gpu_hours_vs_oracle", "scale_events", "feasible", "feasibility",
+                "static_gpu_hours", "gpu_hours_vs_static"):
         assert key in entry, key
+    assert entry["gpu_hours_vs_static"] == pytest.approx(
+        entry["gpu_hours"] / entry["static_gpu_hours"], abs=1e-3)
+    assert summary["over_all"]["gpu_hours_vs_static"] == entry["gpu_hours_vs_static"]
     assert entry["scale_events"] > 0
     assert rc == (0 if summary["feasible_meeting_bars"] == summary["feasible"] else 1)
     assert table.read_text() == family_table(report)
