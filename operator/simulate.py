@@ -140,8 +140,7 @@ def simulate_member(member: FamilyMember, *, static: bool = False) -> dict:
                                         float(spec.autoscaling.startup_seconds)))
     run = sim.run(sim.initial_fleet(), autoscale=True)
     oracle = sim.oracle()
-    prompt, generated = member.shape.expected_load()
-    verdict = feasibility(spec, {"prefill": prompt, "decode": generated})
+    verdict = member.feasibility()
     entry = {"name": member.name, "shape": member.describe(),
              "requests": int(len(member.trace.time_s)), "duration_s": member.trace.duration,
              **run.summary(), "oracle_gpu_hours": round(oracle.gpu_hours, 4),

@@ -33,17 +33,19 @@ is the same whatever the family's size. What a member draws (uniform where no la
 Arrivals are a Poisson process drawn second by second at rate(t + 0.5), uniform within each
 second. The member also carries its expected load per second (prompt tokens/s, generated
 tokens/s) from the laws above, which says how steep its ramps really are, without the noise
-of one draw (FamilyMember.feasibility).
+of one draw (FamilyMember.feasibility). The requests are drawn when first used.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from baton.operator.autoscaler.capacity import pool_capacities
+from baton.operator.autoscaler.headroom import Feasibility, feasibility
 from baton.operator.autoscaler.profile import ReplicaProfile
 from baton.operator.autoscaler.simulator import Trace
 from baton.operator.spec import Model, ModelSpec
@@ -180,11 +182,25 @@ class FamilyMember:
     index: int
     shape: TraceShape
     model: Model
-    trace: Trace
+    draw_state: dict
+    """The member's generator state after its Model was drawn: its requests come from it."""
+
+    @functools.cached_property
+    def trace(self) -> Trace:
+        """The member's requests, drawn on first use (a member's shape and Model are cheap,
+        its hundreds of thousands of requests are not)."""
+        rng = np.random.default_rng()
+        rng.bit_generator.state = self.draw_state
+        return self.shape.draw(rng)
 
     @property
     def name(self) -> str:
         return f"family-{self.seed}-{self.index}"
+
+    def feasibility(self) -> Feasibility:
+        """Whether the spec absorbs the member's ramps, read from its expected load."""
+        prompt, generated = self.shape.expected_load()
+        return feasibility(self.spec, {"prefill": prompt, "decode": generated})
 
     @property
     def spec(self) -> ModelSpec:
@@ -300,7 +316,7 @@ def family_member(seed: int, index: int) -> FamilyMember:
     _size_pools(rng, draft, "decode", decode, float(decode_load.max()), mean_prompt)
     model = Model.from_resource(_resource(name, prefill, decode, auto))
     return FamilyMember(seed=int(seed), index=int(index), shape=shape, model=model,
-                        trace=shape.draw(rng))
+                        draw_state=rng.bit_generator.state)
 
 
 def family(n: int, seed: int) -> list[FamilyMember]:

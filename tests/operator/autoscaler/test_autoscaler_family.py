@@ -16,7 +16,7 @@ from baton.operator.autoscaler.family import (
     family,
     family_member,
 )
-from baton.operator.autoscaler.headroom import feasibility, steepest_rise
+from baton.operator.autoscaler.headroom import steepest_rise
 from baton.operator.simulate import (
     ORACLE_BAR,
     WORST_WINDOW_BAR,
@@ -29,11 +29,6 @@ FAMILY_SEED = 1
 FAMILY_SIZE = 40
 SMALL_SEED = 31
 """Member 0 of this seed is small (about 48k requests): the command test runs it."""
-
-
-def member_feasibility(member):
-    prompt, generated = member.shape.expected_load()
-    return feasibility(member.spec, {"prefill": prompt, "decode": generated})
 
 
 def test_a_member_is_the_same_whatever_the_family_size():
@@ -86,7 +81,7 @@ def test_steepest_rise_reads_a_ramp_within_its_span():
 
 
 def test_a_ramp_steeper_than_the_spec_absorbs_is_declared_infeasible_with_why():
-    verdicts = [member_feasibility(family_member(FAMILY_SEED, i)) for i in range(8)]
+    verdicts = [family_member(FAMILY_SEED, i).feasibility() for i in range(8)]
     infeasible = [v for v in verdicts if not v.feasible]
     assert infeasible
     for v in infeasible:
@@ -99,7 +94,7 @@ def test_every_feasible_member_of_40_meets_its_bars():
     """40 members generated here; the feasible ones simulated (about 7 of them, ~1.5 min on
     a 2-core CPU)."""
     members = [family_member(FAMILY_SEED, i) for i in range(FAMILY_SIZE)]
-    feasible = [m for m in members if member_feasibility(m).feasible]
+    feasible = [m for m in members if m.feasibility().feasible]
     assert len(feasible) >= 5, f"only {len(feasible)} of {FAMILY_SIZE} members are feasible"
     failures = []
     for member in feasible:
