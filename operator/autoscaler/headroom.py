@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from baton.operator.autoscaler.oracle import load_per_second
+from baton.operator.autoscaler.oracle import centred_mean, load_per_second
 
 __all__ = ["Feasibility", "SMOOTHING_SECONDS", "feasibility", "steepest_rise", "trace_load"]
 
@@ -55,10 +55,10 @@ def steepest_rise(load: np.ndarray, span: int) -> tuple[float, int]:
     span = max(1, int(span))
     if load.size < 2:
         return 0.0, 0
-    padded = np.concatenate([load[1:], np.full(span, -np.inf)])
+    padded = np.concatenate([np.nan_to_num(load[1:], nan=-np.inf), np.full(span, -np.inf)])
     ahead = np.lib.stride_tricks.sliding_window_view(padded, span).max(axis=1)[:load.size]
     with np.errstate(divide="ignore", invalid="ignore"):
-        rise = np.where(load > 0, ahead / load - 1.0, 0.0)
+        rise = np.where(load > 0, ahead / load - 1.0, 0.0)  # NaN load: no rise from it
     rise[~np.isfinite(rise)] = 0.0
     t = int(np.argmax(rise))
     return max(0.0, float(rise[t])), t
@@ -66,18 +66,24 @@ def steepest_rise(load: np.ndarray, span: int) -> tuple[float, int]:
 
 def trace_load(time_s: np.ndarray, prompt_tokens: np.ndarray, output_tokens: np.ndarray,
                duration: float, gap_seconds: float) -> dict[str, np.ndarray]:
-    """A measured trace's per-second load per role, smoothed over SMOOTHING_SECONDS."""
+    """A measured trace's per-second load per role, the mean over the SMOOTHING_SECONDS
+    centred on each second. The first SMOOTHING_SECONDS are left out (NaN): there the load
+    builds from nothing (no request before the trace is in flight), which is no ramp."""
     seconds = max(1, int(np.ceil(duration)))
     prompt, generated = load_per_second(time_s, prompt_tokens, output_tokens, seconds,
                                         gap_seconds)
-    kernel = np.ones(min(SMOOTHING_SECONDS, seconds)) / min(SMOOTHING_SECONDS, seconds)
-    return {"prefill": np.convolve(prompt, kernel, mode="same"),
-            "decode": np.convolve(generated, kernel, mode="same")}
+    out = {}
+    for role, load in (("prefill", prompt), ("decode", generated)):
+        smooth = centred_mean(load, SMOOTHING_SECONDS)
+        smooth[:SMOOTHING_SECONDS] = np.nan
+        out[role] = smooth
+    return out
 
 
 def feasibility(spec, loads: dict[str, np.ndarray]) -> Feasibility:
-    """Whether the spec absorbs every rise of `loads` (role -> per-second load): the rise
-    within startupSeconds + intervalSeconds may be at most AutoscalingSpec.ramp_headroom()."""
+    """Whether the spec absorbs every rise of `loads` (role -> per-second load; NaN seconds
+    are not read): the rise within startupSeconds + intervalSeconds may be at most
+    AutoscalingSpec.ramp_headroom()."""
     auto = spec.autoscaling
     span = auto.startup_seconds + auto.interval_seconds
     allowed = auto.ramp_headroom()
