@@ -145,3 +145,27 @@ def test_simulate_family_refuses_mixed_arguments(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--family draws its own" in err and "--family must be >= 1" in err
     assert "--model and --trace are required" in err
+
+
+def test_a_measured_trace_is_read_past_its_start_and_its_ramps_found():
+    from baton.operator.autoscaler.headroom import feasibility, trace_load
+    from baton.operator.spec import Model
+
+    spec = Model.from_resource({"kind": "Model", "metadata": {"name": "m"}, "spec": {
+        "source": {"uri": "pvc://c/m"},
+        "prefill": {"pools": [{"name": "a", "relativeSpeed": "1", "costPerHour": "1"}]},
+        "decode": {"pools": [{"name": "a", "relativeSpeed": "1", "costPerHour": "1"}]}}}).spec
+    # 20 requests/s, evenly spaced; from minute 40, a ramp to 3x over 2 minutes
+    flat = np.arange(0, 3600, 0.05)
+    ramp = np.arange(2400, 2520, 1 / 40)
+    times = np.sort(np.concatenate([flat, ramp[np.random.default_rng(0).random(ramp.size)
+                                                < (ramp - 2400) / 120], np.arange(
+                                                    2520, 3600, 0.025)]))
+    n = times.size
+    loads = trace_load(times, np.full(n, 1000), np.full(n, 100), 3600.0, 0.05)
+    calm = feasibility(spec, {r: v[:2100] for r, v in loads.items()})
+    # the load builds from nothing in the first minutes: no ramp read there
+    assert calm.feasible and calm.rise < 0.05, calm.reason
+    steep = feasibility(spec, loads)
+    assert not steep.feasible and 2100 <= steep.at_s <= 2500, steep.reason
+    assert "steeper than rampPerMinute 0.04" in steep.reason
