@@ -91,8 +91,8 @@ def test_a_ramp_steeper_than_the_spec_absorbs_is_declared_infeasible_with_why():
 
 @pytest.mark.slow
 def test_every_feasible_member_of_40_meets_its_bars():
-    """40 members generated here; the feasible ones simulated (about 7 of them, ~1.5 min on
-    a 2-core CPU)."""
+    """40 members generated here; the feasible ones simulated (7 of the 40 at seed 1: 73 s
+    on a shared 2-core CPU, 2026-12-07)."""
     members = [family_member(FAMILY_SEED, i) for i in range(FAMILY_SIZE)]
     feasible = [m for m in members if m.feasibility().feasible]
     assert len(feasible) >= 5, f"only {len(feasible)} of {FAMILY_SIZE} members are feasible"
