@@ -50,6 +50,8 @@ POOL_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 POOL_NAME_MAX = 24
 # Bounded so that the API server can cost the pool-name uniqueness rule (CEL).
 MAX_POOLS = 16
+MAX_RAMP_HEADROOM = 1.0
+"""autoscaling.rampPerMinute may ask for at most this much spare capacity (a share of the load)."""
 # Kubernetes resource quantities ("500m", "8", "64Gi").
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 SOURCE_SCHEMES = ("pvc://", "file://", "hf://")
@@ -395,10 +397,34 @@ class AutoscalingSpec:
         maximum=86400)
     targets: TargetsSpec = spec_field("targets", "Latency targets.",
                                       default_factory=TargetsSpec)
+    ramp_per_minute: float = spec_field(
+        "rampPerMinute", "The steepest rise of the load kept within the targets, as a share "
+        "of the load per minute (\"0.1\": 10 %/min). Replicas added at a ramp's onset serve "
+        "one start-up later, so the fleet keeps the spare capacity this rise needs over "
+        "startupSeconds plus one intervalSeconds; a steeper ramp is reported as infeasible "
+        "(baton simulate), not absorbed. The rise over that time may be at most the load "
+        "itself (spare capacity of 1x).",
+        default=0.04, decimal=True, minimum=0, maximum=10)
+
+    def ramp_headroom(self) -> float:
+        """The spare capacity, as a share of the load, that rampPerMinute asks for: the rise
+        over one start-up plus the interval until the next decision sees it."""
+        return self.ramp_per_minute * (self.startup_seconds + self.interval_seconds) / 60.0
 
     def check(self, path: str) -> None:
         if self.enabled and not self.prometheus_url:
             raise SpecError(f"{path}.prometheusUrl", "is required when enabled is true")
+        headroom = self.ramp_headroom()
+        if self.enabled and headroom > MAX_RAMP_HEADROOM + 1e-9:
+            raise SpecError(
+                f"{path}.rampPerMinute",
+                f"a ramp of {self.ramp_per_minute:g} of the load per minute rises by "
+                f"{headroom:.2f}x the load over startupSeconds {self.startup_seconds} + "
+                f"intervalSeconds {self.interval_seconds}, more than the "
+                f"{MAX_RAMP_HEADROOM:g}x of spare capacity a fleet may keep: such a ramp "
+                f"cannot be absorbed; lower rampPerMinute to at most "
+                f"{MAX_RAMP_HEADROOM * 60 / (self.startup_seconds + self.interval_seconds):.3g}"
+                " or shorten startupSeconds")
 
     __rules__ = (CelRule("!self.enabled || has(self.prometheusUrl)",
                          "prometheusUrl is required when enabled is true"),)
