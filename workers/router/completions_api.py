@@ -103,7 +103,9 @@ class CompletionsApi:
         def chunk(choices: list[dict[str, Any]]) -> bytes:
             body = dict(envelope)
             body["choices"] = choices
-            if parsed.include_usage:
+            if parsed.continuous_usage:
+                body["usage"] = generation.usage()
+            elif parsed.include_usage:
                 body["usage"] = None
             return sse(body)
 

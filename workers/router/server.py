@@ -28,12 +28,13 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jinja2
 from aiohttp import web
 
+from baton.operator.spec import ReasoningSpec
 from baton.workers.metrics import BatonMetrics
 from baton.workers.router.admission import AdmissionQueue
 from baton.workers.router.auth import ApiKeys
@@ -81,6 +82,7 @@ class RouterSettings:
     owned_by: str = "baton"
     max_body_bytes: int = 16 * 1024**2  # larger request bodies are a 413
     stored_responses: int = 1024  # Responses API: how many previous_response_id can name
+    reasoning: ReasoningSpec = field(default_factory=ReasoningSpec)  # budgets per effort
 
 
 def _outcome(err: ApiError) -> str:
@@ -275,9 +277,21 @@ class Router:
         ids = await self.encode(text, "messages", add_special_tokens=False)
         return [PreparedPrompt(ids, text, text.rfind("<think>") > text.rfind("</think>"))]
 
+    def reasoning_budget(self, parsed: ParsedRequest) -> int | None:
+        """The most tokens the reasoning may take: the request's thinking_token_budget, else
+        its effort's budget, else the default effort's; None: unbounded."""
+        if parsed.reasoning_budget is not None:
+            return parsed.reasoning_budget
+        effort = parsed.reasoning_effort or self.settings.reasoning.default_effort
+        if effort is None or effort == "none":
+            return None
+        return self.settings.reasoning.budget(effort)
+
     async def _grammar(self, parsed: ParsedRequest, prompt: PreparedPrompt) -> str | None:
         fmt = parsed.output_format
-        if fmt is None and parsed.tool_choice.mode not in ("required", "function"):
+        budget = self.reasoning_budget(parsed) if prompt.in_reasoning else None
+        if (fmt is None and parsed.tool_choice.mode not in ("required", "function")
+                and budget is None):
             return None
         tools_param = ("tools[{i}].function.parameters" if parsed.endpoint == "chat"
                        else "tools[{i}].parameters")
@@ -285,7 +299,7 @@ class Router:
         def compile_grammar() -> str | None:
             return self.tokenizer.grammar_compiler().compile(
                 fmt, parsed.tools, parsed.tool_choice, parsed.parallel_tool_calls,
-                bool(prompt.in_reasoning), tools_param)
+                bool(prompt.in_reasoning), tools_param, reasoning_budget=budget)
 
         try:
             return await asyncio.to_thread(compile_grammar)
