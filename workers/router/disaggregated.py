@@ -78,6 +78,7 @@ _UNREACHABLE = object()  # a decode worker that did not answer the reservation
 _FINISH = {
     decode_pb2.FINISH_REASON_STOP: "stop",
     decode_pb2.FINISH_REASON_LENGTH: "length",
+    decode_pb2.FINISH_REASON_GRAMMAR_ERROR: "grammar_error",
 }
 # Codes that say the request itself is wrong: another worker would refuse it as well.
 _NOT_RETRIED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE,
