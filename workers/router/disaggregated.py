@@ -299,7 +299,8 @@ class DisaggregatedBackend:
             decode_pb2.ReserveRequest(
                 request_id=request_id, prompt_token_ids=prompt, sampling=sampling,
                 deadline=_timestamp(request.deadline), num_output_tokens=len(emitted),
-                local_prefill_max_tokens=self.local_prefill_limit(prompt, avoid)),
+                local_prefill_max_tokens=self.local_prefill_limit(prompt, avoid),
+                snapshot_points=request.snapshot_points),
             request.deadline, metadata, avoid, request.cache_key)
         self.balancer.held(decode, prompt, reserved.cached_tokens, request.cache_key)
         call: grpc.aio.UnaryStreamCall | None = None
@@ -332,7 +333,8 @@ class DisaggregatedBackend:
                     deadline=_timestamp(time.time() + self.transfer_timeout_s),
                     reservation_id=reserved.reservation_id,
                     decode_cached_tokens=reserved.cached_tokens,
-                    num_output_tokens=len(emitted))
+                    num_output_tokens=len(emitted),
+                    snapshot_points=request.snapshot_points)
                 prefill_task = asyncio.create_task(
                     self._prefill(prefill, prefill_request, metadata))
                 prefill_task.add_done_callback(_retrieve)

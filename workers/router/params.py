@@ -83,6 +83,7 @@ class ParsedRequest:
     continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage per chunk
     reasoning_effort: str | None = None  # one of REASONING_EFFORTS; None: the default
     reasoning_budget: int | None = None  # thinking_token_budget: the reasoning's most tokens
+    snapshot_points: tuple[int, ...] = ()  # completions: where to snapshot the prompt too
     tokens_as_ids: bool = False  # logprobs name tokens "token_id:<id>" (exact, for tooling)
 
 
@@ -195,7 +196,8 @@ _COMMON = SAMPLING_FIELDS | {
     "model", "max_tokens", "n", "stream", "stream_options", "logprobs", "user",
     "return_tokens_as_token_ids", "prompt_cache_key",
 }
-_COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
+_COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix", "snapshot_points"}
+MAX_SNAPSHOT_POINTS = 16
 _CHAT_FIELDS = _COMMON | {
     "messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs",
     "response_format", "tools", "tool_choice", "parallel_tool_calls", "store", "metadata",
@@ -358,6 +360,14 @@ def parse_completion(body: Any) -> ParsedRequest:
     if "prompt" not in body or body["prompt"] is None:
         raise bad_request("prompt: required", param="prompt", code="missing_required_parameter")
     req.prompts = _prompts(body["prompt"])
+    points = body.get("snapshot_points")
+    if points is not None:
+        points = _token_ids("snapshot_points", points)
+        if len(points) > MAX_SNAPSHOT_POINTS or points != sorted(set(points)) or 0 in points:
+            raise bad_request(f"snapshot_points: at most {MAX_SNAPSHOT_POINTS} ascending "
+                              f"prompt offsets above 0, got {points!r:.80}",
+                              param="snapshot_points", code="invalid_value")
+        req.snapshot_points = tuple(points)
     if len(req.prompts) * req.n > MAX_CHOICES:
         raise bad_request(f"prompt: {len(req.prompts)} prompts x n={req.n} choices is more "
                           f"than {MAX_CHOICES}", param="prompt", code="invalid_value")

@@ -60,7 +60,12 @@ from baton.workers.router.output import ChoiceOutput
 from baton.workers.router.params import DEFAULT_COMPLETION_MAX_TOKENS, ParsedRequest
 from baton.workers.router.request_body import BodyDecoder, read_body
 from baton.workers.router.responses_api import ResponsesApi
-from baton.workers.router.tokenization import PromptTooLong, RouterTokenizer, bounded_encode
+from baton.workers.router.tokenization import (
+    PromptTooLong,
+    RouterTokenizer,
+    bounded_encode,
+    message_boundaries,
+)
 from baton.workers.router.tokenize_api import TokenizeApi
 
 log = logging.getLogger("baton.router")
@@ -100,6 +105,7 @@ class PreparedPrompt:
     ids: list[int]
     text: str | None  # what was tokenized (echo; the reasoning check)
     in_reasoning: bool | None  # chat: the prompt leaves `<think>` open; None: completions
+    snapshot_points: tuple[int, ...] = ()  # where a later request will likely branch off it
 
 
 class Router:
@@ -272,10 +278,21 @@ class Router:
                 else:
                     ids = await self.encode(p.text, param, True)
                     prompts.append(PreparedPrompt(ids, p.text, None))
+            for prompt in prompts:
+                bad = [t for t in parsed.snapshot_points if t >= len(prompt.ids)]
+                if bad:
+                    raise bad_request(f"snapshot_points: {bad[0]} is not inside the prompt "
+                                      f"({len(prompt.ids)} tokens)", param="snapshot_points",
+                                      code="invalid_value")
+                prompt.snapshot_points = parsed.snapshot_points
             return prompts
-        text = await self.render_chat(parsed.messages, self.template_kwargs(parsed))
+        kwargs = self.template_kwargs(parsed)
+        text = await self.render_chat(parsed.messages, kwargs)
         ids = await self.encode(text, "messages", add_special_tokens=False)
-        return [PreparedPrompt(ids, text, text.rfind("<think>") > text.rfind("</think>"))]
+        points = await asyncio.to_thread(message_boundaries, self.tokenizer, parsed.messages,
+                                         kwargs, text, ids)
+        return [PreparedPrompt(ids, text, text.rfind("<think>") > text.rfind("</think>"),
+                               points)]
 
     def reasoning_budget(self, parsed: ParsedRequest) -> int | None:
         """The most tokens the reasoning may take: the request's thinking_token_budget, else
@@ -366,7 +383,7 @@ class Router:
                 gen = GenerationRequest(
                     request_id=self._worker_request_id(client_request_id),
                     prompt_ids=tuple(prompt.ids), sampling=sampling, deadline=deadline,
-                    cache_key=cache_key)
+                    cache_key=cache_key, snapshot_points=prompt.snapshot_points)
                 output = ChoiceOutput(self.tokenizer, prompt.ids, stop=sp.stop,
                                       reasoning=prompt.in_reasoning, tools=functions,
                                       max_tool_calls=max_calls)

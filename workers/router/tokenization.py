@@ -59,6 +59,42 @@ def markup_tokens(encode, is_special, strings: Sequence[str] = GRAMMAR_MARKUP) -
     return found
 
 
+# Message ends offered as snapshot points: those of the last this many messages, and the end
+# of the last user message. Where the next turn's prompt leaves this one: a tool loop's next
+# prompt re-renders this one's generation prompt (`<think>\n` becomes `<think></think>` or the
+# reasoning) but keeps every message before it, so the last message's end hits; a new user
+# turn makes the template strip the reasoning of the assistant turns since the last user
+# message, so only the history up to that user message is kept.
+SNAPSHOT_MESSAGES = 4
+
+
+def message_boundaries(tokenizer: RouterTokenizer, messages: list[dict],
+                       template_kwargs: dict[str, Any], text: str,
+                       ids: Sequence[int]) -> tuple[int, ...]:
+    """Token offsets in the rendered chat (text, tokenized as ids) where each of the last
+    SNAPSHOT_MESSAGES messages and the last user message end: the chat up to that message, rendered alone, is a prefix
+    of text and tokenizes to a prefix of ids. Ends that are not (a template that renders a
+    shorter chat differently, a token across the boundary) are left out."""
+    kwargs = {**template_kwargs, "add_generation_prompt": False}
+    ends = set(range(max(0, len(messages) - SNAPSHOT_MESSAGES), len(messages)))
+    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+    if users:
+        ends.add(users[-1])
+    points = set()
+    for i in sorted(ends):
+        try:
+            head = tokenizer.render_chat(messages[:i + 1], kwargs)
+        except Exception:  # a template may refuse a chat cut short; that end is no point
+            continue
+        if not head or not text.startswith(head):
+            continue
+        head_ids = tokenizer.encode(head, False)
+        n = len(head_ids)
+        if 0 < n < len(ids) and list(ids[:n]) == head_ids:
+            points.add(n)
+    return tuple(sorted(points))
+
+
 class PromptTooLong(Exception):
     def __init__(self, at_least: int) -> None:
         super().__init__(f"the prompt has at least {at_least} tokens")
