@@ -72,9 +72,10 @@ def message_boundaries(tokenizer: RouterTokenizer, messages: list[dict],
                        template_kwargs: dict[str, Any], text: str,
                        ids: Sequence[int]) -> tuple[int, ...]:
     """Token offsets in the rendered chat (text, tokenized as ids) where each of the last
-    SNAPSHOT_MESSAGES messages and the last user message end: the chat up to that message, rendered alone, is a prefix
-    of text and tokenizes to a prefix of ids. Ends that are not (a template that renders a
-    shorter chat differently, a token across the boundary) are left out."""
+    SNAPSHOT_MESSAGES messages and the last user message end: the chat up to that message,
+    rendered alone, is a prefix of text and tokenizes to a prefix of ids. Ends that are not
+    (a template that renders a shorter chat differently, a token across the boundary) are
+    left out."""
     kwargs = {**template_kwargs, "add_generation_prompt": False}
     ends = set(range(max(0, len(messages) - SNAPSHOT_MESSAGES), len(messages)))
     users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
