@@ -371,7 +371,8 @@ class DisaggregatedBackend:
                         prefill_done = True
                         answer = prefill_task.result()
                         self.balancer.held(prefill, prompt, answer.cached_tokens)
-                        self.balancer.computed(prefill, prompt, answer.cached_tokens)
+                        self.balancer.computed(prefill, prompt, answer.cached_tokens,
+                                               request.snapshot_points)
                     if not read.done():
                         continue
                 try:
@@ -402,7 +403,8 @@ class DisaggregatedBackend:
                 if got == 0 and tokens:
                     # D holds the whole prompt now (and computed it, for a local prefill).
                     if reserved.local_prefill:
-                        self.balancer.computed(decode, prompt, reserved.cached_tokens)
+                        self.balancer.computed(decode, prompt, reserved.cached_tokens,
+                                               request.snapshot_points)
                     else:
                         self.balancer.received(decode, prompt)
                 generated.extend(t.token_id for t in tokens)
