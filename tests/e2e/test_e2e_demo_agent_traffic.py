@@ -1,8 +1,10 @@
-"""Structured output and reasoning budgets on the demo model with its defaults (thinking on),
-through `baton up examples/demo.yaml` (real processes, decode speculating with MTP) and the
-official openai client: forced tool calls and json_schema answers validate, streamed and not;
-a reasoning budget bounds the reasoning and the constrained answer still validates; the
-Responses API takes the sampling extras; continuous usage stats come on every chunk."""
+"""Agent traffic on the demo model with its defaults (thinking on), through `baton up
+examples/demo.yaml` (real processes, 1 prefill + 1 decode worker, decode speculating with
+MTP) and the official openai client: forced tool calls and json_schema answers validate,
+streamed and not; a reasoning budget bounds the reasoning and the constrained answer still
+validates; the Responses API takes the sampling extras; continuous usage stats come on every
+chunk; and a thinking-on tool conversation hits the prefix cache at its message boundaries
+(snapshot points) every turn, with the outputs of a cache-off run."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 import jsonschema
 import openai
 import pytest
+import yaml
 
 from baton.workers.local import free_port
 
@@ -103,3 +106,62 @@ def test_responses_take_the_sampling_extras_and_usage_streams_on_every_chunk(cli
     assert with_choices and all(c.usage is not None for c in with_choices)
     counts = [c.usage.completion_tokens for c in with_choices]
     assert counts == sorted(counts) and counts[-1] == chunks[-1].usage.completion_tokens
+
+
+STEPS = [("12 * 7", "84"), ("84 + 5", "89"), ("89 * 2", "178"), ("178 - 9", "169"),
+         ("169 / 13", "13")]
+
+
+def conversation() -> list[list[dict]]:
+    """The messages of turns 1..6: a question, then one tool round trip per turn."""
+    messages: list[dict] = [{"role": "user", "content": "Compute ((12 * 7 + 5) * 2 - 9) / 13 "
+                                                        "step by step with the calculator."}]
+    turns = [list(messages)]
+    for i, (expression, result) in enumerate(STEPS):
+        messages += [
+            {"role": "assistant", "content": None, "tool_calls": [{
+                "id": f"call_{i}", "type": "function",
+                "function": {"name": "calculator",
+                             "arguments": f'{{"expression": "{expression}"}}'}}]},
+            {"role": "tool", "tool_call_id": f"call_{i}", "content": result}]
+        turns.append(list(messages))
+    return turns
+
+
+def run(client) -> list[tuple[int, int, str, str]]:
+    """(prompt tokens, cached tokens, reasoning, answer) of every turn."""
+    out = []
+    for messages in conversation():
+        r = client.chat.completions.create(model="demo", messages=messages,
+                                           tools=[CALCULATOR], max_tokens=24, temperature=0)
+        m = r.choices[0].message
+        out.append((r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens,
+                    getattr(m, "reasoning_content", None) or "",
+                    str(m.content) + str([c.function.arguments for c in m.tool_calls or []])))
+    return out
+
+
+def test_message_boundary_snapshots_hit_every_turn_and_change_no_output(client, e2e,
+                                                                         tmp_path):
+    """The demo template renders each earlier assistant turn `<think></think>...` where the
+    previous prompt ended in the generation prompt's `<think>\\n`; the turns are fixed
+    (hand-built tool calls and results, as an agent framework sends them: no reasoning echoed
+    back), under 1024 tokens."""
+    on = run(client)
+    doc = yaml.safe_load(DEMO_YAML.read_text())
+    doc["spec"]["source"]["uri"] = str(REPO / "examples" / "demo")
+    doc["spec"]["engine"]["prefixCache"] = {"enabled": False}
+    off_yaml = tmp_path / "demo-cache-off.yaml"
+    off_yaml.write_text(yaml.safe_dump(doc))
+    up, ready, _ = e2e.start_baton_up(off_yaml, free_port())
+    try:
+        off = run(openai.OpenAI(base_url=ready["url"], api_key="none", max_retries=0,
+                                timeout=300))
+    finally:
+        e2e.stop_baton_up(up)
+    prompts = [p for p, _, _, _ in on]
+    assert prompts[-1] < 1024 and prompts == sorted(prompts)
+    for turn in range(1, len(on)):
+        assert on[turn][1] >= 0.9 * prompts[turn - 1], (turn, on)
+    assert all(c == 0 for _, c, _, _ in off)
+    assert [t[2:] for t in on] == [t[2:] for t in off]
