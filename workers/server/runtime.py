@@ -46,7 +46,8 @@ class WorkerRuntime:
             MetricLabels(namespace=config.namespace, model=config.model, role=args.role,
                          pool=args.pool), stats=self.worker_stats)
         self.loop = None
-        self.replicated = None
+        self.replicated = False
+        """The engine loop replays its calls on expert-parallel follower ranks."""
         self.followers = None
         self.ranks = None
         self.fingerprint = ""
@@ -65,7 +66,6 @@ class WorkerRuntime:
         """Loads the model, sizes the caches and starts the engine loop; with
         expertParallel > 1 it first starts the follower ranks (see replica.py)."""
         from baton.workers.engine import EngineLoop
-        from baton.workers.engine.replicated import ReplicatedEngine
         from baton.workers.server import replica
 
         cfg = self.config
@@ -86,9 +86,9 @@ class WorkerRuntime:
             "max_model_len": engine.max_model_len,
             "eos_token_ids": sorted(engine.eos_ids)})
         st = engine.stats()
-        if ranks is not None:
-            engine = self.replicated = ReplicatedEngine(engine, ranks.channel)
-        self.loop = EngineLoop(engine, name=f"baton-{self.role}-engine")
+        self.loop = EngineLoop(engine, name=f"baton-{self.role}-engine",
+                               channel=ranks.channel if ranks is not None else None)
+        self.replicated = ranks is not None
         log.info("loaded %s on %s (%s): %d KV pages of %d tokens, %d state slots, %d prefix-"
                  "cache snapshots, %d expert-parallel rank(s), fingerprint %s", path,
                  self.device, self.dtype, st.num_pages, self.page_size, st.num_slots,
@@ -104,9 +104,9 @@ class WorkerRuntime:
             self.followers.expect_exit()
         if self.loop is not None:
             self.loop.stop()
-        if self.replicated is not None:
+        if self.replicated:
             try:
-                if not self.replicated.shutdown():
+                if not self.loop.shutdown_followers():
                     status = 1
             except Exception:
                 log.exception("telling the expert-parallel ranks to exit failed")
@@ -114,9 +114,9 @@ class WorkerRuntime:
         if self.followers is not None:
             # Without a replicated engine (the load failed) the followers wait in a
             # collective that will never come: stop them at once.
-            told = self.replicated is not None
+            told = self.replicated
             codes = self.followers.stop(replica.FOLLOWER_EXIT_SECONDS if told else 0.0)
-            if self.replicated is not None and any(code != 0 for code in codes):
+            if told and any(code != 0 for code in codes):
                 log.error("expert-parallel followers exited with %s", codes)
                 status = 1
         if self.ranks is not None:

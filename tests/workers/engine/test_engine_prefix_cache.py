@@ -269,6 +269,7 @@ def handoff(p: Engine, d: Engine, request: Request, local_max: int = 0):
     res = d.reserve(request, local_max)
     if res.local_prefill:
         return drain(d)[request.request_id], res.cached_tokens, None, []
+    res.bind(res.token, res.chain_hash)
     sink = ForwardingSink(res)
     result = p.prefill(request, sink, sink_from=res.cached_tokens)
     res.commit(result.first_token, request.sampling, result.logprob, result.top_logprobs)

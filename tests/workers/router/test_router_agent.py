@@ -25,11 +25,11 @@ TINY = Path(__file__).resolve().parents[3] / "examples" / "tiny"
 async def router_url(start_router):
     return await start_router(RouterSettings(served_model_name="tiny",
                                              max_model_len=MAX_MODEL_LEN,
-                                             request_timeout_s=5.0, max_queued_requests=8))
+                                             request_timeout_s=60.0, max_queued_requests=8))
 
 
 def client(url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=10)
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def say(text: str) -> list[dict]:
@@ -199,16 +199,19 @@ async def test_schemas_that_cannot_compile_are_400(router_url, response_format, 
     assert info.value.body["message"].startswith(param)
 
 
-async def test_n_choices_open_after_the_first_token(router_url, fake_backend):
+async def test_n_choices_open_after_the_first_token(router_url, fake_backend, until):
     import asyncio
 
     fake_backend.hold_first = asyncio.Event()
     task = asyncio.create_task(client(router_url).completions.create(
         model="tiny", prompt="abc", n=3, seed=11, max_tokens=10,
         extra_body={"prompt_cache_key": "session-1"}))
-    for _ in range(50):
-        await asyncio.sleep(0.01)
-    assert len(fake_backend.requests) == 1  # the others wait for choice 0's first token
+    assert await until(lambda: fake_backend.requests)  # choice 0 waits for its first token
+    # The router answers other requests meanwhile (every task it started had its turns);
+    # the other choices still wait for choice 0's first token.
+    for _ in range(3):
+        await client(router_url).models.list()
+    assert len(fake_backend.requests) == 1
     fake_backend.hold_first.set()
     fake_backend.hold_first = None
     out = await task

@@ -14,11 +14,11 @@ from baton.workers.router.server import RouterSettings
 @pytest.fixture
 async def router_url(start_router):
     return await start_router(RouterSettings(served_model_name="tiny", max_model_len=4096,
-                                             request_timeout_s=5.0, stored_responses=2))
+                                             request_timeout_s=60.0, stored_responses=2))
 
 
 def client(url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=10)
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def said(text: str) -> str:
