@@ -51,6 +51,7 @@ def test_a_refused_first_token_ends_the_request_as_a_grammar_error(model, k):
     decode = Engine(model, EngineConfig(**CONFIG, speculative_tokens=k),
                     grammar_tokenizer=ByteTokenizer())
     reservation = decode.reserve(request, len(request.prompt_ids))
+    reservation.bind(reservation.token, reservation.chain_hash)
     result = prefill.prefill(request, Forward(reservation))
     assert result.first_token == a and result.finish_reason is None
     reservation.commit(result.first_token, request.sampling)

@@ -474,20 +474,18 @@ def test_snapshot_points_on_the_prefill_side_and_in_a_local_prefill(tiny_model, 
     p.runner.logits_observer = recorder
     d.runner.logits_observer = recorder
 
-    def handoff(request: Request) -> tuple[list[int], int]:
-        res = d.reserve(request, 0)
-        result = p.prefill(request, ForwardingSink(res), sink_from=res.cached_tokens)
-        res.commit(result.first_token, request.sampling, result.logprob, result.top_logprobs)
-        return drain(d)[request.request_id], result.cached_tokens
+    def transferred(request: Request) -> tuple[list[int], int]:
+        tokens, _, p_cached, _ = handoff(p, d, request)
+        return tokens, p_cached
 
-    got, cached = zip(*(handoff(r) for r in (TURN1, TURN2)))
+    got, cached = zip(*(transferred(r) for r in (TURN1, TURN2)))
     assert list(got) == expected and cached == (0, 13)
     helpers.check(tiny_model, recorder, "t2", TURN2.prompt_ids + got[1], len(TURN2.prompt_ids))
     # Decode side: D holds a shorter prefix (a first turn it decoded), so it prefills turns 1
     # and 2 itself, and snapshots at the point in turn 1's local prefill.
     p, d = points_engine(tiny_model), points_engine(tiny_model, k)
     d.runner.logits_observer = recorder = helpers.Recorder()
-    handoff(Request("t0", POINT_HISTORY[:8], greedy(2)))
+    handoff(p, d, Request("t0", POINT_HISTORY[:8], greedy(2)))
     got, cached = [], []
     for request in (TURN1, TURN2):
         res = d.reserve(request, 64)
