@@ -27,7 +27,7 @@ from baton.operator.fields import CelRule, SpecError, dump, parse, spec_field
 
 __all__ = [
     "ROLES", "ROUTINGS", "SpecError", "Model", "ModelSpec", "SourceSpec", "EngineSpec",
-    "PrefixCacheSpec", "RouterSpec", "PoolSpec", "ResourceRequests", "Toleration",
+    "PrefixCacheSpec", "ReasoningSpec", "RouterSpec", "PoolSpec", "ResourceRequests", "Toleration",
     "PrefillSpec", "DecodeSpec",
     "AutoscalingSpec", "TargetsSpec", "NetworkPolicySpec", "ModelStatus", "WorkerConfig",
     "PrefillConfig", "DecodeConfig", "RouterConfig", "PoolConfig", "PoolsConfig",
@@ -172,6 +172,36 @@ class EngineSpec:
                          "kvPageSize"))
 
 
+REASONING_EFFORTS = ("minimal", "low", "medium", "high")
+
+
+@dataclass(frozen=True)
+class ReasoningSpec:
+    """Reasoning budgets by effort level: OpenAI's `reasoning_effort` (chat) and
+    `reasoning.effort` (Responses) pick one ("none" turns thinking off instead)."""
+
+    minimal_tokens: int = spec_field(
+        "minimalTokens", "Reasoning tokens allowed at effort minimal.", default=128,
+        minimum=0, maximum=1048576)
+    low_tokens: int = spec_field(
+        "lowTokens", "Reasoning tokens allowed at effort low.", default=512, minimum=0,
+        maximum=1048576)
+    medium_tokens: int = spec_field(
+        "mediumTokens", "Reasoning tokens allowed at effort medium.", default=2048,
+        minimum=0, maximum=1048576)
+    high_tokens: int = spec_field(
+        "highTokens", "Reasoning tokens allowed at effort high.", default=8192, minimum=0,
+        maximum=1048576)
+    default_effort: str | None = spec_field(
+        "defaultEffort", "The effort of a request that names none; unset: reasoning is not "
+        "bounded (but for max_tokens).", default=None, enum=REASONING_EFFORTS)
+
+    def budget(self, effort: str) -> int:
+        """The token budget of an effort level (one of REASONING_EFFORTS)."""
+        return {"minimal": self.minimal_tokens, "low": self.low_tokens,
+                "medium": self.medium_tokens, "high": self.high_tokens}[effort]
+
+
 @dataclass(frozen=True)
 class RouterSpec:
     replicas: int = spec_field("replicas", "Router replicas.", default=1, minimum=0,
@@ -210,6 +240,9 @@ class RouterSpec:
     memory_limit: str = spec_field(
         "memoryLimit", "Memory limit of a router container (\"2Gi\").", default="2Gi",
         pattern=QUANTITY_PATTERN)
+    reasoning: ReasoningSpec = spec_field(
+        "reasoning", "Reasoning token budgets per effort level (thinking models).",
+        default_factory=ReasoningSpec)
 
     def check(self, path: str) -> None:
         if self.request_body_budget_bytes < self.max_request_body_bytes:
@@ -618,6 +651,8 @@ class RouterConfig:
     request_body_budget_bytes: int = spec_field(
         "requestBodyBudgetBytes", "Bodies in flight at once (503 past it).",
         default=128 * 1024**2, minimum=1024)
+    reasoning: ReasoningSpec = spec_field("reasoning", "Reasoning budgets per effort level.",
+                                          default_factory=ReasoningSpec)
 
 
 @dataclass(frozen=True)
@@ -725,7 +760,8 @@ def worker_config(model: Model, model_path: str) -> WorkerConfig:
                             transfer_timeout_seconds=spec.router.transfer_timeout_seconds,
                             api_keys_file=api_keys,
                             max_request_body_bytes=spec.router.max_request_body_bytes,
-                            request_body_budget_bytes=spec.router.request_body_budget_bytes),
+                            request_body_budget_bytes=spec.router.request_body_budget_bytes,
+                            reasoning=spec.router.reasoning),
         pools=PoolsConfig(**{role: tuple(PoolConfig(name=p.name, fp4_path=p.fp4_path)
                                          for p in spec.role(role).pools) for role in ROLES}),
     )

@@ -426,7 +426,7 @@ class Engine:
         if token in seq.eos_ids or token in seq.sampling.stop_token_ids:
             return "stop"
         if self.runner.logits.grammar_complete(seq, token, length):
-            return "stop"
+            return "grammar_error" if self.runner.logits.grammar_refused(seq) else "stop"
         if length >= seq.max_len:
             return "length"
         return None

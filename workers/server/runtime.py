@@ -243,6 +243,10 @@ class WorkerRuntime:
         return min(candidates)
 
 
+MAX_SNAPSHOT_POINTS = 16
+"""Snapshot points one request may carry (the router sends a few message boundaries)."""
+
+
 def request_from_proto(message) -> Request:
     """The engine Request of a Generate/Prefill message (ValueError names the bad field)."""
     request_id = message.request_id
@@ -256,8 +260,14 @@ def request_from_proto(message) -> Request:
         raise ValueError(
             f"num_output_tokens={num_output} of {request_id!r} is invalid: an earlier "
             f"attempt's output must leave at least one of the {len(prompt)} prompt tokens")
+    points = tuple(int(p) for p in message.snapshot_points)
+    if len(points) > MAX_SNAPSHOT_POINTS or any(
+            not 0 < p < len(prompt) for p in points) or list(points) != sorted(set(points)):
+        raise ValueError(
+            f"snapshot_points of {request_id!r} are invalid: at most {MAX_SNAPSHOT_POINTS} "
+            f"ascending offsets inside the prompt (1..{len(prompt) - 1}), got {list(points)}")
     return Request(request_id, prompt, SamplingParams.from_proto(message.sampling),
-                   num_output_tokens=num_output)
+                   num_output_tokens=num_output, snapshot_points=points)
 
 
 def admitted_request(message) -> Request:
