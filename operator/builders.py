@@ -239,7 +239,10 @@ def worker_deployment(model: Model, role: str, pool: PoolSpec, *, has_monitoring
         # DRAIN_MARGIN_SECONDS on top so the kubelet never kills a draining worker.
         "args": ["worker", role, "--config", f"{CONFIG_DIR}/{CONFIG_FILE}", "--pool", pool.name,
                  "--grpc-port", str(GRPC_PORT), "--metrics-port", str(METRICS_PORT),
-                 "--drain-seconds", str(model.spec.router.request_timeout_seconds)],
+                 "--drain-seconds", str(model.spec.router.request_timeout_seconds),
+                 # Prefill sends state only to this Model's decode workers (their Service).
+                 *(["--decode-target", f"{object_name(model, 'decode')}.{model.namespace}.svc"]
+                   if role == "prefill" else [])],
         "ports": [{"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
                   {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "env": _common_env(model) + [
@@ -340,7 +343,10 @@ def router_deployment(model: Model, *, has_monitoring_api: bool, image: str,
                  "--port", str(ROUTER_PORT)],
         "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
         "env": _common_env(model) + [{"name": "BATON_ROLE", "value": "router"}],
-        "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}},
+        # The limit bounds what request bodies in flight (requestBodyBudgetBytes) and their
+        # decoding may take: past it the container restarts instead of starving the node.
+        "resources": {"requests": {"cpu": "500m", "memory": "512Mi"},
+                      "limits": {"memory": router.memory_limit}},
         "volumeMounts": mounts,
         "readinessProbe": {**ready_probe, "periodSeconds": 5, "failureThreshold": 2},
         "livenessProbe": {**live_probe, "periodSeconds": 10, "failureThreshold": 6,

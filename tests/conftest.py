@@ -6,9 +6,11 @@ time, and only when no CUDA device exists (DESIGN.md, Seams: Tests).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pathlib
 import sys
+import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,6 +33,21 @@ if not HAS_CUDA:
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+async def _until(condition, timeout_s: float = 60.0):
+    """Polls condition() until it holds; its last value (falsy after timeout_s, which only
+    bounds a hang: a loaded machine is slow, never wrong). Use as `assert await until(...)`."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)  # a bounded poll for the asserted state
+    return value
+
+
+@pytest.fixture
+def until():
+    """_until, for async tests: wait for a state another task or thread brings about."""
+    return _until
 
 
 def pytest_collection_modifyitems(config, items):

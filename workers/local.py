@@ -284,6 +284,8 @@ class LocalDeployment:
             argv = python + ["worker", role, "--config", str(config_path), "--pool", pool,
                              "--grpc-port", str(grpc_port), "--metrics-port",
                              str(metrics_port), "--host", "127.0.0.1"]
+            if role == "prefill":
+                argv += ["--decode-target", "127.0.0.1"]  # the decode workers are local
             if budgets[i] is not None:
                 argv += ["--cache-memory", str(budgets[i])]
             children.append(Child(

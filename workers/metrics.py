@@ -188,6 +188,10 @@ class BatonMetrics:
         self.state_transfer_failures = Counter(
             "baton_state_transfer_failures", "State transfers that failed (either side).",
             LABEL_NAMES, registry=self.registry).labels(*values)
+        self.grammar_refused_tokens = Counter(
+            "baton_grammar_refused_tokens", "Choices that ended in an error because the output "
+            "grammar refused the token the model sampled (a grammar that does not fit the "
+            "tokenizer).", LABEL_NAMES, registry=self.registry).labels(*values)
 
         self._stats_pulled = stats is not None
         if stats is not None:

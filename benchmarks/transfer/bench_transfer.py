@@ -93,6 +93,9 @@ def receiver_main(conn, device: str, chunk_bytes: int) -> None:
             self.index = 0
             self.done = threading.Event()
 
+        def bind(self, token, chain_hash):
+            pass  # the binding is the decode servicer's check, not what this measures
+
         def write(self, state):
             dest[self.index].copy_(state.tensor, non_blocking=False)
             self.index += 1
@@ -175,11 +178,11 @@ def receiver_main(conn, device: str, chunk_bytes: int) -> None:
 
 
 def run_grpc(transport, address: str, states, request_ids, concurrency: int) -> float:
-    from baton.workers.transfer import FirstToken
+    from baton.workers.transfer import FirstToken, ReservationBinding
 
     def one(request_id: str) -> None:
         sender = transport.open(address, request_id, request_id, PROMPT_TOKENS, 0,
-                                time.time() + 600)
+                                time.time() + 600, ReservationBinding("t" * 32, b"h" * 32))
         for state in states:
             sender.on_layer(state)
         sender.finish(FirstToken(1))

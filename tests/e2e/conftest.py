@@ -6,12 +6,14 @@ request at a time: what disaggregated serving must reproduce (DESIGN.md, Seams: 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,13 +125,55 @@ def wait_ready(processes: list[Process], timeout_s: float = 120.0) -> dict[str, 
             logs = "\n".join(f"--- {p.name}\n{p.log()}" for p in processes)
             raise RuntimeError(f"not ready in {timeout_s} s: {set(ready)} of "
                                f"{[p.name for p in processes]}\n{logs}")
-        time.sleep(0.2)
+        time.sleep(0.2)  # a bounded poll for the asserted state (all ready)
     return ready
 
 
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(json.dumps(config))
     return path
+
+
+@contextlib.contextmanager
+def running_cluster(run: Path, n_prefill: int = 1, n_decode: int = 2,
+                    speculative_tokens: int = 2, engine: dict | None = None,
+                    **router) -> Iterator[dict]:
+    """Prefill workers, decode workers (MTP speculation with `speculative_tokens` draft
+    tokens), a router over them; the prefix cache on, as by default. Yields the parts by name:
+    prefill (the first), prefills, decodes, workers, router, processes, url, k."""
+    config = write_config(run / "config.json", worker_config(
+        CHECKPOINT, speculative_tokens=speculative_tokens, engine=engine, **router))
+    prefills = [start_worker("prefill", config, run, f"prefill{i}") for i in range(n_prefill)]
+    decodes = [start_worker("decode", config, run, f"decode{i}") for i in range(n_decode)]
+    router_process = start_router(config, run, prefills, decodes)
+    processes = [*prefills, *decodes, router_process]
+    try:
+        ready = wait_ready(processes)
+        print("time to ready (s):", {k: round(v, 2) for k, v in ready.items()})
+        yield {"prefill": prefills[0], "prefills": prefills, "decodes": decodes,
+               "workers": [*prefills, *decodes], "router": router_process,
+               "processes": processes, "k": speculative_tokens,
+               "url": f"http://127.0.0.1:{router_process.http_port}"}
+    finally:
+        for p in processes:
+            p.stop()
+
+
+@pytest.fixture(scope="session")
+def _shared_cluster(tmp_path_factory) -> Iterator[dict]:
+    with running_cluster(tmp_path_factory.mktemp("shared")) as running:
+        yield running
+
+
+@pytest.fixture
+def shared_cluster(_shared_cluster) -> Iterator[dict]:
+    """One router, one prefill and two decode workers (two draft tokens) for the whole
+    session, for the tests that do not kill, stop or drain a worker (those start their own
+    with running_cluster). Every process must still run after each test that used it, so a
+    test cannot quietly change what the next one sees."""
+    yield _shared_cluster
+    dead = [p.name for p in _shared_cluster["processes"] if p.proc.poll() is not None]
+    assert not dead, f"a test stopped shared processes {dead}: start your own cluster"
 
 
 class Reference:

@@ -64,23 +64,22 @@ GREEDY: dict[int, list] = {}  # speculative tokens -> greedy constrained outputs
 
 
 @pytest.fixture(scope="module", params=[0, 2], ids=["speculation-off", "speculation-on"])
-def cluster(request, tmp_path_factory, e2e):
-    run = tmp_path_factory.mktemp(f"agent-k{request.param}")
-    config = e2e.write_config(run / "config.json",
-                              e2e.worker_config(CHECKPOINT, speculative_tokens=request.param))
-    prefill = e2e.start_worker("prefill", config, run, "prefill")
-    decode = e2e.start_worker("decode", config, run, "decode")
-    router = e2e.start_router(config, run, [prefill], [decode])
-    processes = [prefill, decode, router]
-    try:
-        e2e.wait_ready(processes)
-        yield {"k": request.param, "url": f"http://127.0.0.1:{router.http_port}"}
-    finally:
-        for p in processes:
-            p.stop()
+def _cluster(request, tmp_path_factory, e2e, _shared_cluster):
+    """Speculation on: the session's shared cluster (two draft tokens); off: one of its own."""
+    if request.param == _shared_cluster["k"]:
+        yield _shared_cluster
+        return
+    with e2e.running_cluster(tmp_path_factory.mktemp(f"agent-k{request.param}"), n_decode=1,
+                             speculative_tokens=request.param) as running:
+        yield running
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
+def cluster(_cluster, shared_cluster):
+    return _cluster
+
+
+@pytest.fixture
 def client(cluster) -> openai.OpenAI:
     return openai.OpenAI(base_url=cluster["url"] + "/v1", api_key="none", max_retries=0,
                          timeout=300)

@@ -96,9 +96,11 @@ def test_worker_deployment(role, pool, replicas, gpus, product, extra_selector):
     (container,) = pod["containers"]
     assert container["image"] == IMAGE
     assert container["command"] == ["baton"]
+    # Prefill sends state only to the Model's decode workers (their Service's name).
+    peers = ["--decode-target", "nano-decode.llm.svc"] if role == "prefill" else []
     assert container["args"] == ["worker", role, "--config", "/etc/baton/worker-config.json",
                                  "--pool", pool, "--grpc-port", "50051",
-                                 "--metrics-port", "9400", "--drain-seconds", "600"]
+                                 "--metrics-port", "9400", "--drain-seconds", "600", *peers]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
     assert container["resources"]["requests"]["nvidia.com/gpu"] == str(gpus)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -149,6 +151,8 @@ def test_services_router_and_config():
     router_container = router["spec"]["template"]["spec"]["containers"][0]
     assert router_container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert router_container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    # A memory limit bounds what request bodies in flight can take (router.memoryLimit).
+    assert router_container["resources"]["limits"] == {"memory": "2Gi"}
     assert objects[("Service", "nano-router")]["spec"]["ports"][0]["port"] == 8000
     cfg = WorkerConfig.from_dict(json.loads(
         objects[("ConfigMap", "nano-config")]["data"]["worker-config.json"]))

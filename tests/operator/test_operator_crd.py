@@ -165,6 +165,8 @@ CEL_BAD = {
          "spec.engine.prefixCache.snapshotIntervalTokens"),
     "!self.enabled || has(self.prometheusUrl)":
         ("spec.autoscaling.prometheusUrl", REMOVE, "spec.autoscaling.prometheusUrl"),
+    "self.requestBodyBudgetBytes >= self.maxRequestBodyBytes":
+        ("spec.router.requestBodyBudgetBytes", 4096, "spec.router.requestBodyBudgetBytes"),
     "self.operator != 'Exists' || !has(self.value)":
         ("spec.prefill.pools[1].tolerations",
          [{"key": "gpu", "operator": "Exists", "value": "x"}],

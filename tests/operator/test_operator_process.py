@@ -106,8 +106,39 @@ async def eventually(check, timeout: float = 20.0, what: str = "condition"):
         last = await check()
         if last:
             return last
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # a bounded poll for the asserted state
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+async def stays(check, seconds: float, what: str) -> None:
+    """Asserts that an async `check` holds at every poll for `seconds`: for what must NOT
+    happen (a paused operator acting), which no event can show. A slow machine can only make
+    this pass more easily, never fail it; the positive state each test needs first (a pause
+    logged, a reconcile counted) is waited for by event."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert await check(), f"no longer true: {what}"
+        await asyncio.sleep(0.1)  # a bounded poll: the asserted state is checked each time
+
+
+async def reconciles(metrics_port: int, outcome: str) -> float:
+    """The operator's baton_reconciles_total for `outcome` (0 before the first)."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as r:
+            text = await r.text()
+    found = re.search(rf'^baton_reconciles_total\{{outcome="{outcome}"\}} ([0-9.e+]+)$',
+                      text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+async def reconciled_again(metrics_port: int, outcome: str, times: int, what: str) -> None:
+    """Waits until the operator has reconciled `times` more times with `outcome` (counted by
+    its own metric): after that, whatever those reconciles would write has been written."""
+    start = await reconciles(metrics_port, outcome)
+
+    async def counted():
+        return await reconciles(metrics_port, outcome) >= start + times
+    await eventually(counted, 30, what)
 
 
 def prepare_kmock(kmock) -> str:
@@ -381,7 +412,7 @@ async def test_invalid_model_is_reported_once_per_generation(kmock, tmp_path):
     spec = two_pool_spec()
     # The schema cannot know that this source needs `baton up`: the operator must say so.
     spec["source"] = {"uri": "./checkpoints/nano"}
-    async with operator_process(kmock, tmp_path) as (api, log_path, proc, _):
+    async with operator_process(kmock, tmp_path) as (api, log_path, proc, metrics_port):
         await api.create(MODELS, model_body("broken", uid, 1, spec))
 
         async def rejected():
@@ -394,9 +425,10 @@ async def test_invalid_model_is_reported_once_per_generation(kmock, tmp_path):
         assert ready["observedGeneration"] == 1
         assert model["status"]["observedGeneration"] == 1
 
-        # A resync period (3 s) and watch events later: still one status write, no retries.
+        # A watch event and a resync (every 3 s) later, each reconciled again (the operator's
+        # own counter says so): still one status write, no retries.
         await api.patch(MODELS, "broken", {"metadata": {"labels": {"touched": "yes"}}})
-        await asyncio.sleep(4)
+        await reconciled_again(metrics_port, "invalid", 2, "two more reconciles of 'broken'")
         assert proc.returncode is None
         assert status_patches(kmock, "broken") == 1
         assert owned_names(await api.list(DEPLOYMENTS), "broken") == set()
@@ -412,7 +444,7 @@ async def test_invalid_model_is_reported_once_per_generation(kmock, tmp_path):
         model = await eventually(second, 15, "the second generation's report")
         assert condition(model, "Ready")["message"] == (
             "spec.decode.pools[0].maxReplicas: must be >= minReplicas (3), got 2")
-        await asyncio.sleep(3.5)
+        await reconciled_again(metrics_port, "invalid", 1, "a resync of generation 2")
         assert status_patches(kmock, "broken") == 2
         warnings = [e for e in posted_events(kmock) if e.get("reason") == "InvalidSpec"]
         assert len(warnings) == 2
@@ -436,29 +468,40 @@ async def test_peering_lower_priority_stands_by_and_equal_priorities_freeze(kmoc
     """HA as the chart runs it: the highest priority acts, a lower one does nothing; two of
     equal priority both pause until one goes."""
     spec = two_pool_spec()
-    async with operator_process(kmock, tmp_path, token="high", priority=10) as (api, *_):
+    async with operator_process(kmock, tmp_path, token="high", priority=10) as (
+            api, high_log, *_):
         async with operator_process(kmock, tmp_path, token="low", priority=5,
-                                    existing_peers=1):
+                                    existing_peers=1) as (_, low_log, *_):
+            # A required peering starts paused; seeing a higher priority, the lower one stays
+            # so, silently (Kopf logs only a resumption).
             await api.create(MODELS, model_body("nano", str(uuid.uuid4()), 1, spec))
 
             async def created():
                 return len(owned_names(await api.list(DEPLOYMENTS), "nano")) == 5
             await eventually(created, 20, "the high-priority operator's Deployments")
-            await asyncio.sleep(1)
             assert actions_by(kmock, "high")
-            assert actions_by(kmock, "low") == []
+
+            async def low_idle():
+                return (actions_by(kmock, "low") == []
+                        and "Resuming operations" not in low_log.read_text())
+            await stays(low_idle, 1, "the paused low-priority operator does nothing")
 
         # Equal priorities: both pause rather than act twice.
         async with operator_process(kmock, tmp_path, token="twin", priority=10,
                                     existing_peers=1) as (_, twin_log, *_):
-            await asyncio.sleep(2)
+            # The twin starts paused and sees its equal; the running one pauses on seeing it.
+            async def both_paused():
+                return ("same priority" in twin_log.read_text()
+                        and "Pausing all operators, including self" in high_log.read_text())
+            await eventually(both_paused, 20, "both operators of equal priority pausing")
             before = len(actions_by(kmock, "high"))
             await api.create(MODELS, model_body("other", str(uuid.uuid4()), 1, spec))
-            await asyncio.sleep(4)
-            assert owned_names(await api.list(DEPLOYMENTS), "other") == set()
-            assert actions_by(kmock, "twin") == []
-            assert len(actions_by(kmock, "high")) == before
-            assert "same priority" in twin_log.read_text()
+
+            async def frozen():
+                return (owned_names(await api.list(DEPLOYMENTS), "other") == set()
+                        and actions_by(kmock, "twin") == []
+                        and len(actions_by(kmock, "high")) == before)
+            await stays(frozen, 2, "two paused operators of equal priority do nothing")
 
         # The twin leaves (it removes itself from the peering on exit): the other resumes.
         async def resumed():
@@ -468,7 +511,8 @@ async def test_peering_lower_priority_stands_by_and_equal_priorities_freeze(kmoc
 
 async def test_namespaced_operator_serves_only_its_namespace(kmock, tmp_path):
     spec = two_pool_spec()
-    async with operator_process(kmock, tmp_path, namespace=NS) as (api, log_path, *_):
+    async with operator_process(kmock, tmp_path, namespace=NS) as (
+            api, log_path, _, metrics_port):
         elsewhere = model_body("nano", str(uuid.uuid4()), 1, spec, namespace="elsewhere")
         async with api.session.post(
                 f"{api.base}/apis/baton.dev/v1alpha1/namespaces/elsewhere/models",
@@ -479,7 +523,8 @@ async def test_namespaced_operator_serves_only_its_namespace(kmock, tmp_path):
         async def created():
             return len(owned_names(await api.list(DEPLOYMENTS), "nano")) == 5
         await eventually(created, 20, "the Deployments in the served namespace")
-        await asyncio.sleep(1)
+        # A resync after that: every Model the operator sees has been reconciled again.
+        await reconciled_again(metrics_port, "converged", 1, "a resync in the namespace")
         served = {r.namespace for r in kmock if r.resource is not None
                   and r.headers.get("Authorization") == "Bearer operator"
                   and r.action in (kmock.action.FETCH, kmock.action.CREATE,
@@ -518,16 +563,18 @@ async def test_an_operator_that_requires_peering_says_what_it_waits_for(kmock, t
     it waits for and how to create it, reconciles nothing, and starts once it exists."""
     spec = two_pool_spec()
     async with operator_process(kmock, tmp_path, peering=False,
-                                args=("--require-peering",)) as (api, log_path, *_):
+                                args=("--require-peering",)) as (api, log_path, proc, _):
         text = log_path.read_text()
         assert ("Waiting for ClusterKopfPeering 'baton' (--require-peering): nothing is "
                 "reconciled until it exists. Create it: kubectl apply -f - <<< "
                 "'{\"apiVersion\": \"kopf.dev/v1\", \"kind\": \"ClusterKopfPeering\", "
                 "\"metadata\": {\"name\": \"baton\"}}'") in text
         await api.create(MODELS, model_body("nano", str(uuid.uuid4()), 1, spec))
-        await asyncio.sleep(4)
-        assert owned_names(await api.list(DEPLOYMENTS), "nano") == set()
-        assert actions_by(kmock, "operator") == []
+
+        async def waiting():
+            return (proc.returncode is None and actions_by(kmock, "operator") == []
+                    and owned_names(await api.list(DEPLOYMENTS), "nano") == set())
+        await stays(waiting, 2, "an operator waiting for its peering object does nothing")
 
         # the object the message named appears: the operator finds it and starts
         async with api.session.post(peering_url(api.base, None), json={

@@ -12,7 +12,8 @@ sampling (counter-based seeded sampling), logits (what changes a row's logits be
 penalties.py, grammar.py with llguidance), allocator (refcounted KV pages with an LRU of cached
 ones, state slots), prefix_cache (the page trie and the Mamba snapshot pool), snapshots (when
 pages are published and snapshots taken), sizing (how many pages, slots and snapshots),
-handoff + reservation (prefill on one engine, decode on another), loop (EngineLoop,
+handoff + reservation (prefill on one engine, decode on another; DecodeReservation is the
+reservation's state machine), loop (EngineLoop,
 RequestStream), config (EngineConfig, EngineStats), request (Request, TokenEvent,
 per-sequence state). Text (tokenizers, chat templates, detokenizer, stop strings) is
 baton.workers.text, which imports no torch.
@@ -29,29 +30,38 @@ from baton.workers.engine.handoff import (
     StateKind,
     StateTransferError,
 )
-from baton.workers.engine.loop import EngineDraining, EngineLoop, LoopReservation, RequestStream
+from baton.workers.engine.loop import EngineDraining, EngineLoop, RequestStream
 from baton.workers.engine.request import Request, TokenEvent
-from baton.workers.engine.reservation import Reservation
+from baton.workers.engine.reservation import (
+    BindingRefused,
+    DecodeReservation,
+    EndReason,
+    ReservationState,
+    prompt_chain_hash,
+)
 from baton.workers.engine.sampling import SamplingParams
 
 __all__ = [
+    "BindingRefused",
     "CacheFull",
     "Engine",
+    "DecodeReservation",
+    "EndReason",
     "EngineConfig",
     "EngineDraining",
     "EngineLoop",
     "EngineStats",
     "LayerState",
-    "LoopReservation",
     "PrefillAborted",
     "PrefillResult",
     "PrefillSink",
     "Request",
     "RequestStream",
-    "Reservation",
+    "ReservationState",
     "SamplingParams",
     "StateKind",
     "StateTransferError",
     "StepTimings",
     "TokenEvent",
+    "prompt_chain_hash",
 ]

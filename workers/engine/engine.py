@@ -9,7 +9,7 @@
 
 Requests join and leave the running batch every step. Besides ordinary requests the engine
 runs prefill-only requests for another engine (`prefill(request, sink)`) and takes in requests
-prefilled elsewhere (`reserve(request)` -> Reservation; see handoff.py), or prefills their
+prefilled elsewhere (`reserve(request)` -> DecodeReservation; see handoff.py), or prefills their
 uncached rest itself when its prefix cache holds all but a few tokens (a local prefill).
 
 What goes into the prefix cache (prefix_cache.py), and when, is snapshots.py's.
@@ -28,7 +28,7 @@ from baton.workers.engine.config import EngineConfig, EngineStats, StepTimings
 from baton.workers.engine.handoff import CacheFull, PrefillAborted, PrefillResult, PrefillSink
 from baton.workers.engine.prefix_cache import PrefixCache
 from baton.workers.engine.request import Phase, Request, Sequence, TokenEvent
-from baton.workers.engine.reservation import Reservation
+from baton.workers.engine.reservation import DecodeReservation
 from baton.workers.engine.runner import ModelRunner, SampledToken, StepOutput
 from baton.workers.engine.sampling import fresh_seed, request_seed
 from baton.workers.engine.scheduler import Scheduler
@@ -111,7 +111,7 @@ class Engine:
         self.keeper: SnapshotKeeper | None = None
         if self.prefix is not None:
             self.keeper = SnapshotKeeper(self.prefix, self.runner, config.snapshot_interval)
-        self.reservations: dict[str, Reservation] = {}
+        self.reservations: dict[str, DecodeReservation] = {}
         self._by_id: dict[str, Sequence] = {}
         self._deferred: list[TokenEvent] = []
         self._stats = EngineStats(num_pages=num_pages, num_slots=num_slots,
@@ -258,7 +258,8 @@ class Engine:
 
     # ---- a request prefilled elsewhere ---------------------------------------------------
 
-    def reserve(self, request: Request, local_prefill_max_tokens: int = 0) -> Reservation:
+    def reserve(self, request: Request, local_prefill_max_tokens: int = 0
+                ) -> DecodeReservation:
         """Room for a request whose prompt was (or will be) prefilled elsewhere.
 
         The longest prefix of the prompt this engine's prefix cache holds (KV and a Mamba
@@ -301,13 +302,13 @@ class Engine:
             sched.start_running(seq)
             if seq.uncached == 0:
                 sched.pending_hits.append(seq)  # sampled from the snapshot next step
-            return Reservation(self, seq, n, cached, local=True)
+            return DecodeReservation(self, seq, n, cached, local=True)
         sched.num_reserved += 1
-        res = Reservation(self, seq, n, cached)
+        res = DecodeReservation(self, seq, n, cached)
         self.reservations[request.request_id] = res
         return res
 
-    def _end_reservation(self, res: Reservation) -> None:
+    def _end_reservation(self, res: DecodeReservation) -> None:
         self.reservations.pop(res.request_id, None)
         self.scheduler.num_reserved -= 1
 
@@ -432,7 +433,7 @@ class Engine:
         if token in seq.eos_ids or token in seq.sampling.stop_token_ids:
             return "stop"
         if self.runner.logits.grammar_complete(seq, token, length):
-            return "stop"
+            return "grammar_error" if self.runner.logits.grammar_refused(seq) else "stop"
         if length >= seq.max_len:
             return "length"
         return None

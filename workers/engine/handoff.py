@@ -15,7 +15,10 @@ A request's life across two engines (DESIGN.md, Seams: Engine <-> transfer):
    the hidden state of the last prompt position (kind hidden, layer L, [H]), which D's MTP
    drafter and D's snapshot of the prompt need. P samples the first token and releases its
    cache (into its own prefix cache).
-3. The transfer layer hands each LayerState to `res.write(state)` on D.
+3. The transfer layer binds the reservation to the transfer first: `res.bind(token,
+   chain_hash)` accepts only the reservation's own token and the chain hash of its own prompt
+   (reservation.py: DecodeReservation, OPEN -> RECEIVING), then hands each LayerState to
+   `res.write(state)` on D.
 4. `res.commit(first_token, sampling)` checks that every piece arrived and moves the request
    into D's running batch, which continues as if D had prefilled it; or `res.release()` frees
    everything (idempotent; after commit it aborts the request).

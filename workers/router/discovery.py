@@ -32,6 +32,9 @@ from baton.proto.grpc.health.v1 import health_pb2, health_pb2_grpc
 log = logging.getLogger("baton.router.discovery")
 
 ROLES = ("prefill", "decode")
+# Health checks that miss their deadline in a row before a worker gets no new work (a worker
+# that refuses the connection is out at once).
+SLOW_CHECKS_BEFORE_UNREADY = 3
 # Transfer payloads go worker to worker; router <-> worker messages are small, but a long
 # prompt's token ids can exceed gRPC's 4 MiB default.
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 * 1024**2),
@@ -143,6 +146,10 @@ class WorkerPool:
         self.check_timeout_s = check_timeout_s
         self.workers: dict[str, Worker] = {}
         self._task: asyncio.Task | None = None
+        # Refreshes numbered as they begin; the latest that completed, and an event set (and
+        # replaced) at every completion: wait_refreshed() waits for one that began after it.
+        self._refreshes_begun = 0
+        self._refreshed_through = 0
         self._refreshed = asyncio.Event()
 
     def ready_workers(self) -> list[Worker]:
@@ -167,9 +174,11 @@ class WorkerPool:
         self.workers.clear()
 
     async def wait_refreshed(self) -> None:
-        """Waits for the next completed refresh (tests, start-up)."""
-        self._refreshed.clear()
-        await self._refreshed.wait()
+        """Waits for a refresh that began after this call to complete, so it saw whatever
+        changed before the call (tests, start-up)."""
+        target = self._refreshes_begun + 1
+        while self._refreshed_through < target:
+            await self._refreshed.wait()
 
     async def _loop(self) -> None:
         while True:
@@ -180,6 +189,8 @@ class WorkerPool:
                 log.exception("refreshing %s workers failed", self.role)
 
     async def refresh(self) -> None:
+        self._refreshes_begun += 1
+        number = self._refreshes_begun
         addresses = set(await self.resolver.resolve())
         for address in addresses - set(self.workers):
             channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
@@ -192,7 +203,9 @@ class WorkerPool:
                 await worker.channel.close()
                 log.info("forgot %s worker %s: no longer resolved", self.role, address)
         await asyncio.gather(*(self._check(w) for w in list(self.workers.values())))
-        self._refreshed.set()
+        self._refreshed_through = max(self._refreshed_through, number)
+        done, self._refreshed = self._refreshed, asyncio.Event()
+        done.set()
 
     async def _check(self, worker: Worker) -> None:
         was_ready = worker.ready
@@ -205,10 +218,20 @@ class WorkerPool:
                                                         timeout=self.check_timeout_s)
             worker.failures = 0
         except grpc.aio.AioRpcError as exc:
-            worker.mark_failed()
-            if was_ready:
-                log.warning("%s worker %s failed its health check: %s", self.role,
-                            worker.address, exc.code().name)
+            if (exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+                    and worker.failures + 1 < SLOW_CHECKS_BEFORE_UNREADY):
+                # Slow, not gone: a busy host can miss one deadline. The worker keeps its
+                # work until SLOW_CHECKS_BEFORE_UNREADY in a row (a hung one is left then);
+                # an unreachable one (any other code) is taken out at once.
+                worker.failures += 1
+                log.info("%s worker %s: health check %s (%d in a row; out at %d)", self.role,
+                         worker.address, exc.code().name, worker.failures,
+                         SLOW_CHECKS_BEFORE_UNREADY)
+            else:
+                worker.mark_failed()
+                if was_ready:
+                    log.warning("%s worker %s failed its health check: %s", self.role,
+                                worker.address, exc.code().name)
         worker.checked_at = time.monotonic()
         if worker.ready != was_ready:
             log.info("%s worker %s is %s", self.role, worker.address,

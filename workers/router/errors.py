@@ -24,6 +24,7 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        close_connection: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -32,14 +33,18 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.headers = dict(headers or {})
+        self.close_connection = close_connection  # the connection closes after the answer
 
     def __reduce__(self):
         # Picklable with its fields (request bodies are decoded in a child process too).
         return (_rebuild, (self.status, self.message, self.type, self.param, self.code,
-                           self.headers))
+                           self.headers, self.close_connection))
 
     def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status, headers=self.headers)
+        response = web.json_response(self.body(), status=self.status, headers=self.headers)
+        if self.close_connection:
+            response.force_close()
+        return response
 
     def body(self) -> dict[str, Any]:
         return {
@@ -52,8 +57,9 @@ class ApiError(Exception):
         }
 
 
-def _rebuild(status, message, type, param, code, headers) -> ApiError:
-    return ApiError(status, message, type=type, param=param, code=code, headers=headers)
+def _rebuild(status, message, type, param, code, headers, close_connection) -> ApiError:
+    return ApiError(status, message, type=type, param=param, code=code, headers=headers,
+                    close_connection=close_connection)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:

@@ -55,7 +55,8 @@ def build_router(cfg: WorkerConfig, prefill: str, decode: str,
         request_timeout_s=cfg.router.request_timeout_seconds,
         max_queued_requests=cfg.router.max_queued_requests,
         api_keys_file=cfg.router.api_keys_file,
-        max_body_bytes=cfg.router.max_request_body_bytes)
+        max_body_bytes=cfg.router.max_request_body_bytes,
+        body_budget_bytes=cfg.router.request_body_budget_bytes, reasoning=cfg.router.reasoning)
     metrics = BatonMetrics(MetricLabels(namespace=cfg.namespace, model=cfg.model,
                                         role="router"))
     return Router(backend, CheckpointTokenizer(cfg.model_path), settings, metrics)

@@ -18,6 +18,7 @@ from typing import Any
 
 from baton.workers.router.errors import bad_request, invalid_type
 from baton.workers.router.grammar import OutputFormat
+from baton.workers.router.schema_check import check_schema
 from baton.workers.router.tools import (
     FunctionTool,
     ToolChoice,
@@ -39,9 +40,18 @@ MAX_CHOICES = 128
 MAX_CACHE_KEY_CHARS = 1024
 MAX_LOGIT_BIAS_TOKENS = 1024
 MAX_REPETITION_PENALTY = 10.0
+# The wire width of the workers' integer fields (proto/baton/worker/v1: uint32 max_tokens,
+# top_k, min_tokens, top_logprobs, token ids; uint64 seed): every integer a client sends is
+# checked against it, so none overflows on its way to a worker.
+UINT32_MAX = 2**32 - 1
 # OpenAI's default for the legacy completions endpoint; chat defaults to the rest of the context.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+# OpenAI's reasoning_effort levels: none turns thinking off, the others pick a token budget
+# (RouterSettings.reasoning, the Model's spec.router.reasoning).
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+# The explicit reasoning budget's field, as vLLM names it.
+THINKING_BUDGET_FIELD = "thinking_token_budget"
 
 
 @dataclass
@@ -75,6 +85,10 @@ class ParsedRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = False
     include_usage: bool = False
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage per chunk
+    reasoning_effort: str | None = None  # one of REASONING_EFFORTS; None: the default
+    reasoning_budget: int | None = None  # thinking_token_budget: the reasoning's most tokens
+    snapshot_points: tuple[int, ...] = ()  # completions: where to snapshot the prompt too
     tokens_as_ids: bool = False  # logprobs name tokens "token_id:<id>" (exact, for tooling)
 
 
@@ -86,15 +100,16 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def int_field(body: dict, name: str, lo: int | None = None, hi: int | None = None) -> int | None:
+def int_field(body: dict, name: str, lo: int = 0, hi: int = UINT32_MAX) -> int | None:
+    """body[name], an integer in [lo, hi] (by default what a uint32 on the wire holds)."""
     v = body.get(name)
     if v is None:
         return None
     if not _is_int(v):
         raise invalid_type(name, v, "an integer")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        allowed = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise bad_request(f"{name}: must be {allowed}, got {v}", param=name, code="invalid_value")
+    if not lo <= v <= hi:
+        raise bad_request(f"{name}: must be an integer between {lo} and {hi}, got {v!r:.40}",
+                          param=name, code="invalid_value")
     return v
 
 
@@ -177,16 +192,22 @@ def check_known(body: dict, known: frozenset[str]) -> None:
         )
 
 
-_COMMON = frozenset({
-    "model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options",
-    "stop", "stop_token_ids", "ignore_eos", "seed", "logprobs", "user", "presence_penalty",
-    "frequency_penalty", "logit_bias", "return_tokens_as_token_ids", "prompt_cache_key",
-    "repetition_penalty", "min_tokens",
+# What sampling_params reads: the sampling fields every generation endpoint takes
+# (completions, chat and the Responses API alike).
+SAMPLING_FIELDS = frozenset({
+    "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "logit_bias", "min_tokens", "stop", "stop_token_ids", "ignore_eos",
 })
-_COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
+_COMMON = SAMPLING_FIELDS | {
+    "model", "max_tokens", "n", "stream", "stream_options", "logprobs", "user",
+    "return_tokens_as_token_ids", "prompt_cache_key",
+}
+_COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix", "snapshot_points"}
+MAX_SNAPSHOT_POINTS = 16
 _CHAT_FIELDS = _COMMON | {
     "messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs",
     "response_format", "tools", "tool_choice", "parallel_tool_calls", "store", "metadata",
+    "reasoning_effort", THINKING_BUDGET_FIELD,
 }
 
 
@@ -202,10 +223,13 @@ def _logit_bias(body: dict) -> dict[int, float]:
                           param="logit_bias", code="invalid_value")
     bias = {}
     for key, value in v.items():
-        token = int(key) if isinstance(key, str) and key.isdigit() else None
-        if token is None:
+        # ASCII digits only: str.isdigit() also holds for "²" and "١", which int() refuses
+        # or reads as another number.
+        token = int(key) if key.isascii() and key.isdigit() and len(key) <= 10 else None
+        if token is None or token > UINT32_MAX:
             raise bad_request(f"logit_bias: {key!r:.40} is not a token id (a non-negative "
-                              f"integer)", param="logit_bias", code="invalid_value")
+                              f"integer in ASCII digits, at most {UINT32_MAX})",
+                              param="logit_bias", code="invalid_value")
         if not _is_number(value) or not -BIAS_RANGE <= value <= BIAS_RANGE:
             raise bad_request(f"logit_bias[{key}]: must be a number in [-{BIAS_RANGE:g}, "
                               f"{BIAS_RANGE:g}], got {value!r:.40}", param="logit_bias",
@@ -215,12 +239,11 @@ def _logit_bias(body: dict) -> dict[int, float]:
 
 
 def sampling_params(body: dict, **fields: Any) -> SamplingParams:
-    """The SamplingParams fields every generation endpoint shares (max_tokens and logprobs
-    are the endpoint's to set)."""
-    seed = int_field(body, "seed")
-    if seed is not None and not (-(2**63) <= seed < 2**64):
-        raise bad_request(f"seed: must fit in 64 bits, got {seed}", param="seed",
-                          code="invalid_value")
+    """The SamplingParams fields every generation endpoint shares (SAMPLING_FIELDS;
+    max_tokens and logprobs are the endpoint's to set)."""
+    # int64 (OpenAI's) or uint64 (the wire's): either is taken.
+    seed = int_field(body, "seed", -(2**63), 2**64 - 1)
+    stop_token_ids = body.get("stop_token_ids")
     return SamplingParams(
         temperature=_float(body, "temperature", 0.0, 2.0, 1.0),
         top_p=_float(body, "top_p", 0.0, 1.0, 1.0, lo_open=True),
@@ -233,8 +256,26 @@ def sampling_params(body: dict, **fields: Any) -> SamplingParams:
                                   lo_open=True),
         logit_bias=_logit_bias(body),
         min_tokens=int_field(body, "min_tokens", 0) or 0,
+        stop=_stop(body),
+        stop_token_ids=[] if stop_token_ids is None else _token_ids("stop_token_ids",
+                                                                    stop_token_ids),
+        ignore_eos=bool_field(body, "ignore_eos"),
         **fields,
     )
+
+
+def parse_reasoning(req: ParsedRequest, effort: Any, body: dict, effort_param: str) -> None:
+    """The request's reasoning effort (effort_param names its field) and explicit budget;
+    effort "none" turns thinking off in the chat template (unless the request's
+    chat_template_kwargs say otherwise)."""
+    if effort is not None:
+        if effort not in REASONING_EFFORTS:
+            raise bad_request(f"{effort_param}: must be one of {', '.join(REASONING_EFFORTS)}, "
+                              f"got {effort!r:.80}", param=effort_param, code="invalid_value")
+        req.reasoning_effort = effort
+        if effort == "none":
+            req.chat_template_kwargs.setdefault("enable_thinking", False)
+    req.reasoning_budget = int_field(body, THINKING_BUDGET_FIELD, 0)
 
 
 def _common(body: dict, endpoint: str) -> ParsedRequest:
@@ -246,7 +287,7 @@ def _common(body: dict, endpoint: str) -> ParsedRequest:
     n = int_field(body, "n", 1, MAX_CHOICES) or 1
     stream = bool_field(body, "stream")
     opts = body.get("stream_options")
-    include_usage = False
+    include_usage = continuous = False
     if opts is not None:
         if not isinstance(opts, dict):
             raise invalid_type("stream_options", opts, "an object")
@@ -258,8 +299,8 @@ def _common(body: dict, endpoint: str) -> ParsedRequest:
             raise bad_request(f"stream_options: unknown option {extra[0]!r}",
                               param="stream_options", code="unknown_parameter")
         include_usage = bool_field(opts, "include_usage")
+        continuous = bool_field(opts, "continuous_usage_stats")
     optional_field(body, "user", str)
-    stop_token_ids = body.get("stop_token_ids")
     cache_key = body.get("prompt_cache_key")
     if cache_key is not None and (not isinstance(cache_key, str)
                                   or len(cache_key) > MAX_CACHE_KEY_CHARS):
@@ -271,11 +312,10 @@ def _common(body: dict, endpoint: str) -> ParsedRequest:
         n=n,
         cache_key=cache_key,
         max_tokens=int_field(body, "max_tokens", 1),
-        sampling=sampling_params(body, stop=_stop(body), stop_token_ids=[] if stop_token_ids
-                                 is None else _token_ids("stop_token_ids", stop_token_ids),
-                                 ignore_eos=bool_field(body, "ignore_eos")),
+        sampling=sampling_params(body),
         stream=stream,
         include_usage=include_usage,
+        continuous_usage=continuous,
         tokens_as_ids=bool_field(body, "return_tokens_as_token_ids"),
     )
 
@@ -327,6 +367,14 @@ def parse_completion(body: Any) -> ParsedRequest:
     if "prompt" not in body or body["prompt"] is None:
         raise bad_request("prompt: required", param="prompt", code="missing_required_parameter")
     req.prompts = _prompts(body["prompt"])
+    points = body.get("snapshot_points")
+    if points is not None:
+        points = _token_ids("snapshot_points", points)
+        if len(points) > MAX_SNAPSHOT_POINTS or points != sorted(set(points)) or 0 in points:
+            raise bad_request(f"snapshot_points: at most {MAX_SNAPSHOT_POINTS} ascending "
+                              f"prompt offsets above 0, got {points!r:.80}",
+                              param="snapshot_points", code="invalid_value")
+        req.snapshot_points = tuple(points)
     if len(req.prompts) * req.n > MAX_CHOICES:
         raise bad_request(f"prompt: {len(req.prompts)} prompts x n={req.n} choices is more "
                           f"than {MAX_CHOICES}", param="prompt", code="invalid_value")
@@ -412,11 +460,13 @@ def parse_json_schema_format(value: Any, param: str, flat: bool) -> OutputFormat
     schema = spec.get("schema")
     if not isinstance(schema, dict):
         raise invalid_type(f"{where}.schema", schema, "a JSON Schema object")
+    check_schema(schema, f"{where}.schema")
     name = optional_field(spec, "name", str, f"{where}.name")
     strict = spec.get("strict")
     if strict is not None and not isinstance(strict, bool):
         raise invalid_type(f"{where}.strict", strict, "a boolean")
-    return OutputFormat("json_schema", schema, name, param=f"{where}.schema")
+    return OutputFormat("json_schema", schema, name, param=f"{where}.schema",
+                        strict=bool(strict))
 
 
 def parse_output_format(value: Any, param: str, flat: bool = False) -> OutputFormat | None:
@@ -463,6 +513,7 @@ def parse_chat(body: Any) -> ParsedRequest:
             raise bad_request(f"chat_template_kwargs: {reserved[0]!r} is set by the request "
                               f"itself", param="chat_template_kwargs", code="invalid_value")
         req.chat_template_kwargs = dict(kwargs)
+    parse_reasoning(req, body.get("reasoning_effort"), body, "reasoning_effort")
     req.output_format = parse_output_format(body.get("response_format"), "response_format")
     req.tools = parse_tools(body.get("tools"))
     req.tool_choice = parse_tool_choice(body.get("tool_choice"), req.tools)

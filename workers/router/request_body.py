@@ -5,7 +5,8 @@
 - JSON is decoded strictly: NaN and Infinity (Python's json accepts them) and numbers that
   overflow to infinity are a 400 naming the field, nesting deeper than MAX_JSON_DEPTH is a
   400 (found from the raw brackets before decoding, not a RecursionError deep in the
-  parser), and invalid UTF-8 or syntax is a 400.
+  parser), and invalid UTF-8 or syntax is a 400. So is a lone UTF-16 surrogate in any
+  string (`"\ud800"` is valid JSON but no text: nothing downstream can encode it).
 - No JSON array or object in a request may have more items than the model's context has
   tokens (no field needs more): a longer one is a 400 before anything walks it.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import re
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -47,16 +49,74 @@ def too_large(size: int | None, limit: int) -> ApiError:
                     f"bytes (router.maxRequestBodyBytes).", code="request_too_large")
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The raw body, or 413 once it is known to exceed limit bytes."""
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large(request.content_length, limit)
-    chunks, size = [], 0
-    async for chunk in request.content.iter_chunked(_READ_CHUNK):
-        size += len(chunk)
-        if size > limit:
-            raise too_large(None, limit)
-        chunks.append(chunk)
+class BodyBudget:
+    """The bytes of request bodies the router holds at once (read, not yet decoded), across
+    all requests. A body that would take it past its limit is refused before it is read in
+    full: at once when its Content-Length says so, else as its chunks arrive."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.held = 0
+        self.peak = 0  # the most ever held at once
+        self.refused = 0
+
+    def reserve(self) -> BodyReservation:
+        return BodyReservation(self)
+
+
+class BodyReservation:
+    """One body's share of a BodyBudget; release() gives it back."""
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget = budget
+        self.bytes = 0
+
+    def grow(self, n: int) -> None:
+        budget = self.budget
+        if budget.held + n > budget.limit_bytes:
+            budget.refused += 1
+            raise ApiError(503, f"The router holds {budget.held} bytes of request bodies in "
+                           f"flight and takes at most {budget.limit_bytes} "
+                           f"(router.requestBodyBudgetBytes); retry later.",
+                           type="service_unavailable", code="body_budget_exhausted",
+                           headers={"Retry-After": "1"})
+        budget.held += n
+        budget.peak = max(budget.peak, budget.held)
+        self.bytes += n
+
+    def release(self) -> None:
+        self.budget.held -= self.bytes
+        self.bytes = 0
+
+
+async def read_body(request: web.Request, limit: int, reservation: BodyReservation,
+                    timeout_s: float) -> bytes:
+    """The raw body, held within reservation: 413 once it is known to exceed limit bytes,
+    503 when the budget has no room for it, 408 (and the connection closed) when it has not
+    arrived in full within timeout_s."""
+    if request.content_length is not None:
+        if request.content_length > limit:
+            raise too_large(request.content_length, limit)
+        reservation.grow(request.content_length)
+    chunks: list[bytes] = []
+    size = 0
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.content.iter_chunked(_READ_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise too_large(None, limit)
+            if size > reservation.bytes:
+                reservation.grow(size - reservation.bytes)
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"The request body did not arrive within {timeout_s:g} s "
+                       f"({size} bytes came).", code="request_timeout",
+                       close_connection=True) from None
     return b"".join(chunks)
 
 
@@ -117,6 +177,47 @@ def _walk(value: Any, max_items: int, non_finite: bool) -> None:
                                   f"numbers only)", param=where, code="invalid_value")
 
 
+# A surrogate escape, or a surrogate's bytes (Python's json decodes bytes with surrogatepass);
+# only a body that has one is walked for a lone one (a pair is one character once decoded).
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def _find_lone_surrogate(value: Any) -> None:
+    stack: list[tuple[Any, list[Any]]] = [(value, [])]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                where = _path(path)
+                raise bad_request(f"{where}: holds a lone UTF-16 surrogate "
+                                  f"({node[exc.start]!r}); text must be valid Unicode",
+                                  param=where, code="invalid_value") from None
+        elif isinstance(node, dict):
+            for key, item in node.items():
+                stack.append((key, [*path, key]))
+                stack.append((item, [*path, key]))
+        elif isinstance(node, list):
+            stack.extend((item, [*path, i]) for i, item in enumerate(node))
+
+
+def decode_json_text(text: str, where: str) -> Any:
+    """A JSON document held in a string field (tool-call arguments), decoded with the same
+    depth bound as a body; ApiError 400 naming where for anything else."""
+    if _depth_exceeded(text.encode("utf-8", "surrogatepass")):
+        raise bad_request(f"{where}: nests deeper than {MAX_JSON_DEPTH} levels", param=where,
+                          code="invalid_value")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise bad_request(f"{where}: nests deeper than {MAX_JSON_DEPTH} levels", param=where,
+                          code="invalid_value") from None
+    except ValueError as exc:
+        raise bad_request(f"{where}: not valid JSON ({exc})", param=where,
+                          code="invalid_value") from None
+
+
 def decode_json_body(raw: bytes, max_items: int) -> Any:
     """The decoded body (blocking); ApiError 400 for anything that is not plain JSON or
     has a container of more than max_items items."""
@@ -146,6 +247,8 @@ def decode_json_body(raw: bytes, max_items: int) -> Any:
                           code="invalid_body")
     if isinstance(value, (dict, list)):
         _walk(value, max_items, bool(non_finite))
+    if _SURROGATE.search(raw):
+        _find_lone_surrogate(value)
     return value
 
 

@@ -11,12 +11,20 @@
     GET  /ready                   200 when every role has a ready worker, else 503 (readiness)
     GET  /metrics                 Prometheus exposition (client-visible TTFT / ITL, outcomes)
 
-One request's life: read the body (413 past the size limit) -> decode and validate it off the
-event loop (request_body.py, params.py) -> render the chat template and tokenize, bounded
-(tokenization.py) -> context check -> the output grammar, if any (grammar.py) -> one choice
-per prompt and per n (generation.py): choice 0 through admission (the bounded wait queue,
-429 when full), the others after its first token -> each choice's tokens through output
-processing (output.py) -> OpenAI bodies (bodies.py), JSON or SSE. Errors before the first
+Connections (connections.py): idle keep-alive connections and ones that send no complete
+request head close after keepalive_timeout_s, connections past max_connections close as they
+are accepted, and aiohttp's own errors answer in OpenAI's shape. Any exception a handler
+does not turn into an ApiError is an OpenAI-shaped 500 naming the request id, logged with its
+traceback.
+
+One request's life: read the body (413 past the size limit, 503 while the bodies in flight
+fill body_budget_bytes, 408 past body_timeout_s; only then does it count as running) ->
+decode and validate it off the event loop (request_body.py, params.py) -> render the chat
+template and tokenize, bounded (tokenization.py) -> context check -> the output grammar, if
+any (grammar.py) -> one choice per prompt and per n (generation.py): choice 0 through
+admission (the bounded wait queue, 429 when full), the others after its first token -> each
+choice's tokens through output processing (output.py) -> OpenAI bodies (bodies.py), JSON or
+SSE. Errors before the first
 token are HTTP errors in OpenAI's shape; errors after it (the backend's one retry failed too,
 or the deadline passed) are an SSE error event.
 """
@@ -28,12 +36,13 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jinja2
 from aiohttp import web
 
+from baton.operator.spec import ReasoningSpec
 from baton.workers.metrics import BatonMetrics
 from baton.workers.router.admission import AdmissionQueue
 from baton.workers.router.auth import ApiKeys
@@ -44,6 +53,7 @@ from baton.workers.router.backend import (
     WorkerFailure,
 )
 from baton.workers.router.completions_api import CompletionsApi
+from baton.workers.router.connections import SERVER_NAME, ConnectionLimits, LimitedAppRunner
 from baton.workers.router.errors import (
     ApiError,
     backend_failure,
@@ -57,9 +67,14 @@ from baton.workers.router.generation import Choice, Generation, choice_seed
 from baton.workers.router.grammar import GrammarError
 from baton.workers.router.output import ChoiceOutput
 from baton.workers.router.params import DEFAULT_COMPLETION_MAX_TOKENS, ParsedRequest
-from baton.workers.router.request_body import BodyDecoder, read_body
+from baton.workers.router.request_body import BodyBudget, BodyDecoder, read_body
 from baton.workers.router.responses_api import ResponsesApi
-from baton.workers.router.tokenization import PromptTooLong, RouterTokenizer, bounded_encode
+from baton.workers.router.tokenization import (
+    PromptTooLong,
+    RouterTokenizer,
+    bounded_encode,
+    message_boundaries,
+)
 from baton.workers.router.tokenize_api import TokenizeApi
 
 log = logging.getLogger("baton.router")
@@ -81,6 +96,15 @@ class RouterSettings:
     owned_by: str = "baton"
     max_body_bytes: int = 16 * 1024**2  # larger request bodies are a 413
     stored_responses: int = 1024  # Responses API: how many previous_response_id can name
+    # Request bodies being read at once hold at most this many bytes (8 maximum-size bodies
+    # by default); past it a request is a 503 before its body is read.
+    body_budget_bytes: int = 128 * 1024**2
+    body_timeout_s: float = 60.0  # a body not in within this is a 408 (connection closed)
+    # An idle keep-alive connection, or one that has not sent a complete request head,
+    # closes after this long.
+    keepalive_timeout_s: float = 60.0
+    max_connections: int = 4096  # connections past this are closed as they are accepted
+    reasoning: ReasoningSpec = field(default_factory=ReasoningSpec)  # budgets per effort
 
 
 def _outcome(err: ApiError) -> str:
@@ -98,6 +122,7 @@ class PreparedPrompt:
     ids: list[int]
     text: str | None  # what was tokenized (echo; the reasoning check)
     in_reasoning: bool | None  # chat: the prompt leaves `<think>` open; None: completions
+    snapshot_points: tuple[int, ...] = ()  # where a later request will likely branch off it
 
 
 class Router:
@@ -112,7 +137,8 @@ class Router:
         self.queue = AdmissionQueue(settings.max_queued_requests)
         self.api_keys = ApiKeys(settings.api_keys_file) if settings.api_keys_file else None
         self.created = int(time.time())
-        self.running = 0
+        self.running = 0  # requests past their body read, not yet answered
+        self.body_budget = BodyBudget(settings.body_budget_bytes)
         self._worker_ids: set[str] = set()
         # No array in a body may hold more items than the context has tokens.
         self.bodies = BodyDecoder(settings.max_model_len + 1)
@@ -133,6 +159,7 @@ class Router:
         app.router.add_get("/health", self.health)
         app.router.add_get("/ready", self.ready)
         app.router.add_get("/metrics", self.metrics_page)
+        app[SETTINGS] = self.settings
         app.on_response_prepare.append(self._add_request_id)
         app.on_startup.append(lambda _app: self.backend.start())
         app.on_cleanup.append(lambda _app: self.backend.close())
@@ -155,11 +182,21 @@ class Router:
             kind = "not_found" if exc.status == 404 else "invalid_request_error"
             return ApiError(exc.status, f"{exc.reason}: {request.method} {request.path}",
                             type=kind).response()
+        except ConnectionError:
+            raise  # the client is gone: nobody to answer
+        except Exception:
+            rid = request[REQUEST_ID]
+            log.exception("request %s %s %s failed", rid, request.method, request.path)
+            if request.writer is not None and request.writer.output_size > 0:
+                raise  # an answer has begun: the connection is cut, as aiohttp does
+            return ApiError(500, f"The server failed to handle the request (request id "
+                            f"{rid}).", type="server_error", code="internal_error").response()
 
     async def _close_decoder(self, app: web.Application) -> None:
         self.bodies.close()
 
     async def _add_request_id(self, request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["Server"] = SERVER_NAME  # not aiohttp's name and version
         if REQUEST_ID in request:
             response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
 
@@ -208,9 +245,16 @@ class Router:
     # -- request preparation (shared with the Responses API) -------------------------------
 
     async def read_request(self, request: web.Request, parse) -> Any:
-        """The body decoded and validated by parse, off the event loop (413 / 400 first)."""
-        raw = await read_body(request, self.settings.max_body_bytes)
-        body = await self.bodies.decode(raw)
+        """The body decoded and validated by parse, off the event loop (413 / 503 / 408 /
+        400 first); the raw body counts in the body budget until it is decoded."""
+        reservation = self.body_budget.reserve()
+        try:
+            raw = await read_body(request, self.settings.max_body_bytes, reservation,
+                                  self.settings.body_timeout_s)
+            body = await self.bodies.decode(raw)
+            del raw
+        finally:
+            reservation.release()
         return await asyncio.to_thread(parse, body)
 
     def check_model(self, model: str | None) -> None:
@@ -270,14 +314,37 @@ class Router:
                 else:
                     ids = await self.encode(p.text, param, True)
                     prompts.append(PreparedPrompt(ids, p.text, None))
+            for prompt in prompts:
+                bad = [t for t in parsed.snapshot_points if t >= len(prompt.ids)]
+                if bad:
+                    raise bad_request(f"snapshot_points: {bad[0]} is not inside the prompt "
+                                      f"({len(prompt.ids)} tokens)", param="snapshot_points",
+                                      code="invalid_value")
+                prompt.snapshot_points = parsed.snapshot_points
             return prompts
-        text = await self.render_chat(parsed.messages, self.template_kwargs(parsed))
+        kwargs = self.template_kwargs(parsed)
+        text = await self.render_chat(parsed.messages, kwargs)
         ids = await self.encode(text, "messages", add_special_tokens=False)
-        return [PreparedPrompt(ids, text, text.rfind("<think>") > text.rfind("</think>"))]
+        points = await asyncio.to_thread(message_boundaries, self.tokenizer, parsed.messages,
+                                         kwargs, text, ids)
+        return [PreparedPrompt(ids, text, text.rfind("<think>") > text.rfind("</think>"),
+                               points)]
+
+    def reasoning_budget(self, parsed: ParsedRequest) -> int | None:
+        """The most tokens the reasoning may take: the request's thinking_token_budget, else
+        its effort's budget, else the default effort's; None: unbounded."""
+        if parsed.reasoning_budget is not None:
+            return parsed.reasoning_budget
+        effort = parsed.reasoning_effort or self.settings.reasoning.default_effort
+        if effort is None or effort == "none":
+            return None
+        return self.settings.reasoning.budget(effort)
 
     async def _grammar(self, parsed: ParsedRequest, prompt: PreparedPrompt) -> str | None:
         fmt = parsed.output_format
-        if fmt is None and parsed.tool_choice.mode not in ("required", "function"):
+        budget = self.reasoning_budget(parsed) if prompt.in_reasoning else None
+        if (fmt is None and parsed.tool_choice.mode not in ("required", "function")
+                and budget is None):
             return None
         tools_param = ("tools[{i}].function.parameters" if parsed.endpoint == "chat"
                        else "tools[{i}].parameters")
@@ -285,7 +352,7 @@ class Router:
         def compile_grammar() -> str | None:
             return self.tokenizer.grammar_compiler().compile(
                 fmt, parsed.tools, parsed.tool_choice, parsed.parallel_tool_calls,
-                bool(prompt.in_reasoning), tools_param)
+                bool(prompt.in_reasoning), tools_param, reasoning_budget=budget)
 
         try:
             return await asyncio.to_thread(compile_grammar)
@@ -352,7 +419,7 @@ class Router:
                 gen = GenerationRequest(
                     request_id=self._worker_request_id(client_request_id),
                     prompt_ids=tuple(prompt.ids), sampling=sampling, deadline=deadline,
-                    cache_key=cache_key)
+                    cache_key=cache_key, snapshot_points=prompt.snapshot_points)
                 output = ChoiceOutput(self.tokenizer, prompt.ids, stop=sp.stop,
                                       reasoning=prompt.in_reasoning, tools=functions,
                                       max_tool_calls=max_calls)
@@ -423,10 +490,14 @@ class Router:
         t_arrival = time.monotonic()
         generation: Generation | None = None
         outcome = "error"
-        self.running += 1
+        running = False
         try:
             try:
                 parsed = await self.read_request(request, parse)
+                # Running from here: a connection still sending its body is no load on the
+                # workers (baton_requests_running feeds the autoscaler).
+                self.running += 1
+                running = True
                 generation = await self.start(request, parsed, t_arrival)
             except ApiError as err:
                 outcome = _outcome(err)
@@ -442,7 +513,8 @@ class Router:
                 else "cancelled"
             raise
         finally:
-            self.running -= 1
+            if running:
+                self.running -= 1
             generation = request.get(_GENERATION)
             if generation is not None:
                 for c in generation.choices:
@@ -462,6 +534,7 @@ class Router:
                 await asyncio.shield(generation.close())
 
 _GENERATION = web.RequestKey("generation", Generation)
+SETTINGS = web.AppKey("router_settings", RouterSettings)
 
 
 async def start_site(app: web.Application, host: str, port: int,
@@ -472,8 +545,14 @@ async def start_site(app: web.Application, host: str, port: int,
     backend stream and so frees the request's slots on both workers at once.
     shutdown_timeout_s: at runner.cleanup() the listener closes at once and requests in
     flight get this long to finish (a router pod's termination grace covers one deadline).
+    Connection limits: the router's settings (RouterSettings keepalive_timeout_s,
+    max_connections) when app is a Router's.
     """
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    settings = app.get(SETTINGS)
+    limits = ConnectionLimits() if settings is None else ConnectionLimits(
+        keepalive_timeout_s=settings.keepalive_timeout_s,
+        max_connections=settings.max_connections)
+    runner = LimitedAppRunner(app, limits, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, shutdown_timeout=shutdown_timeout_s)
     await site.start()

@@ -127,7 +127,7 @@ def typed_argument(text: str, schema: Any) -> Any:
             return None
         try:
             value = _loads(stripped)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past the C parser's
             return text
         ok = {
             "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -144,7 +144,7 @@ def typed_argument(text: str, schema: Any) -> Any:
         return _PY_LITERALS[stripped]
     try:
         return _loads(stripped)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text
 
 

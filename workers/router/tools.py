@@ -10,13 +10,14 @@ problem is a 400 naming the field.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from baton.workers.router.errors import bad_request, invalid_type
+from baton.workers.router.request_body import decode_json_text
+from baton.workers.router.schema_check import check_schema
 
 # OpenAI's rule for function names.
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -87,6 +88,7 @@ def _tool(i: int, tool: Any, param: str) -> FunctionTool:
     if required is not None and (not isinstance(required, list)
                                  or not all(isinstance(r, str) for r in required)):
         raise invalid_type(f"{where}.parameters.required", required, "a list of names")
+    check_schema(parameters, f"{where}.parameters")
     strict = fn.get("strict")
     if strict is not None and not isinstance(strict, bool):
         raise invalid_type(f"{where}.strict", strict, "a boolean")
@@ -140,11 +142,7 @@ def arguments_mapping(arguments: Any, where: str) -> dict[str, Any]:
     if isinstance(arguments, dict):
         return arguments
     if isinstance(arguments, str):
-        try:
-            value = json.loads(arguments) if arguments.strip() else {}
-        except ValueError as exc:
-            raise bad_request(f"{where}: not valid JSON ({exc})", param=where,
-                              code="invalid_value") from None
+        value = decode_json_text(arguments, where) if arguments.strip() else {}
         if isinstance(value, dict):
             return value
     raise bad_request(f"{where}: must be a JSON object (as a string), got {arguments!r:.80}",

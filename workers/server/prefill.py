@@ -6,12 +6,22 @@ every layer's state leaves for the decode worker as soon as the layer has finish
 Only what the decode worker's reservation lacks travels (KV from its decode_cached_tokens,
 the Mamba state at the prompt's end). Then it sends the first token and returns once the
 decode worker acknowledged the whole state.
+
+What a Prefill may ask for (DESIGN.md, Round 3 seams: trust model): the decode worker's
+reservation token and the prompt's chain hash come with it (from the decode worker's Reserve
+answer); a prompt whose chain hash is not the reservation's is refused here, and the handshake
+carries the token and the hash this worker computed from the tokens it runs, which the decode
+worker checks before it writes anything. decode_target must name one of the decode workers
+this worker was told about (--decode-target), and a failed transfer reports the decode
+worker's status code, never its answer's text: a Prefill cannot make this worker talk to, or
+relay the words of, anything else.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import socket
 import threading
 import time
 
@@ -21,7 +31,7 @@ from google.protobuf.duration_pb2 import Duration
 from baton.proto.baton.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 from baton.proto.baton.worker.v1 import worker_pb2, worker_pb2_grpc
 from baton.workers import headers
-from baton.workers.engine import EngineDraining, PrefillAborted
+from baton.workers.engine import EngineDraining, PrefillAborted, prompt_chain_hash
 from baton.workers.server.runtime import (
     CallEnded,
     WorkerRuntime,
@@ -34,6 +44,7 @@ from baton.workers.transfer import (
     FailureReason,
     FirstToken,
     GrpcTransport,
+    ReservationBinding,
     TransferError,
 )
 
@@ -56,9 +67,12 @@ def _duration(seconds: float) -> Duration:
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
-    def __init__(self, runtime: WorkerRuntime, tls: TransferTls | None = None):
+    def __init__(self, runtime: WorkerRuntime, tls: TransferTls | None = None,
+                 decode_targets: tuple[str, ...] = ()):
         self.runtime = runtime
         self.tls = tls
+        self.decode_targets = tuple(decode_targets)
+        self._peers: set[str] | None = None
         self.transport: GrpcTransport | None = None
         self._sending = 0
         self._sending_lock = threading.Lock()
@@ -112,9 +126,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             raise CallEnded("rejected", grpc.StatusCode.INVALID_ARGUMENT,
                             f"decode_cached_tokens={start}: the decode worker must lack at least "
                             f"the last of the prompt's {len(req.prompt_ids)} tokens")
+        binding = self._binding(request, req.prompt_ids)
+        self._check_target(request.decode_target)
         try:
             sender = self.transport.open(request.decode_target, request.reservation_id,
-                                         req.request_id, len(req.prompt_ids), start, deadline)
+                                         req.request_id, len(req.prompt_ids), start, deadline,
+                                         binding)
         except ValueError as e:
             raise CallEnded("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except TransferError as e:
@@ -131,6 +148,48 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         finally:
             with self._sending_lock:
                 self._sending -= 1
+
+    @staticmethod
+    def _binding(request: prefill_pb2.PrefillRequest, prompt_ids) -> ReservationBinding:
+        """The reservation's token and this prompt's chain hash, for the handshake; refuses a
+        Prefill without a token or of another prompt than the reservation's."""
+        if not request.reservation_token:
+            raise CallEnded("rejected", grpc.StatusCode.INVALID_ARGUMENT,
+                            "reservation_token is required: the decode worker's Reserve "
+                            "answer gives it")
+        chain_hash = prompt_chain_hash(prompt_ids)
+        if request.prompt_chain_hash != chain_hash:
+            raise CallEnded("rejected", grpc.StatusCode.FAILED_PRECONDITION,
+                            "prompt_chain_hash is not the hash of prompt_token_ids: the "
+                            "reservation was made for another prompt")
+        return ReservationBinding(request.reservation_token, chain_hash)
+
+    def _check_target(self, target: str) -> None:
+        """Refuses a decode_target that is not one of the decode workers (--decode-target)."""
+        host, sep, port = target.rpartition(":")
+        if not sep or not host or not port.isascii() or not port.isdigit():
+            raise CallEnded("rejected", grpc.StatusCode.INVALID_ARGUMENT,
+                            f"decode_target={target!r} must be host:port")
+        host = host.strip("[]")
+        if not self.decode_targets or host in self.decode_targets:
+            return
+        addresses = _addresses(host)
+        if addresses & self._peer_addresses(fresh=False):
+            return
+        # A decode worker that started since the last look: resolve the names again.
+        if not addresses & self._peer_addresses(fresh=True):
+            raise CallEnded("rejected", grpc.StatusCode.PERMISSION_DENIED,
+                            f"decode_target={target!r} is not a decode worker of this model")
+
+    def _peer_addresses(self, fresh: bool) -> set[str]:
+        """The addresses the --decode-target names resolve to (cached; fresh: look again)."""
+        with self._sending_lock:
+            cached = self._peers
+        if cached is None or fresh:
+            cached = set().union(*map(_addresses, self.decode_targets))
+            with self._sending_lock:
+                self._peers = cached
+        return cached
 
     def _run(self, req, sender, context, arrival: float, deadline: float, start: int):
         rt = self.runtime
@@ -188,6 +247,14 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             transfer_time=_duration(transfer.tail_seconds),
             transferred_bytes=transfer.total_bytes,
             cached_tokens=result.cached_tokens)
+
+
+def _addresses(host: str) -> set[str]:
+    """The IP addresses host resolves to (none if it does not)."""
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+    except (OSError, UnicodeError):
+        return set()
 
 
 def transfer_listener(target: str) -> str:

@@ -52,7 +52,9 @@ class WorkerProcess:
         self.transfer_server: grpc.Server | None = None
         transfer_port = 0
         if args.role == "decode":
-            self.role_servicer = DecodeServicer(self.runtime)
+            self.role_servicer = DecodeServicer(
+                self.runtime, attach_timeout_s=args.attach_timeout_seconds,
+                max_open=args.max_open_reservations)
             role_service = DECODE_SERVICE
             transfers = self.role_servicer.receiver.in_flight
             # One thread per open Generate stream and per incoming transfer.
@@ -61,7 +63,8 @@ class WorkerProcess:
                 self.transfer_server, transfer_port = self._tls_transfer_listener(
                     args, config.decode.max_concurrency + 8)
         else:
-            self.role_servicer = PrefillServicer(self.runtime, tls=args.tls)
+            self.role_servicer = PrefillServicer(self.runtime, tls=args.tls,
+                                                 decode_targets=args.decode_targets)
             role_service = PREFILL_SERVICE
             transfers = self.role_servicer.transfers_in_flight
             workers = 2 * settings.PREFILL_MAX_SEQS + 16

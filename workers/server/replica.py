@@ -9,7 +9,7 @@ on a CPU N gloo processes), and all of them join one torch.distributed group on 
     load_model(..., ep_group=WORLD)           load_model(..., ep_group=WORLD)
     agree: KV pages (the fewest any rank      agree
       can hold) and the sampling base seed
-    ReplicatedEngine(engine) in EngineLoop    follow(engine): replay rank 0's calls
+    EngineLoop(engine, channel)               follow(engine): replay rank 0's calls
     SIGTERM: drain, then shutdown message  -> exit 0 (after reporting its token digest)
 
 The MoE collectives use the world group (NCCL on GPUs, gloo on the CPU); rank 0's control

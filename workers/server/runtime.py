@@ -46,7 +46,8 @@ class WorkerRuntime:
             MetricLabels(namespace=config.namespace, model=config.model, role=args.role,
                          pool=args.pool), stats=self.worker_stats)
         self.loop = None
-        self.replicated = None
+        self.replicated = False
+        """The engine loop replays its calls on expert-parallel follower ranks."""
         self.followers = None
         self.ranks = None
         self.fingerprint = ""
@@ -65,7 +66,6 @@ class WorkerRuntime:
         """Loads the model, sizes the caches and starts the engine loop; with
         expertParallel > 1 it first starts the follower ranks (see replica.py)."""
         from baton.workers.engine import EngineLoop
-        from baton.workers.engine.replicated import ReplicatedEngine
         from baton.workers.server import replica
 
         cfg = self.config
@@ -86,9 +86,9 @@ class WorkerRuntime:
             "max_model_len": engine.max_model_len,
             "eos_token_ids": sorted(engine.eos_ids)})
         st = engine.stats()
-        if ranks is not None:
-            engine = self.replicated = ReplicatedEngine(engine, ranks.channel)
-        self.loop = EngineLoop(engine, name=f"baton-{self.role}-engine")
+        self.loop = EngineLoop(engine, name=f"baton-{self.role}-engine",
+                               channel=ranks.channel if ranks is not None else None)
+        self.replicated = ranks is not None
         log.info("loaded %s on %s (%s): %d KV pages of %d tokens, %d state slots, %d prefix-"
                  "cache snapshots, %d expert-parallel rank(s), fingerprint %s", path,
                  self.device, self.dtype, st.num_pages, self.page_size, st.num_slots,
@@ -104,9 +104,9 @@ class WorkerRuntime:
             self.followers.expect_exit()
         if self.loop is not None:
             self.loop.stop()
-        if self.replicated is not None:
+        if self.replicated:
             try:
-                if not self.replicated.shutdown():
+                if not self.loop.shutdown_followers():
                     status = 1
             except Exception:
                 log.exception("telling the expert-parallel ranks to exit failed")
@@ -114,9 +114,9 @@ class WorkerRuntime:
         if self.followers is not None:
             # Without a replicated engine (the load failed) the followers wait in a
             # collective that will never come: stop them at once.
-            told = self.replicated is not None
+            told = self.replicated
             codes = self.followers.stop(replica.FOLLOWER_EXIT_SECONDS if told else 0.0)
-            if self.replicated is not None and any(code != 0 for code in codes):
+            if told and any(code != 0 for code in codes):
                 log.error("expert-parallel followers exited with %s", codes)
                 status = 1
         if self.ranks is not None:
@@ -243,6 +243,10 @@ class WorkerRuntime:
         return min(candidates)
 
 
+MAX_SNAPSHOT_POINTS = 16
+"""Snapshot points one request may carry (the router sends a few message boundaries)."""
+
+
 def request_from_proto(message) -> Request:
     """The engine Request of a Generate/Prefill message (ValueError names the bad field)."""
     request_id = message.request_id
@@ -256,8 +260,14 @@ def request_from_proto(message) -> Request:
         raise ValueError(
             f"num_output_tokens={num_output} of {request_id!r} is invalid: an earlier "
             f"attempt's output must leave at least one of the {len(prompt)} prompt tokens")
+    points = tuple(int(p) for p in message.snapshot_points)
+    if len(points) > MAX_SNAPSHOT_POINTS or any(
+            not 0 < p < len(prompt) for p in points) or list(points) != sorted(set(points)):
+        raise ValueError(
+            f"snapshot_points of {request_id!r} are invalid: at most {MAX_SNAPSHOT_POINTS} "
+            f"ascending offsets inside the prompt (1..{len(prompt) - 1}), got {list(points)}")
     return Request(request_id, prompt, SamplingParams.from_proto(message.sampling),
-                   num_output_tokens=num_output)
+                   num_output_tokens=num_output, snapshot_points=points)
 
 
 def admitted_request(message) -> Request:

@@ -38,6 +38,14 @@ class WorkerArgs:
     device: str | None
     log_level: str
     tls: TransferTls | None = None
+    attach_timeout_seconds: float = 2.0
+    """Decode: a reservation no Generate call attached to in this long is released."""
+    max_open_reservations: int | None = None
+    """Decode: most reservations without a Generate call at once (None: every slot)."""
+    decode_targets: tuple[str, ...] = ()
+    """Prefill: the decode workers' host names (their Service's DNS name) or addresses; a
+    Prefill whose decode_target's host is not one of them, and does not resolve to one of
+    their addresses, is refused before anything is dialled. Empty: any host."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,17 @@ def parse_args(argv: list[str]) -> WorkerArgs:
     parser.add_argument("--log-level", default="INFO",
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="DEBUG also logs every layer state sent and received")
+    parser.add_argument("--attach-timeout-seconds", type=float, default=2.0,
+                        help="decode: release a reservation no Generate call attached to in "
+                             "this long (a router calls Generate right after Reserve)")
+    parser.add_argument("--max-open-reservations", type=int, default=None,
+                        help="decode: most reservations waiting for their Generate call at "
+                             "once; default: decode.maxConcurrency")
+    parser.add_argument("--decode-target", action="append", default=[],
+                        dest="decode_targets", metavar="HOST",
+                        help="prefill: a decode workers' host (a Service's DNS name or an "
+                             "address); repeatable. Prefill refuses other decode_target hosts. "
+                             "Default: any")
     tls = parser.add_argument_group(
         "transfer TLS", "TLS for the state-transfer channel. A decode worker with "
         "--tls-cert/--tls-key serves TransferState only on --transfer-port, over TLS; a "
@@ -114,6 +133,10 @@ def parse_args(argv: list[str]) -> WorkerArgs:
             parser.error(f"--{name.replace('_', '-')}={getattr(ns, name)} is not in 0..65535")
     if ns.drain_seconds <= 0:
         parser.error(f"--drain-seconds={ns.drain_seconds} must be > 0")
+    if ns.attach_timeout_seconds <= 0:
+        parser.error(f"--attach-timeout-seconds={ns.attach_timeout_seconds} must be > 0")
+    if ns.max_open_reservations is not None and ns.max_open_reservations < 1:
+        parser.error(f"--max-open-reservations={ns.max_open_reservations} must be >= 1")
     transfer_tls = None
     if any(v is not None for v in (ns.tls_cert, ns.tls_key, ns.tls_ca, ns.transfer_port)):
         if (ns.tls_cert is None) != (ns.tls_key is None):
@@ -132,7 +155,10 @@ def parse_args(argv: list[str]) -> WorkerArgs:
     return WorkerArgs(role=ns.role, config_path=ns.config, pool=ns.pool, host=ns.host,
                       grpc_port=ns.grpc_port, metrics_port=ns.metrics_port,
                       drain_seconds=ns.drain_seconds, cache_memory_bytes=ns.cache_memory,
-                      device=ns.device, log_level=ns.log_level, tls=transfer_tls)
+                      device=ns.device, log_level=ns.log_level, tls=transfer_tls,
+                      attach_timeout_seconds=ns.attach_timeout_seconds,
+                      max_open_reservations=ns.max_open_reservations,
+                      decode_targets=tuple(ns.decode_targets))
 
 
 def pick_device(requested: str | None) -> torch.device:

@@ -7,13 +7,18 @@ One request's life (DESIGN.md, The request path):
    the state: `receiver.expect(reservation_id, request_id, n_prompt, d, target, deadline)` ->
    IncomingTransfer, state PENDING. If nothing arrives by the deadline, the transfer fails and
    the target releases the reservation.
-2. The router calls Prefill on prefill worker P with D's address, the reservation id and d.
-   P opens the transfer: `transport.open(D, reservation_id, request_id, n_prompt, d,
-   deadline)` -> StateSender, which starts a TransferState call whose first message is a
-   handshake (protocol version, fingerprint of weights + model config + state dtypes, the
-   reservation, the request, the prompt length and the start position d). D checks it
+2. The router calls Prefill on prefill worker P with D's address, the reservation id, its
+   token and chain hash, and d. P opens the transfer: `transport.open(D, reservation_id,
+   request_id, n_prompt, d, deadline, binding)` -> StateSender, which starts a TransferState
+   call whose first message is a handshake (protocol version, fingerprint of weights + model
+   config + state dtypes, the reservation, the request, the prompt length and the start
+   position d). D checks it
    (IncomingTransfer.accept_handshake); a mismatched peer or a handshake that does not match
-   the reservation is refused with FAILED_PRECONDITION and D releases. State STREAMING.
+   the reservation is refused with FAILED_PRECONDITION and D releases. The handshake also
+   carries the reservation's token (from D's Reserve answer, which the Prefill presented) and
+   the chain hash of the prompt P is about to prefill (P computes it from the tokens it
+   runs); D's reservation checks both before anything is written (a Prefill of another
+   prompt into this reservation is refused here). State STREAMING.
 3. P's engine runs the prompt (from its own best prefix-cache hit) with the sender as its
    PrefillSink. As each layer finishes, the engine calls `sender.on_layer(LayerState)` with
    the state D lacks (KV from d, the Mamba state at the prompt's end); the sender brings the
@@ -40,6 +45,7 @@ from baton.workers.transfer.base import (
     FailureReason,
     FirstToken,
     ReceiveTarget,
+    ReservationBinding,
     StateDescription,
     StateSender,
     StateTransport,
@@ -66,6 +72,7 @@ __all__ = [
     "GrpcTransport",
     "IncomingTransfer",
     "ReceiveTarget",
+    "ReservationBinding",
     "StateDescription",
     "StateReceiver",
     "StateSender",

@@ -20,7 +20,8 @@ from baton.workers.engine import LayerState, StateKind
 
 # Bumped whenever the meaning of anything on the wire changes; peers must agree exactly.
 # 3: transfers name a reservation and start at the decode worker's cached prefix.
-PROTOCOL_VERSION = 3
+# 4: the handshake carries the reservation's token and the prompt's chain hash.
+PROTOCOL_VERSION = 4
 
 # Chunk payloads are bounded so one message never holds a whole long-prompt KV layer, and so a
 # corrupted chunk costs one small retry unit. Large enough that per-message costs amortize.
@@ -132,6 +133,17 @@ class ChunkDescription:
 
 
 @dataclass(frozen=True)
+class ReservationBinding:
+    """What ties a transfer to the request its reservation was made for (the handshake
+    carries it; the decode worker checks it before it writes any state)."""
+
+    token: str
+    """The decode worker's ReserveResponse.reservation_token, as the Prefill presented it."""
+    chain_hash: bytes
+    """prompt_chain_hash of the prompt the sender prefilled, computed by the sender."""
+
+
+@dataclass(frozen=True)
 class FirstToken:
     """The token the prefill worker sampled, delivered with the state."""
 
@@ -175,16 +187,22 @@ class StateTransport(Protocol):
     """Opens outgoing transfers to decode workers."""
 
     def open(self, target: str, reservation_id: str, request_id: str, num_prompt_tokens: int,
-             token_start: int, deadline: float) -> StateSender:
+             token_start: int, deadline: float, binding: ReservationBinding) -> StateSender:
         """A transfer into reservation_id on target, of KV from prompt position token_start
         (what the decode worker lacks) to num_prompt_tokens. deadline: absolute time.time()
-        by which the transfer must be acknowledged."""
+        by which the transfer must be acknowledged. binding: the reservation's token and the
+        prefilled prompt's chain hash, for the handshake."""
 
     def close(self) -> None: ...
 
 
 class ReceiveTarget(Protocol):
-    """What the decode worker provides for one request it reserved room for."""
+    """What the decode worker provides for one request it reserved room for (its
+    DecodeReservation)."""
+
+    def bind(self, token: str, chain_hash: bytes) -> None:
+        """Accepts the handshake's binding, or raises ValueError (the token is not the
+        reservation's, or the sender prefilled another prompt): nothing was written."""
 
     def write(self, state: LayerState) -> None:
         """Copies one complete layer state into the reservation (may raise ValueError)."""

@@ -71,7 +71,7 @@ class TransferStateHandler:
                 raise _ended_early(incoming, "the sender went away before the transfer began")
             incoming.accept_handshake(first.protocol_version, first.fingerprint,
                                       first.request_id, first.num_prompt_tokens,
-                                      first.token_start)
+                                      first.token_start, first.binding)
             for message in request_iterator:
                 if isinstance(message, wire.Chunk):
                     incoming.accept_chunk(message.description, message.data)

@@ -31,6 +31,7 @@ from baton.workers.transfer.base import (
     ChunkDescription,
     FailureReason,
     FirstToken,
+    ReservationBinding,
     StateDescription,
     TransferError,
     TransferResult,
@@ -87,13 +88,15 @@ class GrpcStateSender:
 
     def __init__(self, transport: GrpcTransport, channel: grpc.Channel, target: str,
                  reservation_id: str, request_id: str, num_prompt_tokens: int,
-                 token_start: int, deadline: float):
+                 token_start: int, deadline: float, binding: ReservationBinding):
         self.request_id = request_id
         self.reservation_id = reservation_id
         self.target = target
         self.state = TransferState.PENDING
         self.handed: list[tuple[int, str, float]] = []
         """(layer, kind, time.time()) as the engine handed each state over."""
+        self.backpressure_waits = 0
+        """States whose on_layer had to wait for room in the queue (tests, logs)."""
         self._transport = transport
         self._chunk_bytes = transport.chunk_bytes
         self._max_queued = transport.max_queued_bytes
@@ -117,7 +120,7 @@ class GrpcStateSender:
                                     .FromString)
         handshake = wire.encode_handshake(PROTOCOL_VERSION, transport.fingerprint,
                                           reservation_id, request_id, num_prompt_tokens,
-                                          token_start)
+                                          token_start, binding)
         self._future = call.future(self._messages(handshake), timeout=timeout,
                                    metadata=(("x-request-id", request_id),))
         self._future.add_done_callback(lambda _: self._wake())
@@ -149,8 +152,12 @@ class GrpcStateSender:
         with self._cond:
             # Backpressure: wait while the queue is over its byte budget (an empty queue
             # always takes one state, however large).
+            waited = False
             while (self._queue and self._queued_bytes + desc.nbytes > self._max_queued
                    and not self._call_done()):
+                if not waited:
+                    waited = True
+                    self.backpressure_waits += 1
                 self._cond.wait(timeout=0.1)
             self._queue.append(_Queued(desc, host))
             self._queued_bytes += desc.nbytes
@@ -210,8 +217,11 @@ class GrpcStateSender:
         if error is None:
             return TransferError(FailureReason.INVALID, f"request {self.request_id}: the "
                                  "receiver acknowledged before the transfer finished")
-        return TransferError(reason_of(error.code()), f"request {self.request_id} to "
-                             f"{self.target}: {error.details()}")
+        # The status code only: the receiver's text is never relayed (a decode_target that is
+        # not a decode worker must not be able to speak through this one).
+        code = error.code()
+        return TransferError(reason_of(code), f"request {self.request_id} to {self.target}: "
+                             f"the decode worker answered {code.name}")
 
     def _call_done(self) -> bool:
         # The iterator may run before call.future() has returned the future.
@@ -321,12 +331,15 @@ class GrpcTransport:
         self._lock = threading.Lock()
 
     def open(self, target: str, reservation_id: str, request_id: str, num_prompt_tokens: int,
-             token_start: int, deadline: float) -> GrpcStateSender:
+             token_start: int, deadline: float, binding: ReservationBinding) -> GrpcStateSender:
         if not reservation_id:
             raise ValueError("reservation_id is required: the decode worker's Reserve answer "
                              "names the reservation the state is for")
+        if not binding.token:
+            raise ValueError("reservation_token is required: the decode worker's Reserve "
+                             "answer gives it, and refuses a transfer without it")
         return GrpcStateSender(self, self._channel(target), target, reservation_id,
-                               request_id, num_prompt_tokens, token_start, deadline)
+                               request_id, num_prompt_tokens, token_start, deadline, binding)
 
     def close(self) -> None:
         with self._lock:

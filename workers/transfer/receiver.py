@@ -1,7 +1,16 @@
 """The transport-independent decode side: which transfers a worker waits for, and the checks
-every incoming message passes (handshake, order, sizes, checksums, deadline) before its state
-reaches the reservation. A transport only decodes messages and calls IncomingTransfer, so
-another transport gets every check for free.
+every incoming message passes (handshake, binding, order, sizes, checksums, deadline) before
+its state reaches the reservation. A transport only decodes messages and calls
+IncomingTransfer, so another transport gets every check for free.
+
+The handshake is checked in full before the transfer may write anything: the peer's protocol
+and fingerprint, the request, the prompt length and start, and then the binding (the
+reservation's token and the chain hash of the prompt the sender prefilled), which the
+reservation itself checks (ReceiveTarget.bind: DecodeReservation OPEN -> RECEIVING). A
+transfer whose binding is refused fails with REFUSED having written nothing.
+
+Deadlines: every transfer's deadline is an entry on one heap (baton.workers.deadlines), not a
+thread each.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from baton.workers.deadlines import Deadlines
 from baton.workers.engine import LayerState
 from baton.workers.metrics import BatonMetrics
 from baton.workers.transfer.base import (
@@ -25,6 +35,7 @@ from baton.workers.transfer.base import (
     FailureReason,
     FirstToken,
     ReceiveTarget,
+    ReservationBinding,
     StateDescription,
     TransferError,
     TransferState,
@@ -85,10 +96,7 @@ class IncomingTransfer:
         self._done = threading.Event()
         self._assembly: _Assembly | None = None
         self._on_fail: list[Callable[[], None]] = []
-        delay = max(0.0, deadline - time.time())
-        self._timer = threading.Timer(delay, self._expire)
-        self._timer.daemon = True
-        self._timer.start()
+        self._deadline = receiver.deadlines.at(deadline, self._expire)
 
     # -- transport-facing ------------------------------------------------------------------
 
@@ -101,7 +109,8 @@ class IncomingTransfer:
                 self._on_fail.append(callback)
 
     def accept_handshake(self, protocol_version: int, fingerprint: str, request_id: str,
-                         num_prompt_tokens: int, token_start: int) -> None:
+                         num_prompt_tokens: int, token_start: int,
+                         binding: ReservationBinding) -> None:
         with self._lock:
             self._expect_state(TransferState.PENDING, "handshake")
             if protocol_version != PROTOCOL_VERSION:
@@ -120,6 +129,10 @@ class IncomingTransfer:
             if token_start != self.token_start:
                 self._raise(FailureReason.REFUSED, f"peer sends state from token {token_start}, "
                             f"the reservation holds the first {self.token_start} tokens")
+            try:
+                self._target.bind(binding.token, binding.chain_hash)
+            except ValueError as e:
+                self._raise(FailureReason.REFUSED, f"the reservation refused the handshake: {e}")
             self.state = TransferState.STREAMING
 
     def accept_chunk(self, chunk: ChunkDescription, data: memoryview) -> None:
@@ -257,7 +270,7 @@ class IncomingTransfer:
                                 f"({self.states_received} states arrived)"))
 
     def _finish(self) -> None:
-        self._timer.cancel()
+        self._deadline.cancel()
         self._receiver.forget(self.reservation_id, self)
         self._done.set()
 
@@ -286,9 +299,13 @@ class StateReceiver:
     # request was cancelled on both workers at once) hears why instead of NOT_FOUND.
     ENDED_REMEMBERED = 4096
 
-    def __init__(self, fingerprint: str, metrics: BatonMetrics | None = None):
+    def __init__(self, fingerprint: str, metrics: BatonMetrics | None = None,
+                 deadlines: Deadlines | None = None):
         self.fingerprint = fingerprint
         self.metrics = metrics
+        self.deadlines = (Deadlines("baton-transfer-deadlines") if deadlines is None
+                          else deadlines)
+        """The one heap every transfer's deadline is on (shared with the reservations')."""
         self._incoming: dict[str, IncomingTransfer] = {}
         self._ended: OrderedDict[str, TransferError | None] = OrderedDict()
         self._lock = threading.Lock()

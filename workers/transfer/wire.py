@@ -25,6 +25,7 @@ from baton.workers.transfer.base import (
     ChunkDescription,
     FailureReason,
     FirstToken,
+    ReservationBinding,
     StateDescription,
     TransferError,
 )
@@ -133,11 +134,13 @@ def encode_chunk(chunk: ChunkDescription, data: memoryview) -> bytes:
 
 
 def encode_handshake(protocol_version: int, fingerprint: str, reservation_id: str,
-                     request_id: str, num_prompt_tokens: int, token_start: int) -> bytes:
+                     request_id: str, num_prompt_tokens: int, token_start: int,
+                     binding: ReservationBinding) -> bytes:
     return decode_pb2.TransferStateRequest(handshake=transfer_pb2.Handshake(
         protocol_version=protocol_version, fingerprint=fingerprint, request_id=request_id,
         num_prompt_tokens=num_prompt_tokens, reservation_id=reservation_id,
-        token_start=token_start)).SerializeToString()
+        token_start=token_start, reservation_token=binding.token,
+        prompt_chain_hash=binding.chain_hash)).SerializeToString()
 
 
 def encode_complete(first_token: FirstToken, num_states: int, total_bytes: int,
@@ -161,6 +164,7 @@ class Handshake:
     num_prompt_tokens: int
     reservation_id: str = ""
     token_start: int = 0
+    binding: ReservationBinding = ReservationBinding("", b"")
 
 
 @dataclass(frozen=True)
@@ -237,7 +241,8 @@ def decode_message(message: bytes) -> Handshake | Chunk | Complete:
     if which == "handshake":
         h = request.handshake
         return Handshake(h.protocol_version, h.fingerprint, h.request_id, h.num_prompt_tokens,
-                         h.reservation_id, h.token_start)
+                         h.reservation_id, h.token_start,
+                         ReservationBinding(h.reservation_token, h.prompt_chain_hash))
     if which == "complete":
         c = request.complete
         first = FirstToken(c.first_token.token_id, c.first_token.logprob,

@@ -345,6 +345,7 @@ def test_pure_mamba_and_pure_attention_models(tmp_path, helpers, pattern):
     p, d = (Engine(model, EngineConfig(page_size=4, num_pages=64)) for _ in range(2))
     request = Request("h", prompt(99, 14), greedy(5))
     res = d.reserve(request)
+    res.bind(res.token, res.chain_hash)
     kinds = []
 
     class Sink:

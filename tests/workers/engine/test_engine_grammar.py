@@ -173,6 +173,7 @@ def handoff(tiny, request: Request, k: int) -> tuple[object, list]:
 
     p, d = engine_for(tiny), engine_for(tiny, k)
     res = d.reserve(request, len(request.prompt_ids))
+    res.bind(res.token, res.chain_hash)
     result = p.prefill(request, Forward(res))
     res.commit(result.first_token, request.sampling)
     return result, drain(d)[request.request_id]

@@ -32,10 +32,12 @@ class ListSink:
 
 
 class ForwardingSink:
-    """Writes each state into a reservation as it arrives (what the transfer layer does)."""
+    """Writes each state into a reservation as it arrives (what the transfer layer does,
+    after its handshake bound the reservation)."""
 
     def __init__(self, reservation) -> None:
         self.reservation = reservation
+        reservation.bind(reservation.token, reservation.chain_hash)
         self.kinds: list[tuple[int, StateKind]] = []
 
     def on_layer(self, state: LayerState) -> None:
@@ -174,9 +176,10 @@ def test_reserve_refuses_when_full_and_release_frees(tiny_model):
         d.reserve(Request("c", prompt(3, 10)), -1)
     a.release()
     a.release()  # idempotent
-    with pytest.raises(StateTransferError, match="released"):
+    with pytest.raises(StateTransferError, match="ended"):
         a.write(LayerState(1, StateKind.KV, 0, 1, torch.zeros(2, 1, 2, 8)))
     # Incomplete state is never decoded from.
+    b.bind(b.token, b.chain_hash)
     with pytest.raises(StateTransferError, match="missing"):
         b.commit(5)
     with pytest.raises(StateTransferError, match="outside"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -86,6 +87,8 @@ def test_prefill_and_reserve_through_loops(tiny_model):
     expect = reference(tiny_model, requests)
     with make_loop(tiny_model) as prefill, make_loop(tiny_model) as decode:
         reservations = [decode.reserve(r) for r in requests]
+        for res in reservations:
+            res.bind(res.token, res.chain_hash)
 
         class Sink:
             def __init__(self, res):
@@ -98,18 +101,41 @@ def test_prefill_and_reserve_through_loops(tiny_model):
         streams = []
         for r, res, fut in zip(requests, reservations, futures):
             result = fut.result(timeout=30)
-            streams.append(res.commit(result.first_token, r.sampling, result.logprob))
+            streams.append(decode.commit(res, result.first_token, r.sampling, result.logprob))
         for r, stream in zip(requests, streams):
             assert [ev.token_id for ev in stream] == expect[r.request_id]
         # A prefill aborted while queued fails its future; a released reservation frees.
         res = decode.reserve(Request("gone", prompt(9, 9)))
-        res.release()
+        decode.release(res).result(timeout=30)
         assert decode.drain(timeout=10) and prefill.drain(timeout=10)
         assert decode.stats().reserved == 0 and decode.stats().kv_cache_usage == 0
 
 
+def hold_after_first_token(loop: EngineLoop, request_id: str, release) -> threading.Event:
+    """Makes the engine's steps after the one that produced request_id's first token wait
+    until release() holds: the request is still running then, however fast the machine and
+    however late the test's thread runs. Returns an event set with that first token."""
+    first = threading.Event()
+    step = loop.engine.step
+
+    def held_step():
+        if first.is_set():
+            deadline = time.monotonic() + 60
+            while not release():
+                assert time.monotonic() < deadline, "the engine was held for good"
+                time.sleep(0.001)  # a bounded poll for the state the test brings about
+        events = step()
+        if any(e.request_id == request_id for e in events):
+            first.set()
+        return events
+
+    loop.engine.step = held_step
+    return first
+
+
 def test_stop_ends_open_streams(tiny_model):
     loop = make_loop(tiny_model)
+    hold_after_first_token(loop, "s", lambda: loop._stopping)  # until stop() below
     stream = loop.submit(Request("s", prompt(2, 10), greedy(149)))
     next(stream)
     loop.stop()
@@ -142,19 +168,22 @@ def test_a_failing_step_fails_open_requests_instead_of_hanging(tiny_model):
 
 def test_cancelled_async_consumer_aborts_its_request(tiny_model):
     with make_loop(tiny_model) as loop:
+        cancelled = threading.Event()
+        first = hold_after_first_token(loop, "c", cancelled.is_set)
 
         async def consume():
             async with loop.submit(Request("c", prompt(4, 10), greedy(140))) as stream:
                 async for _ in stream:
-                    await asyncio.sleep(0)
+                    pass
 
         async def main():
             task = asyncio.create_task(consume())
-            await asyncio.sleep(0.2)
+            assert await asyncio.to_thread(first.wait, 60)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
+            cancelled.set()
 
         asyncio.run(main())
-        assert loop.drain(timeout=10)
+        assert loop.drain(timeout=60)
         assert loop.stats().requests_finished_total.get("abort") == 1

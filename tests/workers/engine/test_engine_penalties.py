@@ -242,6 +242,7 @@ def test_seeded_tokens_do_not_depend_on_where_they_are_sampled(tiny_model):
         request = seeded(f"s{i}", i)
         p, d = engine_for(tiny_model), engine_for(tiny_model, 2)
         res = d.reserve(request, len(request.prompt_ids))
+        res.bind(res.token, res.chain_hash)
         result = p.prefill(request, ForwardingSink(res))
         res.commit(result.first_token, request.sampling)
         events = drain(d)[request.request_id]

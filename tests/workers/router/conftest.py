@@ -8,8 +8,9 @@ milliseconds without workers.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
+import httpx
 import pytest
 
 from baton.workers.metrics import BatonMetrics, MetricLabels
@@ -71,13 +72,14 @@ class FakeBackend:
         self.capacity = 1_000
         self.active = 0
         self.ready = True
-        self.token_delay = 0.0
+        self.tick: Callable[[], None] | None = None  # called before each token (a fake clock)
         self.fail_after: int | None = None  # raise WorkerFailure after this many tokens
         self.gate: asyncio.Event | None = None  # when set, tokens after the first wait for it
         self.hold_first: asyncio.Event | None = None  # the first token waits for it
         self.requests: list[GenerationRequest] = []
         self.closed_early: list[str] = []
         self.cached_tokens = 0  # reported with the first token (a prefix-cache hit)
+        self.refuse_at: int | None = None  # this token ends as one the grammar refused
 
     async def start(self) -> None:
         pass
@@ -109,11 +111,13 @@ class FakeBackend:
                     await self.gate.wait()
                 if i == 0 and self.hold_first is not None:
                     await self.hold_first.wait()
-                if self.token_delay:
-                    await asyncio.sleep(self.token_delay)
+                if self.tick is not None:
+                    self.tick()
                 last = i + 1 >= request.sampling.max_tokens
                 reason = "stop" if tok == EOS and not request.sampling.ignore_eos else (
                     "length" if last else None)
+                if i == self.refuse_at:
+                    reason = "grammar_error"
                 k = request.sampling.logprobs
                 yield TokenOutput(
                     token_id=tok,
@@ -139,16 +143,21 @@ def fake_backend() -> FakeBackend:
 
 @pytest.fixture
 async def start_router(fake_backend):
-    """Starts routers over fake_backend with the given settings; returns each one's URL."""
-    runners = []
+    """Starts routers over fake_backend with the given settings; returns each one's URL.
+    `start_router.runners`: their aiohttp runners, in order (a test that looks at a
+    connection's transport); `start_router.routers`: the Router objects, in order."""
+    runners, routers = [], []
 
     async def start(settings: RouterSettings) -> str:
         metrics = BatonMetrics(MetricLabels(namespace="test", model="tiny", role="router"))
         router = Router(fake_backend, ByteTokenizer(), settings, metrics)
         runner, port = await start_site(router.app(), "127.0.0.1", 0)
         runners.append(runner)
+        routers.append(router)
         return f"http://127.0.0.1:{port}"
 
+    start.runners = runners
+    start.routers = routers
     yield start
     for runner in runners:
         await runner.cleanup()
@@ -157,6 +166,27 @@ async def start_router(fake_backend):
 @pytest.fixture
 async def router_url(start_router, request):
     settings = getattr(request, "param", None) or RouterSettings(
-        served_model_name="tiny", max_model_len=128, request_timeout_s=5.0,
+        served_model_name="tiny", max_model_len=128, request_timeout_s=60.0,
         max_queued_requests=1)
     return await start_router(settings)
+
+
+@pytest.fixture
+def until_queued(until):
+    """until_queued(url, n): waits until the router at url holds n requests in its admission
+    queue (its baton_requests_waiting gauge); asserts it within a deadline that bounds a
+    hang."""
+
+    async def wait(url: str, n: int) -> None:
+        async with httpx.AsyncClient() as http:
+            deadline = asyncio.get_running_loop().time() + 60
+            while True:
+                text = (await http.get(url + "/metrics")).text
+                line = next(x for x in text.splitlines()
+                            if x.startswith("baton_requests_waiting{"))
+                if float(line.rsplit(" ", 1)[1]) == n:
+                    return
+                assert asyncio.get_running_loop().time() < deadline, f"not {n} queued: {line}"
+                await asyncio.sleep(0.01)  # a bounded poll for the asserted state
+
+    return wait

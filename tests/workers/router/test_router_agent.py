@@ -25,11 +25,11 @@ TINY = Path(__file__).resolve().parents[3] / "examples" / "tiny"
 async def router_url(start_router):
     return await start_router(RouterSettings(served_model_name="tiny",
                                              max_model_len=MAX_MODEL_LEN,
-                                             request_timeout_s=5.0, max_queued_requests=8))
+                                             request_timeout_s=60.0, max_queued_requests=8))
 
 
 def client(url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=10)
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def say(text: str) -> list[dict]:
@@ -184,7 +184,7 @@ async def test_unconstrained_requests_carry_no_grammar(router_url, fake_backend)
 
 @pytest.mark.parametrize("response_format, param", [
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nothing"}}},
-     "response_format.json_schema.schema"),
+     "response_format.json_schema.schema.type"),
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}},
      "response_format.json_schema.schema"),
@@ -199,16 +199,19 @@ async def test_schemas_that_cannot_compile_are_400(router_url, response_format, 
     assert info.value.body["message"].startswith(param)
 
 
-async def test_n_choices_open_after_the_first_token(router_url, fake_backend):
+async def test_n_choices_open_after_the_first_token(router_url, fake_backend, until):
     import asyncio
 
     fake_backend.hold_first = asyncio.Event()
     task = asyncio.create_task(client(router_url).completions.create(
         model="tiny", prompt="abc", n=3, seed=11, max_tokens=10,
         extra_body={"prompt_cache_key": "session-1"}))
-    for _ in range(50):
-        await asyncio.sleep(0.01)
-    assert len(fake_backend.requests) == 1  # the others wait for choice 0's first token
+    assert await until(lambda: fake_backend.requests)  # choice 0 waits for its first token
+    # The router answers other requests meanwhile (every task it started had its turns);
+    # the other choices still wait for choice 0's first token.
+    for _ in range(3):
+        await client(router_url).models.list()
+    assert len(fake_backend.requests) == 1
     fake_backend.hold_first.set()
     fake_backend.hold_first = None
     out = await task
@@ -305,3 +308,27 @@ def test_tools_reach_the_template_unless_tool_choice_is_none(fake_backend):
     kwargs = router.template_kwargs(parse_chat(body))
     assert kwargs["tools"] == [WEATHER_TOOL]
     assert "tools" not in router.template_kwargs(parse_chat(body | {"tool_choice": "none"}))
+
+
+async def test_a_token_the_grammar_refused_is_an_error_not_a_stop(router_url, fake_backend):
+    """The workers end a choice with grammar_error: the client sees finish_reason "error"
+    and an error (an error event when streamed), without the refused token's text; the
+    router counts it."""
+    c = client(router_url)
+    text = "Let me check.\n<tool_call>\n<function=get_weather>"
+    fake_backend.refuse_at = len("Let me check.\n")
+    out = await c.chat.completions.create(model="tiny", messages=say(text))
+    choice = out.choices[0]
+    assert choice.finish_reason == "error"
+    assert choice.message.content == "Let me check.\n"  # no markup
+    assert choice.model_extra["error"]["code"] == "grammar_refused_token"
+    with pytest.raises(openai.APIError, match="grammar refused"):
+        async for _ in await c.chat.completions.create(model="tiny", messages=say(text),
+                                                       stream=True):
+            pass
+    r = await c.responses.create(model="tiny", input=say(text))
+    assert r.status == "failed" and "grammar refused" in r.error.message
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(router_url + "/metrics")).text
+    assert any(line.startswith("baton_grammar_refused_tokens_total{") and
+               line.endswith(" 3.0") for line in metrics.splitlines()), metrics

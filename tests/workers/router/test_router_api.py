@@ -13,7 +13,7 @@ from baton.workers.router.server import RouterSettings
 
 
 def client(url: str, key: str = "unused") -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=10)
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
 
 
 def reverse(text: str) -> str:
@@ -80,7 +80,7 @@ async def test_completion_streamed_with_usage(router_url):
     assert all(c.usage is None for c in chunks[:-1])
 
 
-async def test_stop_strings_cut_text_and_cancel_the_stream(router_url, fake_backend):
+async def test_stop_strings_cut_text_and_cancel_the_stream(router_url, fake_backend, until):
     out = await client(router_url).completions.create(
         model="tiny", prompt="hello world", max_tokens=50, stop=["zz", "ow"])
     # "dlrow olleh": the text ends right before the first stop string.
@@ -93,8 +93,8 @@ async def test_stop_strings_cut_text_and_cancel_the_stream(router_url, fake_back
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text == "dlrow o"
     assert chunks[-1].choices[0].finish_reason == "stop"
-    await asyncio.sleep(0.05)
-    assert len(fake_backend.closed_early) == 2
+    # The backend stream is closed as the handler ends, a moment after the client's [DONE].
+    assert await until(lambda: len(fake_backend.closed_early) == 2)
 
 
 async def test_chat_not_streamed_and_template_kwargs(router_url, fake_backend):
@@ -266,7 +266,7 @@ async def test_no_ready_worker_is_503(router_url, fake_backend):
         assert (await http.get(router_url + "/ready")).status_code == 200
 
 
-async def test_full_queue_is_429_with_retry_after(router_url, fake_backend):
+async def test_full_queue_is_429_with_retry_after(router_url, fake_backend, until_queued):
     fake_backend.capacity = 1
     fake_backend.gate = asyncio.Event()
     c = client(router_url)
@@ -275,11 +275,7 @@ async def test_full_queue_is_429_with_retry_after(router_url, fake_backend):
     assert first.choices[0].text == "c"
     # The second request finds no capacity and waits in the queue (max 1)...
     queued = asyncio.create_task(c.completions.create(model="tiny", prompt="xy"))
-    for _ in range(100):
-        await asyncio.sleep(0.01)
-        if fake_backend.active == 1 and len(fake_backend.requests) == 1 and not queued.done():
-            break
-    await asyncio.sleep(0.15)
+    await until_queued(router_url, 1)
     # ...so the third is refused.
     async with httpx.AsyncClient() as http:
         r = await http.post(router_url + "/v1/completions", json={"model": "tiny",
@@ -294,25 +290,33 @@ async def test_full_queue_is_429_with_retry_after(router_url, fake_backend):
 
 @pytest.mark.parametrize("router_url", [RouterSettings(
     served_model_name="tiny", max_model_len=128, request_timeout_s=0.4)], indirect=True)
-async def test_deadline_is_504_or_an_sse_error(router_url, fake_backend):
+async def test_deadline_is_504_or_an_sse_error(router_url, fake_backend, start_router):
+    # The backend holds its tokens (events, not delays): what reaches the client before the
+    # deadline is fixed, however slow the machine.
     fake_backend.hold_first = asyncio.Event()  # no token at all before the deadline
     with pytest.raises(openai.APIStatusError) as info:
         await client(router_url).completions.create(model="tiny", prompt="abc", stream=True)
     assert info.value.status_code == 504
-    assert fake_backend.closed_early  # the backend's work was cancelled
+    assert fake_backend.closed_early == [fake_backend.requests[-1].request_id]  # cancelled
     fake_backend.hold_first = None
-    fake_backend.token_delay = 0.1
+    fake_backend.gate = asyncio.Event()  # the first token, then nothing before the deadline
     with pytest.raises(openai.APIStatusError) as info:
         await client(router_url).completions.create(model="tiny", prompt="abcdefghij",
                                                     max_tokens=20)
     assert info.value.status_code == 504 and info.value.body["code"] == "deadline_exceeded"
-    stream = await client(router_url).completions.create(model="tiny", prompt="abcdefghij",
-                                                         max_tokens=20, stream=True)
+    # Streamed, the first token is sent before the deadline ends the stream with an SSE
+    # error. That token must reach the client within the deadline, so this router's is far
+    # longer than a loaded machine takes for one request (it bounds the wait, not a speed).
+    streaming = await start_router(RouterSettings(
+        served_model_name="tiny", max_model_len=128, request_timeout_s=3.0))
+    stream = await client(streaming).completions.create(model="tiny", prompt="abcdefghij",
+                                                        max_tokens=20, stream=True)
     texts = []
     with pytest.raises(openai.APIError, match="deadline"):
         async for c in stream:
             texts.append(c.choices[0].text)
-    assert 0 < len(texts) < 10
+    assert texts == ["j"]
+    assert len(fake_backend.closed_early) == 3
 
 
 async def test_worker_failure_mid_stream_is_an_sse_error(router_url, fake_backend):
@@ -329,7 +333,7 @@ async def test_worker_failure_mid_stream_is_an_sse_error(router_url, fake_backen
     assert info.value.status_code == 502
 
 
-async def test_request_id_is_taken_or_made(router_url, fake_backend):
+async def test_request_id_is_taken_or_made(router_url, fake_backend, until):
     async with httpx.AsyncClient() as http:
         r = await http.post(router_url + "/v1/completions",
                             json={"model": "tiny", "prompt": "ab"},
@@ -345,8 +349,7 @@ async def test_request_id_is_taken_or_made(router_url, fake_backend):
         streams = [asyncio.create_task(http.post(
             router_url + "/v1/completions", json={"model": "tiny", "prompt": "ab"},
             headers={"x-request-id": "same"})) for _ in range(2)]
-        while len(fake_backend.requests) < 4:
-            await asyncio.sleep(0.01)
+        assert await until(lambda: len(fake_backend.requests) == 4)
         fake_backend.gate.set()
         replies = [await t for t in streams]
         assert [r.json()["id"] for r in replies] == ["cmpl-same", "cmpl-same"]
@@ -356,7 +359,7 @@ async def test_request_id_is_taken_or_made(router_url, fake_backend):
         assert r.status_code == 400 and r.headers["x-request-id"] == "abc"
 
 
-async def test_client_disconnect_cancels_the_backend_stream(router_url, fake_backend):
+async def test_client_disconnect_cancels_the_backend_stream(router_url, fake_backend, until):
     fake_backend.gate = asyncio.Event()
     async with httpx.AsyncClient() as http:
         async with http.stream("POST", router_url + "/v1/completions",
@@ -365,11 +368,8 @@ async def test_client_disconnect_cancels_the_backend_stream(router_url, fake_bac
             async for line in r.aiter_lines():
                 if line.startswith("data:"):
                     break
-    for _ in range(200):
-        if fake_backend.closed_early == ["gone"]:
-            break
-        await asyncio.sleep(0.01)
-    assert fake_backend.closed_early == ["gone"] and fake_backend.active == 0
+    assert await until(lambda: fake_backend.closed_early == ["gone"])
+    assert fake_backend.active == 0
     async with httpx.AsyncClient() as http:
         text = (await http.get(router_url + "/metrics")).text
     assert 'outcome="cancelled",pool="",role="router"} 1.0' in text
@@ -417,22 +417,31 @@ async def test_api_keys(start_router, keys_file):
         assert (await http.get(url + "/metrics")).status_code == 200
 
 
-async def test_itl_is_one_mean_gap_per_request(router_url, fake_backend):
-    fake_backend.token_delay = 0.05
+async def test_itl_is_one_mean_gap_per_request(router_url, fake_backend, monkeypatch):
+    # The router's clock advances 50 ms per token: the mean gap is exactly that.
+    from types import SimpleNamespace
+
+    from baton.workers.router import generation
+
+    now = [1000.0]
+    monkeypatch.setattr(generation, "time", SimpleNamespace(monotonic=lambda: now[0],
+                                                            time=generation.time.time))
+    fake_backend.tick = lambda: now.__setitem__(0, now[0] + 0.05)
     await client(router_url).completions.create(model="tiny", prompt="abcd", max_tokens=4)
     async with httpx.AsyncClient() as http:
         text = (await http.get(router_url + "/metrics")).text
     line = next(x for x in text.splitlines()
                 if x.startswith("baton_inter_token_latency_seconds_sum"))
     mean_gap = float(line.rsplit(" ", 1)[1])
-    assert 0.04 <= mean_gap < 0.5, line
+    assert mean_gap == pytest.approx(0.05), line
     assert 'baton_inter_token_latency_seconds_count{model="tiny",namespace="test",pool="",' \
            'role="router"} 1.0' in text
 
 
 @pytest.mark.parametrize("router_url", [RouterSettings(
     served_model_name="tiny", max_model_len=1 << 20, request_timeout_s=30.0)], indirect=True)
-async def test_a_client_gone_mid_stream_is_no_router_error(router_url, fake_backend, caplog):
+async def test_a_client_gone_mid_stream_is_no_router_error(router_url, fake_backend, caplog,
+                                                          start_router, until):
     """A client stops reading and half-closes while tokens keep coming: its connection is
     closing with unsent bytes, so the router's next write fails (aiohttp cancels nothing yet).
     That is a cancelled request, logged as nothing worse than debug, with the backend stream
@@ -453,12 +462,14 @@ async def test_a_client_gone_mid_stream_is_no_router_error(router_url, fake_back
                      % (len(body), body))
         await writer.drain()
         await reader.readuntil(b"data:")  # the stream has begun; read nothing more
-        await asyncio.sleep(0.5)  # the router's socket buffers fill up
+        # The socket buffers between the two fill up, until the router's transport holds
+        # bytes it cannot send: then the client half-closes.
+        (runner,) = start_router.runners
+        assert await until(lambda: any(
+            h.transport is not None and h.transport.get_write_buffer_size() > 0
+            for h in runner.server.connections))
         sock.shutdown(socket.SHUT_WR)
-        for _ in range(500):
-            if "gone-writing" in fake_backend.closed_early:
-                break
-            await asyncio.sleep(0.01)
+        assert await until(lambda: "gone-writing" in fake_backend.closed_early)
         writer.transport.abort()
     assert fake_backend.closed_early == ["gone-writing"] and fake_backend.active == 0
     # The router's and aiohttp's own loggers (earlier tests' leftovers may log elsewhere).

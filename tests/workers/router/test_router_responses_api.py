@@ -14,11 +14,11 @@ from baton.workers.router.server import RouterSettings
 @pytest.fixture
 async def router_url(start_router):
     return await start_router(RouterSettings(served_model_name="tiny", max_model_len=4096,
-                                             request_timeout_s=5.0, stored_responses=2))
+                                             request_timeout_s=60.0, stored_responses=2))
 
 
 def client(url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=10)
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def said(text: str) -> str:
@@ -148,14 +148,16 @@ async def test_structured_output_and_limits(router_url, fake_backend):
     assert r.output_text == "a lo"
     for kwargs, param in [
         ({"text": {"format": {"type": "json_schema", "name": "x",
-                              "schema": {"type": "bogus"}}}}, "text.format.schema"),
+                              "schema": {"type": "bogus"}}}}, "text.format.schema.type"),
         ({"input": [{"type": "image_generation_call", "id": "x"}]}, "input[0].type"),
         ({"input": [{"type": "function_call", "call_id": "c", "name": "f",
                      "arguments": "not json"}]}, "input[0].arguments"),
         ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
         ({"tool_choice": {"type": "function", "name": "nope"}, "tools": [TOOL]}, "tool_choice"),
         ({"background": True}, "background"),
-        ({"extra_body": {"presence_penalty": 1}}, "presence_penalty"),
+        ({"extra_body": {"ignore_eos": "yes"}}, "ignore_eos"),
+        ({"reasoning": {"effort": "extreme"}}, "reasoning.effort"),
+        ({"extra_body": {"thinking_token_budget": -1}}, "thinking_token_budget"),
     ]:
         args = {"model": "tiny", "input": "hi"} | kwargs
         with pytest.raises(openai.BadRequestError) as info:

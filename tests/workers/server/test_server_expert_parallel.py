@@ -1,7 +1,7 @@
 """expertParallel: N workers, one replica of N ranks.
 
-In-process: ReplicatedEngine on "rank 0" and follow() on a follower thread, joined by a queue
-channel, stay in lockstep through requests, prefills (one whose sink fails), reservations
+In-process: an EngineLoop with a channel on "rank 0" and follow() on a follower thread, joined
+by a queue channel, stay in lockstep through requests, prefills (one whose sink fails), reservations
 and aborts. Real processes: prefill and decode workers with expertParallel 2 (gloo on the
 CPU) give the same greedy completions as 1-rank workers; SIGTERM ends both ranks with equal
 token digests; a follower that dies takes its replica down with a clear log line.
@@ -30,7 +30,7 @@ from baton.workers.engine import (
     SamplingParams,
     StateTransferError,
 )
-from baton.workers.engine.replicated import ReplicatedEngine, follow
+from baton.workers.engine.replicated import follow
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_server_workers import TINY, Worker, _prompt, _wait_until, serve
@@ -99,8 +99,7 @@ def test_followers_replay_every_call_in_lockstep(models):
     follower = threading.Thread(target=lambda: followed.append(
         follow(follower_engine, channel)), name="follower")
     follower.start()
-    replicated = ReplicatedEngine(leader_engine, channel)
-    loop = EngineLoop(replicated, idle_wait=0.01)
+    loop = EngineLoop(leader_engine, idle_wait=0.01, channel=channel)
     try:
         sampling = SamplingParams(max_tokens=5, temperature=0.8, logprobs=0)
         streams = [loop.submit(Request(f"s{i}", _prompt(n, i), sampling))
@@ -116,18 +115,20 @@ def test_followers_replay_every_call_in_lockstep(models):
             broken.result(timeout=60)
         reservation = loop.reserve(Request("handed", _prompt(19, 8), sampling))
         assert reservation.cached_tokens == 0 and not reservation.local_prefill
+        # The handshake's binding: checked on rank 0, replayed on the follower.
+        reservation.bind(reservation.token, reservation.chain_hash)
         for state in capture.states:
             reservation.write(state)
         with pytest.raises(StateTransferError):
             reservation.write(capture.states[0].__class__(
                 0, capture.states[0].kind, 0, 99, capture.states[0].tensor))
-        handed_stream = reservation.commit(result.first_token, sampling, result.logprob,
-                                           result.top_logprobs)
+        handed_stream = loop.commit(reservation, result.first_token, sampling, result.logprob,
+                                    result.top_logprobs)
         # A refused reservation counts on no rank: the next one has the same serial on both.
         with pytest.raises(ValueError, match="local_prefill_max_tokens"):
             loop.reserve(Request("refused", _prompt(5, 9), sampling), -1)
         dropped = loop.reserve(Request("dropped", _prompt(5, 9), sampling))
-        dropped.release()
+        loop.release(dropped).result(timeout=60)
         # A prompt the replica's prefix cache holds but a few tokens of: prefilled locally, in
         # lockstep (the cache decides the same on every rank).
         extended = Request("local", _prompt(26, 2) + [5, 6, 7], sampling)
@@ -142,11 +143,11 @@ def test_followers_replay_every_call_in_lockstep(models):
         assert loop.drain(timeout=60)
     finally:
         loop.stop()
-        agreed = replicated.shutdown()
+        agreed = loop.shutdown_followers()
         follower.join(60)
     assert agreed
     assert not follower.is_alive()
-    mine, theirs = replicated.digest.summary(), followed[0].summary()
+    mine, theirs = loop.digest.summary(), followed[0].summary()
     assert mine == theirs and mine[1] >= 5 * 4 + 1
     a, b = leader_engine.stats(), follower_engine.stats()
     assert (a.free_pages, a.free_slots, a.requests_finished_total, a.prompt_tokens_total) == (
@@ -159,31 +160,38 @@ def test_followers_replay_every_call_in_lockstep(models):
 
 def test_a_call_inside_a_step_is_refused_or_deferred(models):
     """A callback inside a step cannot reach the followers mid-step: aborts wait for the
-    step's end, other calls raise."""
+    step's end, calls that wait for the engine raise."""
     channel = QueueChannel()
-    replicated = ReplicatedEngine(_engine(models[0]), channel)
+    loop = EngineLoop(_engine(models[0]), idle_wait=0.01, channel=channel)
     seen: list = []
+    refused: list = []
 
     class Reentrant:
         def on_layer(self, state: LayerState) -> None:
             if not seen:
-                seen.append(replicated.abort("victim"))
-                with pytest.raises(RuntimeError, match="inside an engine step"):
-                    replicated.add_request(Request("late", [5, 6], SamplingParams()))
+                seen.append(loop.abort("victim"))
+                try:
+                    loop.submit(Request("late", [5, 6], SamplingParams()))
+                except RuntimeError as e:
+                    refused.append(str(e))
 
-    replicated.add_request(Request("victim", _prompt(8, 1), SamplingParams(max_tokens=50)))
-    replicated.add_prefill(Request("p", _prompt(8, 2), SamplingParams()), Reentrant(),
-                           lambda outcome: None)
-    replicated.step()
+    try:
+        victim = loop.submit(Request("victim", _prompt(8, 1), SamplingParams(max_tokens=50)))
+        done = loop.run_prefill(Request("p", _prompt(8, 2), SamplingParams()), Reentrant())
+        done.result(timeout=60)
+        assert [e.finish_reason for e in victim][-1] == "abort"
+    finally:
+        loop.stop()
     sent = []
     while True:
         try:
             sent.append(channel.messages.get_nowait()[0])
         except queue.Empty:
             break
-    assert seen == [None]
-    assert sent == ["add_request", "add_prefill", "step", "abort"]
-    assert "victim" not in replicated.engine._by_id
+    assert seen == [None] and "inside an engine step" in refused[0]
+    # The abort reached the followers once the step it was asked for in had ended; the
+    # refused call never reached them.
+    assert sent.index("abort") > sent.index("add_prefill") and sent.count("add_request") == 1
 
 
 def test_more_ranks_than_gpus_is_a_clear_error():
@@ -205,18 +213,19 @@ rank, init, barrier = int(sys.argv[1]), sys.argv[2], pathlib.Path(sys.argv[3])
 # Both processes meet here first, so start-up skew does not eat the short timeout.
 (barrier / str(rank)).touch()
 while len(list(barrier.glob("[01]"))) < 2:
-    time.sleep(0.01)
+    time.sleep(0.01)  # a bounded poll: the test's join bounds it
 ranks = replica.Ranks(rank, 2, init, torch.device("cpu"))
 if rank == 0:
-    time.sleep(4.0)  # an idle replica: no engine call for longer than that timeout
+    # What is tested is time itself: a replica idle for longer than the group's timeout (no
+    # clock to inject into gloo). Load can only lengthen the idle time, which is the point.
+    time.sleep(4.0)
     ranks.channel.send(("step",))
 else:
     print("received", ranks.channel.recv())
 ranks.channel.gather(rank)  # as at shutdown: the last message before the ranks close
 if rank == 0:
     while not (barrier / "closed").exists():  # as in a worker: followers go first
-        time.sleep(0.01)
-    time.sleep(0.2)
+        time.sleep(0.01)  # a bounded poll: the test's join bounds it
 ranks.close()
 if rank == 1:
     (barrier / "closed").touch()

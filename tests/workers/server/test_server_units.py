@@ -26,6 +26,15 @@ def test_flags_parse_and_bad_ones_are_named(capsys, tmp_path):
     assert (args.role, args.pool, args.grpc_port, args.metrics_port) == ("decode", "hopper", 5, 6)
     assert args.cache_memory_bytes == 512 << 20 and args.host == "0.0.0.0"
     assert args.tls is None
+    # The reservation bounds' defaults (a Reserve flood), and the prefill side's decode peers.
+    assert args.attach_timeout_seconds == 2.0 and args.max_open_reservations is None
+    bounded = settings.parse_args(["decode", "--config", "c", "--pool", "p",
+                                   "--attach-timeout-seconds", "0.5",
+                                   "--max-open-reservations", "3"])
+    assert (bounded.attach_timeout_seconds, bounded.max_open_reservations) == (0.5, 3)
+    peers = settings.parse_args(["prefill", "--config", "c", "--pool", "p", "--decode-target",
+                                 "decode.ns.svc", "--decode-target", "10.0.0.7"])
+    assert peers.decode_targets == ("decode.ns.svc", "10.0.0.7")
     tls = settings.parse_args(["decode", "--config", "c", "--pool", "p", "--tls-cert", "c.pem",
                                "--tls-key", "k.pem", "--transfer-port", "50052"]).tls
     assert tls.transfer_port == 50052 and tls.ca is None
@@ -40,7 +49,11 @@ def test_flags_parse_and_bad_ones_are_named(capsys, tmp_path):
                          (["prefill", "--config", "c", "--pool", "p", "--tls-cert", "a",
                            "--tls-key", "b"], "--tls-ca"),
                          (["prefill", "--config", "c", "--pool", "p", "--tls-ca", "a",
-                           "--tls-cert", "b"], "go together")):
+                           "--tls-cert", "b"], "go together"),
+                         (["decode", "--config", "c", "--pool", "p",
+                           "--attach-timeout-seconds", "0"], "--attach-timeout-seconds=0.0"),
+                         (["decode", "--config", "c", "--pool", "p",
+                           "--max-open-reservations", "0"], "--max-open-reservations=0")):
         with pytest.raises(SystemExit):
             settings.parse_args(bad)
         assert message in capsys.readouterr().err
@@ -190,6 +203,31 @@ def _prefill_servicer_with(future, aborted: list):
     return PrefillServicer(SimpleNamespace(loop=loop, metrics=None))
 
 
+def test_decode_target_must_be_a_told_decode_worker():
+    """A Prefill names the decode worker to send state to: with --decode-target, only those
+    hosts (or what they resolve to) are dialled; a bad target is refused before any dial."""
+    from types import SimpleNamespace
+
+    from baton.workers.server.prefill import PrefillServicer
+    from baton.workers.server.runtime import CallEnded
+
+    runtime = SimpleNamespace(loop=None, metrics=None)
+    told = PrefillServicer(runtime, decode_targets=("localhost", "10.0.0.7"))
+    told._check_target("10.0.0.7:50051")
+    told._check_target("127.0.0.1:50051")  # what localhost resolves to
+    for target, code in (("10.0.0.8:50051", grpc.StatusCode.PERMISSION_DENIED),
+                         ("169.254.169.254:80", grpc.StatusCode.PERMISSION_DENIED),
+                         ("nowhere.invalid:1", grpc.StatusCode.PERMISSION_DENIED),
+                         ("10.0.0.7", grpc.StatusCode.INVALID_ARGUMENT),
+                         ("10.0.0.7:http", grpc.StatusCode.INVALID_ARGUMENT),
+                         (":50051", grpc.StatusCode.INVALID_ARGUMENT)):
+        with pytest.raises(CallEnded) as ended:
+            told._check_target(target)
+        assert ended.value.code == code and ended.value.outcome == "rejected", target
+    # Not told (the default): any host:port, still well formed.
+    PrefillServicer(runtime)._check_target("10.0.0.8:50051")
+
+
 @pytest.mark.parametrize("started", [True, False])
 def test_a_prefill_its_caller_cancelled_ends_cancelled_without_an_error_log(started, caplog):
     """The router cancels Prefill when its client goes away: the engine aborts the prefill
@@ -215,110 +253,6 @@ def test_a_prefill_its_caller_cancelled_ends_cancelled_without_an_error_log(star
     assert ended.value.code == grpc.StatusCode.CANCELLED
     assert len(sender_aborts) == 1
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-
-
-class _Reservation:
-    """A LoopReservation stand-in: records releases."""
-
-    def __init__(self, local: bool = False, cached: int = 0):
-        self.local_prefill, self.cached_tokens = local, cached
-        self.stream = None
-        self.released: list[bool] = []
-
-    def release(self) -> None:
-        self.released.append(True)
-
-
-def _decode_servicer(reservation, transfer_timeout: float = 60.0):
-    import time
-    from types import SimpleNamespace
-
-    from baton.workers.server.decode import DecodeServicer
-
-    held: list[int] = []
-    saved: list[tuple] = []
-    runtime = SimpleNamespace(
-        metrics=None, count_held=held.append,
-        config=SimpleNamespace(router=SimpleNamespace(
-            transfer_timeout_seconds=transfer_timeout)),
-        deadline_of=lambda message, context: time.time() + 60.0,
-        count_saved_transfer=lambda *a: saved.append(a),
-        loop=SimpleNamespace(reserve=lambda req, local_max=0: reservation))
-    servicer = DecodeServicer(runtime)
-    servicer.receiver.fingerprint = "f" * 64
-    return servicer, held, saved
-
-
-def _reserve_request(local_max: int = 0) -> decode_pb2.ReserveRequest:
-    return decode_pb2.ReserveRequest(
-        request_id="r1", prompt_token_ids=[1, 2, 3],
-        sampling=worker_pb2.SamplingParams(max_tokens=4), local_prefill_max_tokens=local_max)
-
-
-def test_a_generate_call_that_ended_before_its_handler_ran_frees_its_reservation_at_once():
-    """Under load the router may give up on a Generate before the worker's handler runs; the
-    handler then cannot register its done-callback (add_callback is False). The reservation
-    must be released at once, not held until its attach deadline."""
-    import time
-    from types import SimpleNamespace
-
-    from baton.workers.server.runtime import CallEnded
-
-    reservation = _Reservation(cached=2)
-    servicer, held, saved = _decode_servicer(reservation)
-    answer = servicer._reserve(_reserve_request())
-    assert answer.cached_tokens == 2 and not answer.local_prefill and answer.reservation_id
-    assert servicer.receiver.in_flight() == 1 and held == [1] and saved == [(3, 2, False)]
-    context = SimpleNamespace(add_callback=lambda callback: False)
-    started = time.monotonic()
-    with pytest.raises(CallEnded) as ended:
-        list(servicer._generate(decode_pb2.GenerateRequest(
-            request_id="r1", reservation_id=answer.reservation_id), context))
-    assert time.monotonic() - started < 5
-    assert ended.value.outcome == "cancelled"
-    assert reservation.released and held == [1, -1]
-    assert servicer.receiver.in_flight() == 0 and len(servicer.held) == 0
-
-
-def test_generate_needs_a_held_reservation_and_release_frees_one():
-    from types import SimpleNamespace
-
-    from baton.workers.server.runtime import CallEnded
-
-    reservation = _Reservation()
-    servicer, held, _ = _decode_servicer(reservation)
-    context = SimpleNamespace(add_callback=lambda callback: True)
-    for rid, code in (("", grpc.StatusCode.INVALID_ARGUMENT),
-                      ("nobody", grpc.StatusCode.NOT_FOUND)):
-        with pytest.raises(CallEnded) as ended:
-            list(servicer._generate(decode_pb2.GenerateRequest(reservation_id=rid), context))
-        assert ended.value.code == code and ended.value.outcome == "rejected"
-    answer = servicer._reserve(_reserve_request())
-    release = decode_pb2.ReleaseRequest(reservation_id=answer.reservation_id)
-    assert servicer.Release(release, context).released
-    assert not servicer.Release(release, context).released  # idempotent
-    assert reservation.released == [True] and held == [1, -1]
-    with pytest.raises(CallEnded) as ended:  # released: nothing to stream any more
-        list(servicer._generate(decode_pb2.GenerateRequest(
-            reservation_id=answer.reservation_id), context))
-    assert ended.value.code == grpc.StatusCode.NOT_FOUND
-
-
-def test_a_reservation_nobody_attaches_to_expires():
-    """A router that went away between Reserve and Generate: the reservation is released at
-    its attach deadline (the transfer deadline), and a late Generate finds nothing."""
-    import time
-
-    reservation = _Reservation(local=True, cached=3)
-    servicer, held, saved = _decode_servicer(reservation, transfer_timeout=0.2)
-    answer = servicer._reserve(_reserve_request(local_max=8))
-    assert answer.local_prefill and servicer.receiver.in_flight() == 0
-    assert saved == [(3, 3, True)]
-    deadline = time.monotonic() + 5
-    while not reservation.released:
-        assert time.monotonic() < deadline, "the reservation never expired"
-        time.sleep(0.02)
-    assert held == [1, -1] and servicer.held.attach(answer.reservation_id) is None
 
 
 def test_cache_sizes_that_cannot_fit_name_the_spec_field():

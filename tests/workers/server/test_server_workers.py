@@ -30,6 +30,7 @@ from baton.proto.baton.decode.v1 import decode_pb2, decode_pb2_grpc
 from baton.proto.baton.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 from baton.proto.baton.worker.v1 import worker_pb2, worker_pb2_grpc
 from baton.proto.grpc.health.v1 import health_pb2, health_pb2_grpc
+from baton.workers.engine import prompt_chain_hash
 
 REPO = Path(__file__).resolve().parents[3]
 TINY = REPO / "examples" / "tiny"
@@ -73,14 +74,14 @@ class Worker:
             try:
                 status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
             except grpc.RpcError:
-                time.sleep(0.1)
+                time.sleep(0.1)  # a bounded poll for the asserted state (SERVING)
                 continue
             if status == health_pb2.HealthCheckResponse.SERVING:
                 self.ready_seconds = time.monotonic() - self.started
                 self.seen_not_serving = seen_not_serving
                 return
             seen_not_serving = True
-            time.sleep(0.1)
+            time.sleep(0.1)  # a bounded poll for the asserted state (SERVING)
         raise AssertionError(f"{self.role} not SERVING after {timeout} s:\n{self.log()}")
 
     def load(self) -> worker_pb2.LoadResponse:
@@ -160,7 +161,16 @@ def _prefill_request(decode: Worker, request_id: str, prompt: list[int], samplin
     return prefill_pb2.PrefillRequest(
         request_id=request_id, prompt_token_ids=prompt, sampling=sampling,
         decode_target=decode.address, reservation_id=reserved.reservation_id,
+        reservation_token=reserved.reservation_token,
+        prompt_chain_hash=reserved.prompt_chain_hash,
         decode_cached_tokens=reserved.cached_tokens, num_output_tokens=num_output_tokens)
+
+
+def _binding(reserved):
+    """What a Prefill presents: the Reserve answer's token and the prompt's chain hash."""
+    from baton.workers.transfer import ReservationBinding
+
+    return ReservationBinding(reserved.reservation_token, reserved.prompt_chain_hash)
 
 
 def serve(prefill: Worker, decode: Worker, prompt: list[int], sampling,
@@ -295,11 +305,11 @@ def _eos_ids() -> list[int]:
     return list(load_tokenizer(TINY).eos_token_ids)
 
 
-def _wait_until(condition, timeout: float = 15.0) -> None:
+def _wait_until(condition, timeout: float = 60.0) -> None:
     end = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.05)
+        time.sleep(0.05)  # a bounded poll for the asserted state
 
 
 _EVENT = re.compile(r"state (handed|arrived) request=(\S+) index=(\d+) layer=(\d+) "
@@ -329,14 +339,15 @@ def test_layer_states_stream_while_prefill_runs(cluster):
 _STALLED_SENDER = textwrap.dedent("""
     import sys, time, torch
     from baton.workers.engine import LayerState, StateKind
-    from baton.workers.transfer import GrpcTransport
+    from baton.workers.transfer import GrpcTransport, ReservationBinding
     address, reservation_id, request_id, fingerprint = sys.argv[1:5]
     n, start = int(sys.argv[5]), int(sys.argv[6])
+    binding = ReservationBinding(sys.argv[7], bytes.fromhex(sys.argv[8]))
     sender = GrpcTransport(fingerprint).open(address, reservation_id, request_id, n, start,
-                                             time.time() + 60)
+                                             time.time() + 60, binding)
     sender.on_layer(LayerState(1, StateKind.KV, start, n, torch.zeros(2, n - start, 2, 16)))
     print("sent", flush=True)
-    time.sleep(60)
+    time.sleep(60)  # a stalled sender: it holds its stream open until the test kills it
 """)
 
 
@@ -349,7 +360,8 @@ def test_killed_sender_mid_transfer_releases_everything(cluster):
     fingerprint = cluster["decode"].load().fingerprint
     sender = subprocess.Popen([sys.executable, "-c", _STALLED_SENDER, decode.address,
                                reserved.reservation_id, request_id, fingerprint,
-                               str(len(prompt)), str(reserved.cached_tokens)],
+                               str(len(prompt)), str(reserved.cached_tokens),
+                               reserved.reservation_token, reserved.prompt_chain_hash.hex()],
                               stdout=subprocess.PIPE, cwd=REPO)
     try:
         assert sender.stdout.readline().strip() == b"sent"
@@ -405,9 +417,19 @@ def test_killed_prefill_worker_mid_transfer_releases_everything(cluster):
         prefill.stop()
 
 
-def test_corrupted_chunk_is_detected_by_the_decode_worker(cluster):
+def _send_kv(sender, n: int):
+    """Sends one layer's KV of n tokens and the first token; the TransferError it ends with."""
     from baton.workers.engine import LayerState, StateKind
-    from baton.workers.transfer import FailureReason, FirstToken, GrpcTransport, TransferError
+    from baton.workers.transfer import FirstToken, TransferError
+
+    with pytest.raises(TransferError) as err:
+        sender.on_layer(LayerState(1, StateKind.KV, 0, n, torch.randn(2, n, 2, 16)))
+        sender.finish(FirstToken(5))
+    return err.value
+
+
+def test_corrupted_chunk_is_detected_by_the_decode_worker(cluster):
+    from baton.workers.transfer import FailureReason, GrpcTransport
 
     class Corrupting(GrpcTransport):
         def tamper(self, chunk, message):
@@ -421,12 +443,9 @@ def test_corrupted_chunk_is_detected_by_the_decode_worker(cluster):
                                     "corrupt-" + uuid.uuid4().hex)
     stream = _generate(decode, request_id, reserved, timeout=60)
     sender = Corrupting(cluster["decode"].load().fingerprint).open(
-        decode.address, reserved.reservation_id, request_id, len(prompt), 0, time.time() + 30)
-    with pytest.raises(TransferError) as err:
-        sender.on_layer(LayerState(1, StateKind.KV, 0, len(prompt),
-                                   torch.randn(2, len(prompt), 2, 16)))
-        sender.finish(FirstToken(5))
-    assert err.value.reason is FailureReason.DATA_LOSS
+        decode.address, reserved.reservation_id, request_id, len(prompt), 0, time.time() + 30,
+        _binding(reserved))
+    assert _send_kv(sender, len(prompt)).reason is FailureReason.DATA_LOSS
     with pytest.raises(grpc.RpcError) as gen_err:
         list(stream)
     assert gen_err.value.code() == grpc.StatusCode.DATA_LOSS
@@ -444,7 +463,7 @@ def test_fingerprint_mismatch_refused_by_the_decode_worker(cluster):
                                     "stranger-" + uuid.uuid4().hex)
     stream = _generate(decode, request_id, reserved, timeout=60)
     sender = GrpcTransport("0" * 64).open(decode.address, reserved.reservation_id, request_id,
-                                          len(prompt), 0, time.time() + 30)
+                                          len(prompt), 0, time.time() + 30, _binding(reserved))
     with pytest.raises(TransferError) as err:
         sender.finish(FirstToken(5))
     assert err.value.reason is FailureReason.REFUSED
@@ -506,11 +525,15 @@ def test_bad_requests_get_clear_statuses(cluster):
     assert not decode.Release(decode_pb2.ReleaseRequest(reservation_id="nobody"),
                               timeout=10).released
 
-    def prefill_call(request_id, sampling=None, target=None, reservation="some", cached=0):
+    ours = prompt_chain_hash([1, 2])
+
+    def prefill_call(request_id, sampling=None, target=None, reservation="some", cached=0,
+                     token="t" * 32, chain_hash=ours):
         return prefill.Prefill(prefill_pb2.PrefillRequest(
             request_id=request_id, prompt_token_ids=[1, 2], sampling=sampling or _sampling(4),
             decode_target=target or cluster["decode"].address, reservation_id=reservation,
-            decode_cached_tokens=cached), timeout=20)
+            decode_cached_tokens=cached, reservation_token=token,
+            prompt_chain_hash=chain_hash), timeout=20)
 
     for call, code, needle in (
             (lambda: prefill_call("e3", sampling=_sampling(4, top_p=2.0)),
@@ -521,12 +544,17 @@ def test_bad_requests_get_clear_statuses(cluster):
              grpc.StatusCode.INVALID_ARGUMENT, "reservation_id is required"),
             (lambda: prefill_call("e4c", cached=2),
              grpc.StatusCode.INVALID_ARGUMENT, "decode_cached_tokens=2"),
+            (lambda: prefill_call("e4t", token=""),
+             grpc.StatusCode.INVALID_ARGUMENT, "reservation_token is required"),
+            (lambda: prefill_call("e4h", chain_hash=prompt_chain_hash([1, 3])),
+             grpc.StatusCode.FAILED_PRECONDITION, "another prompt"),
             # A decode worker that is not there: the router retries elsewhere.
             (lambda: prefill_call("e4b", target=f"127.0.0.1:{_free_port()}"),
              grpc.StatusCode.UNAVAILABLE, ""),
             # The decode worker holds no such reservation.
+            # (the decode worker's status only: a remote's answer text is never relayed)
             (lambda: prefill_call("e5", reservation="nobody"),
-             grpc.StatusCode.NOT_FOUND, "no reservation 'nobody'")):
+             grpc.StatusCode.NOT_FOUND, "NOT_FOUND")):
         with pytest.raises(grpc.RpcError) as err:
             call()
         assert err.value.code() == code and needle in err.value.details()
@@ -594,7 +622,9 @@ def test_a_constrained_request_over_grpc(cluster):
     with pytest.raises(grpc.RpcError) as err:
         prefill.Prefill(prefill_pb2.PrefillRequest(
             request_id="g2", prompt_token_ids=prompt, sampling=bad,
-            decode_target=cluster["decode"].address, reservation_id="r-g2"), timeout=10)
+            decode_target=cluster["decode"].address, reservation_id="r-g2",
+            reservation_token="t" * 32, prompt_chain_hash=prompt_chain_hash(prompt)),
+            timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "SamplingParams.grammar is invalid" in err.value.details()
     _wait_until(lambda: cluster["decode"].load().kv_cache_usage_ratio == 0.0)
@@ -702,12 +732,179 @@ def test_transfers_over_mutual_tls(cluster, reference_model):
         from baton.workers.transfer import TransferError as Err
 
         sender = GrpcTransport(decode.load().fingerprint).open(
-            decode.address, "plain", "plain", 3, 0, time.time() + 10)
+            decode.address, "plain", "plain", 3, 0, time.time() + 10,
+            _binding(SimpleNamespace(reservation_token="t" * 32, prompt_chain_hash=b"")))
         with pytest.raises(Err) as err:
             sender.finish(FirstToken(1))
         assert err.value.reason is FailureReason.REFUSED  # UNIMPLEMENTED on that port
     finally:
         prefill.stop()
+        decode.stop()
+
+
+def _greedy_matches_recompute(reference_model, prompt: list[int], tokens: list[int]) -> None:
+    """Greedy tokens equal a full recompute (no cache anywhere) where its margin is clear."""
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logits = reference_model(ids)[0].float()
+    for step, token in enumerate(tokens):
+        row = logits[len(prompt) - 1 + step]
+        top2 = torch.topk(row, 2).values
+        if top2[0] - top2[1] > 1e-3:
+            assert token == int(row.argmax()), step
+
+
+def test_a_prefill_of_another_prompt_into_a_reservation_is_refused_and_caches_nothing(
+        cluster, reference_model):
+    """The cache-poisoning sequence: reserve prompt P, Prefill a different prompt Q into that
+    reservation. Refused every way it can be tried, nothing of Q reaches the decode worker's
+    prefix cache, and P is then served as a cache-free recompute would."""
+    from baton.workers.transfer import FailureReason, GrpcTransport
+
+    decode, prefill = cluster["decode"], cluster["prefill"]
+    stub = prefill_pb2_grpc.PrefillServiceStub(prefill.channel)
+    p_prompt, q_prompt = _prompt(64, 41), _prompt(64, 42)
+    sampling = _sampling(4)
+
+    def reserved_p(tag: str):
+        request_id, reserved = _reserve(decode, p_prompt, sampling, f"{tag}-{uuid.uuid4().hex}")
+        assert reserved.reservation_token and reserved.prompt_chain_hash == prompt_chain_hash(
+            p_prompt)
+        return request_id, reserved, _generate(decode, request_id, reserved, timeout=60)
+
+    # 1. Q, presenting P's chain hash: the prefill worker sees the hash is not Q's and refuses
+    #    before it dials the decode worker.
+    request_id, reserved, stream = reserved_p("poison-hash")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Prefill(_prefill_request(decode, request_id, q_prompt, sampling, reserved),
+                     timeout=60)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "another prompt" in err.value.details()
+    stream.cancel()
+    # 2. Q with Q's own chain hash and P's valid token: the decode worker's reservation refuses
+    #    the handshake (before any state is written) and the Generate call fails.
+    request_id, reserved, stream = reserved_p("poison-token")
+    forged = _prefill_request(decode, request_id, q_prompt, sampling, reserved)
+    forged.prompt_chain_hash = prompt_chain_hash(q_prompt)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Prefill(forged, timeout=60)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as gen_err:
+        list(stream)
+    assert gen_err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "another prompt" in gen_err.value.details()
+    # 3. Straight to TransferState, without the token (a guessed one), P's chain hash and Q's
+    #    state: refused at the handshake; nothing written.
+    from baton.workers.transfer import ReservationBinding
+
+    request_id, reserved, stream = reserved_p("poison-guess")
+    sender = GrpcTransport(decode.load().fingerprint).open(
+        decode.address, reserved.reservation_id, request_id, len(p_prompt), 0,
+        time.time() + 30, ReservationBinding("0" * 32, reserved.prompt_chain_hash))
+    assert _send_kv(sender, len(p_prompt)).reason is FailureReason.REFUSED
+    with pytest.raises(grpc.RpcError) as gen_err:
+        list(stream)
+    assert "token" in gen_err.value.details()
+    # 4. A Prefill without a token is refused outright.
+    missing = _prefill_request(decode, request_id, p_prompt, sampling, reserved)
+    missing.reservation_token = ""
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Prefill(missing, timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "reservation_token" in err.value.details()
+    _wait_until(lambda: decode.load().kv_cache_usage_ratio == 0.0)
+    # Nothing of Q (nor of P: no transfer into P's reservations passed) is in the decode
+    # worker's prefix cache.
+    for prompt in (q_prompt, p_prompt + [7]):
+        request_id, reserved = _reserve(decode, prompt, sampling)
+        assert reserved.cached_tokens == 0
+        decode_pb2_grpc.DecodeServiceStub(decode.channel).Release(
+            decode_pb2.ReleaseRequest(reservation_id=reserved.reservation_id), timeout=10)
+    # P is served as a full recompute (no cache anywhere) serves it.
+    out = serve(prefill, decode, p_prompt, sampling)
+    assert len(out.tokens) == 4
+    _greedy_matches_recompute(reference_model, p_prompt, out.tokens)
+    _wait_until(lambda: decode.load().kv_cache_usage_ratio == 0.0)
+
+
+_SECRET = "internal-admin-answer-7f3a"
+
+
+def test_a_failed_transfer_never_echoes_the_remote_answer(cluster):
+    """A decode_target that is not a decode worker: its answer's text never comes back."""
+    from concurrent import futures
+
+    called = threading.Event()
+
+    def transfer_state(request_iterator, context):
+        called.set()
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, _SECRET)
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "baton.decode.v1.DecodeService", {"TransferState": grpc.stream_unary_rpc_method_handler(
+            transfer_state, request_deserializer=lambda b: b,
+            response_serializer=lambda b: b)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        prompt = _prompt(20, 43)
+        request = prefill_pb2.PrefillRequest(
+            request_id="echo-" + uuid.uuid4().hex, prompt_token_ids=prompt,
+            sampling=_sampling(2), decode_target=f"127.0.0.1:{port}",
+            reservation_id="r", reservation_token="t" * 32,
+            prompt_chain_hash=prompt_chain_hash(prompt))
+        with pytest.raises(grpc.RpcError) as err:
+            prefill_pb2_grpc.PrefillServiceStub(cluster["prefill"].channel).Prefill(
+                request, timeout=60)
+        assert called.is_set()
+        assert _SECRET not in err.value.details() and "FAILED_PRECONDITION" in err.value.details()
+    finally:
+        server.stop(0)
+
+
+def test_a_reserve_flood_cannot_hold_every_decode_slot(cluster):
+    """16 Reserve calls that never attach a Generate, on a decode worker with 4 slots and an
+    attach deadline far away: a normal request is served long before any of the flood's
+    reservations could have expired (its Reserve takes back the oldest dangling one)."""
+    config = json.loads(cluster["config"].read_text())
+    config["decode"]["maxConcurrency"] = 4
+    small = cluster["tmp"] / "small-decode.json"
+    small.write_text(json.dumps(config))
+    decode = Worker("decode", small, cluster["tmp"], extra=("--attach-timeout-seconds", "600"))
+    try:
+        decode.wait_serving()
+        stub = decode_pb2_grpc.DecodeServiceStub(decode.channel)
+        granted = refused = 0
+        for i in range(16):
+            try:
+                stub.Reserve(decode_pb2.ReserveRequest(
+                    request_id=f"flood-{i}", prompt_token_ids=_prompt(30, 60 + i),
+                    sampling=_sampling(4)), timeout=30)
+                granted += 1
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.details()
+                refused += 1
+        assert granted + refused == 16 and granted >= 4
+        # A normal request: its Reserve (retried while refused as full, as a router does)
+        # takes back the oldest dangling reservation, and it is served.
+        prompt = _prompt(12, 77)
+        end = time.monotonic() + 60
+        while True:
+            try:
+                request_id, reserved = _reserve(decode, prompt, _sampling(4))
+                break
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.details()
+                assert time.monotonic() < end, "the flood kept every slot"
+                time.sleep(0.05)  # a bounded poll (a router's retry) for the asserted state
+        stream = _generate(decode, request_id, reserved, timeout=120)
+        answer = prefill_pb2_grpc.PrefillServiceStub(cluster["prefill"].channel).Prefill(
+            _prefill_request(decode, request_id, prompt, _sampling(4), reserved), timeout=120)
+        tokens = [t.token_id for m in stream for t in m.tokens]
+        assert len(tokens) == 4 and tokens[0] == answer.first_token.token_id
+        assert "reclaimed: no Generate call attached" in decode.log()
+    finally:
         decode.stop()
 
 

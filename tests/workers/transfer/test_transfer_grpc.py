@@ -17,6 +17,7 @@ from baton.workers.transfer import (
     FailureReason,
     FirstToken,
     GrpcTransport,
+    ReservationBinding,
     StateReceiver,
     TransferError,
     TransferState,
@@ -24,6 +25,8 @@ from baton.workers.transfer import (
 )
 
 FINGERPRINT = "f" * 64
+# What a Prefill presents (the reservation's token and its prompt's chain hash).
+BINDING = ReservationBinding("t" * 32, b"h" * 32)
 
 
 class RecordingTarget:
@@ -36,10 +39,14 @@ class RecordingTarget:
         self.released = threading.Event()
         self.completed = threading.Event()
         self._block = block_writes
+        self.bound: tuple[str, bytes] | None = None
+
+    def bind(self, token: str, chain_hash: bytes) -> None:
+        self.bound = (token, chain_hash)
 
     def write(self, state: LayerState) -> None:
         if self._block is not None:
-            self._block.wait(10)
+            self._block.wait(60)
         # The received tensor views the message bytes; keep a private copy like a cache does.
         self.states.append(LayerState(state.layer, state.kind, state.token_start,
                                       state.token_end, state.tensor.clone()))
@@ -87,15 +94,15 @@ def _states(seed: int = 0) -> list[LayerState]:
     ]
 
 
-def _deadline(seconds: float = 10.0) -> float:
+def _deadline(seconds: float = 60.0) -> float:
     return time.time() + seconds
 
 
-def _wait_for(condition, timeout: float = 5.0) -> None:
+def _wait_for(condition, timeout: float = 60.0) -> None:
     end = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.005)
+        time.sleep(0.005)  # a bounded poll for the asserted state
 
 
 def _read_counter(metrics: BatonMetrics, name: str, **labels: str) -> float:
@@ -110,14 +117,14 @@ def test_round_trip_is_exact_and_metered(decode_side):
     incoming = receiver.expect("r1", "r1", 37, 0, target, _deadline())
     metrics = _metrics()
     transport = GrpcTransport(FINGERPRINT, metrics=metrics, chunk_bytes=64 << 10)
-    sender = transport.open(address, "r1", "r1", 37, 0, _deadline())
+    sender = transport.open(address, "r1", "r1", 37, 0, _deadline(), BINDING)
     sent = _states()
     for state in sent:
         sender.on_layer(state)
     result = sender.finish(FirstToken(42, -0.5, ((42, -0.5), (7, -1.25))))
     transport.close()
 
-    assert incoming.wait(5) and incoming.state is TransferState.COMPLETE
+    assert incoming.wait(60) and incoming.state is TransferState.COMPLETE
     assert sender.state is TransferState.COMPLETE
     assert target.first_token == FirstToken(42, -0.5, ((42, -0.5), (7, -1.25)))
     assert not target.released.is_set() and receiver.in_flight() == 0
@@ -144,28 +151,28 @@ def test_a_transfer_into_a_cached_prefix_names_its_reservation_and_start(decode_
     receiver, address = decode_side
     target = RecordingTarget()
     incoming = receiver.expect("res-9", "r9x", 37, 20, target, _deadline())
-    sender = GrpcTransport(FINGERPRINT).open(address, "res-9", "r9x", 37, 20, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "res-9", "r9x", 37, 20, _deadline(), BINDING)
     g = torch.Generator().manual_seed(3)
     sender.on_layer(LayerState(1, StateKind.KV, 20, 37, torch.randn(2, 17, 4, 8, generator=g)))
     result = sender.finish(FirstToken(5), cached_tokens=31)
-    assert incoming.wait(5) and incoming.state is TransferState.COMPLETE
+    assert incoming.wait(60) and incoming.state is TransferState.COMPLETE
     assert target.cached_tokens == 31 and result.num_states == 1
     assert [(s.token_start, s.token_end) for s in target.states] == [(20, 37)]
     # A sender that does not know what the reservation holds is refused at the handshake.
     other = RecordingTarget()
     receiver.expect("res-10", "r10x", 37, 20, other, _deadline())
-    sender = GrpcTransport(FINGERPRINT).open(address, "res-10", "r10x", 37, 0, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "res-10", "r10x", 37, 0, _deadline(), BINDING)
     with pytest.raises(TransferError) as err:
         sender.finish(FirstToken(5))
-    assert err.value.reason is FailureReason.REFUSED and "first 20 tokens" in err.value.message
-    assert other.released.is_set()
+    assert err.value.reason is FailureReason.REFUSED
+    assert other.released.is_set() and "first 20 tokens" in other.error.message
 
 
 def test_states_stream_before_the_prefill_ends(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
     incoming = receiver.expect("r2", "r2", 37, 0, target, _deadline())
-    sender = GrpcTransport(FINGERPRINT).open(address, "r2", "r2", 37, 0, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "r2", "r2", 37, 0, _deadline(), BINDING)
     states = _states()
     sender.on_layer(states[0])
     # Layer 0's state must be whole on the receiver before the sender has seen layer 1.
@@ -200,7 +207,7 @@ def test_corrupted_chunk_is_data_loss_and_released(decode_side):
     metrics = _metrics()
     transport = CorruptingTransport(FINGERPRINT, metrics=metrics, chunk_bytes=64 << 10,
                                     corrupt_chunk=(2, 64 << 10))
-    sender = transport.open(address, "r3", "r3", 37, 0, _deadline())
+    sender = transport.open(address, "r3", "r3", 37, 0, _deadline(), BINDING)
     with pytest.raises(TransferError) as err:
         # Once the receiver refused the chunk, the next on_layer raises (the engine then
         # stops the prefill), else finish does.
@@ -208,9 +215,8 @@ def test_corrupted_chunk_is_data_loss_and_released(decode_side):
             sender.on_layer(state)
         sender.finish(FirstToken(1))
     assert err.value.reason is FailureReason.DATA_LOSS
-    assert "checksum" in err.value.message
-    assert target.released.wait(5)
-    assert target.error.reason is FailureReason.DATA_LOSS
+    assert target.released.wait(60)
+    assert target.error.reason is FailureReason.DATA_LOSS and "checksum" in target.error.message
     assert target.first_token is None and incoming.state is TransferState.FAILED
     # Only the states before the corrupted one were written.
     assert [s.layer for s in target.states] == [0, 0]
@@ -223,10 +229,10 @@ def test_stall_past_deadline_fails_and_releases(decode_side):
     target = RecordingTarget()
     incoming = receiver.expect("r4", "r4", 37, 0, target, _deadline(0.8))
     # The sender would wait longer: the receiver's own deadline must end it.
-    sender = GrpcTransport(FINGERPRINT).open(address, "r4", "r4", 37, 0, _deadline(3.0))
+    sender = GrpcTransport(FINGERPRINT).open(address, "r4", "r4", 37, 0, _deadline(3.0), BINDING)
     sender.on_layer(_states()[0])
     # The prefill stalls here: no more layers, no finish.
-    assert incoming.wait(5)
+    assert incoming.wait(60)
     assert incoming.state is TransferState.FAILED
     assert target.released.is_set()
     assert target.error.reason is FailureReason.DEADLINE_EXCEEDED
@@ -240,9 +246,9 @@ def test_sender_deadline_first_still_reads_as_deadline(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
     incoming = receiver.expect("r4b", "r4b", 37, 0, target, _deadline(0.6))
-    sender = GrpcTransport(FINGERPRINT).open(address, "r4b", "r4b", 37, 0, _deadline(0.6))
+    sender = GrpcTransport(FINGERPRINT).open(address, "r4b", "r4b", 37, 0, _deadline(0.6), BINDING)
     sender.on_layer(_states()[0])
-    assert incoming.wait(5) and target.released.is_set()
+    assert incoming.wait(60) and target.released.is_set()
     assert target.error.reason is FailureReason.DEADLINE_EXCEEDED
 
 
@@ -250,14 +256,14 @@ def test_fingerprint_mismatch_is_refused(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
     receiver.expect("r5", "r5", 37, 0, target, _deadline())
-    sender = GrpcTransport("0" * 64).open(address, "r5", "r5", 37, 0, _deadline())
-    assert target.released.wait(5) and target.states == []
+    sender = GrpcTransport("0" * 64).open(address, "r5", "r5", 37, 0, _deadline(), BINDING)
+    assert target.released.wait(60) and target.states == []
     assert target.error.reason is FailureReason.REFUSED
     _wait_for(lambda: sender._call_done())
     with pytest.raises(TransferError) as err:
         sender.on_layer(_states()[0])
     assert err.value.reason is FailureReason.REFUSED
-    assert "fingerprint" in err.value.message
+    assert "fingerprint" in target.error.message
     with pytest.raises(TransferError) as err:
         sender.finish(FirstToken(1))
     assert err.value.reason is FailureReason.REFUSED
@@ -267,16 +273,17 @@ def test_prompt_length_mismatch_is_refused(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
     receiver.expect("r5b", "r5b", 37, 0, target, _deadline())
-    sender = GrpcTransport(FINGERPRINT).open(address, "r5b", "r5b", 36, 0, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "r5b", "r5b", 36, 0, _deadline(), BINDING)
     with pytest.raises(TransferError) as err:
         sender.finish(FirstToken(1))
     assert err.value.reason is FailureReason.REFUSED
-    assert target.released.wait(5)
+    assert target.released.wait(60)
 
 
 def test_unknown_request_is_not_found(decode_side):
     _, address = decode_side
-    sender = GrpcTransport(FINGERPRINT).open(address, "nobody", "nobody", 37, 0, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "nobody", "nobody", 37, 0, _deadline(),
+                                             BINDING)
     with pytest.raises(TransferError) as err:
         sender.finish(FirstToken(1))
     assert err.value.reason is FailureReason.NOT_FOUND
@@ -286,11 +293,11 @@ def test_sender_abort_releases_the_receiver(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
     incoming = receiver.expect("r6", "r6", 37, 0, target, _deadline())
-    sender = GrpcTransport(FINGERPRINT).open(address, "r6", "r6", 37, 0, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "r6", "r6", 37, 0, _deadline(), BINDING)
     sender.on_layer(_states()[0])
     _wait_for(lambda: incoming.arrivals)  # mid-transfer: the receiver holds a layer
     sender.abort("prefill failed")
-    assert incoming.wait(5) and incoming.state is TransferState.FAILED
+    assert incoming.wait(60) and incoming.state is TransferState.FAILED
     assert target.released.is_set()
 
 
@@ -298,7 +305,7 @@ def test_receiver_cancel_releases_and_ends_the_call(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
     receiver.expect("r7", "r7", 37, 0, target, _deadline())
-    sender = GrpcTransport(FINGERPRINT).open(address, "r7", "r7", 37, 0, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "r7", "r7", 37, 0, _deadline(), BINDING)
     sender.on_layer(_states()[0])
     assert receiver.cancel("r7", "client disconnected")
     assert target.error.reason is FailureReason.CANCELLED
@@ -313,7 +320,7 @@ def test_backpressure_blocks_the_engine_thread(decode_side):
     target = RecordingTarget(block_writes=unblock)
     receiver.expect("r8", "r8", 64, 0, target, _deadline())
     transport = GrpcTransport(FINGERPRINT, chunk_bytes=1 << 20, max_queued_bytes=1 << 20)
-    sender = transport.open(address, "r8", "r8", 64, 0, _deadline())
+    sender = transport.open(address, "r8", "r8", 64, 0, _deadline(), BINDING)
     big = [LayerState(i, StateKind.KV, 0, 64, torch.full((2, 64, 16, 256), float(i)))
            for i in range(48)]  # 1 MiB each
     handed = threading.Event()
@@ -326,16 +333,13 @@ def test_backpressure_blocks_the_engine_thread(decode_side):
     thread = threading.Thread(target=engine)
     thread.start()
     # The receiver holds its first write. gRPC's flow-control windows take some states, the
-    # sender's queue one more; then on_layer must block instead of buffering all of them.
-    seen, stable_since = -1, time.monotonic()
-    while time.monotonic() - stable_since < 0.5 and not handed.is_set():
-        if len(sender.handed) != seen:
-            seen, stable_since = len(sender.handed), time.monotonic()
-        time.sleep(0.02)
-    assert not handed.is_set()
-    assert len(sender.handed) < len(big)
+    # sender's queue one more; then on_layer must wait for room instead of buffering all of
+    # them, and the engine thread has not handed over every state.
+    _wait_for(lambda: sender.backpressure_waits or handed.is_set())
+    assert not handed.is_set() and len(sender.handed) < len(big)
+    assert sender.backpressure_waits >= 1
     unblock.set()
-    assert handed.wait(10)
+    assert handed.wait(60)
     thread.join()
     sender.finish(FirstToken(3))
     assert [s.layer for s in target.states] == list(range(len(big)))
@@ -353,20 +357,21 @@ def test_malformed_message_is_data_loss(decode_side):
     receiver, address = decode_side
     target = RecordingTarget()
     receiver.expect("r10", "r10", 37, 0, target, _deadline())
-    sender = TruncatingTransport(FINGERPRINT).open(address, "r10", "r10", 37, 0, _deadline())
+    sender = TruncatingTransport(FINGERPRINT).open(address, "r10", "r10", 37, 0, _deadline(),
+                                                   BINDING)
     with pytest.raises(TransferError) as err:
         for state in _states():
             sender.on_layer(state)
         sender.finish(FirstToken(1))
     assert err.value.reason is FailureReason.DATA_LOSS
-    assert target.released.wait(5) and target.error.reason is FailureReason.DATA_LOSS
+    assert target.released.wait(60) and target.error.reason is FailureReason.DATA_LOSS
 
 
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="chunk_bytes=16"):
         GrpcTransport(FINGERPRINT, chunk_bytes=16)
     with pytest.raises(ValueError, match="decode_target='nowhere'"):
-        GrpcTransport(FINGERPRINT).open("nowhere", "r", "r", 1, 0, _deadline())
+        GrpcTransport(FINGERPRINT).open("nowhere", "r", "r", 1, 0, _deadline(), BINDING)
 
 
 class StoppedEngineTarget(RecordingTarget):
@@ -380,13 +385,13 @@ def test_receiver_failure_on_commit_releases_and_tells_the_sender(decode_side):
     receiver, address = decode_side
     target = StoppedEngineTarget()
     incoming = receiver.expect("r9", "r9", 37, 0, target, _deadline())
-    sender = GrpcTransport(FINGERPRINT).open(address, "r9", "r9", 37, 0, _deadline())
+    sender = GrpcTransport(FINGERPRINT).open(address, "r9", "r9", 37, 0, _deadline(), BINDING)
     sender.on_layer(_states()[0])
     with pytest.raises(TransferError) as err:
         sender.finish(FirstToken(1))
     assert err.value.reason is FailureReason.UNAVAILABLE
-    assert "could not commit" in err.value.message
     assert target.released.is_set() and incoming.state is TransferState.FAILED
+    assert "could not commit" in incoming.error.message
 
 
 def test_backpressure_never_outlives_the_deadline(decode_side):
@@ -397,7 +402,9 @@ def test_backpressure_never_outlives_the_deadline(decode_side):
     target = RecordingTarget(block_writes=unblock)
     receiver.expect("r11", "r11", 64, 0, target, _deadline(30))
     transport = GrpcTransport(FINGERPRINT, chunk_bytes=1 << 20, max_queued_bytes=1 << 20)
-    sender = transport.open(address, "r11", "r11", 64, 0, _deadline(1.0))
+    # The transfer's deadline is what this test is about: short, but far longer than it
+    # takes the engine thread to fill the queue and block (asserted below).
+    sender = transport.open(address, "r11", "r11", 64, 0, _deadline(3.0), BINDING)
     big = [LayerState(i, StateKind.KV, 0, 64, torch.full((2, 64, 16, 256), float(i)))
            for i in range(48)]
     outcome: list = []
@@ -411,12 +418,11 @@ def test_backpressure_never_outlives_the_deadline(decode_side):
             outcome.append(e.reason)
 
     thread = threading.Thread(target=engine)
-    started = time.monotonic()
     thread.start()
-    thread.join(10)
+    thread.join(60)  # bounds a hang: the deadline lets the thread go after 3 s
     unblock.set()
-    assert not thread.is_alive() and time.monotonic() - started < 8
-    assert outcome == [FailureReason.DEADLINE_EXCEEDED]
+    assert not thread.is_alive()
+    assert outcome == [FailureReason.DEADLINE_EXCEEDED] and sender.backpressure_waits >= 1
     with pytest.raises(TransferError):
         sender.finish(FirstToken(1))
 
@@ -438,10 +444,10 @@ def test_a_sender_that_ends_its_stream_without_completing_cancels_the_transfer(d
         call = channel.stream_unary("/baton.decode.v1.DecodeService/TransferState")
         with pytest.raises(grpc.RpcError) as err:
             handshake = wire.encode_handshake(PROTOCOL_VERSION, FINGERPRINT, "r-stop", "r-stop",
-                                              37, 0)
+                                              37, 0, BINDING)
             call(iter([handshake]), timeout=10)
     assert err.value.code() == grpc.StatusCode.CANCELLED
-    assert target.released.wait(5) and target.error.reason is FailureReason.CANCELLED
+    assert target.released.wait(60) and target.error.reason is FailureReason.CANCELLED
     # Closed before even the handshake: the same ordinary end.
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel, \
             caplog.at_level(logging.DEBUG):

@@ -14,6 +14,7 @@ from baton.workers.transfer import (
     ChunkDescription,
     FailureReason,
     FirstToken,
+    ReservationBinding,
     StateDescription,
     StateReceiver,
     TransferError,
@@ -23,11 +24,18 @@ from baton.workers.transfer import (
 )
 
 FP = "a" * 64
+BINDING = ReservationBinding("t" * 32, b"h" * 32)
 
 
 class Target:
     def __init__(self):
         self.written, self.completed, self.failures = [], [], []
+        self.bound = None
+
+    def bind(self, token, chain_hash):
+        if token != BINDING.token:
+            raise ValueError("another reservation's token")
+        self.bound = (token, chain_hash)
 
     def write(self, state):
         if state.layer == 99:
@@ -44,7 +52,7 @@ class Target:
 def _open(n: int = 4):
     target = Target()
     incoming = StateReceiver(FP).expect("r", "r", n, 0, target, time.time() + 30)
-    incoming.accept_handshake(PROTOCOL_VERSION, FP, "r", n, 0)
+    incoming.accept_handshake(PROTOCOL_VERSION, FP, "r", n, 0, BINDING)
     return incoming, target
 
 
@@ -112,7 +120,8 @@ def test_bad_chunks_fail_once(case):
             ChunkDescription(wrong, 0, chunk.length, chunk.checksum), piece)
         reason = FailureReason.DATA_LOSS
     else:
-        call = lambda: incoming.accept_handshake(PROTOCOL_VERSION, FP, "r", 4, 0)  # noqa: E731
+        call = lambda: incoming.accept_handshake(  # noqa: E731
+            PROTOCOL_VERSION, FP, "r", 4, 0, BINDING)
         reason = FailureReason.INVALID
     _fails(incoming, target, reason, call)
     # Anything after the failure is refused with the same error, and nothing is released twice.
@@ -158,8 +167,19 @@ def test_handshake_mismatches_are_refused(version, fingerprint, request_id, n, s
     target = Target()
     incoming = StateReceiver(FP).expect("res-1", "r", 4, 2, target, time.time() + 30)
     err = _fails(incoming, target, FailureReason.REFUSED,
-                 lambda: incoming.accept_handshake(version, fingerprint, request_id, n, start))
+                 lambda: incoming.accept_handshake(version, fingerprint, request_id, n, start,
+                                                     BINDING))
     assert needle in err.message
+
+
+def test_a_binding_the_reservation_refuses_fails_the_handshake_before_any_write():
+    target = Target()
+    incoming = StateReceiver(FP).expect("res-1", "r", 4, 0, target, time.time() + 30)
+    err = _fails(incoming, target, FailureReason.REFUSED,
+                 lambda: incoming.accept_handshake(PROTOCOL_VERSION, FP, "r", 4, 0,
+                                                   ReservationBinding("x" * 32, b"h" * 32)))
+    assert "another reservation's token" in err.message
+    assert target.bound is None and target.written == [] and target.completed == []
 
 
 def test_receiver_registry():

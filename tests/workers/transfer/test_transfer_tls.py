@@ -17,6 +17,7 @@ from baton.workers.transfer import (
     FailureReason,
     FirstToken,
     GrpcTransport,
+    ReservationBinding,
     StateReceiver,
     TransferError,
     TransferStateHandler,
@@ -54,6 +55,9 @@ class Target:
     def __init__(self):
         self.states, self.first_token, self.error = [], None, None
 
+    def bind(self, token, chain_hash):
+        pass
+
     def write(self, state):
         self.states.append(state.tensor.clone())
 
@@ -82,7 +86,8 @@ def tls_decode_side(pki):
 
 def _send(transport: GrpcTransport, address: str, request_id: str) -> torch.Tensor:
     state = torch.randn(2, 9, 2, 16)
-    sender = transport.open(address, request_id, request_id, 9, 0, time.time() + 10)
+    sender = transport.open(address, request_id, request_id, 9, 0, time.time() + 10,
+                            ReservationBinding("t" * 32, b"h" * 32))
     sender.on_layer(LayerState(1, StateKind.KV, 0, 9, state))
     sender.finish(FirstToken(3))
     return state

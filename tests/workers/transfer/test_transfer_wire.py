@@ -8,7 +8,13 @@ import torch
 from baton.proto.baton.decode.v1 import decode_pb2
 from baton.proto.baton.transfer.v1 import transfer_pb2
 from baton.workers.engine import StateKind
-from baton.workers.transfer import FailureReason, FirstToken, TransferError, wire
+from baton.workers.transfer import (
+    FailureReason,
+    FirstToken,
+    ReservationBinding,
+    TransferError,
+    wire,
+)
 from baton.workers.transfer.base import ChunkDescription, StateDescription
 
 
@@ -47,8 +53,9 @@ def test_messages_written_by_protobuf_decode_too():
     first = FirstToken(7, -0.5, ((7, -0.5),))
     complete = wire.decode_message(wire.encode_complete(first, 3, 99, cached_tokens=40))
     assert complete == wire.Complete(first, 3, 99, 40)
-    handshake = wire.decode_message(wire.encode_handshake(1, "ab", "res", "r", 12, 8))
-    assert handshake == wire.Handshake(1, "ab", "r", 12, "res", 8)
+    handshake = wire.decode_message(wire.encode_handshake(1, "ab", "res", "r", 12, 8,
+                                                          ReservationBinding("t", b"h")))
+    assert handshake == wire.Handshake(1, "ab", "r", 12, "res", 8, ReservationBinding("t", b"h"))
 
 
 @pytest.mark.parametrize("bad", [

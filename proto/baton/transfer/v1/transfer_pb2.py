@@ -26,23 +26,23 @@ _sym_db = _symbol_database.Default()
 from baton.proto.baton.worker.v1 import worker_pb2 as baton_dot_worker_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n baton/transfer/v1/transfer.proto\x12\x11\x62\x61ton.transfer.v1\x1a\x1c\x62\x61ton/worker/v1/worker.proto\"\x96\x01\n\tHandshake\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\r\x12\x16\n\x0ereservation_id\x18\x05 \x01(\t\x12\x13\n\x0btoken_start\x18\x06 \x01(\r\"\x95\x02\n\x0b\x43hunkHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bstate_index\x18\x02 \x01(\r\x12\r\n\x05layer\x18\x03 \x01(\r\x12*\n\x04kind\x18\x04 \x01(\x0e\x32\x1c.baton.transfer.v1.StateKind\x12\x13\n\x0btoken_start\x18\x05 \x01(\r\x12\x11\n\ttoken_end\x18\x06 \x01(\r\x12\r\n\x05shape\x18\x07 \x03(\r\x12\'\n\x05\x64type\x18\x08 \x01(\x0e\x32\x18.baton.transfer.v1.DType\x12\x14\n\x0cstate_nbytes\x18\t \x01(\x04\x12\x0e\n\x06offset\x18\n \x01(\x04\x12\x0f\n\x07xxh3_64\x18\x0c \x01(\x06J\x04\x08\x0b\x10\x0cR\x05\x63rc32\"[\n\nStateChunk\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.baton.transfer.v1.ChunkHeader\x12\x0f\n\x07padding\x18\x0e \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x0f \x01(\x0c\"\x88\x01\n\x10TransferComplete\x12\x34\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x1f.baton.worker.v1.GeneratedToken\x12\x12\n\nnum_states\x18\x02 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x15\n\rcached_tokens\x18\x04 \x01(\r*\x91\x01\n\tStateKind\x12\x1a\n\x16STATE_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_KIND_KV\x10\x01\x12\x13\n\x0fSTATE_KIND_CONV\x10\x02\x12\x12\n\x0eSTATE_KIND_SSM\x10\x03\x12\x15\n\x11STATE_KIND_MTP_KV\x10\x04\x12\x15\n\x11STATE_KIND_HIDDEN\x10\x05*\xb4\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x17\n\x13\x44TYPE_FLOAT8_E4M3FN\x10\x04\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x05\x12\x0e\n\nDTYPE_INT8\x10\x06\x12\x0f\n\x0b\x44TYPE_INT32\x10\x07\x12\x0f\n\x0b\x44TYPE_INT64\x10\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n baton/transfer/v1/transfer.proto\x12\x11\x62\x61ton.transfer.v1\x1a\x1c\x62\x61ton/worker/v1/worker.proto\"\xcc\x01\n\tHandshake\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\r\x12\x16\n\x0ereservation_id\x18\x05 \x01(\t\x12\x13\n\x0btoken_start\x18\x06 \x01(\r\x12\x19\n\x11reservation_token\x18\x1e \x01(\t\x12\x19\n\x11prompt_chain_hash\x18\x1f \x01(\x0c\"\x95\x02\n\x0b\x43hunkHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bstate_index\x18\x02 \x01(\r\x12\r\n\x05layer\x18\x03 \x01(\r\x12*\n\x04kind\x18\x04 \x01(\x0e\x32\x1c.baton.transfer.v1.StateKind\x12\x13\n\x0btoken_start\x18\x05 \x01(\r\x12\x11\n\ttoken_end\x18\x06 \x01(\r\x12\r\n\x05shape\x18\x07 \x03(\r\x12\'\n\x05\x64type\x18\x08 \x01(\x0e\x32\x18.baton.transfer.v1.DType\x12\x14\n\x0cstate_nbytes\x18\t \x01(\x04\x12\x0e\n\x06offset\x18\n \x01(\x04\x12\x0f\n\x07xxh3_64\x18\x0c \x01(\x06J\x04\x08\x0b\x10\x0cR\x05\x63rc32\"[\n\nStateChunk\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.baton.transfer.v1.ChunkHeader\x12\x0f\n\x07padding\x18\x0e \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x0f \x01(\x0c\"\x88\x01\n\x10TransferComplete\x12\x34\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x1f.baton.worker.v1.GeneratedToken\x12\x12\n\nnum_states\x18\x02 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x15\n\rcached_tokens\x18\x04 \x01(\r*\x91\x01\n\tStateKind\x12\x1a\n\x16STATE_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_KIND_KV\x10\x01\x12\x13\n\x0fSTATE_KIND_CONV\x10\x02\x12\x12\n\x0eSTATE_KIND_SSM\x10\x03\x12\x15\n\x11STATE_KIND_MTP_KV\x10\x04\x12\x15\n\x11STATE_KIND_HIDDEN\x10\x05*\xb4\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x17\n\x13\x44TYPE_FLOAT8_E4M3FN\x10\x04\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x05\x12\x0e\n\nDTYPE_INT8\x10\x06\x12\x0f\n\x0b\x44TYPE_INT32\x10\x07\x12\x0f\n\x0b\x44TYPE_INT64\x10\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.transfer.v1.transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STATEKIND']._serialized_start=751
-  _globals['_STATEKIND']._serialized_end=896
-  _globals['_DTYPE']._serialized_start=899
-  _globals['_DTYPE']._serialized_end=1079
+  _globals['_STATEKIND']._serialized_start=805
+  _globals['_STATEKIND']._serialized_end=950
+  _globals['_DTYPE']._serialized_start=953
+  _globals['_DTYPE']._serialized_end=1133
   _globals['_HANDSHAKE']._serialized_start=86
-  _globals['_HANDSHAKE']._serialized_end=236
-  _globals['_CHUNKHEADER']._serialized_start=239
-  _globals['_CHUNKHEADER']._serialized_end=516
-  _globals['_STATECHUNK']._serialized_start=518
-  _globals['_STATECHUNK']._serialized_end=609
-  _globals['_TRANSFERCOMPLETE']._serialized_start=612
-  _globals['_TRANSFERCOMPLETE']._serialized_end=748
+  _globals['_HANDSHAKE']._serialized_end=290
+  _globals['_CHUNKHEADER']._serialized_start=293
+  _globals['_CHUNKHEADER']._serialized_end=570
+  _globals['_STATECHUNK']._serialized_start=572
+  _globals['_STATECHUNK']._serialized_end=663
+  _globals['_TRANSFERCOMPLETE']._serialized_start=666
+  _globals['_TRANSFERCOMPLETE']._serialized_end=802
 # @@protoc_insertion_point(module_scope)

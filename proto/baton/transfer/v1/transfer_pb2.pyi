@@ -46,20 +46,24 @@ DTYPE_INT32: DType
 DTYPE_INT64: DType
 
 class Handshake(_message.Message):
-    __slots__ = ("protocol_version", "fingerprint", "request_id", "num_prompt_tokens", "reservation_id", "token_start")
+    __slots__ = ("protocol_version", "fingerprint", "request_id", "num_prompt_tokens", "reservation_id", "token_start", "reservation_token", "prompt_chain_hash")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_START_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CHAIN_HASH_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     fingerprint: str
     request_id: str
     num_prompt_tokens: int
     reservation_id: str
     token_start: int
-    def __init__(self, protocol_version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., request_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., reservation_id: _Optional[str] = ..., token_start: _Optional[int] = ...) -> None: ...
+    reservation_token: str
+    prompt_chain_hash: bytes
+    def __init__(self, protocol_version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., request_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., reservation_id: _Optional[str] = ..., token_start: _Optional[int] = ..., reservation_token: _Optional[str] = ..., prompt_chain_hash: _Optional[bytes] = ...) -> None: ...
 
 class ChunkHeader(_message.Message):
     __slots__ = ("request_id", "state_index", "layer", "kind", "token_start", "token_end", "shape", "dtype", "state_nbytes", "offset", "xxh3_64")
