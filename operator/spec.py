@@ -149,6 +149,12 @@ class EngineSpec:
     cuda_graphs: bool = spec_field(
         "cudaGraphs", "Replay decode and MTP-verify steps as CUDA graphs per batch-size "
         "bucket; false runs every step eagerly.", default=True)
+    compile: bool = spec_field(
+        "compile", "Without CUDA (the torch path on the CPU): run decode, MTP-verify and "
+        "MTP-draft steps as one torch.compile'd (inductor) function per batch-size bucket, "
+        "compiled at start before the worker reports ready (cached on disk under the "
+        "worker's cache directory; minutes on a small CPU the first time); false runs them "
+        "eagerly.", default=False)
     prefix_cache: PrefixCacheSpec = spec_field(
         "prefixCache", "The prefix cache (KV pages and Mamba snapshots) of every worker.",
         default_factory=PrefixCacheSpec)

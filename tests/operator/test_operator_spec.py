@@ -176,7 +176,7 @@ def test_worker_config_shape_and_round_trip(tmp_path):
         "model": "nano", "namespace": "llm", "servedModelName": "nano",
         "modelPath": "/models/source", "quantization": "auto",
         "engine": {"maxModelLen": 8192, "kvPageSize": 16, "cacheMemoryFraction": "0.85",
-                   "dtype": "auto", "cudaGraphs": True,
+                   "dtype": "auto", "cudaGraphs": True, "compile": False,
                    "prefixCache": {"enabled": True, "snapshotMemoryFraction": "0.25",
                                    "snapshotIntervalTokens": 1024}},
         "prefill": {"maxBatchTokens": 8192, "expertParallel": 1, "gpusPerReplica": 1},
@@ -212,6 +212,15 @@ def test_cuda_graphs_default_on_and_reach_the_worker_config():
     assert WorkerConfig.from_dict({"model": "tiny", "modelPath": "/m"}).engine.cuda_graphs
     with pytest.raises(SpecError, match=r"^spec.engine.cudaGraphs: must be true or false"):
         Model.from_resource(resource(engine={"cudaGraphs": "no"}))
+
+
+def test_compile_defaults_off_and_reaches_the_worker_config():
+    assert Model.from_resource(resource()).spec.engine.compile is False
+    on = Model.from_resource(resource(engine={"compile": True}))
+    assert worker_config(on, "/m").to_dict()["engine"]["compile"] is True
+    assert not WorkerConfig.from_dict({"model": "tiny", "modelPath": "/m"}).engine.compile
+    with pytest.raises(SpecError, match=r"^spec.engine.compile: must be true or false"):
+        Model.from_resource(resource(engine={"compile": "yes"}))
 
 
 def test_worker_config_from_dict_minimal_and_errors():
