@@ -60,7 +60,7 @@ class Worker:
             [sys.executable, "-m", "baton.workers.cli", "worker", role, "--config", str(config),
              "--pool", "local", "--host", "127.0.0.1", "--grpc-port", str(self.grpc_port),
              "--metrics-port", str(self.metrics_port), "--log-level", "DEBUG",
-             "--drain-seconds", "20", "--cache-memory", "64Mi", *extra],
+             "--drain-seconds", "20", "--cache-memory", "64Mi", "--plaintext", *extra],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         self.channel = grpc.insecure_channel(self.address)
         self.ready_seconds: float | None = None
