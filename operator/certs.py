@@ -1,8 +1,10 @@
 """The certificates of a Model's processes: a CA and one certificate per role.
 
 A certificate names its role as a URI SAN `baton://role/<role>` (roles: ROLES); those of the
-workers (prefill, decode) also carry the DNS SAN SERVER_NAME, which clients check instead of
-the worker's address (pod addresses change; the name says "a worker of this deployment").
+workers (prefill, decode) also carry the DNS SANs SERVER_NAME and server_name(role), which
+clients check instead of the worker's address (pod addresses change): a router dialling a
+decode worker, or a prefill worker sending it state, expects server_name("decode"); a health
+check expects any worker (SERVER_NAME).
 
 What a certificate proves: that the holder of the CA's key (the operator, or `baton up`)
 issued it to a process of that role. It names no pod, node or model; whoever can read a
@@ -32,6 +34,11 @@ ROLE_URI_PREFIX = "baton://role/"
 SERVER_NAME = "baton-worker"
 CA_VALIDITY = datetime.timedelta(days=365)
 CERT_VALIDITY = datetime.timedelta(days=365)
+
+
+def server_name(role: str) -> str:
+    """The DNS name a worker certificate of `role` holds (e.g. decode.baton-worker)."""
+    return f"{check_role(role)}.{SERVER_NAME}"
 
 
 def check_role(role: str) -> str:
@@ -91,7 +98,7 @@ class CertificateAuthority:
             x509.UniformResourceIdentifier(ROLE_URI_PREFIX + role)]
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
         if role in SERVER_ROLES:
-            names.append(x509.DNSName(SERVER_NAME))
+            names += [x509.DNSName(SERVER_NAME), x509.DNSName(server_name(role))]
             usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
         cert = (x509.CertificateBuilder()
                 .subject_name(x509.Name([

@@ -20,10 +20,12 @@ from baton.operator.certs import (
     CertificateAuthority,
     cert_roles,
     check_role,
+    server_name,
 )
 
 __all__ = ["ROLES", "SERVER_NAME", "CertificateAuthority", "Identity", "RoleAuthorization",
-           "POLICY", "CHANNEL_OPTIONS", "cert_roles", "peer_roles"]
+           "POLICY", "CHANNEL_OPTIONS", "cert_roles", "channel_options", "peer_roles",
+           "server_name"]
 
 log = logging.getLogger("baton.security")
 
@@ -85,8 +87,14 @@ class Identity:
                                             certificate_chain=self.cert)
 
 
-# Clients dial workers by address; the certificate is checked against SERVER_NAME instead.
+# Clients dial workers by address; the certificate is checked against a name instead: any
+# worker's (CHANNEL_OPTIONS, health checks) or one role's (channel_options(role)).
 CHANNEL_OPTIONS = (("grpc.ssl_target_name_override", SERVER_NAME),)
+
+
+def channel_options(role: str) -> tuple[tuple[str, str], ...]:
+    """Options of a channel to a worker of `role`: its certificate must name that role."""
+    return (("grpc.ssl_target_name_override", server_name(role)),)
 
 
 def peer_roles(context: grpc.ServicerContext) -> frozenset[str] | None:

@@ -165,3 +165,22 @@ def test_a_worker_certificate_is_checked_against_the_worker_name(tmp_path):
         assert server.ran == []
     finally:
         server.server.stop(grace=None).wait()
+
+
+def test_a_client_that_expects_a_decode_worker_refuses_a_prefill_one(tmp_path):
+    certs = CertificateAuthority.create().write_dir(tmp_path / "certs")
+    server = Server(Identity.load(certs, "prefill"))
+    router = Identity.load(certs, "router")
+    try:
+        for expected, answered in (("decode", False), ("prefill", True)):
+            with grpc.secure_channel(f"127.0.0.1:{server.port}", router.channel_credentials(),
+                                     options=security.channel_options(expected)) as channel:
+                if answered:
+                    assert call(channel, "/baton.prefill.v1.PrefillService/Prefill") == b"ok"
+                    continue
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(channel, "/baton.prefill.v1.PrefillService/Prefill")
+                assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert server.ran == ["/baton.prefill.v1.PrefillService/Prefill"]
+    finally:
+        server.server.stop(grace=None).wait()

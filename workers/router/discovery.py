@@ -216,7 +216,8 @@ class WorkerPool:
         if self.identity is None:
             return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         return grpc.aio.secure_channel(address, self.identity.channel_credentials(),
-                                       options=[*CHANNEL_OPTIONS, *security.CHANNEL_OPTIONS])
+                                       options=[*CHANNEL_OPTIONS,
+                                                *security.channel_options(self.role)])
 
     async def _check(self, worker: Worker) -> None:
         was_ready = worker.ready

@@ -91,7 +91,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             self.transport = GrpcTransport(
                 rt.fingerprint, metrics=rt.metrics,
                 channel_credentials=self.identity.channel_credentials(),
-                server_name=security.SERVER_NAME)
+                server_name=security.server_name("decode"))
             return
         if self.tls is None:
             self.transport = GrpcTransport(rt.fingerprint, metrics=rt.metrics)
