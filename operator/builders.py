@@ -16,10 +16,13 @@ Per Model `m` in namespace `ns`:
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from typing import Any
 
+from baton.operator.certs import ROLES as CERT_ROLES
+from baton.operator.certs import CertificateAuthority
 from baton.operator.fields import SpecError
 from baton.operator.spec import (
     API_KEYS_DIR,
@@ -39,6 +42,9 @@ CONFIG_FILE = "worker-config.json"
 MODEL_MOUNT = "/models/source"
 HF_NODE_CACHE = "/var/lib/baton/hf"
 GRPC_PORT = 50051
+# Plaintext grpc.health.v1 only, for the kubelet's probes when the gRPC port is mutual TLS.
+HEALTH_PORT = 50052
+CERTS_DIR = "/etc/baton-certs"
 METRICS_PORT = 9400
 ROUTER_PORT = 8000
 # Worker pods run as this unprivileged user; images must not need root.
@@ -174,9 +180,49 @@ def _common_env(model: Model) -> list[dict]:
     ]
 
 
-def _grpc_probe(period: int, failures: int, timeout: int = 5) -> dict:
-    return {"grpc": {"port": GRPC_PORT}, "periodSeconds": period,
+def _grpc_probe(model: Model, period: int, failures: int, timeout: int = 5) -> dict:
+    # Under mutual TLS the kubelet (no certificate) probes the plaintext health-only port.
+    port = HEALTH_PORT if _mtls(model) else GRPC_PORT
+    return {"grpc": {"port": port}, "periodSeconds": period,
             "failureThreshold": failures, "timeoutSeconds": timeout}
+
+
+def _mtls(model: Model) -> bool:
+    return model.spec.security.transport == "mtls"
+
+
+def certs_secret_name(model: Model) -> str:
+    return object_name(model, "certs")
+
+
+def certs_secret(model: Model, ca: CertificateAuthority) -> dict:
+    """The Model's CA certificate and one certificate and key per role, issued by `ca` (whose
+    key is not kept: a new CA means a new Secret, and every pod restarted with it)."""
+    data = {"ca.crt": ca.cert_pem}
+    for role in CERT_ROLES:
+        issued = ca.issue(role)
+        data[f"{role}.crt"], data[f"{role}.key"] = issued.cert, issued.key
+    return {
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": _metadata(model, certs_secret_name(model),
+                              standard_labels(model, "certs")),
+        "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
+    }
+
+
+def _security(model: Model, role: str) -> tuple[list[str], list[dict], list[dict]]:
+    """(args, volumes, mounts) of transport security for a process of `role`: its own
+    certificate and key and the CA certificate from the Model's Secret, or --plaintext."""
+    if not _mtls(model):
+        return ["--plaintext"], [], []
+    items = [{"key": name, "path": name} for name in ("ca.crt", f"{role}.crt", f"{role}.key")]
+    volume = {"name": "certs", "secret": {"secretName": certs_secret_name(model),
+                                          "items": items, "defaultMode": 0o440}}
+    mount = {"name": "certs", "mountPath": CERTS_DIR, "readOnly": True}
+    args = ["--certs", CERTS_DIR]
+    if role in ROLES:
+        args += ["--health-port", str(HEALTH_PORT)]
+    return args, [volume], [mount]
 
 
 # ----------------------------------------------------------------------------------------
@@ -226,6 +272,9 @@ def worker_deployment(model: Model, role: str, pool: PoolSpec, *, has_monitoring
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory",
                                                      "sizeLimit": f"{2 * gpus}Gi"}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    security_args, security_volumes, security_mounts = _security(model, role)
+    volumes += security_volumes
+    mounts += security_mounts
     startup_minutes = STARTUP_MINUTES_BASE + STARTUP_MINUTES_PER_GPU * gpus
     template_annotations = {CONFIG_HASH_ANNOTATION: config_hash}
     if not has_monitoring_api:
@@ -242,9 +291,12 @@ def worker_deployment(model: Model, role: str, pool: PoolSpec, *, has_monitoring
                  "--drain-seconds", str(model.spec.router.request_timeout_seconds),
                  # Prefill sends state only to this Model's decode workers (their Service).
                  *(["--decode-target", f"{object_name(model, 'decode')}.{model.namespace}.svc"]
-                   if role == "prefill" else [])],
+                   if role == "prefill" else []),
+                 *security_args],
         "ports": [{"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
-                  {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+                  {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+                  *([{"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"}]
+                    if _mtls(model) else [])],
         "env": _common_env(model) + [
             {"name": "BATON_ROLE", "value": role},
             {"name": "BATON_POOL", "value": pool.name},
@@ -254,10 +306,10 @@ def worker_deployment(model: Model, role: str, pool: PoolSpec, *, has_monitoring
         # grpc.health.v1 answers NOT_SERVING while loading and while draining. Liveness only
         # runs after the startupProbe succeeded, and the kubelet stops liveness probing once
         # the pod is being deleted, so a draining worker is not killed for being NOT_SERVING.
-        "startupProbe": _grpc_probe(STARTUP_PERIOD_SECONDS,
+        "startupProbe": _grpc_probe(model, STARTUP_PERIOD_SECONDS,
                                     startup_minutes * 60 // STARTUP_PERIOD_SECONDS),
-        "readinessProbe": _grpc_probe(5, 2),
-        "livenessProbe": _grpc_probe(10, 6),
+        "readinessProbe": _grpc_probe(model, 5, 2),
+        "livenessProbe": _grpc_probe(model, 10, 6),
         "securityContext": _container_security_context(),
         # A crashing container's last log lines become its termination message, which the
         # operator quotes in the Degraded condition (e.g. a checkpoint the worker refused).
@@ -328,6 +380,9 @@ def router_deployment(model: Model, *, has_monitoring_api: bool, image: str,
             "secretName": router.api_keys_secret,
             "items": [{"key": API_KEYS_SECRET_KEY, "path": API_KEYS_SECRET_KEY}]}})
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
+    security_args, security_volumes, security_mounts = _security(model, "router")
+    volumes += security_volumes
+    mounts += security_mounts
     # /ready answers 503 while a role has no ready worker (no traffic then); /health is
     # liveness only.
     ready_probe = {"httpGet": {"path": "/ready", "port": "http"}}
@@ -340,7 +395,7 @@ def router_deployment(model: Model, *, has_monitoring_api: bool, image: str,
         "args": ["router", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}",
                  "--prefill", worker_service_address(model, "prefill"),
                  "--decode", worker_service_address(model, "decode"),
-                 "--port", str(ROUTER_PORT)],
+                 "--port", str(ROUTER_PORT), *security_args],
         "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
         "env": _common_env(model) + [{"name": "BATON_ROLE", "value": "router"}],
         # The limit bounds what request bodies in flight (requestBodyBudgetBytes) and their

@@ -63,6 +63,7 @@ KNOWN_PLURALS = {
     "Deployment": "deployments", "Service": "services", "ConfigMap": "configmaps",
     "PodDisruptionBudget": "poddisruptionbudgets", "NetworkPolicy": "networkpolicies",
     "PodMonitor": "podmonitors", "Model": "models", "Pod": "pods", "Event": "events",
+    "Secret": "secrets",
 }
 
 

@@ -22,9 +22,12 @@ from typing import Any
 from baton.operator.builders import (
     MANAGED_BY,
     SPEC_HASH_ANNOTATION,
+    certs_secret,
+    certs_secret_name,
     desired_objects,
     stable_hash,
 )
+from baton.operator.certs import CertificateAuthority
 from baton.operator.fields import SpecError
 from baton.operator.kube import ApiError, Kube, Resource, resource_of
 from baton.operator.metrics import RECONCILE_SECONDS, RECONCILES
@@ -38,6 +41,7 @@ from baton.operator.status import (
 )
 
 MODELS = Resource(f"{GROUP}/{VERSION}", PLURAL)
+SECRETS = Resource("v1", "secrets")
 PODS = Resource("v1", "pods")
 # Every kind the builders may produce, so that one no longer desired is found and deleted.
 OWNED_KINDS = [
@@ -115,6 +119,7 @@ class Reconciler:
             return self._report_invalid(body, error, generation, previous)
 
         outcome = Outcome()
+        self._ensure_certs(model, outcome)
         existing = self._owned_objects(model)
         desired_keys = set()
         for obj in objects:
@@ -136,6 +141,26 @@ class Reconciler:
             outcome.status_written = True
         RECONCILES.labels("converged").inc()
         return outcome
+
+    def _ensure_certs(self, model: Model, outcome: Outcome) -> None:
+        """Under mutual TLS, the Model's CA and role certificates: made once when absent (an
+        existing Secret is kept as it is; a pod cannot start before it exists)."""
+        if model.spec.security.transport != "mtls":
+            return
+        name = certs_secret_name(model)
+        if self.kube.get(SECRETS, model.namespace, name) is not None:
+            return
+        secret = certs_secret(model, CertificateAuthority.create(
+            f"baton {model.namespace}/{model.name} CA"))
+        try:
+            self.kube.create(SECRETS, model.namespace, secret)
+        except ApiError as error:
+            if error.status != 409:  # another pass made it first: keep that one
+                raise
+            return
+        outcome.created.append(f"Secret/{name}")
+        self.logger.info(f"Model {model.namespace}/{model.name}: made its CA and role "
+                         f"certificates (Secret {name})")
 
     def _pods_if_short(self, model: Model, deployments: list[dict]) -> list[dict]:
         """The Model's pods, read only when some Deployment lacks ready replicas (to say why

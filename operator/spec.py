@@ -476,6 +476,17 @@ class NetworkPolicySpec:
         "workers reach the workers' gRPC port (metrics stay reachable).", default=False)
 
 
+TRANSPORTS = ("mtls", "plaintext")
+
+
+@dataclass(frozen=True)
+class SecuritySpec:
+    transport: str = spec_field(
+        "transport", "mtls: every worker gRPC port is mutual TLS and each call is authorized "
+        "by the caller's certificate role; plaintext: neither (an explicit opt-out, reported "
+        "as a condition).", default="mtls", enum=TRANSPORTS)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     source: SourceSpec = spec_field("source", "Where the checkpoint is.")
@@ -497,6 +508,8 @@ class ModelSpec:
                                               default_factory=AutoscalingSpec)
     network_policy: NetworkPolicySpec = spec_field("networkPolicy", "Worker isolation.",
                                                    default_factory=NetworkPolicySpec)
+    security: SecuritySpec = spec_field("security", "Transport security between the "
+                                        "model's processes.", default_factory=SecuritySpec)
 
     def role(self, name: str) -> PrefillSpec | DecodeSpec:
         if name not in ROLES:

@@ -19,7 +19,8 @@ from baton.operator.builders import endpoint, object_name
 from baton.operator.fields import SpecError
 from baton.operator.spec import ROLES, Model
 
-CONDITION_TYPES = ("Ready", "PrefillReady", "DecodeReady", "Degraded", "ScalingLimited")
+CONDITION_TYPES = ("Ready", "PrefillReady", "DecodeReady", "Degraded", "ScalingLimited",
+                   "TransportSecure")
 _REASON = re.compile(r"^[A-Z][A-Za-z0-9]*$")
 
 
@@ -143,6 +144,17 @@ def _scaling_condition(model: Model) -> Condition:
                      "every pool can scale within its limits", model.generation)
 
 
+def _transport_condition(model: Model) -> Condition:
+    if model.spec.security.transport == "mtls":
+        return Condition("TransportSecure", True, "MutualTLS",
+                         "worker gRPC ports take only callers with a certificate from the "
+                         "Model's CA, each call authorized by the certificate's role",
+                         model.generation)
+    return Condition("TransportSecure", False, "PlaintextOptOut",
+                     "spec.security.transport is plaintext: worker gRPC ports take any caller "
+                     "that reaches them, without authorization", model.generation)
+
+
 # Waiting reasons that mean a container will not start without a change (image, config,
 # checkpoint): worth naming in the Degraded message.
 _STUCK_REASONS = ("CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull",
@@ -217,6 +229,7 @@ def model_status(model: Model, deployments: list[dict], previous: dict | None,
                              "every pool has its desired replicas ready", model.generation)
     conditions = set_condition(conditions, degraded, now)
     conditions = set_condition(conditions, _scaling_condition(model), now)
+    conditions = set_condition(conditions, _transport_condition(model), now)
 
     not_ready = [role for role in ROLES if not role_conditions[role].status]
     if router_ready == 0:

@@ -5,7 +5,9 @@ operator image no torch, so importing this module must stay cheap.
 
     baton up FILE [--host H] [--port P]          a Model spec as local processes
     baton worker prefill|decode --config FILE --pool NAME --grpc-port 50051 --metrics-port 9400
+                 --certs DIR | --plaintext
     baton router --config FILE --prefill SERVICE --decode SERVICE --port 8000
+                 --certs DIR | --plaintext
     baton operator [--namespace NS]               the operator (python -m baton.operator)
     baton simulate --model FILE --trace TRACE.csv --out OUT.json   autoscaler trace replay
     baton quantize IN_DIR OUT_DIR --format nvfp4|fp8    a ModelOpt-convention checkpoint

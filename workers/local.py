@@ -187,13 +187,22 @@ class Child:
             return ""
 
 
-def grpc_serving(port: int) -> bool:
-    """True when the worker on 127.0.0.1:port answers grpc.health.v1 SERVING."""
+def grpc_serving(port: int, certs: Path | None = None) -> bool:
+    """True when the worker on 127.0.0.1:port answers grpc.health.v1 SERVING (over mutual
+    TLS with the operator role's certificate when certs, a CA directory, is given)."""
     import grpc
 
     from baton.proto.grpc.health.v1 import health_pb2, health_pb2_grpc
+    from baton.workers import security
 
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    address = f"127.0.0.1:{port}"
+    if certs is None:
+        channel = grpc.insecure_channel(address)
+    else:
+        identity = security.Identity.load(certs, "operator")
+        channel = grpc.secure_channel(address, identity.channel_credentials(),
+                                      options=security.CHANNEL_OPTIONS)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=1.0)
@@ -230,6 +239,8 @@ class LocalDeployment:
                  "router": {**self.config.to_dict()["router"], "apiKeysFile": None}})
         self._own_run_dir = run_dir is None
         self.run_dir: Path | None = Path(run_dir) if run_dir is not None else None
+        self.certs: Path | None = None
+        """The run's throwaway CA directory (spec.security.transport mtls); None: plaintext."""
         self.children: list[Child] = []
         self._group: list[int] = []
         self.started_at = 0.0
@@ -249,6 +260,15 @@ class LocalDeployment:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config_path = self.run_dir / "worker-config.json"
         config_path.write_text(self.config.to_json())
+        if self.model.spec.security.transport == "mtls":
+            from baton.workers.security import CertificateAuthority
+
+            # A CA for this run only: its key never leaves the run directory.
+            self.certs = CertificateAuthority.create("baton up CA").write_dir(
+                self.run_dir / "certs")
+            security_args = ["--certs", str(self.certs)]
+        else:
+            security_args = ["--plaintext"]
         python = [sys.executable, "-m", "baton.workers.cli"]
         roles = [role for role in ("prefill", "decode") for _ in range(self.replicas(role))]
         devices = visible_gpus()
@@ -283,7 +303,7 @@ class LocalDeployment:
             grpc_port, metrics_port = free_port(), free_port()
             argv = python + ["worker", role, "--config", str(config_path), "--pool", pool,
                              "--grpc-port", str(grpc_port), "--metrics-port",
-                             str(metrics_port), "--host", "127.0.0.1"]
+                             str(metrics_port), "--host", "127.0.0.1", *security_args]
             if role == "prefill":
                 argv += ["--decode-target", "127.0.0.1"]  # the decode workers are local
             if budgets[i] is not None:
@@ -298,7 +318,7 @@ class LocalDeployment:
             argv=python + ["router", "--config", str(config_path),
                            "--prefill", addresses["prefill"], "--decode", addresses["decode"],
                            "--host", self.host, "--port", str(self.port),
-                           "--discovery-interval", "0.5"]))
+                           "--discovery-interval", "0.5", *security_args]))
         return children
 
     def start(self) -> None:
@@ -336,7 +356,7 @@ class LocalDeployment:
                 if child.name not in pending:
                     continue
                 ready = (http_ok(self.base_url + "/ready") if child.name == "router"
-                         else grpc_serving(child.grpc_port))
+                         else grpc_serving(child.grpc_port, self.certs))
                 if ready:
                     child.ready_after_s = time.monotonic() - child.started_at
                     pending.discard(child.name)
@@ -356,6 +376,9 @@ class LocalDeployment:
         lines.append("  time to ready  " + ", ".join(
             f"{c.name} {c.ready_after_s:.1f} s" for c in [*workers, by["router"]])
             + " (process start to first health SERVING)")
+        lines.append("  transport      " + (
+            f"mutual TLS, calls authorized by certificate role (CA in {self.certs})"
+            if self.certs is not None else "plaintext (spec.security.transport)"))
         lines.append(f"  logs           {self.run_dir}")
         lines.append("Ctrl-C stops every process.")
         return "\n".join(lines)
@@ -441,7 +464,11 @@ def main(argv: list[str] | None = None) -> int:
         print(deployment.summary(), flush=True)
         print(json.dumps({"event": "ready", "url": deployment.base_url + "/v1",
                           "timeToReadySeconds": {c.name: round(c.ready_after_s, 3)
-                                                 for c in deployment.children}}), flush=True)
+                                                 for c in deployment.children},
+                          "workers": {c.name: {"grpc": c.grpc_port, "metrics": c.metrics_port}
+                                      for c in deployment.children if c.name != "router"},
+                          "certs": (None if deployment.certs is None
+                                    else str(deployment.certs))}), flush=True)
         while not received:
             time.sleep(0.2)
             dead = deployment._exited()

@@ -192,6 +192,11 @@ class BatonMetrics:
             "baton_grammar_refused_tokens", "Choices that ended in an error because the output "
             "grammar refused the token the model sampled (a grammar that does not fit the "
             "tokenizer).", LABEL_NAMES, registry=self.registry).labels(*values)
+        self._rpc_refused = Counter(
+            "baton_rpc_refused",
+            "gRPC calls refused by role authorization, by method and reason "
+            "(unauthenticated: no client certificate; forbidden: a role that may not call it).",
+            LABEL_NAMES + ("method", "reason"), registry=self.registry)
 
         self._stats_pulled = stats is not None
         if stats is not None:
@@ -217,6 +222,10 @@ class BatonMetrics:
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome={outcome!r} is not one of {', '.join(OUTCOMES)}")
         self._requests.labels(*self.labels.values(), outcome).inc()
+
+    def rpc_refused(self, method: str, reason: str) -> None:
+        """Counts one gRPC call refused by role authorization."""
+        self._rpc_refused.labels(*self.labels.values(), method, reason).inc()
 
     def state_transfer_bytes(self, kind: str, nbytes: int) -> None:
         """Counts state bytes sent (sender side only) under kind (kv|conv|ssm|mtp_kv|hidden)."""

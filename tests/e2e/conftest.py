@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from baton.workers.local import free_port, grpc_serving, http_ok
+from baton.workers.security import CertificateAuthority
 
 REPO = Path(__file__).resolve().parents[2]
 CHECKPOINT = REPO / "examples" / "tiny"
@@ -52,6 +53,8 @@ class Process:
     grpc_port: int | None = None
     metrics_port: int | None = None
     http_port: int | None = None
+    certs: Path | None = None
+    """The CA directory of the cluster's mutual TLS; None: plaintext."""
     started_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -86,24 +89,30 @@ def _spawn(name: str, argv: list[str], log_dir: Path, env: dict | None = None) -
     return Process(name, proc, log_path)
 
 
-def start_worker(role: str, config_path: Path, log_dir: Path, name: str) -> Process:
+def _security(certs: Path | None) -> list[str]:
+    return ["--plaintext"] if certs is None else ["--certs", str(certs)]
+
+
+def start_worker(role: str, config_path: Path, log_dir: Path, name: str,
+                 certs: Path | None = None) -> Process:
     grpc_port, metrics_port = free_port(), free_port()
     p = _spawn(name, ["worker", role, "--config", str(config_path), "--pool", "local",
                       "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-                      "--host", "127.0.0.1", "--cache-memory", "64Mi"], log_dir)
-    p.grpc_port, p.metrics_port = grpc_port, metrics_port
+                      "--host", "127.0.0.1", "--cache-memory", "64Mi", *_security(certs)],
+               log_dir)
+    p.grpc_port, p.metrics_port, p.certs = grpc_port, metrics_port, certs
     return p
 
 
 def start_router(config_path: Path, log_dir: Path, prefill: list[Process],
-                 decode: list[Process]) -> Process:
+                 decode: list[Process], certs: Path | None = None) -> Process:
     port = free_port()
     p = _spawn("router", ["router", "--config", str(config_path),
                           "--prefill", ",".join(w.address for w in prefill),
                           "--decode", ",".join(w.address for w in decode),
                           "--host", "127.0.0.1", "--port", str(port),
-                          "--discovery-interval", "0.3"], log_dir)
-    p.http_port = port
+                          "--discovery-interval", "0.3", *_security(certs)], log_dir)
+    p.http_port, p.certs = port, certs
     return p
 
 
@@ -118,7 +127,7 @@ def wait_ready(processes: list[Process], timeout_s: float = 120.0) -> dict[str, 
             if p.proc.poll() is not None:
                 raise RuntimeError(f"{p.name} exited with {p.proc.returncode}:\n{p.log()}")
             ok = (http_ok(f"http://127.0.0.1:{p.http_port}/ready") if p.http_port
-                  else grpc_serving(p.grpc_port))
+                  else grpc_serving(p.grpc_port, p.certs))
             if ok:
                 ready[p.name] = time.monotonic() - p.started_at
         if time.monotonic() > deadline:
@@ -139,20 +148,24 @@ def running_cluster(run: Path, n_prefill: int = 1, n_decode: int = 2,
                     speculative_tokens: int = 2, engine: dict | None = None,
                     **router) -> Iterator[dict]:
     """Prefill workers, decode workers (MTP speculation with `speculative_tokens` draft
-    tokens), a router over them; the prefix cache on, as by default. Yields the parts by name:
-    prefill (the first), prefills, decodes, workers, router, processes, url, k."""
+    tokens), a router over them; the prefix cache on, as by default; mutual TLS between them
+    as by default (a CA of this run in run/certs). Yields the parts by name: prefill (the
+    first), prefills, decodes, workers, router, processes, url, k, certs."""
     config = write_config(run / "config.json", worker_config(
         CHECKPOINT, speculative_tokens=speculative_tokens, engine=engine, **router))
-    prefills = [start_worker("prefill", config, run, f"prefill{i}") for i in range(n_prefill)]
-    decodes = [start_worker("decode", config, run, f"decode{i}") for i in range(n_decode)]
-    router_process = start_router(config, run, prefills, decodes)
+    certs = CertificateAuthority.create().write_dir(run / "certs")
+    prefills = [start_worker("prefill", config, run, f"prefill{i}", certs)
+                for i in range(n_prefill)]
+    decodes = [start_worker("decode", config, run, f"decode{i}", certs)
+               for i in range(n_decode)]
+    router_process = start_router(config, run, prefills, decodes, certs)
     processes = [*prefills, *decodes, router_process]
     try:
         ready = wait_ready(processes)
         print("time to ready (s):", {k: round(v, 2) for k, v in ready.items()})
         yield {"prefill": prefills[0], "prefills": prefills, "decodes": decodes,
                "workers": [*prefills, *decodes], "router": router_process,
-               "processes": processes, "k": speculative_tokens,
+               "processes": processes, "k": speculative_tokens, "certs": certs,
                "url": f"http://127.0.0.1:{router_process.http_port}"}
     finally:
         for p in processes:

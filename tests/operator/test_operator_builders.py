@@ -100,11 +100,17 @@ def test_worker_deployment(role, pool, replicas, gpus, product, extra_selector):
     peers = ["--decode-target", "nano-decode.llm.svc"] if role == "prefill" else []
     assert container["args"] == ["worker", role, "--config", "/etc/baton/worker-config.json",
                                  "--pool", pool, "--grpc-port", "50051",
-                                 "--metrics-port", "9400", "--drain-seconds", "600", *peers]
+                                 "--metrics-port", "9400", "--drain-seconds", "600", *peers,
+                                 "--certs", "/etc/baton-certs", "--health-port", "50052"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
     assert container["resources"]["requests"]["nvidia.com/gpu"] == str(gpus)
+    # The gRPC port is mutual TLS: the kubelet probes the plaintext health-only port.
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"] == {"port": 50051}
+        assert container[probe]["grpc"] == {"port": 50052}
+    # Each worker mounts only the CA certificate and its own role's certificate and key.
+    certs = next(v for v in pod["volumes"] if v["name"] == "certs")["secret"]
+    assert certs["secretName"] == "nano-certs"
+    assert [i["key"] for i in certs["items"]] == ["ca.crt", f"{role}.crt", f"{role}.key"]
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 20 * 60
     assert pod["terminationGracePeriodSeconds"] >= 600  # the request deadline, to drain
@@ -147,7 +153,7 @@ def test_services_router_and_config():
     assert router["spec"]["template"]["spec"]["containers"][0]["args"] == [
         "router", "--config", "/etc/baton/worker-config.json",
         "--prefill", "nano-prefill.llm.svc:50051", "--decode", "nano-decode.llm.svc:50051",
-        "--port", "8000"]
+        "--port", "8000", "--certs", "/etc/baton-certs"]
     router_container = router["spec"]["template"]["spec"]["containers"][0]
     assert router_container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert router_container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
@@ -169,6 +175,22 @@ def test_services_router_and_config():
                                                                ("hopper", "w4a16")]
     for pdb in [o for (kind, _), o in objects.items() if kind == "PodDisruptionBudget"]:
         assert pdb["spec"]["maxUnavailable"] == 1
+
+
+def test_plaintext_is_an_explicit_opt_out():
+    objects = by_kind_name(desired_objects(two_pool_model(security={"transport": "plaintext"}),
+                                           has_monitoring_api=False, operator_image=IMAGE))
+    for (kind, _), obj in objects.items():
+        if kind != "Deployment":
+            continue
+        pod = obj["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["args"][-1] == "--plaintext" and "--certs" not in container["args"]
+        assert "certs" not in {v["name"] for v in pod["volumes"]}
+        if "readinessProbe" in container and "grpc" in container["readinessProbe"]:
+            assert container["readinessProbe"]["grpc"] == {"port": 50051}
+    with pytest.raises(SpecError, match="spec.security.transport"):
+        two_pool_model(security={"transport": "tls"})
 
 
 def test_config_change_rolls_pods():

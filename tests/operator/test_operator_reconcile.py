@@ -101,7 +101,8 @@ def test_create_then_idempotent(events):
     add_model(kube)
     rec = reconciler(kube, events)
     first = rec.reconcile("llm", "nano")
-    assert len(first.created) == 12 and first.status_written
+    assert len(first.created) == 13 and first.status_written
+    assert first.created[0] == "Secret/nano-certs"  # before any pod that mounts it
     assert names(kube, "deployments") == {"nano-prefill-b", "nano-prefill-h", "nano-decode-h",
                                           "nano-router"}
     kube.calls.clear()
@@ -111,6 +112,43 @@ def test_create_then_idempotent(events):
     assert not second.status_written
     assert not [c for c in kube.calls if c[0] not in ("get", "list")]
     assert events == []
+
+
+def test_certificates_are_made_once_and_plaintext_is_reported(events):
+    import base64
+
+    from baton.operator.certs import ROLES, cert_roles
+    from baton.workers.security import Identity
+
+    kube = FakeKube()
+    add_model(kube)
+    rec = reconciler(kube, events)
+    rec.reconcile("llm", "nano")
+    secret = kube.objects[("secrets", "llm", "nano-certs")]
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == UID
+    data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+    assert set(data) == {"ca.crt", *(f"{r}.{e}" for r in ROLES for e in ("crt", "key"))}
+    for role in ROLES:
+        assert cert_roles(data[f"{role}.crt"]) == {role}
+    # The files load as each role's identity (what a pod's mount holds).
+    for role in ROLES:
+        Identity(role, data["ca.crt"], data[f"{role}.crt"], data[f"{role}.key"]
+                 ).server_credentials()
+    # A later pass keeps the Secret as it is (the pods trust this CA).
+    rec.reconcile("llm", "nano")
+    assert kube.objects[("secrets", "llm", "nano-certs")] == secret
+    status = kube.objects[("models", "llm", "nano")]["status"]
+    transport = next(c for c in status["conditions"] if c["type"] == "TransportSecure")
+    assert (transport["status"], transport["reason"]) == ("True", "MutualTLS")
+
+    plain = FakeKube()
+    add_model(plain, {"security": {"transport": "plaintext"}})
+    reconciler(plain, events).reconcile("llm", "nano")
+    assert names(plain, "secrets") == set()
+    status = plain.objects[("models", "llm", "nano")]["status"]
+    transport = next(c for c in status["conditions"] if c["type"] == "TransportSecure")
+    assert (transport["status"], transport["reason"]) == ("False", "PlaintextOptOut")
+    assert "spec.security.transport is plaintext" in transport["message"]
 
 
 def test_already_exists_is_success(events):

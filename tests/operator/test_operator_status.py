@@ -64,7 +64,9 @@ def test_counts_and_conditions_from_deployments():
     assert status["decode"]["readyReplicas"] == 1
     by_type = {c["type"]: c for c in status["conditions"]}
     assert [c["type"] for c in status["conditions"]] == [
-        "Ready", "PrefillReady", "DecodeReady", "Degraded", "ScalingLimited"]
+        "Ready", "PrefillReady", "DecodeReady", "Degraded", "ScalingLimited", "TransportSecure"]
+    assert (by_type["TransportSecure"]["status"], by_type["TransportSecure"]["reason"]) == (
+        "True", "MutualTLS")
     assert by_type["Ready"]["status"] == "True"
     assert by_type["Ready"]["reason"] == "ServingDegraded"
     assert by_type["Degraded"]["status"] == "True"

@@ -28,6 +28,7 @@ from baton.proto.baton.decode.v1 import decode_pb2_grpc
 from baton.proto.baton.prefill.v1 import prefill_pb2_grpc
 from baton.proto.baton.worker.v1 import worker_pb2, worker_pb2_grpc
 from baton.proto.grpc.health.v1 import health_pb2, health_pb2_grpc
+from baton.workers import security
 
 log = logging.getLogger("baton.router.discovery")
 
@@ -137,13 +138,17 @@ class WorkerPool:
     """One role's workers, refreshed every `interval_s`."""
 
     def __init__(self, role: str, resolver: Resolver, interval_s: float = 1.0,
-                 check_timeout_s: float = 1.0) -> None:
+                 check_timeout_s: float = 1.0,
+                 identity: security.Identity | None = None) -> None:
+        """identity: mutual TLS to the workers with this (the router role's) certificate;
+        None: plaintext channels (--plaintext)."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         self.role = role
         self.resolver = resolver
         self.interval_s = interval_s
         self.check_timeout_s = check_timeout_s
+        self.identity = identity
         self.workers: dict[str, Worker] = {}
         self._task: asyncio.Task | None = None
         # Refreshes numbered as they begin; the latest that completed, and an event set (and
@@ -193,7 +198,7 @@ class WorkerPool:
         number = self._refreshes_begun
         addresses = set(await self.resolver.resolve())
         for address in addresses - set(self.workers):
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = self._channel(address)
             self.workers[address] = Worker(address, self.role, channel)
             log.info("found %s worker %s", self.role, address)
         for address, worker in list(self.workers.items()):
@@ -206,6 +211,13 @@ class WorkerPool:
         self._refreshed_through = max(self._refreshed_through, number)
         done, self._refreshed = self._refreshed, asyncio.Event()
         done.set()
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if self.identity is None:
+            return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(address, self.identity.channel_credentials(),
+                                       options=[*CHANNEL_OPTIONS,
+                                                *security.channel_options(self.role)])
 
     async def _check(self, worker: Worker) -> None:
         was_ready = worker.ready

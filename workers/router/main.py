@@ -14,8 +14,10 @@ import asyncio
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from baton.operator.spec import SpecError, WorkerConfig
+from baton.workers import security
 from baton.workers.metrics import BatonMetrics, MetricLabels
 from baton.workers.router.balancer import Balancer
 from baton.workers.router.disaggregated import DisaggregatedBackend
@@ -38,14 +40,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--discovery-interval", type=float, default=1.0,
                    help="seconds between worker resolution and health/load checks")
     p.add_argument("--log-level", default="INFO")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--certs", default=None, metavar="DIR",
+                      help="mutual TLS to the workers: directory with ca.crt, router.crt, "
+                           "router.key")
+    mode.add_argument("--plaintext", action="store_true",
+                      help="plaintext gRPC to the workers (explicit opt-out)")
     return p.parse_args(argv)
 
 
 def build_router(cfg: WorkerConfig, prefill: str, decode: str,
-                 discovery_interval_s: float = 1.0) -> Router:
+                 discovery_interval_s: float = 1.0,
+                 identity: security.Identity | None = None) -> Router:
     backend = DisaggregatedBackend(
-        WorkerPool("prefill", resolver_for(prefill), interval_s=discovery_interval_s),
-        WorkerPool("decode", resolver_for(decode), interval_s=discovery_interval_s),
+        WorkerPool("prefill", resolver_for(prefill), interval_s=discovery_interval_s,
+                   identity=identity),
+        WorkerPool("decode", resolver_for(decode), interval_s=discovery_interval_s,
+                   identity=identity),
         Balancer(cfg.router.routing, block_size=cfg.engine.kv_page_size,
                  snapshot_interval=cfg.engine.prefix_cache.snapshot_interval_tokens),
         transfer_timeout_s=cfg.router.transfer_timeout_seconds,
@@ -86,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = WorkerConfig.load(args.config)
-        router = build_router(cfg, args.prefill, args.decode, args.discovery_interval)
+        identity = (None if args.certs is None
+                    else security.Identity.load(Path(args.certs), "router"))
+        router = build_router(cfg, args.prefill, args.decode, args.discovery_interval,
+                              identity)
     except (OSError, SpecError, ValueError) as exc:
         print(f"baton router: {exc}", file=sys.stderr)
         return 2

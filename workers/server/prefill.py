@@ -30,7 +30,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from baton.proto.baton.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 from baton.proto.baton.worker.v1 import worker_pb2, worker_pb2_grpc
-from baton.workers import headers
+from baton.workers import headers, security
 from baton.workers.engine import EngineDraining, PrefillAborted, prompt_chain_hash
 from baton.workers.server.runtime import (
     CallEnded,
@@ -68,9 +68,13 @@ def _duration(seconds: float) -> Duration:
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     def __init__(self, runtime: WorkerRuntime, tls: TransferTls | None = None,
-                 decode_targets: tuple[str, ...] = ()):
+                 decode_targets: tuple[str, ...] = (),
+                 identity: security.Identity | None = None):
+        """identity: mutual TLS to the decode workers' gRPC port with this certificate (the
+        prefill role's); tls: the --plaintext worker's separate transfer TLS."""
         self.runtime = runtime
         self.tls = tls
+        self.identity = identity
         self.decode_targets = tuple(decode_targets)
         self._peers: set[str] | None = None
         self.transport: GrpcTransport | None = None
@@ -83,6 +87,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
     def on_loaded(self) -> None:
         rt = self.runtime
+        if self.identity is not None:
+            self.transport = GrpcTransport(
+                rt.fingerprint, metrics=rt.metrics,
+                channel_credentials=self.identity.channel_credentials(),
+                server_name=security.server_name("decode"))
+            return
         if self.tls is None:
             self.transport = GrpcTransport(rt.fingerprint, metrics=rt.metrics)
             return

@@ -22,6 +22,7 @@ import grpc
 from baton.operator.spec import WorkerConfig
 from baton.proto.baton.worker.v1 import worker_pb2_grpc
 from baton.proto.grpc.health.v1 import health_pb2_grpc
+from baton.workers import security
 from baton.workers.metrics import MetricsServer
 from baton.workers.server import settings
 from baton.workers.server.control import WorkerServicer
@@ -50,6 +51,10 @@ class WorkerProcess:
         self.started = time.monotonic()
         self.stop_requested = threading.Event()
         self.transfer_server: grpc.Server | None = None
+        self.health_server: grpc.Server | None = None
+        # Read now, so a missing or wrong certificate stops the worker before it loads a model.
+        self.identity = (None if args.certs is None
+                         else security.Identity.load(args.certs, args.role))
         transfer_port = 0
         if args.role == "decode":
             self.role_servicer = DecodeServicer(
@@ -64,15 +69,20 @@ class WorkerProcess:
                     args, config.decode.max_concurrency + 8)
         else:
             self.role_servicer = PrefillServicer(self.runtime, tls=args.tls,
-                                                 decode_targets=args.decode_targets)
+                                                 decode_targets=args.decode_targets,
+                                                 identity=self.identity)
             role_service = PREFILL_SERVICE
             transfers = self.role_servicer.transfers_in_flight
             workers = 2 * settings.PREFILL_MAX_SEQS + 16
         self.transfer_port = transfer_port
         self.health = HealthServicer((role_service, WORKER_SERVICE))
+        # Every call on a mutual-TLS port is authorized by its caller's certificate role.
+        interceptors = () if self.identity is None else (
+            security.RoleAuthorization(self.runtime.metrics.rpc_refused),)
         # No SO_REUSEPORT: a second worker on a taken port must fail, not share its traffic.
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
                                                              thread_name_prefix="baton-grpc"),
+                                  interceptors=interceptors,
                                   options=CHANNEL_OPTIONS + (("grpc.so_reuseport", 0),))
         if self.transfer_server is not None:
             # State arrives only over TLS: the plaintext port does not take transfers.
@@ -84,11 +94,17 @@ class WorkerProcess:
             WorkerServicer(self.runtime, transfers, self.request_drain, transfer_port),
             self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        address = f"{_host(args.host)}:{args.grpc_port}"
         try:
-            self.grpc_port = self.server.add_insecure_port(
-                f"{_host(args.host)}:{args.grpc_port}")
+            if self.identity is None:
+                self.grpc_port = self.server.add_insecure_port(address)
+            else:
+                self.grpc_port = self.server.add_secure_port(
+                    address, self.identity.server_credentials())
         except RuntimeError as e:  # grpcio's bind failure
             raise OSError(f"cannot listen on {args.host}:{args.grpc_port} for gRPC: {e}") from None
+        if args.health_port is not None:
+            self.health_server, self.health_port = self._health_listener(args)
         self.metrics_server: MetricsServer | None = None
 
     def _tls_transfer_listener(self, args: settings.WorkerArgs,
@@ -108,6 +124,20 @@ class WorkerProcess:
         except RuntimeError as e:
             raise OSError(f"cannot listen on {args.host}:{tls.transfer_port} for transfers: "
                           f"{e}") from None
+        return server, port
+
+    def _health_listener(self, args: settings.WorkerArgs) -> tuple[grpc.Server, int]:
+        """A plaintext server with grpc.health.v1 only: what a kubelet's gRPC probe can reach
+        without a certificate. It answers SERVING / NOT_SERVING and nothing else."""
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4,
+                                                        thread_name_prefix="baton-health"),
+                             options=(("grpc.so_reuseport", 0),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        try:
+            port = server.add_insecure_port(f"{_host(args.host)}:{args.health_port}")
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {args.host}:{args.health_port} for health "
+                          f"probes: {e}") from None
         return server, port
 
     def request_drain(self) -> None:
@@ -130,13 +160,18 @@ class WorkerProcess:
                       self.args.metrics_port, e)
             return 2
         self.server.start()
-        if self.transfer_server is not None:
-            self.transfer_server.start()
+        for extra in (self.transfer_server, self.health_server):
+            if extra is not None:
+                extra.start()
         log.info("%s worker (pool %s) listening on gRPC %s:%d, metrics :%d; loading the model",
                  rt.role, self.args.pool, self.args.host, self.grpc_port,
                  self.metrics_server.port)
         if self.transfer_server is not None:
             log.info("state transfers over TLS on port %d only", self.transfer_port)
+        log.info("gRPC port: %s", "plaintext (--plaintext)" if self.identity is None
+                 else "mutual TLS, calls authorized by certificate role")
+        if self.health_server is not None:
+            log.info("plaintext health probes on port %d", self.health_port)
         status = 1
         try:
             status = self._serve()
@@ -181,8 +216,9 @@ class WorkerProcess:
         self.health.set_serving(False)
         self.health.close()
         stopped = [self.server.stop(grace=STOP_GRACE_SECONDS)]
-        if self.transfer_server is not None:
-            stopped.append(self.transfer_server.stop(grace=STOP_GRACE_SECONDS))
+        for extra in (self.transfer_server, self.health_server):
+            if extra is not None:
+                stopped.append(extra.stop(grace=STOP_GRACE_SECONDS))
         for event in stopped:
             event.wait()
         status = self.runtime.close()

@@ -46,6 +46,11 @@ class WorkerArgs:
     """Prefill: the decode workers' host names (their Service's DNS name) or addresses; a
     Prefill whose decode_target's host is not one of them, and does not resolve to one of
     their addresses, is refused before anything is dialled. Empty: any host."""
+    certs: Path | None = None
+    """Mutual TLS on the gRPC port with role authorization: the directory holding ca.crt and
+    <role>.crt / <role>.key (baton.workers.security). None: plaintext (--plaintext)."""
+    health_port: int | None = None
+    """A plaintext port serving only grpc.health.v1 (the kubelet's probe); None: none."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,17 @@ def parse_args(argv: list[str]) -> WorkerArgs:
                         help="prefill: a decode workers' host (a Service's DNS name or an "
                              "address); repeatable. Prefill refuses other decode_target hosts. "
                              "Default: any")
+    security = parser.add_argument_group(
+        "transport security", "Every call on --grpc-port is mutual TLS, authorized by the "
+        "caller's certificate role, unless --plaintext says otherwise.")
+    mode = security.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--certs", type=Path, default=None, metavar="DIR",
+                      help="directory with ca.crt and <role>.crt / <role>.key (this worker's "
+                           "role)")
+    mode.add_argument("--plaintext", action="store_true",
+                      help="no TLS and no authorization on --grpc-port (explicit opt-out)")
+    security.add_argument("--health-port", type=int, default=None,
+                          help="a plaintext port serving only grpc.health.v1, for probes")
     tls = parser.add_argument_group(
         "transfer TLS", "TLS for the state-transfer channel. A decode worker with "
         "--tls-cert/--tls-key serves TransferState only on --transfer-port, over TLS; a "
@@ -137,7 +153,13 @@ def parse_args(argv: list[str]) -> WorkerArgs:
         parser.error(f"--attach-timeout-seconds={ns.attach_timeout_seconds} must be > 0")
     if ns.max_open_reservations is not None and ns.max_open_reservations < 1:
         parser.error(f"--max-open-reservations={ns.max_open_reservations} must be >= 1")
+    if ns.health_port is not None and not 0 <= ns.health_port <= 65535:
+        parser.error(f"--health-port={ns.health_port} is not in 0..65535")
     transfer_tls = None
+    if ns.certs is not None and any(v is not None for v in (ns.tls_cert, ns.tls_key, ns.tls_ca,
+                                                            ns.transfer_port)):
+        parser.error("--certs secures every call, transfers included; --tls-* and "
+                     "--transfer-port are for a --plaintext worker's transfer channel")
     if any(v is not None for v in (ns.tls_cert, ns.tls_key, ns.tls_ca, ns.transfer_port)):
         if (ns.tls_cert is None) != (ns.tls_key is None):
             parser.error("--tls-cert and --tls-key go together")
@@ -158,7 +180,8 @@ def parse_args(argv: list[str]) -> WorkerArgs:
                       device=ns.device, log_level=ns.log_level, tls=transfer_tls,
                       attach_timeout_seconds=ns.attach_timeout_seconds,
                       max_open_reservations=ns.max_open_reservations,
-                      decode_targets=tuple(ns.decode_targets))
+                      decode_targets=tuple(ns.decode_targets), certs=ns.certs,
+                      health_port=ns.health_port)
 
 
 def pick_device(requested: str | None) -> torch.device:

@@ -67,6 +67,11 @@ the ones to remove (patch); both write Model status and post Events.
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, patch]
+# The Model's CA and role certificates (spec.security.transport mtls): made once, never read
+# back into pods beyond each role's own certificate and key.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, create]
 - apiGroups: [""]
   resources: [events]
   verbs: [create]

@@ -61,16 +61,19 @@ def test_checkpoint_tokenizer_renders_the_chat_template():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--prefill", "h:1", "--decode", "h:2"], "No such file"),
-    (["--prefill", "nope", "--decode", "h:2"], "host:port"),
+    (["--prefill", "h:1", "--decode", "h:2", "--plaintext"], "No such file"),
+    (["--prefill", "nope", "--decode", "h:2", "--plaintext"], "host:port"),
+    (["--prefill", "h:1", "--decode", "h:2", "--certs", "no-certs"], "cannot read ca.crt"),
 ])
 def test_main_reports_bad_setup(tmp_path, capsys, args, message):
-    cfg = config(tmp_path) if "nope" in args else tmp_path / "missing.json"
+    cfg = (config(tmp_path) if "nope" in args or "--certs" in args
+           else tmp_path / "missing.json")
     assert main(["--config", str(cfg), *args]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_main_reports_a_missing_api_keys_file(tmp_path, capsys):
     cfg = config(tmp_path, apiKeysFile=str(tmp_path / "no-keys"))
-    assert main(["--config", str(cfg), "--prefill", "h:1", "--decode", "h:2"]) == 2
+    assert main(["--config", str(cfg), "--prefill", "h:1", "--decode", "h:2",
+                 "--plaintext"]) == 2
     assert "no-keys" in capsys.readouterr().err

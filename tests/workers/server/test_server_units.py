@@ -22,21 +22,26 @@ from baton.workers.server.health import HealthServicer
 def test_flags_parse_and_bad_ones_are_named(capsys, tmp_path):
     args = settings.parse_args(["decode", "--config", "c.json", "--pool", "hopper",
                                 "--grpc-port", "5", "--metrics-port", "6",
-                                "--cache-memory", "512Mi"])
+                                "--cache-memory", "512Mi", "--plaintext"])
     assert (args.role, args.pool, args.grpc_port, args.metrics_port) == ("decode", "hopper", 5, 6)
     assert args.cache_memory_bytes == 512 << 20 and args.host == "0.0.0.0"
-    assert args.tls is None
+    assert args.tls is None and args.certs is None and args.health_port is None
+    secured = settings.parse_args(["prefill", "--config", "c", "--pool", "p", "--certs", "d",
+                                   "--health-port", "50053"])
+    assert (str(secured.certs), secured.health_port) == ("d", 50053)
     # The reservation bounds' defaults (a Reserve flood), and the prefill side's decode peers.
     assert args.attach_timeout_seconds == 2.0 and args.max_open_reservations is None
     bounded = settings.parse_args(["decode", "--config", "c", "--pool", "p",
                                    "--attach-timeout-seconds", "0.5",
-                                   "--max-open-reservations", "3"])
+                                   "--max-open-reservations", "3", "--plaintext"])
     assert (bounded.attach_timeout_seconds, bounded.max_open_reservations) == (0.5, 3)
     peers = settings.parse_args(["prefill", "--config", "c", "--pool", "p", "--decode-target",
-                                 "decode.ns.svc", "--decode-target", "10.0.0.7"])
+                                 "decode.ns.svc", "--decode-target", "10.0.0.7",
+                                 "--plaintext"])
     assert peers.decode_targets == ("decode.ns.svc", "10.0.0.7")
     tls = settings.parse_args(["decode", "--config", "c", "--pool", "p", "--tls-cert", "c.pem",
-                               "--tls-key", "k.pem", "--transfer-port", "50052"]).tls
+                               "--tls-key", "k.pem", "--transfer-port", "50052",
+                               "--plaintext"]).tls
     assert tls.transfer_port == 50052 and tls.ca is None
     with pytest.raises(ValueError, match="--tls-cert='c.pem' cannot be read"):
         tls.read("cert")
@@ -54,6 +59,19 @@ def test_flags_parse_and_bad_ones_are_named(capsys, tmp_path):
                            "--attach-timeout-seconds", "0"], "--attach-timeout-seconds=0.0"),
                          (["decode", "--config", "c", "--pool", "p",
                            "--max-open-reservations", "0"], "--max-open-reservations=0")):
+        with pytest.raises(SystemExit):
+            settings.parse_args([*bad, "--plaintext"])
+        assert message in capsys.readouterr().err
+    # Transport security is a choice that must be made: mutual TLS or an explicit opt-out.
+    for bad, message in ((["decode", "--config", "c", "--pool", "p"],
+                          "one of the arguments --certs --plaintext is required"),
+                         (["decode", "--config", "c", "--pool", "p", "--certs", "d",
+                           "--plaintext"], "not allowed with"),
+                         (["decode", "--config", "c", "--pool", "p", "--certs", "d",
+                           "--tls-cert", "a", "--tls-key", "b", "--transfer-port", "1"],
+                          "--certs secures every call"),
+                         (["decode", "--config", "c", "--pool", "p", "--certs", "d",
+                           "--health-port", "70000"], "--health-port=70000")):
         with pytest.raises(SystemExit):
             settings.parse_args(bad)
         assert message in capsys.readouterr().err
@@ -169,7 +187,8 @@ def test_worker_exits_with_a_clear_error_on_bad_config(tmp_path):
             "pools": {"prefill": [{"name": "local"}], "decode": [{"name": "local"}]}}
     config.write_text(json.dumps(base))
     cmd = [sys.executable, "-m", "baton.workers.cli", "worker", "decode", "--config",
-           str(config), "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0"]
+           str(config), "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+           "--plaintext"]
     out = subprocess.run(cmd + ["--pool", "elsewhere"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2

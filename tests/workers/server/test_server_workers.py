@@ -60,7 +60,8 @@ class Worker:
             [sys.executable, "-m", "baton.workers.cli", "worker", role, "--config", str(config),
              "--pool", "local", "--host", "127.0.0.1", "--grpc-port", str(self.grpc_port),
              "--metrics-port", str(self.metrics_port), "--log-level", "DEBUG",
-             "--drain-seconds", "20", "--cache-memory", "64Mi", *extra],
+             "--drain-seconds", "20", "--cache-memory", "64Mi",
+             *(() if "--certs" in extra else ("--plaintext",)), *extra],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         self.channel = grpc.insecure_channel(self.address)
         self.ready_seconds: float | None = None
@@ -861,6 +862,56 @@ def test_a_failed_transfer_never_echoes_the_remote_answer(cluster):
         assert _SECRET not in err.value.details() and "FAILED_PRECONDITION" in err.value.details()
     finally:
         server.stop(0)
+
+
+def test_mutual_tls_worker_probes_in_plaintext_and_drains_only_for_the_operator(cluster):
+    """A decode worker with --certs: its gRPC port refuses a plaintext caller; the plaintext
+    --health-port answers health and nothing else; Drain is refused to the router's
+    certificate and obeyed for the operator's, which the health port then reports."""
+    from baton.operator.certs import CertificateAuthority
+    from baton.workers import security
+
+    certs = CertificateAuthority.create().write_dir(cluster["tmp"] / "tls-certs")
+    health_port = _free_port()
+    decode = Worker("decode", cluster["config"], cluster["tmp"],
+                    extra=("--certs", str(certs), "--health-port", str(health_port)))
+
+    def secure(role: str) -> grpc.Channel:
+        return grpc.secure_channel(decode.address, security.Identity.load(
+            certs, role).channel_credentials(), options=security.CHANNEL_OPTIONS)
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as probe:
+            decode.channel = probe
+            decode.wait_serving()
+            with pytest.raises(grpc.RpcError) as other:
+                worker_pb2_grpc.WorkerServiceStub(probe).Drain(worker_pb2.DrainRequest(),
+                                                               timeout=10)
+            assert other.value.code() is grpc.StatusCode.UNIMPLEMENTED
+            with grpc.insecure_channel(decode.address) as plain, pytest.raises(
+                    grpc.RpcError) as outsider:
+                health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(),
+                                                        timeout=10)
+            assert outsider.value.code() is grpc.StatusCode.UNAVAILABLE
+            with secure("router") as channel, pytest.raises(grpc.RpcError) as router:
+                worker_pb2_grpc.WorkerServiceStub(channel).Drain(worker_pb2.DrainRequest(),
+                                                                 timeout=10)
+            assert router.value.code() is grpc.StatusCode.PERMISSION_DENIED
+            assert decode.metric("baton_rpc_refused_total",
+                                 method="/baton.worker.v1.WorkerService/Drain",
+                                 reason="forbidden") == 1
+            assert health_pb2_grpc.HealthStub(probe).Check(
+                health_pb2.HealthCheckRequest(), timeout=10).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            with secure("operator") as channel:
+                worker_pb2_grpc.WorkerServiceStub(channel).Drain(worker_pb2.DrainRequest(),
+                                                                 timeout=10)
+            assert health_pb2_grpc.HealthStub(probe).Check(
+                health_pb2.HealthCheckRequest(), timeout=10).status == \
+                health_pb2.HealthCheckResponse.NOT_SERVING
+            decode.channel = grpc.insecure_channel(decode.address)
+    finally:
+        decode.stop()
 
 
 def test_a_reserve_flood_cannot_hold_every_decode_slot(cluster):
