@@ -40,7 +40,7 @@ lint: install
 
 # pytest exits 5 when it collected nothing; that is not a failure of the suite.
 test: install tools lint
-	$(VENV)/bin/pytest -q -ra; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(VENV)/bin/pytest -q -ra --durations=25; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 # The same suite in a second environment with the oldest versions of the compared-against
 # packages (the lower bounds): a bound that is too low fails here, not at a user's.
