@@ -44,6 +44,7 @@ MAX_REPETITION_PENALTY = 10.0
 # top_k, min_tokens, top_logprobs, token ids; uint64 seed): every integer a client sends is
 # checked against it, so none overflows on its way to a worker.
 UINT32_MAX = 2**32 - 1
+PRIORITY_LIMIT = 2**31 - 1  # `priority` in [-PRIORITY_LIMIT, PRIORITY_LIMIT]
 # OpenAI's default for the legacy completions endpoint; chat defaults to the rest of the context.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -74,6 +75,7 @@ class ParsedRequest:
     n: int = 1
     echo: bool = False  # completions: the prompt's text before the output
     cache_key: str | None = None  # prompt_cache_key: session affinity for the prefix cache
+    priority: int = 0  # vLLM's: lower is admitted first among the same API key's requests
     max_tokens: int | None = None  # None: the endpoint's default
     # Everything the workers apply; max_tokens, the seed of choices after the first and the
     # grammar are set per choice once the prompt is known (server.py).
@@ -187,7 +189,7 @@ _COMMON = frozenset({
     "model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options",
     "stop", "stop_token_ids", "ignore_eos", "seed", "logprobs", "user", "presence_penalty",
     "frequency_penalty", "logit_bias", "return_tokens_as_token_ids", "prompt_cache_key",
-    "repetition_penalty", "min_tokens",
+    "repetition_penalty", "min_tokens", "priority",
 })
 _COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
 _CHAT_FIELDS = _COMMON | {
@@ -277,6 +279,7 @@ def _common(body: dict, endpoint: str) -> ParsedRequest:
         model=model,
         n=n,
         cache_key=cache_key,
+        priority=int_field(body, "priority", -PRIORITY_LIMIT, PRIORITY_LIMIT) or 0,
         max_tokens=int_field(body, "max_tokens", 1),
         sampling=sampling_params(body, stop=_stop(body), stop_token_ids=[] if stop_token_ids
                                  is None else _token_ids("stop_token_ids", stop_token_ids),

@@ -1,0 +1,224 @@
+"""Admission: a first-in first-out queue that wakes one waiter per freed slot, n > 1 requests
+that take room for all their choices or are refused before anything is streamed, and fair
+sharing between API keys (with vLLM's `priority` within a key). The official openai client
+against the real aiohttp router over the fake backend."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+from baton.workers.router.admission import Tenant
+from baton.workers.router.auth import ApiKeys
+from baton.workers.router.backend import NoCapacity
+from baton.workers.router.server import RouterSettings
+
+
+def _settings(**kw) -> RouterSettings:
+    base = dict(served_model_name="tiny", max_model_len=128, request_timeout_s=60.0,
+                max_queued_requests=16)
+    base.update(kw)
+    return RouterSettings(**base)
+
+
+def _client(url: str, key: str = "unused") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+
+
+@pytest.fixture
+def refusals(fake_backend):
+    """How many times the backend refused a start for lack of room (each a wasted try)."""
+    count = [0]
+    generate = fake_backend.generate
+
+    async def counting(request):
+        try:
+            async for out in generate(request):
+                yield out
+        except NoCapacity:
+            count[0] += 1
+            raise
+
+    fake_backend.generate = counting
+    return count
+
+
+async def _serve(start_router, **kw):
+    url = await start_router(_settings(**kw))
+    router = start_router.routers[-1]
+    router.queue.poll_s = 3600.0  # only freed slots wake waiters in these tests
+    return url, router
+
+
+async def _hold_one(c: openai.AsyncOpenAI, prompt: str = "abc"):
+    """A streamed request that holds its slot (the backend's gate) after its first token."""
+    stream = await c.completions.create(model="tiny", prompt=prompt, stream=True)
+    await stream.__anext__()
+    return stream
+
+
+async def test_the_queue_admits_in_arrival_order_waking_one_waiter_per_freed_slot(
+        start_router, fake_backend, refusals, until_queued):
+    url, router = await _serve(start_router)
+    fake_backend.capacity = 1
+    fake_backend.gate = asyncio.Event()
+    c = _client(url)
+    running = await _hold_one(c)
+    queued = []
+    for i, prompt in enumerate(["q1", "q2", "q3", "q4"]):
+        queued.append(asyncio.create_task(c.completions.create(model="tiny", prompt=prompt)))
+        await until_queued(url, i + 1)
+    # Only the first to queue tried the full backend; the others queued behind it untried.
+    assert refusals[0] == 1
+    fake_backend.gate.set()
+    [x async for x in running]
+    answers = await asyncio.gather(*queued)
+    assert [a.choices[0].text for a in answers] == ["1q", "2q", "3q", "4q"]
+    started = [bytes(r.prompt_ids).decode() for r in fake_backend.requests]
+    assert started == ["abc", "q1", "q2", "q3", "q4"]
+    # Each freed slot woke exactly the next waiter, which found room: no try was wasted.
+    assert refusals[0] == 1
+    assert router.queue.waiting == 0
+
+
+async def test_n_greater_than_the_room_is_refused_429_before_anything_is_streamed(
+        start_router, fake_backend):
+    url, router = await _serve(start_router)
+    fake_backend.capacity = 3
+    async with httpx.AsyncClient() as http:
+        r = await http.post(url + "/v1/completions", json={
+            "model": "tiny", "prompt": "abc", "n": 4, "stream": True})
+    assert r.status_code == 429, r.text
+    assert r.headers["Retry-After"] == "1"
+    assert r.json()["error"]["code"] == "no_room_for_choices"
+    assert "data:" not in r.text
+    # The three choices that found room were given back at once.
+    assert len(fake_backend.requests) == 4 - 1
+    assert fake_backend.active == 0
+    assert len(fake_backend.closed_early) == 3
+    with pytest.raises(openai.RateLimitError):
+        await _client(url).completions.create(model="tiny", prompt="abc", n=4)
+    # With room for all four, all four run.
+    fake_backend.capacity = 4
+    out = await _client(url).completions.create(model="tiny", prompt="abc", n=4)
+    assert sorted(ch.index for ch in out.choices) == [0, 1, 2, 3]
+    assert {ch.text for ch in out.choices} == {"cba"}
+
+
+async def test_a_cancelled_n_4_request_frees_all_four_choices(
+        start_router, fake_backend, until, until_queued):
+    url, router = await _serve(start_router)
+    fake_backend.capacity = 4
+    fake_backend.gate = asyncio.Event()
+    c = _client(url)
+    stream = await c.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], n=4, stream=True)
+    await stream.__anext__()
+    assert fake_backend.active == 4
+    # A fifth request waits for room.
+    waiting = asyncio.create_task(c.completions.create(model="tiny", prompt="xy"))
+    await until_queued(url, 1)
+    await stream.close()
+    assert await until(lambda: len(fake_backend.closed_early) == 4)
+    fake_backend.gate.set()
+    assert (await waiting).choices[0].text == "yx"
+    assert await until(lambda: fake_backend.active == 0)
+    assert router.queue.waiting == 0
+
+
+@pytest.fixture
+def keys_file(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("# tenants\nsk-a weight=1\nsk-b weight=1 maxConcurrency=4\n"
+                    "sk-c maxConcurrency=1\n")
+    return path
+
+
+async def test_one_key_s_heavy_queue_cannot_starve_another_key(
+        start_router, fake_backend, keys_file, until_queued):
+    url, router = await _serve(start_router, api_keys_file=str(keys_file))
+    keys = ApiKeys(str(keys_file))
+    a, b = keys.tenant("sk-a").name, keys.tenant("sk-b").name
+    fake_backend.capacity = 1
+    fake_backend.gate = asyncio.Event()
+    ca, cb = _client(url, "sk-a"), _client(url, "sk-b")
+    running = await _hold_one(ca)
+    heavy = []
+    for i in range(3):
+        heavy.append(asyncio.create_task(ca.completions.create(
+            model="tiny", prompt="heavy" * 4, max_tokens=100)))
+        await until_queued(url, i + 1)
+    light = asyncio.create_task(cb.completions.create(model="tiny", prompt="b", max_tokens=4))
+    await until_queued(url, 4)
+    fake_backend.gate.set()
+    [x async for x in running]
+    await asyncio.gather(light, *heavy)
+    # B queued last yet went in at the first freed slot, ahead of A's earlier requests.
+    assert router.queue.admitted[-5:] == [a, b, a, a, a]
+
+
+async def test_priority_orders_a_key_s_own_requests(start_router, fake_backend, until_queued):
+    url, router = await _serve(start_router)
+    fake_backend.capacity = 1
+    fake_backend.gate = asyncio.Event()
+    c = _client(url)
+    running = await _hold_one(c)
+    tasks = []
+    for i, (prompt, priority) in enumerate([("p5", 5), ("p0", 0), ("pm", -3), ("p0b", 0)]):
+        tasks.append(asyncio.create_task(c.completions.create(
+            model="tiny", prompt=prompt, extra_body={"priority": priority})))
+        await until_queued(url, i + 1)
+    fake_backend.gate.set()
+    [x async for x in running]
+    await asyncio.gather(*tasks)
+    started = [bytes(r.prompt_ids).decode() for r in fake_backend.requests]
+    assert started == ["abc", "pm", "p0", "p0b", "p5"]
+
+
+@pytest.mark.parametrize("priority", ["high", 1.5, True, 2**31])
+async def test_priority_must_be_an_int32(start_router, priority):
+    url, _ = await _serve(start_router)
+    async with httpx.AsyncClient() as http:
+        r = await http.post(url + "/v1/completions",
+                            json={"model": "tiny", "prompt": "a", "priority": priority})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "priority"
+
+
+async def test_max_concurrency_holds_a_key_s_extra_requests_but_not_other_keys(
+        start_router, fake_backend, keys_file, until_queued):
+    url, router = await _serve(start_router, api_keys_file=str(keys_file))
+    fake_backend.gate = asyncio.Event()
+    cc, ca = _client(url, "sk-c"), _client(url, "sk-a")
+    running = await _hold_one(cc)
+    second = asyncio.create_task(cc.completions.create(model="tiny", prompt="c2"))
+    await until_queued(url, 1)
+    # Another key's request goes straight past the waiting one: room is not the limit.
+    other = await _hold_one(ca, "a1")
+    assert [bytes(r.prompt_ids).decode() for r in fake_backend.requests] == ["abc", "a1"]
+    fake_backend.gate.set()
+    [x async for x in running]
+    [x async for x in other]
+    assert (await second).choices[0].text == "2c"
+
+
+def test_keys_file_options_and_their_errors(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("sk-plain\nsk-heavy  weight=2.5 maxConcurrency=3\n# sk-off weight=9\n")
+    keys = ApiKeys(str(path))
+    assert keys.tenant("sk-plain") == Tenant(keys.tenant("sk-plain").name, 1.0, None)
+    heavy = keys.tenant("sk-heavy")
+    assert (heavy.weight, heavy.max_concurrency) == (2.5, 3)
+    assert keys.tenant("sk-off") is None and keys.tenant("# sk-off") is None
+    assert "sk" not in heavy.name and heavy.name != keys.tenant("sk-plain").name
+    for line, word in [("sk-x weight=0", "weight"), ("sk-x weight=nan", "weight"),
+                       ("sk-x maxConcurrency=0", "maxConcurrency"),
+                       ("sk-x maxConcurrency=²", "maxConcurrency"),
+                       ("sk-x burst=3", "burst"), ("sk-x weight", "weight")]:
+        path.write_text(line + "\n")
+        with pytest.raises(ValueError, match=word) as info:
+            ApiKeys(str(path))
+        assert "sk-x" not in str(info.value)
