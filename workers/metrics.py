@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 
 LABEL_NAMES = ("namespace", "model", "role", "pool")
 ROLES = ("prefill", "decode", "router")
-OUTCOMES = ("success", "error", "cancelled", "timeout", "rejected")
+OUTCOMES = ("success", "error", "cancelled", "timeout", "rejected", "invalid")
 STATE_KINDS = ("kv", "conv", "ssm", "mtp_kv", "hidden")
 
 # The Renard R10 series (ten steps per decade, ratio ~1.26) from 1 ms to 630 s: geometric, and
@@ -209,7 +209,8 @@ class BatonMetrics:
         raise AttributeError(name)
 
     def request_finished(self, outcome: str) -> None:
-        """Counts one finished request under outcome (success|error|cancelled|timeout|rejected)."""
+        """Counts one finished request under outcome (success|error|cancelled|timeout|rejected|
+        invalid)."""
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome={outcome!r} is not one of {', '.join(OUTCOMES)}")
         self._requests.labels(*self.labels.values(), outcome).inc()

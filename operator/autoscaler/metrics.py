@@ -12,7 +12,9 @@ Series (DESIGN.md, Metrics; labels namespace, model, role, pool):
 - arrivals: requests reaching the routers per second, the leading signal. A router counts a
   request in baton_requests_running from its arrival to its end and in baton_requests_total
   at its end, so arrivals = finished + growth of those in flight:
-  rate(requests_total) + delta(requests_running) / window (rejected requests are demand too).
+  rate(requests_total) + delta(requests_running) / window. Requests refused for want of room
+  (outcome "rejected": 429, 503) are demand too; invalid ones (outcome "invalid": a bad body,
+  key or model) are not, so a flood of bad requests does not scale the fleet up.
 
 A series that is absent (the router or a role's workers export nothing yet) is
 MissingSeries: the autoscaler holds its last decision rather than read "no load".
@@ -91,6 +93,7 @@ async def read_observation(prom: PrometheusClient, namespace: str, model: str, *
     PrometheusErrors when Prometheus is down or rejects a query."""
     w = f"[{int(window_seconds)}s]"
     router = selector(namespace, model, "router")
+    admitted = router[:-1] + ',outcome!="invalid"}'  # arrivals: bad requests are no demand
     queries = {
         "ttft": f"sum by (le) (rate({TTFT}_bucket{router}{w}))",
         "itl": f"sum by (le) (rate({ITL}_bucket{router}{w}))",
@@ -103,7 +106,7 @@ async def read_observation(prom: PrometheusClient, namespace: str, model: str, *
                            f"{selector(namespace, model, 'router|prefill')})",
         "decode_waiting": f"sum(baton_requests_waiting{selector(namespace, model, 'decode')})",
         "decode_running": f"sum(baton_requests_running{selector(namespace, model, 'decode')})",
-        "finished": f"sum(rate(baton_requests_total{router}{w}))",
+        "finished": f"sum(rate(baton_requests_total{admitted}{w}))",
         "in_flight_growth": f"sum(delta(baton_requests_running{router}{w}))",
     }
     names = list(queries)
