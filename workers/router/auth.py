@@ -21,9 +21,18 @@ import hashlib
 import logging
 import os
 
-from baton.workers.router.admission import Tenant
+from aiohttp import web
+
+from baton.workers.router.admission import ANONYMOUS, Tenant
 
 log = logging.getLogger("baton.router")
+
+TENANT = web.RequestKey("tenant", Tenant)  # set by the router's authorization
+
+
+def tenant_of(request: web.Request) -> Tenant:
+    """The request's tenant: its API key's, or the one anonymous tenant without keys."""
+    return request.get(TENANT, ANONYMOUS)
 
 _OPTIONS = ("weight", "maxConcurrency")
 

@@ -43,8 +43,8 @@ import jinja2
 from aiohttp import web
 
 from baton.workers.metrics import BatonMetrics
-from baton.workers.router.admission import ANONYMOUS, AdmissionQueue, Tenant
-from baton.workers.router.auth import ApiKeys
+from baton.workers.router.admission import ANONYMOUS, AdmissionQueue
+from baton.workers.router.auth import TENANT, ApiKeys, tenant_of
 from baton.workers.router.backend import (
     Backend,
     GenerationRequest,
@@ -456,7 +456,7 @@ class Router:
             # The deadline covers the wait in the queue and the prefill up to the first token.
             await asyncio.wait_for(
                 self.queue.admit(lambda: generation.open(t_arrival), deadline,
-                                 request.get(TENANT, ANONYMOUS), parsed.priority, cost),
+                                 tenant_of(request), parsed.priority, cost),
                 max(0.0, deadline - time.time()))
             request[_ADMITTED] = True
         except NoReadyWorker as exc:
@@ -519,11 +519,10 @@ class Router:
                     await asyncio.shield(generation.close())
             finally:
                 if request.get(_ADMITTED):  # its slots are free now: one waiter each
-                    self.queue.release(request.get(TENANT, ANONYMOUS), len(generation.choices))
+                    self.queue.release(tenant_of(request), len(generation.choices))
 
 _GENERATION = web.RequestKey("generation", Generation)
 _ADMITTED = web.RequestKey("admitted", bool)
-TENANT = web.RequestKey("tenant", Tenant)
 SETTINGS = web.AppKey("router_settings", RouterSettings)
 
 

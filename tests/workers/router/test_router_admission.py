@@ -222,3 +222,25 @@ def test_keys_file_options_and_their_errors(tmp_path):
         with pytest.raises(ValueError, match=word) as info:
             ApiKeys(str(path))
         assert "sk-x" not in str(info.value)
+
+
+async def test_stored_responses_belong_to_their_key(start_router, keys_file):
+    url, _ = await _serve(start_router, api_keys_file=str(keys_file))
+    ca, cb = _client(url, "sk-a"), _client(url, "sk-b")
+    first = await ca.responses.create(model="tiny", input="olleh")
+    assert (await ca.responses.retrieve(first.id)).id == first.id
+    # Another key finds it no more than a response never stored: no GET, DELETE or
+    # continuation, with the same answers a missing one gets.
+    with pytest.raises(openai.NotFoundError):
+        await cb.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError):
+        await cb.responses.delete(first.id)
+    with pytest.raises(openai.BadRequestError) as info:
+        await cb.responses.create(model="tiny", input="on", previous_response_id=first.id)
+    assert info.value.body["code"] == "previous_response_not_found"
+    # Its own key still has it.
+    second = await ca.responses.create(model="tiny", input="no", previous_response_id=first.id)
+    assert second.previous_response_id == first.id
+    await ca.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        await ca.responses.retrieve(first.id)
