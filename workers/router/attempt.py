@@ -151,7 +151,8 @@ class Attempt:
                 request_id=self.request_id, prompt_token_ids=self.prompt,
                 sampling=self.sampling, deadline=_timestamp(request.deadline),
                 num_output_tokens=self.num_emitted,
-                local_prefill_max_tokens=backend.local_prefill_limit(self.prompt, self.avoid)),
+                local_prefill_max_tokens=backend.local_prefill_limit(self.prompt, self.avoid),
+                cache_salt=request.cache_salt),
             request.deadline, self.metadata, self.avoid, request.cache_key)
         self.state = AttemptState.RESERVED
         backend.balancer.held(self.decode, self.prompt, self.reserved.cached_tokens,
@@ -189,7 +190,7 @@ class Attempt:
                     reservation_token=reserved.reservation_token,
                     prompt_chain_hash=reserved.prompt_chain_hash,
                     decode_cached_tokens=reserved.cached_tokens,
-                    num_output_tokens=self.num_emitted),
+                    num_output_tokens=self.num_emitted, cache_salt=request.cache_salt),
                 self.metadata))
             self._prefill_task.add_done_callback(retrieve)
             self.state = AttemptState.GENERATING

@@ -34,6 +34,18 @@ def tenant_of(request: web.Request) -> Tenant:
     """The request's tenant: its API key's, or the one anonymous tenant without keys."""
     return request.get(TENANT, ANONYMOUS)
 
+
+def cache_salt(tenant: Tenant, requested: str | None) -> bytes:
+    """The workers' prefix-cache salt for a request: every API key's own (so cached_tokens
+    and timing say nothing about another key's prompts), mixed with the request's cache_salt
+    (vLLM's field); b"" (the shared cache) without keys and without cache_salt."""
+    if not tenant.name and requested is None:
+        return b""
+    h = hashlib.sha256(b"baton-cache-salt-v1\0" + tenant.name.encode() + b"\0")
+    if requested is not None:
+        h.update(b"\1" + requested.encode("utf-8", "surrogatepass"))
+    return h.digest()
+
 _OPTIONS = ("weight", "maxConcurrency")
 
 

@@ -76,6 +76,7 @@ class ParsedRequest:
     echo: bool = False  # completions: the prompt's text before the output
     cache_key: str | None = None  # prompt_cache_key: session affinity for the prefix cache
     priority: int = 0  # vLLM's: lower is admitted first among the same API key's requests
+    cache_salt: str | None = None  # vLLM's: the prefix cache is shared only under the same salt
     max_tokens: int | None = None  # None: the endpoint's default
     # Everything the workers apply; max_tokens, the seed of choices after the first and the
     # grammar are set per choice once the prompt is known (server.py).
@@ -91,6 +92,16 @@ def _is_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def cache_salt_field(body: dict) -> str | None:
+    """vLLM's cache_salt: a non-empty string (at most MAX_CACHE_KEY_CHARS characters)."""
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt
+                             or len(salt) > MAX_CACHE_KEY_CHARS):
+        raise invalid_type("cache_salt", salt,
+                           f"a non-empty string of at most {MAX_CACHE_KEY_CHARS} characters")
+    return salt
 
 
 def int_field(body: dict, name: str, lo: int = 0, hi: int = UINT32_MAX) -> int | None:
@@ -189,7 +200,7 @@ _COMMON = frozenset({
     "model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options",
     "stop", "stop_token_ids", "ignore_eos", "seed", "logprobs", "user", "presence_penalty",
     "frequency_penalty", "logit_bias", "return_tokens_as_token_ids", "prompt_cache_key",
-    "repetition_penalty", "min_tokens", "priority",
+    "repetition_penalty", "min_tokens", "priority", "cache_salt",
 })
 _COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
 _CHAT_FIELDS = _COMMON | {
@@ -280,6 +291,7 @@ def _common(body: dict, endpoint: str) -> ParsedRequest:
         n=n,
         cache_key=cache_key,
         priority=int_field(body, "priority", -PRIORITY_LIMIT, PRIORITY_LIMIT) or 0,
+        cache_salt=cache_salt_field(body),
         max_tokens=int_field(body, "max_tokens", 1),
         sampling=sampling_params(body, stop=_stop(body), stop_token_ids=[] if stop_token_ids
                                  is None else _token_ids("stop_token_ids", stop_token_ids),

@@ -44,7 +44,7 @@ from aiohttp import web
 
 from baton.workers.metrics import BatonMetrics
 from baton.workers.router.admission import ANONYMOUS, AdmissionQueue
-from baton.workers.router.auth import TENANT, ApiKeys, tenant_of
+from baton.workers.router.auth import TENANT, ApiKeys, cache_salt, tenant_of
 from baton.workers.router.backend import (
     Backend,
     GenerationRequest,
@@ -364,7 +364,8 @@ class Router:
         self._worker_ids.add(unique)
         return unique
 
-    async def _choices(self, parsed: ParsedRequest, client_request_id: str) -> list[Choice]:
+    async def _choices(self, parsed: ParsedRequest, client_request_id: str,
+                       salt: bytes = b"") -> list[Choice]:
         prompts = await self._prompts(parsed)
         vocab = self.tokenizer.vocab_size
         sp = parsed.sampling
@@ -398,7 +399,7 @@ class Router:
                 gen = GenerationRequest(
                     request_id=self._worker_request_id(client_request_id),
                     prompt_ids=tuple(prompt.ids), sampling=sampling, deadline=deadline,
-                    cache_key=cache_key)
+                    cache_key=cache_key, cache_salt=salt)
                 output = ChoiceOutput(self.tokenizer, prompt.ids, stop=sp.stop,
                                       reasoning=prompt.in_reasoning, tools=functions,
                                       max_tool_calls=max_calls)
@@ -438,7 +439,8 @@ class Router:
                     t_arrival: float) -> Generation:
         """Choice 0 open up to its first token; ApiError for anything before that."""
         self.check_model(parsed.model)
-        choices = await self._choices(parsed, request[REQUEST_ID])
+        choices = await self._choices(parsed, request[REQUEST_ID],
+                                      cache_salt(tenant_of(request), parsed.cache_salt))
 
         def open_choice(gen: GenerationRequest):
             return self._open(gen) if gen is choices[0].gen \

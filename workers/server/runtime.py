@@ -243,6 +243,9 @@ class WorkerRuntime:
         return min(candidates)
 
 
+MAX_CACHE_SALT_BYTES = 64  # the router sends a 32-byte digest
+
+
 def request_from_proto(message) -> Request:
     """The engine Request of a Generate/Prefill message (ValueError names the bad field)."""
     request_id = message.request_id
@@ -256,8 +259,12 @@ def request_from_proto(message) -> Request:
         raise ValueError(
             f"num_output_tokens={num_output} of {request_id!r} is invalid: an earlier "
             f"attempt's output must leave at least one of the {len(prompt)} prompt tokens")
+    salt = bytes(getattr(message, "cache_salt", b""))
+    if len(salt) > MAX_CACHE_SALT_BYTES:
+        raise ValueError(f"cache_salt of {request_id!r} has {len(salt)} bytes; at most "
+                         f"{MAX_CACHE_SALT_BYTES}")
     return Request(request_id, prompt, SamplingParams.from_proto(message.sampling),
-                   num_output_tokens=num_output)
+                   num_output_tokens=num_output, cache_salt=salt)
 
 
 def admitted_request(message) -> Request:

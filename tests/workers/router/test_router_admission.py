@@ -244,3 +244,37 @@ async def test_stored_responses_belong_to_their_key(start_router, keys_file):
     await ca.responses.delete(first.id)
     with pytest.raises(openai.NotFoundError):
         await ca.responses.retrieve(first.id)
+
+
+async def test_each_key_and_cache_salt_gets_its_own_prefix_cache_salt(
+        start_router, fake_backend, keys_file):
+    url, _ = await _serve(start_router, api_keys_file=str(keys_file))
+    ca, cb = _client(url, "sk-a"), _client(url, "sk-b")
+    await ca.completions.create(model="tiny", prompt="same")
+    await ca.completions.create(model="tiny", prompt="same")
+    await cb.completions.create(model="tiny", prompt="same")
+    await ca.completions.create(model="tiny", prompt="same", extra_body={"cache_salt": "x"})
+    await cb.completions.create(model="tiny", prompt="same", extra_body={"cache_salt": "x"})
+    a1, a2, b, ax, bx = (r.cache_salt for r in fake_backend.requests)
+    assert a1 == a2 and len(a1) == 32
+    assert len({a1, b, ax, bx}) == 4  # keys never share, even under one cache_salt
+
+
+async def test_without_keys_only_cache_salt_splits_the_cache(start_router, fake_backend):
+    url, _ = await _serve(start_router)
+    c = _client(url)
+    await c.completions.create(model="tiny", prompt="same")
+    await c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                    extra_body={"cache_salt": "tenant-7"})
+    shared, salted = (r.cache_salt for r in fake_backend.requests)
+    assert shared == b"" and salted != b""
+
+
+@pytest.mark.parametrize("salt", ["", 7, ["a"], "s" * 10_000])
+async def test_cache_salt_must_be_a_non_empty_string(start_router, salt):
+    url, _ = await _serve(start_router)
+    async with httpx.AsyncClient() as http:
+        r = await http.post(url + "/v1/completions",
+                            json={"model": "tiny", "prompt": "a", "cache_salt": salt})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "cache_salt"
