@@ -31,6 +31,7 @@ import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from baton.operator.autoscaler.daemon import DELETION_COST, DRAIN_COST
+from baton.operator.autoscaler.metrics import read_observation
 from baton.operator.autoscaler.policy import Observation, PolicyState, decide
 from baton.operator.autoscaler.profile import ReplicaProfile
 from baton.operator.autoscaler.prometheus import (
@@ -40,6 +41,7 @@ from baton.operator.autoscaler.prometheus import (
     PrometheusUnavailable,
 )
 from baton.operator.spec import Model
+from baton.workers.metrics import BatonMetrics, MetricLabels
 
 NS = "llm"
 NAME = "nano"
@@ -181,7 +183,7 @@ def exporter(registry):
 
 
 @contextlib.contextmanager
-def prometheus(tmp_path: Path, target_port: int):
+def prometheus(tmp_path: Path, *target_ports: int):
     binary = shutil.which("prometheus") or "/usr/bin/prometheus"
     if not os.path.exists(binary):
         pytest.fail("the Prometheus server is not installed: run `make tools` "
@@ -191,7 +193,8 @@ def prometheus(tmp_path: Path, target_port: int):
     config.write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [{"job_name": "baton", "honor_labels": True,
-                            "static_configs": [{"targets": [f"127.0.0.1:{target_port}"]}]}]}))
+                            "static_configs": [{"targets": [f"127.0.0.1:{p}"
+                                                            for p in target_ports]}]}]}))
     log = (tmp_path / "prometheus.log").open("w")
     proc = subprocess.Popen([binary, f"--config.file={config}",
                              f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -282,6 +285,45 @@ async def test_prometheus_client_errors(tmp_path):
     async with PrometheusClient(url, timeout=1) as prom:
         with pytest.raises(PrometheusUnavailable, match="unreachable"):
             await prom.query("up")
+
+
+async def test_arrivals_count_rejections_for_room_but_not_invalid_requests(tmp_path):
+    """Requests refused for want of room (outcome "rejected") are demand; invalid ones
+    (outcome "invalid") are not: a flood of bad requests does not scale the fleet up. The
+    router's, prefill and decode workers' real metrics, scraped by a real Prometheus."""
+    metrics = {role: BatonMetrics(MetricLabels(NS, NAME, role, pool)) for role, pool in
+               (("router", ""), ("prefill", "fast"), ("decode", "fast"))}
+    router = metrics["router"]
+    with contextlib.ExitStack() as stack:
+        ports = [stack.enter_context(exporter(m.registry)) for m in metrics.values()]
+        url, _ = stack.enter_context(prometheus(tmp_path, *ports))
+        async with PrometheusClient(url) as prom:
+            async def observe(check):
+                try:
+                    obs = await read_observation(prom, NS, NAME, ttft_target=1.0,
+                                                 itl_target=0.1, window_seconds=RATE_WINDOW)
+                except (MissingSeries, PrometheusUnavailable):  # not up or not scraped yet
+                    return None
+                return obs if check(obs) else None
+
+            await eventually(lambda: observe(lambda o: o.arrival_rate == 0.0), 90,
+                             "every series, with no arrivals")
+            for _ in range(1000):
+                router.request_finished("invalid")
+            invalid = f'sum(baton_requests_total{{namespace="{NS}",outcome="invalid"}})'
+
+            async def scraped():
+                got = await prom.query(invalid)
+                return got if got and got[0].value == 1000.0 else None
+
+            await eventually(scraped, 90, "the invalid requests scraped")
+            for _ in range(10):
+                router.request_finished("rejected")
+            obs = await eventually(lambda: observe(lambda o: o.arrival_rate > 0), 90,
+                                   "the rejected requests as arrivals")
+            # 10 in the window is about 1 request/s (extrapolated at the window's edges); the
+            # 1000 invalid ones, counted, would make it about 100.
+            assert obs.arrival_rate < 5, obs
 
 
 async def test_autoscaler_sizes_pools_from_prometheus(kmock, tmp_path):
