@@ -118,11 +118,16 @@ class AdmissionQueue:
         return True
 
     def release(self, tenant: Tenant, slots: int = 1) -> None:
-        """A request of tenant ended, freeing `slots` decode slots (its choices): wake one
-        waiter per freed slot."""
+        """A request of tenant ended, freeing `slots` decode slots (its choices still held):
+        wake one waiter per freed slot."""
         state = self._tenants.get(tenant.name)
         if state is not None:
             state.running = max(0, state.running - 1)
+        self.freed(slots)
+
+    def freed(self, slots: int = 1) -> None:
+        """Slots were freed (a request's choice that ended before the others; a request's
+        end through release): wake one waiter per slot."""
         for _ in range(slots):
             if not self._wake_one():
                 break

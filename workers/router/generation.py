@@ -75,6 +75,9 @@ class Generation:
     """The stream's last event ([DONE]) was written: the client has the whole answer, even
     if its connection closes before the response is finished off."""
     _streams: dict[int, AsyncIterator[TokenOutput]] = field(default_factory=dict)
+    on_freed: Callable[[], None] | None = None
+    """Called as a choice that finished before the others gives its workers back."""
+    freed: int = 0  # choices that gave their workers back before the request ended
     _firsts: dict[int, TokenOutput] = field(default_factory=dict)
     _t_arrival: float = 0.0
     _tasks: list[asyncio.Task] = field(default_factory=list)
@@ -175,6 +178,10 @@ class Generation:
             # A finished choice frees its workers now, not when the whole request ends.
             if choice.index in self._streams and choice.finish_reason is not None:
                 await asyncio.shield(self._streams.pop(choice.index).aclose())
+                if len(self.choices) > 1:
+                    self.freed += 1
+                    if self.on_freed is not None:
+                        self.on_freed()
 
     async def events(self) -> AsyncIterator[ChoiceEvent]:
         """Every choice's events, as they come (choice 0 must be open)."""

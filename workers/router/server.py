@@ -447,7 +447,8 @@ class Router:
                 else self._open_later(gen, len(choices))
 
         generation = Generation(request[REQUEST_ID], choices, open_choice, self.metrics,
-                                parsed.sampling.logprobs, self._token_name(parsed))
+                                parsed.sampling.logprobs, self._token_name(parsed),
+                                on_freed=self.queue.freed)
         request[_GENERATION] = generation
         timeout_s = self.settings.request_timeout_s
         # A request weighs its choices times its tokens (the prompt and what it may generate).
@@ -521,7 +522,8 @@ class Router:
                     await asyncio.shield(generation.close())
             finally:
                 if request.get(_ADMITTED):  # its slots are free now: one waiter each
-                    self.queue.release(tenant_of(request), len(generation.choices))
+                    self.queue.release(tenant_of(request),
+                                       len(generation.choices) - generation.freed)
 
 _GENERATION = web.RequestKey("generation", Generation)
 _ADMITTED = web.RequestKey("admitted", bool)

@@ -130,6 +130,41 @@ async def test_a_cancelled_n_4_request_frees_all_four_choices(
     assert router.queue.waiting == 0
 
 
+async def test_a_choice_that_ends_first_hands_its_slot_to_the_next_waiter(
+        start_router, fake_backend, until_queued):
+    url, router = await _serve(start_router, fake_backend, 2)
+    fake_backend.gate = None
+    release = {"s": asyncio.Event(), "long": asyncio.Event()}  # each prompt's tokens wait
+    generate = fake_backend.generate
+
+    async def held(request):
+        prompt = bytes(request.prompt_ids).decode()
+        async for i, out in _enumerate(generate(request)):
+            if i > 0 and prompt in release:
+                await release[prompt].wait()
+            yield out
+
+    fake_backend.generate = held
+    c = _client(url)
+    both = await c.completions.create(model="tiny", prompt=["s", "long"], stream=True)
+    await both.__anext__()
+    waiting = asyncio.create_task(c.completions.create(model="tiny", prompt="xy"))
+    await until_queued(url, 1)
+    release["s"].set()  # choice "s" ends; "long" holds its slot on
+    assert (await waiting).choices[0].text == "yx"
+    assert not release["long"].is_set() and fake_backend.active == 1
+    release["long"].set()
+    [x async for x in both]
+    assert router.queue.waiting == 0 and fake_backend.active == 0
+
+
+async def _enumerate(stream):
+    i = 0
+    async for item in stream:
+        yield i, item
+        i += 1
+
+
 @pytest.fixture
 def keys_file(tmp_path):
     path = tmp_path / "keys"
