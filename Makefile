@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	# CPU wheels first: a looser torch requirement would pull a multi-GB CUDA build.
 	$(PIP) torch==2.13.0 triton==3.8.0 numpy
-	$(PIP) -e '.[kernels,operator,simulate,test]'
+	$(PIP) -e '.[kernels,operator,simulate,test,agents]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -16,7 +16,7 @@ bound: baton.operator.autoscaler.oracle); gpu_hours_vs_static and gpu_hours_vs_o
 plot shows load, replicas per role and pool (static and oracle fleets drawn over them),
 p95 latency over the last minute, and attainment over the last 5 minutes with the worst
 window marked. The model of the pools is described in baton.operator.autoscaler.simulator.
-Replica start-up defaults to the Model's autoscaling.startupSeconds (at least 90 s).
+Replica start-up defaults to the Model's autoscaling.startupSeconds (at least 30 s).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from baton.operator.autoscaler.family import FAMILY_PROFILE, FamilyMember, family_member
+from baton.operator.autoscaler.headroom import feasibility, trace_load
 from baton.operator.autoscaler.oracle import OracleFleet
 from baton.operator.autoscaler.policy import ROLES
 from baton.operator.autoscaler.profile import load_profile
@@ -35,7 +37,13 @@ from baton.operator.autoscaler.simulator import MIN_STARTUP_SECONDS, RunResult, 
 from baton.operator.autoscaler.windows import WINDOW_SECONDS
 from baton.operator.spec import SpecError, load_model_file
 
-__all__ = ["main", "simulate", "plot", "Simulation"]
+__all__ = ["main", "simulate", "simulate_member", "simulate_family", "family_table", "plot",
+           "Simulation", "meets_bars", "WORST_WINDOW_BAR", "ORACLE_BAR"]
+
+WORST_WINDOW_BAR = 0.90
+"""A feasible trace keeps at least this share within each target in its worst 5 minutes ..."""
+ORACLE_BAR = 1.15
+"""... and uses at most this many times the oracle's GPU hours."""
 
 
 @dataclass
@@ -71,6 +79,9 @@ def simulate(model_path: str | Path, trace_path: str | Path,
         for role in ROLES:
             for pool, n in replicas[role].items():
                 peak[role][pool] = max(peak[role].get(pool, 0), n)
+    verdict = feasibility(model.spec, trace_load(
+        trace.time_s, trace.prompt_tokens, trace.output_tokens, trace.duration,
+        targets.inter_token_latency_seconds))
     report = {
         "model": f"{model.namespace}/{model.name}",
         "trace": Path(trace_path).name,
@@ -93,6 +104,7 @@ def simulate(model_path: str | Path, trace_path: str | Path,
         "gpu_hours_vs_oracle": round(run.gpu_hours / oracle.gpu_hours, 4),
         "decisions": run.decisions,
         "scale_events": run.scale_events,
+        "feasibility": verdict.summary(),
         "initial_fleet": initial,
         "peak_fleet": peak,
         "static": {**static.summary(), "fleet": fleet, "meets_targets": static_ok},
@@ -106,6 +118,120 @@ def simulate(model_path: str | Path, trace_path: str | Path,
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
     return Simulation(report, run, static, oracle)
+
+
+def meets_bars(entry: dict, attainment: float) -> bool:
+    """Whether one trace's figures meet the family's bars: both attainments overall, the
+    worst 5 minutes of each at WORST_WINDOW_BAR, GPU hours within ORACLE_BAR of the oracle."""
+    return bool(entry["ttft_slo_attainment"] >= attainment
+                and entry["itl_slo_attainment"] >= attainment
+                and entry["worst_window_ttft_attainment"] >= WORST_WINDOW_BAR
+                and entry["worst_window_itl_attainment"] >= WORST_WINDOW_BAR
+                and entry["gpu_hours_vs_oracle"] <= ORACLE_BAR)
+
+
+def simulate_member(member: FamilyMember, *, static: bool = False) -> dict:
+    """One family member's figures: the autoscaled run, the oracle (and the smallest static
+    fleet when `static`), scale events, and whether the spec can absorb its ramps."""
+    spec = member.spec
+    started = time.perf_counter()
+    sim = Simulator(spec, FAMILY_PROFILE, member.trace,
+                    startup_seconds=max(MIN_STARTUP_SECONDS,
+                                        float(spec.autoscaling.startup_seconds)))
+    run = sim.run(sim.initial_fleet(), autoscale=True)
+    oracle = sim.oracle()
+    verdict = member.feasibility()
+    entry = {"name": member.name, "shape": member.describe(),
+             "requests": int(len(member.trace.time_s)), "duration_s": member.trace.duration,
+             **run.summary(), "oracle_gpu_hours": round(oracle.gpu_hours, 4),
+             "gpu_hours_vs_oracle": round(run.gpu_hours / oracle.gpu_hours, 4),
+             "decisions": run.decisions, "scale_events": run.scale_events,
+             "feasible": verdict.feasible, "feasibility": verdict.reason,
+             "ramp_rise": round(verdict.rise, 4), "ramp_allowed": round(verdict.allowed, 4)}
+    if static:
+        fleet, static_run, static_ok = sim.search_static()
+        entry.update({"static_gpu_hours": round(static_run.gpu_hours, 4),
+                      "static_fleet": fleet, "static_meets_targets": static_ok,
+                      "gpu_hours_vs_static": round(run.gpu_hours / static_run.gpu_hours, 4)})
+    entry["meets_bars"] = meets_bars(entry, spec.autoscaling.targets.attainment)
+    entry["wall_seconds"] = round(time.perf_counter() - started, 2)
+    return entry
+
+
+def simulate_family(n: int, seed: int, *, static: bool = False, progress=None) -> dict:
+    """Members 0..n-1 of the family drawn from `seed` (baton.operator.autoscaler.family),
+    each simulated (simulate_member), and what holds over the family."""
+    traces = []
+    for index in range(n):
+        entry = simulate_member(family_member(seed, index), static=static)
+        traces.append(entry)
+        if progress is not None:
+            progress(entry)
+    feasible = [e for e in traces if e["feasible"]]
+
+    def lowest(key: str, entries: list[dict]) -> float | None:
+        return min((e[key] for e in entries), default=None)
+    summary = {
+        "traces": n, "seed": seed, "feasible": len(feasible),
+        "feasible_meeting_bars": sum(e["meets_bars"] for e in feasible),
+        "infeasible": [{"name": e["name"], "why": e["feasibility"]}
+                       for e in traces if not e["feasible"]],
+        "bars": {"attainment": "the spec's (0.95)", "worst_window": WORST_WINDOW_BAR,
+                 "gpu_hours_vs_oracle": ORACLE_BAR},
+    }
+    for label, entries in (("feasible", feasible), ("all", traces)):
+        if not entries:
+            continue
+        group = summary[f"over_{label}"] = {
+            key: lowest(key, entries) for key in (
+                "ttft_slo_attainment", "itl_slo_attainment", "worst_window_ttft_attainment",
+                "worst_window_itl_attainment")}
+        group["max_gpu_hours_vs_oracle"] = max(e["gpu_hours_vs_oracle"] for e in entries)
+        group["gpu_hours_vs_oracle"] = round(
+            sum(e["gpu_hours"] for e in entries)
+            / sum(e["oracle_gpu_hours"] for e in entries), 4)
+        if static:
+            group["gpu_hours_vs_static"] = round(
+                sum(e["gpu_hours"] for e in entries)
+                / sum(e["static_gpu_hours"] for e in entries), 4)
+        group["scale_events"] = sum(e["scale_events"] for e in entries)
+    return {"summary": summary, "traces": traces}
+
+
+def family_table(report: dict) -> str:
+    """A Markdown table of a family report: one row per trace, then the summary."""
+    static = any("static_gpu_hours" in e for e in report["traces"])
+    head = ["trace", "feasible", "requests", "TTFT", "TTFT worst 5 min", "ITL",
+            "ITL worst 5 min", "GPU-h", "vs oracle"] + (["vs static"] if static else []) + [
+            "scale events", "meets bars", "rise / allowed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in report["traces"]:
+        row = [e["name"], "yes" if e["feasible"] else "no", str(e["requests"]),
+               f"{e['ttft_slo_attainment']:.3f}", f"{e['worst_window_ttft_attainment']:.3f}",
+               f"{e['itl_slo_attainment']:.3f}", f"{e['worst_window_itl_attainment']:.3f}",
+               f"{e['gpu_hours']:.1f}", f"{e['gpu_hours_vs_oracle']:.2f}"]
+        if static:
+            row.append(f"{e['gpu_hours_vs_static']:.2f}")
+        row += [str(e["scale_events"]), "yes" if e["meets_bars"] else "no",
+                f"{e['ramp_rise']:.2f} / {e['ramp_allowed']:.2f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    s = report["summary"]
+    lines.append("")
+    lines.append(f"{s['traces']} traces (seed {s['seed']}): {s['feasible']} feasible, "
+                 f"{s['feasible_meeting_bars']} of them meet every bar.")
+    for label in ("feasible", "all"):
+        if f"over_{label}" in s:
+            x = s[f"over_{label}"]
+            lines.append(
+                f"{label}: lowest TTFT {x['ttft_slo_attainment']:.3f} (worst 5 min "
+                f"{x['worst_window_ttft_attainment']:.3f}), lowest ITL "
+                f"{x['itl_slo_attainment']:.3f} (worst 5 min "
+                f"{x['worst_window_itl_attainment']:.3f}); GPU-h vs oracle "
+                f"{x['gpu_hours_vs_oracle']:.3f} overall, at most "
+                f"{x['max_gpu_hours_vs_oracle']:.3f}"
+                + (f"; vs static {x['gpu_hours_vs_static']:.3f}" if "gpu_hours_vs_static" in x
+                   else "") + f"; {x['scale_events']} scale events")
+    return "\n".join(lines) + "\n"
 
 
 def plot(result: Simulation, path: str | Path) -> None:
@@ -197,8 +323,15 @@ def main(argv: list[str] | None = None) -> int:
         prog="baton simulate",
         description="Replay a request trace (CSV time_s,prompt_tokens,output_tokens) through "
                     "the autoscaler and a queueing model of the Model's pools.")
-    parser.add_argument("--model", required=True, help="Model YAML file")
-    parser.add_argument("--trace", required=True, help="trace CSV")
+    parser.add_argument("--model", help="Model YAML file")
+    parser.add_argument("--trace", help="trace CSV")
+    parser.add_argument("--family", type=int, metavar="N",
+                        help="instead of --model/--trace: simulate N traces of the seeded "
+                             "family (baton.operator.autoscaler.family)")
+    parser.add_argument("--seed", type=int, default=0, help="the family's seed (default 0)")
+    parser.add_argument("--static", action="store_true",
+                        help="with --family: also search each trace's smallest static fleet")
+    parser.add_argument("--table", help="with --family: where to write a Markdown table")
     parser.add_argument("--profile", help="replica profile JSON (default: the built-in H100 "
                                           "estimate)")
     parser.add_argument("--out", required=True, help="where to write the JSON report")
@@ -207,6 +340,15 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"replica start-up time (>= {MIN_STARTUP_SECONDS:g}; default: "
                              "the Model's autoscaling.startupSeconds, at least that)")
     args = parser.parse_args(argv)
+    if args.family is not None:
+        if args.model or args.trace or args.plot or args.startup_seconds is not None:
+            parser.error("--family draws its own Models and traces: it takes no --model, "
+                         "--trace, --plot or --startup-seconds")
+        if args.family < 1:
+            parser.error(f"--family must be >= 1, got {args.family}")
+        return _family_main(args)
+    if not args.model or not args.trace:
+        parser.error("--model and --trace are required (or --family N)")
     try:
         result = simulate(args.model, args.trace, args.profile, args.startup_seconds)
     except (OSError, SpecError, ValueError) as e:
@@ -226,6 +368,25 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['oracle']['gpu_hours']:.2f} GPU-h "
           f"({100 * report['gpu_hours_vs_oracle']:.1f}%)")
     return 0
+
+
+
+def _family_main(args) -> int:
+    def progress(e: dict) -> None:
+        print(f"{e['name']}: {'feasible' if e['feasible'] else 'infeasible'}; TTFT "
+              f"{e['ttft_slo_attainment']:.3f} (worst 5 min "
+              f"{e['worst_window_ttft_attainment']:.3f}) ITL {e['itl_slo_attainment']:.3f} "
+              f"(worst 5 min {e['worst_window_itl_attainment']:.3f}) GPU-h "
+              f"{e['gpu_hours_vs_oracle']:.2f}x oracle; {e['scale_events']} scale events"
+              + ("" if e["feasible"] else f"; {e['feasibility']}"), flush=True)
+    report = simulate_family(args.family, args.seed, static=args.static, progress=progress)
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    table = family_table(report)
+    if args.table:
+        Path(args.table).write_text(table)
+    print(table.split("\n\n", 1)[1], end="")
+    return 0 if report["summary"]["feasible_meeting_bars"] == report["summary"]["feasible"] \
+        else 1
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from baton.operator.fields import CelRule, SpecError, dump, parse, spec_field
 
 __all__ = [
     "ROLES", "ROUTINGS", "SpecError", "Model", "ModelSpec", "SourceSpec", "EngineSpec",
-    "PrefixCacheSpec", "RouterSpec", "PoolSpec", "ResourceRequests", "Toleration",
+    "PrefixCacheSpec", "ReasoningSpec", "RouterSpec", "PoolSpec", "ResourceRequests", "Toleration",
     "PrefillSpec", "DecodeSpec",
     "AutoscalingSpec", "TargetsSpec", "NetworkPolicySpec", "ModelStatus", "WorkerConfig",
     "PrefillConfig", "DecodeConfig", "RouterConfig", "PoolConfig", "PoolsConfig",
@@ -50,6 +50,8 @@ POOL_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 POOL_NAME_MAX = 24
 # Bounded so that the API server can cost the pool-name uniqueness rule (CEL).
 MAX_POOLS = 16
+MAX_RAMP_HEADROOM = 1.0
+"""autoscaling.rampPerMinute may ask for at most this much spare capacity (a share of the load)."""
 # Kubernetes resource quantities ("500m", "8", "64Gi").
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 SOURCE_SCHEMES = ("pvc://", "file://", "hf://")
@@ -147,6 +149,12 @@ class EngineSpec:
     cuda_graphs: bool = spec_field(
         "cudaGraphs", "Replay decode and MTP-verify steps as CUDA graphs per batch-size "
         "bucket; false runs every step eagerly.", default=True)
+    compile: bool = spec_field(
+        "compile", "Without CUDA (the torch path on the CPU): run decode, MTP-verify and "
+        "MTP-draft steps as one torch.compile'd (inductor) function per batch-size bucket, "
+        "compiled at start before the worker reports ready (cached on disk under the "
+        "worker's cache directory; minutes on a small CPU the first time); false runs them "
+        "eagerly.", default=False)
     prefix_cache: PrefixCacheSpec = spec_field(
         "prefixCache", "The prefix cache (KV pages and Mamba snapshots) of every worker.",
         default_factory=PrefixCacheSpec)
@@ -168,6 +176,36 @@ class EngineSpec:
                          "self.prefixCache.snapshotIntervalTokens % self.kvPageSize == 0",
                          "prefixCache.snapshotIntervalTokens must be a multiple of "
                          "kvPageSize"))
+
+
+REASONING_EFFORTS = ("minimal", "low", "medium", "high")
+
+
+@dataclass(frozen=True)
+class ReasoningSpec:
+    """Reasoning budgets by effort level: OpenAI's `reasoning_effort` (chat) and
+    `reasoning.effort` (Responses) pick one ("none" turns thinking off instead)."""
+
+    minimal_tokens: int = spec_field(
+        "minimalTokens", "Reasoning tokens allowed at effort minimal.", default=128,
+        minimum=0, maximum=1048576)
+    low_tokens: int = spec_field(
+        "lowTokens", "Reasoning tokens allowed at effort low.", default=512, minimum=0,
+        maximum=1048576)
+    medium_tokens: int = spec_field(
+        "mediumTokens", "Reasoning tokens allowed at effort medium.", default=2048,
+        minimum=0, maximum=1048576)
+    high_tokens: int = spec_field(
+        "highTokens", "Reasoning tokens allowed at effort high.", default=8192, minimum=0,
+        maximum=1048576)
+    default_effort: str | None = spec_field(
+        "defaultEffort", "The effort of a request that names none; unset: reasoning is not "
+        "bounded (but for max_tokens).", default=None, enum=REASONING_EFFORTS)
+
+    def budget(self, effort: str) -> int:
+        """The token budget of an effort level (one of REASONING_EFFORTS)."""
+        return {"minimal": self.minimal_tokens, "low": self.low_tokens,
+                "medium": self.medium_tokens, "high": self.high_tokens}[effort]
 
 
 @dataclass(frozen=True)
@@ -208,6 +246,9 @@ class RouterSpec:
     memory_limit: str = spec_field(
         "memoryLimit", "Memory limit of a router container (\"2Gi\").", default="2Gi",
         pattern=QUANTITY_PATTERN)
+    reasoning: ReasoningSpec = spec_field(
+        "reasoning", "Reasoning token budgets per effort level (thinking models).",
+        default_factory=ReasoningSpec)
 
     def check(self, path: str) -> None:
         if self.request_body_budget_bytes < self.max_request_body_bytes:
@@ -395,10 +436,34 @@ class AutoscalingSpec:
         maximum=86400)
     targets: TargetsSpec = spec_field("targets", "Latency targets.",
                                       default_factory=TargetsSpec)
+    ramp_per_minute: float = spec_field(
+        "rampPerMinute", "The steepest rise of the load kept within the targets, as a share "
+        "of the load per minute (\"0.1\": 10 %/min). Replicas added at a ramp's onset serve "
+        "one start-up later, so the fleet keeps the spare capacity this rise needs over "
+        "startupSeconds plus one intervalSeconds; a steeper ramp is reported as infeasible "
+        "(baton simulate), not absorbed. The rise over that time may be at most the load "
+        "itself (spare capacity of 1x).",
+        default=0.04, decimal=True, minimum=0, maximum=10)
+
+    def ramp_headroom(self) -> float:
+        """The spare capacity, as a share of the load, that rampPerMinute asks for: the rise
+        over one start-up plus the interval until the next decision sees it."""
+        return self.ramp_per_minute * (self.startup_seconds + self.interval_seconds) / 60.0
 
     def check(self, path: str) -> None:
         if self.enabled and not self.prometheus_url:
             raise SpecError(f"{path}.prometheusUrl", "is required when enabled is true")
+        headroom = self.ramp_headroom()
+        if self.enabled and headroom > MAX_RAMP_HEADROOM + 1e-9:
+            raise SpecError(
+                f"{path}.rampPerMinute",
+                f"a ramp of {self.ramp_per_minute:g} of the load per minute rises by "
+                f"{headroom:.2f}x the load over startupSeconds {self.startup_seconds} + "
+                f"intervalSeconds {self.interval_seconds}, more than the "
+                f"{MAX_RAMP_HEADROOM:g}x of spare capacity a fleet may keep: such a ramp "
+                f"cannot be absorbed; lower rampPerMinute to at most "
+                f"{MAX_RAMP_HEADROOM * 60 / (self.startup_seconds + self.interval_seconds):.3g}"
+                " or shorten startupSeconds")
 
     __rules__ = (CelRule("!self.enabled || has(self.prometheusUrl)",
                          "prometheusUrl is required when enabled is true"),)
@@ -592,6 +657,8 @@ class RouterConfig:
     request_body_budget_bytes: int = spec_field(
         "requestBodyBudgetBytes", "Bodies in flight at once (503 past it).",
         default=128 * 1024**2, minimum=1024)
+    reasoning: ReasoningSpec = spec_field("reasoning", "Reasoning budgets per effort level.",
+                                          default_factory=ReasoningSpec)
 
 
 @dataclass(frozen=True)
@@ -699,7 +766,8 @@ def worker_config(model: Model, model_path: str) -> WorkerConfig:
                             transfer_timeout_seconds=spec.router.transfer_timeout_seconds,
                             api_keys_file=api_keys,
                             max_request_body_bytes=spec.router.max_request_body_bytes,
-                            request_body_budget_bytes=spec.router.request_body_budget_bytes),
+                            request_body_budget_bytes=spec.router.request_body_budget_bytes,
+                            reasoning=spec.router.reasoning),
         pools=PoolsConfig(**{role: tuple(PoolConfig(name=p.name, fp4_path=p.fp4_path)
                                          for p in spec.role(role).pools) for role in ROLES}),
     )

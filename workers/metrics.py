@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 
 LABEL_NAMES = ("namespace", "model", "role", "pool")
 ROLES = ("prefill", "decode", "router")
-OUTCOMES = ("success", "error", "cancelled", "timeout", "rejected", "invalid")
+OUTCOMES = ("success", "error", "cancelled", "timeout", "rejected")
 STATE_KINDS = ("kv", "conv", "ssm", "mtp_kv", "hidden")
 
 # The Renard R10 series (ten steps per decade, ratio ~1.26) from 1 ms to 630 s: geometric, and
@@ -188,6 +188,10 @@ class BatonMetrics:
         self.state_transfer_failures = Counter(
             "baton_state_transfer_failures", "State transfers that failed (either side).",
             LABEL_NAMES, registry=self.registry).labels(*values)
+        self.grammar_refused_tokens = Counter(
+            "baton_grammar_refused_tokens", "Choices that ended in an error because the output "
+            "grammar refused the token the model sampled (a grammar that does not fit the "
+            "tokenizer).", LABEL_NAMES, registry=self.registry).labels(*values)
 
         self._stats_pulled = stats is not None
         if stats is not None:
@@ -209,8 +213,7 @@ class BatonMetrics:
         raise AttributeError(name)
 
     def request_finished(self, outcome: str) -> None:
-        """Counts one finished request under outcome (success|error|cancelled|timeout|rejected|
-        invalid)."""
+        """Counts one finished request under outcome (success|error|cancelled|timeout|rejected)."""
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome={outcome!r} is not one of {', '.join(OUTCOMES)}")
         self._requests.labels(*self.labels.values(), outcome).inc()

@@ -26,7 +26,9 @@ continues where it left off.
 Settings (environment of the operator): BATON_AUTOSCALER_PROFILE, a replica profile JSON
 file (default: the built-in H100 estimate, baton.operator.autoscaler.profile);
 BATON_AUTOSCALER_MIN_RATE_WINDOW_SECONDS, the shortest rate() window (default 60: at least
-two scrapes at a 30 s scrape interval; the window is also at least 2 x intervalSeconds).
+two scrapes at a 30 s scrape interval). The arrivals are read over this short window (the
+scrape resolution: the ramp detector's input) and every rate over the rate window, twice
+that and at least 2 x intervalSeconds.
 """
 
 from __future__ import annotations
@@ -304,7 +306,8 @@ async def run_once(model: Model, body: Any, cluster: KubernetesCluster,
                 prom, model.namespace, model.name,
                 ttft_target=auto.targets.time_to_first_token_seconds,
                 itl_target=auto.targets.inter_token_latency_seconds,
-                window_seconds=max(min_rate_window_seconds(), 2 * auto.interval_seconds))
+                window_seconds=max(2 * min_rate_window_seconds(), 2 * auto.interval_seconds),
+                short_window_seconds=min_rate_window_seconds())
         except PrometheusError as e:
             missing = str(e)
     decision = decide(model.spec, observation, current, pending, state, now, profile, missing)

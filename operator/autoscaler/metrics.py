@@ -12,9 +12,12 @@ Series (DESIGN.md, Metrics; labels namespace, model, role, pool):
 - arrivals: requests reaching the routers per second, the leading signal. A router counts a
   request in baton_requests_running from its arrival to its end and in baton_requests_total
   at its end, so arrivals = finished + growth of those in flight:
-  rate(requests_total) + delta(requests_running) / window. Requests refused for want of room
-  (outcome "rejected": 429, 503) are demand too; invalid ones (outcome "invalid": a bad body,
-  key or model) are not, so a flood of bad requests does not scale the fleet up.
+  rate(requests_total{outcome!="rejected"}) + delta(requests_running) / window. A request the
+  router refused (outcome "rejected": a 4xx, or a 503 without a ready worker) is not load the
+  workers see: a flood of malformed requests must not grow the fleet. (The router counts a
+  429 from a full admission queue as "rejected" too; that overload still shows as queued
+  requests and missed targets.) The same arrivals over a short window of two scrapes beside
+  the rate window are the ramp detector's input (baton.operator.autoscaler.trend.onset_slope).
 
 A series that is absent (the router or a role's workers export nothing yet) is
 MissingSeries: the autoscaler holds its last decision rather than read "no load".
@@ -88,12 +91,14 @@ def _buckets(samples: list[Sample]) -> list[tuple[float, float]]:
 
 async def read_observation(prom: PrometheusClient, namespace: str, model: str, *,
                            ttft_target: float, itl_target: float,
-                           window_seconds: int) -> Observation:
+                           window_seconds: int,
+                           short_window_seconds: int | None = None) -> Observation:
     """One Observation from Prometheus; MissingSeries when a needed series is absent, other
-    PrometheusErrors when Prometheus is down or rejects a query."""
+    PrometheusErrors when Prometheus is down or rejects a query. short_window_seconds: also
+    read the arrivals over this shorter window (None or not shorter: not read)."""
     w = f"[{int(window_seconds)}s]"
     router = selector(namespace, model, "router")
-    admitted = router[:-1] + ',outcome!="invalid"}'  # arrivals: bad requests are no demand
+    admitted = router[:-1] + ',outcome!="rejected"}'
     queries = {
         "ttft": f"sum by (le) (rate({TTFT}_bucket{router}{w}))",
         "itl": f"sum by (le) (rate({ITL}_bucket{router}{w}))",
@@ -109,6 +114,11 @@ async def read_observation(prom: PrometheusClient, namespace: str, model: str, *
         "finished": f"sum(rate(baton_requests_total{admitted}{w}))",
         "in_flight_growth": f"sum(delta(baton_requests_running{router}{w}))",
     }
+    short = (int(short_window_seconds) if short_window_seconds is not None
+             and 0 < short_window_seconds < window_seconds else None)
+    if short is not None:
+        queries["short_finished"] = f"sum(rate(baton_requests_total{admitted}[{short}s]))"
+        queries["short_growth"] = f"sum(delta(baton_requests_running{router}[{short}s]))"
     names = list(queries)
     results = await asyncio.gather(*(prom.query(queries[n]) for n in names))
     got = dict(zip(names, results))
@@ -146,6 +156,9 @@ async def read_observation(prom: PrometheusClient, namespace: str, model: str, *
         arrival_rate=max(0.0, scalar("finished") + scalar("in_flight_growth", signed=True)
                          / window_seconds),
         window_seconds=float(window_seconds),
+        short_arrival_rate=None if short is None else max(
+            0.0, scalar("short_finished") + scalar("short_growth", signed=True) / short),
+        short_window_seconds=float(short if short is not None else window_seconds),
     )
 
 

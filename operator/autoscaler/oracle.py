@@ -22,7 +22,7 @@ import numpy as np
 from baton.operator.autoscaler.capacity import place_role
 from baton.operator.autoscaler.profile import ReplicaProfile
 
-__all__ = ["OracleFleet", "load_per_second", "oracle_fleet"]
+__all__ = ["OracleFleet", "centred_mean", "load_per_second", "oracle_fleet"]
 
 ROLES = ("prefill", "decode")
 _SUBSTEPS = 10
@@ -51,7 +51,7 @@ class OracleFleet:
                 "peak_fleet": self.peak()}
 
 
-def _centred_mean(values: np.ndarray, width: int) -> np.ndarray:
+def centred_mean(values: np.ndarray, width: int) -> np.ndarray:
     """Mean over the `width` seconds centred on each second (fewer at the trace's ends)."""
     width = max(1, int(width))
     cum = np.concatenate([[0.0], np.cumsum(values)])
@@ -93,8 +93,8 @@ def oracle_fleet(spec, profile: ReplicaProfile, time_s: np.ndarray, prompt_token
     prompt, generated = load_per_second(time_s, prompt_tokens, output_tokens, seconds,
                                         spec.autoscaling.targets.inter_token_latency_seconds)
     mean_prompt = float(np.mean(prompt_tokens))
-    demand = {"prefill": _centred_mean(prompt, rate_window_seconds),
-              "decode": _centred_mean(generated, rate_window_seconds)}
+    demand = {"prefill": centred_mean(prompt, rate_window_seconds),
+              "decode": centred_mean(generated, rate_window_seconds)}
     replicas: dict[str, dict[str, np.ndarray]] = {}
     gpu_seconds = cost_seconds = 0.0
     for role in ROLES:

@@ -47,12 +47,16 @@ from baton.operator.autoscaler.profile import ReplicaProfile
 from baton.operator.autoscaler.windows import window_attainment, worst
 from baton.operator.spec import ModelSpec
 
-__all__ = ["Trace", "RunResult", "Simulator", "MIN_STARTUP_SECONDS", "RATE_WINDOW_SECONDS"]
+__all__ = ["Trace", "RunResult", "Simulator", "MIN_STARTUP_SECONDS", "RATE_WINDOW_SECONDS",
+           "SHORT_WINDOW_SECONDS"]
 
-MIN_STARTUP_SECONDS = 90.0
+MIN_STARTUP_SECONDS = 30.0
 """Replica start-up (scheduling, image, weights to GPU) is never modelled shorter than this."""
 RATE_WINDOW_SECONDS = 60.0
-"""The rate() window the autoscaler's queries use (MIN_RATE_WINDOW_SECONDS in the daemon)."""
+"""The rate() window the autoscaler's queries use."""
+SHORT_WINDOW_SECONDS = 30.0
+"""The short window of arrivals beside it: two scrapes at a 15 s scrape interval (the daemon
+with BATON_AUTOSCALER_MIN_RATE_WINDOW_SECONDS=30)."""
 
 _READY, _DECODE_ARRIVAL, _DECODE_STEP = 0, 1, 2
 
@@ -454,6 +458,8 @@ class _Run:
         tl = self.timeline
         tl["time"].append(t)
         tl["request_rate"].append(float(np.count_nonzero(times[lo:hi] > t - w)) / w)
+        short = min(SHORT_WINDOW_SECONDS, w)
+        short_rate = float(np.count_nonzero(times[lo:hi] > t - short)) / short
         tl["prompt_tokens_per_second"].append(prompt_rate)
         tl["ttft_p95"].append(float(np.percentile(ttft, 95)) if ttft.size else None)
         tl["gap_p95"].append(float(np.percentile(gaps, 95)) if gaps.size else None)
@@ -465,7 +471,8 @@ class _Run:
             decode_running=float(running), decode_waiting=float(queued),
             ttft_attainment=ttft_attained, itl_attainment=itl_attained,
             mean_itl_seconds=float(gaps.mean()) if gaps.size else None,
-            arrival_rate=tl["request_rate"][-1], window_seconds=w)
+            arrival_rate=tl["request_rate"][-1], window_seconds=w,
+            short_arrival_rate=short_rate, short_window_seconds=short)
 
     def tick(self, t: float) -> None:
         for rep in self.replicas["decode"]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["rising_slope", "TREND_INTERVALS", "TREND_MIN_RISE", "TREND_Z"]
+__all__ = ["ramp_slope", "rising_slope", "onset_slope", "TREND_INTERVALS", "TREND_MIN_RISE",
+           "TREND_Z", "ONSET_Z"]
 
 TREND_INTERVALS = (2, 3, 4, 6, 8)
 """The spans, in decision intervals, the arrival rate's slope is fitted over."""
@@ -19,6 +20,8 @@ TREND_MIN_RISE = 0.05
 TREND_Z = 3.0
 """... and its rise over the span by this many standard deviations of the rate windows'
 Poisson noise."""
+ONSET_Z = 4.0
+"""onset_slope's bar, in standard deviations of the short window's noise."""
 _EPS = 1e-9
 
 
@@ -75,3 +78,40 @@ def rising_slope(history: list[tuple[float, float]], now: float, arrivals: float
     if not clear or latest is None or latest <= 0:
         return 0.0
     return max(clear)
+
+
+def onset_slope(short_rate: float | None, long_rate: float, short_window: float,
+                long_window: float) -> float:
+    """The arrival rate's slope (requests/s per second) seen from two windows that end now,
+    or 0 when the short one does not stand clear of the long one.
+
+    Both rates count the same arrivals; on a linear ramp of slope a the short window's mean
+    is (long_window - short_window) / 2 seconds younger, so short - long = a (long_window -
+    short_window) / 2. It reacts at the scrape resolution: one rate() over a short window of
+    the router's counter sees a ramp's onset within one or two scrapes, where a slope fitted
+    to decisions needs several. Noise: the short window's arrivals are part of the long
+    one's, so var(short - long) = rate (1 / short_window - 1 / long_window) (Poisson); the
+    difference must exceed ONSET_Z of it (one reading, taken every interval, stands alone:
+    a stricter bar than the fits') and the rise TREND_MIN_RISE of the rate per minute."""
+    if short_rate is None or not 0 < short_window < long_window:
+        return 0.0
+    rate = max(long_rate, 1.0 / long_window)
+    noise = math.sqrt(rate * (1.0 / short_window - 1.0 / long_window))
+    difference = short_rate - long_rate
+    if difference <= ONSET_Z * noise:
+        return 0.0
+    slope = difference / ((long_window - short_window) / 2.0)
+    if slope * 60 <= TREND_MIN_RISE * long_rate:
+        return 0.0
+    return slope
+
+
+def ramp_slope(history: list[tuple[float, float]], now: float, arrivals: float,
+               short_rate: float | None, window: float, short_window: float,
+               interval: float) -> float:
+    """The policy's ramp detector: the steeper of the slope fitted to the decisions' rates
+    (rising_slope: slow rises, held over several intervals) and the slope between the short
+    and the long window that end now (onset_slope: a ramp's onset within one or two
+    scrapes); 0 when neither stands clear of the noise."""
+    return max(rising_slope(history, now, arrivals, window, interval),
+               onset_slope(short_rate, arrivals, short_window, window))

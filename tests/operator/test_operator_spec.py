@@ -123,6 +123,13 @@ DELETE = object()
     ("spec.autoscaling", {"enabled": True},
      "spec.autoscaling.prometheusUrl: is required when enabled is true"),
     ("spec.autoscaling.targets", {"attainment": "95%"}, "spec.autoscaling.targets.attainment"),
+    ("spec.autoscaling.rampPerMinute", "11", "spec.autoscaling.rampPerMinute: must be <= 10"),
+    ("spec.autoscaling", {"enabled": True, "prometheusUrl": "http://prom:9090",
+                          "startupSeconds": 600, "rampPerMinute": "0.2"},
+     "spec.autoscaling.rampPerMinute: a ramp of 0.2 of the load per minute rises by 2.10x the "
+     "load over startupSeconds 600 + intervalSeconds 30, more than the 1x of spare capacity a "
+     "fleet may keep: such a ramp cannot be absorbed; lower rampPerMinute to at most 0.0952 "
+     "or shorten startupSeconds"),
     ("spec.source.uri", "s3://bucket/model", "spec.source.uri: unknown scheme"),
     ("spec.source.uri", "file://relative", "spec.source.uri: file:// needs an absolute path"),
     ("spec.prefill.pools[0].replicas", 3, "spec.prefill.pools[0].replicas: unknown field"),
@@ -169,7 +176,7 @@ def test_worker_config_shape_and_round_trip(tmp_path):
         "model": "nano", "namespace": "llm", "servedModelName": "nano",
         "modelPath": "/models/source", "quantization": "auto",
         "engine": {"maxModelLen": 8192, "kvPageSize": 16, "cacheMemoryFraction": "0.85",
-                   "dtype": "auto", "cudaGraphs": True,
+                   "dtype": "auto", "cudaGraphs": True, "compile": False,
                    "prefixCache": {"enabled": True, "snapshotMemoryFraction": "0.25",
                                    "snapshotIntervalTokens": 1024}},
         "prefill": {"maxBatchTokens": 8192, "expertParallel": 1, "gpusPerReplica": 1},
@@ -179,7 +186,9 @@ def test_worker_config_shape_and_round_trip(tmp_path):
                    "localPrefillMaxTokens": 512,
                    "requestTimeoutSeconds": 600, "transferTimeoutSeconds": 10,
                    "apiKeysFile": "/etc/baton/api-keys/keys", "maxRequestBodyBytes": 1048576,
-                   "requestBodyBudgetBytes": 128 * 1024**2},
+                   "requestBodyBudgetBytes": 128 * 1024**2,
+                   "reasoning": {"minimalTokens": 128, "lowTokens": 512, "mediumTokens": 2048,
+                                 "highTokens": 8192, "defaultEffort": None}},
         "pools": {"prefill": [{"name": "blackwell", "fp4Path": "native"},
                               {"name": "hopper", "fp4Path": "w4a16"}],
                   "decode": [{"name": "hopper", "fp4Path": "w4a16"}]},
@@ -203,6 +212,15 @@ def test_cuda_graphs_default_on_and_reach_the_worker_config():
     assert WorkerConfig.from_dict({"model": "tiny", "modelPath": "/m"}).engine.cuda_graphs
     with pytest.raises(SpecError, match=r"^spec.engine.cudaGraphs: must be true or false"):
         Model.from_resource(resource(engine={"cudaGraphs": "no"}))
+
+
+def test_compile_defaults_off_and_reaches_the_worker_config():
+    assert Model.from_resource(resource()).spec.engine.compile is False
+    on = Model.from_resource(resource(engine={"compile": True}))
+    assert worker_config(on, "/m").to_dict()["engine"]["compile"] is True
+    assert not WorkerConfig.from_dict({"model": "tiny", "modelPath": "/m"}).engine.compile
+    with pytest.raises(SpecError, match=r"^spec.engine.compile: must be true or false"):
+        Model.from_resource(resource(engine={"compile": "yes"}))
 
 
 def test_worker_config_from_dict_minimal_and_errors():

@@ -39,9 +39,18 @@ class EngineConfig:
     ssm_dtype: object | None = None
     """SSM state dtype (a torch.dtype); None: the model's mamba_ssm_cache_dtype (float32)."""
     enforce_eager: bool = False
-    """True: every forward runs eagerly. False: decode and MTP-verify steps run from
-    preallocated buffers per batch-size bucket, replayed as CUDA graphs on a GPU
+    """True: every forward runs eagerly (compile included). False: decode and MTP-verify
+    steps run from preallocated buffers per batch-size bucket, replayed as CUDA graphs on a GPU
     (workers/model/graphs.py; only with the kernels' path, without expert parallelism)."""
+    compile: bool = False
+    """True: on the torch path (no Triton kernels: the CPU), decode, MTP-verify and MTP-draft
+    steps run from the same buckets as one torch.compile'd (inductor) function each, all
+    compiled when the Engine is built (workers/model/graphs.py, static_step.py); False: they
+    run eagerly. The served worker's default is the Model spec's engine.compile."""
+    step_buckets: list[int] | None = None
+    """Batch sizes that get their own step (graph or compiled function); a batch runs in the
+    smallest that holds it, above the largest eagerly. None: 1, 2, 4, ... up to max_num_seqs.
+    Fewer buckets: less to compile at start, more padded rows per step."""
     prefix_cache: bool = True
     """Keep finished prefixes (KV pages and Mamba snapshots) for later requests to hit."""
     num_snapshots: int | None = None
@@ -93,6 +102,16 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.enforce_eager={self.enforce_eager!r} is invalid: True or False"
             )
+        if self.step_buckets is not None:
+            from baton.workers.model.graphs import check_buckets
+
+            try:
+                check_buckets(self.step_buckets, self.max_num_seqs)
+            except ValueError as err:
+                raise ValueError(f"EngineConfig.step_buckets={self.step_buckets!r} is invalid: "
+                                 f"{str(err).split(': ', 1)[1]}") from None
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"EngineConfig.compile={self.compile!r} is invalid: True or False")
         if self.spec_sampling not in ("coupled", "rejection"):
             raise ValueError(
                 f"EngineConfig.spec_sampling={self.spec_sampling!r} is invalid: "

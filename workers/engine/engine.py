@@ -98,7 +98,14 @@ class Engine:
         graphs = None
         if not config.enforce_eager and StepGraphs.supports(model):
             graphs = StepGraphs(model, self.cache, config.max_num_seqs,
-                                max_model_len=self.max_model_len)
+                                max_model_len=self.max_model_len, buckets=config.step_buckets)
+        elif not config.enforce_eager and config.compile and \
+                StepGraphs.supports(model, static=True):
+            # The torch path's fixed-shape step, compiled per bucket now (not on a request).
+            graphs = StepGraphs(model, self.cache, config.max_num_seqs,
+                                max_model_len=self.max_model_len, compile=True,
+                                buckets=config.step_buckets)
+            graphs.warm_up()
         self.runner = ModelRunner(model, self.cache, self.k, config.spec_sampling, graphs,
                                   tokenizer=grammar_tokenizer or tokenizer, eos_ids=self.eos_ids)
         self.keeper: SnapshotKeeper | None = None
@@ -427,7 +434,7 @@ class Engine:
         if token in seq.eos_ids or token in seq.sampling.stop_token_ids:
             return "stop"
         if self.runner.logits.grammar_complete(seq, token, length):
-            return "stop"
+            return "grammar_error" if self.runner.logits.grammar_refused(seq) else "stop"
         if length >= seq.max_len:
             return "length"
         return None

@@ -160,7 +160,10 @@ class GrammarCompiler:
 
     def new_state(self, grammar: str, start: int) -> GrammarState:
         """A fresh matcher for one request whose output starts at token index start."""
-        return GrammarState(self.compile(grammar).deep_copy(), start)
+        # llguidance cannot roll back over a lexeme bounded by max_tokens (a reasoning
+        # budget): such a request's speculation restores a copy instead.
+        return GrammarState(self.compile(grammar).deep_copy(), start,
+                            copy_rollback="max_tokens=" in grammar)
 
     def count_accepted(self, grammar: str, tokens: Sequence[int]) -> int:
         """How many of tokens, from the grammar's start, it accepts in a row."""
@@ -174,14 +177,19 @@ class GrammarState:
 
     consumed: token index the matcher has reached (the output's first index at the start);
     pushed: speculative drafts consumed beyond it; stopped_at: the sequence length at which
-    the grammar ended the request (None while it goes on).
+    the grammar ended the request (None while it goes on); refused_at: the index of a token
+    the grammar refused (it ended the request there: an error, not a stop).
     """
 
-    def __init__(self, matcher, start: int) -> None:
+    def __init__(self, matcher, start: int, copy_rollback: bool = False) -> None:
         self.matcher = matcher
+        self._copy_rollback = copy_rollback
+        self._before = None  # copy_rollback: the matcher before the drafts pushed
+        self._drafts: list[int] = []
         self.consumed = start
         self.pushed = 0
         self.stopped_at: int | None = None
+        self.refused_at: int | None = None
         self._push_stop: int | None = None
 
     @property
@@ -197,9 +205,13 @@ class GrammarState:
             return
         if not self.matcher.consume_token(int(token)):
             # Only a token the masks never offered gets here (a peer's first token, a
-            # fallback): the matcher is broken from here, so the grammar ends the request.
+            # fallback, a grammar that does not fit the tokenizer): the matcher is broken
+            # from here, so the request ends there, as an error.
             log.warning("grammar refused token %d at index %d: %s", token, self.consumed - 1,
                         _shorten(self.matcher.get_error()))
+            self.refused_at = self.consumed - 1
+            self.stopped_at = self.consumed
+            return
         if self.matcher.is_stopped():
             self.stopped_at = self.consumed
 
@@ -213,8 +225,12 @@ class GrammarState:
         """Speculatively consume a draft; False (nothing changes) if the grammar refuses it."""
         if self.stopped or self._push_stop is not None:
             return False
+        before = self.matcher.deep_copy() if self._copy_rollback and not self.pushed else None
         if self.matcher.try_consume_tokens([int(draft)]) != 1:
             return False
+        if before is not None:
+            self._before = before
+        self._drafts.append(int(draft))
         self.pushed += 1
         if self.matcher.is_stopped():
             self._push_stop = self.pushed
@@ -224,7 +240,14 @@ class GrammarState:
         """Verification kept `accepted` drafts: roll the other pushed ones back."""
         keep = min(accepted, self.pushed)
         if self.pushed > keep:
-            self.matcher.rollback(self.pushed - keep)
+            if self._before is not None:
+                self.matcher = self._before
+                if keep:
+                    self.matcher.consume_tokens(self._drafts[:keep])
+            else:
+                self.matcher.rollback(self.pushed - keep)
+        self._before = None
+        self._drafts.clear()
         if self._push_stop is not None and self._push_stop <= keep:
             self.stopped_at = self.consumed + self._push_stop
         # Drafts past a stop are accepted only as tokens the stopped grammar offered (eos):

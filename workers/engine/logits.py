@@ -184,6 +184,11 @@ class LogitsProcessor:
                 g.consume(token)
         return g.stopped_at is not None and g.stopped_at <= length
 
+    def grammar_refused(self, seq: Sequence) -> bool:
+        """Whether the grammar refused one of seq's tokens (grammar_complete was true)."""
+        g = self.state(seq).grammar
+        return g is not None and g.refused_at is not None
+
     # ---- a batch of rows -----------------------------------------------------------------
 
     def begin(

@@ -27,6 +27,10 @@ class Request:
     cache_salt: bytes = b""
     """The prefix cache's isolation domain (prefix_cache.py, Isolation): a prompt cached
     under one salt is no hit under another. Empty: the shared cache."""
+    snapshot_points: tuple[int, ...] = ()
+    """Prompt offsets (ascending, inside the prompt) where the next request will likely
+    branch (the router's message boundaries): prefill chunks end there and the prefix cache
+    snapshots there, like at the prompt's end."""
 
 
 @dataclass

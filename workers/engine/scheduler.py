@@ -175,13 +175,18 @@ class Scheduler:
 
     def chunk_length(self, seq: Sequence, budget: int) -> int:
         """Prompt tokens of seq to feed now: at most budget, ending at the next multiple of
-        snapshot_interval when one comes before the end (a snapshot is taken there)."""
+        snapshot_interval or the next of the request's snapshot points when one comes before
+        the end (a snapshot is taken there)."""
         n = min(seq.uncached, budget)
         interval = self.snapshot_interval
         if interval:
             boundary = (seq.cached_len // interval + 1) * interval
             if boundary < seq.cached_len + n:
                 n = boundary - seq.cached_len
+        if self.prefix is not None:
+            for point in seq.request.snapshot_points:
+                if seq.cached_len < point < seq.cached_len + n:
+                    return point - seq.cached_len
         return n
 
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:

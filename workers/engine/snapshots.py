@@ -4,8 +4,10 @@ Always from committed state, after a step's forward and update (never from specu
 buffers: a snapshot holds only what verification accepted):
 - full pages are published once their KV (and, for a sequence that keeps MTP state, their MTP
   entries, whose last one pairs with the next page's first token) are final;
-- a snapshot at every prefill chunk end that ends a prompt (or a recomputation) or falls on a
-  multiple of snapshot_interval (the scheduler ends chunks there), so long shared prompts hit;
+- a snapshot at every prefill chunk end that ends a prompt (or a recomputation), falls on a
+  multiple of snapshot_interval, or on one of the request's snapshot points (the router's
+  message boundaries; the scheduler ends chunks at all of these), so long shared prompts and
+  re-rendered chat histories hit;
 - a snapshot when a handed-off prompt's state arrived whole (the decode side of P/D);
 - a snapshot when a request ends with stop or length: its state after prompt + output minus
   the last sampled token (or all of it, when a speculative step fed that token too), exactly
@@ -57,7 +59,8 @@ class SnapshotKeeper:
             seq, end = c.seq, c.start + c.length
             if c.decode or seq.phase != Phase.RUNNING or seq.cached_len != end:
                 continue
-            if end == len(seq.tokens) or (interval and end % interval == 0):
+            if (end == len(seq.tokens) or (interval and end % interval == 0)
+                    or end in seq.request.snapshot_points):
                 self.snapshot(seq)
 
     def prompt_arrived(self, seq: Sequence) -> None:

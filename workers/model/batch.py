@@ -234,6 +234,9 @@ class KernelPlan:
         self.chunks = chunks  # the varlen scan's chunk table (steps with longer sequences)
         self.slots = slots or []  # host copies, for the cache's bookkeeping
         self.seq_lens = seq_lens or []
+        # Set when the step runs static_step.py's torch ops instead of the kernels (a
+        # fixed-shape step on a machine without them): the indices its layers read.
+        self.static_rows = None
 
     @classmethod
     def build(cls, batch: ForwardBatch, *, page_size: int, num_pages: int, num_slots: int,

@@ -70,21 +70,34 @@ class ModelCache:
         self._conv_spec: dict[int, torch.Tensor] = {}
         self._ssm_spec: dict[int, torch.Tensor] = {}
 
-        def zeros(*shape, dtype=dtype):
-            return torch.zeros(shape, dtype=dtype, device=self.device)
+        # Every tensor gets one row more than it shows (a page, a slot): the scratch row that
+        # the inert rows of a fixed-shape step write into (static_step.py), so that a step
+        # never branches on which of its rows are real. Only step_tensors() exposes it.
+        self._with_scratch: dict[int, tuple[torch.Tensor, ...]] = {}
+
+        def zeros(count, *shape, dtype=dtype):
+            full = torch.zeros((count + 1, *shape), dtype=dtype, device=self.device)
+            return full, full[:count]
 
         for layer, spec in self.layers.items():
             if isinstance(spec, KVSpec):
-                self._k[layer] = zeros(num_pages, page_size, spec.kv_heads, spec.head_dim)
-                self._v[layer] = zeros(num_pages, page_size, spec.kv_heads, spec.head_dim)
+                k_full, self._k[layer] = zeros(num_pages, page_size, spec.kv_heads,
+                                               spec.head_dim)
+                v_full, self._v[layer] = zeros(num_pages, page_size, spec.kv_heads,
+                                               spec.head_dim)
+                self._with_scratch[layer] = (k_full, v_full)
                 continue
             taps = spec.conv_kernel - 1
-            self._conv[layer] = zeros(num_slots, spec.conv_dim, taps)
-            self._ssm[layer] = zeros(num_slots, *spec.ssm_shape, dtype=ssm_dtype)
+            conv_full, self._conv[layer] = zeros(num_slots, spec.conv_dim, taps)
+            ssm_full, self._ssm[layer] = zeros(num_slots, *spec.ssm_shape, dtype=ssm_dtype)
+            full = (conv_full, ssm_full)
             if spec_tokens:
-                self._conv_spec[layer] = zeros(num_slots, spec.conv_dim, taps + spec_tokens + 1)
-                self._ssm_spec[layer] = zeros(num_slots, spec_tokens + 1, *spec.ssm_shape,
-                                              dtype=ssm_dtype)
+                conv_spec, self._conv_spec[layer] = zeros(num_slots, spec.conv_dim,
+                                                          taps + spec_tokens + 1)
+                ssm_spec, self._ssm_spec[layer] = zeros(num_slots, spec_tokens + 1,
+                                                        *spec.ssm_shape, dtype=ssm_dtype)
+                full = (*full, conv_spec, ssm_spec)
+            self._with_scratch[layer] = full
         # Tokens of the last speculative verification per slot (0: nothing to accept).
         self._pending = [0] * num_slots
         self.num_snapshots = 0
@@ -199,6 +212,15 @@ class ModelCache:
         if not self.spec_tokens:
             raise ValueError("spec_verify needs a cache allocated with spec_tokens > 0")
         return self._conv_spec[layer], self._ssm_spec[layer]
+
+    def step_tensors(self, layer: int) -> tuple[torch.Tensor, ...]:
+        """A layer's tensors with their scratch row last (page num_pages, slot num_slots):
+        (k_pages, v_pages) [num_pages + 1, page_size, KV, D] of an attention layer; (conv,
+        ssm[, conv_spec, ssm_spec]) [num_slots + 1, ...] of a Mamba layer. The scratch row
+        holds no sequence's state: a fixed-shape step writes its inert rows there."""
+        if layer not in self._with_scratch:
+            raise ValueError(f"layer: {layer} keeps no state in the cache")
+        return self._with_scratch[layer]
 
     # ------------------------------------------------------------------ speculation
     def mark_pending(self, slots: list[int], num_tokens: list[int]) -> None:

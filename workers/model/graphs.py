@@ -23,20 +23,33 @@ needs it (after an eager run on inert rows that compiles the kernels), into one 
 shared by all buckets: they never run at the same time and each keeps its output tensor.
 
 Without CUDA (the CPU interpreter of the tests) the same buffers and plans run eagerly, so
-the bucket and padding logic is the one a GPU replays. Graphs need the kernels' path
-(model.kernels == "triton": inert rows mean nothing to the torch reference) and no expert
-parallelism (its dispatch sizes its messages on the host).
+the bucket and padding logic is the one a GPU replays.
+
+The step of a bucket is one function of these buffers (and of the width of the page tables
+it reads). With the kernels' path (model.kernels == "triton") its layers launch the Triton
+kernels; with the torch path they run static_step.py's fixed-shape torch ops, which read the
+page tables only as wide as the batch's longest sequence needs (a dynamic dimension of the
+step, at least 2 pages). With compile=True each bucket's function goes through
+torch.compile (inductor: C++/OpenMP on the CPU, Triton on a GPU) when first prepared;
+warm_up() prepares every bucket up front, so that the compile time is paid at start. Every
+graph inductor builds is counted (`compiles`); after warm-up a step that needs a new one is a
+recompile (`recompiles`), which the tests forbid. Inductor keeps what it generated on disk
+(compile_cache_dir()): a later start with the same model shapes, bucket sizes, torch version
+and CPU finds it there. No expert parallelism (its dispatch sizes its messages on the host).
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from .batch import ForwardBatch, KernelPlan, check_batch
+from .static_step import StepRows
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +79,18 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
         buckets.append(n)
         n *= 2
     return [*buckets, max_num_seqs]
+
+
+def check_buckets(buckets: list[int], max_num_seqs: int) -> list[int]:
+    """Batch sizes given explicitly: ascending integers in [1, max_num_seqs] (a batch above
+    the largest runs eagerly)."""
+    ok = isinstance(buckets, (list, tuple)) and len(buckets) > 0 and all(
+        isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= max_num_seqs
+        for b in buckets) and list(buckets) == sorted(set(buckets))
+    if not ok:
+        raise ValueError(f"buckets: must be ascending distinct integers in [1, max_num_seqs="
+                         f"{max_num_seqs}], got {buckets!r}")
+    return list(buckets)
 
 
 def bucket_for(num_seqs: int, buckets: list[int]) -> int | None:
@@ -121,20 +146,59 @@ class StepBuffers:
             self._copied.record()
 
 
+def compile_cache_dir() -> Path:
+    """Where inductor keeps the compiled steps between starts: TORCHINDUCTOR_CACHE_DIR when
+    set, else ~/.cache/baton/inductor (XDG_CACHE_HOME respected). An entry is keyed on the
+    traced graph (model shapes, bucket, step kind), the torch version, inductor's settings
+    and the machine's compiler and CPU; anything else is a new entry, never a wrong one."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # Inductor writes its own default (under the temporary directory) into the variable
+    # the first time it looks: that one is replaced, a value set by the user is kept.
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return Path(chosen)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    path = Path(base) / "baton" / "inductor"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return path
+
+
 class StepGraphs:
-    """model.forward_batch for decode and verify batches, replayed from buckets."""
+    """model.forward_batch for decode and verify batches (and the MTP depth of drafts), run
+    from buckets: replayed as CUDA graphs on a GPU, compiled with torch.compile on request."""
 
     def __init__(self, model, cache, max_num_seqs: int, capture: bool | None = None,
-                 max_model_len: int | None = None):
-        if getattr(model, "kernels", "torch") != "triton":
-            raise ValueError("kernels: graphed steps need the kernels' path (load_model "
-                             f"kernels='triton' or 'auto' on CUDA), the model has "
-                             f"{getattr(model, 'kernels', 'torch')!r}")
+                 max_model_len: int | None = None, compile: bool = False,
+                 buckets: list[int] | None = None):
+        kernels = getattr(model, "kernels", "torch")
+        if kernels not in ("triton", "torch"):
+            raise ValueError(f"kernels: {kernels!r} is not 'triton' or 'torch'")
         self.model, self.cache = model, cache
         self.device = model.device
-        self.capture = self.device.type == "cuda" if capture is None else capture
+        # The torch path runs static_step.py's fixed-shape ops (graphs need the kernels').
+        self.static = kernels == "torch"
+        self.capture = (self.device.type == "cuda" and not self.static) if capture is None \
+            else capture
+        if self.capture and self.static:
+            raise ValueError("capture: CUDA graphs replay the kernels' path (kernels='triton')")
+        self.compile = compile
+        if compile:
+            compile_cache_dir()
+        if self.static:
+            from .layers import Attention
+
+            for module in model.modules():
+                if isinstance(module, Attention):
+                    module.fuse_qkv()
+        self.compiles = 0
+        """Graphs inductor built (each bucket's step once; more is a recompile)."""
+        self.warm = False
+        """Set by warm_up(): from then on every compile is a recompile."""
+        self.recompiles = 0
         self.spec_tokens = cache.spec_tokens
-        self.buckets = batch_buckets(max_num_seqs)
+        self.buckets = batch_buckets(max_num_seqs) if buckets is None else \
+            check_buckets(buckets, max_num_seqs)
         # Page tables as wide as the engine's longest sequence (and its drafts) can use.
         longest = max_model_len or model.max_model_len
         self.pages_per_seq = -(-(longest + self.spec_tokens + 1) // cache.page_size)
@@ -154,16 +218,50 @@ class StepGraphs:
         self._graphs: dict[tuple[StepKind, int], torch.cuda.CUDAGraph] = {}
         self._outputs: dict[tuple[StepKind, int], torch.Tensor] = {}
         self._pool = None
+        self._width = self.pages_per_seq  # page-table columns the next launch reads
         self.replays = 0
         """Steps served from a bucket (graph replays on CUDA, eager bucket runs elsewhere)."""
 
     @staticmethod
-    def supports(model) -> bool:
-        """The kernels' path and no expert-parallel stacks (their dispatch syncs)."""
+    def supports(model, static: bool = False) -> bool:
+        """No expert-parallel stacks (their dispatch syncs), and the kernels' path unless
+        `static` (the torch path's fixed-shape step)."""
         from baton.kernels.ep import EPQuantExperts
 
-        return getattr(model, "kernels", "torch") == "triton" and not any(
+        kernels = getattr(model, "kernels", "torch")
+        return (kernels == "triton" or static and kernels == "torch") and not any(
             isinstance(m, EPQuantExperts) for m in model.modules())
+
+    def warm_up(self, kinds: list[StepKind] | None = None) -> None:
+        """Prepares (compiles, captures) every bucket of `kinds` (default: every kind this
+        engine runs) on inert rows, so that no step waits for it later."""
+        if kinds is None:
+            kinds = [StepKind.DECODE]
+            if self.spec_tokens:
+                kinds.append(StepKind.VERIFY)
+                if self.drafts:
+                    kinds += [StepKind.DRAFT, StepKind.DRAFT_ENTRIES]
+        for kind in kinds:
+            for bucket in self.buckets:
+                if (kind, bucket) not in self._steps:
+                    self._prepare(kind, bucket)
+                    if not self.capture:  # a capture ran it already
+                        self._make_inert(bucket, bucket * self._tokens_per_seq(kind))
+                        self.launch(kind, bucket, count=False)
+        self.warm = True
+
+    def _inductor(self, graph, example_inputs):
+        """torch.compile's backend: inductor, counting the graphs it builds."""
+        from torch._inductor.compile_fx import compile_fx
+
+        self.compiles += 1
+        if self.warm:
+            self.recompiles += 1
+            log.warning("recompiled a step after warm-up (%d so far)", self.recompiles)
+        # Without the generated code's shape and alignment asserts (one call per buffer per
+        # step): the shapes are the bucket's, fixed by construction.
+        return compile_fx(graph, example_inputs, config_patches={
+            "size_asserts": False, "alignment_asserts": False, "scalar_asserts": False})
 
     @property
     def captured(self) -> list[tuple[StepKind, int]]:
@@ -269,65 +367,104 @@ class StepGraphs:
         if not kind.is_draft:
             m.mark_pending(checked, self.cache)
         buf.upload(bucket)
+        self._width = self._table_width(max(checked.pages_needed))
         return tokens
 
-    def launch(self, kind: StepKind, bucket: int) -> torch.Tensor:
-        """Device part: replays the bucket's graph (or runs its step eagerly without CUDA) on
+    def _table_width(self, pages: int) -> int:
+        """Page-table columns a step reads: all of them for the kernels (which stop at each
+        context's end themselves); for the torch path the batch's longest sequence, at
+        least 2 (a dimension of 1 would be specialized and recompiled)."""
+        if not self.static:
+            return self.pages_per_seq
+        return min(self.pages_per_seq, max(2, pages))
+
+    def launch(self, kind: StepKind, bucket: int, count: bool = True) -> torch.Tensor:
+        """Device part: replays the bucket's graph (or runs its step, compiled or eagerly) on
         what stage() copied; nothing here reads back to the host. Returns its [T, H]."""
         key = (kind, bucket)
-        self.replays += 1
+        if count:
+            self.replays += 1
         if key in self._graphs:
             self._graphs[key].replay()
             return self._outputs[key]
-        return self._steps[key]()
+        return self._steps[key](self.buffers.tables(bucket)[:, :self._width])
 
     # ------------------------------------------------------------------ buckets
     def _tokens_per_seq(self, kind: StepKind) -> int:
         return 1 if kind in (StepKind.DECODE, StepKind.DRAFT) else 1 + self.spec_tokens
 
-    def plan_for(self, kind: StepKind, bucket: int) -> KernelPlan:
-        """The KernelPlan of a bucket: views of the device buffer, host ints of its shape."""
+    def plan_for(self, kind: StepKind, bucket: int,
+                 tables: torch.Tensor | None = None) -> KernelPlan:
+        """The KernelPlan of a bucket: views of the device buffer, host ints of its shape;
+        `tables` [bucket, width]: the page tables the step reads (default: all columns)."""
         buf, rows = self.buffers, bucket * self._tokens_per_seq(kind)
-        return KernelPlan(
+        flags = buf.flags[:bucket]
+        if self.static:  # derived here, inside the (compiled) step
+            flags = buf.section("has_initial_state")[:bucket] != 0
+        plan = KernelPlan(
             cu_seqlens=buf.section("cu_seqlens")[:bucket + 1],
             context_lens=buf.section("context_lens")[:bucket],
             slot_ids=buf.section("slot_ids")[:bucket],
-            has_initial_state=buf.flags[:bucket], block_tables=buf.tables(bucket),
+            has_initial_state=flags,
+            block_tables=buf.tables(bucket) if tables is None else tables,
             kv_slots=buf.section("kv_slots")[:rows],
             max_tokens=self._tokens_per_seq(kind), spec_tokens=self.spec_tokens,
             spec_verify=kind is StepKind.VERIFY, split_tokens=self.model.split_tokens)
+        if self.static:
+            cache = self.cache
+            plan.static_rows = StepRows(plan, rows, scratch_slot=cache.num_slots,
+                                        scratch_kv_row=cache.num_pages * cache.page_size)
+        return plan
 
     def _prepare(self, kind: StepKind, bucket: int) -> None:
         """Builds the bucket's step and, on CUDA, captures it: first an eager run on inert
         rows (it compiles the kernels and touches no cache row), then the capture."""
-        plan = self.plan_for(kind, bucket)
         rows = bucket * self._tokens_per_seq(kind)
         buf = self.buffers
         ids = buf.section("input_ids")[:rows]
         flags = buf.section("has_initial_state")[:bucket]
-
         hidden = self.mtp_hidden[:rows]
+        model, cache, static = self.model, self.cache, self.static
 
-        def step() -> torch.Tensor:
-            torch.ne(flags, 0, out=buf.flags[:bucket])
+        def step(tables: torch.Tensor) -> torch.Tensor:
+            if not static:
+                torch.ne(flags, 0, out=buf.flags[:bucket])
+            plan = self.plan_for(kind, bucket, tables)
             if kind.is_draft:
-                return self.model.mtp_planned(hidden, ids, plan, self.cache)
-            return self.model.forward_planned(ids, plan, self.cache)
+                return model.mtp_planned(hidden, ids, plan, cache)
+            return model.forward_planned(ids, plan, cache)
 
         key = (kind, bucket)
-        self._steps[key] = step
+        if self.compile:
+            # dynamic=False: each bucket its own graph, specialized on its shapes (the width
+            # of the page tables is the one dimension marked dynamic, _with_dynamic_width).
+            # Its own code object per bucket: dynamo keeps its graphs per code object, so
+            # each bucket holds one graph and checks only its own guards at each call. Only
+            # the tensor guards (shapes, dtypes, strides) stay: the rest (the module tree,
+            # grad mode, the closure's ints) cannot change for a bucket's step, always called
+            # under inference_mode, and checking them cost more than a small step's kernels.
+            step.__code__ = step.__code__.replace(co_name=f"step_{kind.value}_{bucket}")
+            options = {"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe}
+            compiled = torch.compile(step, backend=self._inductor, fullgraph=True,
+                                     dynamic=False, options=options)
+            self._steps[key] = self._with_dynamic_width(compiled)
+        else:
+            self._steps[key] = step
         if not self.capture:
             return
+        self._width = self.pages_per_seq
         self._make_inert(bucket, rows)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
+        step = self._steps[key]
+        tables = buf.tables(bucket)
         with torch.cuda.stream(side):
-            step()
+            step(tables)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._pool):
-                out = step()
+                out = step(tables)
         except RuntimeError as err:
             raise RuntimeError(
                 f"CUDA graph capture of the {kind.value} step at batch {bucket} failed "
@@ -337,10 +474,29 @@ class StepGraphs:
         self._graphs[key], self._outputs[key] = graph, out
         log.info("captured the %s step for batch %d (%d token rows)", kind.value, bucket, rows)
 
+    def _with_dynamic_width(self, compiled: Callable) -> Callable:
+        """The compiled step, its page-table width marked dynamic on the first call (one
+        graph for every width >= 2; the kernels' path always reads every column). Not a
+        strict range: a graph inductor finds in its on-disk cache brings the bound it was
+        compiled with, which would contradict a strict one; a width beyond such a bound is
+        a counted recompile."""
+        first = [True]
+
+        def run(tables: torch.Tensor) -> torch.Tensor:
+            if first[0] and self.static and self.pages_per_seq > 2:
+                torch._dynamo.maybe_mark_dynamic(tables, 1)
+            first[0] = False
+            # Grad and inference mode are part of a graph's guards: one mode for all calls.
+            with torch.inference_mode():
+                return compiled(tables)
+
+        return run
+
     def _make_inert(self, bucket: int, rows: int) -> None:
         """Every row of the bucket inert on the device (for the warm-up run)."""
         buf = self.buffers
         buf.wait_for_copy()
+        self._width = self._table_width(0)
         for name, count, value in (("input_ids", rows, 0), ("kv_slots", rows, -1),
                                    ("slot_ids", bucket, -1), ("has_initial_state", bucket, 0),
                                    ("context_lens", bucket, 0), ("cu_seqlens", bucket + 1, 0)):

@@ -28,6 +28,23 @@ from baton.kernels import (
 
 from .cache import KVSpec
 from .config import NemotronHConfig
+from .static_step import experts_static, paged_attention_static, store_kv_rows
+
+
+def as_f32(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32, without a dispatched no-op conversion when it already is (an fp32 model's
+    step would otherwise spend an operator call per conversion)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`, without a dispatched no-op conversion when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on `device`, without a dispatched no-op move when it is there already."""
+    return t if t.device == device else t.to(device)
 
 
 class RMSNorm(nn.Module):
@@ -39,9 +56,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * h).to(x.dtype)
+        h = as_f32(x)
+        h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + self.eps)
+        return as_dtype(as_f32(self.weight) * h, x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -54,10 +71,10 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        h = x.float() * F.silu(gate.float())
+        h = as_f32(x) * F.silu(as_f32(gate))
         grouped = h.view(*h.shape[:-1], -1, self.group_size)
-        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight.float() * grouped.view(h.shape)
+        grouped = grouped * torch.rsqrt(grouped.square().mean(-1, keepdim=True) + self.eps)
+        return as_f32(self.weight) * grouped.view(h.shape)
 
 
 class FormatPlan:
@@ -107,9 +124,12 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         # fp32 even under autocast (mixed-precision training).
-        with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())  # [T, E]
-        return route(logits, self.e_score_correction_bias.float(), c.num_experts_per_tok,
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                logits = F.linear(as_f32(x), as_f32(self.weight))  # [T, E]
+        else:
+            logits = F.linear(as_f32(x), as_f32(self.weight))
+        return route(logits, as_f32(self.e_score_correction_bias), c.num_experts_per_tok,
                      n_group=c.n_group, topk_group=c.topk_group,
                      norm_topk_prob=c.norm_topk_prob,
                      routed_scaling_factor=float(c.routed_scaling_factor))
@@ -156,7 +176,20 @@ class MoE(nn.Module):
         return routed.reshape(shape)
 
     def forward_cached(self, x, plan, cache, layer):
+        if getattr(plan, "static_rows", None) is not None:
+            return self.forward_static(x)
         return self.forward(x)
+
+    def forward_static(self, x: torch.Tensor) -> torch.Tensor:
+        """forward() with the routed experts in the fixed-shape form (static_step.py)."""
+        topk_weights, topk_ids = self.gate(x)  # [T, K]
+        routed = x if self.fc1_latent_proj is None else self.fc1_latent_proj(x)  # [T, L]
+        routed = experts_static(self.experts, routed, topk_ids, topk_weights)
+        if self.fc2_latent_proj is not None:
+            routed = self.fc2_latent_proj(routed)  # [T, H]
+        if self.shared_experts is not None:
+            routed = routed + self.shared_experts(x)
+        return routed
 
 
 class Attention(nn.Module):
@@ -176,6 +209,16 @@ class Attention(nn.Module):
         self.k_proj = quant_linear(c.hidden_size, kv_width, f"{name}.k_proj", formats, dtype, bias)
         self.v_proj = quant_linear(c.hidden_size, kv_width, f"{name}.v_proj", formats, dtype, bias)
         self.o_proj = quant_linear(q_width, c.hidden_size, f"{name}.o_proj", formats, dtype, bias)
+        self.qkv_weight: torch.Tensor | None = None
+        """q/k/v's weights as one [Q + 2 KV, H] matrix for the fixed-shape step (fuse_qkv)."""
+
+    def fuse_qkv(self) -> None:
+        """Keeps q/k/v's weights as one matrix, so that the fixed-shape step runs one GEMM
+        where the eager path runs three: when all three are unquantized and without bias
+        (a copy of the layer's q/k/v weights; quantized weights keep three calls)."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if all(p.fmt is WeightFormat.BF16 and p.bias is None for p in projs):
+            self.qkv_weight = torch.cat([p.weight for p in projs])
 
     def cache_spec(self) -> KVSpec:
         """What this layer keeps per token in the paged KV cache."""
@@ -194,14 +237,16 @@ class Attention(nn.Module):
         """x [T, H]: writes the new tokens' K/V into the layer's pages, attends over each
         sequence's cached + new tokens."""
         if plan.uses_kernels:  # the one place the path is chosen (model.set_kernels)
+            if plan.static_rows is not None:
+                return self._forward_static(x, plan, cache, layer)
             return self._forward_kernels(x, plan, cache, layer)
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         k_pages, v_pages = cache.kv_pages(layer)  # [num_pages, page_size, KV, D]
-        k_pages[plan.kv_page_ids, plan.kv_page_offsets] = k.to(k_pages.dtype)
-        v_pages[plan.kv_page_ids, plan.kv_page_offsets] = v.to(v_pages.dtype)
+        k_pages[plan.kv_page_ids, plan.kv_page_offsets] = as_dtype(k, k_pages.dtype)
+        v_pages[plan.kv_page_ids, plan.kv_page_offsets] = as_dtype(v, v_pages.dtype)
 
         out = torch.empty_like(q)  # [T, Q, D]
         gqa = self.num_heads != self.num_kv_heads
@@ -212,8 +257,9 @@ class Attention(nn.Module):
             q_rows = q[plan.decode_token_index].unsqueeze(2)  # [S, Q, 1, D]
             mask = plan.decode_key_mask[:, None, None, :]  # [S, 1, 1, keys]
             attended = F.scaled_dot_product_attention(
-                q_rows, keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
-                attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+                q_rows, as_dtype(keys.transpose(1, 2), q.dtype),
+                as_dtype(values.transpose(1, 2), q.dtype), attn_mask=mask, scale=self.scale,
+                enable_gqa=gqa)
             out[plan.decode_token_index] = attended.squeeze(2)
         for group in plan.chunk_groups:
             # [G, ctx, KV, D] keys of the group's sequences, new tokens included.
@@ -224,10 +270,28 @@ class Attention(nn.Module):
             # after cached tokens needs the offset mask.
             fresh = group.cached == 0
             attended = F.scaled_dot_product_attention(
-                q_rows, keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
+                q_rows, as_dtype(keys.transpose(1, 2), q.dtype),
+                as_dtype(values.transpose(1, 2), q.dtype),
                 attn_mask=None if fresh else group.causal_mask, is_causal=fresh,
                 scale=self.scale, enable_gqa=gqa)
             out[group.rows] = attended.transpose(1, 2)
+        return self.o_proj(out.reshape(t, -1))
+
+    def _forward_static(self, x: torch.Tensor, plan, cache, layer: int) -> torch.Tensor:
+        """The fixed-shape step (static_step.py): the KernelPlan's step in plain torch."""
+        t = x.shape[0]
+        if self.qkv_weight is not None and x.dtype == self.qkv_weight.dtype:
+            q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = F.linear(x, self.qkv_weight).split([q_width, kv_width, kv_width], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        k_pages, v_pages = cache.step_tensors(layer)  # [num_pages + 1, page_size, KV, D]
+        rows = plan.static_rows
+        store_kv_rows(k, v, k_pages, v_pages, rows.kv_rows)
+        out = paged_attention_static(q, k_pages, v_pages, plan.block_tables, rows, self.scale)
         return self.o_proj(out.reshape(t, -1))
 
     def _forward_kernels(self, x: torch.Tensor, plan, cache, layer: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from baton.kernels import (
 
 from .cache import MambaStateSpec
 from .config import NemotronHConfig
-from .layers import FormatPlan, GatedRMSNorm, quant_linear
+from .layers import FormatPlan, GatedRMSNorm, as_dtype, as_f32, quant_linear
 
 
 def segment_sum(x: torch.Tensor) -> torch.Tensor:
@@ -48,10 +48,10 @@ def ssd_chunk_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.
     """
     batch, length, heads, _ = x.shape
     groups = b.shape[2]
-    b = b.float().repeat_interleave(heads // groups, dim=2)  # [B, T, h, n]
-    c = c.float().repeat_interleave(heads // groups, dim=2)
-    x_dt = x.float() * dt.float()[..., None]  # [B, T, h, p]
-    a_dt = a.float() * dt.float()  # [B, T, h]
+    b = as_f32(b).repeat_interleave(heads // groups, dim=2)  # [B, T, h, n]
+    c = as_f32(c).repeat_interleave(heads // groups, dim=2)
+    x_dt = as_f32(x) * as_f32(dt)[..., None]  # [B, T, h, p]
+    a_dt = as_f32(a) * as_f32(dt)  # [B, T, h]
     # Padding with dt = 0 adds no input and no decay, so the final state is unaffected.
     pad = (-length) % chunk_size
     if pad:
@@ -78,7 +78,7 @@ def ssd_chunk_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.
     # Carry states across chunks (from the initial state).
     if initial_state is None:
         initial_state = torch.zeros_like(chunk_states[:, 0])
-    states = torch.cat([initial_state.float()[:, None], chunk_states], dim=1)  # [B, c+1, h, p, n]
+    states = torch.cat([as_f32(initial_state)[:, None], chunk_states], dim=1)  # [B, c+1, h, p, n]
     chunk_decay = torch.exp(segment_sum(F.pad(a_cumsum[..., -1], (1, 0))))  # [B, h, c+1, c+1]
     states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
     start_states, final_state = states[:, :-1], states[:, -1]
@@ -94,11 +94,11 @@ def ssm_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, a: torch.Te
     """One token of the recurrence, fp32: state [B, h, p, n], x [B, h, p], dt [B, h],
     b and c [B, g, n]. Returns y [B, h, p] (without the D skip) and the new state."""
     heads, groups = x.shape[1], b.shape[1]
-    b = b.float().repeat_interleave(heads // groups, dim=1)  # [B, h, n]
-    c = c.float().repeat_interleave(heads // groups, dim=1)
-    dt = dt.float()
-    decay = torch.exp(dt * a.float())[..., None, None]  # [B, h, 1, 1]
-    state = state.float() * decay + (dt[..., None] * x.float())[..., None] * b[:, :, None, :]
+    b = as_f32(b).repeat_interleave(heads // groups, dim=1)  # [B, h, n]
+    c = as_f32(c).repeat_interleave(heads // groups, dim=1)
+    dt = as_f32(dt)
+    decay = torch.exp(dt * as_f32(a))[..., None, None]  # [B, h, 1, 1]
+    state = as_f32(state) * decay + (dt[..., None] * as_f32(x))[..., None] * b[:, :, None, :]
     y = torch.einsum("bhpn,bhn->bhp", state, c)
     return y, state
 
@@ -142,7 +142,7 @@ class Mamba2Mixer(nn.Module):
     def _time_step(self, dt: torch.Tensor) -> torch.Tensor:
         # The clamp is the config's time_step_limit (the released models' (0, inf)).
         low, high = self.time_step_limit
-        return F.softplus(dt.float() + self.dt_bias.float()).clamp(min=low, max=high)
+        return F.softplus(as_f32(dt) + as_f32(self.dt_bias)).clamp(min=low, max=high)
 
     def _conv(self, window: torch.Tensor) -> torch.Tensor:
         """window [B, W, k - 1 + n] of conv inputs -> silu(conv) [B, W, n] (valid positions)."""
@@ -160,14 +160,14 @@ class Mamba2Mixer(nn.Module):
                 c.reshape(*lead, self.groups, self.state_size))
 
     def _a(self) -> torch.Tensor:
-        return -torch.exp(self.A_log.float())
+        return -torch.exp(as_f32(self.A_log))
 
     def _output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor,
                 dtype: torch.dtype) -> torch.Tensor:
         """y, x [..., h, p] fp32 -> out_proj(norm(y + D x, z))."""
-        y = y + self.D.float()[:, None] * x.float()
+        y = y + as_f32(self.D)[:, None] * as_f32(x)
         y = self.norm(y.flatten(-2), z)
-        return self.out_proj(y.to(dtype))
+        return self.out_proj(as_dtype(y, dtype))
 
     def _scan(self, xbc_window: torch.Tensor, dt: torch.Tensor,
               ssm_state: torch.Tensor | None):
@@ -191,6 +191,8 @@ class Mamba2Mixer(nn.Module):
     def forward_cached(self, hidden: torch.Tensor, plan, cache, layer: int) -> torch.Tensor:
         """hidden [T, H] of a ForwardBatch; reads and writes each sequence's slot state."""
         if plan.uses_kernels:  # the one place the path is chosen (model.set_kernels)
+            if plan.static_rows is not None:
+                return self._forward_static(hidden, plan, cache, layer)
             return self._forward_kernels(hidden, plan, cache, layer)
         z, xbc, dt = self._split(self.in_proj(hidden))
         conv_states, ssm_states = cache.mamba_state(layer)  # [S*, W, k-1], [S*, h, p, n]
@@ -239,6 +241,53 @@ class Mamba2Mixer(nn.Module):
         # The kernels add the D skip: the gated norm and out_proj remain.
         return self.out_proj(self.norm(y.flatten(-2), z).to(hidden.dtype))
 
+    def _forward_static(self, hidden: torch.Tensor, plan, cache, layer: int) -> torch.Tensor:
+        """The fixed-shape step (static_step.py): one token per sequence (decode), or a
+        verification's 1 + K tokens with the state after each kept for cache.accept. Inert
+        rows read and write the cache's scratch slot."""
+        z, xbc, dt = self._split(self.in_proj(hidden))
+        rows = plan.static_rows
+        q_len = rows.max_tokens
+        if not plan.spec_verify and q_len != 1:
+            raise ValueError(f"max_tokens: the fixed-shape Mamba step takes 1 token per "
+                             f"sequence, or a verification, got {q_len}")
+        conv_states, ssm_states, *spec = cache.step_tensors(layer)
+        slots, keep = rows.slots, rows.has_state
+        conv = torch.where(keep[:, None, None], conv_states[slots], 0).to(xbc.dtype)
+        window = torch.cat([conv, rows.pad(xbc).transpose(1, 2)], -1)  # [S, W, k-1+Q]
+        taps = window.unfold(-1, self.kernel, 1)  # [S, W, Q, k]
+        conv_out = (taps * self.conv1d.weight[:, 0, :][:, None, :]).sum(-1)
+        if self.conv1d.bias is not None:
+            conv_out = conv_out + self.conv1d.bias[:, None]
+        x, b, c = self._split_xbc(F.silu(conv_out).transpose(1, 2))  # [S, Q, h, p], [S, Q, g, n]
+        x = as_f32(x)
+        per_group = self.heads // self.groups
+        b = as_f32(b).repeat_interleave(per_group, dim=2)  # [S, Q, h, n]
+        c = as_f32(c).repeat_interleave(per_group, dim=2)
+        step_dt = self._time_step(rows.pad(dt))  # [S, Q, h]
+        decay = torch.exp(step_dt * self._a())  # [S, Q, h]
+        state = as_f32(torch.where(keep[:, None, None, None], ssm_states[slots], 0))
+        ys = []
+        for j in range(q_len):  # at most 1 + K tokens
+            state = state * decay[:, j, :, None, None] + \
+                (step_dt[:, j, :, None] * x[:, j])[..., None] * b[:, j, :, None, :]
+            ys.append(torch.einsum("shpn,shn->shp", state, c[:, j]))
+            if plan.spec_verify:
+                ssm_spec = spec[1]
+                snapshot_rows = slots * ssm_spec.shape[1] + j
+                ssm_spec.view(-1, *ssm_spec.shape[2:]).index_copy_(
+                    0, snapshot_rows, as_dtype(state, ssm_spec.dtype))
+        if plan.spec_verify:
+            conv_spec = spec[0]
+            conv_spec[..., :window.shape[-1]].index_copy_(0, slots,
+                                                           as_dtype(window, conv_spec.dtype))
+        else:
+            conv_states.index_copy_(0, slots, as_dtype(window[..., 1:], conv_states.dtype))
+            ssm_states.index_copy_(0, slots, as_dtype(state, ssm_states.dtype))
+        y = torch.stack(ys, 1) + as_f32(self.D)[:, None] * x  # [S, Q, h, p]
+        y = rows.unpad(y)  # [T, h, p]
+        return self.out_proj(as_dtype(self.norm(y.flatten(-2), z), hidden.dtype))
+
     def _slot_state(self, states: torch.Tensor, slots: torch.Tensor,
                     fresh: torch.Tensor) -> torch.Tensor:
         """The slots' states, zero where the sequence starts fresh (cached_len == 0)."""
@@ -250,29 +299,29 @@ class Mamba2Mixer(nn.Module):
         """All single-token sequences in one batched step."""
         rows, slots = plan.decode_token_index, plan.decode_slots
         conv = self._slot_state(conv_states, slots, plan.decode_fresh)  # [S, W, k-1]
-        window = torch.cat([conv.to(xbc.dtype), xbc[rows].unsqueeze(-1)], dim=-1)  # [S, W, k]
+        window = torch.cat([as_dtype(conv, xbc.dtype), xbc[rows].unsqueeze(-1)], -1)  # [S, W, k]
         x, b, c = self._split_xbc(self._conv(window).squeeze(-1))
         state = self._slot_state(ssm_states, slots, plan.decode_fresh)
         out, state = ssm_step(state, x, self._time_step(dt[rows]), self._a(), b, c)
-        conv_states[slots] = window[..., 1:].to(conv_states.dtype)
-        ssm_states[slots] = state.to(ssm_states.dtype)
-        y[rows], x_all[rows] = out, x.float()
+        conv_states[slots] = as_dtype(window[..., 1:], conv_states.dtype)
+        ssm_states[slots] = as_dtype(state, ssm_states.dtype)
+        y[rows], x_all[rows] = out, as_f32(x)
 
     def _chunk(self, group, xbc, dt, y, x_all, conv_states, ssm_states) -> None:
         """Prompt chunks of equal length through the chunked scan, continuing the slots'
         states (or starting from zero when nothing is cached)."""
         new = xbc[group.rows].transpose(1, 2)  # [G, W, n]
         if group.cached:
-            conv = conv_states[group.slots].to(new.dtype)
+            conv = as_dtype(conv_states[group.slots], new.dtype)
             ssm = ssm_states[group.slots]
         else:
             conv = new.new_zeros(new.shape[0], self.conv_dim, self.kernel - 1)
             ssm = None
         window = torch.cat([conv, new], dim=-1)  # [G, W, k-1+n]
         out, x, final = self._scan(window, dt[group.rows], ssm)
-        conv_states[group.slots] = window[..., -(self.kernel - 1):].to(conv_states.dtype)
-        ssm_states[group.slots] = final.to(ssm_states.dtype)
-        y[group.rows], x_all[group.rows] = out, x.float()
+        conv_states[group.slots] = as_dtype(window[..., -(self.kernel - 1):], conv_states.dtype)
+        ssm_states[group.slots] = as_dtype(final, ssm_states.dtype)
+        y[group.rows], x_all[group.rows] = out, as_f32(x)
 
     def _verify(self, xbc, dt, y, x_all, plan, cache, layer) -> None:
         """Speculative verification: step through each sequence's 1 + K tokens from its slot
@@ -292,9 +341,9 @@ class Mamba2Mixer(nn.Module):
         a = self._a()
         for j in range(steps):  # at most 1 + K draft positions
             out, state = ssm_step(state, x[:, j], step_dt[:, j], a, b[:, j], c[:, j])
-            ssm_spec[slots, j] = state.to(ssm_spec.dtype)
+            ssm_spec[slots, j] = as_dtype(state, ssm_spec.dtype)
             seqs, token_rows = plan.verify_step_seqs[j], plan.verify_step_rows[j]
             y[token_rows] = out[seqs]
-            x_all[token_rows] = x[seqs, j].float()
-        conv_spec[slots, :, : window.shape[-1]] = window.to(conv_spec.dtype)
+            x_all[token_rows] = as_f32(x[seqs, j])
+        conv_spec[slots, :, : window.shape[-1]] = as_dtype(window, conv_spec.dtype)
         cache.mark_pending(plan.slots, plan.seq_lens)

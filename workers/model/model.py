@@ -22,7 +22,7 @@ from baton.kernels.formats import BACKEND_CHOICES, check_backend
 from .batch import BatchPlan, ForwardBatch, KernelPlan
 from .cache import ModelCache
 from .config import NemotronHConfig
-from .layers import MLP, Attention, FormatPlan, MoE, RMSNorm
+from .layers import MLP, Attention, FormatPlan, MoE, RMSNorm, as_dtype, as_f32, on_device
 from .mamba import Mamba2Mixer
 
 
@@ -176,7 +176,7 @@ class NemotronHModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] (after norm_f or MTP final_layernorm) -> logits [..., V] float32."""
-        return self.lm_head(hidden.to(self.dtype)).float()
+        return as_f32(self.lm_head(as_dtype(hidden, self.dtype)))
 
     def mtp_forward_full(self, prev_hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
         """The MTP depth over whole sequences, no cache: prev_hidden [B, T, H] (main hidden at
@@ -231,7 +231,8 @@ class NemotronHModel(nn.Module):
         main layer i has finished for the whole batch."""
         plan = self.plan(batch, cache)
         self.mark_pending(plan, cache)
-        return self.forward_planned(batch.input_ids.to(self.device), plan, cache, on_layer_done)
+        return self.forward_planned(on_device(batch.input_ids, self.device), plan, cache,
+                                    on_layer_done)
 
     @staticmethod
     def mark_pending(plan: BatchPlan | KernelPlan, cache: ModelCache) -> None:
@@ -271,8 +272,8 @@ class NemotronHModel(nn.Module):
                 f"{tuple(next_ids.shape)}")
         if next_ids is not batch.input_ids:
             self._check_ids(next_ids)
-        return self.mtp_planned(prev_hidden.to(self.device), next_ids.to(self.device), plan,
-                                cache)
+        return self.mtp_planned(on_device(prev_hidden, self.device),
+                                on_device(next_ids, self.device), plan, cache)
 
     def mtp_planned(self, prev_hidden: torch.Tensor, next_ids: torch.Tensor,
                     plan: BatchPlan | KernelPlan, cache: ModelCache) -> torch.Tensor:
@@ -285,8 +286,8 @@ class NemotronHModel(nn.Module):
 
     def _mtp_input(self, prev_hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
         first = self.mtp.layers[0]
-        embedded = first.enorm(self.backbone.embeddings(next_ids.to(self.device)))
-        hidden = first.hnorm(prev_hidden.to(self.device, self.dtype))
+        embedded = first.enorm(self.backbone.embeddings(on_device(next_ids, self.device)))
+        hidden = first.hnorm(as_dtype(on_device(prev_hidden, self.device), self.dtype))
         return first.eh_proj(torch.cat([embedded, hidden], dim=-1))
 
     def _require_mtp(self) -> None:

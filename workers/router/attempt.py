@@ -38,6 +38,7 @@ WATCH_INTERVAL_S = 0.25
 _FINISH = {
     decode_pb2.FINISH_REASON_STOP: "stop",
     decode_pb2.FINISH_REASON_LENGTH: "length",
+    decode_pb2.FINISH_REASON_GRAMMAR_ERROR: "grammar_error",
 }
 # Codes that say the request itself is wrong: another worker would refuse it as well.
 NOT_RETRIED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE,
@@ -152,7 +153,7 @@ class Attempt:
                 sampling=self.sampling, deadline=_timestamp(request.deadline),
                 num_output_tokens=self.num_emitted,
                 local_prefill_max_tokens=backend.local_prefill_limit(self.prompt, self.avoid),
-                cache_salt=request.cache_salt),
+                snapshot_points=request.snapshot_points, cache_salt=request.cache_salt),
             request.deadline, self.metadata, self.avoid, request.cache_key)
         self.state = AttemptState.RESERVED
         backend.balancer.held(self.decode, self.prompt, self.reserved.cached_tokens,
@@ -190,7 +191,8 @@ class Attempt:
                     reservation_token=reserved.reservation_token,
                     prompt_chain_hash=reserved.prompt_chain_hash,
                     decode_cached_tokens=reserved.cached_tokens,
-                    num_output_tokens=self.num_emitted, cache_salt=request.cache_salt),
+                    num_output_tokens=self.num_emitted,
+                    snapshot_points=request.snapshot_points, cache_salt=request.cache_salt),
                 self.metadata))
             self._prefill_task.add_done_callback(retrieve)
             self.state = AttemptState.GENERATING
@@ -205,13 +207,16 @@ class Attempt:
         self.state = AttemptState.PREFILLED
         answer = self._prefill_task.result()
         self.backend.balancer.held(self.prefill, self.prompt, answer.cached_tokens)
-        self.backend.balancer.computed(self.prefill, self.prompt, answer.cached_tokens)
+        self.backend.balancer.computed(self.prefill, self.prompt, answer.cached_tokens,
+                                       self.request.snapshot_points)
 
     def _first_token(self) -> None:
         """-> STREAMING: D holds the whole prompt now (and computed it, if it prefilled)."""
         self.state = AttemptState.STREAMING
         if self.reserved.local_prefill:
-            self.backend.balancer.computed(self.decode, self.prompt, self.reserved.cached_tokens)
+            self.backend.balancer.computed(self.decode, self.prompt,
+                                           self.reserved.cached_tokens,
+                                           self.request.snapshot_points)
         else:
             self.backend.balancer.received(self.decode, self.prompt)
 

@@ -33,6 +33,9 @@ class GenerationRequest:
     # The prefix cache's isolation domain on the workers (server.py: the API key's salt mixed
     # with the request's cache_salt); b"": the shared cache.
     cache_salt: bytes = b""
+    # Prompt offsets where a later request will likely branch (chat message ends): the
+    # workers snapshot their prefix cache there too.
+    snapshot_points: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -130,13 +130,16 @@ class Balancer:
         if cache_key and worker.role == "decode":
             index.bind(cache_key, worker.address)
 
-    def computed(self, worker: Worker, prompt: Sequence[int], start: int) -> None:
+    def computed(self, worker: Worker, prompt: Sequence[int], start: int,
+                 points: Sequence[int] = ()) -> None:
         """A worker computed (or received) the whole prompt from `start`: it now holds a
-        snapshot at the prompt's end; if it computed it, one every snapshot interval too."""
+        snapshot at the prompt's end; if it computed it, one every snapshot interval and at
+        each of the request's snapshot points after start too."""
         index = self.indexes.get(worker.role)
         if index is None:
             return
-        index.record(worker.address, prompt, [len(prompt), *self._intervals(start, len(prompt))])
+        index.record(worker.address, prompt, [len(prompt), *self._intervals(start, len(prompt)),
+                                              *(p for p in points if start < p < len(prompt))])
 
     def received(self, worker: Worker, prompt: Sequence[int]) -> None:
         """A decode worker took in a transferred prompt: a snapshot at its end."""

@@ -54,6 +54,7 @@ class Collected:
     message: Message = field(default_factory=Message)
     entries: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
+    error: dict[str, Any] | None = None
 
     def add(self, event: ChoiceEvent) -> None:
         for d in event.deltas:
@@ -62,6 +63,7 @@ class Collected:
             self.entries.append(event.entry)
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
+            self.error = event.error
 
 
 def chat_message(message: Message) -> dict[str, Any]:
@@ -121,7 +123,12 @@ class ChatBodies:
         return {"index": index, "message": chat_message(c.message),
                 "logprobs": {"content": [chat_logprob(e) for e in c.entries]}
                 if self.logprobs else None,
-                "finish_reason": c.finish_reason}
+                "finish_reason": c.finish_reason, **_error(c)}
+
+
+def _error(c: Collected) -> dict[str, Any]:
+    """A choice that ended in an error (finish_reason "error") says which."""
+    return {"error": c.error} if c.error is not None else {}
 
 
 class CompletionBodies:
@@ -154,4 +161,4 @@ class CompletionBodies:
     def choice(self, index: int, c: Collected) -> dict[str, Any]:
         return {"index": index, "text": c.message.content,
                 "logprobs": completion_logprobs(c.entries, 0) if self.logprobs else None,
-                "finish_reason": c.finish_reason}
+                "finish_reason": c.finish_reason, **_error(c)}

@@ -103,7 +103,9 @@ class CompletionsApi:
         def chunk(choices: list[dict[str, Any]]) -> bytes:
             body = dict(envelope)
             body["choices"] = choices
-            if parsed.include_usage:
+            if parsed.continuous_usage:
+                body["usage"] = generation.usage()
+            elif parsed.include_usage:
                 body["usage"] = None
             return sse(body)
 
@@ -119,6 +121,11 @@ class CompletionsApi:
                 if event.finish_reason is not None:
                     await response.write(chunk([bodies.closing(event.index,
                                                                event.finish_reason)]))
+                if event.error is not None:
+                    # The choice ended in an error: an error event the client sees (the
+                    # official clients raise it).
+                    outcome = "error"
+                    await response.write(sse({"error": event.error}))
             if parsed.include_usage:
                 body = dict(envelope)
                 body["choices"] = []

@@ -41,6 +41,7 @@ class Choice:
     completion_tokens: int = 0
     cached_tokens: int = 0
     finish_reason: str | None = None
+    error: dict[str, Any] | None = None  # finish_reason "error": what went wrong
 
 
 @dataclass
@@ -51,6 +52,7 @@ class ChoiceEvent:
     deltas: list[Delta]
     entry: dict[str, Any] | None = None  # the token's logprob entry, when asked for
     finish_reason: str | None = None  # set on the choice's last event
+    error: dict[str, Any] | None = None  # finish_reason "error": what went wrong
 
 
 @dataclass
@@ -149,11 +151,21 @@ class Generation:
         try:
             while True:
                 deltas: list[Delta] = []
+                refused = out.finish_reason == GRAMMAR_ERROR
                 if out.token_id is not None:
                     choice.completion_tokens += 1
                     t_last = time.monotonic()
-                    deltas = output.push(out.token_id)
+                    if not refused:  # a token the grammar refused is no part of the answer
+                        deltas = output.push(out.token_id)
                 reason = None
+                if refused:
+                    deltas += output.finish()
+                    choice.finish_reason = "error"
+                    choice.error = grammar_refusal(out.token_id)
+                    self.metrics.grammar_refused_tokens.inc()
+                    yield ChoiceEvent(choice.index, deltas, self._entry(out), "error",
+                                      choice.error)
+                    return
                 if output.stopped:
                     reason = output.finish_reason(None)
                 elif out.finish_reason is not None:
@@ -226,6 +238,16 @@ class Generation:
         streams, self._streams = list(self._streams.values()), {}
         for stream in streams:
             await asyncio.shield(stream.aclose())
+
+
+GRAMMAR_ERROR = "grammar_error"  # the workers' finish reason for a refused token
+
+
+def grammar_refusal(token_id: int | None) -> dict[str, Any]:
+    """The error a choice reports when the grammar refused the token the model sampled."""
+    return {"message": f"the output grammar refused the token the model sampled (id "
+                       f"{token_id}); the output ends before it", "type": "server_error",
+            "code": "grammar_refused_token"}
 
 
 def choice_seed(seed: int | None, j: int) -> int | None:

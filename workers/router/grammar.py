@@ -10,12 +10,15 @@ The shapes, in llguidance's Lark dialect (`%json {...}` is an inline JSON Schema
 
     start: THINK? "\\n"? BODY
     THINK      free text up to and including `</think>`, when the prompt leaves the reasoning
-               open (the output starts inside it; the reasoning itself is never constrained)
+               open (the output starts inside it; the reasoning itself is never constrained,
+               but a reasoning budget bounds its length: once it has that many tokens, only
+               `</think>` may follow)
     BODY       response_format json_object:   %json {"type": "object"}
-               response_format json_schema:   %json {schema}
+               response_format json_schema:   %json {schema}  (strict: objects closed)
                tool_choice required:          call+   (call, with parallel_tool_calls false)
                tool_choice {"function": f}:   call_f
                tool_choice auto + a format:   call+ | %json {schema}
+               only a reasoning budget:       any tokens but `</think>`
     call_f:    "<tool_call>\\n<function=f>\\n" param* "</function>\\n</tool_call>\\n"
     param:     "<parameter=KEY>\\n" VALUE "\\n</parameter>\\n", declared parameters in
                schema order, required ones always, others optional, none undeclared
@@ -26,14 +29,18 @@ The shapes, in llguidance's Lark dialect (`%json {...}` is an inline JSON Schema
 
 JSON inside a grammar is compact with json.dumps' separators (", " and ": "), no other
 whitespace: the model cannot stall in whitespace, and typed arguments read back exactly.
-Markup that is a special token of the tokenizer (`</think>`, `<tool_call>` in some
-vocabularies) is written as a token reference (`<tool_call>`), not as text.
+
+Markup is written the way the model sees it: a markup string that is one token of the
+vocabulary which llguidance treats as a special token (every added token, whatever its
+`special` flag in tokenizer.json: the demo's `<think>` and `<tool_call>` are `special: false`
+and still single tokens no text lexeme can match) is a token reference `<[id]>`; markup the
+tokenizer spells in pieces is text. `markup_tokens` (tokenization.py) decides which.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -45,6 +52,10 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 THINK_CLOSE = "</think>"
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
+PARAMETER_CLOSE = "</parameter>"
+# Every markup string a grammar writes (a token reference where the vocabulary has it whole).
+GRAMMAR_MARKUP = (THINK_CLOSE, TOOL_CALL_OPEN, TOOL_CALL_CLOSE, "<function=", "</function>",
+                  "<parameter=", PARAMETER_CLOSE)
 
 
 class GrammarError(ValueError):
@@ -63,6 +74,31 @@ class OutputFormat:
     schema: Mapping[str, Any] | None = None  # json_schema
     name: str | None = None
     param: str = "response_format"  # the request field it came from, for errors
+    strict: bool = False  # json_schema strict: objects take no properties beyond the schema's
+
+
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+
+
+def closed_schema(schema: Any) -> Any:
+    """schema with every object that does not say otherwise closed (additionalProperties
+    false), as OpenAI's strict mode reads a schema; JSON Schema itself leaves them open."""
+    if not isinstance(schema, Mapping):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), Mapping):
+            out[key] = {k: closed_schema(v) for k, v in out[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_schema(v) for v in out[key]]
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(out.get(key), Mapping):
+            out[key] = closed_schema(out[key])
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def _lit(text: str) -> str:
@@ -87,33 +123,67 @@ def _json(schema: Mapping[str, Any], defs: Mapping[str, Any] | None = None) -> s
 
 
 class _Lark:
-    def __init__(self, special: Collection[str]) -> None:
-        self.special = special
+    """Rules being written; markup: markup string -> its token id, for the markup that is a
+    single token llguidance treats as special (no text lexeme matches such a token)."""
+
+    def __init__(self, markup: Mapping[str, int]) -> None:
+        self.markup = dict(markup)
+        # Longest first, so that a markup string inside another is not split out of it.
+        self._order = sorted(self.markup, key=len, reverse=True)
         self.rules: list[str] = []
 
-    def mark(self, text: str) -> str:
-        """Markup as a special-token reference where the tokenizer has one, else as text."""
-        return text if text in self.special else _lit(text)
+    def token(self, markup: str) -> str | None:
+        """The token reference of markup, or None where it is text."""
+        tid = self.markup.get(markup)
+        return None if tid is None else f"<[{tid}]>"
+
+    def lit(self, text: str) -> str:
+        """text as a sequence of literals, its markup tokens as token references."""
+        parts: list[str] = []
+        rest = text
+        while rest:
+            hits = [(rest.find(m), -len(m), m) for m in self._order if m in rest]
+            if not hits:
+                parts.append(_lit(rest))
+                break
+            at, _, m = min(hits)
+            if at:
+                parts.append(_lit(rest[:at]))
+            parts.append(f"<[{self.markup[m]}]>")
+            rest = rest[at + len(m):]
+        return " ".join(parts) if parts else '""'
+
+    def text_until(self, rule: str, count: str, end: str) -> None:
+        """rule: free text (count: a regex repetition of characters) ending in `end`."""
+        head, sep, markup = end.rpartition(PARAMETER_CLOSE)
+        tok = self.token(PARAMETER_CLOSE) if sep else None
+        if tok is None:
+            self.add(f"{rule}[lazy]: /(?s:.){count}{_regex_escape(end)}/")
+            return
+        # The closing markup is a token no text matches: a greedy text lexeme ends right
+        # before it (and must end in what comes before it).
+        self.add(f"{rule}: {rule}_text {tok} {self.lit(markup)}")
+        self.add(f"{rule}_text: /(?s:.){count}{_regex_escape(head)}/")
 
     def add(self, rule: str) -> None:
         self.rules.append(rule)
 
 
 def _value_rule(g: _Lark, rule: str, schema: Any, defs: Mapping[str, Any]) -> None:
-    end = _lit("\n</parameter>\n")
+    end = g.lit("\n</parameter>\n")
     if not isinstance(schema, Mapping):
         schema = {}
     kind = schema.get("type")
     enum = schema.get("enum")
     if "const" in schema and isinstance(schema["const"], str):
-        g.add(f"{rule}: {_lit(schema['const'])} {end}")
+        g.add(f"{rule}: {g.lit(schema['const'])} {end}")
     elif isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum) and (
             kind in (None, "string")):
-        g.add(f"{rule}: ({' | '.join(_lit(v) for v in enum)}) {end}")
+        g.add(f"{rule}: ({' | '.join(g.lit(v) for v in enum)}) {end}")
     elif kind == "string":
         lo, hi = schema.get("minLength", 0), schema.get("maxLength")
         count = "*" if not lo and hi is None else f"{{{int(lo)},{'' if hi is None else int(hi)}}}"
-        g.add(f"{rule}[lazy]: /(?s:.){count}{_regex_escape(chr(10) + '</parameter>' + chr(10))}/")
+        g.text_until(rule, count, "\n</parameter>\n")
     elif kind == "boolean":
         g.add(f'{rule}: ("True" | "False") {end}')
     elif kind == "null":
@@ -129,33 +199,55 @@ def _call_rule(g: _Lark, k: int, tool: FunctionTool) -> str:
     required = set(params.get("required") or ())
     parts = []
     for j, (key, schema) in enumerate(props.items()):
-        g.add(f"f{k}_p{j}: {_lit('<parameter=' + key + '>' + chr(10))} f{k}_v{j}")
+        g.add(f"f{k}_p{j}: {g.lit('<parameter=' + key + '>' + chr(10))} f{k}_v{j}")
         _value_rule(g, f"f{k}_v{j}", schema, defs)
         parts.append(f"f{k}_p{j}" + ("" if key in required else "?"))
     if not props and params.get("additionalProperties", True) is not False:
         # A function without declared parameters takes any.
-        g.add(f"f{k}_any: {_lit('<parameter=')} /[A-Za-z0-9_.\\-]{{1,64}}/ "
+        g.add(f"f{k}_any: {g.lit('<parameter=')} /[A-Za-z0-9_.\\-]{{1,64}}/ "
               f"{_lit('>' + chr(10))} f{k}_anyv")
-        g.add(f"f{k}_anyv[lazy]: /(?s:.)*{_regex_escape(chr(10) + '</parameter>' + chr(10))}/")
+        g.text_until(f"f{k}_anyv", "*", "\n</parameter>\n")
         parts.append(f"f{k}_any*")
-    header = _lit("\n<function=" + tool.name + ">\n")
-    g.add(f"call{k}: {g.mark(TOOL_CALL_OPEN)} {header} {' '.join(parts)} "
-          f"{_lit('</function>' + chr(10))} {g.mark(TOOL_CALL_CLOSE)} {_lit(chr(10))}")
+    g.add(f"call{k}: {g.lit(TOOL_CALL_OPEN + chr(10) + '<function=' + tool.name + '>' + chr(10))}"
+          f" {' '.join(parts)} {g.lit('</function>' + chr(10) + TOOL_CALL_CLOSE + chr(10))}")
     return f"call{k}"
+
+
+def _think_rule(g: _Lark, budget: int | None) -> None:
+    """think: the reasoning and its `</think>`; budget: at most that many tokens before it."""
+    close = g.token(THINK_CLOSE)
+    if budget == 0:
+        g.add(f"think: {close or _lit(THINK_CLOSE)}")
+    elif close is not None:
+        # No text lexeme matches the close token: the text ends wherever it comes.
+        bound = "" if budget is None else f"[max_tokens={budget}]"
+        g.add(f"think: think_text {close}")
+        g.add(f"think_text{bound}: /(?s:.)*/")
+    elif budget is None:
+        g.add(f"think[lazy]: /(?s:.)*{_regex_escape(THINK_CLOSE)}/")
+    else:
+        # The close is text: the reasoning is text without it, then the close.
+        g.add(f"think: think_text {_lit(THINK_CLOSE)}")
+        g.add(f"think_text[max_tokens={budget}]: /(?s:.)*/ & "
+              f"~/(?s:.)*{_regex_escape(THINK_CLOSE)}(?s:.)*/")
 
 
 def build_grammar(fmt: OutputFormat | None, tools: Sequence[FunctionTool],
                   tool_choice: ToolChoice, parallel_tool_calls: bool, in_reasoning: bool,
-                  special_markup: Collection[str] = ()) -> str | None:
+                  markup: Mapping[str, int] | None = None,
+                  reasoning_budget: int | None = None) -> str | None:
     """The TopLevelGrammar JSON constraining this output, or None when it is unconstrained
-    (module docstring for the shapes)."""
+    (module docstring for the shapes). markup: markup string -> token id where it is one
+    special token; reasoning_budget: the most tokens the reasoning may take (it applies when
+    the output starts inside the reasoning)."""
     json_body = fmt is not None and fmt.kind in ("json_object", "json_schema")
     constrains_calls = tool_choice.mode in ("required", "function")
-    if not json_body and not constrains_calls:
+    bounded = in_reasoning and reasoning_budget is not None
+    if not json_body and not constrains_calls and not bounded:
         return None
-    g = _Lark(special_markup)
+    g = _Lark(markup or {})
     bodies = []
-    if constrains_calls or (tool_choice.mode == "auto" and tools):
+    if constrains_calls or (json_body and tool_choice.mode == "auto" and tools):
         chosen = [(k, t) for k, t in enumerate(tools)
                   if tool_choice.mode != "function" or t.name == tool_choice.function]
         calls = [_call_rule(g, k, t) for k, t in chosen]
@@ -164,17 +256,21 @@ def build_grammar(fmt: OutputFormat | None, tools: Sequence[FunctionTool],
         bodies.append("call+" if many else "call")
     if json_body and tool_choice.mode != "required" and tool_choice.mode != "function":
         schema = fmt.schema if fmt.kind == "json_schema" else {"type": "object"}
+        if fmt.strict:
+            schema = closed_schema(schema)
         g.add(f"json_body: {_json(schema)}")
         bodies.append("json_body")
     start = "start: "
     if in_reasoning:
-        if THINK_CLOSE in special_markup:
-            g.add("THINK_TEXT: /(?s:.)*/")
-            g.add(f"think: THINK_TEXT {THINK_CLOSE}")
-        else:
-            g.add(f"think[lazy]: /(?s:.)*{_regex_escape(THINK_CLOSE)}/")
+        _think_rule(g, reasoning_budget)
         start += "think "
-    start += f"{_lit(chr(10))}? ({' | '.join(bodies)})"
+    if bodies:
+        start += f"{_lit(chr(10))}? ({' | '.join(bodies)})"
+    else:
+        # Only the reasoning is bounded: after it, anything (markup tokens included).
+        close = g.token(THINK_CLOSE)
+        g.add(f"answer: <[^{close[2:-2]}]>*" if close else "answer: /(?s:.)*/")
+        start += "answer"
     lark = "\n".join([start, *g.rules]) + "\n"
     return json.dumps({"grammars": [{"lark_grammar": lark}]})
 
@@ -213,16 +309,16 @@ def _check_tools(tools: Sequence[FunctionTool], param: str) -> None:
 class GrammarCompiler:
     """Builds and validates output grammars for one model (blocking: run it off the loop).
 
-    tokenizer: the model's llguidance LLTokenizer (special-token references need it), or
-    None. special_markup: the markup strings that are special tokens of that tokenizer.
-    Grammars already validated are remembered (the same tools and schema recur in agent
-    loops), up to cache_size of them.
+    tokenizer: the model's llguidance LLTokenizer (token references need it), or None.
+    markup: markup string -> token id, for the markup that is one special token of that
+    tokenizer (tokenization.markup_tokens). Grammars already validated are remembered (the
+    same tools and schema recur in agent loops), up to cache_size of them.
     """
 
-    def __init__(self, tokenizer: Any = None, special_markup: Collection[str] = (),
+    def __init__(self, tokenizer: Any = None, markup: Mapping[str, int] | None = None,
                  cache_size: int = 256) -> None:
         self.tokenizer = tokenizer
-        self.special_markup = frozenset(special_markup)
+        self.markup = dict(markup or {})
         self._validated = lru_cache(maxsize=cache_size)(self._error)
 
     def _error(self, grammar: str) -> str | None:
@@ -230,12 +326,13 @@ class GrammarCompiler:
 
     def compile(self, fmt: OutputFormat | None, tools: Sequence[FunctionTool],
                 tool_choice: ToolChoice, parallel_tool_calls: bool, in_reasoning: bool,
-                tools_param: str = "tools[{i}].parameters") -> str | None:
+                tools_param: str = "tools[{i}].parameters",
+                reasoning_budget: int | None = None) -> str | None:
         """The request's grammar (None: unconstrained); GrammarError names the field whose
         schema llguidance cannot compile (tools_param: where a tool's parameters are in the
         request, {i} its index)."""
         grammar = build_grammar(fmt, tools, tool_choice, parallel_tool_calls, in_reasoning,
-                                self.special_markup)
+                                self.markup, reasoning_budget)
         if grammar is None:
             return None
         error = self._validated(grammar)

@@ -56,7 +56,7 @@ def build_router(cfg: WorkerConfig, prefill: str, decode: str,
         max_queued_requests=cfg.router.max_queued_requests,
         api_keys_file=cfg.router.api_keys_file,
         max_body_bytes=cfg.router.max_request_body_bytes,
-        body_budget_bytes=cfg.router.request_body_budget_bytes)
+        body_budget_bytes=cfg.router.request_body_budget_bytes, reasoning=cfg.router.reasoning)
     metrics = BatonMetrics(MetricLabels(namespace=cfg.namespace, model=cfg.model,
                                         role="router"))
     return Router(backend, CheckpointTokenizer(cfg.model_path), settings, metrics)

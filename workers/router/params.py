@@ -48,6 +48,11 @@ PRIORITY_LIMIT = 2**31 - 1  # `priority` in [-PRIORITY_LIMIT, PRIORITY_LIMIT]
 # OpenAI's default for the legacy completions endpoint; chat defaults to the rest of the context.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+# OpenAI's reasoning_effort levels: none turns thinking off, the others pick a token budget
+# (RouterSettings.reasoning, the Model's spec.router.reasoning).
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+# The explicit reasoning budget's field, as vLLM names it.
+THINKING_BUDGET_FIELD = "thinking_token_budget"
 
 
 @dataclass
@@ -83,6 +88,10 @@ class ParsedRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = False
     include_usage: bool = False
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage per chunk
+    reasoning_effort: str | None = None  # one of REASONING_EFFORTS; None: the default
+    reasoning_budget: int | None = None  # thinking_token_budget: the reasoning's most tokens
+    snapshot_points: tuple[int, ...] = ()  # completions: where to snapshot the prompt too
     tokens_as_ids: bool = False  # logprobs name tokens "token_id:<id>" (exact, for tooling)
 
 
@@ -196,16 +205,22 @@ def check_known(body: dict, known: frozenset[str]) -> None:
         )
 
 
-_COMMON = frozenset({
-    "model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options",
-    "stop", "stop_token_ids", "ignore_eos", "seed", "logprobs", "user", "presence_penalty",
-    "frequency_penalty", "logit_bias", "return_tokens_as_token_ids", "prompt_cache_key",
-    "repetition_penalty", "min_tokens", "priority", "cache_salt",
+# What sampling_params reads: the sampling fields every generation endpoint takes
+# (completions, chat and the Responses API alike).
+SAMPLING_FIELDS = frozenset({
+    "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "logit_bias", "min_tokens", "stop", "stop_token_ids", "ignore_eos",
 })
-_COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
+_COMMON = SAMPLING_FIELDS | {
+    "model", "max_tokens", "n", "stream", "stream_options", "logprobs", "user",
+    "return_tokens_as_token_ids", "prompt_cache_key", "priority", "cache_salt",
+}
+_COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix", "snapshot_points"}
+MAX_SNAPSHOT_POINTS = 16
 _CHAT_FIELDS = _COMMON | {
     "messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs",
     "response_format", "tools", "tool_choice", "parallel_tool_calls", "store", "metadata",
+    "reasoning_effort", THINKING_BUDGET_FIELD,
 }
 
 
@@ -237,10 +252,11 @@ def _logit_bias(body: dict) -> dict[int, float]:
 
 
 def sampling_params(body: dict, **fields: Any) -> SamplingParams:
-    """The SamplingParams fields every generation endpoint shares (max_tokens and logprobs
-    are the endpoint's to set)."""
+    """The SamplingParams fields every generation endpoint shares (SAMPLING_FIELDS;
+    max_tokens and logprobs are the endpoint's to set)."""
     # int64 (OpenAI's) or uint64 (the wire's): either is taken.
     seed = int_field(body, "seed", -(2**63), 2**64 - 1)
+    stop_token_ids = body.get("stop_token_ids")
     return SamplingParams(
         temperature=_float(body, "temperature", 0.0, 2.0, 1.0),
         top_p=_float(body, "top_p", 0.0, 1.0, 1.0, lo_open=True),
@@ -253,8 +269,26 @@ def sampling_params(body: dict, **fields: Any) -> SamplingParams:
                                   lo_open=True),
         logit_bias=_logit_bias(body),
         min_tokens=int_field(body, "min_tokens", 0) or 0,
+        stop=_stop(body),
+        stop_token_ids=[] if stop_token_ids is None else _token_ids("stop_token_ids",
+                                                                    stop_token_ids),
+        ignore_eos=bool_field(body, "ignore_eos"),
         **fields,
     )
+
+
+def parse_reasoning(req: ParsedRequest, effort: Any, body: dict, effort_param: str) -> None:
+    """The request's reasoning effort (effort_param names its field) and explicit budget;
+    effort "none" turns thinking off in the chat template (unless the request's
+    chat_template_kwargs say otherwise)."""
+    if effort is not None:
+        if effort not in REASONING_EFFORTS:
+            raise bad_request(f"{effort_param}: must be one of {', '.join(REASONING_EFFORTS)}, "
+                              f"got {effort!r:.80}", param=effort_param, code="invalid_value")
+        req.reasoning_effort = effort
+        if effort == "none":
+            req.chat_template_kwargs.setdefault("enable_thinking", False)
+    req.reasoning_budget = int_field(body, THINKING_BUDGET_FIELD, 0)
 
 
 def _common(body: dict, endpoint: str) -> ParsedRequest:
@@ -266,7 +300,7 @@ def _common(body: dict, endpoint: str) -> ParsedRequest:
     n = int_field(body, "n", 1, MAX_CHOICES) or 1
     stream = bool_field(body, "stream")
     opts = body.get("stream_options")
-    include_usage = False
+    include_usage = continuous = False
     if opts is not None:
         if not isinstance(opts, dict):
             raise invalid_type("stream_options", opts, "an object")
@@ -278,8 +312,8 @@ def _common(body: dict, endpoint: str) -> ParsedRequest:
             raise bad_request(f"stream_options: unknown option {extra[0]!r}",
                               param="stream_options", code="unknown_parameter")
         include_usage = bool_field(opts, "include_usage")
+        continuous = bool_field(opts, "continuous_usage_stats")
     optional_field(body, "user", str)
-    stop_token_ids = body.get("stop_token_ids")
     cache_key = body.get("prompt_cache_key")
     if cache_key is not None and (not isinstance(cache_key, str)
                                   or len(cache_key) > MAX_CACHE_KEY_CHARS):
@@ -293,11 +327,10 @@ def _common(body: dict, endpoint: str) -> ParsedRequest:
         priority=int_field(body, "priority", -PRIORITY_LIMIT, PRIORITY_LIMIT) or 0,
         cache_salt=cache_salt_field(body),
         max_tokens=int_field(body, "max_tokens", 1),
-        sampling=sampling_params(body, stop=_stop(body), stop_token_ids=[] if stop_token_ids
-                                 is None else _token_ids("stop_token_ids", stop_token_ids),
-                                 ignore_eos=bool_field(body, "ignore_eos")),
+        sampling=sampling_params(body),
         stream=stream,
         include_usage=include_usage,
+        continuous_usage=continuous,
         tokens_as_ids=bool_field(body, "return_tokens_as_token_ids"),
     )
 
@@ -349,6 +382,14 @@ def parse_completion(body: Any) -> ParsedRequest:
     if "prompt" not in body or body["prompt"] is None:
         raise bad_request("prompt: required", param="prompt", code="missing_required_parameter")
     req.prompts = _prompts(body["prompt"])
+    points = body.get("snapshot_points")
+    if points is not None:
+        points = _token_ids("snapshot_points", points)
+        if len(points) > MAX_SNAPSHOT_POINTS or points != sorted(set(points)) or 0 in points:
+            raise bad_request(f"snapshot_points: at most {MAX_SNAPSHOT_POINTS} ascending "
+                              f"prompt offsets above 0, got {points!r:.80}",
+                              param="snapshot_points", code="invalid_value")
+        req.snapshot_points = tuple(points)
     if len(req.prompts) * req.n > MAX_CHOICES:
         raise bad_request(f"prompt: {len(req.prompts)} prompts x n={req.n} choices is more "
                           f"than {MAX_CHOICES}", param="prompt", code="invalid_value")
@@ -439,7 +480,8 @@ def parse_json_schema_format(value: Any, param: str, flat: bool) -> OutputFormat
     strict = spec.get("strict")
     if strict is not None and not isinstance(strict, bool):
         raise invalid_type(f"{where}.strict", strict, "a boolean")
-    return OutputFormat("json_schema", schema, name, param=f"{where}.schema")
+    return OutputFormat("json_schema", schema, name, param=f"{where}.schema",
+                        strict=bool(strict))
 
 
 def parse_output_format(value: Any, param: str, flat: bool = False) -> OutputFormat | None:
@@ -486,6 +528,7 @@ def parse_chat(body: Any) -> ParsedRequest:
             raise bad_request(f"chat_template_kwargs: {reserved[0]!r} is set by the request "
                               f"itself", param="chat_template_kwargs", code="invalid_value")
         req.chat_template_kwargs = dict(kwargs)
+    parse_reasoning(req, body.get("reasoning_effort"), body, "reasoning_effort")
     req.output_format = parse_output_format(body.get("response_format"), "response_format")
     req.tools = parse_tools(body.get("tools"))
     req.tool_choice = parse_tool_choice(body.get("tool_choice"), req.tools)

@@ -292,9 +292,10 @@ class ResponsesApi:
             return err.response(), "error"
         status = _status(generation)
         items.finish(status)
-        body = self._response(req, status, items.items, generation, created)
+        body = self._response(req, status, items.items, generation, created,
+                              error=_error(generation))
         self._store(request, req, body, items)
-        return web.json_response(body), "success"
+        return web.json_response(body), "success" if status != "failed" else "error"
 
     async def _stream(self, request: web.Request, generation: Generation,
                       req: ResponsesRequest, created: int) -> tuple[web.StreamResponse, str]:
@@ -324,7 +325,13 @@ class ResponsesApi:
                 status = _status(generation)
                 for e in items.finish(status):
                     await send(e)
-                body = self._response(req, status, items.items, generation, created)
+                error = _error(generation)
+                if error is not None:
+                    outcome = "error"
+                    await send({"type": "error", "code": error["code"],
+                                "message": error["message"], "param": None})
+                body = self._response(req, status, items.items, generation, created,
+                                      error=error)
                 self._store(request, req, body, items)
                 await send({"type": f"response.{status}", "response": body})
             except (asyncio.TimeoutError, WorkerFailure) as exc:
@@ -347,4 +354,11 @@ class ResponsesApi:
 
 
 def _status(generation: Generation) -> str:
-    return "incomplete" if generation.choices[0].finish_reason == "length" else "completed"
+    reason = generation.choices[0].finish_reason
+    return {"length": "incomplete", "error": "failed"}.get(reason, "completed")
+
+
+def _error(generation: Generation) -> dict[str, Any] | None:
+    """The Response's error: the grammar refused a sampled token (status failed)."""
+    error = generation.choices[0].error
+    return None if error is None else {"code": "server_error", "message": error["message"]}

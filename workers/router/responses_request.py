@@ -17,12 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 from baton.workers.router.errors import bad_request, invalid_type
 from baton.workers.router.params import (
+    SAMPLING_FIELDS,
+    THINKING_BUDGET_FIELD,
     ParsedRequest,
     bool_field,
     check_known,
     int_field,
     optional_field,
     parse_output_format,
+    parse_reasoning,
     require_object,
     sampling_params,
     text_content,
@@ -37,8 +40,8 @@ _FIELDS = frozenset({
     "max_output_tokens", "temperature", "top_p", "stream", "store", "previous_response_id",
     "metadata", "text", "reasoning", "user", "truncation", "include", "service_tier",
     "background", "prompt_cache_key", "safety_identifier", "max_tool_calls", "top_logprobs",
-    "stream_options", "seed", "top_k", "chat_template_kwargs",
-})
+    "stream_options", "chat_template_kwargs", THINKING_BUDGET_FIELD,
+}) | SAMPLING_FIELDS
 _ROLES = ("user", "system", "developer", "assistant")
 
 
@@ -171,8 +174,7 @@ def parse_responses(body: Any, store: OwnedResponses) -> ResponsesRequest:
                                             flat=True)
     reasoning = optional_field(body, "reasoning", dict)
     req.chat_template_kwargs = dict(optional_field(body, "chat_template_kwargs", dict) or {})
-    if (reasoning or {}).get("effort") == "none":
-        req.chat_template_kwargs.setdefault("enable_thinking", False)
+    parse_reasoning(req, (reasoning or {}).get("effort"), body, "reasoning.effort")
     req.tools = parse_tools(body.get("tools"))
     req.tool_choice = parse_tool_choice(body.get("tool_choice"), req.tools)
     req.parallel_tool_calls = bool_field(body, "parallel_tool_calls", default=True)

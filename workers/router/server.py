@@ -36,12 +36,13 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jinja2
 from aiohttp import web
 
+from baton.operator.spec import ReasoningSpec
 from baton.workers.metrics import BatonMetrics
 from baton.workers.router.admission import ANONYMOUS, AdmissionQueue
 from baton.workers.router.auth import TENANT, ApiKeys, cache_salt, tenant_of
@@ -70,7 +71,12 @@ from baton.workers.router.output import ChoiceOutput
 from baton.workers.router.params import DEFAULT_COMPLETION_MAX_TOKENS, ParsedRequest
 from baton.workers.router.request_body import BodyBudget, BodyDecoder, read_body
 from baton.workers.router.responses_api import ResponsesApi
-from baton.workers.router.tokenization import PromptTooLong, RouterTokenizer, bounded_encode
+from baton.workers.router.tokenization import (
+    PromptTooLong,
+    RouterTokenizer,
+    bounded_encode,
+    message_boundaries,
+)
 from baton.workers.router.tokenize_api import TokenizeApi
 
 log = logging.getLogger("baton.router")
@@ -100,17 +106,14 @@ class RouterSettings:
     # closes after this long.
     keepalive_timeout_s: float = 60.0
     max_connections: int = 4096  # connections past this are closed as they are accepted
+    reasoning: ReasoningSpec = field(default_factory=ReasoningSpec)  # budgets per effort
 
 
 def _outcome(err: ApiError) -> str:
-    """rejected: a valid request the fleet had no room or no worker for (429, 503), demand
-    the autoscaler counts; invalid: any other 4xx (a bad body, key or model), which is not."""
     if err.status == 504:
         return "timeout"
-    if err.status in (429, 503):
+    if err.status < 500 or err.status == 503:
         return "rejected"
-    if err.status < 500:
-        return "invalid"
     return "error"
 
 
@@ -121,6 +124,7 @@ class PreparedPrompt:
     ids: list[int]
     text: str | None  # what was tokenized (echo; the reasoning check)
     in_reasoning: bool | None  # chat: the prompt leaves `<think>` open; None: completions
+    snapshot_points: tuple[int, ...] = ()  # where a later request will likely branch off it
 
 
 class Router:
@@ -316,14 +320,37 @@ class Router:
                 else:
                     ids = await self.encode(p.text, param, True)
                     prompts.append(PreparedPrompt(ids, p.text, None))
+            for prompt in prompts:
+                bad = [t for t in parsed.snapshot_points if t >= len(prompt.ids)]
+                if bad:
+                    raise bad_request(f"snapshot_points: {bad[0]} is not inside the prompt "
+                                      f"({len(prompt.ids)} tokens)", param="snapshot_points",
+                                      code="invalid_value")
+                prompt.snapshot_points = parsed.snapshot_points
             return prompts
-        text = await self.render_chat(parsed.messages, self.template_kwargs(parsed))
+        kwargs = self.template_kwargs(parsed)
+        text = await self.render_chat(parsed.messages, kwargs)
         ids = await self.encode(text, "messages", add_special_tokens=False)
-        return [PreparedPrompt(ids, text, text.rfind("<think>") > text.rfind("</think>"))]
+        points = await asyncio.to_thread(message_boundaries, self.tokenizer, parsed.messages,
+                                         kwargs, text, ids)
+        return [PreparedPrompt(ids, text, text.rfind("<think>") > text.rfind("</think>"),
+                               points)]
+
+    def reasoning_budget(self, parsed: ParsedRequest) -> int | None:
+        """The most tokens the reasoning may take: the request's thinking_token_budget, else
+        its effort's budget, else the default effort's; None: unbounded."""
+        if parsed.reasoning_budget is not None:
+            return parsed.reasoning_budget
+        effort = parsed.reasoning_effort or self.settings.reasoning.default_effort
+        if effort is None or effort == "none":
+            return None
+        return self.settings.reasoning.budget(effort)
 
     async def _grammar(self, parsed: ParsedRequest, prompt: PreparedPrompt) -> str | None:
         fmt = parsed.output_format
-        if fmt is None and parsed.tool_choice.mode not in ("required", "function"):
+        budget = self.reasoning_budget(parsed) if prompt.in_reasoning else None
+        if (fmt is None and parsed.tool_choice.mode not in ("required", "function")
+                and budget is None):
             return None
         tools_param = ("tools[{i}].function.parameters" if parsed.endpoint == "chat"
                        else "tools[{i}].parameters")
@@ -331,7 +358,7 @@ class Router:
         def compile_grammar() -> str | None:
             return self.tokenizer.grammar_compiler().compile(
                 fmt, parsed.tools, parsed.tool_choice, parsed.parallel_tool_calls,
-                bool(prompt.in_reasoning), tools_param)
+                bool(prompt.in_reasoning), tools_param, reasoning_budget=budget)
 
         try:
             return await asyncio.to_thread(compile_grammar)
@@ -399,7 +426,8 @@ class Router:
                 gen = GenerationRequest(
                     request_id=self._worker_request_id(client_request_id),
                     prompt_ids=tuple(prompt.ids), sampling=sampling, deadline=deadline,
-                    cache_key=cache_key, cache_salt=salt)
+                    cache_key=cache_key, snapshot_points=prompt.snapshot_points,
+                    cache_salt=salt)
                 output = ChoiceOutput(self.tokenizer, prompt.ids, stop=sp.stop,
                                       reasoning=prompt.in_reasoning, tools=functions,
                                       max_tool_calls=max_calls)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from baton.workers.router.grammar import GrammarCompiler
+from baton.workers.router.grammar import GRAMMAR_MARKUP, GrammarCompiler
 from baton.workers.text.tokenizer import Tokenizer, load_tokenizer
 
 # Markup the output processing reads; kept when decoding even where it is a special token.
@@ -43,6 +43,57 @@ class RouterTokenizer(Protocol):
     def token_strs(self, ids: Sequence[int]) -> list[str]: ...
 
     def grammar_compiler(self) -> GrammarCompiler: ...
+
+
+def markup_tokens(encode, is_special, strings: Sequence[str] = GRAMMAR_MARKUP) -> dict[str, int]:
+    """Markup string -> token id, for each markup string the tokenizer encodes as one token
+    that llguidance treats as special (is_special: LLTokenizer.is_special_token). Such a token
+    is all a model trained on the chat template emits for it, whatever the `special` flag of
+    tokenizer.json says (added tokens are special to llguidance either way), and no text in a
+    grammar matches it: grammars reference it by id. encode: text -> ids, no specials added."""
+    found = {}
+    for text in strings:
+        ids = encode(text)
+        if len(ids) == 1 and is_special(ids[0]):
+            found[text] = ids[0]
+    return found
+
+
+# Message ends offered as snapshot points: those of the last this many messages, and the end
+# of the last user message. Where the next turn's prompt leaves this one: a tool loop's next
+# prompt re-renders this one's generation prompt (`<think>\n` becomes `<think></think>` or the
+# reasoning) but keeps every message before it, so the last message's end hits; a new user
+# turn makes the template strip the reasoning of the assistant turns since the last user
+# message, so only the history up to that user message is kept.
+SNAPSHOT_MESSAGES = 4
+
+
+def message_boundaries(tokenizer: RouterTokenizer, messages: list[dict],
+                       template_kwargs: dict[str, Any], text: str,
+                       ids: Sequence[int]) -> tuple[int, ...]:
+    """Token offsets in the rendered chat (text, tokenized as ids) where each of the last
+    SNAPSHOT_MESSAGES messages and the last user message end: the chat up to that message,
+    rendered alone, is a prefix of text and tokenizes to a prefix of ids. Ends that are not
+    (a template that renders a shorter chat differently, a token across the boundary) are
+    left out."""
+    kwargs = {**template_kwargs, "add_generation_prompt": False}
+    ends = set(range(max(0, len(messages) - SNAPSHOT_MESSAGES), len(messages)))
+    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+    if users:
+        ends.add(users[-1])
+    points = set()
+    for i in sorted(ends):
+        try:
+            head = tokenizer.render_chat(messages[:i + 1], kwargs)
+        except Exception:  # a template may refuse a chat cut short; that end is no point
+            continue
+        if not head or not text.startswith(head):
+            continue
+        head_ids = tokenizer.encode(head, False)
+        n = len(head_ids)
+        if 0 < n < len(ids) and list(ids[:n]) == head_ids:
+            points.add(n)
+    return tuple(sorted(points))
 
 
 class PromptTooLong(Exception):
@@ -108,13 +159,11 @@ class CheckpointTokenizer:
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self.vocab_size = int(config.get("vocab_size") or self._tokenizer.vocab_size)
         self._hidden: frozenset[int] = frozenset()  # specials decode drops
-        self.special_markup: frozenset[str] = frozenset()
         self.max_token_bytes = 1
         if isinstance(self._tokenizer, Tokenizer):
             backend = self._tokenizer.backend
             added = backend.get_added_tokens_decoder()
             specials = {i: t.content for i, t in added.items() if t.special}
-            self.special_markup = frozenset(c for c in specials.values() if c in MARKUP_TOKENS)
             self._hidden = frozenset(i for i, c in specials.items() if c not in MARKUP_TOKENS)
             pieces = backend.decode_batch(
                 [[i] for i in range(backend.get_vocab_size(with_added_tokens=True))],
@@ -161,11 +210,13 @@ class CheckpointTokenizer:
         vocabulary, so call it off the event loop)."""
         with self._compiler_lock:
             if self._compiler is None:
-                lltok = None
+                lltok, markup = None, {}
                 if isinstance(self._tokenizer, Tokenizer):
                     from llguidance import LLTokenizer
 
                     lltok = LLTokenizer(self._tokenizer.backend.to_str(),
                                         n_vocab=self.vocab_size)
-                self._compiler = GrammarCompiler(lltok, self.special_markup)
+                    markup = markup_tokens(lambda t: self.encode(t, False),
+                                           lltok.is_special_token)
+                self._compiler = GrammarCompiler(lltok, markup)
             return self._compiler

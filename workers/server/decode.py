@@ -77,9 +77,11 @@ _FINISH = {
     "stop": decode_pb2.FINISH_REASON_STOP,
     "length": decode_pb2.FINISH_REASON_LENGTH,
     "abort": decode_pb2.FINISH_REASON_ABORT,
+    "grammar_error": decode_pb2.FINISH_REASON_GRAMMAR_ERROR,
 }
 # Finish reasons of a whole answer (an abort is not one).
-_ANSWERED = frozenset({decode_pb2.FINISH_REASON_STOP, decode_pb2.FINISH_REASON_LENGTH})
+_ANSWERED = frozenset({decode_pb2.FINISH_REASON_STOP, decode_pb2.FINISH_REASON_LENGTH,
+                       decode_pb2.FINISH_REASON_GRAMMAR_ERROR})
 
 
 class DecodeServicer:

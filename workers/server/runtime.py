@@ -244,6 +244,8 @@ class WorkerRuntime:
 
 
 MAX_CACHE_SALT_BYTES = 64  # the router sends a 32-byte digest
+MAX_SNAPSHOT_POINTS = 16
+"""Snapshot points one request may carry (the router sends a few message boundaries)."""
 
 
 def request_from_proto(message) -> Request:
@@ -263,8 +265,14 @@ def request_from_proto(message) -> Request:
     if len(salt) > MAX_CACHE_SALT_BYTES:
         raise ValueError(f"cache_salt of {request_id!r} has {len(salt)} bytes; at most "
                          f"{MAX_CACHE_SALT_BYTES}")
+    points = tuple(int(p) for p in message.snapshot_points)
+    if len(points) > MAX_SNAPSHOT_POINTS or any(
+            not 0 < p < len(prompt) for p in points) or list(points) != sorted(set(points)):
+        raise ValueError(
+            f"snapshot_points of {request_id!r} are invalid: at most {MAX_SNAPSHOT_POINTS} "
+            f"ascending offsets inside the prompt (1..{len(prompt) - 1}), got {list(points)}")
     return Request(request_id, prompt, SamplingParams.from_proto(message.sampling),
-                   num_output_tokens=num_output, cache_salt=salt)
+                   num_output_tokens=num_output, snapshot_points=points, cache_salt=salt)
 
 
 def admitted_request(message) -> Request:

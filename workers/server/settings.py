@@ -217,7 +217,7 @@ def engine_config(config: WorkerConfig, role: str, cache_memory_bytes: int):
                   max_model_len=engine.max_model_len, prefix_cache=prefix.enabled,
                   snapshot_memory_fraction=prefix.snapshot_memory_fraction,
                   snapshot_interval=prefix.snapshot_interval_tokens,
-                  enforce_eager=not engine.cuda_graphs)
+                  enforce_eager=not engine.cuda_graphs, compile=engine.compile)
     if role == "prefill":
         return EngineConfig(**shared, max_num_seqs=PREFILL_MAX_SEQS,
                             max_batch_tokens=config.prefill.max_batch_tokens,

@@ -35,7 +35,7 @@ def spec_dict(**kwargs) -> dict:
 
 
 def make_spec(*, prefill=None, decode=None, window=300, interval=30, ttft="2.0", itl="0.03",
-              attainment="0.95", max_concurrency=256, raw=False):
+              attainment="0.95", max_concurrency=256, raw=False, ramp=None, startup=None):
     default_pools = [
         {"name": "hopper", "minReplicas": 1, "maxReplicas": 8, "relativeSpeed": "1",
          "costPerHour": "4"},
@@ -54,6 +54,10 @@ def make_spec(*, prefill=None, decode=None, window=300, interval=30, ttft="2.0",
                                     "targets": {"timeToFirstTokenSeconds": ttft,
                                                 "interTokenLatencySeconds": itl,
                                                 "attainment": attainment}}}}
+    if ramp is not None:
+        obj["spec"]["autoscaling"]["rampPerMinute"] = ramp
+    if startup is not None:
+        obj["spec"]["autoscaling"]["startupSeconds"] = startup
     return obj["spec"] if raw else Model.from_resource(obj).spec
 
 
@@ -502,3 +506,43 @@ def test_a_pool_too_slow_for_the_itl_target_gets_no_decode_work():
     assert d.desired["decode"]["hopper"] == 1  # its minReplicas, nothing more
     assert d.desired["decode"]["blackwell"] >= 1
     assert "pool hopper cannot meet the ITL target" in d.reason
+
+
+def test_spare_capacity_for_the_spec_ramp_beyond_what_each_role_absorbs():
+    big = [{"name": "hopper", "minReplicas": 1, "maxReplicas": 200, "relativeSpeed": "1",
+            "costPerHour": "4"}]
+    load = arriving(40.0)
+    fleets = {}
+    for ramp in ("0", "0.1", "0.3"):
+        spec = make_spec(prefill=big, decode=big, ramp=ramp, startup=90)
+        d = decide(spec, load, fleet(), {}, PolicyState(), T0, PROFILE)
+        fleets[ramp] = d.desired
+        for role in ("prefill", "decode"):
+            assert capacity_of(spec, d.desired, role) >= d.demand[role]
+    spec = make_spec(prefill=big, decode=big, ramp="0.3", startup=90)
+    # 0.3/min over 90 + 30 s: 0.6 of the load; prefill keeps 0.4 of spare, decode 0.55
+    assert spec.autoscaling.ramp_headroom() == pytest.approx(0.6)
+    d = decide(spec, load, fleet(), {}, PolicyState(), T0, PROFILE)
+    assert capacity_of(spec, d.desired, "prefill") >= 1.4 * d.demand["prefill"]
+    assert capacity_of(spec, d.desired, "decode") >= 1.55 * d.demand["decode"]
+    # 0.1/min: 0.2 of the load, all of it absorbed by prefill's planned utilization
+    assert fleets["0.1"]["prefill"] == fleets["0"]["prefill"]
+    assert units(fleets["0.1"], "decode") > units(fleets["0"], "decode")
+    assert units(fleets["0.3"], "prefill") > units(fleets["0.1"], "prefill")
+
+
+def test_a_ramp_is_projected_from_the_short_window_at_its_onset():
+    spec = make_spec()
+    state, current = PolicyState(), fleet()
+    for k in range(8):  # steady at 10 req/s
+        d = decide(spec, arriving(10.0), current, {}, state, T0 + 30 * k, PROFILE)
+        state, current = d.state, d.desired
+    steady = replace(arriving(10.0), short_arrival_rate=10.3, short_window_seconds=30.0)
+    onset = replace(arriving(10.0), short_arrival_rate=14.0, short_window_seconds=30.0)
+    calm = decide(spec, steady, current, {}, state, T0 + 240, PROFILE)
+    seen = decide(spec, onset, current, {}, state, T0 + 240, PROFILE)
+    assert calm.demand == pytest.approx(decide(spec, arriving(10.0), current, {}, state,
+                                               T0 + 240, PROFILE).demand)
+    # 4 req/s more over a window 15 s younger: 0.27 req/s per second, projected 120 s ahead
+    assert seen.demand["prefill"] > calm.demand["prefill"] * 1.5
+    assert "expected 120 s ahead" in seen.reason

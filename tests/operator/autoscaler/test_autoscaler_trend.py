@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from baton.operator.autoscaler.trend import TREND_INTERVALS, rising_slope
+from baton.operator.autoscaler.trend import TREND_INTERVALS, onset_slope, ramp_slope, rising_slope
 
 W, STEP = 60.0, 30.0
 
@@ -65,3 +65,52 @@ def test_too_little_history_has_no_slope():
     assert rising_slope([], 0.0, 20.0, W, STEP) == 0.0
     short = [(0.0, 10.0)]
     assert rising_slope(short, span - STEP, 20.0, W, STEP) == 0.0
+
+
+SHORT = 30.0
+
+
+def detector_series(rate_of, seconds: float, seed: int) -> list[tuple[float, float]]:
+    """ramp_slope, as the policy calls it, every STEP seconds of a Poisson process drawn
+    second by second: the long window's rates, the decisions' history, the short window."""
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson([rate_of(s + 0.5) for s in range(int(seconds))])
+    cum = np.concatenate([[0], np.cumsum(counts)])
+    history, out = [], []
+    for t in np.arange(W, seconds + 1e-9, STEP):
+        long_rate = (cum[int(t)] - cum[int(t - W)]) / W
+        short_rate = (cum[int(t)] - cum[int(t - SHORT)]) / SHORT
+        out.append((t, ramp_slope(history, t, long_rate, short_rate, W, SHORT, STEP)))
+        history.append((t, long_rate))
+    return out
+
+
+def test_noise_at_a_flat_rate_triggers_nothing():
+    for seed, level in enumerate((2.0, 5.0, 20.0, 60.0, 200.0) * 4):
+        found = detector_series(lambda t, level=level: level, 3600, seed)
+        assert max(s for _, s in found) == 0.0, (seed, level)
+
+
+def test_a_ramp_is_seen_within_two_intervals():
+    # ramps whose rise over two intervals stands clear of the short window's noise
+    # (15 s x slope > ONSET_Z sd): 1.5-4x over 1-4 minutes from 5-60 req/s
+    onset = 900.0
+    for seed, (level, factor, ramp) in enumerate(
+            [(20.0, 3.0, 180.0), (10.0, 4.0, 120.0), (60.0, 2.0, 120.0), (40.0, 1.5, 60.0),
+             (5.0, 4.0, 60.0), (30.0, 3.0, 240.0)] * 3):
+        per_second = level * (factor - 1) / ramp
+
+        def rate(t, level=level, per_second=per_second, ramp=ramp):
+            return level + per_second * min(max(t - onset, 0.0), ramp)
+        found = detector_series(rate, onset + ramp + 120, seed)
+        assert not any(s > 0 for t, s in found if t <= onset), (seed, level, factor, ramp)
+        first = next(t for t, s in found if s > 0)
+        assert first <= onset + 2 * STEP, (seed, level, factor, ramp, first - onset)
+
+
+def test_onset_slope_reads_the_gap_between_the_windows():
+    # a linear ramp of 0.2 req/s per second: the short window's mean is 15 s younger
+    assert abs(onset_slope(23.0, 20.0, SHORT, W) - 0.2) < 1e-9
+    assert onset_slope(20.5, 20.0, SHORT, W) == 0.0  # within the noise
+    assert onset_slope(None, 20.0, SHORT, W) == 0.0
+    assert onset_slope(30.0, 20.0, W, W) == 0.0  # no shorter window, no reading

@@ -48,7 +48,8 @@ def engine_for(model, k: int = 0, prefix: bool = True, **kw) -> Engine:
 
 def serve(engine: Engine, request: Request) -> list[int]:
     """Runs one request to its end (alone: a turn of a session)."""
-    engine.add_request(Request(request.request_id, list(request.prompt_ids), request.sampling))
+    engine.add_request(Request(request.request_id, list(request.prompt_ids), request.sampling,
+                               snapshot_points=request.snapshot_points))
     out = []
     while engine.has_work():
         out += [e.token_id for e in engine.step() if e.request_id == request.request_id]
@@ -415,3 +416,81 @@ def test_preemption_with_the_cache_stays_exact_and_accounted(tiny_model, helpers
         helpers.check(tiny_model, recorder, r.request_id, r.prompt_ids + out[r.request_id],
                       len(r.prompt_ids))
     idle_and_accounted(engine)
+
+
+# ---- snapshot points (the router's chat message boundaries) ------------------------------
+
+
+def points_engine(model, k: int = 0, prefix: bool = True) -> Engine:
+    """No interval snapshots, chunks large enough for a whole prompt: the points alone make
+    the hits."""
+    return engine_for(model, k, prefix, snapshot_interval=0, max_batch_tokens=64)
+
+
+# Turn 1: [system+user: 13][generation prompt: 3]; turn 2 re-renders the generation prompt
+# and the answer (`<think>\n` -> `<think></think>`) and adds a tool result.
+POINT_HISTORY = prompt(1, 13)
+TURN1 = Request("t1", POINT_HISTORY + prompt(2, 3), greedy(4), snapshot_points=(13,))
+TURN2 = Request("t2", POINT_HISTORY + prompt(3, 9), greedy(4), snapshot_points=(13, 20))
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_a_hit_at_a_snapshot_point_equals_the_cache_off_run(tiny_model, helpers, k):
+    engine = points_engine(tiny_model, k)
+    recorder = helpers.Recorder()
+    engine.runner.logits_observer = recorder
+    chunks = []
+    forward = tiny_model.forward_batch
+    try:
+        tiny_model.forward_batch = lambda batch, *a, **kw: (
+            chunks.append(list(batch.seq_lens)) or forward(batch, *a, **kw))
+        out1 = serve(engine, TURN1)
+    finally:
+        del tiny_model.forward_batch
+    assert chunks[:2] == [[13], [3]]  # the prompt's chunk ended at the point
+    before = engine.stats().prefix_hit_tokens_total
+    out2 = serve(engine, TURN2)
+    assert engine.stats().prefix_hit_tokens_total - before == 13
+    for r, out in ((TURN1, out1), (TURN2, out2)):
+        helpers.check(tiny_model, recorder, r.request_id, r.prompt_ids + out,
+                      len(r.prompt_ids))
+    cold = points_engine(tiny_model, k, prefix=False)
+    assert [serve(cold, TURN1), serve(cold, TURN2)] == [out1, out2]
+    # Without the point, turn 2 would have found nothing.
+    plain = points_engine(tiny_model, k)
+    serve(plain, Request("p1", TURN1.prompt_ids, greedy(4)))
+    before = plain.stats().prefix_hit_tokens_total
+    serve(plain, Request("p2", TURN2.prompt_ids, greedy(4)))
+    assert plain.stats().prefix_hit_tokens_total == before
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_snapshot_points_on_the_prefill_side_and_in_a_local_prefill(tiny_model, helpers, k):
+    cold = points_engine(tiny_model, k, prefix=False)
+    expected = [serve(cold, TURN1), serve(cold, TURN2)]
+    # Prefill side: P snapshots at the point while it prefills turn 1 for D.
+    p, d = points_engine(tiny_model), points_engine(tiny_model, k)
+    recorder = helpers.Recorder()
+    p.runner.logits_observer = recorder
+    d.runner.logits_observer = recorder
+
+    def transferred(request: Request) -> tuple[list[int], int]:
+        tokens, _, p_cached, _ = handoff(p, d, request)
+        return tokens, p_cached
+
+    got, cached = zip(*(transferred(r) for r in (TURN1, TURN2)))
+    assert list(got) == expected and cached == (0, 13)
+    helpers.check(tiny_model, recorder, "t2", TURN2.prompt_ids + got[1], len(TURN2.prompt_ids))
+    # Decode side: D holds a shorter prefix (a first turn it decoded), so it prefills turns 1
+    # and 2 itself, and snapshots at the point in turn 1's local prefill.
+    p, d = points_engine(tiny_model), points_engine(tiny_model, k)
+    d.runner.logits_observer = recorder = helpers.Recorder()
+    handoff(p, d, Request("t0", POINT_HISTORY[:8], greedy(2)))
+    got, cached = [], []
+    for request in (TURN1, TURN2):
+        res = d.reserve(request, 64)
+        assert res.local_prefill
+        cached.append(res.cached_tokens)
+        got.append(drain(d)[request.request_id])
+    assert got == expected and cached == [8, 13]
+    helpers.check(tiny_model, recorder, "t2", TURN2.prompt_ids + got[1], len(TURN2.prompt_ids))

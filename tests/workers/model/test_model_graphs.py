@@ -6,6 +6,7 @@ it off. On a GPU: graphs on and off give the same greedy tokens, with no sync in
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -206,17 +207,26 @@ def test_engine_knob_and_the_torch_path_turn_buckets_off(checkpoint, model):
     assert Engine(model, EngineConfig(**config, enforce_eager=True)).runner.step_graphs is None
     reference = load_model(checkpoint, dtype=torch.float32, device=DEVICE, kernels="torch")
     assert Engine(reference, EngineConfig(**config)).runner.step_graphs is None
-    with pytest.raises(ValueError, match="kernels"):
-        StepGraphs(reference, reference.allocate_cache(8, PAGE, 2), 2)
+    # On the torch path the buckets run the fixed-shape step (static_step.py); CUDA graphs
+    # replay only the kernels'.
+    assert StepGraphs(reference, reference.allocate_cache(8, PAGE, 2), 2).static
+    with pytest.raises(ValueError, match="capture"):
+        StepGraphs(reference, reference.allocate_cache(8, PAGE, 2), 2, capture=True)
+    with pytest.raises(ValueError, match="EngineConfig.compile"):
+        EngineConfig(**config, compile=1).validate()
+    for bad in ([2, 1], [0, 4], [1, 8], []):
+        with pytest.raises(ValueError, match=r"EngineConfig.step_buckets=.*ascending"):
+            EngineConfig(**config, step_buckets=bad).validate()
+    assert StepGraphs(model, model.allocate_cache(8, PAGE, 2), 4, buckets=[1, 3]).buckets == [1, 3]
     with pytest.raises(ValueError, match="EngineConfig.enforce_eager"):
         EngineConfig(**config, enforce_eager="yes").validate()
 
 
-def greedy_run(model, enforce_eager, speculative_tokens):
+def greedy_run(model, enforce_eager, speculative_tokens, **config):
     engine = Engine(model, EngineConfig(page_size=PAGE, num_pages=48, max_num_seqs=4,
                                         max_batch_tokens=32, max_model_len=64,
                                         speculative_tokens=speculative_tokens,
-                                        enforce_eager=enforce_eager, base_seed=0))
+                                        enforce_eager=enforce_eager, base_seed=0, **config))
     gen = torch.Generator().manual_seed(11)
     for i, n in enumerate((7, 12, 3)):
         engine.add_request(Request(f"r{i}", torch.randint(3, 64, (n,), generator=gen).tolist(),
@@ -256,3 +266,122 @@ def test_gpu_graphed_step_does_not_sync(model):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert graphs.captured == [(StepKind.DECODE, 4)]
+
+
+# ---------------------------------------------------------------- the compiled torch path
+
+
+@pytest.fixture(scope="module")
+def torch_model(checkpoint):
+    return load_model(checkpoint, dtype=torch.float32, device="cpu", kernels="torch")
+
+
+@pytest.fixture(scope="module")
+def compiled(torch_model):
+    """Bucket 4 of every kind (1 to 4 sequences run in it, the rest padded), compiled
+    (inductor) and warmed up on inert rows: one bucket keeps the compile time of the tests
+    small; what differs between buckets is only the shapes inductor specializes on."""
+    cache = torch_model.allocate_cache(16, PAGE, 5, spec_tokens=SPEC)
+    graphs = StepGraphs(torch_model, cache, max_num_seqs=4, compile=True, buckets=[4])
+    graphs.warm_up()
+    assert graphs.compiles == 4 and graphs.recompiles == 0
+    assert {kind for kind, _ in graphs._steps} == set(StepKind)
+    return graphs
+
+
+def reset(graphs):
+    """The compiled graphs' cache back to zeros (the compiled steps read it in place)."""
+    for tensors in graphs.cache._with_scratch.values():
+        for t in tensors:
+            t.zero_()
+    graphs.cache._pending = [0] * graphs.cache.num_slots
+
+
+@pytest.mark.timeout(1800)  # compiling under a loaded host; bounds a hang only
+def test_compiled_steps_match_eager_in_every_bucket_with_padded_rows_inert(
+        torch_model, compiled, logits_close):
+    """Decode of 1, 2 and 3 sequences in bucket 4 (padded rows), verifications of 1 + K
+    tokens and fewer, the MTP depth's entries and chained drafts, against the eager torch
+    path: fp32 logits within 1e-4 and greedy tokens equal under the margin rule; the caches
+    (padded rows write only the scratch row) equal after every step; no recompile, though
+    the page tables the steps read widen as the sequences grow."""
+    reset(compiled)
+    model, slots = torch_model, [2, 0, 3]
+    eager = model.allocate_cache(16, PAGE, 5, spec_tokens=SPEC)
+    lens = warm(model, eager, slots)
+    warm(model, compiled.cache, slots)
+
+    def check(want, got):
+        logits_close(model.compute_logits(got), model.compute_logits(want))
+        assert_same_caches(cache_state(compiled.cache), cache_state(eager))
+
+    seen, seed = set(), 20
+    for n in (1, 2, 3):  # the contexts grow; the verifications cross page boundaries
+        batch = batch_of([1] * n, lens[:n], slots[:n], TABLES[:n], seed=seed)
+        check(model.forward_batch(batch, eager), compiled.forward_batch(batch))
+        seen.add(compiled.kind_of(batch))
+        lens = [c + 1 for c in lens[:n]] + lens[n:]
+        seed += 1
+    for seqs in ([3], [2, 3], [3, 2, 1]):
+        n = len(seqs)
+        batch = batch_of(seqs, lens[:n], slots[:n], TABLES[:n], verify=True, seed=seed)
+        check(model.forward_batch(batch, eager), compiled.forward_batch(batch))
+        accepted = torch.tensor([min(2, s) for s in seqs])
+        for cache in (eager, compiled.cache):
+            cache.accept(torch.tensor(slots[:n]), accepted)
+        assert_same_caches(cache_state(compiled.cache), cache_state(eager))
+        lens = [c + int(a) for c, a in zip(lens[:n], accepted)] + lens[n:]
+        seed += 1
+    gen = torch.Generator().manual_seed(9)
+    for entries, cached in (([3, 1, 2], [0, 0, 0]), ([1, 1, 1], [3, 1, 2]), ([2], [4])):
+        n = len(entries)
+        batch = batch_of(entries, cached, slots[:n], TABLES[:n], seed=seed)
+        hidden = torch.randn(sum(entries), HIDDEN, generator=gen)
+        check(model.mtp_forward(hidden, batch.input_ids, batch, eager),
+              compiled.mtp_forward(hidden, batch.input_ids, batch))
+        seed += 1
+    assert compiled.recompiles == 0 and compiled.compiles == 4
+    assert compiled.replays == 3 + 3 + 3
+
+
+@pytest.mark.timeout(1200)
+def test_a_step_needing_a_new_graph_after_warm_up_counts_as_a_recompile(torch_model):
+    """The counter the tests above rely on does see a recompile: a verify step after a
+    warm-up of decode steps only."""
+    cache = torch_model.allocate_cache(16, PAGE, 5, spec_tokens=SPEC)
+    graphs = StepGraphs(torch_model, cache, max_num_seqs=1, compile=True)
+    graphs.warm_up([StepKind.DECODE])
+    assert (graphs.compiles, graphs.recompiles) == (1, 0)
+    lens = warm(torch_model, cache, [0])
+    graphs.forward_batch(batch_of([3], lens, [0], TABLES[:1], verify=True))
+    assert (graphs.compiles, graphs.recompiles) == (2, 1)
+
+
+@pytest.mark.timeout(1800)
+def test_engine_compiles_at_start_and_gives_the_eager_greedy_tokens(torch_model):
+    """EngineConfig.compile: every bucket of every kind compiled when the Engine is built
+    (one bucket here, step_buckets=[4]: three sequences run in it with a padded row); greedy
+    output with MTP (k=2) equal to the eager engine's, with no recompile."""
+    eager, _ = greedy_run(torch_model, False, SPEC)
+    out, engine = greedy_run(torch_model, False, SPEC, compile=True, step_buckets=[4])
+    graphs = engine.runner.step_graphs
+    assert graphs.compile and graphs.warm and graphs.compiles == 4
+    assert graphs.replays > 0 and graphs.recompiles == 0
+    assert out == eager and all(len(t) == 12 for t in out.values())
+
+
+def test_compiled_steps_are_cached_under_the_users_cache_dir(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from baton.workers.model.graphs import compile_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    for before in (None, default_cache_dir()):  # unset, or inductor's own default
+        if before is None:
+            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", before)
+        assert compile_cache_dir() == tmp_path / "baton" / "inductor"
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "baton" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compile_cache_dir() == tmp_path / "mine"

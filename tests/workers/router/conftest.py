@@ -79,6 +79,7 @@ class FakeBackend:
         self.requests: list[GenerationRequest] = []
         self.closed_early: list[str] = []
         self.cached_tokens = 0  # reported with the first token (a prefix-cache hit)
+        self.refuse_at: int | None = None  # this token ends as one the grammar refused
 
     async def start(self) -> None:
         pass
@@ -115,6 +116,8 @@ class FakeBackend:
                 last = i + 1 >= request.sampling.max_tokens
                 reason = "stop" if tok == EOS and not request.sampling.ignore_eos else (
                     "length" if last else None)
+                if i == self.refuse_at:
+                    reason = "grammar_error"
                 k = request.sampling.logprobs
                 yield TokenOutput(
                     token_id=tok,

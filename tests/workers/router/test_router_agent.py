@@ -308,3 +308,27 @@ def test_tools_reach_the_template_unless_tool_choice_is_none(fake_backend):
     kwargs = router.template_kwargs(parse_chat(body))
     assert kwargs["tools"] == [WEATHER_TOOL]
     assert "tools" not in router.template_kwargs(parse_chat(body | {"tool_choice": "none"}))
+
+
+async def test_a_token_the_grammar_refused_is_an_error_not_a_stop(router_url, fake_backend):
+    """The workers end a choice with grammar_error: the client sees finish_reason "error"
+    and an error (an error event when streamed), without the refused token's text; the
+    router counts it."""
+    c = client(router_url)
+    text = "Let me check.\n<tool_call>\n<function=get_weather>"
+    fake_backend.refuse_at = len("Let me check.\n")
+    out = await c.chat.completions.create(model="tiny", messages=say(text))
+    choice = out.choices[0]
+    assert choice.finish_reason == "error"
+    assert choice.message.content == "Let me check.\n"  # no markup
+    assert choice.model_extra["error"]["code"] == "grammar_refused_token"
+    with pytest.raises(openai.APIError, match="grammar refused"):
+        async for _ in await c.chat.completions.create(model="tiny", messages=say(text),
+                                                       stream=True):
+            pass
+    r = await c.responses.create(model="tiny", input=say(text))
+    assert r.status == "failed" and "grammar refused" in r.error.message
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(router_url + "/metrics")).text
+    assert any(line.startswith("baton_grammar_refused_tokens_total{") and
+               line.endswith(" 3.0") for line in metrics.splitlines()), metrics

@@ -384,7 +384,7 @@ async def test_metrics_count_outcomes_and_latency(router_url):
         text = (await http.get(router_url + "/metrics")).text
     assert 'baton_requests_total{model="tiny",namespace="test",outcome="success",pool="",' \
            'role="router"} 1.0' in text
-    assert 'outcome="invalid",pool="",role="router"} 1.0' in text
+    assert 'outcome="rejected",pool="",role="router"} 1.0' in text
     assert 'baton_time_to_first_token_seconds_count{model="tiny",namespace="test",pool="",' \
            'role="router"} 1.0' in text
     # One mean gap per request (3 tokens and eos after the first token).

@@ -17,6 +17,7 @@ from baton.workers.router.grammar import (
     OutputFormat,
     build_grammar,
 )
+from baton.workers.router.tokenization import markup_tokens
 from baton.workers.router.tools import FunctionTool, ToolChoice, parse_tools
 from baton.workers.text.chat_template import NEMOTRON3_CHAT_TEMPLATE
 from baton.workers.text.tokenizer import _compile_template
@@ -148,9 +149,13 @@ def test_special_token_markup_is_a_token_reference(backend):
     special = Backend.from_str(backend.to_str())
     special.add_special_tokens(["<tool_call>", "</tool_call>"])
     tok = LLTokenizer(special.to_str(), n_vocab=special.get_vocab_size())
-    g = GrammarCompiler(tok, {"<tool_call>", "</tool_call>"}).compile(
-        None, TOOLS, ToolChoice("required"), True, in_reasoning=False)
-    assert "<tool_call> " in json.loads(g)["grammars"][0]["lark_grammar"]
+    markup = markup_tokens(lambda t: special.encode(t, add_special_tokens=False).ids,
+                           tok.is_special_token)
+    assert markup == {"<tool_call>": special.token_to_id("<tool_call>"),
+                      "</tool_call>": special.token_to_id("</tool_call>")}
+    g = GrammarCompiler(tok, markup).compile(None, TOOLS, ToolChoice("required"), True,
+                                             in_reasoning=False)
+    assert f"<[{markup['<tool_call>']}]>" in json.loads(g)["grammars"][0]["lark_grammar"]
     text = rendered_calls(("get_weather", {"city": "Paris"}))
     ids = special.encode(text, add_special_tokens=False).ids
     assert special.token_to_id("<tool_call>") in ids

@@ -130,3 +130,20 @@ def test_other_routings_learn_nothing():
 class _FakeWorker:
     role = "decode"
     address = "x:1"
+
+
+async def test_snapshot_points_count_like_any_other_snapshot():
+    """A worker that computed a prompt with snapshot points (message boundaries) is believed
+    to hold them: a next turn that shares the prompt only up to a point goes to it."""
+    balancer = Balancer("prefix-aware", block_size=16, snapshot_interval=0)
+    d1, d2 = _worker("10.0.0.1:5"), _worker("10.0.0.2:5")
+    d1.load.running, d1.load.free_slots = 1, 15  # busier: it wins only by its prefix
+    d1.inflight = 1
+    history = tokens(11, 150)
+    rerendered = history[:137] + tokens(12, 30)
+    balancer.computed(d1, history, 0)
+    assert balancer.order([d1, d2], prompt=rerendered)[0] is d2  # the prompt end: no prefix
+    balancer.computed(d1, history, 0, points=(40, 137))
+    assert balancer.order([d1, d2], prompt=rerendered)[0] is d1
+    for w in (d1, d2):
+        await w.channel.close()

@@ -155,7 +155,9 @@ async def test_structured_output_and_limits(router_url, fake_backend):
         ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
         ({"tool_choice": {"type": "function", "name": "nope"}, "tools": [TOOL]}, "tool_choice"),
         ({"background": True}, "background"),
-        ({"extra_body": {"presence_penalty": 1}}, "presence_penalty"),
+        ({"extra_body": {"ignore_eos": "yes"}}, "ignore_eos"),
+        ({"reasoning": {"effort": "extreme"}}, "reasoning.effort"),
+        ({"extra_body": {"thinking_token_budget": -1}}, "thinking_token_budget"),
     ]:
         args = {"model": "tiny", "input": "hi"} | kwargs
         with pytest.raises(openai.BadRequestError) as info:

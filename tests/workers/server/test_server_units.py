@@ -98,6 +98,16 @@ def test_engine_config_takes_cuda_graphs_from_the_worker_config():
         assert settings.engine_config(off, role, 8).enforce_eager is True
 
 
+def test_engine_config_takes_compile_from_the_worker_config():
+    from baton.operator.spec import WorkerConfig
+
+    off = WorkerConfig.from_dict({"model": "m", "modelPath": "/m"})
+    on = WorkerConfig.from_dict({"model": "m", "modelPath": "/m", "engine": {"compile": True}})
+    for role in ("prefill", "decode"):
+        assert settings.engine_config(on, role, 8).compile is True
+        assert settings.engine_config(off, role, 8).compile is False
+
+
 def test_sampling_conversion_validates():
     def request(prompt, **sampling):
         return decode_pb2.ReserveRequest(request_id="r", prompt_token_ids=prompt,
