@@ -26,7 +26,7 @@ from typing import Any
 from baton.workers.engine.allocator import PageAllocator, SlotPool
 from baton.workers.engine.config import EngineConfig, EngineStats, StepTimings
 from baton.workers.engine.handoff import CacheFull, PrefillAborted, PrefillResult, PrefillSink
-from baton.workers.engine.prefix_cache import PrefixCache
+from baton.workers.engine.prefix_cache import CacheKeys, PrefixCache, salt_key
 from baton.workers.engine.request import Phase, Request, Sequence, TokenEvent
 from baton.workers.engine.reservation import DecodeReservation
 from baton.workers.engine.runner import ModelRunner, SampledToken, StepOutput
@@ -162,6 +162,7 @@ class Engine:
             sink_from=sink_from,
             on_prefilled=on_prefilled,
             added_at=time.monotonic(),
+            cache_keys=CacheKeys(keys=[salt_key(request.cache_salt)]),
         )
         seq.needs_mtp = self.runner.needs_mtp(seq)
         if self.tokenizer is not None and sink is None:

@@ -26,6 +26,11 @@ variant of its own next token. The hit's own entry p - 1 is recomputed from the 
 hidden state (in the private tail copy), which is also what lets a hit cover a whole prompt:
 the first token is sampled from that hidden state with no forward at all.
 
+Isolation (a cache salt: the router's per-API-key salt, or vLLM's `cache_salt`): a salted
+sequence's chain starts from its salt's own root (keys[0] = salt_key(salt)), so its pages and
+snapshots are on a trie of their own: a prompt cached under one salt is no hit under another
+or under none. A salt's root lives while it holds anything.
+
 Snapshots hold committed state only: they are taken after a step's update (chunk ends on
 multiples of snapshot_interval, prompt ends, request ends), never from speculation buffers.
 """
@@ -43,6 +48,13 @@ import xxhash
 from baton.workers.engine.allocator import PageAllocator, PoolExhausted
 
 ROOT_KEY = 0
+
+
+def salt_key(salt: bytes) -> int:
+    """The root key of a cache salt's trie (ROOT_KEY: no salt, the shared trie)."""
+    if not salt:
+        return ROOT_KEY
+    return xxhash.xxh3_128_intdigest(b"baton-cache-salt\0" + salt) or 1
 
 
 def page_key(parent: int, tokens: Seq[int]) -> int:
@@ -129,6 +141,7 @@ class PrefixCache:
         self.cache = cache
         self.page_size = pages.page_size
         self.root = _Node(ROOT_KEY, None, (), 0)
+        self.roots: dict[int, _Node] = {ROOT_KEY: self.root}  # by salt_key
         self.num_snapshots = num_snapshots
         self._page_node: dict[int, tuple[_Node, int | None]] = {}
         self._lru: OrderedDict[Snapshot, None] = OrderedDict()  # oldest first
@@ -140,6 +153,21 @@ class PrefixCache:
         pages.reclaimer = self
 
     # ---- keys ----------------------------------------------------------------------------
+
+    def _root(self, keys: CacheKeys) -> _Node:
+        """The root of the sequence's salt (made on first use)."""
+        key = keys.keys[0]
+        root = self.roots.get(key)
+        if root is None:
+            root = self.roots[key] = _Node(key, None, (), 0)
+        return root
+
+    def _prune(self, node: _Node) -> None:
+        """A salt's root that holds nothing more goes (the shared root stays)."""
+        if node.parent is None and node.key != ROOT_KEY and not node.children \
+                and not node.snapshots and self.roots.get(node.key) is node:
+            del self.roots[node.key]
+            node.alive = False  # a sequence on it publishes no more (keys.broken)
 
     def keys(self, keys: CacheKeys, tokens: Seq[int], num_pages: int) -> list[int]:
         """keys.keys extended to cover num_pages full pages of tokens."""
@@ -161,7 +189,9 @@ class PrefixCache:
             return None
         ps = self.page_size
         chain = self.keys(keys, tokens, max(0, (limit - 1) // ps))
-        node, shared, best = self.root, [], None
+        node, shared, best = self.roots.get(keys.keys[0]), [], None
+        if node is None:
+            return None  # nothing under this salt
         while True:
             snapshot = self._best_at(node, tokens, limit, mtp)
             if snapshot is not None:
@@ -245,13 +275,20 @@ class PrefixCache:
                 mtp: bool) -> None:
         """Publishes the sequence's full pages of its first `committed` tokens (whose KV, and
         with mtp its MTP entries, are final)."""
+        self._publish(keys, tokens, pages, committed, mtp)
+        root = self.roots.get(keys.keys[0])
+        if root is not None:
+            self._prune(root)  # a salt's root made for nothing
+
+    def _publish(self, keys: CacheKeys, tokens: Seq[int], pages: list[int], committed: int,
+                 mtp: bool) -> None:
         ps = self.page_size
         full = committed // ps
         if keys.broken or keys.published >= full:
             return
         chain = self.keys(keys, tokens, full)
         while keys.published < full:
-            node, j = keys.node or self.root, keys.published
+            node, j = keys.node or self._root(keys), keys.published
             if not node.alive:
                 keys.broken = True  # its chain was evicted under it
                 return
@@ -291,11 +328,19 @@ class PrefixCache:
         """Snapshots the slot's state at `position` (the sequence's committed length) with
         its hidden state of position - 1; False when it cannot (no row, no page, or its
         pages are not on the trie). An existing snapshot of the same prefix is refreshed."""
+        done = self._snapshot(keys, tokens, pages, slot, position, hidden, mtp)
+        root = self.roots.get(keys.keys[0])
+        if not done and root is not None:
+            self._prune(root)  # a salt's root made for nothing
+        return done
+
+    def _snapshot(self, keys: CacheKeys, tokens: Seq[int], pages: list[int], slot: int,
+                  position: int, hidden: torch.Tensor, mtp: bool) -> bool:
         if not self.num_snapshots or position < 1:
             return False
         ps = self.page_size
         q = (position - 1) // ps
-        node = keys.node or self.root
+        node = keys.node or self._root(keys)
         if keys.published < q or not node.alive:
             return False
         while node.depth > q:
@@ -342,6 +387,7 @@ class PrefixCache:
         del self._lru[snapshot]
         self._rows.append(snapshot.row)
         self.pages.free([snapshot.tail_page])
+        self._prune(snapshot.node)
 
     # ---- PageReclaimer (the allocator asks when fresh pages run short) --------------------
 
@@ -365,7 +411,9 @@ class PrefixCache:
 
     def _remove(self, node: _Node) -> None:
         """A node without pages: it and everything below it can no longer hit."""
-        del node.parent.children[node.key]
+        parent = node.parent
+        del parent.children[node.key]
+        self._prune(parent)
         stack = [node]
         while stack:
             n = stack.pop()
@@ -387,13 +435,16 @@ class PrefixCache:
         counts = self.pages.audit()
         seen: dict[int, _Node] = {}
         snapshots = 0
-        stack = [self.root]
+        stack = list(self.roots.values())
         while stack:
             node = stack.pop()
             if not node.alive:
                 raise RuntimeError(f"a removed node (depth {node.depth}) is still on the trie")
-            if node is not self.root and not node.pages:
+            if node.parent is not None and not node.pages:
                 raise RuntimeError(f"a node (depth {node.depth}) has no page")
+            if node.parent is None and node is not self.root and not (
+                    node.children or node.snapshots):
+                raise RuntimeError("a cache salt's root holds nothing and was kept")
             for variant, page in node.pages.items():
                 if page in seen or self._page_node.get(page) != (node, variant):
                     raise RuntimeError(f"page {page} is published twice or not recorded")

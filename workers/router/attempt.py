@@ -153,7 +153,7 @@ class Attempt:
                 sampling=self.sampling, deadline=_timestamp(request.deadline),
                 num_output_tokens=self.num_emitted,
                 local_prefill_max_tokens=backend.local_prefill_limit(self.prompt, self.avoid),
-                snapshot_points=request.snapshot_points),
+                snapshot_points=request.snapshot_points, cache_salt=request.cache_salt),
             request.deadline, self.metadata, self.avoid, request.cache_key)
         self.state = AttemptState.RESERVED
         backend.balancer.held(self.decode, self.prompt, self.reserved.cached_tokens,
@@ -192,7 +192,7 @@ class Attempt:
                     prompt_chain_hash=reserved.prompt_chain_hash,
                     decode_cached_tokens=reserved.cached_tokens,
                     num_output_tokens=self.num_emitted,
-                    snapshot_points=request.snapshot_points),
+                    snapshot_points=request.snapshot_points, cache_salt=request.cache_salt),
                 self.metadata))
             self._prefill_task.add_done_callback(retrieve)
             self.state = AttemptState.GENERATING

@@ -30,6 +30,9 @@ class GenerationRequest:
     deadline: float  # time.time() by which the request must have finished
     # Session affinity for prefix-aware routing (OpenAI's prompt_cache_key); None: none given.
     cache_key: str | None = None
+    # The prefix cache's isolation domain on the workers (server.py: the API key's salt mixed
+    # with the request's cache_salt); b"": the shared cache.
+    cache_salt: bytes = b""
     # Prompt offsets where a later request will likely branch (chat message ends): the
     # workers snapshot their prefix cache there too.
     snapshot_points: tuple[int, ...] = ()

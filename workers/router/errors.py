@@ -99,6 +99,17 @@ def queue_full(retry_after_s: int) -> ApiError:
     )
 
 
+def no_room_for_choices(n: int, retry_after_s: int) -> ApiError:
+    return ApiError(
+        429,
+        f"The workers have no room for all {n} choices of this request (n and prompts); "
+        "retry later or ask for fewer.",
+        type="rate_limit_exceeded",
+        code="no_room_for_choices",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
 def no_ready_worker(role: str) -> ApiError:
     return ApiError(
         503,

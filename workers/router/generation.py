@@ -1,12 +1,13 @@
 """One request's choices on the backend: their token streams as output events.
 
-A request has one choice per prompt and per `n`. Choice 0 opens first (through the admission
-queue); its first token is the request's time to first token, and only then do the other
-choices open, with the same cache_key, so that a prefix cache holding choice 0's prompt
-serves theirs. Each choice's tokens go through its own ChoiceOutput (output.py); `events()`
-yields `ChoiceEvent`s from all choices as they come, and ends once every choice finished.
+A request has one choice per prompt and per `n`. Every choice opens before anything is
+streamed (the request is admitted once, for all its choices): choice 0 first, its first token
+being the request's time to first token, then the others at once, with the same cache_key, so
+that a prefix cache holding choice 0's prompt serves theirs. Each choice's tokens go through
+its own ChoiceOutput (output.py); `events()` yields `ChoiceEvent`s from all choices as they
+come, and ends once every choice finished.
 
-Errors: opening choice 0 raises what the HTTP layer turns into an error response; later
+Errors: opening any choice raises what the HTTP layer turns into an error response; later
 failures (a worker lost after its retry, the deadline) raise WorkerFailure / TimeoutError
 out of `events()`, which the front end reports in the body or the stream. `close()` closes
 every backend stream still open, which cancels the work left on the workers.
@@ -76,15 +77,35 @@ class Generation:
     """The stream's last event ([DONE]) was written: the client has the whole answer, even
     if its connection closes before the response is finished off."""
     _streams: dict[int, AsyncIterator[TokenOutput]] = field(default_factory=dict)
-    _first: TokenOutput | None = None
+    on_freed: Callable[[], None] | None = None
+    """Called as a choice that finished before the others gives its workers back."""
+    freed: int = 0  # choices that gave their workers back before the request ended
+    _firsts: dict[int, TokenOutput] = field(default_factory=dict)
     _t_arrival: float = 0.0
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
     async def open(self, t_arrival: float) -> None:
-        """Open choice 0 up to its first token (errors are the HTTP layer's to report)."""
-        stream, self._first = await self.open_choice(self.choices[0].gen)
-        self._streams[0] = stream
+        """Open every choice up to its first token: choice 0 first (a prefix cache then holds
+        its prompt for the others), then the others at once. A request takes room for all
+        its choices before anything is streamed, or none: when one fails to open, those
+        opened are closed and its error is raised."""
         self._t_arrival = t_arrival
+        stream, first = await self.open_choice(self.choices[0].gen)
+        self._streams[0], self._firsts[0] = stream, first
+        rest = self.choices[1:]
+        if not rest:
+            return
+        opened = await asyncio.gather(*(self.open_choice(c.gen) for c in rest),
+                                      return_exceptions=True)
+        error: BaseException | None = None
+        for choice, got in zip(rest, opened):
+            if isinstance(got, BaseException):
+                error = error or got
+            else:
+                self._streams[choice.index], self._firsts[choice.index] = got
+        if error is not None:
+            await self.close()
+            raise error
 
     @property
     def completion_tokens(self) -> int:
@@ -169,24 +190,24 @@ class Generation:
             # A finished choice frees its workers now, not when the whole request ends.
             if choice.index in self._streams and choice.finish_reason is not None:
                 await asyncio.shield(self._streams.pop(choice.index).aclose())
+                if len(self.choices) > 1:
+                    self.freed += 1
+                    if self.on_freed is not None:
+                        self.on_freed()
 
     async def events(self) -> AsyncIterator[ChoiceEvent]:
         """Every choice's events, as they come (choice 0 must be open)."""
-        assert self._first is not None, "open() first"
+        assert len(self._firsts) == len(self.choices), "open() first"
         if len(self.choices) == 1:
             async for event in self._choice_events(self.choices[0], self._streams[0],
-                                                   self._first, observe=True):
+                                                   self._firsts[0], observe=True):
                 yield event
             return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(choice: Choice) -> None:
             try:
-                if choice.index == 0:
-                    stream, first = self._streams[0], self._first
-                else:
-                    stream, first = await self.open_choice(choice.gen)
-                    self._streams[choice.index] = stream
+                stream, first = self._streams[choice.index], self._firsts[choice.index]
                 async for event in self._choice_events(choice, stream, first,
                                                        observe=choice.index == 0):
                     await queue.put(event)

@@ -44,6 +44,7 @@ MAX_REPETITION_PENALTY = 10.0
 # top_k, min_tokens, top_logprobs, token ids; uint64 seed): every integer a client sends is
 # checked against it, so none overflows on its way to a worker.
 UINT32_MAX = 2**32 - 1
+PRIORITY_LIMIT = 2**31 - 1  # `priority` in [-PRIORITY_LIMIT, PRIORITY_LIMIT]
 # OpenAI's default for the legacy completions endpoint; chat defaults to the rest of the context.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -79,6 +80,8 @@ class ParsedRequest:
     n: int = 1
     echo: bool = False  # completions: the prompt's text before the output
     cache_key: str | None = None  # prompt_cache_key: session affinity for the prefix cache
+    priority: int = 0  # vLLM's: lower is admitted first among the same API key's requests
+    cache_salt: str | None = None  # vLLM's: the prefix cache is shared only under the same salt
     max_tokens: int | None = None  # None: the endpoint's default
     # Everything the workers apply; max_tokens, the seed of choices after the first and the
     # grammar are set per choice once the prompt is known (server.py).
@@ -98,6 +101,16 @@ def _is_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def cache_salt_field(body: dict) -> str | None:
+    """vLLM's cache_salt: a non-empty string (at most MAX_CACHE_KEY_CHARS characters)."""
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt
+                             or len(salt) > MAX_CACHE_KEY_CHARS):
+        raise invalid_type("cache_salt", salt,
+                           f"a non-empty string of at most {MAX_CACHE_KEY_CHARS} characters")
+    return salt
 
 
 def int_field(body: dict, name: str, lo: int = 0, hi: int = UINT32_MAX) -> int | None:
@@ -200,7 +213,7 @@ SAMPLING_FIELDS = frozenset({
 })
 _COMMON = SAMPLING_FIELDS | {
     "model", "max_tokens", "n", "stream", "stream_options", "logprobs", "user",
-    "return_tokens_as_token_ids", "prompt_cache_key",
+    "return_tokens_as_token_ids", "prompt_cache_key", "priority", "cache_salt",
 }
 _COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix", "snapshot_points"}
 MAX_SNAPSHOT_POINTS = 16
@@ -311,6 +324,8 @@ def _common(body: dict, endpoint: str) -> ParsedRequest:
         model=model,
         n=n,
         cache_key=cache_key,
+        priority=int_field(body, "priority", -PRIORITY_LIMIT, PRIORITY_LIMIT) or 0,
+        cache_salt=cache_salt_field(body),
         max_tokens=int_field(body, "max_tokens", 1),
         sampling=sampling_params(body),
         stream=stream,

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from baton.workers.router.auth import tenant_of
 from baton.workers.router.backend import WorkerFailure
 from baton.workers.router.bodies import sse
 from baton.workers.router.errors import (
@@ -54,32 +55,48 @@ log = logging.getLogger("baton.router")
 
 class ResponseStore:
     """The last `capacity` stored responses with their conversations (thread-safe: requests
-    are parsed off the event loop)."""
+    are parsed off the event loop). Each belongs to the tenant (API key) that made it: another
+    tenant finds it no more than one that was never stored."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], tuple[dict, list[dict]]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def put(self, response: dict, conversation: list[dict]) -> None:
+    def put(self, owner: str, response: dict, conversation: list[dict]) -> None:
         if self.capacity <= 0:
             return
+        key = (owner, response["id"])
         with self._lock:
-            self._items[response["id"]] = (response, conversation)
-            self._items.move_to_end(response["id"])
+            self._items[key] = (response, conversation)
+            self._items.move_to_end(key)
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
 
-    def get(self, response_id: str) -> tuple[dict, list[dict]] | None:
+    def get(self, owner: str, response_id: str) -> tuple[dict, list[dict]] | None:
         with self._lock:
-            found = self._items.get(response_id)
+            found = self._items.get((owner, response_id))
             if found is not None:
-                self._items.move_to_end(response_id)
+                self._items.move_to_end((owner, response_id))
             return found
 
-    def delete(self, response_id: str) -> bool:
+    def delete(self, owner: str, response_id: str) -> bool:
         with self._lock:
-            return self._items.pop(response_id, None) is not None
+            return self._items.pop((owner, response_id), None) is not None
+
+    def owned_by(self, owner: str) -> OwnedResponses:
+        return OwnedResponses(self, owner)
+
+
+class OwnedResponses:
+    """One tenant's view of the store: what a request's previous_response_id may find."""
+
+    def __init__(self, store: ResponseStore, owner: str) -> None:
+        self.store, self.owner = store, owner
+        self.capacity = store.capacity
+
+    def get(self, response_id: str) -> tuple[dict, list[dict]] | None:
+        return self.store.get(self.owner, response_id)
 
 
 # -- output items ------------------------------------------------------------------------------
@@ -211,19 +228,20 @@ class ResponsesApi:
 
     async def retrieve(self, request: web.Request) -> web.Response:
         response_id = request.match_info["response_id"]
-        found = self.store.get(response_id)
+        found = self.store.get(tenant_of(request).name, response_id)
         if found is None:
             raise self._not_found(response_id)
         return web.json_response(found[0])
 
     async def delete(self, request: web.Request) -> web.Response:
         response_id = request.match_info["response_id"]
-        if not self.store.delete(response_id):
+        if not self.store.delete(tenant_of(request).name, response_id):
             raise self._not_found(response_id)
         return web.json_response({"id": response_id, "object": "response", "deleted": True})
 
     async def create(self, request: web.Request) -> web.StreamResponse:
-        return await self.router.serve(request, lambda b: parse_responses(b, self.store),
+        owned = self.store.owned_by(tenant_of(request).name)
+        return await self.router.serve(request, lambda b: parse_responses(b, owned),
                                        self._respond)
 
     def _response(self, req: ResponsesRequest, status: str, items: list[dict],
@@ -250,9 +268,11 @@ class ResponsesApi:
             body["completed_at"] = int(time.time())
         return body
 
-    def _store(self, req: ResponsesRequest, body: dict, items: OutputItems) -> None:
+    def _store(self, request: web.Request, req: ResponsesRequest, body: dict,
+               items: OutputItems) -> None:
         if req.store:
-            self.store.put(body, [*req.history, items.conversation_turn()])
+            self.store.put(tenant_of(request).name, body,
+                           [*req.history, items.conversation_turn()])
 
     async def _respond(self, request: web.Request, generation: Generation,
                        req: ResponsesRequest) -> tuple[web.StreamResponse, str]:
@@ -274,7 +294,7 @@ class ResponsesApi:
         items.finish(status)
         body = self._response(req, status, items.items, generation, created,
                               error=_error(generation))
-        self._store(req, body, items)
+        self._store(request, req, body, items)
         return web.json_response(body), "success" if status != "failed" else "error"
 
     async def _stream(self, request: web.Request, generation: Generation,
@@ -312,7 +332,7 @@ class ResponsesApi:
                                 "message": error["message"], "param": None})
                 body = self._response(req, status, items.items, generation, created,
                                       error=error)
-                self._store(req, body, items)
+                self._store(request, req, body, items)
                 await send({"type": f"response.{status}", "response": body})
             except (asyncio.TimeoutError, WorkerFailure) as exc:
                 outcome = "timeout" if isinstance(exc, asyncio.TimeoutError) else "error"

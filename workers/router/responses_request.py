@@ -33,7 +33,7 @@ from baton.workers.router.params import (
 from baton.workers.router.tools import arguments_mapping, parse_tool_choice, parse_tools
 
 if TYPE_CHECKING:
-    from baton.workers.router.responses_api import ResponseStore
+    from baton.workers.router.responses_api import OwnedResponses
 
 _FIELDS = frozenset({
     "model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls",
@@ -147,7 +147,7 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
     return messages
 
 
-def parse_responses(body: Any, store: ResponseStore) -> ResponsesRequest:
+def parse_responses(body: Any, store: OwnedResponses) -> ResponsesRequest:
     """Validate a POST /v1/responses body (blocking: it may read the store)."""
     body = require_object(body)
     check_known(body, _FIELDS)

@@ -44,11 +44,12 @@ from aiohttp import web
 
 from baton.operator.spec import ReasoningSpec
 from baton.workers.metrics import BatonMetrics
-from baton.workers.router.admission import AdmissionQueue
-from baton.workers.router.auth import ApiKeys
+from baton.workers.router.admission import ANONYMOUS, AdmissionQueue
+from baton.workers.router.auth import TENANT, ApiKeys, cache_salt, tenant_of
 from baton.workers.router.backend import (
     Backend,
     GenerationRequest,
+    NoCapacity,
     NoReadyWorker,
     WorkerFailure,
 )
@@ -62,6 +63,7 @@ from baton.workers.router.errors import (
     invalid_api_key,
     model_not_found,
     no_ready_worker,
+    no_room_for_choices,
 )
 from baton.workers.router.generation import Choice, Generation, choice_seed
 from baton.workers.router.grammar import GrammarError
@@ -201,12 +203,16 @@ class Router:
             response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
 
     def _authorize(self, request: web.Request) -> None:
+        """The request's tenant (its API key's; one anonymous tenant without keys)."""
         if self.api_keys is None:
+            request[TENANT] = ANONYMOUS
             return
         header = request.headers.get("Authorization", "")
         scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not self.api_keys.allows(key.strip()):
+        tenant = self.api_keys.tenant(key.strip()) if scheme.lower() == "bearer" else None
+        if tenant is None:
             raise invalid_api_key()
+        request[TENANT] = tenant
 
     # -- small endpoints -------------------------------------------------------------------
 
@@ -385,7 +391,8 @@ class Router:
         self._worker_ids.add(unique)
         return unique
 
-    async def _choices(self, parsed: ParsedRequest, client_request_id: str) -> list[Choice]:
+    async def _choices(self, parsed: ParsedRequest, client_request_id: str,
+                       salt: bytes = b"") -> list[Choice]:
         prompts = await self._prompts(parsed)
         vocab = self.tokenizer.vocab_size
         sp = parsed.sampling
@@ -419,7 +426,8 @@ class Router:
                 gen = GenerationRequest(
                     request_id=self._worker_request_id(client_request_id),
                     prompt_ids=tuple(prompt.ids), sampling=sampling, deadline=deadline,
-                    cache_key=cache_key, snapshot_points=prompt.snapshot_points)
+                    cache_key=cache_key, snapshot_points=prompt.snapshot_points,
+                    cache_salt=salt)
                 output = ChoiceOutput(self.tokenizer, prompt.ids, stop=sp.stop,
                                       reasoning=prompt.in_reasoning, tools=functions,
                                       max_tool_calls=max_calls)
@@ -429,29 +437,26 @@ class Router:
         return choices
 
     async def _open(self, gen: GenerationRequest):
-        async def start():
-            stream = self.backend.generate(gen)
-            try:
-                first = await stream.__anext__()
-            except StopAsyncIteration:
-                raise WorkerFailure("the workers returned no token") from None
-            except BaseException:
-                await stream.aclose()
-                raise
-            return stream, first
+        """One choice's backend stream up to its first token (NoCapacity: no room now)."""
+        stream = self.backend.generate(gen)
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            raise WorkerFailure("the workers returned no token") from None
+        except BaseException:
+            await stream.aclose()
+            raise
+        return stream, first
 
-        # The deadline covers the wait in the queue and the prefill up to the first token.
-        return await asyncio.wait_for(self.queue.admit(start, gen.deadline),
-                                      max(0.0, gen.deadline - time.time()))
-
-    async def _open_later(self, gen: GenerationRequest):
-        """A choice after the first: its failure to start fails the request in flight."""
+    async def _open_later(self, gen: GenerationRequest, n: int):
+        """A choice after the first, opened as the request is admitted: no room for it
+        refuses the whole request (429) before anything is streamed."""
         try:
             return await self._open(gen)
+        except NoCapacity:
+            raise no_room_for_choices(n, self.queue.retry_after_s) from None
         except NoReadyWorker as exc:
             raise WorkerFailure(f"no ready {exc.role} worker for another choice") from None
-        except ApiError as exc:
-            raise WorkerFailure(f"another choice could not start: {exc.message}") from None
 
     def _token_name(self, parsed: ParsedRequest):  # logprob entries' token strings
         if parsed.tokens_as_ids:
@@ -462,18 +467,29 @@ class Router:
                     t_arrival: float) -> Generation:
         """Choice 0 open up to its first token; ApiError for anything before that."""
         self.check_model(parsed.model)
-        choices = await self._choices(parsed, request[REQUEST_ID])
+        choices = await self._choices(parsed, request[REQUEST_ID],
+                                      cache_salt(tenant_of(request), parsed.cache_salt))
 
         def open_choice(gen: GenerationRequest):
-            return self._open(gen) if gen is choices[0].gen else self._open_later(gen)
+            return self._open(gen) if gen is choices[0].gen \
+                else self._open_later(gen, len(choices))
 
         generation = Generation(request[REQUEST_ID], choices, open_choice, self.metrics,
-                                parsed.sampling.logprobs, self._token_name(parsed))
+                                parsed.sampling.logprobs, self._token_name(parsed),
+                                on_freed=self.queue.freed)
         request[_GENERATION] = generation
         timeout_s = self.settings.request_timeout_s
+        # A request weighs its choices times its tokens (the prompt and what it may generate).
+        cost = sum(len(c.gen.prompt_ids) + c.gen.sampling.max_tokens for c in choices)
+        deadline = choices[0].gen.deadline
         try:
             self.backend.check_ready()
-            await generation.open(t_arrival)
+            # The deadline covers the wait in the queue and the prefill up to the first token.
+            await asyncio.wait_for(
+                self.queue.admit(lambda: generation.open(t_arrival), deadline,
+                                 tenant_of(request), parsed.priority, cost),
+                max(0.0, deadline - time.time()))
+            request[_ADMITTED] = True
         except NoReadyWorker as exc:
             raise no_ready_worker(exc.role) from None
         except asyncio.TimeoutError:
@@ -522,18 +538,23 @@ class Router:
             # Counted before the await below: a cancellation landing there (the client closed
             # as the answer ended) must not lose the count.
             self.metrics.request_finished(outcome)
-            self.queue.notify()
             log.info("request %s %s %s: %d prompt + %d completion tokens in %.3f s",
                      request[REQUEST_ID], request.path, outcome,
                      generation.usage()["prompt_tokens"] if generation is not None else 0,
                      generation.completion_tokens if generation is not None else 0,
                      time.monotonic() - t_arrival)
-            if generation is not None:
-                # Closing the backend's streams cancels whatever the workers still do for
-                # them (shielded: it completes even if this handler is being cancelled).
-                await asyncio.shield(generation.close())
+            try:
+                if generation is not None:
+                    # Closing the backend's streams cancels whatever the workers still do for
+                    # them (shielded: it completes even if this handler is being cancelled).
+                    await asyncio.shield(generation.close())
+            finally:
+                if request.get(_ADMITTED):  # its slots are free now: one waiter each
+                    self.queue.release(tenant_of(request),
+                                       len(generation.choices) - generation.freed)
 
 _GENERATION = web.RequestKey("generation", Generation)
+_ADMITTED = web.RequestKey("admitted", bool)
 SETTINGS = web.AppKey("router_settings", RouterSettings)
 
 

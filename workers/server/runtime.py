@@ -243,6 +243,7 @@ class WorkerRuntime:
         return min(candidates)
 
 
+MAX_CACHE_SALT_BYTES = 64  # the router sends a 32-byte digest
 MAX_SNAPSHOT_POINTS = 16
 """Snapshot points one request may carry (the router sends a few message boundaries)."""
 
@@ -260,6 +261,10 @@ def request_from_proto(message) -> Request:
         raise ValueError(
             f"num_output_tokens={num_output} of {request_id!r} is invalid: an earlier "
             f"attempt's output must leave at least one of the {len(prompt)} prompt tokens")
+    salt = bytes(getattr(message, "cache_salt", b""))
+    if len(salt) > MAX_CACHE_SALT_BYTES:
+        raise ValueError(f"cache_salt of {request_id!r} has {len(salt)} bytes; at most "
+                         f"{MAX_CACHE_SALT_BYTES}")
     points = tuple(int(p) for p in message.snapshot_points)
     if len(points) > MAX_SNAPSHOT_POINTS or any(
             not 0 < p < len(prompt) for p in points) or list(points) != sorted(set(points)):
@@ -267,7 +272,7 @@ def request_from_proto(message) -> Request:
             f"snapshot_points of {request_id!r} are invalid: at most {MAX_SNAPSHOT_POINTS} "
             f"ascending offsets inside the prompt (1..{len(prompt) - 1}), got {list(points)}")
     return Request(request_id, prompt, SamplingParams.from_proto(message.sampling),
-                   num_output_tokens=num_output, snapshot_points=points)
+                   num_output_tokens=num_output, snapshot_points=points, cache_salt=salt)
 
 
 def admitted_request(message) -> Request:

@@ -21,6 +21,8 @@ from baton.proto.baton.worker.v1 import worker_pb2, worker_pb2_grpc
 from baton.proto.grpc.health.v1 import health_pb2, health_pb2_grpc
 from baton.workers import headers
 from baton.workers.metrics import BatonMetrics, MetricLabels
+from baton.workers.router.admission import ANONYMOUS
+from baton.workers.router.auth import cache_salt
 from baton.workers.router.balancer import Balancer
 from baton.workers.router.disaggregated import DisaggregatedBackend
 from baton.workers.router.discovery import (
@@ -353,7 +355,8 @@ async def test_steps_name_the_reservation_and_what_the_decode_worker_holds(clust
     decodes, prefills, router = cluster
     client, backend = await router(n_decode=1, n_prefill=1)
     decodes[0].cached_tokens = 3
-    out = await client.completions.create(model="tiny", prompt="steps!", max_tokens=4)
+    out = await client.completions.create(model="tiny", prompt="steps!", max_tokens=4,
+                                          extra_body={"cache_salt": "s1"})
     assert out.choices[0].text == ref_text("steps!", 4)
     assert out.usage.prompt_tokens_details.cached_tokens == 3
     (reserve,) = decodes[0].requests
@@ -362,6 +365,8 @@ async def test_steps_name_the_reservation_and_what_the_decode_worker_holds(clust
     assert generate.reservation_id == prefill.reservation_id != ""
     assert prefill.decode_cached_tokens == 3 and reserve.local_prefill_max_tokens == 512
     assert list(reserve.prompt_token_ids) == list(prefill.prompt_token_ids) == list(b"steps!")
+    # Both workers' prefix caches are asked under the request's salt.
+    assert reserve.cache_salt == prefill.cache_salt == cache_salt(ANONYMOUS, "s1") != b""
     assert await until(lambda: decodes[0].used == 0)
 
 

@@ -141,12 +141,12 @@ def _sampling(max_tokens: int, **extra) -> worker_pb2.SamplingParams:
 
 
 def _reserve(decode: Worker, prompt: list[int], sampling, request_id: str | None = None,
-             local_max: int = 0, num_output_tokens: int = 0):
+             local_max: int = 0, num_output_tokens: int = 0, cache_salt: bytes = b""):
     request_id = request_id or uuid.uuid4().hex
     reserved = decode_pb2_grpc.DecodeServiceStub(decode.channel).Reserve(
         decode_pb2.ReserveRequest(request_id=request_id, prompt_token_ids=prompt,
                                   sampling=sampling, local_prefill_max_tokens=local_max,
-                                  num_output_tokens=num_output_tokens),
+                                  num_output_tokens=num_output_tokens, cache_salt=cache_salt),
         timeout=30)
     return request_id, reserved
 
@@ -158,13 +158,14 @@ def _generate(decode: Worker, request_id: str, reserved, timeout: float = 120):
 
 
 def _prefill_request(decode: Worker, request_id: str, prompt: list[int], sampling, reserved,
-                     num_output_tokens: int = 0):
+                     num_output_tokens: int = 0, cache_salt: bytes = b""):
     return prefill_pb2.PrefillRequest(
         request_id=request_id, prompt_token_ids=prompt, sampling=sampling,
         decode_target=decode.address, reservation_id=reserved.reservation_id,
         reservation_token=reserved.reservation_token,
         prompt_chain_hash=reserved.prompt_chain_hash,
-        decode_cached_tokens=reserved.cached_tokens, num_output_tokens=num_output_tokens)
+        decode_cached_tokens=reserved.cached_tokens, num_output_tokens=num_output_tokens,
+        cache_salt=cache_salt)
 
 
 def _binding(reserved):
@@ -176,17 +177,17 @@ def _binding(reserved):
 
 def serve(prefill: Worker, decode: Worker, prompt: list[int], sampling,
           request_id: str | None = None, local_max: int = 0,
-          num_output_tokens: int = 0) -> SimpleNamespace:
+          num_output_tokens: int = 0, cache_salt: bytes = b"") -> SimpleNamespace:
     """Router-like: Reserve on decode, then Generate beside the Prefill (unless the decode
     worker prefills locally)."""
     request_id, reserved = _reserve(decode, prompt, sampling, request_id, local_max,
-                                    num_output_tokens)
+                                    num_output_tokens, cache_salt)
     stream = _generate(decode, request_id, reserved)
     answer = None
     if not reserved.local_prefill:
         answer = prefill_pb2_grpc.PrefillServiceStub(prefill.channel).Prefill(
             _prefill_request(decode, request_id, prompt, sampling, reserved,
-                             num_output_tokens), timeout=120)
+                             num_output_tokens, cache_salt), timeout=120)
     tokens, logprobs, finish, cached = [], [], None, None
     for message in stream:
         if cached is None:
@@ -671,6 +672,30 @@ def test_turns_of_a_session_hit_both_caches_and_prefill_locally(cluster, referen
     assert decode.metric("baton_state_transfer_saved_bytes_total", role="decode",
                          kind="kv") > 0
     assert 0 < decode.metric("baton_prefix_cache_snapshot_usage_ratio", role="decode") <= 1
+    _wait_until(lambda: decode.load().kv_cache_usage_ratio == 0.0)
+
+
+def test_cache_salts_keep_the_prefix_caches_apart(cluster):
+    """A prompt cached under one salt (one API key's) is no hit under another or under none,
+    on either worker; under its own salt it hits. A salt over 64 bytes is refused."""
+    prefill, decode = cluster["prefill"], cluster["decode"]
+    sampling = _sampling(3, ignore_eos=True)
+    prompt = _prompt(77, 29)
+    salt_a, salt_b = b"a" * 32, b"b" * 32
+    first = serve(prefill, decode, prompt, sampling, cache_salt=salt_a)
+    assert first.reserved.cached_tokens == 0 and first.answer.cached_tokens == 0
+    for salt in (salt_b, b""):
+        other = serve(prefill, decode, prompt, sampling, cache_salt=salt)
+        assert other.reserved.cached_tokens == 0 and other.cached == 0
+        assert other.answer.cached_tokens == 0  # nor on the prefill worker
+        assert other.tokens == first.tokens
+    again = serve(prefill, decode, prompt + first.tokens + [5, 6], sampling,
+                  cache_salt=salt_a)
+    assert again.cached >= len(prompt)
+    with pytest.raises(grpc.RpcError) as info:
+        _reserve(decode, prompt, sampling, cache_salt=b"x" * 65)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "cache_salt" in info.value.details()
     _wait_until(lambda: decode.load().kv_cache_usage_ratio == 0.0)
 
 

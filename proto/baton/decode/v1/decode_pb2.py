@@ -28,31 +28,31 @@ from baton.proto.baton.worker.v1 import worker_pb2 as baton_dot_worker_dot_v1_do
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62\x61ton/decode/v1/decode.proto\x12\x0f\x62\x61ton.decode.v1\x1a baton/transfer/v1/transfer.proto\x1a\x1c\x62\x61ton/worker/v1/worker.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf5\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.baton.worker.v1.SamplingParams\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11num_output_tokens\x18\x05 \x01(\r\x12 \n\x18local_prefill_max_tokens\x18\x06 \x01(\r\x12\x17\n\x0fsnapshot_points\x18( \x03(\r\"\x8d\x01\n\x0fReserveResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x15\n\rlocal_prefill\x18\x03 \x01(\x08\x12\x19\n\x11reservation_token\x18\x1e \x01(\t\x12\x19\n\x11prompt_chain_hash\x18\x1f \x01(\x0c\"(\n\x0eReleaseRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x8e\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x05 \x01(\tJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05J\x04\x08\x06\x10\x07R\x10prompt_token_idsR\x08samplingR\x08\x64\x65\x61\x64lineR\x11num_output_tokens\"\xcd\x01\n\x10GenerateResponse\x12/\n\x06tokens\x18\x01 \x03(\x0b\x32\x1f.baton.worker.v1.GeneratedToken\x12\x34\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1d.baton.decode.v1.FinishReason\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x1c\n\x14num_generated_tokens\x18\x04 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\"\xbd\x01\n\x14TransferStateRequest\x12\x31\n\thandshake\x18\x01 \x01(\x0b\x32\x1c.baton.transfer.v1.HandshakeH\x00\x12.\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1d.baton.transfer.v1.StateChunkH\x00\x12\x37\n\x08\x63omplete\x18\x03 \x01(\x0b\x32#.baton.transfer.v1.TransferCompleteH\x00\x42\t\n\x07message\"H\n\x15TransferStateResponse\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x04\x12\x17\n\x0freceived_states\x18\x02 \x01(\r*\x99\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x1f\n\x1b\x46INISH_REASON_GRAMMAR_ERROR\x10(2\xe0\x02\n\rDecodeService\x12L\n\x07Reserve\x12\x1f.baton.decode.v1.ReserveRequest\x1a .baton.decode.v1.ReserveResponse\x12Q\n\x08Generate\x12 .baton.decode.v1.GenerateRequest\x1a!.baton.decode.v1.GenerateResponse0\x01\x12L\n\x07Release\x12\x1f.baton.decode.v1.ReleaseRequest\x1a .baton.decode.v1.ReleaseResponse\x12`\n\rTransferState\x12%.baton.decode.v1.TransferStateRequest\x1a&.baton.decode.v1.TransferStateResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62\x61ton/decode/v1/decode.proto\x12\x0f\x62\x61ton.decode.v1\x1a baton/transfer/v1/transfer.proto\x1a\x1c\x62\x61ton/worker/v1/worker.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x89\x02\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.baton.worker.v1.SamplingParams\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11num_output_tokens\x18\x05 \x01(\r\x12 \n\x18local_prefill_max_tokens\x18\x06 \x01(\r\x12\x12\n\ncache_salt\x18\' \x01(\x0c\x12\x17\n\x0fsnapshot_points\x18( \x03(\r\"\x8d\x01\n\x0fReserveResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x15\n\rlocal_prefill\x18\x03 \x01(\x08\x12\x19\n\x11reservation_token\x18\x1e \x01(\t\x12\x19\n\x11prompt_chain_hash\x18\x1f \x01(\x0c\"(\n\x0eReleaseRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x8e\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x05 \x01(\tJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05J\x04\x08\x06\x10\x07R\x10prompt_token_idsR\x08samplingR\x08\x64\x65\x61\x64lineR\x11num_output_tokens\"\xcd\x01\n\x10GenerateResponse\x12/\n\x06tokens\x18\x01 \x03(\x0b\x32\x1f.baton.worker.v1.GeneratedToken\x12\x34\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1d.baton.decode.v1.FinishReason\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x1c\n\x14num_generated_tokens\x18\x04 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\"\xbd\x01\n\x14TransferStateRequest\x12\x31\n\thandshake\x18\x01 \x01(\x0b\x32\x1c.baton.transfer.v1.HandshakeH\x00\x12.\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1d.baton.transfer.v1.StateChunkH\x00\x12\x37\n\x08\x63omplete\x18\x03 \x01(\x0b\x32#.baton.transfer.v1.TransferCompleteH\x00\x42\t\n\x07message\"H\n\x15TransferStateResponse\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x04\x12\x17\n\x0freceived_states\x18\x02 \x01(\r*\x99\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x1f\n\x1b\x46INISH_REASON_GRAMMAR_ERROR\x10(2\xe0\x02\n\rDecodeService\x12L\n\x07Reserve\x12\x1f.baton.decode.v1.ReserveRequest\x1a .baton.decode.v1.ReserveResponse\x12Q\n\x08Generate\x12 .baton.decode.v1.GenerateRequest\x1a!.baton.decode.v1.GenerateResponse0\x01\x12L\n\x07Release\x12\x1f.baton.decode.v1.ReleaseRequest\x1a .baton.decode.v1.ReleaseResponse\x12`\n\rTransferState\x12%.baton.decode.v1.TransferStateRequest\x1a&.baton.decode.v1.TransferStateResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.decode.v1.decode_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1237
-  _globals['_FINISHREASON']._serialized_end=1390
+  _globals['_FINISHREASON']._serialized_start=1257
+  _globals['_FINISHREASON']._serialized_end=1410
   _globals['_RESERVEREQUEST']._serialized_start=147
-  _globals['_RESERVEREQUEST']._serialized_end=392
-  _globals['_RESERVERESPONSE']._serialized_start=395
-  _globals['_RESERVERESPONSE']._serialized_end=536
-  _globals['_RELEASEREQUEST']._serialized_start=538
-  _globals['_RELEASEREQUEST']._serialized_end=578
-  _globals['_RELEASERESPONSE']._serialized_start=580
-  _globals['_RELEASERESPONSE']._serialized_end=615
-  _globals['_GENERATEREQUEST']._serialized_start=618
-  _globals['_GENERATEREQUEST']._serialized_end=760
-  _globals['_GENERATERESPONSE']._serialized_start=763
-  _globals['_GENERATERESPONSE']._serialized_end=968
-  _globals['_TRANSFERSTATEREQUEST']._serialized_start=971
-  _globals['_TRANSFERSTATEREQUEST']._serialized_end=1160
-  _globals['_TRANSFERSTATERESPONSE']._serialized_start=1162
-  _globals['_TRANSFERSTATERESPONSE']._serialized_end=1234
-  _globals['_DECODESERVICE']._serialized_start=1393
-  _globals['_DECODESERVICE']._serialized_end=1745
+  _globals['_RESERVEREQUEST']._serialized_end=412
+  _globals['_RESERVERESPONSE']._serialized_start=415
+  _globals['_RESERVERESPONSE']._serialized_end=556
+  _globals['_RELEASEREQUEST']._serialized_start=558
+  _globals['_RELEASEREQUEST']._serialized_end=598
+  _globals['_RELEASERESPONSE']._serialized_start=600
+  _globals['_RELEASERESPONSE']._serialized_end=635
+  _globals['_GENERATEREQUEST']._serialized_start=638
+  _globals['_GENERATEREQUEST']._serialized_end=780
+  _globals['_GENERATERESPONSE']._serialized_start=783
+  _globals['_GENERATERESPONSE']._serialized_end=988
+  _globals['_TRANSFERSTATEREQUEST']._serialized_start=991
+  _globals['_TRANSFERSTATEREQUEST']._serialized_end=1180
+  _globals['_TRANSFERSTATERESPONSE']._serialized_start=1182
+  _globals['_TRANSFERSTATERESPONSE']._serialized_end=1254
+  _globals['_DECODESERVICE']._serialized_start=1413
+  _globals['_DECODESERVICE']._serialized_end=1765
 # @@protoc_insertion_point(module_scope)

@@ -28,7 +28,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62\x61ton/prefill/v1/prefill.proto\x12\x10\x62\x61ton.prefill.v1\x1a\x1c\x62\x61ton/worker/v1/worker.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd6\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.baton.worker.v1.SamplingParams\x12\x15\n\rdecode_target\x18\x04 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ereservation_id\x18\x06 \x01(\t\x12\x1c\n\x14\x64\x65\x63ode_cached_tokens\x18\x07 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x08 \x01(\r\x12\x19\n\x11reservation_token\x18\x1e \x01(\t\x12\x19\n\x11prompt_chain_hash\x18\x1f \x01(\x0c\x12\x17\n\x0fsnapshot_points\x18( \x03(\r\"\xa6\x02\n\x0fPrefillResponse\x12\x34\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x1f.baton.worker.v1.GeneratedToken\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12-\n\nqueue_time\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cprefill_time\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\rtransfer_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11transferred_bytes\x18\x06 \x01(\x04\x12\x15\n\rcached_tokens\x18\x07 \x01(\r2`\n\x0ePrefillService\x12N\n\x07Prefill\x12 .baton.prefill.v1.PrefillRequest\x1a!.baton.prefill.v1.PrefillResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62\x61ton/prefill/v1/prefill.proto\x12\x10\x62\x61ton.prefill.v1\x1a\x1c\x62\x61ton/worker/v1/worker.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xea\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.baton.worker.v1.SamplingParams\x12\x15\n\rdecode_target\x18\x04 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ereservation_id\x18\x06 \x01(\t\x12\x1c\n\x14\x64\x65\x63ode_cached_tokens\x18\x07 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x08 \x01(\r\x12\x19\n\x11reservation_token\x18\x1e \x01(\t\x12\x19\n\x11prompt_chain_hash\x18\x1f \x01(\x0c\x12\x12\n\ncache_salt\x18\' \x01(\x0c\x12\x17\n\x0fsnapshot_points\x18( \x03(\r\"\xa6\x02\n\x0fPrefillResponse\x12\x34\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x1f.baton.worker.v1.GeneratedToken\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12-\n\nqueue_time\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cprefill_time\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\rtransfer_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11transferred_bytes\x18\x06 \x01(\x04\x12\x15\n\rcached_tokens\x18\x07 \x01(\r2`\n\x0ePrefillService\x12N\n\x07Prefill\x12 .baton.prefill.v1.PrefillRequest\x1a!.baton.prefill.v1.PrefillResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,9 +36,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.prefill.v1.prefill_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREFILLREQUEST']._serialized_start=148
-  _globals['_PREFILLREQUEST']._serialized_end=490
-  _globals['_PREFILLRESPONSE']._serialized_start=493
-  _globals['_PREFILLRESPONSE']._serialized_end=787
-  _globals['_PREFILLSERVICE']._serialized_start=789
-  _globals['_PREFILLSERVICE']._serialized_end=885
+  _globals['_PREFILLREQUEST']._serialized_end=510
+  _globals['_PREFILLRESPONSE']._serialized_start=513
+  _globals['_PREFILLRESPONSE']._serialized_end=807
+  _globals['_PREFILLSERVICE']._serialized_start=809
+  _globals['_PREFILLSERVICE']._serialized_end=905
 # @@protoc_insertion_point(module_scope)

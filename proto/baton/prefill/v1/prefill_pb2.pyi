@@ -13,7 +13,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_target", "deadline", "reservation_id", "decode_cached_tokens", "num_output_tokens", "reservation_token", "prompt_chain_hash", "snapshot_points")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_target", "deadline", "reservation_id", "decode_cached_tokens", "num_output_tokens", "reservation_token", "prompt_chain_hash", "cache_salt", "snapshot_points")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class PrefillRequest(_message.Message):
     NUM_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PROMPT_CHAIN_HASH_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_POINTS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -35,8 +36,9 @@ class PrefillRequest(_message.Message):
     num_output_tokens: int
     reservation_token: str
     prompt_chain_hash: bytes
+    cache_salt: bytes
     snapshot_points: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_worker_pb2.SamplingParams, _Mapping]] = ..., decode_target: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reservation_id: _Optional[str] = ..., decode_cached_tokens: _Optional[int] = ..., num_output_tokens: _Optional[int] = ..., reservation_token: _Optional[str] = ..., prompt_chain_hash: _Optional[bytes] = ..., snapshot_points: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_worker_pb2.SamplingParams, _Mapping]] = ..., decode_target: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reservation_id: _Optional[str] = ..., decode_cached_tokens: _Optional[int] = ..., num_output_tokens: _Optional[int] = ..., reservation_token: _Optional[str] = ..., prompt_chain_hash: _Optional[bytes] = ..., cache_salt: _Optional[bytes] = ..., snapshot_points: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("first_token", "num_prompt_tokens", "queue_time", "prefill_time", "transfer_time", "transferred_bytes", "cached_tokens")
