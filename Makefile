@@ -14,7 +14,7 @@ export PYTHONSAFEPATH := 1
 # test-oldest` runs the suite with the oldest versions the bounds allow (constraints-oldest.txt).
 VENV_OLDEST := .venv-oldest
 
-.PHONY: demo demo-model test test-oldest install tools lint protos
+.PHONY: demo demo-model test test-fast test-oldest install tools lint protos
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,11 @@ lint: install
 # pytest exits 5 when it collected nothing; that is not a failure of the suite.
 test: install tools lint
 	$(VENV)/bin/pytest -q -ra --durations=25; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+# The unit tests only (no worker, operator or Prometheus processes, no e2e, no benchmarks:
+# tests/conftest.py's SLOW_PATHS), for inner loops; `make test` is the whole suite.
+test-fast: install
+	$(VENV)/bin/pytest -q -ra -m "not slow" --durations=10; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 # The same suite in a second environment with the oldest versions of the compared-against
 # packages (the lower bounds): a bound that is too low fails here, not at a user's.

@@ -50,11 +50,27 @@ def until():
     return _until
 
 
+# Test files (relative to tests/) whose tests start worker, operator, Prometheus or `baton up`
+# processes, install a chart, or compile graphs: marked `slow`, so `make test-fast` (pytest -m
+# "not slow": the unit tests, for inner loops) leaves them out; `make test` runs everything.
+SLOW_PATHS = (
+    "e2e/", "benchmarks/", "workers/server/test_server_workers.py",
+    "workers/server/test_server_expert_parallel.py", "operator/test_operator_process.py",
+    "operator/test_operator_chart.py", "operator/autoscaler/test_autoscaler_integration.py",
+    "operator/autoscaler/test_autoscaler_family.py", "test_packaging.py",
+    "workers/model/test_model_graphs.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    tests = pathlib.Path(__file__).resolve().parent
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        relative = pathlib.Path(str(item.fspath)).resolve().relative_to(tests).as_posix()
+        if relative.startswith(SLOW_PATHS):
+            item.add_marker(pytest.mark.slow)
 
 
 # One Mamba2, one attention and one MoE layer (LatentMoE, shared expert) and an MTP depth of
