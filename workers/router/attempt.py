@@ -224,6 +224,7 @@ class Attempt:
         """-> ENDED, once: cancel what runs, release what no call holds, report the load."""
         if self.state is AttemptState.ENDED:
             return
+        streaming = self.state is AttemptState.STREAMING
         self.state = AttemptState.ENDED
         if self._watch is not None:
             self._watch.cancel()
@@ -237,8 +238,13 @@ class Attempt:
             # Given up between Reserve and Generate (no prefill worker, cancelled).
             self.backend._release(self.decode, self.reserved.reservation_id, self.metadata)
         else:
-            # Cancelling D's call releases its reservation; cancelling P's stops its transfer.
+            # Cancelling D's call releases its reservation once its handler runs. Before D
+            # streamed anything the handler may never run (a call cancelled before it is
+            # dispatched), so the reservation is released too (idempotent: a freed one answers
+            # released=false). Cancelling P's call stops its transfer.
             self._call.cancel()
+            if not streaming:
+                self.backend._release(self.decode, self.reserved.reservation_id, self.metadata)
         if self._prefill_task is not None and not self._prefill_task.done():
             self._prefill_task.cancel()
 

@@ -213,7 +213,7 @@ class DisaggregatedBackend:
                             f"{describe(exc)}", code not in NOT_RETRIED)
 
     def _release(self, worker: Worker, reservation_id: str, metadata: tuple) -> None:
-        """Frees a reservation no Generate call was made for (in the background)."""
+        """Frees a reservation no Generate call holds (in the background)."""
 
         async def release() -> None:
             try:
