@@ -258,6 +258,17 @@ def stop_baton_up(up: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
+def demo_up() -> Iterator[dict]:
+    """`baton up examples/demo.yaml` (the shipped demo model, its defaults), once for the
+    session: its ready summary. Tests that stop or change it start their own."""
+    up, ready, _ = start_baton_up(REPO / "examples" / "demo.yaml", free_port())
+    try:
+        yield ready
+    finally:
+        stop_baton_up(up)
+
+
+@pytest.fixture(scope="session")
 def e2e():
     """These helpers (test modules cannot import a conftest under --import-mode=importlib)."""
     return sys.modules[__name__]

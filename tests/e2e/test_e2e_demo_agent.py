@@ -13,10 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from baton.workers.local import free_port
-
 REPO = Path(__file__).resolve().parents[2]
-DEMO_YAML = REPO / "examples" / "demo.yaml"
 sys.path.insert(0, str(REPO / "tools"))
 
 import demo_chats  # noqa: E402
@@ -32,12 +29,8 @@ def load_agent():
 
 
 @pytest.fixture(scope="module")
-def served(e2e):
-    up, ready, _ = e2e.start_baton_up(DEMO_YAML, free_port())
-    try:
-        yield openai.OpenAI(base_url=ready["url"], api_key="none", max_retries=0, timeout=120)
-    finally:
-        e2e.stop_baton_up(up)
+def served(demo_up):
+    return openai.OpenAI(base_url=demo_up["url"], api_key="none", max_retries=0, timeout=120)
 
 
 @pytest.mark.slow

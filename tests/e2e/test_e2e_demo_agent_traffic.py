@@ -52,12 +52,8 @@ SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer", "minimu
 
 
 @pytest.fixture(scope="module")
-def client(e2e):
-    up, ready, _ = e2e.start_baton_up(DEMO_YAML, free_port())
-    try:
-        yield openai.OpenAI(base_url=ready["url"], api_key="none", max_retries=0, timeout=300)
-    finally:
-        e2e.stop_baton_up(up)
+def client(demo_up):
+    return openai.OpenAI(base_url=demo_up["url"], api_key="none", max_retries=0, timeout=300)
 
 
 @contextlib.contextmanager
