@@ -65,12 +65,18 @@ SLOW_PATHS = (
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     tests = pathlib.Path(__file__).resolve().parent
+    e2e = set()
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
         relative = pathlib.Path(str(item.fspath)).resolve().relative_to(tests).as_posix()
         if relative.startswith(SLOW_PATHS):
             item.add_marker(pytest.mark.slow)
+        if relative.startswith("e2e/"):
+            e2e.add(item.nodeid)
+    # The e2e tests run last (in their own order): their session-scoped deployments
+    # (shared_cluster, demo_up) then live only while e2e tests run, not idle beside the rest.
+    items.sort(key=lambda item: item.nodeid in e2e)
 
 
 # One Mamba2, one attention and one MoE layer (LatentMoE, shared expert) and an MTP depth of
